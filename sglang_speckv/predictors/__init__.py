@@ -1,0 +1,1 @@
+"""Predictors: per-scalar (mu, sigma) estimates of a KV page. See base.py for the contract."""

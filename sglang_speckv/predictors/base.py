@@ -1,0 +1,71 @@
+"""What a predictor is: the contract between the coder and whatever estimates the KV cache.
+
+A predictor gives, for every scalar of a page, a mean ``mu`` and a spread ``sigma`` (float32)
+that the coder turns into integer probability tables (kernels/entropy_model.py). Encoder and
+decoder call the predictor with the same inputs and must get the same bits back, on any
+device (docs/DESIGN.md, invariant 3).
+
+Decode order is staged: ``stages(meta)`` splits the page's flat symbol order (C order of the
+canonical shape) into contiguous ranges; ``predict`` for stage s may read only the values of
+stages < s (the rest of ``values`` is NaN while decoding, and is masked to NaN while encoding
+too, so a predictor that peeks ahead fails loudly in tests rather than silently at decode).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+# Canonical page shapes (C order), shared by the coder, the predictors and the backend:
+#   MHA: [2 (K, V), layers, tokens, kv_heads, head_dim]  == one page of SGLang's layer_first
+#        host buffer (2, L, size, H, D) sliced on the token axis.
+#   MLA: [1, layers, tokens, 1, latent_dim]
+DTYPES = ("fp8_e4m3", "fp8_e5m2", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class PageMeta:
+    """Everything both sides know about a page before decoding it."""
+
+    dtype: str  # one of DTYPES
+    shape: tuple[int, int, int, int, int]  # canonical shape, see above
+    position: int = 0  # absolute position of the page's first token in its sequence
+    token_ids: tuple[int, ...] | None = None  # when a side channel provides them
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Predictor(ABC):
+    """Per-scalar (mu, sigma) for a page. Subclasses set ``id`` (u8, written in blob headers)
+    and ``name``; ``fingerprint`` (u64) identifies the model/calibration the predictor was
+    fitted to (0 for self-contained predictors whose parameters travel in the blob)."""
+
+    id: ClassVar[int]
+    name: ClassVar[str]
+    fingerprint: int = 0
+
+    def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
+        """Bytes the encoder sends in the blob for this page (e.g. page statistics)."""
+        return b""
+
+    def stages(self, meta: PageMeta) -> list[int]:
+        """Stage boundaries in flat symbol index: [0, ..., meta.numel]. One stage by default."""
+        return [0, meta.numel]
+
+    @abstractmethod
+    def predict(
+        self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma), float32, 1-D, for the symbols of ``stage``.
+
+        ``values``: float32 tensor of the canonical shape holding the page's values as
+        decoded so far (exact conversion of the stored dtype; NaN where not yet decoded).
+        """
