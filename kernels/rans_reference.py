@@ -1,0 +1,278 @@
+"""Reference interleaved rANS coder in torch: the bytes the Triton kernels must reproduce.
+
+Written after ryg_rans' rans64.h (Fabian Giesen, public domain). Three things bite:
+
+1. **Encode runs in reverse.** rANS is a stack: the decoder pops symbols in the opposite
+   order to the one the encoder pushed them. The encoder therefore walks each lane's symbols
+   from last to first, so that the decoder can go forwards.
+2. **Output grows backwards.** The encoder emits its words last-to-first; a lane's stream,
+   as stored and as read by the decoder, is the final state (low word, high word) followed
+   by the emitted words in *decode* order. Here this is: the word the encoder emitted while
+   encoding step s is stored at decode position s (it is read right after decoding step s).
+3. **Lanes interleave freely.** Symbol i of a page (flat C order) belongs to lane i % NL and
+   is that lane's step i // NL. Lanes are independent coders with their own states and word
+   streams, so one vector operation advances every lane (of every page in a batch) by one
+   step. Streams are concatenated lane by lane (page by page in a batch).
+
+State bounds (all arithmetic is int64, never overflows):
+
+* The state x lives in [L, 2^63) with L = 2^31 = RANS_L: 31, not 32, bits below so that a
+  state and a shifted-in 32-bit word, (x << 32) | w with x < L, still fits in 63 bits.
+* Probabilities are out of M = 2^PROB_BITS = 2^28 (entropy_model.py), freq in [1, M].
+* Encoding symbol (cum, freq) from x keeps x < 2^63 iff x < x_max = ((L >> 28) << 32) * freq
+  = freq << 35; if not, one 32-bit word is emitted (x >>= 32) and then x < 2^31 <= x_max.
+  x' = ((x // freq) << 28) + (x % freq) + cum < (x_max // freq) << 28 = 2^63, and x' >= L.
+* Decoding: x' = freq * (x >> 28) + (x & (M-1)) - cum < 2^28 * 2^35 = 2^63; if x' < L, one
+  word is shifted in, after which x >= 8 * 2^32 >= L. This holds for ANY words, so a corrupt
+  stream cannot overflow the arithmetic; it is caught by the final check instead.
+* Every lane starts encoding at x = L; after decoding its last step the state must be L
+  again and all its words consumed (an integrity check for free).
+
+A padded step with (cum, freq) = (0, M) is the identity for both encoder and decoder
+(x // M << 28 + x % M = x, and x < M << 35 = 2^63 never emits): the encoder pads ragged
+lanes this way instead of masking.
+
+Minimal API: ``encode(cum, freq, num_lanes) -> (words, lane_words)`` and ``Decoder``
+(staged: ``decode(mu_q, e, r)`` for the next n symbols of every page, then ``finish()``).
+The decoder computes C(k) itself (entropy_model.cdf), so it takes quantised parameters.
+Run ``python -m sglang_speckv.kernels.rans_reference`` for the self-check and its speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_speckv.kernels import entropy_model as em
+
+RANS_L = 1 << 31  # lower bound of the normalised state interval [L, 2^63)
+WORD_BITS = 32  # the coder emits and reads 32-bit words
+WORD_MASK = (1 << WORD_BITS) - 1
+# Renormalisation bound x_max = freq << ENC_SHIFT (see the module docstring).
+ENC_SHIFT = WORD_BITS + 31 - em.PROB_BITS  # 35
+# The decoder's symbol search resolves SEARCH_BITS bits of the key per level by evaluating C
+# at 2^SEARCH_BITS - 1 candidate keys at once: 4 levels for 16-bit symbols, 2 for fp8. In
+# torch on a CPU each level costs a fixed ~30 dispatches, so fewer, wider levels win until
+# the per-element work dominates (measured in __main__).
+SEARCH_BITS = 4
+
+
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    """[N] -> [1, N]; [P, N] unchanged."""
+    if t.dim() == 1:
+        return t.unsqueeze(0)
+    if t.dim() != 2:
+        raise ValueError(f"expected [N] or [P, N], got shape {tuple(t.shape)}")
+    return t
+
+
+def _to_grid(t: torch.Tensor, first: int, num_lanes: int, fill: int) -> torch.Tensor:
+    """[P, n] symbols first .. first + n - 1 of each page -> [steps, P * NL] by (step, lane),
+    padded with ``fill`` where a (step, lane) is outside the range."""
+    p, n = t.shape
+    lead = first % num_lanes
+    steps = -(-(lead + n) // num_lanes)
+    padded = torch.full((p, steps * num_lanes), fill, dtype=t.dtype, device=t.device)
+    padded[:, lead : lead + n] = t
+    # [P, steps, NL] -> [steps, P, NL] -> [steps, P * NL]
+    return padded.view(p, steps, num_lanes).transpose(0, 1).reshape(steps, p * num_lanes)
+
+
+def _from_grid(grid: torch.Tensor, first: int, n: int, num_pages: int) -> torch.Tensor:
+    """Inverse of _to_grid: [steps, P * NL] -> [P, n]."""
+    steps, lanes = grid.shape
+    num_lanes = lanes // num_pages
+    lead = first % num_lanes
+    flat = grid.view(steps, num_pages, num_lanes).transpose(0, 1).reshape(num_pages, steps * num_lanes)
+    return flat[:, lead : lead + n]
+
+
+def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rANS-encode P pages of N symbols each with ``num_lanes`` lanes per page.
+
+    cum, freq: int64 [N] or [P, N], 0 <= cum, 1 <= freq, cum + freq <= M.
+    Returns (words, lane_words): words int64 [W] with values in [0, 2^32), every lane's
+    stream in decode order, lane after lane, page after page; lane_words int64 [P, NL] with
+    sum == W. Every lane has at least its 2 flush words (also a lane with no symbols).
+    """
+    cum, freq = _as_batch(cum), _as_batch(freq)
+    if cum.shape != freq.shape or cum.dtype != torch.int64 or freq.dtype != torch.int64:
+        raise ValueError("cum and freq must be int64 tensors of the same shape")
+    if num_lanes < 1:
+        raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
+    num_pages = cum.shape[0]
+    # Everything per-symbol happens here, before the loop: [steps, P * NL] grids.
+    cum_g = _to_grid(cum, 0, num_lanes, 0)
+    freq_g = _to_grid(freq, 0, num_lanes, em.M)  # (0, M) pads are identity steps
+    x_max_g = freq_g << ENC_SHIFT
+    steps, lanes = cum_g.shape
+    out = torch.empty((steps, lanes), dtype=torch.int64, device=cum.device)
+    emitted = torch.empty((steps, lanes), dtype=torch.bool, device=cum.device)
+
+    x = torch.full((lanes,), RANS_L, dtype=torch.int64, device=cum.device)
+    for s in range(steps - 1, -1, -1):  # in reverse (warning 1)
+        emit = x >= x_max_g[s]
+        out[s] = x & WORD_MASK
+        emitted[s] = emit
+        x = torch.where(emit, x >> WORD_BITS, x)
+        q = torch.div(x, freq_g[s], rounding_mode="floor")
+        x = (q << em.PROB_BITS) + (x - q * freq_g[s]) + cum_g[s]
+
+    # Each lane's stream in decode order: flush (low, high), then emitted words by step.
+    flush = torch.stack([x & WORD_MASK, x >> WORD_BITS], dim=1)  # [lanes, 2]
+    all_words = torch.cat([flush, out.T], dim=1)  # [lanes, 2 + steps]
+    keep = torch.cat([torch.ones_like(flush, dtype=torch.bool), emitted.T], dim=1)
+    words = all_words[keep]  # row-major: lane by lane
+    lane_words = keep.sum(dim=1).view(num_pages, num_lanes)
+    return words, lane_words
+
+
+class Decoder:
+    """Staged decoder for P pages coded by ``encode`` with the same lane count.
+
+    ``decode(mu_q, e, r)`` decodes the next n symbols (flat order) of every page, given the
+    quantised parameters of exactly those symbols ([P, n] or [n] for one page); stages may
+    start and end mid-step (some lanes idle). ``finish()`` then reports, per page, whether
+    every lane returned to RANS_L having consumed exactly its words.
+    """
+
+    def __init__(
+        self,
+        words: torch.Tensor,
+        lane_words: torch.Tensor,
+        num_symbols: int,
+        dtype: str,
+        w_wide: int = em.W_WIDE,
+        kappa: int = em.KAPPA,
+    ):
+        """words: int64 [W] in [0, 2^32) (lane streams, concatenated as ``encode`` returns
+        them); lane_words: int64 [P, NL] (sum == W); num_symbols: N per page."""
+        lane_words = _as_batch(lane_words)
+        if words.dtype != torch.int64 or lane_words.dtype != torch.int64:
+            raise ValueError("words and lane_words must be int64")
+        if int(lane_words.sum()) != words.numel():
+            raise ValueError(f"lane_words sum {int(lane_words.sum())} != {words.numel()} words")
+        self.num_pages, self.num_lanes = lane_words.shape
+        self.num_symbols = num_symbols
+        self.dtype, self.w_wide, self.kappa = dtype, w_wide, kappa
+        self.position = 0  # symbols of each page decoded so far
+        # an empty stream still gets one (zero) word so that every gather below is in bounds
+        self.words = words if words.numel() else torch.zeros(1, dtype=torch.int64, device=words.device)
+        counts = lane_words.reshape(-1)  # [lanes]
+        starts = torch.cumsum(counts, 0) - counts
+        self.end = starts + counts
+        last_word = self.words.numel() - 1
+        low = self.words[starts.clamp(max=last_word)]
+        high = self.words[(starts + 1).clamp(max=last_word)]
+        x = low | (high << WORD_BITS)
+        valid = (counts >= 2) & (high < (1 << 31)) & (x >= RANS_L)  # state in [L, 2^63)
+        self.ok = valid.view(self.num_pages, self.num_lanes).all(dim=1)  # [P]
+        self.x = torch.where(valid, x, torch.full_like(x, RANS_L))  # keeps arithmetic in range
+        self.ptr = starts + 2
+
+    def _search(self, slot, mu_q, e, r):
+        """The key k with C(k) <= slot < C(k+1), and (C(k), C(k+1)). All [lanes]."""
+        b = em.symbol_bits(self.dtype)
+        lo = torch.zeros_like(slot)
+        c_lo = torch.zeros_like(slot)  # C(lo)
+        c_hi = torch.full_like(slot, em.M)  # C(lo + 2^(shift + SEARCH_BITS)), C(2^B) = M
+        mu_q, e, r = mu_q[:, None], e[:, None], r[:, None]
+        digits = torch.arange(1, 1 << SEARCH_BITS, device=slot.device)  # [D - 1]
+        for shift in range(b - SEARCH_BITS, -1, -SEARCH_BITS):  # B is a multiple of SEARCH_BITS
+            cand = lo[:, None] + (digits << shift)  # [lanes, D - 1], all <= 2^B - 1
+            c = em.cdf(cand, mu_q, e, r, self.dtype, self.w_wide, self.kappa)
+            d = (c <= slot[:, None]).sum(dim=1)  # C is increasing: a prefix is <= slot
+            ext = torch.cat([c_lo[:, None], c, c_hi[:, None]], dim=1)  # [lanes, D + 1]
+            c_lo = ext.gather(1, d[:, None]).squeeze(1)
+            c_hi = ext.gather(1, (d + 1)[:, None]).squeeze(1)
+            lo = lo + (d << shift)
+        return lo, c_lo, c_hi
+
+    def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page."""
+        squeeze = mu_q.dim() == 1
+        mu_q, e, r = _as_batch(mu_q), _as_batch(e), _as_batch(r)
+        n = mu_q.shape[1]
+        if mu_q.shape[0] != self.num_pages or self.position + n > self.num_symbols:
+            raise ValueError(
+                f"decode of {tuple(mu_q.shape)} symbols at position {self.position} does not fit "
+                f"{self.num_pages} pages of {self.num_symbols} symbols"
+            )
+        first, nl = self.position, self.num_lanes
+        # Per-symbol parameters as [steps, lanes] grids; pads are harmless valid params.
+        mu_g = _to_grid(mu_q, first, nl, 0)
+        e_g = _to_grid(e, first, nl, 0)
+        r_g = _to_grid(r, first, nl, 1 << em.R)
+        # Which (step, lane) cells hold a symbol of this stage: [steps, NL] -> lanes.
+        cell = torch.arange(mu_g.shape[0] * nl, device=mu_q.device).view(-1, nl) + (first - first % nl)
+        active_g = ((cell >= first) & (cell < first + n)).repeat(1, self.num_pages)
+        keys_g = torch.empty_like(mu_g)
+        last_word = self.words.numel() - 1
+        x, ptr = self.x, self.ptr
+        for s in range(mu_g.shape[0]):
+            slot = x & (em.M - 1)
+            k, c_lo, c_hi = self._search(slot, mu_g[s], e_g[s], r_g[s])
+            x_new = (c_hi - c_lo) * (x >> em.PROB_BITS) + slot - c_lo
+            need = x_new < RANS_L
+            w = self.words[ptr.clamp(max=last_word)]  # reads past a lane are caught in finish
+            x_new = torch.where(need, (x_new << WORD_BITS) | w, x_new)
+            ptr_new = ptr + need
+            if s == 0 or s == mu_g.shape[0] - 1:  # only the ends of a stage are ragged
+                act = active_g[s]
+                x_new = torch.where(act, x_new, x)
+                ptr_new = torch.where(act, ptr_new, ptr)
+            x, ptr = x_new, ptr_new
+            keys_g[s] = k
+        self.x, self.ptr = x, ptr
+        self.position += n
+        keys = _from_grid(keys_g, first, n, self.num_pages)
+        return keys[0] if squeeze else keys
+
+    def finish(self) -> torch.Tensor:
+        """bool [P]: True for pages whose every lane decoded all N symbols, consumed exactly
+        its words and returned to RANS_L. False means a corrupt or foreign stream."""
+        if self.position != self.num_symbols:
+            raise ValueError(f"finish() after {self.position} of {self.num_symbols} symbols")
+        lane_ok = (self.x == RANS_L) & (self.ptr == self.end)
+        return self.ok & lane_ok.view(self.num_pages, self.num_lanes).all(dim=1)
+
+
+# ---- Self-check (like ryg_rans' main.cpp: encode, decode, compare, print speed) ----------
+
+
+def _self_check() -> None:
+    import time
+
+    torch.manual_seed(0)
+    for dtype, n, num_lanes in (("bf16", 1 << 18, 1024), ("fp8_e4m3", 1 << 18, 1024)):
+        torch_dtype = em.TORCH_DTYPES[dtype]
+        scale = 1.0 if dtype == "bf16" else 16.0
+        mu = torch.randn(n) * scale
+        sigma = (torch.rand(n) + 0.1) * scale
+        values = (mu + sigma * torch.randn(n)).to(torch_dtype)
+        keys = em.keys_from_bits(em.storage_bits(values), dtype)
+        mu_q, e, r = em.quantize_params(mu, sigma)
+        raw_mb = n * values.element_size() / 1e6
+
+        t0 = time.perf_counter()
+        cum = em.cdf(keys, mu_q, e, r, dtype)
+        freq = em.cdf(keys + 1, mu_q, e, r, dtype) - cum
+        words, lane_words = encode(cum, freq, num_lanes)
+        t1 = time.perf_counter()
+        dec = Decoder(words, lane_words, n, dtype)
+        half = n // 3  # two stages, cut mid-step
+        got = torch.cat([dec.decode(mu_q[:half], e[:half], r[:half]), dec.decode(mu_q[half:], e[half:], r[half:])])
+        ok = bool(dec.finish().all())
+        t2 = time.perf_counter()
+
+        ideal = float((em.PROB_BITS - torch.log2(freq.double())).sum())
+        print(
+            f"{dtype}: {n} symbols, {num_lanes} lanes: {words.numel() * 32 / n:.4f} bits/symbol "
+            f"(ideal {ideal / n:.4f}); encode {raw_mb / (t1 - t0):.1f} MB/s, "
+            f"decode {raw_mb / (t2 - t1):.1f} MB/s; round trip {'OK' if ok and torch.equal(got, keys) else 'FAILED'}"
+        )
+        if not (ok and torch.equal(got, keys)):
+            raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    _self_check()
