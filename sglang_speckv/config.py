@@ -1,0 +1,274 @@
+"""The one configuration table of sglang-speckv, and its loader.
+
+Every setting of the product is one row of ``FIELDS`` (or of ``TIER_FIELDS``, for the
+entries of the ``tiers`` list): name, type, default, description. Adding a setting is adding
+one row; ``Config`` and ``TierConfig`` are frozen dataclasses generated from the rows, and
+``fields_markdown()`` renders the table for the docs (``speckv config --fields``).
+
+A configuration comes from one TOML file (``examples/tiers.toml`` shows every default),
+from a dict (SGLang's ``--hicache-storage-backend-extra-config`` JSON, where ``tiers`` is a
+list of tables), or both: keys of the dict replace keys of the file (a ``tiers`` list is
+replaced whole). It is validated once, at start-up; every error names the bad field, e.g.
+``tiers[1].capacity: '12 parsecs' is not a size like '16GiB'``. Filesystem checks (the tier
+directories exist or can be created, are writable, have room) happen when the store opens
+them (storage/env.py), with the same field names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the venv runs 3.11; pyproject pulls tomli in for 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and says what is expected."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A field type: its name in the docs, the Python type it produces, and its parser.
+
+    ``parse(value, where)`` returns the validated value or raises ConfigError; ``where`` is
+    the field's path (``tiers[1].capacity``) for the message.
+    """
+
+    name: str
+    py_type: Any
+    parse: Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One row of the configuration table. ``default`` is written the way a user writes the
+    value in TOML (``"16GiB"``), and goes through the same parser; ``REQUIRED`` has none."""
+
+    name: str
+    kind: Kind
+    default: Any
+    description: str
+
+
+REQUIRED = object()  # marker: the field has no default and must be given
+
+
+# --- kinds -------------------------------------------------------------------------------
+
+def _parse_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not a boolean (true or false)")
+    return value
+
+
+def _parse_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: {value!r} is not a non-negative integer")
+    return value
+
+
+def _parse_float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"{where}: {value!r} is not a non-negative number")
+    return float(value)
+
+
+def _parse_str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {value!r} is not a string")
+    return value
+
+
+# Decimal (kB = 1000) and binary (KiB = 1024) units, case-insensitive; a bare number is bytes.
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any, where: str = "size") -> int:
+    """Bytes from ``"16GiB"``, ``"1.5 GB"``, ``"4096"`` or an integer (rounded down)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE_RE.match(value) if isinstance(value, str) else None
+    unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    if unit is None:
+        raise ConfigError(f"{where}: {value!r} is not a size like '16GiB' (units: B, kB, MB, "
+                          "GB, TB, KiB, MiB, GiB, TiB)")
+    number = match.group(1)
+    if "." in number:  # exact: integer part plus the fraction, both scaled, rounded down
+        whole, frac = number.split(".")
+        return int(whole) * unit + int(frac) * unit // 10 ** len(frac)
+    return int(number) * unit
+
+
+def _parse_path(value: Any, where: str) -> str:
+    path = os.path.expanduser(_parse_str(value, where))
+    if not os.path.isabs(path):
+        raise ConfigError(f"{where}: {value!r} is not an absolute path")
+    return os.path.normpath(path)
+
+
+def choice(*options: str) -> Kind:
+    """A string that must be one of ``options``."""
+
+    def parse(value: Any, where: str) -> str:
+        if value not in options:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(options)}")
+        return value
+
+    return Kind(" / ".join(repr(o) for o in options), str, parse)
+
+
+def table_list(fields: tuple[Field, ...], cls: type) -> Kind:
+    """A list of tables, each validated against ``fields`` into a ``cls`` instance."""
+
+    def parse(value: Any, where: str) -> tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of tables, got {value!r}")
+        return tuple(cls(**_parse_table(item, fields, f"{where}[{i}]")) for i, item in enumerate(value))
+
+    return Kind(f"list of {cls.__name__}", tuple, parse)
+
+
+BOOL = Kind("bool", bool, _parse_bool)
+INT = Kind("int", int, _parse_int)
+FLOAT = Kind("float", float, _parse_float)
+STR = Kind("str", str, _parse_str)
+SIZE = Kind("size", int, parse_size)
+PATH = Kind("path", str, _parse_path)
+
+
+def _dataclass(name: str, fields: tuple[Field, ...]) -> type:
+    """A frozen dataclass with one attribute per field (picklable: it lives in this module)."""
+    cls = dataclasses.make_dataclass(name, [(f.name, f.kind.py_type) for f in fields], frozen=True)
+    cls.__module__ = __name__
+    return cls
+
+
+# --- the table ---------------------------------------------------------------------------
+
+TIER_FIELDS: tuple[Field, ...] = (
+    Field("name", STR, REQUIRED, "label of the tier in stats and logs (unique)"),
+    Field("path", PATH, REQUIRED,
+          "directory of the tier's LMDB environment (created if missing; one directory per tier)"),
+    Field("capacity", SIZE, "16GiB",
+          "bytes of stored pages (values and their record headers) the tier may hold; "
+          "over it, the coldest pages move to the next tier, or are dropped from the last"),
+    Field("sync", choice("none", "data", "full"), "data",
+          "durability of a commit: 'none' no fsync (RAM/tmpfs; after a reboot the tier is "
+          "emptied), 'data' one fsync per commit (a power loss may undo the last commit), "
+          "'full' data and metadata fsynced (durable); see docs/STORAGE.md"),
+    Field("predictor", STR, "",
+          "predictor pages are re-coded with when they move into this tier; '' keeps them as "
+          "they are"),
+)
+
+TierConfig = _dataclass("TierConfig", TIER_FIELDS)
+
+FIELDS: tuple[Field, ...] = (
+    Field("tiers", table_list(TIER_FIELDS, TierConfig),
+          [{"name": "ram", "path": "/dev/shm/speckv", "capacity": "16GiB", "sync": "none"}],
+          "storage tiers, fastest first; new pages land in the first"),
+    Field("promote_on_hit", BOOL, True,
+          "a page read from a lower tier moves back to the first tier"),
+    Field("recency_flush_seconds", FLOAT, 1.0,
+          "reads record their accesses in memory; they are written to the LRU index at the "
+          "next write, or by a read once this many seconds have passed"),
+)
+
+# Keys of SGLang's extra-config dict that SGLang itself reads (the dynamic backend loader
+# and the controller); load_config ignores them instead of calling them unknown.
+SGLANG_EXTRA_CONFIG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1"})
+
+
+# --- loading -----------------------------------------------------------------------------
+
+def _parse_table(table: Any, fields: tuple[Field, ...], where: str) -> dict[str, Any]:
+    """Validate one table (dict) against ``fields``: unknown keys, missing required keys,
+    each value's type. Returns {name: parsed value} with defaults filled in."""
+    prefix = f"{where}." if where else ""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table of settings, got {table!r}")
+    names = [f.name for f in fields]
+    for key in table:
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{prefix}{key}: unknown setting{did_you_mean} "
+                              f"(known: {', '.join(names)})")
+    out = {}
+    for f in fields:
+        if f.name in table:
+            value = table[f.name]
+        elif f.default is REQUIRED:
+            raise ConfigError(f"{prefix}{f.name}: missing (required; {f.description})")
+        else:
+            value = f.default
+        out[f.name] = f.kind.parse(value, f"{prefix}{f.name}")
+    return out
+
+
+def _check(config: Any) -> None:
+    """Rules across fields."""
+    if not config.tiers:
+        raise ConfigError("tiers: at least one tier is needed")
+    seen_names: dict[str, int] = {}
+    seen_paths: dict[str, int] = {}
+    for i, tier in enumerate(config.tiers):
+        if tier.name in seen_names:
+            raise ConfigError(f"tiers[{i}].name: {tier.name!r} is already tiers[{seen_names[tier.name]}]'s name")
+        if tier.path in seen_paths:
+            raise ConfigError(f"tiers[{i}].path: {tier.path!r} is already tiers[{seen_paths[tier.path]}]'s path; "
+                              "each tier needs its own directory")
+        if tier.capacity <= 0:
+            raise ConfigError(f"tiers[{i}].capacity: must be more than 0 bytes")
+        seen_names[tier.name] = i
+        seen_paths[tier.path] = i
+
+
+Config = _dataclass("Config", FIELDS)
+
+
+def load_config(toml_path: str | os.PathLike | None = None, overrides: dict | None = None) -> Any:
+    """Validated, frozen ``Config`` from a TOML file and/or a dict (dict keys win).
+
+    ``overrides`` is typically SGLang's ``storage_config.extra_config``; the keys SGLang
+    reads itself (SGLANG_EXTRA_CONFIG_KEYS) are ignored. Raises ConfigError naming the
+    first bad field.
+    """
+    table: dict[str, Any] = {}
+    if toml_path is not None:
+        try:
+            with open(toml_path, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config file {os.fspath(toml_path)!r}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {os.fspath(toml_path)!r}: invalid TOML: {e}") from e
+    for key, value in (overrides or {}).items():
+        if key not in SGLANG_EXTRA_CONFIG_KEYS:
+            table[key] = value
+    config = Config(**_parse_table(table, FIELDS, ""))
+    _check(config)
+    return config
+
+
+def fields_markdown() -> str:
+    """The configuration table as Markdown (for the docs and ``speckv config --fields``)."""
+    rows = ["| field | type | default | description |", "|---|---|---|---|"]
+    for prefix, fields in (("", FIELDS), ("tiers[].", TIER_FIELDS)):
+        for f in fields:
+            default = "(required)" if f.default is REQUIRED else f"`{f.default!r}`"
+            rows.append(f"| `{prefix}{f.name}` | {f.kind.name} | {default} | {f.description} |")
+    return "\n".join(rows)

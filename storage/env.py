@@ -1,0 +1,286 @@
+"""LMDB environments, opened the way py-lmdb's documentation asks, and grown when full.
+
+Rules this module enforces (py-lmdb docs, "Environment" and "Threads"):
+- One ``lmdb.Environment`` per directory per process: ``open_env`` keeps a registry keyed by
+  (realpath, pid). A child process after ``fork`` gets its own; the parent's handles it
+  inherited stay referenced and are never used or closed there (closing them in the child
+  could release the parent's reader slots).
+- Transactions live in ``with`` blocks; values are read with ``buffers=True`` and the
+  callers copy them out before the block ends.
+- ``set_mapsize`` needs no active transaction in this process: every transaction holds a
+  shared lock, and growing the map takes it exclusively.
+
+Map size. It starts at twice the tier's capacity (a batch's pages are written before the
+pages it evicts are freed, and multi-page values need contiguous free runs; the map is
+address space, not memory or disk). A write that still hits ``MapFullError`` is retried after
+doubling the map, up to what the filesystem can hold; beyond that, or on ENOSPC, ``NoRoom``
+is raised and the tier evicts to make room. Another process's growth reaches this one as
+``MapResizedError`` at the next ``begin``, answered by adopting the new size.
+
+Sync settings (``tiers[].sync``; docs/STORAGE.md has the full story):
+- ``none``: no fsync (MDB_NOSYNC). Right for tmpfs, which dies with the machine. On a disk,
+  a power loss can leave a damaged B-tree, so a tier opened with ``none`` writes the boot id
+  into ``unsynced_boot`` and any later open after a reboot empties the tier first.
+- ``data``: one fsync per commit, the meta page is not (MDB_NOMETASYNC): a power loss may
+  undo the last commit, the tree stays intact.
+- ``full``: both fsynced: a commit is durable.
+A killed process (SIGKILL) loses nothing committed under any setting: the kernel holds the
+written pages. ``writemap`` is off: with it, a write into a sparse file on a full disk is a
+SIGBUS instead of an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import lmdb
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1  # layout of the named databases (storage/tier.py); stored under b"schema"
+DB_NAMES = (b"pages", b"meta", b"leaves", b"children", b"state")
+DUPSORT_DBS = (b"children",)
+# Concurrent read transactions per environment (each holds a reader slot of 64 bytes in
+# lock.mdb): 64 rank processes x 3 SGLang I/O threads, with room for tools.
+MAX_READERS = 256
+MIN_MAP_SIZE = 64 << 20  # floor for tiny test capacities: LMDB's own pages need some room
+_SYNC_FLAGS = {"none": (False, False), "data": (True, False), "full": (True, True)}  # sync, metasync
+_UNSYNCED_MARKER = "unsynced_boot"
+_OPEN_LOCK = "speckv.lock"
+_LMDB_FILES = ("data.mdb", "lock.mdb")
+
+
+class StoreError(RuntimeError):
+    """The store cannot start (bad directory, no room, foreign data): says which field and what to do."""
+
+
+class NoRoom(StoreError):
+    """A write needs more space than the map can grow to on this filesystem."""
+
+
+class SharedLock:
+    """Many holders in shared mode or one in exclusive mode; a waiting exclusive holder
+    blocks new shared ones (so growth is not starved). Not reentrant."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _room(path: str) -> int:
+    """Bytes the LMDB data file in ``path`` could reach: its size plus the free space."""
+    st = os.statvfs(path)
+    try:
+        size = os.path.getsize(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        size = 0
+    return size + st.f_bavail * st.f_frsize
+
+
+class Env:
+    """One LMDB environment (a tier directory) in this process. Use ``open_env``."""
+
+    def __init__(self, path: str, sync: str, capacity: int, where: str) -> None:
+        self.path = path
+        self.sync = sync
+        self.where = where
+        self.users = 0
+        self._lock = SharedLock()
+        room = _room(path)
+        if capacity > room:
+            raise StoreError(
+                f"{where}.capacity: {capacity} bytes, but {path} can hold only {room} "
+                f"(free space on its filesystem plus the existing store); lower the capacity "
+                f"or free space")
+        do_sync, metasync = _SYNC_FLAGS[sync]
+        try:
+            with open(os.path.join(path, _OPEN_LOCK), "a") as lock_file:
+                # Serialise opens of this directory across processes, so that emptying the
+                # tier after a reboot cannot race with another process opening it.
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                self._forget_unsynced_writes_after_reboot()
+                self.lmdb = lmdb.open(
+                    path, map_size=max(2 * capacity, MIN_MAP_SIZE), subdir=True,
+                    sync=do_sync, metasync=metasync, writemap=False, max_dbs=len(DB_NAMES),
+                    max_readers=MAX_READERS, lock=True)
+        except (OSError, lmdb.Error) as e:
+            raise StoreError(f"{where}.path: cannot open an LMDB store in {path}: {e}; "
+                             "check that the directory is writable") from e
+        try:
+            self.lmdb.reader_check()  # free reader slots of processes that died (SIGKILL)
+            self.dbs = self._open_dbs()
+        except BaseException:
+            self.lmdb.close()
+            raise
+
+    def _forget_unsynced_writes_after_reboot(self) -> None:
+        marker = os.path.join(self.path, _UNSYNCED_MARKER)
+        boot = _boot_id()
+        try:
+            with open(marker) as f:
+                written_in = f.read().strip()
+        except FileNotFoundError:
+            written_in = None
+        if written_in is not None and written_in != boot:
+            # Written without fsync before a reboot: the tree may be damaged. It is a cache.
+            for name in _LMDB_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
+            os.unlink(marker)
+            written_in = None
+        if self.sync == "none" and written_in is None:
+            tmp = f"{marker}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(boot)
+            os.replace(tmp, marker)
+
+    def _open_dbs(self) -> dict[bytes, object]:
+        try:
+            with self.lmdb.begin(write=True) as txn:
+                main = {bytes(k) for k, _ in txn.cursor()}
+                if main - set(DB_NAMES):
+                    raise StoreError(
+                        f"{self.where}.path: {self.path} holds an LMDB store that is not "
+                        f"sglang-speckv's; point the tier at an empty directory")
+                dbs = {name: self.lmdb.open_db(name, txn=txn, dupsort=name in DUPSORT_DBS)
+                       for name in DB_NAMES}
+                schema = txn.get(b"schema", db=dbs[b"state"])
+                if schema is None:
+                    txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=dbs[b"state"])
+                elif schema != str(SCHEMA_VERSION).encode():
+                    raise StoreError(
+                        f"{self.where}.path: {self.path} holds a store of layout version "
+                        f"{schema.decode(errors='replace')}, this is version {SCHEMA_VERSION}; "
+                        "delete the directory (it is a cache) or point the tier elsewhere")
+        except lmdb.Error as e:
+            raise StoreError(f"{self.where}.path: cannot write to {self.path}: {e}") from e
+        return dbs
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction; values are memoryviews valid only inside the block."""
+        while True:
+            with self._lock.shared():
+                try:
+                    txn = self.lmdb.begin(buffers=True)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield txn
+                    return
+            self._adopt_new_size()
+
+    def write(self, body: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``body(txn)`` in one write transaction and commit; ``body`` may run again (from
+        scratch) after the map grows, so it must keep its effects inside the transaction."""
+        while True:
+            with self._lock.shared():
+                try:
+                    with self.lmdb.begin(write=True, buffers=True) as txn:
+                        return body(txn)
+                except lmdb.MapResizedError:
+                    seen = None
+                except lmdb.MapFullError:
+                    seen = self.lmdb.info()["map_size"]
+                except lmdb.Error as e:
+                    if "No space left" in str(e):  # py-lmdb reports ENOSPC as a plain Error
+                        raise NoRoom(f"{self.where}: no space left on the filesystem of "
+                                     f"{self.path}") from e
+                    raise
+            if seen is None:
+                self._adopt_new_size()
+            else:
+                self._grow(seen)
+
+    def _adopt_new_size(self) -> None:
+        with self._lock.exclusive():
+            self.lmdb.set_mapsize(0)  # 0: adopt the size another process set
+
+    def _grow(self, seen: int) -> None:
+        with self._lock.exclusive():
+            current = self.lmdb.info()["map_size"]
+            if current > seen:
+                return  # another thread grew it meanwhile
+            new = min(2 * current, _room(self.path))
+            if new <= current:
+                raise NoRoom(f"{self.where}: the store in {self.path} is full and its "
+                             "filesystem has no room to grow it")
+            self.lmdb.set_mapsize(new)
+
+
+_REGISTRY: dict[tuple[str, int], Env] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def open_env(path: str, *, sync: str, capacity: int, where: str) -> Env:
+    """The process's environment for tier directory ``path`` (created if missing), opened on
+    first use. ``where`` (e.g. ``tiers[0]``) prefixes error messages. Pair with ``close_env``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{where}.path: cannot create {path}: {e.strerror}; create it or "
+                         "choose another directory") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StoreError(f"{where}.path: {path} is not writable by this process")
+    key = (os.path.realpath(path), os.getpid())
+    with _REGISTRY_LOCK:
+        env = _REGISTRY.get(key)
+        if env is None:
+            env = Env(path, sync, capacity, where)
+            _REGISTRY[key] = env
+        elif env.sync != sync:
+            raise StoreError(f"{where}.sync: {path} is already open in this process with "
+                             f"sync={env.sync!r}, not {sync!r}")
+        env.users += 1
+        return env
+
+
+def close_env(env: Env) -> None:
+    """Release one ``open_env``; the last release in the process closes the environment."""
+    with _REGISTRY_LOCK:
+        env.users -= 1
+        if env.users == 0:
+            del _REGISTRY[(os.path.realpath(env.path), os.getpid())]
+            env.lmdb.close()

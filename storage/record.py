@@ -1,0 +1,57 @@
+"""The record the store wraps around every value it keeps, and its verification.
+
+A record is a 24-byte header followed by the value (an opaque coded blob), little-endian:
+
+    offset  size  field
+    0       4     magic  b"SKVR"
+    4       1     version (RECORD_VERSION)
+    5       3     zero
+    8       8     value length in bytes
+    16      8     checksum: XXH3-64 of (store key || header bytes 0..15 || value)
+
+The checksum covers the key, so a value that ends up under the wrong key (a corrupted
+B-tree, a bad copy) fails too, not only flipped bytes. XXH3-64 rather than the older XXH64:
+same 64-bit xxHash family and collision behaviour, but on this project's machines it runs at
+~38 GB/s against XXH64's ~7 GB/s (memcpy: ~20 GB/s), which is what lets a verified read
+from the RAM tier cost under 2x a memcpy (examples/bench_store.py).
+
+A record that fails any check is never returned: the store deletes it and reports a miss.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import xxhash
+
+MAGIC = b"SKVR"
+RECORD_VERSION = 1
+_HEAD = struct.Struct("<4sB3xQ")  # magic, version, value length: the checksummed prefix
+_SUM = struct.Struct("<Q")
+HEADER_SIZE = _HEAD.size + _SUM.size  # 24
+
+
+def _checksum(key: bytes, head: bytes, value) -> int:
+    h = xxhash.xxh3_64()
+    h.update(key)
+    h.update(head)
+    h.update(value)
+    return h.intdigest()
+
+
+def pack(key: bytes, value) -> bytes:
+    """Record for ``value`` (any C-contiguous bytes-like object) stored under ``key``."""
+    value = memoryview(value).cast("B")
+    head = _HEAD.pack(MAGIC, RECORD_VERSION, len(value))
+    return b"".join((head, _SUM.pack(_checksum(key, head, value)), value))
+
+
+def verify(key: bytes, header: bytes, value) -> bool:
+    """True iff ``header`` (the record's first HEADER_SIZE bytes) and ``value`` (the rest)
+    form an intact record of this version stored under ``key``."""
+    if len(header) != HEADER_SIZE:
+        return False
+    magic, version, length = _HEAD.unpack_from(header)
+    if magic != MAGIC or version != RECORD_VERSION or length != len(value):
+        return False
+    return _SUM.unpack_from(header, _HEAD.size)[0] == _checksum(key, header[: _HEAD.size], value)

@@ -1,0 +1,305 @@
+"""The tiered page store: what the backend calls.
+
+    store = TieredStore(load_config(path), namespace(model, kv_dtype=..., ...))
+    store.put(keys, blobs, raw_sizes, parents=chain_parents(keys, prefix_keys[-1]))
+    n = store.exists_prefix(keys)         # SGLang's batch_exists
+    blobs = store.get(keys[:n])           # bytearray per key, or None (miss)
+    store.stats()                         # dict; store.stats_json() for SGLang's get_stats
+    store.close()
+
+Values are opaque (coded blobs); the store wraps each in a checksummed record
+(storage/record.py) and hands back only values that verify. Pages are namespaced
+(storage/keys.py), so servers with different models or shards can share the tiers.
+
+Tiers (storage/tier.py), fastest first. New pages land in the first tier, in one
+transaction per ``put``. A tier over capacity evicts its coldest chain tails; they move to
+the next tier (re-coded by that tier's ``recode`` hook, if set) or, from the last tier, are
+dropped. A read finds a page in whichever tier holds it; with ``promote_on_hit`` a page
+found below the first tier moves back up (removed below, then written to the first tier;
+a crash in between loses it, which is a later miss).
+
+Recency is kept in LMDB (shared by all processes), but a read does not write: accesses are
+remembered in memory and written with this process's next write to that tier, or by a read
+once ``recency_flush_seconds`` have passed since the last flush. The LRU order therefore
+lags reads by at most that long (or until the process next writes); accesses not yet flushed
+when a process dies are forgotten. Both only make eviction slightly less exact.
+
+Thread-safe: SGLang's backup, prefetch and prefetch-I/O threads may share one store, and
+several processes may open the same tiers (storage/env.py).
+
+Event counters (hits, misses, corrupt, promotions, demotions, evictions) count what this
+process did since it opened the store; occupancy (pages, bytes, raw bytes) is read from the
+tiers and covers every process and namespace sharing them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from . import record
+from .keys import store_key
+from .tier import Page, Tier
+
+logger = logging.getLogger(__name__)
+
+_LEAVES_PREFIX = 8  # bytes the leaves index puts before a store key (storage/tier.py)
+_CLEAR_BATCH = 1024  # pages removed per transaction by clear(): bounds one txn's dirty pages
+EVENTS = ("hits", "misses", "corrupt", "promotions", "demotions", "evictions")
+
+
+def chain_parents(keys: Sequence[str], prefix_key: str | None = None) -> list[str | None]:
+    """Parents for consecutive pages of one chain: the page before ``keys[0]`` (SGLang's
+    ``extra_info.prefix_keys[-1]``, None if unknown), then each key's predecessor."""
+    return [prefix_key, *keys[:-1]] if keys else []
+
+
+class TieredStore:
+    """The store. ``config`` is a ``sglang_speckv.config.Config``; ``namespace`` comes from
+    storage/keys.py. Raises StoreError (naming the bad ``tiers[i]`` field) when a tier
+    cannot be opened."""
+
+    def __init__(self, config, namespace: bytes = b"") -> None:
+        self.config = config
+        self.namespace = namespace
+        self._lock = threading.Lock()  # guards _pending and _events
+        self._pending: list[dict[bytes, None]] = [{} for _ in config.tiers]  # ordered sets
+        self._events: list[Counter] = [Counter() for _ in config.tiers]
+        self._last_flush = time.monotonic()
+        self.tiers: list[Tier] = []
+        try:
+            for index, tier_config in enumerate(config.tiers):
+                self.tiers.append(Tier(tier_config, index))
+        except BaseException:
+            self.close()
+            raise
+        self._max_key = self.tiers[0].env.lmdb.max_key_size() - _LEAVES_PREFIX
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the API ---------------------------------------------------------------------------
+
+    def put(
+        self,
+        keys: Sequence[str],
+        values: Sequence,
+        raw_sizes: Sequence[int] | None = None,
+        parents: Sequence[str | None] | None = None,
+    ) -> list[bool]:
+        """Store ``values[i]`` (bytes-like) under ``keys[i]``, all new pages in one transaction
+        of the first tier. ``raw_sizes[i]``: the page's size before coding (stats; default:
+        the value's size). ``parents[i]``: the key of the page before ``keys[i]`` in its
+        prefix chain (see ``chain_parents``), which lets eviction take tails first.
+
+        A key already stored in any tier is not rewritten; it counts as an access. Returns,
+        per key, True iff the page is stored; all False for the new pages when even
+        evicting cannot make room on the filesystem."""
+        n = len(keys)
+        raw_sizes = raw_sizes if raw_sizes is not None else [memoryview(v).nbytes for v in values]
+        parents = parents if parents is not None else [None] * n
+        if not len(values) == len(raw_sizes) == len(parents) == n:
+            raise ValueError(f"put: {n} keys, {len(values)} values, {len(raw_sizes)} raw sizes, "
+                             f"{len(parents)} parents")
+        skeys = [self._key(k) for k in keys]
+        sparents = [None if p is None else self._key(p) for p in parents]
+        # Parents outside the batch: the chain the batch continues is in use, wherever it is.
+        batch = set(skeys)
+        outside = list(dict.fromkeys(p for p in sparents if p is not None and p not in batch))
+        where = self._locate(skeys + outside)
+        for key, tier in zip(skeys + outside, where):
+            if tier is not None:
+                self._note_access(tier, key)
+        new = [i for i in range(n) if where[i] is None]
+        pages = [Page(skeys[i], record.pack(skeys[i], values[i]), int(raw_sizes[i]), sparents[i])
+                 for i in new]
+        stored = self._commit(0, inserts=pages) if pages else []
+        result = [True] * n
+        for i, ok in zip(new, stored):
+            result[i] = ok
+        if not all(stored):
+            logger.warning("speckv store: no room for %d new pages in tier %r (filesystem full)",
+                           len(pages), self.tiers[0].name)
+        return result
+
+    def get(self, keys: Sequence[str]) -> list[bytearray | None]:
+        """The verified value under each key, or None (absent or failed verification; a bad
+        record is deleted and counted as ``corrupt``)."""
+        skeys = [self._key(k) for k in keys]
+        values: list[bytearray | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for t, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            missing, corrupt, promote = [], [], []
+            for i, found in zip(todo, tier.read([skeys[i] for i in todo])):
+                if found is None:
+                    missing.append(i)
+                elif not record.verify(skeys[i], found.header, found.value):
+                    missing.append(i)
+                    corrupt.append(skeys[i])
+                else:
+                    values[i] = found.value
+                    if t > 0 and self.config.promote_on_hit:
+                        promote.append(Page(skeys[i], found.header + found.value, found.raw_size,
+                                            found.parent))
+                    else:
+                        self._note_access(t, skeys[i])
+            self._count(t, hits=len(todo) - len(missing), misses=len(missing), corrupt=len(corrupt))
+            if corrupt:
+                logger.warning("speckv store: %d corrupt pages in tier %r deleted (first key %s)",
+                               len(corrupt), tier.name, corrupt[0].hex())
+                self._commit(t, removes=corrupt)
+            if promote:
+                self._promote(t, promote)
+            todo = missing
+        if time.monotonic() - self._last_flush >= self.config.recency_flush_seconds:
+            self.flush()
+        return values
+
+    def exists_prefix(self, keys: Sequence[str]) -> int:
+        """How many of ``keys``, from the first, are stored (in any tier) without a gap."""
+        skeys = [self._key(k) for k in keys]
+        present = [False] * len(keys)
+        for tier in self.tiers:
+            todo = [i for i, p in enumerate(present) if not p]
+            if not todo:
+                break
+            for i, p in zip(todo, tier.present([skeys[i] for i in todo])):
+                present[i] = p
+        return next((i for i, p in enumerate(present) if not p), len(keys))
+
+    def clear(self) -> None:
+        """Remove every page of this store's namespace from every tier."""
+        for t, tier in enumerate(self.tiers):
+            keys = tier.keys_with_prefix(self.namespace)
+            for start in range(0, len(keys), _CLEAR_BATCH):
+                self._commit(t, removes=keys[start:start + _CLEAR_BATCH])
+            with self._lock:
+                self._pending[t].clear()
+
+    def flush(self) -> None:
+        """Write the accesses remembered in memory into each tier's LRU order."""
+        self._last_flush = time.monotonic()
+        for t in range(len(self.tiers)):
+            if self._pending[t]:
+                self._commit(t)
+
+    def set_recode(self, tier_name: str, recode: Callable[[memoryview], bytes] | None) -> None:
+        """Hook for pages moving into tier ``tier_name``: their value becomes ``recode(value)``
+        (e.g. re-coded with the tier's stronger ``predictor``). If it raises, the page moves
+        unchanged (and the error is logged)."""
+        for tier in self.tiers:
+            if tier.name == tier_name:
+                tier.recode = recode
+                return
+        raise ValueError(f"no tier named {tier_name!r} (tiers: {[t.name for t in self.tiers]})")
+
+    def stats(self) -> dict:
+        """Per tier: occupancy from the tier (all processes) and this process's events."""
+        with self._lock:
+            events = [dict(e) for e in self._events]
+        tiers = []
+        for tier, counted in zip(self.tiers, events):
+            counters = tier.counters()
+            tiers.append({
+                "name": tier.name, "path": tier.config.path, "capacity": tier.capacity,
+                "pages": counters["pages"], "bytes": counters["bytes"],
+                "raw_bytes": counters["raw_bytes"],
+                **{event: counted.get(event, 0) for event in EVENTS},
+            })
+        hits = sum(t["hits"] for t in tiers)
+        return {"tiers": tiers, "hits": hits, "misses": tiers[-1]["misses"] if tiers else 0}
+
+    def stats_json(self) -> str:
+        return json.dumps(self.stats())
+
+    def close(self) -> None:
+        """Flush remembered accesses and release the tiers. Idempotent."""
+        if self.tiers:
+            self.flush()
+        while self.tiers:
+            self.tiers.pop().close()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _key(self, key: str) -> bytes:
+        skey = store_key(self.namespace, key)
+        if len(skey) > self._max_key:
+            raise ValueError(f"key of {len(skey)} bytes with its namespace; the store takes "
+                             f"at most {self._max_key}")
+        return skey
+
+    def _locate(self, skeys: list[bytes]) -> list[int | None]:
+        """Index of the first tier holding each key, or None."""
+        where: list[int | None] = [None] * len(skeys)
+        for t, tier in enumerate(self.tiers):
+            todo = [i for i, w in enumerate(where) if w is None]
+            if not todo:
+                break
+            for i, p in zip(todo, tier.present([skeys[i] for i in todo])):
+                if p:
+                    where[i] = t
+        return where
+
+    def _note_access(self, t: int, skey: bytes) -> None:
+        with self._lock:
+            self._pending[t].pop(skey, None)
+            self._pending[t][skey] = None  # now the most recent
+
+    def _count(self, t: int, **events: int) -> None:
+        with self._lock:
+            self._events[t].update(events)
+
+    def _commit(self, t: int, inserts: Sequence[Page] = (), removes: Sequence[bytes] = ()) -> list[bool]:
+        """One write transaction on tier t (with the accesses remembered for it); the pages
+        it evicts move down to tier t+1, recursively, or are dropped from the last tier."""
+        with self._lock:
+            touches = list(self._pending[t])
+            self._pending[t].clear()
+        last = t == len(self.tiers) - 1
+        stored, victims = self.tiers[t].commit(inserts, touches, removes, keep_victims=not last,
+                                               above=self.tiers[:t])
+        if victims:
+            self._count(t, **{"evictions" if last else "demotions": len(victims)})
+            if not last:
+                # Hottest first: commit() gives its first insert the newest tick.
+                self._commit(t + 1, inserts=self._recoded(t, victims[::-1]))
+        return stored
+
+    def _promote(self, t: int, pages: list[Page]) -> None:
+        # Removed below first, then written above: pages the first tier evicts straight back
+        # down land in tier t again. A crash in between loses them (a later miss, never a
+        # wrong page).
+        self._commit(t, removes=[page.key for page in pages])
+        stored = self._commit(0, inserts=pages)
+        self._count(t, promotions=sum(stored))
+
+    def _recoded(self, t: int, pages: list[Page]) -> list[Page]:
+        """``pages`` leaving tier t, re-coded for tier t+1 if it has a hook."""
+        tier = self.tiers[t + 1]
+        if tier.recode is None:
+            return pages
+        out = []
+        for page in pages:
+            header = page.record[: record.HEADER_SIZE]
+            value = memoryview(page.record)[record.HEADER_SIZE:]
+            if not record.verify(page.key, header, value):
+                self._count(t, corrupt=1)  # dropped rather than carried down
+                continue
+            try:
+                new_value = tier.recode(value)
+            except Exception:  # a hook's failure must not fail the write that evicted the page
+                logger.exception("speckv store: re-coding a page for tier %r failed; "
+                                 "moving it unchanged", tier.name)
+                out.append(page)
+                continue
+            out.append(page._replace(record=record.pack(page.key, new_value)))
+        return out

@@ -1,0 +1,313 @@
+"""One storage tier: an LMDB environment with a byte capacity and an LRU over chain tails.
+
+Named databases of the environment (opened by storage/env.py):
+
+    pages     store key -> record (storage/record.py: header + value)
+    meta      store key -> tick u64 LE | raw size u64 LE | parent store key (may be empty)
+    leaves    tick u64 BE || store key -> b""    pages with no child in this tier, by recency
+    children  parent store key -> child store key  (dupsort; one row per stored page that has
+              a parent, whether or not the parent is stored in this tier)
+    state     b"tick", b"pages", b"bytes", b"raw_bytes" -> u64 LE; b"schema" -> version
+
+Every change is one write transaction (``Tier.commit``): a crash leaves the tier as it was
+before or after, never in between, and the counters in ``state`` always match the pages.
+
+Recency. A write transaction takes ticks from the tier's counter ``tick``, so all processes
+share one order. Inserting or touching a page gives it a new tick; within one batch of
+inserts the later pages (chain tails) get the older ticks. Reads do not write: the store
+remembers accesses in memory and passes them here as ``touches`` later (storage/store.py).
+
+Eviction takes chain tails before heads. SGLang's keys form chains (page i's hash covers
+page i-1's), and a page is only reachable through all its predecessors, so evicting a head
+strands its whole tail. Only *leaves* (pages no stored page names as parent) are eviction
+candidates, coldest first: ``leaves`` is the LRU. Removing a leaf that was its parent's last
+child makes the parent a leaf, entering ``leaves`` at its own (old) tick, so a cold chain is
+eaten from its tail. A chain can span tiers (its head demoted, its tail written later into
+the first tier), so a candidate that has a child in a tier above (that tier's ``children``
+index, read in the same pass) is not evicted but touched, as in use, and the search goes
+on; if every leaf turns out to be such a page, the coldest goes anyway. Every insert,
+touch and removal is a constant number of B-tree operations, O(log n). Should no leaf exist
+while over capacity (only possible with a cycle of parent links, i.e. bad input), pages go
+in key order, so capacity always holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import lmdb
+
+from .env import DB_NAMES, NoRoom, close_env, open_env
+from .record import HEADER_SIZE
+
+_META = struct.Struct("<QQ")  # tick, raw size; followed by the parent store key
+_TICK = struct.Struct(">Q")  # big-endian, so the leaves index sorts by tick
+_U64 = struct.Struct("<Q")
+COUNTERS = (b"tick", b"pages", b"bytes", b"raw_bytes")
+
+
+class Page(NamedTuple):
+    """A page as the store moves it between tiers."""
+
+    key: bytes  # store key (storage/keys.py)
+    record: bytes  # header + value (storage/record.py); b"" for a dropped victim
+    raw_size: int  # bytes of the page before coding (stats only)
+    parent: bytes | None  # store key of the previous page of its chain, if known
+
+
+class Found(NamedTuple):
+    """A record read from a tier, copied out of LMDB, not yet verified (record.verify)."""
+
+    header: bytes  # the record's first HEADER_SIZE bytes
+    value: bytearray  # the rest
+    raw_size: int
+    parent: bytes | None
+
+
+class Tier:
+    """A tier opened in this process. ``recode`` is the demotion hook: when set, pages moving
+    into this tier have their value replaced by ``recode(value)`` (storage/store.py)."""
+
+    def __init__(self, config, index: int) -> None:
+        self.config = config
+        self.name: str = config.name
+        self.capacity: int = config.capacity
+        self.env = open_env(config.path, sync=config.sync, capacity=config.capacity,
+                            where=f"tiers[{index}]")
+        self._pages, self._meta, self._leaves, self._children, self._state = (
+            self.env.dbs[name] for name in DB_NAMES)
+        self.recode = None
+
+    def close(self) -> None:
+        close_env(self.env)
+
+    # --- reads (one read transaction each; they never block writers) ---------------------
+
+    def read(self, keys: Sequence[bytes]) -> list[Found | None]:
+        """Copies of the records under ``keys``; None where absent."""
+        out: list[Found | None] = []
+        with self.env.read() as txn:
+            for key in keys:
+                record = txn.get(key, db=self._pages)
+                meta = txn.get(key, db=self._meta)
+                if record is None or meta is None:
+                    out.append(None)
+                    continue
+                raw_size = _META.unpack_from(meta)[1]
+                parent = bytes(meta[_META.size:]) or None
+                out.append(Found(bytes(record[:HEADER_SIZE]), bytearray(record[HEADER_SIZE:]),
+                                 raw_size, parent))
+        return out
+
+    def present(self, keys: Sequence[bytes]) -> list[bool]:
+        with self.env.read() as txn:
+            return [txn.get(key, db=self._pages) is not None for key in keys]
+
+    def keys_with_prefix(self, prefix: bytes) -> list[bytes]:
+        keys = []
+        with self.env.read() as txn:
+            cursor = txn.cursor(db=self._pages)
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not bytes(key[: len(prefix)]) == prefix:
+                        break
+                    keys.append(bytes(key))
+        return keys
+
+    def counters(self) -> dict[str, int]:
+        with self.env.read() as txn:
+            return {name.decode(): _get_u64(txn, name, self._state) for name in COUNTERS}
+
+    def audit(self) -> list[str]:
+        """Problems found by checking every invariant above against the files (empty list:
+        consistent). Reads the whole tier: for tests and ``speckv store --check``."""
+        problems = []
+        with self.env.read() as txn:
+            counters = {name: _get_u64(txn, name, self._state) for name in COUNTERS}
+            pages = {bytes(k): len(v) for k, v in txn.cursor(db=self._pages)}
+            meta = {bytes(k): (*_META.unpack_from(v), bytes(v[_META.size:]))
+                    for k, v in txn.cursor(db=self._meta)}
+            leaves = {bytes(k) for k, _ in txn.cursor(db=self._leaves)}
+            children = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._children)]
+        if set(meta) != set(pages):
+            problems.append(f"{len(set(meta) ^ set(pages))} keys in only one of pages/meta")
+        found = {b"pages": len(pages), b"bytes": sum(pages.values()),
+                 b"raw_bytes": sum(m[1] for m in meta.values())}
+        for name, value in found.items():
+            if counters[name] != value:
+                problems.append(f"counter {name.decode()} = {counters[name]}, pages hold {value}")
+        if any(m[0] > counters[b"tick"] for m in meta.values()):
+            problems.append("a page's tick is ahead of the tick counter")
+        expected_children = sorted((m[2], k) for k, m in meta.items() if m[2])
+        if sorted(children) != expected_children:
+            problems.append("children index does not match the pages' parent links")
+        parents = {p for p, _ in children}
+        expected_leaves = {_TICK.pack(m[0]) + k for k, m in meta.items() if k not in parents}
+        if leaves != expected_leaves:
+            problems.append(f"leaves index: {len(leaves - expected_leaves)} extra, "
+                            f"{len(expected_leaves - leaves)} missing")
+        return problems
+
+    # --- writes ------------------------------------------------------------------------
+
+    def commit(
+        self,
+        inserts: Sequence[Page] = (),
+        touches: Sequence[bytes] = (),
+        removes: Sequence[bytes] = (),
+        keep_victims: bool = False,
+        above: Sequence[Tier] = (),
+    ) -> tuple[list[bool], list[Page]]:
+        """One write transaction: remove ``removes``, touch ``touches`` (oldest access first),
+        insert ``inserts`` (in chain order; a key already here is touched instead), then evict
+        coldest leaves until the tier is within capacity. ``above``: the tiers above this one,
+        whose children indexes keep a chain's pages here from being evicted.
+
+        Returns (stored, victims): ``stored[i]`` is True iff inserts[i] is in the tier after
+        the commit (False: the filesystem has no room even after evicting as many bytes as
+        the batch needs); ``victims`` are the evicted pages, with their records if
+        ``keep_victims`` (to move them down), else with empty records.
+        """
+
+        def body(txn: lmdb.Transaction) -> tuple[list[bool], list[Page]]:
+            with contextlib.ExitStack() as stack:
+                w = _Writer(txn, self, [(stack.enter_context(t.env.read()), t._children)
+                                        for t in above])
+                for key in removes:
+                    w.remove(key, keep=False)
+                for key in touches:
+                    w.touch(key)
+                for page in reversed(inserts):  # reversed: a chain's head gets the newest tick
+                    w.insert(page)
+                victims = w.evict(self.capacity, keep_victims)
+                w.save()
+                return [True] * len(inserts), victims
+
+        try:
+            return self.env.write(body)
+        except NoRoom:
+            if not inserts:
+                raise
+        # The map cannot grow: free as many bytes as the batch needs (pages freed by one
+        # transaction are reusable only by the next), then try once more.
+        need = sum(len(page.record) for page in inserts)
+        _, freed = self.env.write(lambda txn: _evict_only(txn, self, need, keep_victims))
+        try:
+            stored, victims = self.env.write(body)
+        except NoRoom:
+            return [False] * len(inserts), freed
+        return stored, freed + victims
+
+
+def _get_u64(txn: lmdb.Transaction, name: bytes, db) -> int:
+    value = txn.get(name, db=db)
+    return 0 if value is None else _U64.unpack(value)[0]
+
+
+def _evict_only(txn: lmdb.Transaction, tier: Tier, free: int, keep: bool) -> tuple[list[bool], list[Page]]:
+    w = _Writer(txn, tier, [])
+    victims = w.evict(w.counters[b"bytes"] - free, keep)
+    w.save()
+    return [], victims
+
+
+class _Writer:
+    """The operations of one write transaction on one tier, keeping its counters."""
+
+    def __init__(self, txn: lmdb.Transaction, tier: Tier, above: list[tuple]) -> None:
+        self.txn = txn
+        self.t = tier
+        self.above = above  # [(read txn, children db)] of the tiers above
+        self.counters = {name: _get_u64(txn, name, tier._state) for name in COUNTERS}
+
+    def save(self) -> None:
+        for name, value in self.counters.items():
+            self.txn.put(name, _U64.pack(value), db=self.t._state)
+
+    def _tick(self) -> int:
+        self.counters[b"tick"] += 1
+        return self.counters[b"tick"]
+
+    def _meta(self, key: bytes) -> tuple[int, int, bytes] | None:
+        mv = self.txn.get(key, db=self.t._meta)
+        if mv is None:
+            return None
+        tick, raw_size = _META.unpack_from(mv)
+        return tick, raw_size, bytes(mv[_META.size:])
+
+    def _has_children(self, key: bytes) -> bool:
+        return self.txn.cursor(db=self.t._children).set_key(key)
+
+    def insert(self, page: Page) -> None:
+        txn, t = self.txn, self.t
+        if txn.get(page.key, db=t._pages) is not None:
+            self.touch(page.key)
+            return
+        tick = self._tick()
+        parent = page.parent if page.parent and page.parent != page.key else b""
+        txn.put(page.key, page.record, db=t._pages)
+        txn.put(page.key, _META.pack(tick, page.raw_size) + parent, db=t._meta)
+        if not self._has_children(page.key):
+            txn.put(_TICK.pack(tick) + page.key, b"", db=t._leaves)
+        if parent:
+            txn.put(parent, page.key, db=t._children)
+            parent_meta = self._meta(parent)
+            if parent_meta is not None:  # the parent is stored here: no longer a leaf
+                txn.delete(_TICK.pack(parent_meta[0]) + parent, db=t._leaves)
+        self.counters[b"pages"] += 1
+        self.counters[b"bytes"] += len(page.record)
+        self.counters[b"raw_bytes"] += page.raw_size
+
+    def touch(self, key: bytes) -> None:
+        meta = self._meta(key)
+        if meta is None:
+            return
+        old, raw_size, parent = meta
+        tick = self._tick()
+        self.txn.put(key, _META.pack(tick, raw_size) + parent, db=self.t._meta)
+        if self.txn.delete(_TICK.pack(old) + key, db=self.t._leaves):
+            self.txn.put(_TICK.pack(tick) + key, b"", db=self.t._leaves)
+
+    def remove(self, key: bytes, keep: bool) -> Page | None:
+        txn, t = self.txn, self.t
+        meta = self._meta(key)
+        if meta is None:
+            return None
+        tick, raw_size, parent = meta
+        stored = txn.get(key, db=t._pages)
+        size = len(stored)
+        record = bytes(stored) if keep else b""  # copy before the delete invalidates the view
+        txn.delete(key, db=t._pages)
+        txn.delete(key, db=t._meta)
+        txn.delete(_TICK.pack(tick) + key, db=t._leaves)
+        if parent:
+            txn.delete(parent, key, db=t._children)
+            parent_meta = self._meta(parent)
+            if parent_meta is not None and not self._has_children(parent):
+                txn.put(_TICK.pack(parent_meta[0]) + parent, b"", db=t._leaves)
+        self.counters[b"pages"] -= 1
+        self.counters[b"bytes"] -= size
+        self.counters[b"raw_bytes"] -= raw_size
+        return Page(key, record, raw_size, parent or None)
+
+    def evict(self, limit: int, keep: bool) -> list[Page]:
+        """Remove coldest leaves until the tier holds at most ``limit`` bytes."""
+        victims, in_use = [], set()
+        while self.counters[b"bytes"] > limit:
+            cursor = self.txn.cursor(db=self.t._leaves)
+            if cursor.first():
+                key = bytes(cursor.key()[_TICK.size:])
+                if key not in in_use and any(txn.cursor(db=db).set_key(key) for txn, db in self.above):
+                    in_use.add(key)  # its chain goes on in a tier above
+                    self.touch(key)
+                    continue
+            else:  # no leaf: only a cycle of parent links (bad input) is left
+                cursor = self.txn.cursor(db=self.t._meta)
+                if not cursor.first():
+                    break
+                key = bytes(cursor.key())
+            victims.append(self.remove(key, keep))
+        return victims
