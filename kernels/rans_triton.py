@@ -1,0 +1,435 @@
+"""Interleaved rANS64 in Triton: the GPU twin of kernels/rans_reference.py.
+
+It must produce the SAME BYTES as the torch reference (``rans_reference.encode``) and decode
+the same keys with the same verdict (``rans_reference.Decoder``), on every input; the tests
+(tests/test_rans_triton.py) compare the two bit for bit, under TRITON_INTERPRET=1 on CPU and
+natively on CUDA. The coder math is docs/DESIGN.md "The coder"; every constant is imported
+from entropy_model.py / rans_reference.py, none is repeated here.
+
+Interface (identical to the reference, so kernels/codec.py can dispatch by device):
+
+* ``cdf(keys, mu_q, e, r, dtype, w_wide, kappa)``: ``entropy_model.cdf`` fused into one
+  kernel (the encoder's cum = C(k) and freq = C(k+1) - C(k) come from two calls).
+* ``encode(cum, freq, num_lanes) -> (words, lane_words)``: P pages of N symbols, NL lanes
+  per page.
+* ``Decoder(words, lane_words, num_symbols, dtype, w_wide, kappa)`` with staged
+  ``decode(mu_q, e, r) -> keys`` and ``finish() -> ok [P]``. It inherits construction
+  (stream validation, initial states) and ``finish`` from the reference Decoder: only the
+  per-stage loop runs on the GPU.
+
+How the work is laid out:
+
+* One Triton program advances BLOCK_LANES lanes in lockstep; lane g of the batch is lane
+  g % NL of page g // NL, and its step j is symbol l + j * NL of that page (DESIGN.md
+  "Lanes"). Lanes of a page that run out of symbols (N not a multiple of NL) are masked.
+* Encode walks steps in REVERSE and writes each lane's emitted words backwards into its
+  own scratch region of N_steps + 2 words (one word per step at most: after one emission
+  x < 2^31 <= freq << 35), then flushes the state (low, high) in front of them. A second
+  kernel copies each lane's variable-length stream into the contiguous output at its
+  exclusive-scan offset. Words are int64 holding [0, 2^32), like the reference.
+* Decode keeps each lane's state x and read pointer in device arrays between stages. Per
+  symbol it finds the key by binary search over [0, 2^B) (B = 8 or 16 rounds, every lane in
+  lockstep): candidate c = key | 2^b is taken iff C(c) <= slot. The C of the last rejected
+  candidate is C(key + 1) (it is key + 1: the lowest zero bit of key set, the ones below
+  cleared), so freq comes without another evaluation. A read past the lane's words reads
+  ``words[min(ptr, W - 1)]`` exactly as the reference does; ``finish`` then rejects it.
+
+Expected speed (ARGUED, NOT MEASURED: no GPU was available when this was written; the
+``__main__`` self-check prints the real figure on a CUDA machine):
+
+* Decode is integer-compute bound. One C(k) is two X(k) (~12 int64 ops each), the
+  boundary/t arithmetic (~6, one 64-bit multiply), two PHI lookups (~6 ops and two gathers
+  each, from a 8 KiB table that stays in L1) and the mixture (~6): ~50 int64 ops, ~150
+  32-bit instructions (a 64-bit multiply is ~4). B rounds of search: ~2400 instructions per
+  bf16 symbol, ~1200 per fp8 symbol. An H100 issues ~132 SMs x 64 INT32 lanes x 1.7 GHz
+  ~ 1.4e13 integer instructions/s, so ~6e9 bf16 symbols/s (~12 GB/s of KV) and ~1.2e10 fp8
+  symbols/s (~12 GB/s) at best, against ~36 B of memory traffic per symbol (mu_q, e, r
+  int64, the key, a word) that HBM (~3 TB/s) would carry 10x faster. Reaching it needs
+  enough lanes in flight: ~100k+ (e.g. 128 pages x 1024 lanes) per launch.
+* Encode: ``cdf`` twice (~2 x 150 instructions and ~40 B of traffic per symbol each) and
+  the rANS loop (16 B read, one 64-bit division ~ 70 instructions): memory bound at
+  roughly 3 TB/s / ~100 B ~ 3e10 symbols/s, several times faster than decode.
+
+Run ``python -m sglang_speckv.kernels.rans_triton`` on a CUDA machine (or with
+TRITON_INTERPRET=1 on CPU, slowly) for the self-check.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import rans_reference as ref
+
+# The reference's constants, wrapped so that @triton.jit code may read them as globals.
+_PROB_BITS = tl.constexpr(em.PROB_BITS)
+_M = tl.constexpr(em.M)
+_F = tl.constexpr(em.F)
+_X_SHIFT_MAX = tl.constexpr(em.X_SHIFT_MAX)
+_X_MAX = tl.constexpr(em.X_MAX)
+_DIFF_MAX = tl.constexpr(em.DIFF_MAX)
+_T_MAX = tl.constexpr(em.T_MAX)
+_T_SHIFT = tl.constexpr(em.T_SHIFT)
+_INTERP_BITS = tl.constexpr(em.INTERP_BITS)
+_INTERP_MASK = tl.constexpr((1 << em.INTERP_BITS) - 1)
+_W_TOTAL = tl.constexpr(em.W_TOTAL)
+_RANS_L = tl.constexpr(ref.RANS_L)
+_WORD_BITS = tl.constexpr(ref.WORD_BITS)
+_WORD_MASK = tl.constexpr(ref.WORD_MASK)
+_ENC_SHIFT = tl.constexpr(ref.ENC_SHIFT)
+
+# Lanes per program. 128 = 4 warps of one lane per thread; the decode loop carries ~10 int64
+# values per lane, well within the register budget at that width.
+BLOCK_LANES = 128
+# Elements per program of the elementwise cdf kernel and words per iteration of the copy.
+BLOCK_ELEMS = 1024
+
+
+# ---- The entropy model, as @triton.jit helpers (mirror entropy_model.py line by line) ----
+
+
+@triton.jit
+def _value_units(k, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
+    """X(k) = entropy_model.value_units: key k in [0, 2^B) -> its value in units of
+    delta = 2^(e - F), truncated toward zero, saturated to +-X_MAX. int64 in, int64 out."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    TOP: tl.constexpr = 1 << (BITS - 1)
+    ONES: tl.constexpr = (1 << BITS) - 1
+    bits = tl.where((k & TOP) != 0, k ^ TOP, k ^ ONES)  # entropy_model.bits_from_keys
+    negative = (bits >> (BITS - 1)) != 0
+    biased = (bits >> MAN_BITS) & ((1 << EXP_BITS) - 1)
+    mant = bits & ((1 << MAN_BITS) - 1)
+    if FN_NAN:  # e4m3fn: only S.1111.111 is special (NaN)
+        special = (biased == (1 << EXP_BITS) - 1) & (mant == (1 << MAN_BITS) - 1)
+    else:  # IEEE-like: all-ones exponent is inf/NaN
+        special = biased == (1 << EXP_BITS) - 1
+    sig = mant + ((biased != 0).to(tl.int64) << MAN_BITS)  # < 2^11
+    shift = tl.maximum(biased, 1) - BIAS - MAN_BITS - e + _F  # |value| / delta = sig * 2^shift
+    # shift amounts are clamped into [0, 63] (as the reference does), so no shift is undefined
+    mag = (sig << tl.minimum(tl.maximum(shift, 0), _X_SHIFT_MAX)) >> tl.minimum(tl.maximum(-shift, 0), 63)
+    mag = tl.where(special, _X_MAX, tl.minimum(mag, _X_MAX))
+    return tl.where(negative, -mag, mag)
+
+
+@triton.jit
+def _phi(t, phi_ptr):
+    """entropy_model.phi: 2^24 * Phi(t / 2^T_BITS), linear between the table's knots. The
+    table has a padding entry, so PHI[i + 1] is in bounds at t = +T_MAX."""
+    u = tl.minimum(tl.maximum(t, -_T_MAX), _T_MAX) + _T_MAX  # [0, 2 T_MAX]
+    i = u >> _INTERP_BITS
+    f = u & _INTERP_MASK
+    lo = tl.load(phi_ptr + i)
+    hi = tl.load(phi_ptr + i + 1)
+    return lo + (((hi - lo) * f) >> _INTERP_BITS)
+
+
+@triton.jit
+def _cdf(k, mu_q, e, inv, phi_ptr, w_wide, kappa,
+         BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
+    """C(k) = entropy_model.cdf for keys k in [0, 2^B], with inv = 2^32 // r precomputed
+    (the decoder evaluates C B times per symbol with the same r). All int64. Arithmetic
+    shifts of negative t floor, exactly as torch's >> does."""
+    NUM_KEYS: tl.constexpr = 1 << BITS
+    kc = tl.minimum(tl.maximum(k, 1), NUM_KEYS - 1)  # the ends are fixed below
+    boundary = (_value_units(kc - 1, e, BITS, MAN_BITS, BIAS, FN_NAN)
+                + _value_units(kc, e, BITS, MAN_BITS, BIAS, FN_NAN))  # units of delta / 2
+    diff = tl.minimum(tl.maximum(boundary - 2 * mu_q, -_DIFF_MAX), _DIFF_MAX)
+    t = (diff * inv) >> _T_SHIFT  # (boundary - mu) / sigma in units of sigma / 2^T_BITS
+    g = (_W_TOTAL - w_wide) * _phi(t, phi_ptr) + w_wide * _phi(t >> kappa, phi_ptr)  # [0, 2^32]
+    g = tl.where(k <= 0, 0, g)
+    g = tl.where(k >= NUM_KEYS, 1 << 32, g)
+    return k + ((g * (_M - NUM_KEYS)) >> 32)
+
+
+@triton.jit
+def _cdf_kernel(keys_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, out_ptr,
+                num_elems, w_wide, kappa,
+                BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """out[i] = C(keys[i]) under (mu_q[i], e[i], r[i]); all int64 [num_elems]."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_elems
+    k = tl.load(keys_ptr + offs, mask=mask, other=0)
+    mu_q = tl.load(mu_q_ptr + offs, mask=mask, other=0)
+    e = tl.load(e_ptr + offs, mask=mask, other=0)
+    r = tl.load(r_ptr + offs, mask=mask, other=1)
+    c = _cdf(k, mu_q, e, (1 << 32) // r, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+    tl.store(out_ptr + offs, c, mask=mask)
+
+
+# ---- Encoder ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
+                   num_lanes, lanes_per_page, num_symbols, num_steps,
+                   BLOCK_LANES: tl.constexpr):
+    """rANS-encode BLOCK_LANES lanes. cum, freq: int64 [P, N]; lane g's stream is written
+    backwards into scratch[g * (S + 2), (g + 1) * (S + 2)) with S = num_steps = cdiv(N, NL),
+    ending at the region's end; begin[g] receives its first word's index."""
+    offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
+    lane_mask = offs_lane < num_lanes
+    page = offs_lane // lanes_per_page
+    lane = offs_lane % lanes_per_page
+    offs_page = page * num_symbols  # first symbol of the lane's page
+    ptr = (offs_lane + 1) * (num_steps + 2)  # one past the region's end; writes go backwards
+    x = tl.full([BLOCK_LANES], _RANS_L, tl.int64)
+    for s in range(0, num_steps):
+        step = num_steps - 1 - s  # in reverse: rANS is a stack
+        offs_sym = lane + step * lanes_per_page
+        active = lane_mask & (offs_sym < num_symbols)
+        cum = tl.load(cum_ptr + offs_page + offs_sym, mask=active, other=0)
+        freq = tl.load(freq_ptr + offs_page + offs_sym, mask=active, other=_M)
+        # (cum, freq) = (0, M) on idle lanes is the identity step (rans_reference docstring)
+        emit = x >= (freq << _ENC_SHIFT)
+        ptr = tl.where(emit, ptr - 1, ptr)
+        tl.store(scratch_ptr + ptr, x & _WORD_MASK, mask=emit & lane_mask)
+        x = tl.where(emit, x >> _WORD_BITS, x)
+        q = x // freq  # x >= 0 and freq >= 1: truncation == floor
+        x = (q << _PROB_BITS) + (x - q * freq) + cum
+    ptr = ptr - 2  # flush: low word, then high word
+    tl.store(scratch_ptr + ptr, x & _WORD_MASK, mask=lane_mask)
+    tl.store(scratch_ptr + ptr + 1, x >> _WORD_BITS, mask=lane_mask)
+    tl.store(begin_ptr + offs_lane, ptr, mask=lane_mask)
+
+
+@triton.jit
+def _compact_kernel(scratch_ptr, begin_ptr, count_ptr, dest_ptr, words_ptr, BLOCK: tl.constexpr):
+    """One program per lane: words[dest[g] : dest[g] + count[g]] = scratch[begin[g] : ...]."""
+    g = tl.program_id(0)
+    begin = tl.load(begin_ptr + g)
+    count = tl.load(count_ptr + g)
+    dest = tl.load(dest_ptr + g)
+    for start in range(0, count, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < count
+        tl.store(words_ptr + dest + offs, tl.load(scratch_ptr + begin + offs, mask=mask), mask=mask)
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in tensors]}")
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(
+            f"the Triton coder needs CUDA tensors, got {device}; use kernels/rans_reference.py "
+            "on CPU (or set TRITON_INTERPRET=1 before importing this module to emulate it)"
+        )
+
+
+def cdf(
+    keys: torch.Tensor,
+    mu_q: torch.Tensor,
+    e: torch.Tensor,
+    r: torch.Tensor,
+    dtype: str,
+    w_wide: int = em.W_WIDE,
+    kappa: int = em.KAPPA,
+) -> torch.Tensor:
+    """entropy_model.cdf in one kernel: C(k) for int64 keys in [0, 2^B], broadcast against
+    the quantised int64 parameters (mu_q, e, r from quantize_params). Same result, bit for
+    bit; int64 output of the broadcast shape."""
+    if not (0 <= w_wide < em.W_TOTAL and 0 <= kappa <= em.KAPPA_MAX):
+        raise ValueError(f"w_wide must be in [0, 255] and kappa in [0, 7]; got {w_wide}, {kappa}")
+    em.symbol_bits(dtype)  # a clear error for an unknown dtype name
+    bits, man_bits, bias, fn_nan = em.DTYPE_SPECS[dtype]
+    if any(t.dtype != torch.int64 for t in (keys, mu_q, e, r)):
+        raise ValueError("keys, mu_q, e and r must be int64")
+    _check_device(keys, mu_q, e, r)
+    keys, mu_q, e, r = (t.contiguous() for t in torch.broadcast_tensors(keys, mu_q, e, r))
+    out = torch.empty_like(keys)
+    n = keys.numel()
+    if n:
+        _cdf_kernel[(triton.cdiv(n, BLOCK_ELEMS),)](
+            keys, mu_q, e, r, em.phi_table(keys.device), out, n, w_wide, kappa,
+            BITS=bits, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK=BLOCK_ELEMS,
+        )
+    return out
+
+
+def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rans_reference.encode on the GPU, same bytes: P pages of N symbols, ``num_lanes``
+    lanes per page.
+
+    cum, freq: int64 [N] or [P, N], 0 <= cum, 1 <= freq, cum + freq <= M (not checked: a
+    zero freq is undefined behaviour on the GPU). Returns (words int64 [W] in [0, 2^32),
+    lane by lane, page by page; lane_words int64 [P, NL]). One host sync (the total size).
+    """
+    cum, freq = ref._as_batch(cum), ref._as_batch(freq)
+    if cum.shape != freq.shape or cum.dtype != torch.int64 or freq.dtype != torch.int64:
+        raise ValueError("cum and freq must be int64 tensors of the same shape")
+    if num_lanes < 1:
+        raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
+    _check_device(cum, freq)
+    cum, freq = cum.contiguous(), freq.contiguous()
+    num_pages, num_symbols = cum.shape
+    num_steps = triton.cdiv(num_symbols, num_lanes)
+    lanes = num_pages * num_lanes
+    # [lanes, num_steps + 2]: room for one word per step plus the 2-word flush
+    scratch = torch.empty(lanes * (num_steps + 2), dtype=torch.int64, device=cum.device)
+    begin = torch.empty(lanes, dtype=torch.int64, device=cum.device)
+    _encode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
+        cum, freq, scratch, begin, lanes, num_lanes, num_symbols, num_steps, BLOCK_LANES=BLOCK_LANES,
+    )
+    end = torch.arange(1, lanes + 1, dtype=torch.int64, device=cum.device) * (num_steps + 2)
+    counts = end - begin  # [lanes]
+    dest = torch.cumsum(counts, 0) - counts  # exclusive scan: where each lane's stream goes
+    words = torch.empty(int(counts.sum()), dtype=torch.int64, device=cum.device)
+    _compact_kernel[(lanes,)](scratch, begin, counts, dest, words, BLOCK=BLOCK_ELEMS)
+    return words, counts.view(num_pages, num_lanes)
+
+
+# ---- Decoder ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, keys_ptr, x_ptr, wptr_ptr,
+                   num_lanes, lanes_per_page, num_words, first, count, w_wide, kappa,
+                   BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
+                   BLOCK_LANES: tl.constexpr):
+    """Decode symbols [first, first + count) of every page for BLOCK_LANES lanes.
+    mu_q, e, r, keys: int64 [P, count]; x, wptr: int64 [num_lanes] (state, next word index),
+    read and written back; words: int64 [num_words]."""
+    offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
+    lane_mask = offs_lane < num_lanes
+    page = offs_lane // lanes_per_page
+    lane = offs_lane % lanes_per_page
+    offs_page = page * count  # the page's first parameter / key of this stage
+    x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
+    wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0)
+    for step in range(first // lanes_per_page, tl.cdiv(first + count, lanes_per_page)):
+        offs_sym = lane + step * lanes_per_page - first  # symbol index within the stage
+        active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
+        mu_q = tl.load(mu_q_ptr + offs_page + offs_sym, mask=active, other=0)
+        e = tl.load(e_ptr + offs_page + offs_sym, mask=active, other=0)
+        r = tl.load(r_ptr + offs_page + offs_sym, mask=active, other=1)
+        inv = (1 << 32) // r
+        slot = x & (_M - 1)
+        # binary search for the key with C(key) <= slot < C(key + 1), B rounds
+        key = tl.zeros([BLOCK_LANES], tl.int64)
+        c_lo = tl.zeros([BLOCK_LANES], tl.int64)  # C(key)
+        c_hi = tl.full([BLOCK_LANES], _M, tl.int64)  # C of the last rejected candidate = C(key + 1)
+        for b in tl.static_range(BITS - 1, -1, -1):
+            cand = key | (1 << b)
+            c = _cdf(cand, mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+            take = c <= slot
+            key = tl.where(take, cand, key)
+            c_lo = tl.where(take, c, c_lo)
+            c_hi = tl.where(take, c_hi, c)
+        tl.store(keys_ptr + offs_page + offs_sym, key, mask=active)
+        x_new = (c_hi - c_lo) * (x >> _PROB_BITS) + slot - c_lo
+        need = x_new < _RANS_L
+        w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0)
+        x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
+        wptr = tl.where(active & need, wptr + 1, wptr)
+    tl.store(x_ptr + offs_lane, x, mask=lane_mask)
+    tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
+
+
+class Decoder(ref.Decoder):
+    """rans_reference.Decoder with its per-stage loop on the GPU (same keys, same verdict).
+
+    Construction (stream validation, initial states x and word pointers ptr, both int64
+    [P * NL] on the words' device) and ``finish()`` are the reference's own code.
+    """
+
+    def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page,
+        given their quantised parameters (int64, from quantize_params)."""
+        squeeze = mu_q.dim() == 1
+        mu_q, e, r = ref._as_batch(mu_q), ref._as_batch(e), ref._as_batch(r)
+        if not (mu_q.shape == e.shape == r.shape) or any(t.dtype != torch.int64 for t in (mu_q, e, r)):
+            raise ValueError("mu_q, e and r must be int64 tensors of the same shape")
+        n = mu_q.shape[1]
+        if mu_q.shape[0] != self.num_pages or self.position + n > self.num_symbols:
+            raise ValueError(
+                f"decode of {tuple(mu_q.shape)} symbols at position {self.position} does not fit "
+                f"{self.num_pages} pages of {self.num_symbols} symbols"
+            )
+        _check_device(self.words, mu_q, e, r)
+        mu_q, e, r = mu_q.contiguous(), e.contiguous(), r.contiguous()
+        em.symbol_bits(self.dtype)  # a clear error for an unknown dtype name
+        bits, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
+        keys = torch.empty_like(mu_q)
+        lanes = self.num_pages * self.num_lanes
+        if n:
+            self.words = self.words.contiguous()
+            self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
+            _decode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
+                self.words, mu_q, e, r, em.phi_table(mu_q.device), keys, self.x, self.ptr,
+                lanes, self.num_lanes, self.words.numel(), self.position, n, self.w_wide, self.kappa,
+                BITS=bits, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK_LANES=BLOCK_LANES,
+            )
+        self.position += n
+        return keys[0] if squeeze else keys
+
+
+# ---- Self-check (python -m sglang_speckv.kernels.rans_triton) ----------------------------
+
+
+def _self_check() -> None:
+    """Random pages: Triton bytes == reference bytes, staged decode == keys, timings."""
+    import time
+
+    if torch.cuda.is_available():
+        device, n, num_pages, num_lanes = "cuda", 1 << 20, 8, 1024
+    elif triton.knobs.runtime.interpret:
+        device, n, num_pages, num_lanes = "cpu", 2048, 2, 64  # the interpreter is slow
+    else:
+        raise SystemExit("no CUDA GPU: run with TRITON_INTERPRET=1 to check the kernels on CPU")
+    torch.manual_seed(0)
+    em.phi_table(device)  # built once, outside the timings
+    for dtype in ("bf16", "fp8_e4m3"):
+        scale = 1.0 if dtype == "bf16" else 16.0
+        mu = torch.randn(num_pages, n, device=device) * scale
+        sigma = (torch.rand(num_pages, n, device=device) + 0.1) * scale
+        values = (mu + sigma * torch.randn(num_pages, n, device=device)).to(em.TORCH_DTYPES[dtype])
+        keys = em.keys_from_bits(em.storage_bits(values), dtype)
+        mu_q, e, r = em.quantize_params(mu, sigma)
+        raw_mb = values.numel() * values.element_size() / 1e6
+
+        def timed(fn):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out, time.perf_counter() - t0
+
+        def encode_ref():
+            cum = em.cdf(keys, mu_q, e, r, dtype)
+            return ref.encode(cum, em.cdf(keys + 1, mu_q, e, r, dtype) - cum, num_lanes)
+
+        def encode_triton():
+            cum = cdf(keys, mu_q, e, r, dtype)
+            return encode(cum, cdf(keys + 1, mu_q, e, r, dtype) - cum, num_lanes)
+
+        def decode(decoder_cls, words, lane_words):
+            dec = decoder_cls(words, lane_words, n, dtype)
+            cut = n // 3  # two stages, cut mid-step
+            got = torch.cat([dec.decode(mu_q[:, :cut], e[:, :cut], r[:, :cut]),
+                             dec.decode(mu_q[:, cut:], e[:, cut:], r[:, cut:])], dim=1)
+            return got, dec.finish()
+
+        (words_ref, lanes_ref), t_enc_ref = timed(encode_ref)
+        (words, lane_words), t_enc = timed(encode_triton)
+        (got, ok), t_dec = timed(lambda: decode(Decoder, words, lane_words))
+        (got_ref, ok_ref), t_dec_ref = timed(lambda: decode(ref.Decoder, words, lane_words))
+        same = torch.equal(words, words_ref) and torch.equal(lane_words, lanes_ref)
+        round_trip = torch.equal(got, keys) and torch.equal(got_ref, keys) and bool(ok.all()) and bool(ok_ref.all())
+        print(
+            f"{dtype} on {device}: {num_pages} pages x {n} symbols, {num_lanes} lanes: "
+            f"{words.numel() * 32 / keys.numel():.4f} bits/symbol; bytes == reference: {same}; "
+            f"round trip: {'OK' if round_trip else 'FAILED'}\n"
+            f"  encode {raw_mb / t_enc:.4g} MB/s (torch reference {raw_mb / t_enc_ref:.4g} MB/s), "
+            f"decode {raw_mb / t_dec:.4g} MB/s (torch reference {raw_mb / t_dec_ref:.4g} MB/s)"
+        )
+        if not (same and round_trip):
+            raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    _self_check()
