@@ -1,0 +1,115 @@
+"""SGLang is pinned, and everything private we touch in it is still where we expect it.
+
+sglang_speckv patches and wraps private SGLang names (sglang_speckv/cpu_compat,
+sglang_speckv/sglang_plugin.py) and relies on a few facts about its storage interface. An
+SGLang upgrade that moves any of them must fail here, loudly, with the name, rather than
+as a strange failure inside a server.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sglang_speckv import cpu_compat, sglang_plugin
+from sglang_speckv.compat import SGLANG_VERSION
+
+
+def _resolve(module: str, dotted: str):
+    obj = importlib.import_module(module)
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_sglang_version_is_the_pinned_one():
+    installed = importlib.metadata.version("sglang")
+    assert installed == SGLANG_VERSION, (
+        f"sglang {installed} is installed but sglang-speckv is pinned to {SGLANG_VERSION} "
+        "(sglang_speckv/compat.py): re-check every name in this file against the new release, "
+        "then move the pin"
+    )
+
+
+def test_plugin_entry_point_is_declared():
+    eps = importlib.metadata.entry_points(group="sglang.srt.plugins")
+    ours = [ep for ep in eps if ep.name == "speckv"]
+    assert ours and ours[0].value == "sglang_speckv.sglang_plugin:load", [ep.value for ep in eps]
+
+
+@pytest.mark.parametrize(
+    "module,name",
+    sglang_plugin.PATCHED_NAMES,
+    ids=[f"{m}:{n}" for m, n in sglang_plugin.PATCHED_NAMES],
+)
+def test_plugin_targets_exist(module, name):
+    _resolve(module, name)
+
+
+@pytest.mark.parametrize(
+    "module,name",
+    [p for p in cpu_compat.PATCHED_NAMES if p != ("sglang.srt.mem_cache.pool_host.mha", "transfer_kv_direct")],
+    ids=lambda p: str(p),
+)
+def test_cpu_compat_targets_exist(module, name):
+    if module in ("sglang.srt.mem_cache.allocation", "sglang.kernels.ops.kvcache.cache_move"):
+        # These import sgl_kernel's CPU ops at module load: look at the source instead.
+        spec = importlib.util.find_spec(module)
+        source = open(spec.origin).read()
+        assert f"from sgl_kernel import {name}" in source, f"{module} no longer imports {name}"
+        return
+    _resolve(module, name)
+
+
+def test_cpu_direct_transfer_is_the_op_we_replace():
+    """transfer_kv_direct is bound in pool_host/mha.py from CUDA sgl_kernel only; our
+    version must keep its keyword arguments."""
+    from sglang_speckv.cpu_compat import ops
+
+    source = inspect.getsource(importlib.import_module("sglang.srt.mem_cache.pool_host.mha"))
+    assert "transfer_kv_direct(" in source
+    for kw in ("src_layers", "dst_layers", "src_indices", "dst_indices", "page_size"):
+        assert f"{kw}=" in source, kw
+        assert kw in inspect.signature(ops.transfer_kv_direct).parameters
+
+
+def test_storage_interface_facts():
+    from sglang.srt.managers.cache_controller import HiCacheController
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageExtraInfo
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    abstract = set(HiCacheStorage.__abstractmethods__)
+    assert abstract == {"get", "set", "exists", "batch_get", "batch_set"}, abstract
+    for name in ("batch_exists", "batch_get_v1", "batch_set_v1", "register_mem_pool_host", "clear", "get_stats"):
+        assert hasattr(HiCacheStorage, name), name
+    assert "prefix_keys" in inspect.signature(HiCacheStorageExtraInfo).parameters
+    # The dynamic route constructs backends as cls(storage_config, kwargs).
+    assert "backend_class(storage_config, kwargs)" in inspect.getsource(StorageBackendFactory._create_dynamic_backend)
+    # Our attach wrapper switches to these two functions for 'speckv'.
+    source = inspect.getsource(HiCacheController.attach_storage_backend)
+    assert "self.page_get_func = self._page_get_zero_copy" in source
+    assert 'extra_config.get("interface_v1", 0)' in source
+
+
+def test_plugin_loads_and_registers_in_a_fresh_process():
+    """Run load() the way SGLang does (its own process) and parse a server command line
+    that names the speckv backend."""
+    code = (
+        "from sglang.srt.plugins import load_plugins; load_plugins()\n"
+        "from sglang.srt.server_args import prepare_server_args\n"
+        "from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory as F\n"
+        "a = prepare_server_args(['--model-path', 'x', '--hicache-storage-backend', 'speckv'])\n"
+        "assert a.hicache_storage_backend == 'speckv', a.hicache_storage_backend\n"
+        "assert F._registry['speckv']['class_name'] == 'SpecKVStorage'\n"
+        "import sgl_kernel; print('shim', getattr(sgl_kernel, 'IS_SPECKV_CPU_STANDIN', False))\n"
+    )
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "shim True" in out.stdout
