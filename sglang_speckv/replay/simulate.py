@@ -2,30 +2,36 @@
 
 The question it answers: with these tier sizes, what share of prompt pages would the store
 serve, and from which tier; and how much more would it serve if pages were coded (smaller)
-rather than raw. No server, no model: a trace, tier capacities, the raw size of a page and
-a coded-size ratio per tier (measured by a replay or a benchmark, or given).
+rather than raw. No server, no model: a trace, tier capacities, the raw size of a page and a
+coded-size ratio per tier (measured by a replay or a benchmark, or given).
 
-The tier model (``TierModel``) follows the store's rules (storage/, docs/DESIGN.md):
-- tiers in order (ram, then ssd); a page lives in exactly one tier;
-- a request looks its pages up from the first; the hit is the run of consecutive present
-  pages from the start (SGLang's batch_exists: it stops at the first miss);
-- every page of a request is then touched, tail first, so within a request the head of the
-  chain is the most recent and the tail the first evicted ("chain tails before heads");
-  pages not present are written to the first tier; with ``promote``, a page found in a
-  lower tier moves to the first; otherwise it becomes the most recent of its tier;
-- a tier over capacity demotes its least recently used pages to the next tier (as the most
-  recent there); the last tier drops them.
-Pages are equal in size within a tier: raw page bytes / that tier's ratio, rounded up. A
-tier too small for one page is skipped.
-
-Optionally an SGLang host cache (``host_bytes``, raw pages, LRU) sits in front, as HiCache's
-L2 does: pages it holds are served from it and never reach the store (write-through still
-stores every new page in the store).
+``TierModel`` follows the store (storage/store.py, storage/tier.py) rule for rule:
+- tiers in order; a page lives in one tier; its bytes there are the coded value (raw /
+  the tier's ratio, rounded up) plus the record header, and capacities count those bytes;
+- recency is a tick: inserting or touching a page gives it a new one; a batch of inserts
+  is ticked tail first, so the head of a chain is the newest;
+- eviction takes *leaves* only (pages no page of the same tier names as parent), oldest
+  tick first; a parent whose last child left becomes a leaf at its own old tick. A leaf
+  whose chain goes on in a tier above (a child there) is touched and passed over once.
+  Victims move to the next tier (newest there, order kept); the last tier drops them;
+- reads touch the pages they hit; with ``promote`` a page hit below the first tier is
+  removed there and written to the first; writes of a page already stored (in any tier)
+  only touch it, as does the write of a batch for the page its chain continues from.
+and SGLang drives it as HiCache does, per request, with the request's full pages:
+- an optional host cache (``host_bytes``, raw pages, LRU) in front, like HiCache's L2:
+  the pages it holds from the start of the chain never reach the store;
+- lookup: the run of consecutive stored pages from there (batch_exists); a run shorter
+  than ``prefetch_threshold`` tokens is not fetched (SGLang's default 256);
+- fetch the run (hits), then write the rest of the chain (write-through backup).
+Accesses take their tick at once; the store records them in memory and ticks them at that
+tier's next commit (or within recency_flush_seconds), before the commit's inserts: the
+same order within a tier, as tests/test_simulate.py checks against the real store.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import sys
@@ -49,7 +55,8 @@ DEFAULT_TOKEN_BYTES = 32 * 8 * 128 * 2 * 2
 def format_size(n: float) -> str:
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
+            v = n / scale
+            return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
     return f"{n:.0f} B"
 
 
@@ -74,71 +81,128 @@ class TierStats:
 
 
 class TierModel:
-    """The store's tiers: capacities, LRU, demotion, optional promotion (module docstring)."""
+    """The store's tiers: capacities, leaf-LRU eviction, demotion, promotion (module
+    docstring). ``parent`` maps a page to the page before it in its chain."""
 
-    def __init__(self, tiers: list[Tier], promote: bool = False):
-        self.tiers = tiers
+    def __init__(self, tiers: list[Tier], promote: bool, parent: dict[int, int]):
+        self.tiers = [t for t in tiers if t.slots > 0]  # a tier that cannot hold a page is skipped
+        self.index = [tiers.index(t) for t in self.tiers]  # position in the caller's list
         self.promote = promote
-        self.live = [i for i, t in enumerate(tiers) if t.slots > 0]  # tiers that hold a page
-        self.lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in tiers]  # first = coldest
-        self.where: dict[int, int] = {}  # page -> tier index
+        self.parent = parent
+        n = len(self.tiers)
+        self.tick: list[dict[int, int]] = [{} for _ in range(n)]  # page -> tick, pages in tier
+        self.kids: list[dict[int, int]] = [{} for _ in range(n)]  # page -> children in tier
+        self.leaves: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # heaps of (tick, page), lazy
+        self.where: dict[int, int] = {}  # page -> tier
+        self.clock = 0
         self.stats = [TierStats() for _ in tiers]
-        self.reputs = 0  # pages after the first miss that were present anyway
 
-    def lookup(self, pages: list[int]) -> list[int]:
-        """Tier of each page of the hit run (consecutive present pages from the start)."""
-        run = []
+    def _stat(self, t: int) -> TierStats:
+        return self.stats[self.index[t]]
+
+    def exists_prefix(self, pages: list[int]) -> int:
+        n = 0
+        while n < len(pages) and pages[n] in self.where:
+            n += 1
+        return n
+
+    def get(self, pages: list[int]) -> list[int]:
+        """Read pages known to be stored; returns the caller's tier index of each."""
+        served = []
+        promoted: dict[int, list[int]] = {}  # tier -> pages read there, to move to the first
         for p in pages:
-            t = self.where.get(p)
-            if t is None:
-                break
-            run.append(t)
-        return run
-
-    def access(self, pages: list[int], served: int = 0) -> list[int]:
-        """One request over its page chain. ``served``: leading pages a front cache already
-        served (not looked up or touched here). Returns the tiers of the pages this store
-        served, in order."""
-        pages = pages[served:]
-        run = self.lookup(pages)
-        for t in run:
-            self.stats[t].hits += 1
-            self.stats[t].bytes_read += self.tiers[t].page_bytes
-        if not self.live:
-            return run
-        first = self.live[0]
-        for i in range(len(pages) - 1, -1, -1):  # tail first: the head ends up most recent
-            p = pages[i]
-            t = self.where.get(p)
-            if t is None:
-                self._put(p, first)
-                continue
-            self.reputs += i >= len(run)
-            if self.promote and t != first:
-                del self.lru[t][p]
-                self._put(p, first)
+            t = self.where[p]
+            served.append(self.index[t])
+            st = self._stat(t)
+            st.hits += 1
+            st.bytes_read += self.tiers[t].page_bytes
+            if t > 0 and self.promote:
+                promoted.setdefault(t, []).append(p)
             else:
-                self.lru[t].move_to_end(p)
-        self._evict()
-        return run
+                self._touch(p, t)
+        for t, moved in sorted(promoted.items()):
+            for p in moved:  # removed below first, then written to the first tier, as the store does
+                self._remove(p, t)
+            self._insert(moved, 0)
+        return served
 
-    def _put(self, page: int, t: int) -> None:
-        self.lru[t][page] = None
-        self.where[page] = t
-        self.stats[t].pages_in += 1
-        self.stats[t].bytes_written += self.tiers[t].page_bytes
+    def put(self, pages: list[int]) -> None:
+        """Write a run of consecutive pages of one chain: new ones into the first tier."""
+        if not pages:
+            return
+        before = self.parent.get(pages[0])
+        for p in pages + ([before] if before is not None else []):
+            t = self.where.get(p)
+            if t is not None:
+                self._touch(p, t)
+        new = [p for p in pages if p not in self.where]
+        if new:
+            self._insert(new, 0)
 
-    def _evict(self) -> None:
-        for k, t in enumerate(self.live):
-            lru = self.lru[t]
-            nxt = self.live[k + 1] if k + 1 < len(self.live) else None
-            while len(lru) > self.tiers[t].slots:
-                victim, _ = lru.popitem(last=False)
-                self.stats[t].pages_out += 1
-                if nxt is None:
-                    del self.where[victim]
-                else:
-                    self._put(victim, nxt)
+    # --- one tier ---------------------------------------------------------------------
+
+    def _new_tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def _touch(self, p: int, t: int) -> None:
+        tick = self._new_tick()
+        self.tick[t][p] = tick
+        if not self.kids[t].get(p):
+            heapq.heappush(self.leaves[t], (tick, p))
+
+    def _insert(self, pages: list[int], t: int) -> None:
+        """Insert in chain order (ticked tail first), then evict down to capacity."""
+        for p in reversed(pages):
+            tick = self._new_tick()
+            self.tick[t][p] = tick
+            self.where[p] = t
+            if not self.kids[t].get(p):
+                heapq.heappush(self.leaves[t], (tick, p))
+            q = self.parent.get(p)
+            if q is not None:
+                self.kids[t][q] = self.kids[t].get(q, 0) + 1  # q, if here, is no leaf now
+            st = self._stat(t)
+            st.pages_in += 1
+            st.bytes_written += self.tiers[t].page_bytes
+        victims = []
+        in_use: set[int] = set()
+        while len(self.tick[t]) > self.tiers[t].slots:
+            victims.append(self._pop_leaf(t, in_use))
+        if victims:
+            self._stat(t).pages_out += len(victims)
+            if t + 1 < len(self.tiers):
+                self._insert(victims[::-1], t + 1)  # reversed: the coldest gets the oldest tick
+
+    def _pop_leaf(self, t: int, in_use: set[int]) -> int:
+        """Remove and return the coldest leaf of tier t. A leaf whose chain goes on in a tier
+        above is in use: it is touched and passed over once (``in_use``), then taken if
+        nothing colder remains."""
+        heap, ticks, kids = self.leaves[t], self.tick[t], self.kids[t]
+        while heap:
+            tick, p = heapq.heappop(heap)
+            if ticks.get(p) != tick or kids.get(p):  # a stale entry
+                continue
+            if p not in in_use and any(self.kids[u].get(p) for u in range(t)):
+                in_use.add(p)
+                self._touch(p, t)
+                continue
+            self._remove(p, t)
+            return p
+        raise AssertionError("a tier over capacity has no leaf: the chains have a cycle")
+
+    def _remove(self, p: int, t: int) -> None:
+        del self.tick[t][p]
+        del self.where[p]
+        q = self.parent.get(p)
+        if q is not None:
+            left = self.kids[t][q] - 1
+            if left:
+                self.kids[t][q] = left
+            else:
+                del self.kids[t][q]
+                if q in self.tick[t]:  # the parent is a leaf again, at its old tick
+                    heapq.heappush(self.leaves[t], (self.tick[t][q], q))
 
 
 class HostCache:
@@ -165,14 +229,20 @@ class HostCache:
         return n
 
 
+# SGLang fetches a stored prefix only if it covers at least this many tokens (HiCache's
+# prefetch_threshold default; shorter runs are recomputed).
+PREFETCH_THRESHOLD = 256
+
+
 @dataclass
 class SimResult:
     tiers: list[Tier]
     stats: list[TierStats]
     pages: int  # full pages requested
     host_hits: int
-    reputs: int
+    short_runs: int  # stored pages not fetched: their run was under the prefetch threshold
     seconds: float
+    model: TierModel = field(repr=False)  # the tiers at the end (what each holds)
     per_request: list[list[int]] = field(default_factory=list)  # [host, tier0, tier1, ...] hits
 
     @property
@@ -187,7 +257,7 @@ class SimResult:
             "host_hit_rate": self.host_hits / pages,
             "store_hit_rate": self.store_hits / pages,
             "hit_rate": (self.host_hits + self.store_hits) / pages,
-            "reputs": self.reputs,
+            "short_runs": self.short_runs,
             "seconds": self.seconds,
             "tiers": [
                 {
@@ -216,22 +286,34 @@ def request_pages(requests: list[Request], page_tokens: int) -> list[list[int]]:
 def simulate(
     chains: list[list[int]],
     tiers: list[Tier],
-    promote: bool = False,
+    promote: bool = True,
     host_bytes: int = 0,
     raw_page_bytes: int = 1,
+    page_tokens: int = PREFETCH_THRESHOLD,
+    prefetch_threshold: int = PREFETCH_THRESHOLD,
     per_request: bool = False,
 ) -> SimResult:
-    """Run the page chains (in arrival order) through an optional host cache and the tiers."""
+    """Run the page chains (requests in arrival order) through an optional host cache and the
+    store's tiers, as SGLang's HiCache would (module docstring)."""
     t0 = time.perf_counter()
-    model = TierModel(tiers, promote)
+    parent = {p: chain[i - 1] for chain in chains for i, p in enumerate(chain) if i}
+    model = TierModel(tiers, promote, parent)
     host = HostCache(host_bytes, raw_page_bytes) if host_bytes else None
+    min_run = -(-prefetch_threshold // page_tokens)  # pages
+    short_runs = 0
     rows = []
     for pages in chains:
         served = host.access(pages) if host else 0
-        run = model.access(pages, served)
+        rest = pages[served:]
+        n = model.exists_prefix(rest)
+        if n < min_run:
+            short_runs += n
+            n = 0
+        hit_tiers = model.get(rest[:n])
+        model.put(rest[n:])
         if per_request:
             row = [served] + [0] * len(tiers)
-            for t in run:
+            for t in hit_tiers:
                 row[1 + t] += 1
             rows.append(row)
     return SimResult(
@@ -239,8 +321,9 @@ def simulate(
         stats=model.stats,
         pages=sum(map(len, chains)),
         host_hits=host.hits if host else 0,
-        reputs=model.reputs,
+        short_runs=short_runs,
         seconds=time.perf_counter() - t0,
+        model=model,
         per_request=rows,
     )
 
@@ -298,6 +381,8 @@ def simulate_command(parser: argparse.ArgumentParser):
     parser.add_argument("--host", default="0", help="SGLang host cache (L2) in front of the store, raw pages (default 0: none)")
     parser.add_argument("--promote", action=argparse.BooleanOptionalAction, default=None,
                         help="move a page hit in a lower tier to the first (default: the config's promote_on_hit)")
+    parser.add_argument("--prefetch-threshold", type=int, default=PREFETCH_THRESHOLD,
+                        help=f"tokens a stored prefix must cover to be fetched (SGLang's default {PREFETCH_THRESHOLD})")
     parser.add_argument("--token-bytes", type=int, default=DEFAULT_TOKEN_BYTES,
                         help=f"raw KV bytes per token: layers x kv_heads x head_dim x 2 (K, V) x dtype bytes "
                              f"(default {DEFAULT_TOKEN_BYTES}: Llama-3.1-8B bf16)")
@@ -352,7 +437,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     def tiers_for(size_of: dict[str, int], ratio_of: dict[str, float]) -> list[Tier]:
         return [Tier(n, size_of[n], stored_page_bytes(raw_page, ratio_of[n])) for n in names]
 
-    result = simulate(chains, tiers_for(sizes, ratios), promote, host_bytes, raw_page, per_request=True)
+    common = dict(promote=promote, host_bytes=host_bytes, raw_page_bytes=raw_page, page_tokens=page_tokens,
+                  prefetch_threshold=args.prefetch_threshold)
+    result = simulate(chains, tiers_for(sizes, ratios), per_request=True, **common)
     setup = {
         "trace": str(args.trace),
         "requests": len(requests),
@@ -363,6 +450,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         "ratios": ratios,
         "promote": promote,
         "host_bytes": host_bytes,
+        "prefetch_threshold": args.prefetch_threshold,
         "key_seconds": t_keys,
     }
     from sglang_speckv.replay import report  # matplotlib only when reporting
@@ -376,7 +464,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         for size in tqdm(sweep_sizes(lo, hi, args.sweep_points), desc=f"sweep {tier}", unit="size"):
             row = {"size": size}
             for label, ratio_of in (("raw", dict.fromkeys(names, 1.0)), ("coded", ratios)):
-                res = simulate(chains, tiers_for({**sizes, tier: size}, ratio_of), promote, host_bytes, raw_page)
+                res = simulate(chains, tiers_for({**sizes, tier: size}, ratio_of), **common)
                 row[label] = res.to_json()
             sweep_rows.append(row)
         print(report.sweep_markdown(setup, sweep_rows))
