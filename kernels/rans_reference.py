@@ -153,6 +153,9 @@ class Decoder:
             raise ValueError(f"lane_words sum {int(lane_words.sum())} != {words.numel()} words")
         self.num_pages, self.num_lanes = lane_words.shape
         self.num_symbols = num_symbols
+        em.check_mixture(w_wide, kappa)
+        if em.symbol_bits(dtype) % SEARCH_BITS:
+            raise ValueError(f"{dtype}: symbol bits must be a multiple of SEARCH_BITS={SEARCH_BITS}")
         self.dtype, self.w_wide, self.kappa = dtype, w_wide, kappa
         self.position = 0  # symbols of each page decoded so far
         # an empty stream still gets one (zero) word so that every gather below is in bounds
@@ -169,17 +172,16 @@ class Decoder:
         self.x = torch.where(valid, x, torch.full_like(x, RANS_L))  # keeps arithmetic in range
         self.ptr = starts + 2
 
-    def _search(self, slot, mu_q, e, r):
+    def _search(self, slot, two_mu_q, off, inv):
         """The key k with C(k) <= slot < C(k+1), and (C(k), C(k+1)). All [lanes]."""
-        b = em.symbol_bits(self.dtype)
         lo = torch.zeros_like(slot)
         c_lo = torch.zeros_like(slot)  # C(lo)
-        c_hi = torch.full_like(slot, em.M)  # C(lo + 2^(shift + SEARCH_BITS)), C(2^B) = M
-        mu_q, e, r = mu_q[:, None], e[:, None], r[:, None]
+        c_hi = torch.full_like(slot, em.M)  # C(lo + 2^(shift + SEARCH_BITS)); C(2^B) = M
+        two_mu_q, off, inv = two_mu_q[:, None], off[:, None], inv[:, None]
         digits = torch.arange(1, 1 << SEARCH_BITS, device=slot.device)  # [D - 1]
-        for shift in range(b - SEARCH_BITS, -1, -SEARCH_BITS):  # B is a multiple of SEARCH_BITS
-            cand = lo[:, None] + (digits << shift)  # [lanes, D - 1], all <= 2^B - 1
-            c = em.cdf(cand, mu_q, e, r, self.dtype, self.w_wide, self.kappa)
+        for shift in range(em.symbol_bits(self.dtype) - SEARCH_BITS, -1, -SEARCH_BITS):
+            cand = lo[:, None] + (digits << shift)  # [lanes, D - 1], in [1, 2^B - 1]
+            c = em.cdf_inner(cand, two_mu_q, off, inv, self.dtype, self.w_wide, self.kappa)
             d = (c <= slot[:, None]).sum(dim=1)  # C is increasing: a prefix is <= slot
             ext = torch.cat([c_lo[:, None], c, c_hi[:, None]], dim=1)  # [lanes, D + 1]
             c_lo = ext.gather(1, d[:, None]).squeeze(1)
@@ -198,10 +200,11 @@ class Decoder:
                 f"{self.num_pages} pages of {self.num_symbols} symbols"
             )
         first, nl = self.position, self.num_lanes
-        # Per-symbol parameters as [steps, lanes] grids; pads are harmless valid params.
-        mu_g = _to_grid(mu_q, first, nl, 0)
-        e_g = _to_grid(e, first, nl, 0)
-        r_g = _to_grid(r, first, nl, 1 << em.R)
+        # Per-symbol invariants of C as [steps, lanes] grids; pads are harmless valid params.
+        two_mu_q, off, inv = em.prepare(mu_q, e, r)
+        mu_g = _to_grid(two_mu_q, first, nl, 0)
+        off_g = _to_grid(off, first, nl, em.F)
+        inv_g = _to_grid(inv, first, nl, (1 << 32) >> em.R)
         # Which (step, lane) cells hold a symbol of this stage: [steps, NL] -> lanes.
         cell = torch.arange(mu_g.shape[0] * nl, device=mu_q.device).view(-1, nl) + (first - first % nl)
         active_g = ((cell >= first) & (cell < first + n)).repeat(1, self.num_pages)
@@ -210,7 +213,7 @@ class Decoder:
         x, ptr = self.x, self.ptr
         for s in range(mu_g.shape[0]):
             slot = x & (em.M - 1)
-            k, c_lo, c_hi = self._search(slot, mu_g[s], e_g[s], r_g[s])
+            k, c_lo, c_hi = self._search(slot, mu_g[s], off_g[s], inv_g[s])
             x_new = (c_hi - c_lo) * (x >> em.PROB_BITS) + slot - c_lo
             need = x_new < RANS_L
             w = self.words[ptr.clamp(max=last_word)]  # reads past a lane are caught in finish

@@ -1,0 +1,320 @@
+"""Batch codec: KV pages <-> blobs, many pages per call (DietGPU style).
+
+    blobs = encode_pages(pages, metas, predictor)          # list[bytes]
+    pages, errors = decode_pages(blobs, predictor)         # a status per page
+
+Encoding a page: its bit patterns become keys (entropy_model), the predictor gives
+(mu, sigma) stage by stage, every key gets its (cum, freq) and the rANS coder writes the
+lane streams; all pages with the same size and lane count share one coder call, so one
+loop step of the coder serves the whole batch. A page that coding would not shrink is
+stored raw (FLAG_RAW). Decoding runs the same stages: the predictor sees the values
+decoded so far (NaN elsewhere), exactly as the encoder showed them to it.
+
+Pages are tensors of the canonical shape (predictors/base.py) in their storage dtype
+(bfloat16, float16, float8_e4m3fn, float8_e5m2, or uint8 holding fp8 with the meta saying
+which). CUDA pages use the Triton coder (rans_triton.py), CPU pages the torch reference
+(rans_reference.py); both produce the same bytes.
+
+Every blob is checked before its page is returned (docs/DESIGN.md invariant 4): a bad blob
+yields ``None`` and a ``BlobError`` in its slot, and never disturbs the other pages.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from types import ModuleType
+
+import numpy as np
+import torch
+import xxhash
+
+from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import format as fmt
+from sglang_speckv.kernels import rans_reference
+from sglang_speckv.predictors.base import PageMeta, Predictor
+
+# A lane costs about 80 bits beyond the ideal code length (its 32-bit entry in the lane
+# table and the ~48 bits of its 64-bit final state that carry no information). 8192
+# symbols per lane keep that under 0.3% even at 4 bits/symbol, while a 1M-symbol page still
+# gets 128 lanes to spread over GPU threads (and torch vector lanes on a CPU).
+SYMBOLS_PER_LANE = 8192
+MAX_LANES = 1024  # beyond this, a page's lanes outnumber what one decode step can use
+
+
+class BadSide(fmt.BlobError):
+    """The predictor rejected the blob's side info (or failed on it)."""
+
+
+def default_lanes(n: int) -> int:
+    """Lanes for a page of n symbols: the largest power of two <= n / SYMBOLS_PER_LANE,
+    within [1, MAX_LANES]."""
+    target = max(1, min(MAX_LANES, n // SYMBOLS_PER_LANE))
+    return 1 << (target.bit_length() - 1)
+
+
+def max_compressed_size(meta: PageMeta) -> int:
+    """The largest blob ``encode_pages`` can return for this page: a RAW blob (header plus
+    the page bytes), since a coded blob is only kept when it is smaller than that."""
+    return fmt.HEADER_SIZE + meta.numel * em.symbol_bits(meta.dtype) // 8
+
+
+def _coder(device: torch.device) -> ModuleType:
+    """The rANS implementation for a device: Triton kernels on CUDA, torch reference else."""
+    if device.type == "cuda":
+        from sglang_speckv.kernels import rans_triton  # imports triton: only when needed
+
+        return rans_triton
+    return rans_reference
+
+
+# ---- Page <-> keys ----------------------------------------------------------------------
+
+
+def _storage_view(page: torch.Tensor, meta: PageMeta) -> torch.Tensor:
+    """The page as its float storage dtype (uint8 fp8 pages are reinterpreted)."""
+    torch_dtype = em.TORCH_DTYPES[meta.dtype]
+    if tuple(page.shape) != tuple(meta.shape):
+        raise ValueError(f"page of shape {tuple(page.shape)}, meta says {meta.shape}")
+    if page.dtype == torch_dtype:
+        return page.contiguous()
+    if page.dtype == torch.uint8 and em.symbol_bits(meta.dtype) == 8:
+        return page.contiguous().view(torch_dtype)
+    raise ValueError(f"page dtype {page.dtype} does not store {meta.dtype}")
+
+
+def _storage_from_keys(keys: torch.Tensor, dtype: str) -> torch.Tensor:
+    """int64 keys -> the same shape in the storage dtype (bit patterns restored)."""
+    bits = em.bits_from_keys(keys, dtype)
+    if em.symbol_bits(dtype) == 16:
+        raw = (bits - ((bits >> 15) << 16)).to(torch.int16)  # two's complement, no wrap
+    else:
+        raw = bits.to(torch.uint8)
+    return raw.view(em.TORCH_DTYPES[dtype])
+
+
+def _page_bytes(page: torch.Tensor) -> bytes:
+    """The page's raw bytes, C order, little-endian (the bytes raw_xxh64 is taken of)."""
+    return page.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+
+def _checked_stages(predictor: Predictor, meta: PageMeta) -> list[int]:
+    stages = list(predictor.stages(meta))
+    if stages[0] != 0 or stages[-1] != meta.numel or any(b <= a for a, b in zip(stages, stages[1:])):
+        raise ValueError(f"{predictor.name}: stages {stages[:4]}... must rise from 0 to {meta.numel}")
+    return stages
+
+
+def _checked_prediction(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
+    mu, sigma = pred
+    for t in (mu, sigma):
+        if t.dtype != torch.float32 or t.shape != (n,):
+            raise ValueError(f"{name}: predict must return float32 [{n}], got {t.dtype} {tuple(t.shape)}")
+    return mu, sigma
+
+
+# ---- Encode -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Coded:
+    """One page on its way to a blob."""
+
+    header: fmt.BlobHeader
+    side: bytes
+    raw: bytes
+    cum: torch.Tensor  # int64 [numel]
+    freq: torch.Tensor  # int64 [numel]
+
+
+def _prepare(page, meta, predictor, w_wide, kappa, num_lanes) -> _Coded:
+    """Keys, side info, (mu, sigma) stage by stage, and (cum, freq) of one page."""
+    page = _storage_view(page, meta)
+    keys = em.keys_from_bits(em.storage_bits(page).reshape(-1), meta.dtype)  # [numel]
+    values = page.to(torch.float32)  # exact
+    side = predictor.side_info(values, meta)
+    stages = _checked_stages(predictor, meta)
+    mus, sigmas = [], []
+    for s, (a, b) in enumerate(zip(stages, stages[1:])):
+        seen = values.clone()
+        seen.view(-1)[a:] = float("nan")  # what the decoder will know at stage s
+        mu, sigma = _checked_prediction(predictor.predict(meta, side, seen, s), b - a, predictor.name)
+        mus.append(mu)
+        sigmas.append(sigma)
+    mu_q, e, r = em.quantize_params(torch.cat(mus), torch.cat(sigmas))
+    cum = em.cdf(keys, mu_q, e, r, meta.dtype, w_wide, kappa)
+    freq = em.cdf(keys + 1, mu_q, e, r, meta.dtype, w_wide, kappa) - cum
+    raw = _page_bytes(page)
+    header = fmt.BlobHeader(
+        dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
+        predictor_id=predictor.id, fingerprint=predictor.fingerprint,
+        raw_xxh64=xxhash.xxh64_intdigest(raw), position=meta.position, w_wide=w_wide,
+        kappa=kappa, num_lanes=min(num_lanes or default_lanes(meta.numel), meta.numel),
+        side_bytes=len(side),
+    )  # fmt: skip
+    return _Coded(header, side, raw, cum, freq)
+
+
+def encode_pages(
+    pages: Sequence[torch.Tensor],
+    metas: Sequence[PageMeta],
+    predictor: Predictor,
+    *,
+    num_lanes: int | None = None,
+    w_wide: int = em.W_WIDE,
+    kappa: int = em.KAPPA,
+) -> list[bytes]:
+    """Code each page into a blob (docs/FORMAT.md). ``num_lanes`` defaults per page to
+    ``default_lanes(numel)``; ``w_wide``/``kappa`` set the mixture (recorded per blob).
+    Raises ValueError for pages that do not match their meta or a misbehaving predictor."""
+    if len(pages) != len(metas):
+        raise ValueError(f"{len(pages)} pages but {len(metas)} metas")
+    em.check_mixture(w_wide, kappa)
+    if num_lanes is not None and num_lanes < 1:
+        raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
+    coded = [_prepare(p, m, predictor, w_wide, kappa, num_lanes) for p, m in zip(pages, metas)]
+
+    # One coder call per (size, lanes, device): its loop steps serve every page at once.
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, c in enumerate(coded):
+        groups[(c.header.numel, c.header.num_lanes, c.cum.device)].append(i)
+    blobs: list[bytes] = [b""] * len(coded)
+    for (_, lanes, device), members in groups.items():
+        cum = torch.stack([coded[i].cum for i in members])  # [P, numel]
+        freq = torch.stack([coded[i].freq for i in members])
+        words, lane_words = _coder(device).encode(cum, freq, lanes)
+        lane_words = lane_words.cpu().numpy()  # [P, NL]
+        words = words.cpu().numpy().astype("<u4")
+        ends = np.cumsum(lane_words.sum(axis=1))
+        for j, i in enumerate(members):
+            stream = words[ends[j] - lane_words[j].sum() : ends[j]]
+            blobs[i] = _pack(coded[i], lane_words[j], stream)
+    return blobs
+
+
+def _pack(c: _Coded, lane_words: np.ndarray, stream: np.ndarray) -> bytes:
+    """The coded blob, or the RAW one when coding did not make the page smaller."""
+    header = replace(c.header, stream_words=int(stream.size))
+    if header.blob_size >= fmt.HEADER_SIZE + len(c.raw):
+        raw = replace(c.header, flags=fmt.FLAG_RAW, num_lanes=0, side_bytes=0, stream_words=0)
+        return fmt.pack_blob(raw, np.zeros(0, np.uint32), b"", c.raw)
+    return fmt.pack_blob(header, lane_words, c.side, stream.tobytes())
+
+
+# ---- Decode -----------------------------------------------------------------------------
+
+
+def decode_pages(
+    blobs: Sequence[bytes | memoryview],
+    predictor: Predictor,
+    *,
+    metas: Sequence[PageMeta | None] | None = None,
+    out: Sequence[torch.Tensor | None] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[list[torch.Tensor | None], list[fmt.BlobError | None]]:
+    """Decode blobs coded under ``predictor``. Returns (pages, errors): for each blob either
+    the page (storage dtype, canonical shape) and None, or None and the BlobError why not.
+
+    metas: what the caller expects of each page (dtype, shape, position must match the
+    blob; token_ids are passed on to the predictor); default: the blob's own header.
+    out: preallocated pages to write into (same shape; storage dtype, or uint8 for fp8).
+    device: where to decode; default the device of ``out``'s first tensor, else CPU.
+    """
+    n = len(blobs)
+    if device is None:
+        first = next((t for t in (out or []) if t is not None), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    pages: list[torch.Tensor | None] = [None] * n
+    errors: list[fmt.BlobError | None] = [None] * n
+    groups: dict[tuple, list[tuple[int, fmt.ParsedBlob, PageMeta]]] = defaultdict(list)
+    for i, blob in enumerate(blobs):
+        try:
+            parsed = fmt.parse_blob(blob)
+            meta = _meta_for(parsed.header, metas[i] if metas is not None else None, predictor)
+            if out is not None and out[i] is not None:
+                _storage_view(out[i], meta)  # shape and dtype check
+            if parsed.header.raw:
+                pages[i] = _finish_page(_page_from_raw(parsed, meta), parsed.header, out, i)
+            else:
+                h = parsed.header
+                key = (h.dtype, h.shape, h.num_lanes, h.w_wide, h.kappa, tuple(_checked_stages(predictor, meta)))
+                groups[key].append((i, parsed, meta))
+        except fmt.BlobError as err:
+            errors[i] = err
+        except ValueError as err:  # out[i] does not fit the page the blob describes
+            errors[i] = fmt.BadHeader(str(err))
+    for key, members in groups.items():
+        _decode_group(members, key[5], predictor, device, pages, errors, out)
+    return pages, errors
+
+
+def _meta_for(header: fmt.BlobHeader, expected: PageMeta | None, predictor: Predictor) -> PageMeta:
+    if header.predictor_id != predictor.id or header.fingerprint != predictor.fingerprint:
+        raise fmt.WrongPredictor(
+            f"blob coded by predictor {header.predictor_id} (fingerprint {header.fingerprint:#018x}); "
+            f"this is {predictor.name} {predictor.id} ({predictor.fingerprint:#018x})"
+        )
+    meta = PageMeta(header.dtype, header.shape, header.position)
+    if expected is None:
+        return meta
+    if (expected.dtype, tuple(expected.shape), expected.position) != (meta.dtype, meta.shape, meta.position):
+        raise fmt.BadHeader(f"blob holds a {meta}, expected {expected}")
+    return expected
+
+
+def _page_from_raw(parsed: fmt.ParsedBlob, meta: PageMeta) -> torch.Tensor:
+    raw = np.frombuffer(parsed.payload, dtype=np.uint8).copy()
+    return torch.from_numpy(raw).view(em.TORCH_DTYPES[meta.dtype]).view(meta.shape)
+
+
+def _finish_page(page: torch.Tensor, header: fmt.BlobHeader, out, i: int) -> torch.Tensor:
+    """Verify the decoded page's xxh64 and hand it over (into out[i] when given)."""
+    if xxhash.xxh64_intdigest(_page_bytes(page)) != header.raw_xxh64:
+        raise fmt.RawChecksumMismatch("decoded page does not match the checksum recorded at encode time")
+    if out is None or out[i] is None:
+        return page
+    target = out[i]
+    target.view(page.dtype).copy_(page) if target.dtype == torch.uint8 else target.copy_(page)
+    return target
+
+
+def _decode_group(members, stages, predictor, device, pages, errors, out) -> None:
+    """Decode pages of one shape/dtype/lane count together, stage by stage."""
+    header0 = members[0][1].header
+    numel, shape = header0.numel, header0.shape
+    words = np.concatenate([np.frombuffer(p.payload, dtype="<u4") for _, p, _ in members])
+    words = torch.from_numpy(words.astype(np.int64)).to(device)
+    lane_words = torch.from_numpy(np.stack([p.lane_words for _, p, _ in members]).astype(np.int64)).to(device)
+    decoder = _coder(device).Decoder(words, lane_words, numel, header0.dtype, header0.w_wide, header0.kappa)
+    values = torch.full((len(members), numel), float("nan"), dtype=torch.float32, device=device)
+    keys = torch.empty((len(members), numel), dtype=torch.int64, device=device)
+    failed: dict[int, fmt.BlobError] = {}
+    for s, (a, b) in enumerate(zip(stages, stages[1:])):
+        mus, sigmas = [], []
+        for j, (_, parsed, meta) in enumerate(members):
+            try:
+                pred = predictor.predict(meta, parsed.side, values[j].view(shape), s)
+                mu, sigma = _checked_prediction(pred, b - a, predictor.name)
+            except (ValueError, RuntimeError) as err:  # bad side info: this page only
+                failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
+                mu = torch.zeros(b - a, dtype=torch.float32, device=device)
+                sigma = torch.ones(b - a, dtype=torch.float32, device=device)
+            mus.append(mu.to(device))
+            sigmas.append(sigma.to(device))
+        mu_q, e, r = em.quantize_params(torch.stack(mus), torch.stack(sigmas))
+        stage_keys = decoder.decode(mu_q, e, r)  # [P, b - a]
+        keys[:, a:b] = stage_keys
+        values[:, a:b] = _storage_from_keys(stage_keys, header0.dtype).to(torch.float32)
+    ok = decoder.finish().tolist()
+    for j, (i, parsed, meta) in enumerate(members):
+        try:
+            if j in failed:
+                raise failed[j]
+            if not ok[j]:
+                raise fmt.BadStream("a lane's rANS state did not return to its initial value: corrupt stream")
+            page = _storage_from_keys(keys[j], meta.dtype).view(meta.shape)
+            pages[i] = _finish_page(page, parsed.header, out, i)
+        except fmt.BlobError as err:
+            errors[i] = err
