@@ -179,16 +179,15 @@ def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
     for s in range(0, num_steps):
         step = num_steps - 1 - s  # in reverse: rANS is a stack
         offs_sym = lane + step * lanes_per_page
-        active = lane_mask & (offs_sym < num_symbols)
+        active = lane_mask & (offs_sym < num_symbols)  # a lane's ragged last step is idle
         cum = tl.load(cum_ptr + offs_page + offs_sym, mask=active, other=0)
-        freq = tl.load(freq_ptr + offs_page + offs_sym, mask=active, other=_M)
-        # (cum, freq) = (0, M) on idle lanes is the identity step (rans_reference docstring)
-        emit = x >= (freq << _ENC_SHIFT)
+        freq = tl.load(freq_ptr + offs_page + offs_sym, mask=active, other=1)
+        emit = active & (x >= (freq << _ENC_SHIFT))  # freq <= M - 2^B: no overflow
         ptr = tl.where(emit, ptr - 1, ptr)
-        tl.store(scratch_ptr + ptr, x & _WORD_MASK, mask=emit & lane_mask)
-        x = tl.where(emit, x >> _WORD_BITS, x)
-        q = x // freq  # x >= 0 and freq >= 1: truncation == floor
-        x = (q << _PROB_BITS) + (x - q * freq) + cum
+        tl.store(scratch_ptr + ptr, x & _WORD_MASK, mask=emit)
+        x_norm = tl.where(emit, x >> _WORD_BITS, x)
+        q = x_norm // freq  # x >= 0 and freq >= 1: truncation == floor
+        x = tl.where(active, (q << _PROB_BITS) + (x_norm - q * freq) + cum, x)
     ptr = ptr - 2  # flush: low word, then high word
     tl.store(scratch_ptr + ptr, x & _WORD_MASK, mask=lane_mask)
     tl.store(scratch_ptr + ptr + 1, x >> _WORD_BITS, mask=lane_mask)

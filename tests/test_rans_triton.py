@@ -1,0 +1,272 @@
+"""The Triton rANS coder (kernels/rans_triton.py) against the torch reference, bit for bit.
+
+Without a CUDA GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below
+before the kernel module is imported: @triton.jit reads it when it decorates). The
+interpreter is slow (~5 ms per vector operation), so pages here are small and lanes many:
+what is exercised is the kernels' arithmetic and indexing, which the interpreter executes
+with the same int64 semantics as the GPU (truncating //, arithmetic >>). On a CUDA machine
+the same tests run the compiled kernels, and test_gpu_large_pages adds big pages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the import below (see the module docstring)
+
+import pytest  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from sglang_speckv.kernels import entropy_model as em  # noqa: E402
+from sglang_speckv.kernels import rans_reference as ref  # noqa: E402
+from sglang_speckv.kernels import rans_triton as rt  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not isinstance(rt._cdf_kernel, InterpretedFunction):
+    rt = importlib.reload(rt)  # another test imported it before TRITON_INTERPRET was set
+
+DTYPES = ("fp8_e4m3", "fp8_e5m2", "bf16", "fp16")
+
+# float32 (mu, sigma) a predictor might return by mistake: NaN, infinities, zero and negative
+# sigma, float32 subnormals and extremes. quantize_params must map all of them to usable ints.
+GARBAGE_MU = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -3e38, 3e38, 65504.0, -448.0]
+GARBAGE_SIGMA = [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, 1e-45, 3e38, 1e-30, 1e30, 0.37]
+
+# Raw patterns that must round-trip: NaN payloads, +-inf, +-0, subnormals, extremes.
+SPECIAL_BITS = {
+    "fp8_e4m3": [0x7F, 0xFF, 0x7E, 0xFE, 0x00, 0x80, 0x01, 0x81, 0x07, 0x87],
+    "fp8_e5m2": [0x7C, 0xFC, 0x7D, 0x7F, 0xFE, 0x00, 0x80, 0x01, 0x83, 0x7B],
+    "bf16": [0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFFF, 0x0000, 0x8000, 0x0001, 0x807F, 0x7F7F],
+    "fp16": [0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF, 0x0000, 0x8000, 0x0001, 0x83FF, 0x7BFF],
+}
+
+
+def make_pages(dtype: str, num_pages: int, n: int, seed: int):
+    """keys and quantised params, [P, n] int64 on DEVICE: two thirds of the symbols drawn
+    around (mu, sigma) as a predictor would see them, the rest raw random bit patterns; the
+    special patterns and the garbage (mu, sigma) at the front of every page."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 16.0 if dtype.startswith("fp8") else 1.0
+    mu = torch.randn(num_pages, n, generator=gen) * scale
+    sigma = (torch.rand(num_pages, n, generator=gen) + 0.05) * scale
+    values = (mu + sigma * torch.randn(num_pages, n, generator=gen)).to(em.TORCH_DTYPES[dtype])
+    bits = em.storage_bits(values)
+    raw = torch.randint(0, 1 << em.symbol_bits(dtype), (num_pages, n), generator=gen)
+    bits = torch.where(torch.rand(num_pages, n, generator=gen) < 1 / 3, raw, bits)
+    for t, start, special in ((bits, 0, SPECIAL_BITS[dtype]), (mu, 0, GARBAGE_MU), (sigma, 3, GARBAGE_SIGMA)):
+        m = max(0, min(len(special), n - start))  # what fits in a short page
+        t[:, start : start + m] = torch.tensor(special[:m], dtype=t.dtype)
+    mu_q, e, r = em.quantize_params(mu, sigma)
+    keys = em.keys_from_bits(bits, dtype)
+    return tuple(t.contiguous().to(DEVICE) for t in (keys, mu_q, e, r))
+
+
+def cum_freq_reference(keys, mu_q, e, r, dtype, w_wide=em.W_WIDE, kappa=em.KAPPA):
+    cum = em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
+    return cum, em.cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum
+
+
+def decode_staged(decoder, mu_q, e, r, cuts):
+    """Decode with stage boundaries ``cuts`` (flat symbol indices) and return all keys."""
+    bounds = [0, *cuts, mu_q.shape[-1]]
+    parts = [decoder.decode(mu_q[..., a:b], e[..., a:b], r[..., a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts, dim=-1)
+
+
+# ---- The entropy model ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cdf_matches_reference_on_every_key(dtype):
+    """C(k) over ALL keys [0, 2^B] under garbage and ordinary (mu, sigma), both mixture
+    extremes and kappa 0..7: negative boundaries exercise the arithmetic >> of t, the
+    saturations exercise the shift clamps."""
+    b = em.symbol_bits(dtype)
+    mu = torch.tensor(GARBAGE_MU + [0.5, -2.0])
+    sigma = torch.tensor(GARBAGE_SIGMA[: len(GARBAGE_MU)] + [1.0, 0.001])
+    if b == 16:  # 65537 keys per parameter set: keep the interpreter's work bounded
+        mu, sigma = mu[::3], sigma[::3]
+    mu_q, e, r = (t[:, None].to(DEVICE) for t in em.quantize_params(mu, sigma))
+    keys = torch.arange((1 << b) + 1, device=DEVICE)[None, :]
+    for w_wide, kappa in ((em.W_WIDE, em.KAPPA), (0, 0), (255, 7)):
+        got = rt.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
+        want = em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
+        assert torch.equal(got, want), f"{dtype} w_wide={w_wide} kappa={kappa}"
+    assert (got[:, 1:] > got[:, :-1]).all() and (got[:, 0] == 0).all() and (got[:, -1] == em.M).all()
+
+
+# ---- Encode and decode ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bytes_and_staged_decode_match_reference(dtype):
+    """Two adversarial pages: identical words and lane table; the Triton decoder, staged
+    (cuts mid-step, an empty stage, a one-symbol stage), returns the keys and a clean
+    finish(); so does the reference decoder on the Triton bytes."""
+    num_lanes = 40
+    keys, mu_q, e, r = make_pages(dtype, num_pages=2, n=600, seed=1)
+    cum = rt.cdf(keys, mu_q, e, r, dtype)
+    freq = rt.cdf(keys + 1, mu_q, e, r, dtype) - cum
+    cum_ref, freq_ref = cum_freq_reference(keys, mu_q, e, r, dtype)
+    assert torch.equal(cum, cum_ref) and torch.equal(freq, freq_ref)
+    words, lane_words = rt.encode(cum, freq, num_lanes)
+    words_ref, lane_words_ref = ref.encode(cum_ref, freq_ref, num_lanes)
+    assert torch.equal(words, words_ref) and torch.equal(lane_words, lane_words_ref)
+
+    cuts = [13, 13, 14, 300]  # mid-step, empty, one symbol, mid-step
+    dec = rt.Decoder(words, lane_words, keys.shape[1], dtype)
+    assert torch.equal(decode_staged(dec, mu_q, e, r, cuts), keys)
+    assert dec.finish().tolist() == [True, True]
+    dec_ref = ref.Decoder(words, lane_words, keys.shape[1], dtype)
+    assert torch.equal(decode_staged(dec_ref, mu_q, e, r, [250]), keys)
+    assert dec_ref.finish().tolist() == [True, True]
+
+
+def _decodes(words, lane_words, n, dtype, w_wide, kappa, mu_q, e, r, keys) -> bool:
+    dec = ref.Decoder(words, lane_words, n, dtype, w_wide, kappa)
+    return torch.equal(dec.decode(mu_q, e, r), keys) and bool(dec.finish().all())
+
+
+@pytest.mark.parametrize(
+    ("num_pages", "n", "num_lanes"),
+    [
+        (1, 50, 1),  # one lane: every symbol is a step
+        (3, 101, 8),  # N not a multiple of NL: ragged last step
+        (2, 30, 48),  # more lanes than symbols: empty lanes flush L alone
+        (2, 0, 4),  # empty pages
+    ],
+)
+def test_lane_layouts(num_pages, n, num_lanes):
+    """Triton streams of every layout decode (Triton and reference decoders) and equal the
+    reference's bytes.
+
+    KNOWN BUG in rans_reference.encode (found here, reported to its author): ragged lanes are
+    padded with (cum, freq) = (0, M), meant as identity steps, but x_max = M << ENC_SHIFT =
+    2^63 overflows int64 to -2^63, so every pad EMITS a word and shifts the state; its own
+    Decoder then rejects the page (finish() False) whenever N % NL != 0 or NL > N. Fix there:
+    ``emit = (x >> ENC_SHIFT) >= freq_g`` (same test for freq < M, never true for M). The
+    Triton encoder masks idle lanes instead, so until the fix the byte comparison of ragged
+    layouts is an expected failure, decided by running the reference on itself.
+    """
+    dtype, w_wide, kappa = "fp8_e5m2", 255, 7
+    keys, mu_q, e, r = make_pages(dtype, num_pages, n, seed=n + num_lanes)
+    cum, freq = cum_freq_reference(keys, mu_q, e, r, dtype, w_wide, kappa)
+    words, lane_words = rt.encode(cum, freq, num_lanes)
+    dec = rt.Decoder(words, lane_words, n, dtype, w_wide, kappa)
+    assert torch.equal(decode_staged(dec, mu_q, e, r, [n // 2]), keys)
+    assert dec.finish().all()
+    assert _decodes(words, lane_words, n, dtype, w_wide, kappa, mu_q, e, r, keys)
+
+    words_ref, lane_words_ref = ref.encode(cum, freq, num_lanes)
+    if not _decodes(words_ref, lane_words_ref, n, dtype, w_wide, kappa, mu_q, e, r, keys):
+        pytest.xfail("rans_reference.encode pads ragged lanes with emitting steps (see docstring)")
+    assert torch.equal(words, words_ref) and torch.equal(lane_words, lane_words_ref)
+
+
+def test_single_page_1d_interface():
+    """[N] inputs work like the reference's: lane_words [1, NL], 1-D keys back."""
+    keys, mu_q, e, r = (t[0] for t in make_pages("bf16", 1, 200, seed=7))
+    cum, freq = cum_freq_reference(keys, mu_q, e, r, "bf16")
+    words, lane_words = rt.encode(cum, freq, 20)
+    assert lane_words.shape == (1, 20) and torch.equal(words, ref.encode(cum, freq, 20)[0])
+    dec = rt.Decoder(words, lane_words, 200, "bf16")
+    got = dec.decode(mu_q, e, r)
+    assert got.shape == (200,) and torch.equal(got, keys) and dec.finish().tolist() == [True]
+
+
+# ---- Corrupt streams: same keys and the same (negative) verdict as the reference ----------
+
+
+def _corruptions(words, lane_words):
+    """(name, words, lane_words) variants of a valid 2-page stream."""
+    flipped = words.clone()
+    flipped[words.numel() // 2] ^= 1 << 7
+    moved = lane_words.clone()
+    moved[0, 0] += 1
+    moved[0, 1] -= 1
+    short = lane_words.clone()
+    short[1, -1] -= 1
+    starved = lane_words.clone()  # a lane with a single word cannot hold a state
+    starved[0, 2] = 1
+    starved[0, 3] += lane_words[0, 2] - 1
+    high = words.clone()
+    high[1] = 0xFFFFFFFF  # initial state >= 2^63
+    rand = torch.randint(0, 1 << 32, words.shape, generator=torch.Generator().manual_seed(3)).to(words.device)
+    return [
+        ("bit flip", flipped, lane_words),
+        ("lane boundary moved", words, moved),
+        ("truncated", words[:-1], short),
+        ("one-word lane", words, starved),
+        ("state out of range", high, lane_words),
+        ("random words", rand, lane_words),
+        ("no words", words[:0], torch.zeros_like(lane_words)),
+    ]
+
+
+def test_corrupt_streams_decode_like_reference():
+    dtype = "fp16"
+    keys, mu_q, e, r = make_pages(dtype, num_pages=2, n=240, seed=11)
+    words, lane_words = ref.encode(*cum_freq_reference(keys, mu_q, e, r, dtype), 24)
+    for name, bad_words, bad_lanes in _corruptions(words, lane_words):
+        dec = rt.Decoder(bad_words, bad_lanes, keys.shape[1], dtype)
+        dec_ref = ref.Decoder(bad_words, bad_lanes, keys.shape[1], dtype)
+        got = decode_staged(dec, mu_q, e, r, [100])
+        want = decode_staged(dec_ref, mu_q, e, r, [100])
+        assert torch.equal(got, want), name
+        verdict = dec.finish()
+        assert torch.equal(verdict, dec_ref.finish()), name
+        # rANS alone may accept a corrupt stream (it is a bijection: a flipped bit can decode
+        # to other keys that end at L); the blob's xxh64 of the decoded page catches those.
+        assert not verdict.all() or not torch.equal(got, keys), f"{name}: went unnoticed"
+
+
+# ---- Launchers ------------------------------------------------------------------------------
+
+
+def test_launchers_reject_bad_arguments():
+    keys, mu_q, e, r = make_pages("fp8_e4m3", 1, 16, seed=0)
+    cum, freq = cum_freq_reference(keys, mu_q, e, r, "fp8_e4m3")
+    with pytest.raises(ValueError, match="same shape"):
+        rt.encode(cum, freq[:, :8], 4)
+    with pytest.raises(ValueError, match="int64"):
+        rt.encode(cum.int(), freq.int(), 4)
+    with pytest.raises(ValueError, match="num_lanes"):
+        rt.encode(cum, freq, 0)
+    with pytest.raises(ValueError, match="unknown KV dtype"):
+        rt.cdf(keys, mu_q, e, r, "int4")
+    with pytest.raises(ValueError, match="w_wide"):
+        rt.cdf(keys, mu_q, e, r, "fp8_e4m3", w_wide=256)
+    words, lane_words = rt.encode(cum, freq, 4)
+    dec = rt.Decoder(words, lane_words, 16, "fp8_e4m3")
+    dec.decode(mu_q[:, :10], e[:, :10], r[:, :10])
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.decode(mu_q[:, :10], e[:, :10], r[:, :10])  # 20 > 16 symbols
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.decode(mu_q[:, :2].repeat(2, 1), e[:, :2].repeat(2, 1), r[:, :2].repeat(2, 1))  # 2 pages
+    with pytest.raises(ValueError, match="int64"):
+        dec.decode(mu_q.int(), e.int(), r.int())
+
+
+# ---- On a real GPU ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_large_pages(dtype):
+    """Compiled kernels on CUDA, 8 pages of 2^16 symbols, 256 lanes: bytes equal to the
+    reference run on the CPU (cross-device determinism), staged decode exact."""
+    keys, mu_q, e, r = make_pages(dtype, num_pages=8, n=1 << 16, seed=5)
+    cum = rt.cdf(keys, mu_q, e, r, dtype)
+    freq = rt.cdf(keys + 1, mu_q, e, r, dtype) - cum
+    words, lane_words = rt.encode(cum, freq, 256)
+    cpu = [t.cpu() for t in (keys, mu_q, e, r)]
+    words_ref, lane_words_ref = ref.encode(*cum_freq_reference(*cpu, dtype), 256)
+    assert torch.equal(words.cpu(), words_ref) and torch.equal(lane_words.cpu(), lane_words_ref)
+    dec = rt.Decoder(words, lane_words, keys.shape[1], dtype)
+    assert torch.equal(decode_staged(dec, mu_q, e, r, [1000, 40000]), keys)
+    assert dec.finish().all()
