@@ -2,9 +2,10 @@
 
 Rules this module enforces (py-lmdb docs, "Environment" and "Threads"):
 - One ``lmdb.Environment`` per directory per process: ``open_env`` keeps a registry keyed by
-  (realpath, pid). A child process after ``fork`` gets its own; the parent's handles it
-  inherited stay referenced and are never used or closed there (closing them in the child
-  could release the parent's reader slots).
+  (realpath, pid). Fork waits until no transaction of this process is in flight; the child
+  then closes the handles it inherited (without touching the parent's reader slots) and
+  opens its own on first use. No read transactions are cached (``max_spare_txns=0``): a
+  cached one, inherited and closed by a child, would free the parent's reader slot.
 - Transactions live in ``with`` blocks; values are read with ``buffers=True`` and the
   callers copy them out before the block ends.
 - ``set_mapsize`` needs no active transaction in this process: every transaction holds a
@@ -87,20 +88,26 @@ class SharedLock:
                 if not self._shared:
                     self._cond.notify_all()
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def acquire_exclusive(self) -> None:
         with self._cond:
             self._waiting += 1
             while self._exclusive or self._shared:
                 self._cond.wait()
             self._waiting -= 1
             self._exclusive = True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.acquire_exclusive()
         try:
             yield
         finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+            self.release_exclusive()
 
 
 def _boot_id() -> str:
@@ -126,6 +133,7 @@ class Env:
         self.sync = sync
         self.where = where
         self.users = 0
+        self.key = (os.path.realpath(path), os.getpid())  # its entry in _REGISTRY
         self._lock = SharedLock()
         room = _room(path)
         if capacity > room:
@@ -143,7 +151,7 @@ class Env:
                 self.lmdb = lmdb.open(
                     path, map_size=max(2 * capacity, MIN_MAP_SIZE), subdir=True,
                     sync=do_sync, metasync=metasync, writemap=False, max_dbs=len(DB_NAMES),
-                    max_readers=MAX_READERS, lock=True)
+                    max_readers=MAX_READERS, max_spare_txns=0, lock=True)
         except (OSError, lmdb.Error) as e:
             raise StoreError(f"{where}.path: cannot open an LMDB store in {path}: {e}; "
                              "check that the directory is writable") from e
@@ -212,14 +220,18 @@ class Env:
                     return
             self._adopt_new_size()
 
-    def write(self, body: Callable[[lmdb.Transaction], T]) -> T:
-        """Run ``body(txn)`` in one write transaction and commit; ``body`` may run again (from
-        scratch) after the map grows, so it must keep its effects inside the transaction."""
+    def write(self, body: Callable[[lmdb.Transaction], T], commit: bool = True) -> T:
+        """Run ``body(txn)`` in one write transaction and commit it (or abort it: a dry run).
+        ``body`` may run again (from scratch) after the map grows, so it must keep its effects
+        inside the transaction."""
         while True:
             with self._lock.shared():
                 try:
                     with self.lmdb.begin(write=True, buffers=True) as txn:
-                        return body(txn)
+                        result = body(txn)
+                        if not commit:
+                            txn.abort()
+                        return result
                 except lmdb.MapResizedError:
                     seen = None
                 except lmdb.MapFullError:
@@ -252,6 +264,32 @@ class Env:
 
 _REGISTRY: dict[tuple[str, int], Env] = {}
 _REGISTRY_LOCK = threading.Lock()
+_FORK_HOOKS = []  # holds True once the fork handlers are registered
+
+
+def _before_fork() -> None:
+    # Fork only between transactions: the child closes what it inherits (below), and closing
+    # an environment aborts its transactions, which would clear the parent's reader slots.
+    _REGISTRY_LOCK.acquire()
+    for env in _REGISTRY.values():
+        env._lock.acquire_exclusive()
+
+
+def _after_fork_in_parent() -> None:
+    for env in _REGISTRY.values():
+        env._lock.release_exclusive()
+    _REGISTRY_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    # py-lmdb refuses to open files that are open in this process, and the parent's handles
+    # count: close them (LMDB's close clears only reader slots of the calling process, and
+    # no transaction is in flight, see _before_fork), so the child opens its own.
+    for env in _REGISTRY.values():
+        env._lock.release_exclusive()
+        env.lmdb.close()
+    _REGISTRY.clear()
+    _REGISTRY_LOCK.release()
 
 
 def open_env(path: str, *, sync: str, capacity: int, where: str) -> Env:
@@ -266,6 +304,10 @@ def open_env(path: str, *, sync: str, capacity: int, where: str) -> Env:
         raise StoreError(f"{where}.path: {path} is not writable by this process")
     key = (os.path.realpath(path), os.getpid())
     with _REGISTRY_LOCK:
+        if not _FORK_HOOKS:
+            os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                                after_in_child=_after_fork_in_child)
+            _FORK_HOOKS.append(True)
         env = _REGISTRY.get(key)
         if env is None:
             env = Env(path, sync, capacity, where)
@@ -279,8 +321,10 @@ def open_env(path: str, *, sync: str, capacity: int, where: str) -> Env:
 
 def close_env(env: Env) -> None:
     """Release one ``open_env``; the last release in the process closes the environment."""
+    if env.key[1] != os.getpid():
+        return  # inherited through fork: closed already in the child (_after_fork_in_child)
     with _REGISTRY_LOCK:
         env.users -= 1
         if env.users == 0:
-            del _REGISTRY[(os.path.realpath(env.path), os.getpid())]
+            del _REGISTRY[env.key]
             env.lmdb.close()

@@ -15,8 +15,9 @@ Tiers (storage/tier.py), fastest first. New pages land in the first tier, in one
 transaction per ``put``. A tier over capacity evicts its coldest chain tails; they move to
 the next tier (re-coded by that tier's ``recode`` hook, if set) or, from the last tier, are
 dropped. A read finds a page in whichever tier holds it; with ``promote_on_hit`` a page
-found below the first tier moves back up (removed below, then written to the first tier;
-a crash in between loses it, which is a later miss).
+found below the first tier moves back up. Demotions copy first and delete second (a dry
+run finds what a commit will evict), so a crash can leave a page in two tiers, never in
+none; a promotion deletes first (see ``_promote``).
 
 Recency is kept in LMDB (shared by all processes), but a read does not write: accesses are
 remembered in memory and written with this process's next write to that tier, or by a read
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -66,18 +68,32 @@ class TieredStore:
     def __init__(self, config, namespace: bytes = b"") -> None:
         self.config = config
         self.namespace = namespace
-        self._lock = threading.Lock()  # guards _pending and _events
-        self._pending: list[dict[bytes, None]] = [{} for _ in config.tiers]  # ordered sets
-        self._events: list[Counter] = [Counter() for _ in config.tiers]
-        self._last_flush = time.monotonic()
         self.tiers: list[Tier] = []
+        self._open()
+        self._max_key = self.tiers[0].env.lmdb.max_key_size() - _LEAVES_PREFIX
+
+    def _open(self) -> None:
+        """Open the tiers in this process, with fresh in-memory state."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()  # guards _pending and _events
+        self._pending: list[dict[bytes, None]] = [{} for _ in self.config.tiers]  # ordered sets
+        self._events: list[Counter] = [Counter() for _ in self.config.tiers]
+        self._last_flush = time.monotonic()
+        hooks = {tier.name: tier.recode for tier in self.tiers}
+        self.tiers = []
         try:
-            for index, tier_config in enumerate(config.tiers):
+            for index, tier_config in enumerate(self.config.tiers):
                 self.tiers.append(Tier(tier_config, index))
+                self.tiers[-1].recode = hooks.get(tier_config.name)
         except BaseException:
             self.close()
             raise
-        self._max_key = self.tiers[0].env.lmdb.max_key_size() - _LEAVES_PREFIX
+
+    def _in_this_process(self) -> None:
+        """After a fork, reopen the tiers: the parent's environments are not usable here
+        (storage/env.py closes them in the child)."""
+        if self._pid != os.getpid():
+            self._open()
 
     def __enter__(self) -> TieredStore:
         return self
@@ -102,6 +118,7 @@ class TieredStore:
         A key already stored in any tier is not rewritten; it counts as an access. Returns,
         per key, True iff the page is stored; all False for the new pages when even
         evicting cannot make room on the filesystem."""
+        self._in_this_process()
         n = len(keys)
         raw_sizes = raw_sizes if raw_sizes is not None else [memoryview(v).nbytes for v in values]
         parents = parents if parents is not None else [None] * n
@@ -132,6 +149,7 @@ class TieredStore:
     def get(self, keys: Sequence[str]) -> list[bytearray | None]:
         """The verified value under each key, or None (absent or failed verification; a bad
         record is deleted and counted as ``corrupt``)."""
+        self._in_this_process()
         skeys = [self._key(k) for k in keys]
         values: list[bytearray | None] = [None] * len(keys)
         todo = list(range(len(keys)))
@@ -166,6 +184,7 @@ class TieredStore:
 
     def exists_prefix(self, keys: Sequence[str]) -> int:
         """How many of ``keys``, from the first, are stored (in any tier) without a gap."""
+        self._in_this_process()
         skeys = [self._key(k) for k in keys]
         present = [False] * len(keys)
         for tier in self.tiers:
@@ -178,6 +197,7 @@ class TieredStore:
 
     def clear(self) -> None:
         """Remove every page of this store's namespace from every tier."""
+        self._in_this_process()
         for t, tier in enumerate(self.tiers):
             keys = tier.keys_with_prefix(self.namespace)
             for start in range(0, len(keys), _CLEAR_BATCH):
@@ -187,6 +207,7 @@ class TieredStore:
 
     def flush(self) -> None:
         """Write the accesses remembered in memory into each tier's LRU order."""
+        self._in_this_process()
         self._last_flush = time.monotonic()
         for t in range(len(self.tiers)):
             if self._pending[t]:
@@ -196,6 +217,7 @@ class TieredStore:
         """Hook for pages moving into tier ``tier_name``: their value becomes ``recode(value)``
         (e.g. re-coded with the tier's stronger ``predictor``). If it raises, the page moves
         unchanged (and the error is logged)."""
+        self._in_this_process()
         for tier in self.tiers:
             if tier.name == tier_name:
                 tier.recode = recode
@@ -204,6 +226,7 @@ class TieredStore:
 
     def stats(self) -> dict:
         """Per tier: occupancy from the tier (all processes) and this process's events."""
+        self._in_this_process()
         with self._lock:
             events = [dict(e) for e in self._events]
         tiers = []
@@ -223,6 +246,9 @@ class TieredStore:
 
     def close(self) -> None:
         """Flush remembered accesses and release the tiers. Idempotent."""
+        if self._pid != os.getpid():
+            self.tiers = []  # a parent's, inherited through fork: closed by storage/env.py
+            return
         if self.tiers:
             self.flush()
         while self.tiers:
@@ -259,25 +285,38 @@ class TieredStore:
             self._events[t].update(events)
 
     def _commit(self, t: int, inserts: Sequence[Page] = (), removes: Sequence[bytes] = ()) -> list[bool]:
-        """One write transaction on tier t (with the accesses remembered for it); the pages
-        it evicts move down to tier t+1, recursively, or are dropped from the last tier."""
+        """One write transaction on tier t (with the accesses remembered for it). The pages it
+        evicts move down to tier t+1 (recursively), copied there before the commit removes
+        them here, or are dropped from the last tier."""
         with self._lock:
             touches = list(self._pending[t])
             self._pending[t].clear()
+        tier, above = self.tiers[t], self.tiers[:t]
         last = t == len(self.tiers) - 1
-        stored, victims = self.tiers[t].commit(inserts, touches, removes, keep_victims=not last,
-                                               above=self.tiers[:t])
+        copied: set[bytes] = set()
+        if not last:
+            incoming = sum(len(page.record) for page in inserts)
+            planned = tier.plan(touches, incoming, above)
+            if planned:
+                # Hottest first: commit() gives its first insert the newest tick.
+                self._commit(t + 1, inserts=self._recoded(t, planned[::-1]))
+                copied = {page.key for page in planned}
+        stored, victims = tier.commit(inserts, touches, removes, keep_victims=not last,
+                                      above=above, copied=copied)
         if victims:
             self._count(t, **{"evictions" if last else "demotions": len(victims)})
-            if not last:
-                # Hottest first: commit() gives its first insert the newest tick.
-                self._commit(t + 1, inserts=self._recoded(t, victims[::-1]))
+            # Not foreseen by the plan (another process changed the tier meanwhile, or the
+            # batch evicted its own pages): moved now.
+            rest = [page for page in victims if page.key not in copied]
+            if rest and not last:
+                self._commit(t + 1, inserts=self._recoded(t, rest[::-1]))
         return stored
 
     def _promote(self, t: int, pages: list[Page]) -> None:
-        # Removed below first, then written above: pages the first tier evicts straight back
-        # down land in tier t again. A crash in between loses them (a later miss, never a
-        # wrong page).
+        # Removed from tier t first, then written to the first tier: written first, the copies
+        # still below would crowd tier t when the first tier evicts into it. A crash in
+        # between loses these pages (a later miss); they are cached elsewhere by then (the
+        # caller has just read them).
         self._commit(t, removes=[page.key for page in pages])
         stored = self._commit(0, inserts=pages)
         self._count(t, promotions=sum(stored))

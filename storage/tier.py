@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import lmdb
@@ -160,6 +160,7 @@ class Tier:
         removes: Sequence[bytes] = (),
         keep_victims: bool = False,
         above: Sequence[Tier] = (),
+        copied: Collection[bytes] = (),
     ) -> tuple[list[bool], list[Page]]:
         """One write transaction: remove ``removes``, touch ``touches`` (oldest access first),
         insert ``inserts`` (in chain order; a key already here is touched instead), then evict
@@ -169,7 +170,8 @@ class Tier:
         Returns (stored, victims): ``stored[i]`` is True iff inserts[i] is in the tier after
         the commit (False: the filesystem has no room even after evicting as many bytes as
         the batch needs); ``victims`` are the evicted pages, with their records if
-        ``keep_victims`` (to move them down), else with empty records.
+        ``keep_victims`` and their key is not in ``copied`` (already moved down, see
+        ``plan``), else with empty records.
         """
 
         def body(txn: lmdb.Transaction) -> tuple[list[bool], list[Page]]:
@@ -182,7 +184,7 @@ class Tier:
                     w.touch(key)
                 for page in reversed(inserts):  # reversed: a chain's head gets the newest tick
                     w.insert(page)
-                victims = w.evict(self.capacity, keep_victims)
+                victims = w.evict(self.capacity, keep_victims, copied)
                 w.save()
                 return [True] * len(inserts), victims
 
@@ -200,6 +202,24 @@ class Tier:
         except NoRoom:
             return [False] * len(inserts), freed
         return stored, freed + victims
+
+    def plan(self, touches: Sequence[bytes], incoming: int, above: Sequence[Tier] = ()) -> list[Page]:
+        """The pages (with records) that a commit of ``touches`` and ``incoming`` more bytes
+        would evict, found by a dry run (an aborted write transaction). The store copies them
+        into the next tier before that commit, so a crash between the two leaves a page in
+        both tiers, never in neither."""
+        if self.counters()["bytes"] + incoming <= self.capacity:
+            return []
+
+        def body(txn: lmdb.Transaction) -> list[Page]:
+            with contextlib.ExitStack() as stack:
+                w = _Writer(txn, self, [(stack.enter_context(t.env.read()), t._children)
+                                        for t in above])
+                for key in touches:
+                    w.touch(key)
+                return w.evict(self.capacity - incoming, keep=True)
+
+        return self.env.write(body, commit=False)
 
 
 def _get_u64(txn: lmdb.Transaction, name: bytes, db) -> int:
@@ -293,8 +313,9 @@ class _Writer:
         self.counters[b"raw_bytes"] -= raw_size
         return Page(key, record, raw_size, parent or None)
 
-    def evict(self, limit: int, keep: bool) -> list[Page]:
-        """Remove coldest leaves until the tier holds at most ``limit`` bytes."""
+    def evict(self, limit: int, keep: bool, copied: Collection[bytes] = ()) -> list[Page]:
+        """Remove coldest leaves until the tier holds at most ``limit`` bytes; ``keep``: copy
+        the records of those not in ``copied``."""
         victims, in_use = [], set()
         while self.counters[b"bytes"] > limit:
             cursor = self.txn.cursor(db=self.t._leaves)
@@ -309,5 +330,5 @@ class _Writer:
                 if not cursor.first():
                     break
                 key = bytes(cursor.key())
-            victims.append(self.remove(key, keep))
+            victims.append(self.remove(key, keep and key not in copied))
         return victims
