@@ -33,6 +33,7 @@ SIGBUS instead of an error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -51,6 +52,9 @@ DUPSORT_DBS = (b"children",)
 MAX_READERS = 256
 MIN_MAP_SIZE = 64 << 20  # floor for tiny test capacities: LMDB's own pages need some room
 _SYNC_FLAGS = {"none": (False, False), "data": (True, False), "full": (True, True)}  # sync, metasync
+# Errors of a commit that mean the file could not grow: a full filesystem surfaces as
+# ENOSPC, or as EIO when LMDB's pwrite comes back short; EDQUOT and EFBIG are limits too.
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
 _UNSYNCED_MARKER = "unsynced_boot"
 _OPEN_LOCK = "speckv.lock"
 _LMDB_FILES = ("data.mdb", "lock.mdb")
@@ -237,9 +241,9 @@ class Env:
                 except lmdb.MapFullError:
                     seen = self.lmdb.info()["map_size"]
                 except lmdb.Error as e:
-                    if "No space left" in str(e):  # py-lmdb reports ENOSPC as a plain Error
-                        raise NoRoom(f"{self.where}: no space left on the filesystem of "
-                                     f"{self.path}") from e
+                    if getattr(e, "code", None) in _NO_ROOM_ERRNOS:
+                        raise NoRoom(f"{self.where}: cannot write to {self.path} ({e}); "
+                                     "is its filesystem full?") from e
                     raise
             if seen is None:
                 self._adopt_new_size()

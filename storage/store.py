@@ -43,7 +43,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import lmdb
+
 from . import record
+from .env import NoRoom
 from .keys import store_key
 from .tier import Page, Tier
 
@@ -51,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 _LEAVES_PREFIX = 8  # bytes the leaves index puts before a store key (storage/tier.py)
 _CLEAR_BATCH = 1024  # pages removed per transaction by clear(): bounds one txn's dirty pages
+# What a store operation survives as a miss or a failed write, logged: LMDB's errors (e.g. a
+# damaged file, EIO) and a full filesystem.
+_WRITE_FAILURES = (lmdb.Error, NoRoom)
 EVENTS = ("hits", "misses", "corrupt", "promotions", "demotions", "evictions")
 
 
@@ -157,7 +163,7 @@ class TieredStore:
             if not todo:
                 break
             missing, corrupt, promote = [], [], []
-            for i, found in zip(todo, tier.read([skeys[i] for i in todo])):
+            for i, found in zip(todo, self._read(tier, [skeys[i] for i in todo])):
                 if found is None:
                     missing.append(i)
                 elif not record.verify(skeys[i], found.header, found.value):
@@ -191,7 +197,7 @@ class TieredStore:
             todo = [i for i, p in enumerate(present) if not p]
             if not todo:
                 break
-            for i, p in zip(todo, tier.present([skeys[i] for i in todo])):
+            for i, p in zip(todo, self._present(tier, [skeys[i] for i in todo])):
                 present[i] = p
         return next((i for i, p in enumerate(present) if not p), len(keys))
 
@@ -270,10 +276,26 @@ class TieredStore:
             todo = [i for i, w in enumerate(where) if w is None]
             if not todo:
                 break
-            for i, p in zip(todo, tier.present([skeys[i] for i in todo])):
+            for i, p in zip(todo, self._present(tier, [skeys[i] for i in todo])):
                 if p:
                     where[i] = t
         return where
+
+    @staticmethod
+    def _read(tier: Tier, skeys: list[bytes]) -> list:
+        try:
+            return tier.read(skeys)
+        except lmdb.Error as e:  # a damaged tier: its pages are misses
+            logger.error("speckv store: reading tier %r failed: %s", tier.name, e)
+            return [None] * len(skeys)
+
+    @staticmethod
+    def _present(tier: Tier, skeys: list[bytes]) -> list[bool]:
+        try:
+            return tier.present(skeys)
+        except lmdb.Error as e:
+            logger.error("speckv store: reading tier %r failed: %s", tier.name, e)
+            return [False] * len(skeys)
 
     def _note_access(self, t: int, skey: bytes) -> None:
         with self._lock:
@@ -287,26 +309,31 @@ class TieredStore:
     def _commit(self, t: int, inserts: Sequence[Page] = (), removes: Sequence[bytes] = ()) -> list[bool]:
         """One write transaction on tier t (with the accesses remembered for it). The pages it
         evicts move down to tier t+1 (recursively), copied there before the commit removes
-        them here, or are dropped from the last tier."""
+        them here, or are dropped from the last tier. A failure to write (a full or failing
+        disk) is logged and reported as False for every insert."""
         with self._lock:
             touches = list(self._pending[t])
             self._pending[t].clear()
         tier, above = self.tiers[t], self.tiers[:t]
         last = t == len(self.tiers) - 1
         copied: set[bytes] = set()
-        if not last:
-            incoming = sum(len(page.record) for page in inserts)
-            planned = tier.plan(touches, incoming, above)
-            if planned:
-                # Hottest first: commit() gives its first insert the newest tick.
-                self._commit(t + 1, inserts=self._recoded(t, planned[::-1]))
-                copied = {page.key for page in planned}
-        stored, victims = tier.commit(inserts, touches, removes, keep_victims=not last,
-                                      above=above, copied=copied)
+        try:
+            if not last:
+                incoming = sum(len(page.record) for page in inserts)
+                planned = tier.plan(touches, incoming, above)
+                if planned:
+                    # Hottest first: commit() gives its first insert the newest tick.
+                    self._commit(t + 1, inserts=self._recoded(t, planned[::-1]))
+                    copied = {page.key for page in planned}
+            stored, victims = tier.commit(inserts, touches, removes, keep_victims=not last,
+                                          above=above, copied=copied)
+        except _WRITE_FAILURES as e:
+            logger.error("speckv store: writing to tier %r failed: %s", tier.name, e)
+            return [False] * len(inserts)
         if victims:
             self._count(t, **{"evictions" if last else "demotions": len(victims)})
-            # Not foreseen by the plan (another process changed the tier meanwhile, or the
-            # batch evicted its own pages): moved now.
+            # Not foreseen by the plan (another process changed the tier meanwhile, the
+            # batch evicted its own pages, or the disk was full): moved now.
             rest = [page for page in victims if page.key not in copied]
             if rest and not last:
                 self._commit(t + 1, inserts=self._recoded(t, rest[::-1]))

@@ -193,13 +193,16 @@ class Tier:
         except NoRoom:
             if not inserts:
                 raise
-        # The map cannot grow: free as many bytes as the batch needs (pages freed by one
-        # transaction are reusable only by the next), then try once more.
+        # The file cannot grow: free as many bytes as the batch needs, then try once more.
+        # LMDB reuses pages freed by transaction N from transaction N+2 on (snapshot N-1,
+        # which still uses them, stays valid until then): one more commit in between.
         need = sum(len(page.record) for page in inserts)
-        _, freed = self.env.write(lambda txn: _evict_only(txn, self, need, keep_victims))
+        freed: list[Page] = []
         try:
+            _, freed = self.env.write(lambda txn: _evict_only(txn, self, need, keep_victims))
+            self.env.write(lambda txn: _evict_only(txn, self, 0, keep_victims))
             stored, victims = self.env.write(body)
-        except NoRoom:
+        except NoRoom:  # not even room to evict (the filesystem is full to the last byte)
             return [False] * len(inserts), freed
         return stored, freed + victims
 
