@@ -168,7 +168,7 @@ def bits_from_keys(keys: torch.Tensor, dtype: str) -> torch.Tensor:
 # ---- Parameter quantisation (the only float -> int step) --------------------------------
 
 
-def _pow2_f64(n: torch.Tensor) -> torch.Tensor:
+def pow2_f64(n: torch.Tensor) -> torch.Tensor:
     """2.0^n as float64, built from its bits (exact; n int64 within the normal range)."""
     return ((n + 1023) << 52).view(torch.float64)
 
@@ -197,7 +197,7 @@ def quantize_params(mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor
     m = torch.where(torch.isnan(m), torch.zeros_like(m), m)
     m = m.clamp(-MU_INF, MU_INF)  # +-inf -> +-2^100
     e, m = torch.broadcast_tensors(e, m)
-    mu_q = torch.round(m * _pow2_f64(F - e)).clamp(-X_MAX, X_MAX).to(torch.int64)
+    mu_q = torch.round(m * pow2_f64(F - e)).clamp(-X_MAX, X_MAX).to(torch.int64)
     r = r.expand_as(e)
     return mu_q, e, r
 
@@ -357,6 +357,22 @@ def cdf_inner(
     return keys + ((g * (M - (1 << symbol_bits(dtype)))) >> 32)
 
 
+def cdf_prepared(
+    keys: torch.Tensor,
+    two_mu_q: torch.Tensor,
+    off: torch.Tensor,
+    inv: torch.Tensor,
+    dtype: str,
+    w_wide: int,
+    kappa: int,
+) -> torch.Tensor:
+    """C(k) for keys in [0, 2^B] from ``prepare``'s invariants (cdf_inner plus the ends)."""
+    top = 1 << symbol_bits(dtype)
+    inner = cdf_inner(keys.clamp(1, top - 1), two_mu_q, off, inv, dtype, w_wide, kappa)
+    c = torch.where(keys <= 0, torch.zeros_like(inner), inner)
+    return torch.where(keys >= top, torch.full_like(c, M), c)
+
+
 def cdf(
     keys: torch.Tensor,
     mu_q: torch.Tensor,
@@ -369,10 +385,7 @@ def cdf(
     """C(k) for keys in [0, 2^B] (broadcast against the quantised parameters): C(0) = 0,
     C(2^B) = M, strictly increasing. See the module docstring for the contract."""
     check_mixture(w_wide, kappa)
-    top = 1 << symbol_bits(dtype)
-    inner = cdf_inner(keys.clamp(1, top - 1), *prepare(mu_q, e, r), dtype, w_wide, kappa)
-    c = torch.where(keys <= 0, torch.zeros_like(inner), inner)
-    return torch.where(keys >= top, torch.full_like(c, M), c)
+    return cdf_prepared(keys, *prepare(mu_q, e, r), dtype, w_wide, kappa)
 
 
 def check_mixture(w_wide: int, kappa: int) -> None:

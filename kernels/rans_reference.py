@@ -40,6 +40,8 @@ Run ``python -m sglang_speckv.kernels.rans_reference`` for the self-check and it
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sglang_speckv.kernels import entropy_model as em
@@ -49,11 +51,19 @@ WORD_BITS = 32  # the coder emits and reads 32-bit words
 WORD_MASK = (1 << WORD_BITS) - 1
 # Renormalisation bound x_max = freq << ENC_SHIFT (see the module docstring).
 ENC_SHIFT = WORD_BITS + 31 - em.PROB_BITS  # 35
-# The decoder's symbol search resolves SEARCH_BITS bits of the key per level by evaluating C
-# at 2^SEARCH_BITS - 1 candidate keys at once: 4 levels for 16-bit symbols, 2 for fp8. In
-# torch on a CPU each level costs a fixed ~30 dispatches, so fewer, wider levels win until
-# the per-element work dominates (measured in __main__).
+# The decoder's symbol search. It first *guesses* the key (float arithmetic, any error only
+# costs time), then checks C exactly at the guess and WINDOW keys on either side; lanes
+# whose slot falls outside that window (a few in 10^4 in the body of the distribution: keys
+# denser than the guess is accurate, far tails, NaNs) take the exact k-ary search, which
+# resolves SEARCH_BITS bits of the key per level with 2^SEARCH_BITS - 1 candidates at once
+# (4 levels for 16-bit symbols, 2 for fp8). The result is the unique k with
+# C(k) <= slot < C(k+1) either way: only integer C values decide it.
+WINDOW = 2
 SEARCH_BITS = 4
+# The guess inverts the mixture through a table of its quantiles: t at which
+# G = (256 - w) phi(t) + w phi(t >> kappa) crosses i / 2^QUANTILE_BITS of 2^32, linearly
+# interpolated; 2^16 cells put the interpolation error far below a key in the body.
+QUANTILE_BITS = 16
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
@@ -126,6 +136,31 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     return words, lane_words
 
 
+@functools.cache
+def _quantile_table(w_wide: int, kappa: int) -> torch.Tensor:
+    """float64 [2^QUANTILE_BITS + 1]: entry i is the smallest t (units of sigma/2^T_BITS)
+    with G(t) >= i * 2^(32 - QUANTILE_BITS), found by integer bisection on em.phi."""
+    table = em.phi_table()
+    target = torch.arange((1 << QUANTILE_BITS) + 1, dtype=torch.int64) << (32 - QUANTILE_BITS)
+    lo = torch.full_like(target, -((em.T_MAX << kappa) + 1))  # G(lo) = 0 <= target
+    hi = torch.full_like(target, em.T_MAX << kappa)  # G(hi) = 2^32 >= target
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) >> 1
+        g = (em.W_TOTAL - w_wide) * em.phi(mid, table) + w_wide * em.phi(mid >> kappa, table)
+        above = g >= target
+        hi = torch.where(above, mid, hi)
+        lo = torch.where(above, lo, mid)
+    return hi.to(torch.float64)
+
+
+def _nearest_key(v: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The key of the dtype value nearest to float64 v (clamped to the finite range)."""
+    torch_dtype = em.TORCH_DTYPES[dtype]
+    top = torch.finfo(torch_dtype).max
+    x = v.nan_to_num(0.0).clamp(-top, top).to(torch.float32).to(torch_dtype)
+    return em.keys_from_bits(em.storage_bits(x), dtype)
+
+
 class Decoder:
     """Staged decoder for P pages coded by ``encode`` with the same lane count.
 
@@ -157,6 +192,8 @@ class Decoder:
         if em.symbol_bits(dtype) % SEARCH_BITS:
             raise ValueError(f"{dtype}: symbol bits must be a multiple of SEARCH_BITS={SEARCH_BITS}")
         self.dtype, self.w_wide, self.kappa = dtype, w_wide, kappa
+        self.quantiles = _quantile_table(w_wide, kappa).to(words.device)
+        self.offsets = torch.arange(-WINDOW, WINDOW + 2, device=words.device)  # [2W + 2]
         self.position = 0  # symbols of each page decoded so far
         # an empty stream still gets one (zero) word so that every gather below is in bounds
         self.words = words if words.numel() else torch.zeros(1, dtype=torch.int64, device=words.device)
@@ -173,7 +210,8 @@ class Decoder:
         self.ptr = starts + 2
 
     def _search(self, slot, two_mu_q, off, inv):
-        """The key k with C(k) <= slot < C(k+1), and (C(k), C(k+1)). All [lanes]."""
+        """Exact k-ary search: the key k with C(k) <= slot < C(k+1), and (C(k), C(k+1)).
+        All [lanes]."""
         lo = torch.zeros_like(slot)
         c_lo = torch.zeros_like(slot)  # C(lo)
         c_hi = torch.full_like(slot, em.M)  # C(lo + 2^(shift + SEARCH_BITS)); C(2^B) = M
@@ -189,6 +227,34 @@ class Decoder:
             lo = lo + (d << shift)
         return lo, c_lo, c_hi
 
+    def _guess_and_check(self, slot, params, guide):
+        """The key for each lane's slot and (C(k), C(k+1)): guess, check a window, and fall
+        back to the exact search for lanes outside it. params: prepare()'s invariants;
+        guide: (mu, sigma per t unit, key of mu) as float64/float64/int64. All [lanes].
+        G^-1 of the slot is where the key's value should be; C(k) = k + G W / 2^32 needs k
+        itself, so the guess is made twice, first with the key of mu in its place."""
+        mu_f, sig_f, guess = guide
+        floor_free = em.M - (1 << em.symbol_bits(self.dtype))  # counts G is spread over
+        for _ in range(2):  # the second pass corrects the floor's +k with the first guess
+            u = (slot - guess).clamp(0, floor_free).to(torch.float64) * ((1 << QUANTILE_BITS) / floor_free)
+            i = u.to(torch.int64).clamp(max=(1 << QUANTILE_BITS) - 1)
+            t_lo = em.lookup(self.quantiles, i)
+            t = t_lo + (em.lookup(self.quantiles, i + 1) - t_lo) * (u - i)  # G^-1(slot - k)
+            guess = _nearest_key(mu_f + sig_f * t, self.dtype)
+        cand = (guess[:, None] + self.offsets).clamp(0, 1 << em.symbol_bits(self.dtype))  # [lanes, 2W + 2]
+        c = em.cdf_prepared(cand, *(p[:, None] for p in params), self.dtype, self.w_wide, self.kappa)
+        d = (c <= slot[:, None]).sum(dim=1) - 1  # last candidate with C <= slot
+        d = d.clamp(0, 2 * WINDOW)[:, None]
+        k = cand.gather(1, d).squeeze(1)
+        c_lo = c.gather(1, d).squeeze(1)
+        c_hi = c.gather(1, d + 1).squeeze(1)
+        miss = ((c[:, 0] > slot) | (c[:, -1] <= slot)).nonzero().squeeze(1)
+        if miss.numel():
+            found = self._search(slot[miss], *(p[miss] for p in params))
+            for full, part in zip((k, c_lo, c_hi), found):
+                full[miss] = part
+        return k, c_lo, c_hi
+
     def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page."""
         squeeze = mu_q.dim() == 1
@@ -200,26 +266,35 @@ class Decoder:
                 f"{self.num_pages} pages of {self.num_symbols} symbols"
             )
         first, nl = self.position, self.num_lanes
-        # Per-symbol invariants of C as [steps, lanes] grids; pads are harmless valid params.
+        # Per-symbol invariants of C, and the guess's float view of the parameters (exact
+        # products with powers of two), as [steps, lanes] grids; pads are harmless values.
         two_mu_q, off, inv = em.prepare(mu_q, e, r)
-        mu_g = _to_grid(two_mu_q, first, nl, 0)
-        off_g = _to_grid(off, first, nl, em.F)
-        inv_g = _to_grid(inv, first, nl, (1 << 32) >> em.R)
+        mu_f = mu_q.to(torch.float64) * em.pow2_f64(e - em.F)
+        sig_f = r.to(torch.float64) * em.pow2_f64(e - em.R - em.T_BITS)
+        grids = [
+            _to_grid(two_mu_q, first, nl, 0),
+            _to_grid(off, first, nl, em.F),
+            _to_grid(inv, first, nl, (1 << 32) >> em.R),
+            _to_grid(mu_f, first, nl, 0),
+            _to_grid(sig_f, first, nl, 1),
+            _to_grid(_nearest_key(mu_f, self.dtype), first, nl, 0),
+        ]
+        steps = grids[0].shape[0]
         # Which (step, lane) cells hold a symbol of this stage: [steps, NL] -> lanes.
-        cell = torch.arange(mu_g.shape[0] * nl, device=mu_q.device).view(-1, nl) + (first - first % nl)
+        cell = torch.arange(steps * nl, device=mu_q.device).view(-1, nl) + (first - first % nl)
         active_g = ((cell >= first) & (cell < first + n)).repeat(1, self.num_pages)
-        keys_g = torch.empty_like(mu_g)
+        keys_g = torch.empty_like(grids[0])
         last_word = self.words.numel() - 1
         x, ptr = self.x, self.ptr
-        for s in range(mu_g.shape[0]):
+        for s in range(steps):
             slot = x & (em.M - 1)
-            k, c_lo, c_hi = self._search(slot, mu_g[s], off_g[s], inv_g[s])
+            k, c_lo, c_hi = self._guess_and_check(slot, [g[s] for g in grids[:3]], [g[s] for g in grids[3:]])
             x_new = (c_hi - c_lo) * (x >> em.PROB_BITS) + slot - c_lo
             need = x_new < RANS_L
             w = self.words[ptr.clamp(max=last_word)]  # reads past a lane are caught in finish
             x_new = torch.where(need, (x_new << WORD_BITS) | w, x_new)
             ptr_new = ptr + need
-            if s == 0 or s == mu_g.shape[0] - 1:  # only the ends of a stage are ragged
+            if s == 0 or s == steps - 1:  # only the ends of a stage are ragged
                 act = active_g[s]
                 x_new = torch.where(act, x_new, x)
                 ptr_new = torch.where(act, ptr_new, ptr)
@@ -246,6 +321,7 @@ def _self_check() -> None:
     import time
 
     torch.manual_seed(0)
+    em.phi_table()  # built once per process: not part of the timings
     for dtype, n, num_lanes in (("bf16", 1 << 18, 1024), ("fp8_e4m3", 1 << 18, 1024)):
         torch_dtype = em.TORCH_DTYPES[dtype]
         scale = 1.0 if dtype == "bf16" else 16.0
@@ -256,6 +332,8 @@ def _self_check() -> None:
         mu_q, e, r = em.quantize_params(mu, sigma)
         raw_mb = n * values.element_size() / 1e6
 
+        em.key_fields(dtype, "cpu")
+        _quantile_table(em.W_WIDE, em.KAPPA)
         t0 = time.perf_counter()
         cum = em.cdf(keys, mu_q, e, r, dtype)
         freq = em.cdf(keys + 1, mu_q, e, r, dtype) - cum
@@ -269,7 +347,8 @@ def _self_check() -> None:
 
         ideal = float((em.PROB_BITS - torch.log2(freq.double())).sum())
         print(
-            f"{dtype}: {n} symbols, {num_lanes} lanes: {words.numel() * 32 / n:.4f} bits/symbol "
+            f"{dtype}: {n} symbols, {num_lanes} lanes, {torch.get_num_threads()} threads: "
+            f"{words.numel() * 32 / n:.4f} bits/symbol "
             f"(ideal {ideal / n:.4f}); encode {raw_mb / (t1 - t0):.1f} MB/s, "
             f"decode {raw_mb / (t2 - t1):.1f} MB/s; round trip {'OK' if ok and torch.equal(got, keys) else 'FAILED'}"
         )
