@@ -32,9 +32,12 @@ from pathlib import Path
 
 import requests as http
 
-from sglang_speckv.replay.synth import DEFAULT_VOCAB, chunk_tokens
+from sglang_speckv.replay.synth import DEFAULT_VOCAB, chunk_tokens, key_of
 from sglang_speckv.replay.traces import Request
 
+# Prompt tokens of the warm-up request: fewer than the page sizes `speckv serve` uses (16 on
+# the CPU engine, 64 on GPUs), so it leaves no full page behind in L3.
+WARMUP_TOKENS = 8
 # Texts per /tokenize call: large enough to amortise the round trip, small enough to keep a
 # single call well under its timeout on a slow CPU server.
 TOKENIZE_BATCH = 64
@@ -90,6 +93,14 @@ class Server:
             raise ServerError(f"no server at {self.url} ({e}); start one with `speckv serve`") from None
         if resp.status_code != 200:
             raise ServerError(f"{self.url}/health: HTTP {resp.status_code}; is the server still starting?")
+
+    def warm_up(self) -> None:
+        """One tiny request, so that the first request of the trace does not pay the
+        server's lazy start-up (tens of seconds on CPU). Its WARMUP_TOKENS tokens are fewer
+        than a page, so nothing of it is stored in L3."""
+        ids = chunk_tokens(key_of("warm-up"), WARMUP_TOKENS).tolist()
+        payload = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+        self._post("/generate", payload)
 
     def flush_cache(self) -> None:
         """Drop the device and host caches (L1, L2); the storage backend keeps its pages."""
@@ -327,11 +338,31 @@ def directory_stats(path: Path) -> Callable[[], dict | None]:
     return read
 
 
+def speckv_stats(path: Path) -> Callable[[], dict | None]:
+    """Stored bytes of a speckv server: its backend's stats file (config ``stats_file``,
+    rewritten atomically at most once a second while the backend works; sglang_speckv/
+    backend.py). Per tier: ``bytes`` as stored (records of coded pages) and ``raw_bytes``
+    (the same pages uncoded). None until the server has written the file."""
+
+    def read() -> dict | None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ServerError(f"--store {path}: unreadable speckv stats file ({e})") from None
+        tiers = (data.get("store") or {}).get("tiers")
+        if not isinstance(tiers, list):
+            raise ServerError(f"--store {path}: no store.tiers in this stats file; is it a speckv stats_file?")
+        return {t["name"]: {"raw_bytes": t["raw_bytes"], "coded_bytes": t["bytes"], "pages": t["pages"]} for t in tiers}
+
+    return read
+
+
 def store_stats_reader(path: Path) -> Callable[[], dict | None]:
-    """The stored-bytes sampler for a ``--store`` path."""
-    if not Path(path).is_dir():
-        raise ValueError(f"--store {path}: not a directory")
-    return directory_stats(path)
+    """The stored-bytes sampler for a ``--store`` path: a directory is a file-per-page
+    backend's (sizes of its files); anything else is a speckv stats file."""
+    return directory_stats(path) if Path(path).is_dir() else speckv_stats(path)
 
 
 # ----------------------------------------------------------------------------- command
@@ -344,8 +375,8 @@ def replay_command(parser: argparse.ArgumentParser):
     parser.add_argument("--compare", default=None, help="a second server URL: the same trace replayed against it, side by side")
     parser.add_argument("--labels", default=None, help="names of the servers in the report, e.g. speckv,file")
     parser.add_argument("--store", action="append", default=[], metavar="PATH",
-                        help="where a server's store keeps its bytes, sampled for the stored-bytes figures: "
-                             "repeat in server order; see docs/TUNING.md")
+                        help="what to sample for a server's stored bytes, once per --store, in server order: "
+                             "a speckv stats_file (JSON) or the directory of a file-per-page backend")
     parser.add_argument("--block-tokens", type=int, default=None, help="tokens per Mooncake block (default 512); "
                         "shrinks prompts and outputs to fit a small model, keeping the sharing")
     parser.add_argument("--max-output-tokens", type=int, default=None, help="cap on each request's output tokens")
@@ -358,7 +389,8 @@ def replay_command(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthesised tokens (default 0)")
     parser.add_argument("--vocab", default=f"{DEFAULT_VOCAB[0]}:{DEFAULT_VOCAB[1]}",
                         help="token id range LOW:HIGH of synthesised tokens (default %(default)s)")
-    parser.add_argument("--no-flush", action="store_true", help="do not flush the device and host caches before each run")
+    parser.add_argument("--no-flush", action="store_true",
+                        help="do not flush the device and host caches (after a warm-up request) before each run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return run_replay
 
@@ -396,6 +428,7 @@ def run_replay(args: argparse.Namespace) -> int:
         server = Server(url, args.request_timeout)
         try:
             server.health()
+            server.warm_up()
             if not args.no_flush:
                 server.flush_cache()
             stats = store_stats_reader(Path(args.store[k])) if k < len(args.store) else None

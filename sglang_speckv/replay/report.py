@@ -17,9 +17,10 @@ from sglang_speckv.replay.simulate import SimResult, format_size
 TIERS = ("device", "host", "storage")  # SGLang's cached_tokens_details, fastest first
 TIER_COLORS = {"device": "#4c72b0", "host": "#55a868", "storage": "#c44e52"}
 PERCENTILES = (50, 90, 99)
-# Bins of the hit-rate-over-time plot: enough to see a cache warm up, few enough that each
-# bin holds several requests in a short replay.
+# Bars of the hit-rate-over-time plot: enough to see a cache warm up; each holds at least
+# MIN_PER_BIN requests so that one request does not make a bar.
 TIME_BINS = 20
+MIN_PER_BIN = 3
 
 
 def _plt():
@@ -156,30 +157,28 @@ def plot_ttft_cdf(data: dict, path: Path) -> None:
 
 
 def plot_hit_rate(data: dict, path: Path) -> None:
-    """Per run: share of prompt tokens served by each tier, by request start time."""
+    """Per run: share of prompt tokens served by each tier, in consecutive groups of
+    requests (by start time), drawn as stacked bars spanning each group's time range."""
     plt = _plt()
     runs = data["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), sharey=True, squeeze=False)
     for ax, run in zip(axes[0], runs):
-        ok = [r for r in run["requests"] if r["error"] is None and r["prompt_tokens"]]
-        if ok:
-            end = max(r["start_s"] for r in ok) or 1.0
-            edges = np.linspace(0, end * (1 + 1e-9), TIME_BINS + 1)
-            which = np.clip(np.digitize([r["start_s"] for r in ok], edges) - 1, 0, TIME_BINS - 1)
-            prompt = np.bincount(which, [r["prompt_tokens"] for r in ok], TIME_BINS)
-            shares = [
-                np.divide(np.bincount(which, [r["cached"].get(t, 0) for r in ok], TIME_BINS), prompt,
-                          out=np.zeros(TIME_BINS), where=prompt > 0)
-                for t in TIERS
-            ]
-            mid = (edges[:-1] + edges[1:]) / 2
-            ax.stackplot(mid, shares, labels=TIERS, colors=[TIER_COLORS[t] for t in TIERS], alpha=0.85)
+        ok = sorted((r for r in run["requests"] if r["error"] is None and r["prompt_tokens"]), key=lambda r: r["start_s"])
+        groups = [g for g in np.array_split(np.arange(len(ok)), min(TIME_BINS, max(1, len(ok) // MIN_PER_BIN))) if len(g)]
+        bottom = np.zeros(len(groups))
+        left = np.array([ok[g[0]]["start_s"] for g in groups])
+        right = np.append(left[1:], max(run["summary"]["seconds"], left[-1] + 1e-3)) if groups else left
+        for t in TIERS:
+            share = np.array([sum(ok[k]["cached"].get(t, 0) for k in g) / sum(ok[k]["prompt_tokens"] for k in g) for g in groups])
+            ax.bar(left, share, width=right - left, bottom=bottom, align="edge", color=TIER_COLORS[t], label=t,
+                   edgecolor="white", linewidth=0.5)
+            bottom += share
         ax.set_title(f"{run['label']}: {run['summary']['hit_rate']['total']:.0%} of prompt tokens cached")
         ax.set_xlabel("request start (s)")
         ax.set_ylim(0, 1)
-        ax.grid(True, alpha=0.3)
+        ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].set_ylabel("share of prompt tokens cached")
-    axes[0][-1].legend(loc="upper left", title="served from")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), title="served from")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

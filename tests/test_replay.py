@@ -1,0 +1,132 @@
+"""``speckv replay``: the report arithmetic offline, then a short replay of the real Mooncake
+trace against a real CPU SGLang server with speckv as its L3 tier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sglang_speckv.cli import main
+from sglang_speckv.replay.client import Result, Run
+from sglang_speckv.replay.report import summarize, write_replay_report
+from sglang_speckv.replay.traces import load_trace
+
+MOONCAKE = Path(__file__).parents[1] / "examples" / "traces" / "mooncake_conversation_trace.jsonl.gz"
+
+
+def _run(label: str, results: list[Result], samples: list[dict] | None = None) -> Run:
+    return Run(label, "http://127.0.0.1:1", results, samples or [], seconds=10.0, stopped=None)
+
+
+def _result(i: int, ttft: float, prompt: int, cached: dict, error: str | None = None) -> Result:
+    return Result(i, None, release_s=float(i), start_s=i + 0.5, ttft_s=ttft, e2e_s=ttft + 1, prompt_tokens=prompt,
+                  output_tokens=4, cached=cached, error=error)
+
+
+def test_summary_and_report(tmp_path):
+    results = [
+        _result(0, 1.0, 100, {"device": 0, "host": 0, "storage": 0}),
+        _result(1, 2.0, 100, {"device": 20, "host": 10, "storage": 50}),
+        _result(2, 3.0, 200, {"device": 0, "host": 0, "storage": 100}),
+        _result(3, 9.0, 999, {"device": 999}, error="HTTP 500: boom"),  # failed: counted apart
+    ]
+    samples = [{"t": 1.0, "tiers": {"ram": {"raw_bytes": 0, "coded_bytes": 0, "pages": 0}}},
+               {"t": 9.0, "tiers": {"ram": {"raw_bytes": 3000, "coded_bytes": 1000, "pages": 3}}}]
+    s = summarize(_run("speckv", results, samples))
+    assert (s["requests"], s["ok"], s["errors"]) == (4, 3, 1)
+    assert s["error_examples"] == ["HTTP 500: boom"]
+    assert s["prompt_tokens"] == 400
+    assert s["hit_rate"] == pytest.approx({"device": 0.05, "host": 0.025, "storage": 0.375, "total": 0.45})
+    assert s["ttft_ms"]["p50"] == pytest.approx(2000) and s["ttft_ms"]["mean"] == pytest.approx(2000)
+    assert s["queue_ms"]["p50"] == pytest.approx(500)
+    assert s["store_ratio"] == {"ram": 3.0, "total": 3.0}
+
+    other = _run("file", results[:2])
+    paths = write_replay_report(tmp_path, {"trace": "t.jsonl", "requests": 4, "speedup": 1.0, "concurrency": 2,
+                                           "seed": 0}, [_run("speckv", results, samples), other])
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert {p.name for p in paths} >= {"replay.json", "REPLAY.md", "ttft_cdf.png", "hit_rate.png", "stored_bytes.png"}
+    md = (tmp_path / "REPLAY.md").read_text()
+    assert "| hit rate storage | 37.5% | 25.0% |" in md
+    assert "| ratio raw / stored | 3.00x | - |" in md
+    assert "`HTTP 500: boom`" in md
+    data = json.loads((tmp_path / "replay.json").read_text())
+    assert "output_ids" not in data["runs"][0]["requests"][0]
+
+
+def test_bad_arguments(capsys):
+    assert main(["replay", "--trace", "gen:sessions=1", "--url", "http://127.0.0.1:1", "--report", "/tmp/x",
+                 "--labels", "a,b"]) == 2
+    assert "--labels names 2 servers" in capsys.readouterr().err
+    assert main(["replay", "--trace", "nope.jsonl", "--url", "http://127.0.0.1:1", "--report", "/tmp/x"]) == 2
+    assert "no such trace file" in capsys.readouterr().err
+
+
+def test_no_server(tmp_path, capsys):
+    # Port 1 on loopback: nothing listens; the replay says so and writes nothing.
+    assert main(["replay", "--trace", "gen:sessions=1", "--url", "http://127.0.0.1:1", "--report", str(tmp_path / "r"),
+                 "--request-timeout", "5"]) == 1
+    assert "no server at http://127.0.0.1:1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- real server
+
+
+@pytest.fixture(scope="module")
+def speckv_server(tmp_path_factory):
+    """A real CPU SGLang server with speckv (one ram tier in a temporary directory) and its
+    stats file."""
+    from sglang_speckv.testing import SGLangServer
+
+    root = tmp_path_factory.mktemp("speckv")
+    stats = root / "stats.json"
+    config = root / "speckv.toml"
+    config.write_text(
+        f'stats_file = "{stats}"\n'
+        f'[[tiers]]\nname = "ram"\npath = "{root / "ram"}"\ncapacity = "256MiB"\nsync = "none"\n'
+    )
+    with SGLangServer(["--hicache-storage", "speckv", "--speckv-config", str(config)],
+                      log_path=root / "server.log") as server:
+        yield server, stats
+
+
+@pytest.mark.server
+def test_replay_against_a_real_server(speckv_server, tmp_path):
+    """The first Mooncake requests (blocks shrunk to 32 tokens) twice against one server: a
+    cold run, then the same trace after /flush_cache has emptied the device and host caches,
+    so the shared prefixes can only come back from speckv's store."""
+    server, stats = speckv_server
+    report = tmp_path / "report"
+    rc = main(["replay", "--trace", str(MOONCAKE), "--url", server.url, "--compare", server.url,
+               "--labels", "cold,after-flush", "--block-tokens", "32", "--max-requests", "8",
+               "--max-output-tokens", "4", "--speedup", "1000", "--concurrency", "2",
+               "--store", str(stats), "--store", str(stats), "--report", str(report), "--no-progress"])
+    assert rc == 0, server.log_tail()
+    data = json.loads((report / "replay.json").read_text())
+    cold, warm = (run["summary"] for run in data["runs"])
+    assert cold["errors"] == 0 and warm["errors"] == 0, (cold["error_examples"], warm["error_examples"])
+    assert cold["ok"] == warm["ok"] == 8
+    assert warm["cached_tokens"]["storage"] > 0
+    assert warm["hit_rate"]["storage"] > cold["hit_rate"]["storage"]
+    assert all(r["output_tokens"] == 4 and r["ttft_s"] > 0 for run in data["runs"] for r in run["requests"])
+    # speckv's stats file gave the stored bytes: raw vs as stored
+    assert warm["stored_raw_bytes"] > 0 and warm["stored_coded_bytes"] > 0
+    assert warm["store_ratio"]["total"] > 1.0
+    for name in ("REPLAY.md", "ttft_cdf.png", "hit_rate.png", "stored_bytes.png"):
+        assert (report / name).stat().st_size > 0
+    assert "| hit rate storage |" in (report / "REPLAY.md").read_text()
+
+
+@pytest.mark.server
+def test_replay_time_limit_gives_a_partial_report(speckv_server, tmp_path):
+    server, _ = speckv_server
+    spec = "gen:sessions=3,turns=4,system=64,tools=64,user=16,tool_output=32,reply=4,think=0"
+    rc = main(["replay", "--trace", spec, "--url", server.url, "--time-limit", "3", "--concurrency", "1", "--report", str(tmp_path),
+               "--no-progress"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "replay.json").read_text())["runs"][0]["summary"]
+    assert summary["stopped"] == "time limit"
+    assert summary["requests"] < len(load_trace(spec))  # the later turns were never sent
