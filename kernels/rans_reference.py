@@ -28,9 +28,10 @@ State bounds (all arithmetic is int64, never overflows):
 * Every lane starts encoding at x = L; after decoding its last step the state must be L
   again and all its words consumed (an integrity check for free).
 
-A padded step with (cum, freq) = (0, M) is the identity for both encoder and decoder
-(x // M << 28 + x % M = x, and x < M << 35 = 2^63 never emits): the encoder pads ragged
-lanes this way instead of masking.
+A padded step with (cum, freq) = (0, M) is the identity for the encoder (x // M << 28 +
+x % M = x, and x < M << 35 = 2^63 never emits): the encoder pads ragged lanes this way
+instead of masking. M << 35 itself does not fit int64, so the encoder tests
+x > ((freq - 1) << 35) + (2^35 - 1) (at most 2^63 - 1), which is x >= freq << 35.
 
 Minimal API: ``encode(cum, freq, num_lanes) -> (words, lane_words)`` and ``Decoder``
 (staged: ``decode(mu_q, e, r)`` for the next n symbols of every page, then ``finish()``).
@@ -113,14 +114,14 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     # Everything per-symbol happens here, before the loop: [steps, P * NL] grids.
     cum_g = _to_grid(cum, 0, num_lanes, 0)
     freq_g = _to_grid(freq, 0, num_lanes, em.M)  # (0, M) pads are identity steps
-    x_max_g = freq_g << ENC_SHIFT
+    x_lim_g = ((freq_g - 1) << ENC_SHIFT) | ((1 << ENC_SHIFT) - 1)  # x_max - 1, fits int64
     steps, lanes = cum_g.shape
     out = torch.empty((steps, lanes), dtype=torch.int64, device=cum.device)
     emitted = torch.empty((steps, lanes), dtype=torch.bool, device=cum.device)
 
     x = torch.full((lanes,), RANS_L, dtype=torch.int64, device=cum.device)
     for s in range(steps - 1, -1, -1):  # in reverse (warning 1)
-        emit = x >= x_max_g[s]
+        emit = x > x_lim_g[s]
         out[s] = x & WORD_MASK
         emitted[s] = emit
         x = torch.where(emit, x >> WORD_BITS, x)
