@@ -230,8 +230,7 @@ def cdf(
     """entropy_model.cdf in one kernel: C(k) for int64 keys in [0, 2^B], broadcast against
     the quantised int64 parameters (mu_q, e, r from quantize_params). Same result, bit for
     bit; int64 output of the broadcast shape."""
-    if not (0 <= w_wide < em.W_TOTAL and 0 <= kappa <= em.KAPPA_MAX):
-        raise ValueError(f"w_wide must be in [0, 255] and kappa in [0, 7]; got {w_wide}, {kappa}")
+    em.check_mixture(w_wide, kappa)
     em.symbol_bits(dtype)  # a clear error for an unknown dtype name
     bits, man_bits, bias, fn_nan = em.DTYPE_SPECS[dtype]
     if any(t.dtype != torch.int64 for t in (keys, mu_q, e, r)):
@@ -349,7 +348,6 @@ class Decoder(ref.Decoder):
             )
         _check_device(self.words, mu_q, e, r)
         mu_q, e, r = mu_q.contiguous(), e.contiguous(), r.contiguous()
-        em.symbol_bits(self.dtype)  # a clear error for an unknown dtype name
         bits, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
         keys = torch.empty_like(mu_q)
         lanes = self.num_pages * self.num_lanes
