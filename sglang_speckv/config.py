@@ -185,6 +185,12 @@ FIELDS: tuple[Field, ...] = (
     Field("recency_flush_seconds", FLOAT, 1.0,
           "reads record their accesses in memory; they are written to the LRU index at the "
           "next write, or by a read once this many seconds have passed"),
+    # Backend (sglang_speckv/backend.py):
+    Field("predictor", STR, "page_stats",
+          "predictor new pages are coded with (sglang_speckv/predictors)"),
+    Field("stats_file", STR, "",
+          "file the backend rewrites with its stats as JSON (at most once a second, and at "
+          "shutdown); '' writes none"),
 )
 
 # Keys of SGLang's extra-config dict that SGLang itself reads (the dynamic backend loader

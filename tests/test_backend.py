@@ -1,0 +1,296 @@
+"""SpecKVStorage against real SGLang host pools (MHATokenToKVPoolHost, built on the CPU), a
+real LMDB store and the real coder.
+
+Pages are small (2 layers, 2 KV heads, head_dim 16, 4 tokens: 512 scalars) so the CPU
+reference coder keeps these tests fast; the real model's pages go through the server
+tests (tests/test_server_e2e.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import lmdb
+import pytest
+import torch
+
+from sglang_speckv.backend import PageGeometry, SpecKVStorage, pack_value
+from sglang_speckv.config import ConfigError
+from sglang_speckv.sglang_plugin import PAGE_TOKENS
+
+LAYERS, HEADS, DIM, PAGE = 2, 2, 16, 4
+LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
+
+
+def _host_pool(layout: str, dtype=torch.bfloat16):
+    """A real SGLang MHA host pool (unpinned: there is no CUDA here)."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+    device_pool = MHATokenToKVPool(64, PAGE, dtype, HEADS, DIM, LAYERS, "cpu", False, start_layer=0, end_layer=LAYERS)
+    return MHATokenToKVPoolHost(
+        device_pool.get_device_pool_infos()[0].buffer_info, 2, 0, PAGE, layout, pin_memory=False,
+        device_capacity_tokens=device_pool.size, start_layer=0, end_layer=LAYERS,
+        write_back_staging=device_pool.hicache_write_back_staging,
+    )
+
+
+def _storage_config(tmp_path, **extra):
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+
+    config = {"tiers": [{"name": "ram", "path": str(tmp_path / "ram"), "capacity": "64MiB", "sync": "none"}],
+              "stats_file": str(tmp_path / "stats.json"), **extra}
+    return HiCacheStorageConfig(
+        tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=False,
+        enable_storage_metrics=False, is_page_first_layout=False, model_name="test-model", extra_config=config,
+    )
+
+
+def _backend(tmp_path, pool, **extra) -> SpecKVStorage:
+    backend = SpecKVStorage(_storage_config(tmp_path, **extra), {})
+    backend.register_mem_pool_host(pool)
+    return backend
+
+
+def _fill(pool, pages: int, seed: int = 0) -> torch.Tensor:
+    """Write KV-like values (per-channel offsets and scales, plus every special bit pattern
+    in the first page) into the first ``pages`` pages of ``pool``; returns [pages, canonical]."""
+    g = torch.Generator().manual_seed(seed)
+    geometry = PageGeometry.of_pool(pool, None)
+    channel_mu = torch.randn(2, LAYERS, 1, HEADS, DIM, generator=g) * 3
+    channel_sigma = torch.rand(2, LAYERS, 1, HEADS, DIM, generator=g) + 0.05
+    out = []
+    for p in range(pages):
+        page = (channel_mu + channel_sigma * torch.randn(geometry.shape, generator=g)).to(pool.dtype)
+        if p == 0:
+            bits = page.view(torch.int16).flatten()
+            specials = [0x7FC0, 0x7FC1, 0xFFC3, 0x7F80, 0xFF80, 0x8000, 0x0000, 0x0001, 0x807F, 0x7F7F]
+            bits[: len(specials)] = torch.tensor([s - (1 << 16) if s >= 1 << 15 else s for s in specials],
+                                                 dtype=torch.int16)
+        geometry.page(pool.kv_buffer, p * PAGE).copy_(page)
+        out.append(page)
+    return torch.stack(out)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.uint8)
+
+
+def _keys(n: int, tag: str = "a") -> list[str]:
+    return [f"{tag}{i:063x}" for i in range(n)]
+
+
+def _extra(prefix: list[str]):
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
+
+    return HiCacheStorageExtraInfo(prefix_keys=prefix)
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def pool(request):
+    return _host_pool(request.param)
+
+
+def test_zero_copy_roundtrip_is_lossless(tmp_path, pool):
+    """Write 3 pages from host slots 0.., read them into other slots: every bit back."""
+    written = _fill(pool, 3)
+    backend = _backend(tmp_path, pool)
+    keys = _keys(3)
+    assert backend.batch_exists(keys, _extra([])) == 0
+    assert backend.batch_set_v1(keys, torch.arange(0, 3 * PAGE), _extra([])) == [True] * 3
+    assert backend.batch_exists(keys, _extra([])) == 3
+    assert backend.batch_exists([keys[0], "f" * 64, keys[2]], _extra([])) == 1
+
+    target = torch.arange(8 * PAGE, 11 * PAGE)
+    assert backend.batch_get_v1(keys, target, _extra([])) == [True] * 3
+    for i in range(3):
+        got = backend.geometry.page(pool.kv_buffer, int(target[i * PAGE]))
+        assert torch.equal(_bits(got), _bits(written[i])), f"page {i} differs ({pool.layout})"
+    stats = backend.stats()
+    assert stats["pages_written"] == 3 and stats["pages_read"] == 3
+    assert stats["coded_bytes_written"] > 0 and stats["raw_bytes_written"] == 3 * backend.geometry.page_bytes
+    backend.close()
+    assert json.loads((tmp_path / "stats.json").read_text())["pages_read"] == 3
+
+
+def test_generic_flat_page_path(tmp_path, pool):
+    """batch_set / batch_get with SGLang's flat pages (get_data_page / get_dummy_flat_data_page)."""
+    written = _fill(pool, 2, seed=1)
+    backend = _backend(tmp_path, pool)
+    keys = _keys(2, "b")
+    assert backend.batch_set(keys, [pool.get_data_page(i * PAGE) for i in range(2)])
+    flats = [torch.zeros_like(pool.get_data_page(0)) for _ in keys]
+    got = backend.batch_get(keys, flats)
+    for i in range(2):
+        assert got[i] is flats[i]
+        pool.set_from_flat_data_page(20 * PAGE, got[i])
+        assert torch.equal(_bits(backend.geometry.page(pool.kv_buffer, 20 * PAGE)), _bits(written[i]))
+    assert backend.exists(keys[1]) and not backend.exists("c" * 64)
+    assert backend.get("c" * 64, torch.zeros_like(flats[0])) is None
+    backend.close()
+
+
+def test_repeated_writes_are_skipped_and_reads_stop_at_first_miss(tmp_path):
+    pool = _host_pool("layer_first")
+    _fill(pool, 4, seed=2)
+    backend = _backend(tmp_path, pool)
+    keys = _keys(4, "d")
+    assert backend.batch_set_v1(keys[:2], torch.arange(0, 2 * PAGE), _extra([])) == [True, True]
+    assert backend.batch_set_v1(keys, torch.arange(0, 4 * PAGE), _extra([])) == [True] * 4
+    stats = backend.stats()
+    assert (stats["pages_written"], stats["pages_already_stored"]) == (4, 2)
+    missing = [keys[0], "e" * 64, keys[2]]
+    assert backend.batch_get_v1(missing, torch.arange(10 * PAGE, 13 * PAGE), _extra([])) == [True, False, False]
+    backend.close()
+
+
+def test_token_ids_from_the_side_channel_are_stored(tmp_path):
+    pool = _host_pool("layer_first")
+    _fill(pool, 2, seed=3)
+    backend = _backend(tmp_path, pool)
+    keys = _keys(2, "t")
+    PAGE_TOKENS.record(keys, list(range(100, 100 + 2 * PAGE)), PAGE)
+    assert backend.batch_set_v1(keys, torch.arange(0, 2 * PAGE), _extra([])) == [True, True]
+    assert backend.stats()["pages_with_tokens"] == 2
+    assert backend.batch_get_v1(keys, torch.arange(4 * PAGE, 6 * PAGE), _extra([])) == [True, True]
+    backend.close()
+
+
+def test_position_mismatch_is_a_miss(tmp_path):
+    """A page is decoded only at the position it was coded at (prefix length * page)."""
+    pool = _host_pool("layer_first")
+    _fill(pool, 1, seed=4)
+    backend = _backend(tmp_path, pool)
+    key = _keys(1, "p")
+    assert backend.batch_set_v1(key, torch.arange(0, PAGE), _extra(_keys(3, "q"))) == [True]
+    assert backend.batch_get_v1(key, torch.arange(PAGE, 2 * PAGE), _extra(_keys(2, "q"))) == [False]
+    assert backend.batch_get_v1(key, torch.arange(PAGE, 2 * PAGE), _extra(_keys(3, "q"))) == [True]
+    backend.close()
+
+
+def test_corrupt_values_are_misses_and_never_touch_host_memory(tmp_path):
+    pool = _host_pool("layer_first")
+    _fill(pool, 2, seed=5)
+    backend = _backend(tmp_path, pool)
+    keys = _keys(2, "x")
+    assert backend.batch_set_v1(keys, torch.arange(0, 2 * PAGE), _extra([])) == [True, True]
+    backend.close()
+
+    # Flip one byte of every stored record on disk: the store's record checksum fails.
+    env = lmdb.open(str(tmp_path / "ram"), max_dbs=16, subdir=True)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"pages", txn=txn)
+        for k, v in list(txn.cursor(db)):
+            bad = bytearray(v)
+            bad[len(bad) // 2] ^= 0x40
+            txn.put(k, bytes(bad), db=db)
+    env.close()
+
+    backend = _backend(tmp_path, pool)
+    target = torch.arange(8 * PAGE, 10 * PAGE)
+    before = pool.kv_buffer[:, :, 8 * PAGE:10 * PAGE].clone()
+    assert backend.batch_get_v1(keys, target, _extra([])) == [False, False]
+    assert torch.equal(_bits(pool.kv_buffer[:, :, 8 * PAGE:10 * PAGE]), _bits(before))
+    assert backend.stats()["store"]["tiers"][0]["corrupt"] >= 1
+
+    # A record that verifies but holds a damaged blob: the coder's checks fail instead.
+    good = _keys(1, "y")
+    assert backend.batch_set_v1(good, torch.arange(0, PAGE), _extra([])) == [True]
+    value = backend.store.get(good)[0]
+    blob = bytearray(value[12:])
+    blob[-5] ^= 0x01
+    backend.store.put(_keys(1, "z"), [pack_value(None, bytes(blob))])
+    before = pool.kv_buffer[:, :, 12 * PAGE:13 * PAGE].clone()
+    assert backend.batch_get_v1(_keys(1, "z"), torch.arange(12 * PAGE, 13 * PAGE), _extra([])) == [False]
+    assert torch.equal(_bits(pool.kv_buffer[:, :, 12 * PAGE:13 * PAGE]), _bits(before))
+    assert backend.stats()["verify_failures"] == 1  # the record-level ones are the store's "corrupt"
+    backend.close()
+
+
+def test_pages_survive_a_restart(tmp_path):
+    pool = _host_pool("layer_first")
+    written = _fill(pool, 2, seed=6)
+    keys = _keys(2, "r")
+    backend = _backend(tmp_path, pool)
+    assert backend.batch_set_v1(keys, torch.arange(0, 2 * PAGE), _extra([])) == [True, True]
+    backend.close()
+    backend = _backend(tmp_path, pool)
+    assert backend.batch_get_v1(keys, torch.arange(4 * PAGE, 6 * PAGE), _extra([])) == [True, True]
+    for i in range(2):
+        assert torch.equal(_bits(backend.geometry.page(pool.kv_buffer, (4 + i) * PAGE)), _bits(written[i]))
+    backend.close()
+
+
+def test_namespaces_keep_models_apart(tmp_path):
+    pool = _host_pool("layer_first")
+    _fill(pool, 1, seed=7)
+    keys = _keys(1, "n")
+    backend = _backend(tmp_path, pool)
+    assert backend.batch_set_v1(keys, torch.arange(0, PAGE), _extra([])) == [True]
+    backend.close()
+    other = SpecKVStorage(_storage_config(tmp_path), {})
+    other.storage_config.model_name = "another-model"
+    other.register_mem_pool_host(pool)
+    assert other.batch_exists(keys, _extra([])) == 0
+    other.close()
+
+
+def test_concurrent_writers_and_readers(tmp_path):
+    pool = _host_pool("layer_first")
+    written = _fill(pool, 4, seed=8)
+    backend = _backend(tmp_path, pool)
+    errors = []
+
+    def work(t: int):
+        try:
+            keys = _keys(2, f"{t}")
+            src = torch.arange((t % 2) * 2 * PAGE, (t % 2) * 2 * PAGE + 2 * PAGE)
+            assert backend.batch_set_v1(keys, src, _extra([])) == [True, True]
+            dst = torch.arange((20 + 2 * t) * PAGE, (22 + 2 * t) * PAGE)
+            assert backend.batch_get_v1(keys, dst, _extra([])) == [True, True]
+            for i in range(2):
+                got = backend.geometry.page(pool.kv_buffer, int(dst[i * PAGE]))
+                assert torch.equal(_bits(got), _bits(written[(t % 2) * 2 + i]))
+        except Exception as e:  # collected and re-raised in the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors
+    backend.close()
+
+
+def test_fp8_pages_roundtrip(tmp_path):
+    """fp8 KV is uint8 in SGLang's host pool; --kv-cache-dtype says which fp8."""
+    pool = _host_pool("layer_first", dtype=torch.float8_e4m3fn)
+    assert pool.dtype in (torch.uint8, torch.float8_e4m3fn)
+    geometry = PageGeometry.of_pool(pool, "fp8_e4m3")
+    assert geometry.dtype == "fp8_e4m3"
+    g = torch.Generator().manual_seed(9)
+    pages = torch.randint(0, 256, (2, *geometry.shape), generator=g, dtype=torch.uint8)
+    for i in range(2):
+        geometry.page(pool.kv_buffer, i * PAGE).view(torch.uint8).copy_(pages[i])
+    backend = SpecKVStorage(_storage_config(tmp_path), {})
+    backend.mem_pool_host = pool
+    backend.open(geometry, pool.kv_buffer, torch.device("cpu"))
+    keys = _keys(2, "f")
+    assert backend.batch_set_v1(keys, torch.arange(0, 2 * PAGE), _extra([])) == [True, True]
+    assert backend.batch_get_v1(keys, torch.arange(6 * PAGE, 8 * PAGE), _extra([])) == [True, True]
+    for i in range(2):
+        assert torch.equal(geometry.page(pool.kv_buffer, (6 + i) * PAGE).contiguous().view(torch.uint8), pages[i])
+    backend.close()
+
+
+def test_bad_configuration_is_refused_at_start_up(tmp_path):
+    with pytest.raises(ConfigError, match="tiers"):
+        SpecKVStorage(_storage_config(tmp_path, tiers=[]), {})
+    with pytest.raises(ConfigError, match="capacity"):
+        SpecKVStorage(_storage_config(tmp_path, tiers=[{"name": "a", "path": str(tmp_path), "capacity": "lots"}]), {})
+    with pytest.raises(ConfigError, match="predictor"):
+        SpecKVStorage(_storage_config(tmp_path, predictor="oracle"), {})
+    with pytest.raises(ValueError, match="not supported"):
+        PageGeometry.of_pool(object(), None)
