@@ -27,9 +27,14 @@ MAGIC = b"SPKV"
 VERSION = 1
 
 # Header: magic, version, flags, dtype, layout, predictor id, w_wide, kappa, 3 reserved
-# bytes, shape (5 x u32), position, num_lanes, side_bytes, stream_words, reserved u32,
+# bytes (zero), shape (5 x u32), position, num_lanes, side_bytes, stream_words, reserved u32,
 # fingerprint, raw_xxh64, header_xxh64. docs/FORMAT.md has the offsets.
-HEADER = struct.Struct("<4sHHBBBBB3x5IIIIII QQQ")
+HEADER = struct.Struct("<4sHHBBBBB3s5IIIIII QQQ")
+FIELDS = (
+    "magic", "version", "flags", "dtype", "layout", "predictor_id", "w_wide", "kappa",
+    "reserved3", "shape0", "shape1", "shape2", "shape3", "shape4", "position", "num_lanes",
+    "side_bytes", "stream_words", "reserved", "fingerprint", "raw_xxh64", "header_xxh64",
+)  # fmt: skip
 HEADER_SIZE = HEADER.size  # 80
 CHECKED_SIZE = HEADER_SIZE - 8  # header_xxh64 covers bytes [0, 72) and the lane table
 assert HEADER_SIZE == 80, HEADER_SIZE
@@ -161,8 +166,7 @@ def pack_blob(header: BlobHeader, lane_words: np.ndarray, side: bytes, payload: 
         raise ValueError(f"payload of {len(payload)} bytes, header says {header.payload_bytes}")
     if not header.raw and int(lane_words.sum(dtype=np.uint64)) != header.stream_words:
         raise ValueError("lane word counts do not sum to stream_words")
-    fields = _fields(header)
-    checked = HEADER.pack(*fields, 0)[:CHECKED_SIZE] + lane_words.tobytes()
+    checked = HEADER.pack(*_fields(header), 0)[:CHECKED_SIZE] + lane_words.tobytes()
     digest = xxhash.xxh64_intdigest(checked)
     return b"".join([checked[:CHECKED_SIZE], struct.pack("<Q", digest), checked[CHECKED_SIZE:], side, payload])
 
@@ -179,17 +183,17 @@ def parse_blob(blob: bytes | bytearray | memoryview) -> ParsedBlob:
         raise UnsupportedVersion(f"blob format version {version}; this speckv reads version {VERSION}")
     if len(view) < HEADER_SIZE:
         raise Truncated(f"blob of {len(view)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    values = HEADER.unpack_from(view, 0)
-    num_lanes = values[14]
+    fields = dict(zip(FIELDS, HEADER.unpack_from(view, 0)))
+    num_lanes = fields["num_lanes"]
     table_end = HEADER_SIZE + 4 * num_lanes
     if len(view) < table_end:
         raise Truncated(f"blob of {len(view)} bytes cannot hold its {num_lanes}-lane table")
     digest = xxhash.xxh64()
     digest.update(view[:CHECKED_SIZE])
     digest.update(view[HEADER_SIZE:table_end])
-    if digest.intdigest() != values[-1]:
+    if digest.intdigest() != fields["header_xxh64"]:
         raise BadChecksum("header checksum mismatch: the blob header is corrupt")
-    header = _header_from_fields(values)
+    header = _header_from_fields(fields)
     if len(view) != header.blob_size:
         raise Truncated(f"blob of {len(view)} bytes, header says {header.blob_size}")
     lane_words = np.frombuffer(view, dtype="<u4", count=num_lanes, offset=HEADER_SIZE)
@@ -206,26 +210,25 @@ def _fields(h: BlobHeader) -> tuple:
     """BlobHeader -> HEADER values, without the trailing checksum."""
     return (
         MAGIC, h.version, h.flags, DTYPE_CODES[h.dtype], LAYOUT_CODES[h.layout], h.predictor_id,
-        h.w_wide, h.kappa, *h.shape, h.position, h.num_lanes, h.side_bytes, h.stream_words, 0,
+        h.w_wide, h.kappa, bytes(3), *h.shape, h.position, h.num_lanes, h.side_bytes, h.stream_words, 0,
         h.fingerprint, h.raw_xxh64,
     )  # fmt: skip
 
 
-def _header_from_fields(values: tuple) -> BlobHeader:
-    """HEADER values (already checksummed) -> validated BlobHeader."""
-    (_, version, flags, dtype_code, layout_code, predictor_id, w_wide, kappa,
-     *shape, position, num_lanes, side_bytes, stream_words, reserved, fingerprint, raw_xxh64, _) = values  # fmt: skip
-    if dtype_code not in DTYPE_NAMES:
-        raise BadHeader(f"unknown dtype code {dtype_code}")
-    if layout_code not in LAYOUT_NAMES:
-        raise BadHeader(f"unknown layout code {layout_code}")
-    if reserved:
-        raise BadHeader("reserved header field is not zero")
+def _header_from_fields(f: dict) -> BlobHeader:
+    """HEADER fields by name (already checksummed) -> validated BlobHeader."""
+    if f["dtype"] not in DTYPE_NAMES:
+        raise BadHeader(f"unknown dtype code {f['dtype']}")
+    if f["layout"] not in LAYOUT_NAMES:
+        raise BadHeader(f"unknown layout code {f['layout']}")
+    if f["reserved"] or f["reserved3"] != bytes(3):
+        raise BadHeader("reserved header bytes are not zero")
     header = BlobHeader(
-        dtype=DTYPE_NAMES[dtype_code], layout=LAYOUT_NAMES[layout_code], shape=tuple(shape),
-        predictor_id=predictor_id, fingerprint=fingerprint, raw_xxh64=raw_xxh64,
-        position=position, flags=flags, w_wide=w_wide, kappa=kappa, num_lanes=num_lanes,
-        side_bytes=side_bytes, stream_words=stream_words, version=version,
+        dtype=DTYPE_NAMES[f["dtype"]], layout=LAYOUT_NAMES[f["layout"]],
+        shape=tuple(f[f"shape{i}"] for i in range(5)), predictor_id=f["predictor_id"],
+        fingerprint=f["fingerprint"], raw_xxh64=f["raw_xxh64"], position=f["position"],
+        flags=f["flags"], w_wide=f["w_wide"], kappa=f["kappa"], num_lanes=f["num_lanes"],
+        side_bytes=f["side_bytes"], stream_words=f["stream_words"], version=f["version"],
     )  # fmt: skip
     try:
         _validate(header)
