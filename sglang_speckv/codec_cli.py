@@ -67,7 +67,7 @@ def _load(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def _save(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata=metadata)
+    save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata=metadata or None)
 
 
 def _kv_dtype(t: torch.Tensor, metadata: dict[str, str]) -> str:
