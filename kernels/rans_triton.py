@@ -35,20 +35,23 @@ How the work is laid out:
   ``words[min(ptr, W - 1)]`` exactly as the reference does; ``finish`` then rejects it.
 
 Expected speed (ARGUED, NOT MEASURED: no GPU was available when this was written; the
-``__main__`` self-check prints the real figure on a CUDA machine):
+``__main__`` self-check prints the real figure on a CUDA machine). Instruction counts are
+from nvdisasm of the sm_90 cubins (tests/test_rans_triton.py compiles them without a GPU):
 
-* Decode is integer-compute bound. One C(k) is two X(k) (~12 int64 ops each), the
-  boundary/t arithmetic (~6, one 64-bit multiply), two PHI lookups (~6 ops and two gathers
-  each, from a 8 KiB table that stays in L1) and the mixture (~6): ~50 int64 ops, ~150
-  32-bit instructions (a 64-bit multiply is ~4). B rounds of search: ~2400 instructions per
-  bf16 symbol, ~1200 per fp8 symbol. An H100 issues ~132 SMs x 64 INT32 lanes x 1.7 GHz
-  ~ 1.4e13 integer instructions/s, so ~6e9 bf16 symbols/s (~12 GB/s of KV) and ~1.2e10 fp8
-  symbols/s (~12 GB/s) at best, against ~36 B of memory traffic per symbol (mu_q, e, r
-  int64, the key, a word) that HBM (~3 TB/s) would carry 10x faster. Reaching it needs
-  enough lanes in flight: ~100k+ (e.g. 128 pages x 1024 lanes) per launch.
-* Encode: ``cdf`` twice (~2 x 150 instructions and ~40 B of traffic per symbol each) and
-  the rANS loop (16 B read, one 64-bit division ~ 70 instructions): memory bound at
-  roughly 3 TB/s / ~100 B ~ 3e10 symbols/s, several times faster than decode.
+* Decode is integer-compute bound. One C(k) evaluation is ~125 SASS instructions (two X(k)
+  from the key's bits, the boundary offset and t with one 64-bit multiply, two PHI lookups
+  of two gathers each from an 8 KiB table that stays in L1, the mixture); B rounds of search
+  make ~2.2k instructions per bf16/fp16 symbol and ~1.2k per fp8 symbol. At ~1.5e13 integer
+  instructions/s on an H100 (132 SMs x 4 schedulers x 32 lanes x 1.75 GHz, halved for the
+  half-rate IMADs) that is ~7e9 16-bit symbols/s (~14 GB/s of KV) and ~1.2e10 fp8 symbols/s
+  (~12 GB/s) at best. Memory is not the limit: ~36 B per symbol (mu_q, e, r as int64, the
+  key, a word) is ~1e11 symbols/s at ~3 TB/s. The ceiling needs ~100k lanes in flight per
+  launch (e.g. 128 pages x 1024 lanes); fewer lanes leave the GPU latency bound.
+* Encode: two ``cdf`` launches (~190 instructions and ~40 B of traffic per symbol each),
+  then the rANS loop (16 B read, one 64-bit division of ~70 instructions per symbol):
+  roughly memory bound at ~3 TB/s / ~100 B ~ 3e10 symbols/s, several times faster than
+  decode. Its scratch writes are scattered (one region per lane); a step-major scratch
+  would coalesce them if the encoder ever shows up in a profile.
 
 Run ``python -m sglang_speckv.kernels.rans_triton`` on a CUDA machine (or with
 TRITON_INTERPRET=1 on CPU, slowly) for the self-check.
@@ -74,6 +77,7 @@ _T_MAX = tl.constexpr(em.T_MAX)
 _T_SHIFT = tl.constexpr(em.T_SHIFT)
 _INTERP_BITS = tl.constexpr(em.INTERP_BITS)
 _INTERP_MASK = tl.constexpr((1 << em.INTERP_BITS) - 1)
+_T_SAT = tl.constexpr(em.T_MAX << em.KAPPA_MAX)
 _W_TOTAL = tl.constexpr(em.W_TOTAL)
 _RANS_L = tl.constexpr(ref.RANS_L)
 _WORD_BITS = tl.constexpr(ref.WORD_BITS)
@@ -87,13 +91,20 @@ BLOCK_LANES = 128
 BLOCK_ELEMS = 1024
 
 
-# ---- The entropy model, as @triton.jit helpers (mirror entropy_model.py line by line) ----
+# ---- The entropy model, as @triton.jit helpers (mirror entropy_model.py) -----------------
+#
+# Same integers as entropy_model.cdf, but each value is held in the narrowest type it provably
+# fits (int64 is emulated with 2-4 instructions per op on a GPU): keys, exponents, shift
+# amounts, t after saturation, PHI values and C itself are int32; X(k), the boundary offset,
+# the t product and the mixture are int64. Exact arithmetic in either width gives the same
+# integers, so this changes speed, not bytes (tests/test_rans_triton.py checks every key).
 
 
 @triton.jit
 def _value_units(k, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
-    """X(k) = entropy_model.value_units: key k in [0, 2^B) -> its value in units of
-    delta = 2^(e - F), truncated toward zero, saturated to +-X_MAX. int64 in, int64 out."""
+    """X(k) = entropy_model.value_units: int32 key k in [0, 2^B) -> its value in units of
+    delta = 2^(e - F) (int32 e in [-60, 61]), truncated toward zero, saturated to +-X_MAX.
+    Computed from the key's bits (the reference looks up per-key field tables); int64 out."""
     EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
     TOP: tl.constexpr = 1 << (BITS - 1)
     ONES: tl.constexpr = (1 << BITS) - 1
@@ -105,42 +116,52 @@ def _value_units(k, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.cons
         special = (biased == (1 << EXP_BITS) - 1) & (mant == (1 << MAN_BITS) - 1)
     else:  # IEEE-like: all-ones exponent is inf/NaN
         special = biased == (1 << EXP_BITS) - 1
-    sig = mant + ((biased != 0).to(tl.int64) << MAN_BITS)  # < 2^11
+    # subnormals (biased 0) have no implicit bit and the exponent of biased 1
+    sig = mant + ((biased != 0).to(tl.int32) << MAN_BITS)  # < 2^11
     shift = tl.maximum(biased, 1) - BIAS - MAN_BITS - e + _F  # |value| / delta = sig * 2^shift
-    # shift amounts are clamped into [0, 63] (as the reference does), so no shift is undefined
-    mag = (sig << tl.minimum(tl.maximum(shift, 0), _X_SHIFT_MAX)) >> tl.minimum(tl.maximum(-shift, 0), 63)
-    mag = tl.where(special, _X_MAX, tl.minimum(mag, _X_MAX))
+    # |shift| < 2^10. Left: << at most X_SHIFT_MAX saturates (sig >= 1) or keeps 0. Right:
+    # >> 31 clears any sig < 2^11 exactly as the reference's >> 63 does.
+    up = sig.to(tl.int64) << tl.minimum(tl.maximum(shift, 0), _X_SHIFT_MAX)
+    down = sig >> tl.minimum(tl.maximum(-shift, 0), 31)
+    mag = tl.minimum(tl.where(shift >= 0, up, down.to(tl.int64)), _X_MAX)
+    mag = tl.where(special, _X_MAX, mag)  # inf and NaN saturate to the side of their sign
     return tl.where(negative, -mag, mag)
 
 
 @triton.jit
 def _phi(t, phi_ptr):
-    """entropy_model.phi: 2^24 * Phi(t / 2^T_BITS), linear between the table's knots. The
-    table has a padding entry, so PHI[i + 1] is in bounds at t = +T_MAX."""
+    """entropy_model.phi: 2^24 * Phi(t / 2^T_BITS), linear between the table's knots; int32
+    t in, int32 out. The table has a padding entry, so PHI[i + 1] is in bounds at +T_MAX."""
     u = tl.minimum(tl.maximum(t, -_T_MAX), _T_MAX) + _T_MAX  # [0, 2 T_MAX]
     i = u >> _INTERP_BITS
     f = u & _INTERP_MASK
-    lo = tl.load(phi_ptr + i)
-    hi = tl.load(phi_ptr + i + 1)
+    lo = tl.load(phi_ptr + i).to(tl.int32)  # PHI <= 2^24
+    hi = tl.load(phi_ptr + i + 1).to(tl.int32)
+    # hi - lo < 2^17 (Phi's slope 0.4 times 2^24 / 64 per knot), times f < 2^14: < 2^31
     return lo + (((hi - lo) * f) >> _INTERP_BITS)
 
 
 @triton.jit
-def _cdf(k, mu_q, e, inv, phi_ptr, w_wide, kappa,
+def _cdf(k, two_mu_q, e, inv, phi_ptr, w_wide, kappa,
          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
-    """C(k) = entropy_model.cdf for keys k in [0, 2^B], with inv = 2^32 // r precomputed
-    (the decoder evaluates C B times per symbol with the same r). All int64. Arithmetic
-    shifts of negative t floor, exactly as torch's >> does."""
+    """C(k) = entropy_model.cdf, int32, for int32 keys k in [0, 2^B]; the per-symbol
+    invariants come precomputed as in entropy_model.prepare: two_mu_q = 2 mu_q (int64),
+    e (int32), inv = 2^32 // r (int64); the decoder evaluates C B times per symbol.
+    Arithmetic >> of a negative t floors, exactly as torch's >> does."""
     NUM_KEYS: tl.constexpr = 1 << BITS
     kc = tl.minimum(tl.maximum(k, 1), NUM_KEYS - 1)  # the ends are fixed below
     boundary = (_value_units(kc - 1, e, BITS, MAN_BITS, BIAS, FN_NAN)
                 + _value_units(kc, e, BITS, MAN_BITS, BIAS, FN_NAN))  # units of delta / 2
-    diff = tl.minimum(tl.maximum(boundary - 2 * mu_q, -_DIFF_MAX), _DIFF_MAX)
+    diff = tl.minimum(tl.maximum(boundary - two_mu_q, -_DIFF_MAX), _DIFF_MAX)
     t = (diff * inv) >> _T_SHIFT  # (boundary - mu) / sigma in units of sigma / 2^T_BITS
-    g = (_W_TOTAL - w_wide) * _phi(t, phi_ptr) + w_wide * _phi(t >> kappa, phi_ptr)  # [0, 2^32]
+    # Saturating t at T_MAX << KAPPA_MAX (2^30) changes neither phi(t) nor phi(t >> kappa)
+    # for any kappa <= KAPPA_MAX (both are clamped at T_MAX inside phi), and makes it int32.
+    t = tl.minimum(tl.maximum(t, -_T_SAT), _T_SAT).to(tl.int32)
+    g = (_phi(t, phi_ptr).to(tl.int64) * (_W_TOTAL - w_wide)
+         + _phi(t >> kappa, phi_ptr).to(tl.int64) * w_wide)  # [0, 2^32]
     g = tl.where(k <= 0, 0, g)
     g = tl.where(k >= NUM_KEYS, 1 << 32, g)
-    return k + ((g * (_M - NUM_KEYS)) >> 32)
+    return k + ((g * (_M - NUM_KEYS)) >> 32).to(tl.int32)  # <= M = 2^28
 
 
 @triton.jit
@@ -151,12 +172,12 @@ def _cdf_kernel(keys_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, out_ptr,
     """out[i] = C(keys[i]) under (mu_q[i], e[i], r[i]); all int64 [num_elems]."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_elems
-    k = tl.load(keys_ptr + offs, mask=mask, other=0)
+    k = tl.load(keys_ptr + offs, mask=mask, other=0).to(tl.int32)
     mu_q = tl.load(mu_q_ptr + offs, mask=mask, other=0)
-    e = tl.load(e_ptr + offs, mask=mask, other=0)
+    e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
     r = tl.load(r_ptr + offs, mask=mask, other=1)
-    c = _cdf(k, mu_q, e, (1 << 32) // r, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
-    tl.store(out_ptr + offs, c, mask=mask)
+    c = _cdf(k, 2 * mu_q, e, (1 << 32) // r, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+    tl.store(out_ptr + offs, c.to(tl.int64), mask=mask)
 
 
 # ---- Encoder ------------------------------------------------------------------------------
@@ -300,24 +321,23 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, keys_ptr, x_ptr, 
     for step in range(first // lanes_per_page, tl.cdiv(first + count, lanes_per_page)):
         offs_sym = lane + step * lanes_per_page - first  # symbol index within the stage
         active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
-        mu_q = tl.load(mu_q_ptr + offs_page + offs_sym, mask=active, other=0)
-        e = tl.load(e_ptr + offs_page + offs_sym, mask=active, other=0)
-        r = tl.load(r_ptr + offs_page + offs_sym, mask=active, other=1)
-        inv = (1 << 32) // r
-        slot = x & (_M - 1)
-        # binary search for the key with C(key) <= slot < C(key + 1), B rounds
-        key = tl.zeros([BLOCK_LANES], tl.int64)
-        c_lo = tl.zeros([BLOCK_LANES], tl.int64)  # C(key)
-        c_hi = tl.full([BLOCK_LANES], _M, tl.int64)  # C of the last rejected candidate = C(key + 1)
+        two_mu_q = 2 * tl.load(mu_q_ptr + offs_page + offs_sym, mask=active, other=0)
+        e = tl.load(e_ptr + offs_page + offs_sym, mask=active, other=0).to(tl.int32)
+        inv = (1 << 32) // tl.load(r_ptr + offs_page + offs_sym, mask=active, other=1)
+        slot = (x & (_M - 1)).to(tl.int32)
+        # binary search for the key with C(key) <= slot < C(key + 1), B rounds, all int32
+        key = tl.zeros([BLOCK_LANES], tl.int32)
+        c_lo = tl.zeros([BLOCK_LANES], tl.int32)  # C(key)
+        c_hi = tl.full([BLOCK_LANES], _M, tl.int32)  # C of the last rejected candidate = C(key + 1)
         for b in tl.static_range(BITS - 1, -1, -1):
             cand = key | (1 << b)
-            c = _cdf(cand, mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+            c = _cdf(cand, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
             take = c <= slot
             key = tl.where(take, cand, key)
             c_lo = tl.where(take, c, c_lo)
             c_hi = tl.where(take, c_hi, c)
-        tl.store(keys_ptr + offs_page + offs_sym, key, mask=active)
-        x_new = (c_hi - c_lo) * (x >> _PROB_BITS) + slot - c_lo
+        tl.store(keys_ptr + offs_page + offs_sym, key.to(tl.int64), mask=active)
+        x_new = (c_hi - c_lo).to(tl.int64) * (x >> _PROB_BITS) + (slot - c_lo)
         need = x_new < _RANS_L
         w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0)
         x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)

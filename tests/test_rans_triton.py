@@ -101,6 +101,16 @@ def test_cdf_matches_reference_on_every_key(dtype):
     assert (got[:, 1:] > got[:, :-1]).all() and (got[:, 0] == 0).all() and (got[:, -1] == em.M).all()
 
 
+def test_int32_headroom_of_the_kernels():
+    """The kernels hold t (saturated at T_MAX << KAPPA_MAX), PHI values and the interpolation
+    product in int32 (rans_triton.py, "The entropy model"); this pins the facts that makes
+    exact, should the model's constants change."""
+    table = em.phi_table()
+    assert em.T_MAX << em.KAPPA_MAX < 2**31 and int(table.max()) < 2**31
+    assert int((table[1:] - table[:-1]).max()) * ((1 << em.INTERP_BITS) - 1) < 2**31
+    assert em.M < 2**31 and (1 << 32) // (1 << em.R) < 2**31
+
+
 # ---- Encode and decode ---------------------------------------------------------------------
 
 
