@@ -11,12 +11,20 @@ Rules this module enforces (py-lmdb docs, "Environment" and "Threads"):
 - ``set_mapsize`` needs no active transaction in this process: every transaction holds a
   shared lock, and growing the map takes it exclusively.
 
-Map size. It starts at twice the tier's capacity (a batch's pages are written before the
-pages it evicts are freed, and multi-page values need contiguous free runs; the map is
-address space, not memory or disk). A write that still hits ``MapFullError`` is retried after
-doubling the map, up to what the filesystem can hold; beyond that, or on ENOSPC, ``NoRoom``
-is raised and the tier evicts to make room. Another process's growth reaches this one as
-``MapResizedError`` at the next ``begin``, answered by adopting the new size.
+Writes go straight into the map (``writemap``): without it LMDB copies every value into
+malloc'ed pages and then ``pwrite``s them, 10-15x slower for MiB values on this project's
+machines. The catch: a write through the map into a part of the file that the filesystem
+cannot back is a SIGBUS, not an error. So the map never reaches past the file's allocated
+blocks: the file only grows, by ``posix_fallocate`` first and ``set_mapsize`` second, and
+every process maps at most the file's size. A full filesystem then shows as LMDB's
+``MapFullError`` and a failed allocation, ``NoRoom``, which the tier answers by evicting.
+
+Map size. It starts at the data file's size, or for a new file at the tier's capacity up
+to FIRST_MAP_SIZE, and grows by a quarter (at least MIN_GROWTH) each time a write hits
+``MapFullError``, up to what the filesystem can hold. Capacity is enforced in bytes of values by the tiers, so the file settles at the
+capacity plus LMDB's fragmentation and one batch. Map changes (open, growth, adopting
+another process's growth, which reaches this one as ``MapResizedError`` at ``begin``) take a
+file lock (``speckv.lock``), so they see and keep "file size = allocated = largest map".
 
 Sync settings (``tiers[].sync``; docs/STORAGE.md has the full story):
 - ``none``: no fsync (MDB_NOSYNC). Right for tmpfs, which dies with the machine. On a disk,
@@ -26,8 +34,7 @@ Sync settings (``tiers[].sync``; docs/STORAGE.md has the full story):
   undo the last commit, the tree stays intact.
 - ``full``: both fsynced: a commit is durable.
 A killed process (SIGKILL) loses nothing committed under any setting: the kernel holds the
-written pages. ``writemap`` is off: with it, a write into a sparse file on a full disk is a
-SIGBUS instead of an error.
+written pages.
 """
 
 from __future__ import annotations
@@ -50,7 +57,11 @@ DUPSORT_DBS = (b"children",)
 # Concurrent read transactions per environment (each holds a reader slot of 64 bytes in
 # lock.mdb): 64 rank processes x 3 SGLang I/O threads, with room for tools.
 MAX_READERS = 256
-MIN_MAP_SIZE = 64 << 20  # floor for tiny test capacities: LMDB's own pages need some room
+# A new file's first map: the capacity, up to this much (RAM on tmpfs: it is allocated).
+FIRST_MAP_SIZE = 64 << 20
+# Smallest growth step: a few LMDB pages for a tiny tier; big tiers grow by a quarter, so
+# that growing (which waits for this process's transactions) stays rare.
+MIN_GROWTH = 1 << 20
 _SYNC_FLAGS = {"none": (False, False), "data": (True, False), "full": (True, True)}  # sync, metasync
 # Errors of a commit that mean the file could not grow: a full filesystem surfaces as
 # ENOSPC, or as EIO when LMDB's pwrite comes back short; EDQUOT and EFBIG are limits too.
@@ -119,14 +130,17 @@ def _boot_id() -> str:
         return f.read().strip()
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        return 0
+
+
 def _room(path: str) -> int:
     """Bytes the LMDB data file in ``path`` could reach: its size plus the free space."""
     st = os.statvfs(path)
-    try:
-        size = os.path.getsize(os.path.join(path, "data.mdb"))
-    except FileNotFoundError:
-        size = 0
-    return size + st.f_bavail * st.f_frsize
+    return _file_size(path) + st.f_bavail * st.f_frsize
 
 
 class Env:
@@ -147,24 +161,51 @@ class Env:
                 f"or free space")
         do_sync, metasync = _SYNC_FLAGS[sync]
         try:
-            with open(os.path.join(path, _OPEN_LOCK), "a") as lock_file:
-                # Serialise opens of this directory across processes, so that emptying the
-                # tier after a reboot cannot race with another process opening it.
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
+            with self._file_lock():
                 self._forget_unsynced_writes_after_reboot()
+                first = max(_file_size(path), min(capacity, FIRST_MAP_SIZE), MIN_GROWTH)
                 self.lmdb = lmdb.open(
-                    path, map_size=max(2 * capacity, MIN_MAP_SIZE), subdir=True,
-                    sync=do_sync, metasync=metasync, writemap=False, max_dbs=len(DB_NAMES),
+                    path, map_size=first, subdir=True,
+                    sync=do_sync, metasync=metasync, writemap=True, max_dbs=len(DB_NAMES),
                     max_readers=MAX_READERS, max_spare_txns=0, lock=True)
-        except (OSError, lmdb.Error) as e:
+                # For posix_fallocate. LMDB's fcntl locks are on lock.mdb, so opening and
+                # closing data.mdb cannot release them.
+                self._data_fd = os.open(os.path.join(path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+                self._allocate(0, self.lmdb.info()["map_size"])  # fills holes a crash left
+        except (OSError, lmdb.Error, NoRoom) as e:
+            if getattr(self, "lmdb", None) is not None:
+                self.close()
             raise StoreError(f"{where}.path: cannot open an LMDB store in {path}: {e}; "
-                             "check that the directory is writable") from e
+                             "check that the directory is writable and has room") from e
         try:
             self.lmdb.reader_check()  # free reader slots of processes that died (SIGKILL)
             self.dbs = self._open_dbs()
         except BaseException:
-            self.lmdb.close()
+            self.close()
             raise
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Exclusive across processes: opening the tier and changing the map size."""
+        with open(os.path.join(self.path, _OPEN_LOCK), "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            yield
+
+    def _allocate(self, start: int, end: int) -> None:
+        """Back data.mdb with blocks from ``start`` to ``end`` (extending it if shorter)."""
+        if end <= start:
+            return
+        try:
+            os.posix_fallocate(self._data_fd, start, end - start)
+        except OSError as e:
+            raise NoRoom(f"{self.where}: cannot allocate {end - start} bytes for {self.path} "
+                         f"({e.strerror}); is its filesystem full?") from e
+
+    def close(self) -> None:
+        self.lmdb.close()
+        if getattr(self, "_data_fd", None) is not None:
+            os.close(self._data_fd)
+            self._data_fd = None
 
     def _forget_unsynced_writes_after_reboot(self) -> None:
         marker = os.path.join(self.path, _UNSYNCED_MARKER)
@@ -251,19 +292,23 @@ class Env:
                 self._grow(seen)
 
     def _adopt_new_size(self) -> None:
-        with self._lock.exclusive():
-            self.lmdb.set_mapsize(0)  # 0: adopt the size another process set
+        with self._lock.exclusive(), self._file_lock():
+            # The file is as large as the largest map any process uses, and allocated.
+            self.lmdb.set_mapsize(max(_file_size(self.path), self.lmdb.info()["map_size"]))
 
     def _grow(self, seen: int) -> None:
-        with self._lock.exclusive():
+        with self._lock.exclusive(), self._file_lock():
             current = self.lmdb.info()["map_size"]
             if current > seen:
                 return  # another thread grew it meanwhile
-            new = min(2 * current, _room(self.path))
-            if new <= current:
-                raise NoRoom(f"{self.where}: the store in {self.path} is full and its "
-                             "filesystem has no room to grow it")
-            self.lmdb.set_mapsize(new)
+            size = _file_size(self.path)
+            if size <= current:  # else another process grew it already: adopt that
+                size = min(current + max(current // 4, MIN_GROWTH), _room(self.path))
+                if size <= current:
+                    raise NoRoom(f"{self.where}: the store in {self.path} is full and its "
+                                 "filesystem has no room to grow it")
+                self._allocate(current, size)
+            self.lmdb.set_mapsize(size)
 
 
 _REGISTRY: dict[tuple[str, int], Env] = {}
@@ -291,7 +336,7 @@ def _after_fork_in_child() -> None:
     # no transaction is in flight, see _before_fork), so the child opens its own.
     for env in _REGISTRY.values():
         env._lock.release_exclusive()
-        env.lmdb.close()
+        env.close()
     _REGISTRY.clear()
     _REGISTRY_LOCK.release()
 
@@ -331,4 +376,4 @@ def close_env(env: Env) -> None:
         env.users -= 1
         if env.users == 0:
             del _REGISTRY[env.key]
-            env.lmdb.close()
+            env.close()

@@ -1,6 +1,8 @@
-"""The record the store wraps around every value it keeps, and its verification.
+"""The header the store keeps with every value, and the check every read makes.
 
-A record is a 24-byte header followed by the value (an opaque coded blob), little-endian:
+A stored page is its value (an opaque coded blob, stored as given, so writes and reads copy
+it only once) plus a 24-byte header kept in the page's ``meta`` entry (storage/tier.py),
+little-endian:
 
     offset  size  field
     0       4     magic  b"SKVR"
@@ -9,13 +11,13 @@ A record is a 24-byte header followed by the value (an opaque coded blob), littl
     8       8     value length in bytes
     16      8     checksum: XXH3-64 of (store key || header bytes 0..15 || value)
 
-The checksum covers the key, so a value that ends up under the wrong key (a corrupted
+The checksum covers the key, so a value that ends up under the wrong key (a damaged
 B-tree, a bad copy) fails too, not only flipped bytes. XXH3-64 rather than the older XXH64:
-same 64-bit xxHash family and collision behaviour, but on this project's machines it runs at
-~38 GB/s against XXH64's ~7 GB/s (memcpy: ~20 GB/s), which is what lets a verified read
-from the RAM tier cost under 2x a memcpy (examples/bench_store.py).
+the same 64-bit xxHash family, but ~38 GB/s against XXH64's ~7 GB/s on this project's
+machines (a memcpy: ~10-20 GB/s), which is what lets a verified read from the RAM tier
+cost under 2x a memcpy (examples/bench_store.py).
 
-A record that fails any check is never returned: the store deletes it and reports a miss.
+A page that fails any check is never returned: the store deletes it and reports a miss.
 """
 
 from __future__ import annotations
@@ -39,16 +41,15 @@ def _checksum(key: bytes, head: bytes, value) -> int:
     return h.intdigest()
 
 
-def pack(key: bytes, value) -> bytes:
-    """Record for ``value`` (any C-contiguous bytes-like object) stored under ``key``."""
+def seal(key: bytes, value) -> bytes:
+    """The header for ``value`` (a C-contiguous bytes-like object) stored under ``key``."""
     value = memoryview(value).cast("B")
     head = _HEAD.pack(MAGIC, RECORD_VERSION, len(value))
-    return b"".join((head, _SUM.pack(_checksum(key, head, value)), value))
+    return head + _SUM.pack(_checksum(key, head, value))
 
 
-def verify(key: bytes, header: bytes, value) -> bool:
-    """True iff ``header`` (the record's first HEADER_SIZE bytes) and ``value`` (the rest)
-    form an intact record of this version stored under ``key``."""
+def verify(key: bytes, header, value) -> bool:
+    """True iff ``header`` is an intact header of this version for ``value`` under ``key``."""
     if len(header) != HEADER_SIZE:
         return False
     magic, version, length = _HEAD.unpack_from(header)

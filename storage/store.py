@@ -3,11 +3,11 @@
     store = TieredStore(load_config(path), namespace(model, kv_dtype=..., ...))
     store.put(keys, blobs, raw_sizes, parents=chain_parents(keys, prefix_keys[-1]))
     n = store.exists_prefix(keys)         # SGLang's batch_exists
-    blobs = store.get(keys[:n])           # bytearray per key, or None (miss)
+    blobs = store.get(keys[:n], out=bufs)  # memoryviews into bufs (or new bytearrays), None: miss
     store.stats()                         # dict; store.stats_json() for SGLang's get_stats
     store.close()
 
-Values are opaque (coded blobs); the store wraps each in a checksummed record
+Values are opaque (coded blobs); the store keeps a checksummed header with each
 (storage/record.py) and hands back only values that verify. Pages are namespaced
 (storage/keys.py), so servers with different models or shards can share the tiers.
 
@@ -141,8 +141,11 @@ class TieredStore:
             if tier is not None:
                 self._note_access(tier, key)
         new = [i for i in range(n) if where[i] is None]
-        pages = [Page(skeys[i], record.pack(skeys[i], values[i]), int(raw_sizes[i]), sparents[i])
-                 for i in new]
+        pages = []
+        for i in new:
+            value = memoryview(values[i]).cast("B")
+            pages.append(Page(skeys[i], record.seal(skeys[i], value), value, int(raw_sizes[i]),
+                              sparents[i]))
         stored = self._commit(0, inserts=pages) if pages else []
         result = [True] * n
         for i, ok in zip(new, stored):
@@ -152,18 +155,22 @@ class TieredStore:
                            len(pages), self.tiers[0].name)
         return result
 
-    def get(self, keys: Sequence[str]) -> list[bytearray | None]:
-        """The verified value under each key, or None (absent or failed verification; a bad
-        record is deleted and counted as ``corrupt``)."""
+    def get(self, keys: Sequence[str], out: Sequence | None = None) -> list:
+        """The verified value under each key, or None (absent, or failed verification: the
+        bad page is deleted and counted as ``corrupt``). Values are copied into ``out[i]``
+        when given (writable buffers, e.g. numpy arrays, reused across calls: no allocation)
+        and returned as memoryviews of their first bytes; else into new bytearrays. A value
+        larger than its buffer is a miss (and stays stored)."""
         self._in_this_process()
         skeys = [self._key(k) for k in keys]
-        values: list[bytearray | None] = [None] * len(keys)
+        values: list = [None] * len(keys)
         todo = list(range(len(keys)))
         for t, tier in enumerate(self.tiers):
             if not todo:
                 break
             missing, corrupt, promote = [], [], []
-            for i, found in zip(todo, self._read(tier, [skeys[i] for i in todo])):
+            buffers = None if out is None else [out[i] for i in todo]
+            for i, found in zip(todo, self._read(tier, [skeys[i] for i in todo], buffers)):
                 if found is None:
                     missing.append(i)
                 elif not record.verify(skeys[i], found.header, found.value):
@@ -172,8 +179,7 @@ class TieredStore:
                 else:
                     values[i] = found.value
                     if t > 0 and self.config.promote_on_hit:
-                        promote.append(Page(skeys[i], found.header + found.value, found.raw_size,
-                                            found.parent))
+                        promote.append(found)
                     else:
                         self._note_access(t, skeys[i])
             self._count(t, hits=len(todo) - len(missing), misses=len(missing), corrupt=len(corrupt))
@@ -282,9 +288,9 @@ class TieredStore:
         return where
 
     @staticmethod
-    def _read(tier: Tier, skeys: list[bytes]) -> list:
+    def _read(tier: Tier, skeys: list[bytes], out: list | None) -> list:
         try:
-            return tier.read(skeys)
+            return tier.read(skeys, out)
         except lmdb.Error as e:  # a damaged tier: its pages are misses
             logger.error("speckv store: reading tier %r failed: %s", tier.name, e)
             return [None] * len(skeys)
@@ -319,7 +325,7 @@ class TieredStore:
         copied: set[bytes] = set()
         try:
             if not last:
-                incoming = sum(len(page.record) for page in inserts)
+                incoming = sum(len(page.value) + record.HEADER_SIZE for page in inserts)
                 planned = tier.plan(touches, incoming, above)
                 if planned:
                     # Hottest first: commit() gives its first insert the newest tick.
@@ -355,17 +361,15 @@ class TieredStore:
             return pages
         out = []
         for page in pages:
-            header = page.record[: record.HEADER_SIZE]
-            value = memoryview(page.record)[record.HEADER_SIZE:]
-            if not record.verify(page.key, header, value):
+            if not record.verify(page.key, page.header, page.value):
                 self._count(t, corrupt=1)  # dropped rather than carried down
                 continue
             try:
-                new_value = tier.recode(value)
+                new_value = tier.recode(memoryview(page.value))
             except Exception:  # a hook's failure must not fail the write that evicted the page
                 logger.exception("speckv store: re-coding a page for tier %r failed; "
                                  "moving it unchanged", tier.name)
                 out.append(page)
                 continue
-            out.append(page._replace(record=record.pack(page.key, new_value)))
+            out.append(page._replace(header=record.seal(page.key, new_value), value=new_value))
         return out

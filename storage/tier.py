@@ -2,15 +2,17 @@
 
 Named databases of the environment (opened by storage/env.py):
 
-    pages     store key -> record (storage/record.py: header + value)
-    meta      store key -> tick u64 LE | raw size u64 LE | parent store key (may be empty)
+    pages     store key -> value (the caller's bytes, as given)
+    meta      store key -> tick u64 LE | raw size u64 LE | header (storage/record.py, 24 B)
+              | parent store key (may be empty)
     leaves    tick u64 BE || store key -> b""    pages with no child in this tier, by recency
     children  parent store key -> child store key  (dupsort; one row per stored page that has
               a parent, whether or not the parent is stored in this tier)
     state     b"tick", b"pages", b"bytes", b"raw_bytes" -> u64 LE; b"schema" -> version
 
 Every change is one write transaction (``Tier.commit``): a crash leaves the tier as it was
-before or after, never in between, and the counters in ``state`` always match the pages.
+before or after, never in between, and the counters in ``state`` always match the pages
+(``bytes`` counts each value plus its header). ``audit`` checks all of this.
 
 Recency. A write transaction takes ticks from the tier's counter ``tick``, so all processes
 share one order. Inserting or touching a page gives it a new tick; within one batch of
@@ -43,7 +45,7 @@ import lmdb
 from .env import DB_NAMES, NoRoom, close_env, open_env
 from .record import HEADER_SIZE
 
-_META = struct.Struct("<QQ")  # tick, raw size; followed by the parent store key
+_META = struct.Struct(f"<QQ{HEADER_SIZE}s")  # tick, raw size, header; then the parent key
 _TICK = struct.Struct(">Q")  # big-endian, so the leaves index sorts by tick
 _U64 = struct.Struct("<Q")
 COUNTERS = (b"tick", b"pages", b"bytes", b"raw_bytes")
@@ -53,18 +55,24 @@ class Page(NamedTuple):
     """A page as the store moves it between tiers."""
 
     key: bytes  # store key (storage/keys.py)
-    record: bytes  # header + value (storage/record.py); b"" for a dropped victim
+    header: bytes  # storage/record.py
+    value: object  # bytes-like; b"" for a dropped victim
     raw_size: int  # bytes of the page before coding (stats only)
     parent: bytes | None  # store key of the previous page of its chain, if known
 
 
-class Found(NamedTuple):
-    """A record read from a tier, copied out of LMDB, not yet verified (record.verify)."""
-
-    header: bytes  # the record's first HEADER_SIZE bytes
-    value: bytearray  # the rest
+class Meta(NamedTuple):
+    tick: int | None  # None: the entry is damaged (too short to parse)
     raw_size: int
-    parent: bytes | None
+    header: bytes
+    parent: bytes
+
+
+def _parse_meta(mv) -> Meta:
+    if len(mv) < _META.size:
+        return Meta(None, 0, b"", b"")
+    tick, raw_size, header = _META.unpack_from(mv)
+    return Meta(tick, raw_size, header, bytes(mv[_META.size:]))
 
 
 class Tier:
@@ -86,21 +94,32 @@ class Tier:
 
     # --- reads (one read transaction each; they never block writers) ---------------------
 
-    def read(self, keys: Sequence[bytes]) -> list[Found | None]:
-        """Copies of the records under ``keys``; None where absent."""
-        out: list[Found | None] = []
+    def read(self, keys: Sequence[bytes], out: Sequence | None = None) -> list[Page | None]:
+        """The pages under ``keys`` (None where absent), values copied out of LMDB into
+        ``out[i]`` (a writable buffer; the page's value is then a memoryview of its first
+        bytes) or into new bytearrays. A value larger than its ``out`` buffer reads as absent.
+        Not verified: see record.verify."""
+        pages: list[Page | None] = []
         with self.env.read() as txn:
-            for key in keys:
-                record = txn.get(key, db=self._pages)
+            for i, key in enumerate(keys):
+                value = txn.get(key, db=self._pages)
                 meta = txn.get(key, db=self._meta)
-                if record is None or meta is None:
-                    out.append(None)
+                if value is None or meta is None:
+                    pages.append(None)
                     continue
-                raw_size = _META.unpack_from(meta)[1]
-                parent = bytes(meta[_META.size:]) or None
-                out.append(Found(bytes(record[:HEADER_SIZE]), bytearray(record[HEADER_SIZE:]),
-                                 raw_size, parent))
-        return out
+                meta = _parse_meta(meta)
+                header = meta.header
+                if out is None:
+                    copy = bytearray(value)
+                else:
+                    buffer = memoryview(out[i]).cast("B")
+                    if len(value) > len(buffer):
+                        pages.append(None)
+                        continue
+                    copy = buffer[: len(value)]
+                    copy[:] = value
+                pages.append(Page(key, header, copy, meta.raw_size, meta.parent or None))
+        return pages
 
     def present(self, keys: Sequence[bytes]) -> list[bool]:
         with self.env.read() as txn:
@@ -127,25 +146,26 @@ class Tier:
         problems = []
         with self.env.read() as txn:
             counters = {name: _get_u64(txn, name, self._state) for name in COUNTERS}
-            pages = {bytes(k): len(v) for k, v in txn.cursor(db=self._pages)}
-            meta = {bytes(k): (*_META.unpack_from(v), bytes(v[_META.size:]))
-                    for k, v in txn.cursor(db=self._meta)}
+            sizes = {bytes(k): len(v) for k, v in txn.cursor(db=self._pages)}
+            meta = {bytes(k): _parse_meta(v) for k, v in txn.cursor(db=self._meta)}
             leaves = {bytes(k) for k, _ in txn.cursor(db=self._leaves)}
             children = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._children)]
-        if set(meta) != set(pages):
-            problems.append(f"{len(set(meta) ^ set(pages))} keys in only one of pages/meta")
-        found = {b"pages": len(pages), b"bytes": sum(pages.values()),
-                 b"raw_bytes": sum(m[1] for m in meta.values())}
+        if set(meta) != set(sizes):
+            problems.append(f"{len(set(meta) ^ set(sizes))} keys in only one of pages/meta")
+        if any(m.tick is None for m in meta.values()):
+            problems.append("damaged meta entries")
+        found = {b"pages": len(sizes), b"bytes": sum(sizes.values()) + HEADER_SIZE * len(sizes),
+                 b"raw_bytes": sum(m.raw_size for m in meta.values())}
         for name, value in found.items():
             if counters[name] != value:
                 problems.append(f"counter {name.decode()} = {counters[name]}, pages hold {value}")
-        if any(m[0] > counters[b"tick"] for m in meta.values()):
+        if any((m.tick or 0) > counters[b"tick"] for m in meta.values()):
             problems.append("a page's tick is ahead of the tick counter")
-        expected_children = sorted((m[2], k) for k, m in meta.items() if m[2])
+        expected_children = sorted((m.parent, k) for k, m in meta.items() if m.parent)
         if sorted(children) != expected_children:
             problems.append("children index does not match the pages' parent links")
         parents = {p for p, _ in children}
-        expected_leaves = {_TICK.pack(m[0]) + k for k, m in meta.items() if k not in parents}
+        expected_leaves = {_TICK.pack(m.tick or 0) + k for k, m in meta.items() if k not in parents}
         if leaves != expected_leaves:
             problems.append(f"leaves index: {len(leaves - expected_leaves)} extra, "
                             f"{len(expected_leaves - leaves)} missing")
@@ -169,9 +189,9 @@ class Tier:
 
         Returns (stored, victims): ``stored[i]`` is True iff inserts[i] is in the tier after
         the commit (False: the filesystem has no room even after evicting as many bytes as
-        the batch needs); ``victims`` are the evicted pages, with their records if
+        the batch needs); ``victims`` are the evicted pages, with copies of their values if
         ``keep_victims`` and their key is not in ``copied`` (already moved down, see
-        ``plan``), else with empty records.
+        ``plan``), else with empty values.
         """
 
         def body(txn: lmdb.Transaction) -> tuple[list[bool], list[Page]]:
@@ -193,10 +213,12 @@ class Tier:
         except NoRoom:
             if not inserts:
                 raise
-        # The file cannot grow: free as many bytes as the batch needs, then try once more.
-        # LMDB reuses pages freed by transaction N from transaction N+2 on (snapshot N-1,
-        # which still uses them, stays valid until then): one more commit in between.
-        need = sum(len(page.record) for page in inserts)
+        # The file cannot grow: free twice the bytes the batch needs (a value needs a run of
+        # free pages, and LMDB takes the single pages of B-tree updates out of such runs),
+        # then try once more. LMDB reuses pages freed by transaction N from transaction N+2
+        # on (snapshot N-1, which still uses them, stays valid until then): one more commit
+        # in between.
+        need = 2 * sum(len(page.value) + HEADER_SIZE for page in inserts)
         freed: list[Page] = []
         try:
             _, freed = self.env.write(lambda txn: _evict_only(txn, self, need, keep_victims))
@@ -207,10 +229,10 @@ class Tier:
         return stored, freed + victims
 
     def plan(self, touches: Sequence[bytes], incoming: int, above: Sequence[Tier] = ()) -> list[Page]:
-        """The pages (with records) that a commit of ``touches`` and ``incoming`` more bytes
-        would evict, found by a dry run (an aborted write transaction). The store copies them
-        into the next tier before that commit, so a crash between the two leaves a page in
-        both tiers, never in neither."""
+        """The pages (with copies of their values) that a commit of ``touches`` and
+        ``incoming`` more bytes would evict, found by a dry run (an aborted write
+        transaction). The store copies them into the next tier before that commit, so a
+        crash between the two leaves a page in both tiers, never in neither."""
         if self.counters()["bytes"] + incoming <= self.capacity:
             return []
 
@@ -254,12 +276,9 @@ class _Writer:
         self.counters[b"tick"] += 1
         return self.counters[b"tick"]
 
-    def _meta(self, key: bytes) -> tuple[int, int, bytes] | None:
+    def _meta(self, key: bytes) -> Meta | None:
         mv = self.txn.get(key, db=self.t._meta)
-        if mv is None:
-            return None
-        tick, raw_size = _META.unpack_from(mv)
-        return tick, raw_size, bytes(mv[_META.size:])
+        return None if mv is None else _parse_meta(mv)
 
     def _has_children(self, key: bytes) -> bool:
         return self.txn.cursor(db=self.t._children).set_key(key)
@@ -271,59 +290,66 @@ class _Writer:
             return
         tick = self._tick()
         parent = page.parent if page.parent and page.parent != page.key else b""
-        txn.put(page.key, page.record, db=t._pages)
-        txn.put(page.key, _META.pack(tick, page.raw_size) + parent, db=t._meta)
+        txn.put(page.key, page.value, db=t._pages)
+        txn.put(page.key, _META.pack(tick, page.raw_size, page.header) + parent, db=t._meta)
         if not self._has_children(page.key):
             txn.put(_TICK.pack(tick) + page.key, b"", db=t._leaves)
         if parent:
             txn.put(parent, page.key, db=t._children)
             parent_meta = self._meta(parent)
-            if parent_meta is not None:  # the parent is stored here: no longer a leaf
-                txn.delete(_TICK.pack(parent_meta[0]) + parent, db=t._leaves)
+            if parent_meta is not None and parent_meta.tick is not None:
+                # The parent is stored here: no longer a leaf.
+                txn.delete(_TICK.pack(parent_meta.tick) + parent, db=t._leaves)
         self.counters[b"pages"] += 1
-        self.counters[b"bytes"] += len(page.record)
+        self.counters[b"bytes"] += len(page.value) + HEADER_SIZE
         self.counters[b"raw_bytes"] += page.raw_size
 
     def touch(self, key: bytes) -> None:
         meta = self._meta(key)
-        if meta is None:
+        if meta is None or meta.tick is None:
             return
-        old, raw_size, parent = meta
         tick = self._tick()
-        self.txn.put(key, _META.pack(tick, raw_size) + parent, db=self.t._meta)
-        if self.txn.delete(_TICK.pack(old) + key, db=self.t._leaves):
+        self.txn.put(key, _META.pack(tick, meta.raw_size, meta.header) + meta.parent, db=self.t._meta)
+        if self.txn.delete(_TICK.pack(meta.tick) + key, db=self.t._leaves):
             self.txn.put(_TICK.pack(tick) + key, b"", db=self.t._leaves)
 
     def remove(self, key: bytes, keep: bool) -> Page | None:
+        """Remove the page under ``key`` (None if absent), with a copy of its value if
+        ``keep``. A damaged meta entry (tick None) leaves its leaves entry behind (evict
+        drops such entries) and the raw-bytes counter off by the page's raw size."""
         txn, t = self.txn, self.t
         meta = self._meta(key)
-        if meta is None:
-            return None
-        tick, raw_size, parent = meta
         stored = txn.get(key, db=t._pages)
+        if meta is None or stored is None:  # absent (or half there: cannot happen, cleaned)
+            txn.delete(key, db=t._pages)
+            txn.delete(key, db=t._meta)
+            return None
         size = len(stored)
-        record = bytes(stored) if keep else b""  # copy before the delete invalidates the view
+        value = bytes(stored) if keep else b""  # copy before the delete invalidates the view
         txn.delete(key, db=t._pages)
         txn.delete(key, db=t._meta)
-        txn.delete(_TICK.pack(tick) + key, db=t._leaves)
-        if parent:
-            txn.delete(parent, key, db=t._children)
-            parent_meta = self._meta(parent)
-            if parent_meta is not None and not self._has_children(parent):
-                txn.put(_TICK.pack(parent_meta[0]) + parent, b"", db=t._leaves)
+        if meta.tick is not None:
+            txn.delete(_TICK.pack(meta.tick) + key, db=t._leaves)
+        if meta.parent:
+            txn.delete(meta.parent, key, db=t._children)
+            parent_meta = self._meta(meta.parent)
+            if (parent_meta is not None and parent_meta.tick is not None
+                    and not self._has_children(meta.parent)):
+                txn.put(_TICK.pack(parent_meta.tick) + meta.parent, b"", db=t._leaves)
         self.counters[b"pages"] -= 1
-        self.counters[b"bytes"] -= size
-        self.counters[b"raw_bytes"] -= raw_size
-        return Page(key, record, raw_size, parent or None)
+        self.counters[b"bytes"] -= size + HEADER_SIZE
+        self.counters[b"raw_bytes"] = max(0, self.counters[b"raw_bytes"] - meta.raw_size)
+        return Page(key, meta.header, value, meta.raw_size, meta.parent or None)
 
     def evict(self, limit: int, keep: bool, copied: Collection[bytes] = ()) -> list[Page]:
         """Remove coldest leaves until the tier holds at most ``limit`` bytes; ``keep``: copy
-        the records of those not in ``copied``."""
+        the values of those not in ``copied``."""
         victims, in_use = [], set()
         while self.counters[b"bytes"] > limit:
             cursor = self.txn.cursor(db=self.t._leaves)
             if cursor.first():
-                key = bytes(cursor.key()[_TICK.size:])
+                entry = bytes(cursor.key())
+                key = entry[_TICK.size:]
                 if key not in in_use and any(txn.cursor(db=db).set_key(key) for txn, db in self.above):
                     in_use.add(key)  # its chain goes on in a tier above
                     self.touch(key)
@@ -332,6 +358,12 @@ class _Writer:
                 cursor = self.txn.cursor(db=self.t._meta)
                 if not cursor.first():
                     break
-                key = bytes(cursor.key())
-            victims.append(self.remove(key, keep and key not in copied))
+                entry, key = None, bytes(cursor.key())
+            victim = self.remove(key, keep and key not in copied)
+            if victim is None or victim.header == b"":
+                # A leftover of a damaged meta entry: drop its leaves entry and the page.
+                if entry is not None:
+                    self.txn.delete(entry, db=self.t._leaves)
+                continue
+            victims.append(victim)
         return victims
