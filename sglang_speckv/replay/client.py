@@ -38,6 +38,13 @@ from sglang_speckv.replay.traces import Request
 # Prompt tokens of the warm-up request: fewer than the page sizes `speckv serve` uses (16 on
 # the CPU engine, 64 on GPUs), so it leaves no full page behind in L3.
 WARMUP_TOKENS = 8
+# /flush_cache is refused until the scheduler has run an idle step after the last request
+# (milliseconds on a GPU, up to seconds on a loaded CPU): retry that often, for that long.
+FLUSH_RETRY_S = 0.5
+FLUSH_WAIT_S = 60.0
+# speckv rewrites its stats file at most once a second while it works (backend.py): this
+# long without a change means its writes are done.
+SETTLE_STABLE_S = 3.0
 # Texts per /tokenize call: large enough to amortise the round trip, small enough to keep a
 # single call well under its timeout on a slow CPU server.
 TOKENIZE_BATCH = 64
@@ -103,8 +110,18 @@ class Server:
         self._post("/generate", payload)
 
     def flush_cache(self) -> None:
-        """Drop the device and host caches (L1, L2); the storage backend keeps its pages."""
-        self._post("/flush_cache")
+        """Drop the device and host caches (L1, L2); the storage backend keeps its pages.
+        SGLang refuses while its scheduler is not idle (for a moment after the last
+        request): retried every FLUSH_RETRY_S for up to FLUSH_WAIT_S."""
+        deadline = time.monotonic() + FLUSH_WAIT_S
+        while True:
+            try:
+                self._post("/flush_cache")
+                return
+            except ServerError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(FLUSH_RETRY_S)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         resp = self._post("/tokenize", {"prompt": texts, "add_special_tokens": False}).json()
@@ -225,12 +242,14 @@ def replay(
     seed: int = 0,
     vocab: tuple[int, int] = DEFAULT_VOCAB,
     store_stats: Callable[[], dict | None] | None = None,
-    stats_interval_s: float = 2.0,
+    stats_interval_s: float = 1.0,
+    settle_s: float = 120.0,
     progress: bool = True,
 ) -> Run:
     """Replay ``requests`` against ``server``; see the module docstring for the schedule.
-    ``store_stats`` (optional) is sampled every ``stats_interval_s`` seconds and once at the
-    end: the stored bytes per tier over time."""
+    ``store_stats`` (optional) is sampled every ``stats_interval_s`` seconds: the stored
+    bytes per tier over time; after the last request, until they have not changed for
+    SETTLE_STABLE_S (at most ``settle_s``), so that the server's last writes are counted."""
     from tqdm import tqdm
 
     if speedup <= 0 or concurrency < 1:
@@ -312,9 +331,20 @@ def replay(
             in_flight -= 1
             bar.update(1)
         bar.close()
+    seconds = time.monotonic() - t0
     sample()
+    if store_stats is not None and stopped != "interrupted":
+        # The server backs pages up to L3 after answering: wait until the stored bytes stop
+        # changing, so the report's final figures include every write the trace caused.
+        stable_since = time.monotonic()
+        while time.monotonic() - t0 - seconds < settle_s and time.monotonic() - stable_since < SETTLE_STABLE_S:
+            time.sleep(stats_interval_s)
+            before = samples[-1]["tiers"] if samples else None
+            sample()
+            if samples and samples[-1]["tiers"] != before:
+                stable_since = time.monotonic()
     finished = sorted(results.values(), key=lambda r: r.index)
-    return Run(label, server.url, finished, samples, time.monotonic() - t0, stopped)
+    return Run(label, server.url, finished, samples, seconds, stopped)
 
 
 # ----------------------------------------------------------------------------- store stats
@@ -386,6 +416,9 @@ def replay_command(parser: argparse.ArgumentParser):
     parser.add_argument("--time-limit", type=float, default=None, help="stop each run after this many seconds")
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds without an answer before a request counts as failed (default 300)")
+    parser.add_argument("--settle", type=float, default=120.0,
+                        help="after the last request, wait up to this many seconds for the stored bytes "
+                             "(--store) to stop changing (default 120)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthesised tokens (default 0)")
     parser.add_argument("--vocab", default=f"{DEFAULT_VOCAB[0]}:{DEFAULT_VOCAB[1]}",
                         help="token id range LOW:HIGH of synthesised tokens (default %(default)s)")
@@ -434,7 +467,7 @@ def run_replay(args: argparse.Namespace) -> int:
             stats = store_stats_reader(Path(args.store[k])) if k < len(args.store) else None
             run = replay(
                 requests, server, label=label, speedup=args.speedup, concurrency=args.concurrency,
-                time_limit_s=args.time_limit, seed=args.seed, vocab=vocab, store_stats=stats,
+                time_limit_s=args.time_limit, seed=args.seed, vocab=vocab, store_stats=stats, settle_s=args.settle,
                 progress=not args.no_progress,
             )
         except (ServerError, ValueError) as e:

@@ -144,6 +144,8 @@ def plot_ttft_cdf(data: dict, path: Path) -> None:
         v = np.sort([r["ttft_s"] * 1e3 for r in run["requests"] if r["error"] is None and r["ttft_s"] is not None])
         if len(v):
             ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=f"{run['label']} (p50 {np.median(v):.0f} ms)")
+        else:
+            ax.plot([], [], label=f"{run['label']}: no request completed")
     ax.set_xscale("log")
     ax.set_xlabel("time to first token (ms, log scale)")
     ax.set_ylabel("share of requests")
