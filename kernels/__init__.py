@@ -1,0 +1,11 @@
+"""The coder (``sglang_speckv.kernels``): KV pages <-> blobs, losslessly.
+
+- ``entropy_model``: the integer model C(k) under a per-scalar (mu, sigma);
+- ``rans_reference``: interleaved rANS in torch (CPU), the bytes of record;
+- ``rans_triton``: the same coder as Triton kernels (CUDA);
+- ``format``: the blob (docs/FORMAT.md);
+- ``codec``: the batch API, ``encode_pages`` / ``decode_pages``.
+
+docs/DESIGN.md "The coder" describes the math. Nothing is imported here: importing a
+submodule never pulls in Triton unless it is the Triton one.
+"""
