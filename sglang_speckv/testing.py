@@ -149,14 +149,20 @@ class SGLangServer:
             raise ServerError(f"POST {path}: HTTP {r.status_code} {r.text[:500]}\n{self.log_tail()}")
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else {}
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 8) -> dict:
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 8, salt: str | None = None) -> dict:
         """Greedy generation with logprobs. Returns {"tokens", "logprobs", "text",
-        "cached": meta_info.cached_tokens_details (device/host/storage), "prompt_tokens"}."""
+        "cached": meta_info.cached_tokens_details (device/host/storage), "prompt_tokens"}.
+
+        ``salt``: SGLang's ``cache_salt``, which namespaces the request in every cache tier
+        (radix tree and L3 keys): a fresh salt gives a run with no cache hits at all, the
+        reference that cached runs must reproduce exactly."""
         payload = {
             "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
             "return_logprob": True,
             ("input_ids" if isinstance(prompt, list) else "text"): prompt,
         }
+        if salt is not None:
+            payload["cache_salt"] = salt
         out = self.post("/generate", payload)
         meta = out["meta_info"]
         return {
@@ -167,6 +173,13 @@ class SGLangServer:
             "prompt_tokens": meta["prompt_tokens"],
         }
 
-    def flush_cache(self) -> None:
-        """Drop the device (L1) and host (L2) caches; L3 storage keeps its pages."""
-        self.post("/flush_cache")
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=10).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def flush_cache(self, timeout: float = 60.0) -> None:
+        """Drop the device (L1) and host (L2) caches; L3 storage keeps its pages. SGLang
+        flushes only when no request is running: it waits up to ``timeout`` for that."""
+        self.post(f"/flush_cache?timeout={timeout}", timeout=timeout + REQUEST_TIMEOUT_S)

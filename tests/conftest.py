@@ -1,8 +1,13 @@
-"""Shared fixtures: the real SmolLM2-135M-Instruct checkpoint (built once, cached on disk)."""
+"""Shared fixtures: the real SmolLM2-135M-Instruct checkpoint (built once, cached on disk) and
+real SGLang servers whose logs are attached to any failing test's report."""
 
 from __future__ import annotations
 
 import pytest
+
+# Servers started through the ``sglang_server`` factory; their log tails go into the report
+# of any failing test that uses the factory, and they are stopped at the end of the session.
+_SERVERS: list = []
 
 
 @pytest.fixture(scope="session")
@@ -11,3 +16,30 @@ def model_dir():
     from sglang_speckv.prepare_model import prepare_model
 
     return prepare_model()
+
+
+@pytest.fixture(scope="session")
+def sglang_server(model_dir, tmp_path_factory):
+    """Factory: ``sglang_server(args, name=...)`` starts ``speckv serve ARGS`` (see
+    sglang_speckv/testing.py) with its log in the test temp dir, and returns it started."""
+    from sglang_speckv.testing import SGLangServer
+
+    logs = tmp_path_factory.mktemp("sglang-logs")
+
+    def start(args: list[str], name: str = "server", **kwargs) -> SGLangServer:
+        server = SGLangServer(["--model-path", str(model_dir), *args], log_path=logs / f"{name}.log", **kwargs)
+        _SERVERS.append(server)
+        return server.start()
+
+    yield start
+    for server in _SERVERS:
+        server.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "sglang_server" in getattr(item, "fixturenames", ()):
+        for server in _SERVERS:
+            report.sections.append((f"SGLang log {server.log_path}", server.log_tail()))

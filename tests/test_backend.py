@@ -178,7 +178,7 @@ def test_corrupt_values_are_misses_and_never_touch_host_memory(tmp_path):
     backend.close()
 
     # Flip one byte of every stored record on disk: the store's record checksum fails.
-    env = lmdb.open(str(tmp_path / "ram"), max_dbs=16, subdir=True)
+    env = lmdb.open(str(tmp_path / "ram"), max_dbs=16, subdir=True, map_size=1 << 34)  # address space, not disk
     with env.begin(write=True) as txn:
         db = env.open_db(b"pages", txn=txn)
         for k, v in list(txn.cursor(db)):
