@@ -84,17 +84,19 @@ def decode_staged(decoder, mu_q, e, r, cuts):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cdf_matches_reference_on_every_key(dtype):
-    """C(k) over ALL keys [0, 2^B] under garbage and ordinary (mu, sigma), both mixture
-    extremes and kappa 0..7: negative boundaries exercise the arithmetic >> of t, the
-    saturations exercise the shift clamps."""
+    """C(k) over ALL keys [0, 2^B] under garbage and ordinary (mu, sigma) and both mixture
+    extremes (the default one is in every other test): negative boundaries exercise the
+    arithmetic >> of t, the saturations the shift clamps and the int32 narrowing."""
     b = em.symbol_bits(dtype)
-    mu = torch.tensor(GARBAGE_MU + [0.5, -2.0])
-    sigma = torch.tensor(GARBAGE_SIGMA[: len(GARBAGE_MU)] + [1.0, 0.001])
-    if b == 16:  # 65537 keys per parameter set: keep the interpreter's work bounded
-        mu, sigma = mu[::3], sigma[::3]
+    if b == 8:
+        mu = torch.tensor(GARBAGE_MU + [0.5, -2.0])
+        sigma = torch.tensor(GARBAGE_SIGMA[: len(GARBAGE_MU)] + [1.0, 0.001])
+    else:  # 65537 keys per parameter set: the extremes of e and mu_q only
+        mu = torch.tensor([-3e38, float("nan"), float("inf"), 0.5])
+        sigma = torch.tensor([1e-45, 3e38, 0.37, 1.0])
     mu_q, e, r = (t[:, None].to(DEVICE) for t in em.quantize_params(mu, sigma))
     keys = torch.arange((1 << b) + 1, device=DEVICE)[None, :]
-    for w_wide, kappa in ((em.W_WIDE, em.KAPPA), (0, 0), (255, 7)):
+    for w_wide, kappa in ((0, 0), (255, em.KAPPA_MAX)):
         got = rt.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
         want = em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
         assert torch.equal(got, want), f"{dtype} w_wide={w_wide} kappa={kappa}"
@@ -141,7 +143,7 @@ def test_bytes_and_staged_decode_match_reference(dtype):
 @pytest.mark.parametrize(
     ("num_pages", "n", "num_lanes"),
     [
-        (1, 50, 1),  # one lane: every symbol is a step
+        (1, 20, 1),  # one lane: every symbol is a step
         (3, 101, 8),  # N not a multiple of NL: ragged last step
         (2, 30, 48),  # more lanes than symbols: empty lanes flush L alone
         (2, 0, 4),  # empty pages
@@ -203,14 +205,14 @@ def _corruptions(words, lane_words):
 
 
 def test_corrupt_streams_decode_like_reference():
-    dtype = "fp16"
-    keys, mu_q, e, r = make_pages(dtype, num_pages=2, n=240, seed=11)
+    dtype = "fp8_e4m3"
+    keys, mu_q, e, r = make_pages(dtype, num_pages=2, n=144, seed=11)
     words, lane_words = ref.encode(*cum_freq_reference(keys, mu_q, e, r, dtype), 24)
     for name, bad_words, bad_lanes in _corruptions(words, lane_words):
         dec = rt.Decoder(bad_words, bad_lanes, keys.shape[1], dtype)
         dec_ref = ref.Decoder(bad_words, bad_lanes, keys.shape[1], dtype)
-        got = decode_staged(dec, mu_q, e, r, [100])
-        want = decode_staged(dec_ref, mu_q, e, r, [100])
+        got = decode_staged(dec, mu_q, e, r, [70])
+        want = decode_staged(dec_ref, mu_q, e, r, [70])
         assert torch.equal(got, want), name
         verdict = dec.finish()
         assert torch.equal(verdict, dec_ref.finish()), name
