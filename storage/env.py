@@ -21,10 +21,11 @@ every process maps at most the file's size. A full filesystem then shows as LMDB
 
 Map size. It starts at the data file's size, or for a new file at the tier's capacity up
 to FIRST_MAP_SIZE, and grows by a quarter (at least MIN_GROWTH) each time a write hits
-``MapFullError``, up to what the filesystem can hold. Capacity is enforced in bytes of values by the tiers, so the file settles at the
-capacity plus LMDB's fragmentation and one batch. Map changes (open, growth, adopting
-another process's growth, which reaches this one as ``MapResizedError`` at ``begin``) take a
-file lock (``speckv.lock``), so they see and keep "file size = allocated = largest map".
+``MapFullError``, up to what the filesystem can hold. The tiers enforce capacity in bytes of
+values, so the file settles at the capacity plus LMDB's fragmentation and one batch. Map
+changes (open, growth, adopting another process's growth, which reaches this one as
+``MapResizedError`` at ``begin``) take a file lock (``speckv.lock``), so they see and keep
+"file size = allocated = largest map".
 
 Sync settings (``tiers[].sync``; docs/STORAGE.md has the full story):
 - ``none``: no fsync (MDB_NOSYNC). Right for tmpfs, which dies with the machine. On a disk,
@@ -63,8 +64,8 @@ FIRST_MAP_SIZE = 64 << 20
 # that growing (which waits for this process's transactions) stays rare.
 MIN_GROWTH = 1 << 20
 _SYNC_FLAGS = {"none": (False, False), "data": (True, False), "full": (True, True)}  # sync, metasync
-# Errors of a commit that mean the file could not grow: a full filesystem surfaces as
-# ENOSPC, or as EIO when LMDB's pwrite comes back short; EDQUOT and EFBIG are limits too.
+# Errors of a commit that mean the filesystem refused the write: ENOSPC, or EIO when a
+# write comes back short; EDQUOT and EFBIG are limits too.
 _NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
 _UNSYNCED_MARKER = "unsynced_boot"
 _OPEN_LOCK = "speckv.lock"
@@ -313,14 +314,16 @@ class Env:
 
 _REGISTRY: dict[tuple[str, int], Env] = {}
 _REGISTRY_LOCK = threading.Lock()
-_FORK_HOOKS = []  # holds True once the fork handlers are registered
+_fork_handlers_registered = False
 
 
 def _before_fork() -> None:
     # Fork only between transactions: the child closes what it inherits (below), and closing
     # an environment aborts its transactions, which would clear the parent's reader slots.
+    # Newest first: a write on tier t reads the tiers above it (opened before it) inside its
+    # transaction, so taking tier t before them cannot wait on a thread that waits on us.
     _REGISTRY_LOCK.acquire()
-    for env in _REGISTRY.values():
+    for env in reversed(_REGISTRY.values()):
         env._lock.acquire_exclusive()
 
 
@@ -351,12 +354,13 @@ def open_env(path: str, *, sync: str, capacity: int, where: str) -> Env:
                          "choose another directory") from e
     if not os.access(path, os.W_OK | os.X_OK):
         raise StoreError(f"{where}.path: {path} is not writable by this process")
+    global _fork_handlers_registered
     key = (os.path.realpath(path), os.getpid())
     with _REGISTRY_LOCK:
-        if not _FORK_HOOKS:
+        if not _fork_handlers_registered:
             os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                                 after_in_child=_after_fork_in_child)
-            _FORK_HOOKS.append(True)
+            _fork_handlers_registered = True
         env = _REGISTRY.get(key)
         if env is None:
             env = Env(path, sync, capacity, where)

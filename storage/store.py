@@ -116,7 +116,8 @@ class TieredStore:
         raw_sizes: Sequence[int] | None = None,
         parents: Sequence[str | None] | None = None,
     ) -> list[bool]:
-        """Store ``values[i]`` (bytes-like) under ``keys[i]``, all new pages in one transaction
+        """Store ``values[i]`` (any C-contiguous buffer: bytes, bytearray, memoryview, numpy
+        array) under ``keys[i]``, all new pages in one transaction
         of the first tier. ``raw_sizes[i]``: the page's size before coding (stats; default:
         the value's size). ``parents[i]``: the key of the page before ``keys[i]`` in its
         prefix chain (see ``chain_parents``), which lets eviction take tails first.
@@ -237,7 +238,11 @@ class TieredStore:
         raise ValueError(f"no tier named {tier_name!r} (tiers: {[t.name for t in self.tiers]})")
 
     def stats(self) -> dict:
-        """Per tier: occupancy from the tier (all processes) and this process's events."""
+        """Per tier: occupancy (pages, bytes with headers, raw bytes) read from the tier, for
+        all processes, and this process's events: ``hits`` and ``misses`` of lookups in that
+        tier, ``corrupt`` pages found, ``promotions`` out of it, ``demotions`` to the next
+        tier, ``evictions`` out of the store. Top level: keys found in some tier (``hits``)
+        and in none (``misses``)."""
         self._in_this_process()
         with self._lock:
             events = [dict(e) for e in self._events]
@@ -329,8 +334,9 @@ class TieredStore:
                 planned = tier.plan(touches, incoming, above)
                 if planned:
                     # Hottest first: commit() gives its first insert the newest tick.
-                    self._commit(t + 1, inserts=self._recoded(t, planned[::-1]))
-                    copied = {page.key for page in planned}
+                    down = self._recoded(t, planned[::-1])
+                    failed = {p.key for p, ok in zip(down, self._commit(t + 1, inserts=down)) if not ok}
+                    copied = {page.key for page in planned} - failed  # (or dropped as corrupt)
             stored, victims = tier.commit(inserts, touches, removes, keep_victims=not last,
                                           above=above, copied=copied)
         except _WRITE_FAILURES as e:

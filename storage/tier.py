@@ -62,6 +62,8 @@ class Page(NamedTuple):
 
 
 class Meta(NamedTuple):
+    """A page's entry in ``meta``, parsed."""
+
     tick: int | None  # None: the entry is damaged (too short to parse)
     raw_size: int
     header: bytes
