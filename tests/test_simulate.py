@@ -183,17 +183,18 @@ def test_parse_helpers(tmp_path):
 def test_command_on_the_mooncake_trace(tmp_path, capsys):
     out = tmp_path / "sim"
     rc = main(["simulate", "--trace", str(MOONCAKE), "--max-requests", "3000", "--ram", "64GiB", "--ratio", "2.5",
-               "--sweep", "ram=64GiB..256GiB", "--report", str(out)])
+               "--sweep", "ram=64GiB..256GiB", "--sweep-ratios", "4", "--report", str(out)])
     assert rc == 0
     data = json.loads((out / "simulate.json").read_text())
     rows = data["sweep"]
     assert [r["size"] for r in rows] == [64 * 2**30, 128 * 2**30, 256 * 2**30]
     ceiling = 1 - data["setup"]["unique_pages"] / data["result"]["pages"]
     for r in rows:
-        assert 0 < r["raw"]["hit_rate"] <= r["coded"]["hit_rate"] <= ceiling
-    assert data["result"]["hit_rate"] == rows[0]["coded"]["hit_rate"]  # same configuration
+        rates = [r["curves"][label]["hit_rate"] for label in ("raw", "coded 2.50x", "coded 4.00x")]
+        assert 0 < rates[0] <= rates[1] <= rates[2] <= ceiling
+    assert data["result"]["hit_rate"] == rows[0]["curves"]["coded 2.50x"]["hit_rate"]  # same configuration
     assert (out / "sweep.png").stat().st_size > 10_000
-    assert "Hit rate against ram size" in (out / "SIMULATE.md").read_text()
+    assert "| ram size | raw | coded 2.50x | coded 4.00x |" in (out / "SIMULATE.md").read_text()
 
 
 def test_command_errors(capsys):

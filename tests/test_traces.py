@@ -48,9 +48,15 @@ def test_mooncake_block_tokens_scales_blocks_and_outputs():
     assert [c.key for c in first.chunks] == list(range(14))  # sharing structure kept
 
 
-def test_mooncake_caps():
+def test_mooncake_caps_and_slices():
     reqs = load_trace(MOONCAKE, max_output_tokens=7, max_requests=3)
     assert [r.output_tokens for r in reqs] == [7, 7, 7]
+    whole = load_trace(MOONCAKE)
+    part = load_trace(MOONCAKE, skip_requests=100, max_requests=5)
+    assert [r.index for r in part] == list(range(100, 105))
+    assert [r.chunks for r in part] == [r.chunks for r in whole[100:105]]
+    assert part[0].arrival_s == 0.0
+    assert part[4].arrival_s == whole[104].arrival_s - whole[100].arrival_s
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:

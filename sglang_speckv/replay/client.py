@@ -410,7 +410,8 @@ def replay_command(parser: argparse.ArgumentParser):
     parser.add_argument("--block-tokens", type=int, default=None, help="tokens per Mooncake block (default 512); "
                         "shrinks prompts and outputs to fit a small model, keeping the sharing")
     parser.add_argument("--max-output-tokens", type=int, default=None, help="cap on each request's output tokens")
-    parser.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
+    parser.add_argument("--max-requests", type=int, default=None, help="replay only N requests")
+    parser.add_argument("--skip-requests", type=int, default=0, help="start at this request of the trace (default 0)")
     parser.add_argument("--speedup", type=float, default=1.0, help="divide the trace's times by this (default 1)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at most (default 4)")
     parser.add_argument("--time-limit", type=float, default=None, help="stop each run after this many seconds")
@@ -441,7 +442,7 @@ def run_replay(args: argparse.Namespace) -> int:
             raise ValueError(f"{len(args.store)} --store paths for {len(urls)} servers")
         low, _, high = args.vocab.partition(":")
         vocab = (int(low), int(high))
-        requests = load_trace(args.trace, args.block_tokens, args.max_output_tokens, args.max_requests)
+        requests = load_trace(args.trace, args.block_tokens, args.max_output_tokens, args.max_requests, args.skip_requests)
     except (TraceError, ValueError, OSError) as e:
         print(f"speckv replay: {e}", file=sys.stderr)
         return 2
@@ -450,6 +451,7 @@ def run_replay(args: argparse.Namespace) -> int:
         "requests": len(requests),
         "block_tokens": args.block_tokens,
         "max_output_tokens": args.max_output_tokens,
+        "skip_requests": args.skip_requests,
         "speedup": args.speedup,
         "concurrency": args.concurrency,
         "time_limit_s": args.time_limit,

@@ -101,7 +101,9 @@ def replay_markdown(data: dict, plots: list[str]) -> str:
     lines = [
         f"# Replay of {setup['trace']}",
         "",
-        f"{setup['requests']} requests, speedup {setup['speedup']}, concurrency {setup['concurrency']}, "
+        f"{setup['requests']} requests"
+        + (f" (from request {setup['skip_requests']})" if setup.get("skip_requests") else "")
+        + f", speedup {setup['speedup']}, concurrency {setup['concurrency']}, "
         f"block tokens {setup.get('block_tokens') or '-'}, max output tokens {setup.get('max_output_tokens') or '-'}, "
         f"seed {setup['seed']}.",
         "",
@@ -259,41 +261,49 @@ def simulate_markdown(setup: dict, res: dict) -> str:
 
 def sweep_markdown(setup: dict, rows: list[dict]) -> str:
     tier = setup["sweep_tier"]
-    ratio = setup["ratios"][tier]
+    labels = list(rows[0]["curves"])
     lines = [
-        f"## Hit rate against {tier} size (raw pages vs coded at {ratio:.2f}x)",
+        f"## Share of prompt pages served from cache against {tier} size",
         "",
-        f"| {tier} size | raw | coded | gain |",
-        "|---|---|---|---|",
+        f"| {tier} size | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
     ]
     for row in rows:
-        raw, coded = row["raw"]["hit_rate"], row["coded"]["hit_rate"]
-        lines.append(f"| {format_size(row['size'])} | {raw:.1%} | {coded:.1%} | {coded - raw:+.1%} |")
+        lines.append(f"| {format_size(row['size'])} | "
+                     + " | ".join(f"{row['curves'][label]['hit_rate']:.1%}" for label in labels) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_sweep(setup: dict, rows: list[dict], path: Path) -> None:
+    """Hit rate against the swept tier's capacity, one line per coded-size ratio."""
     plt = _plt()
     tier = setup["sweep_tier"]
-    ratio = setup["ratios"][tier]
-    sizes = np.array([r["size"] for r in rows], dtype=float) / 2**30
+    sizes = np.array([r["size"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for label, style, name in (("raw", "o--", "raw pages (1.00x)"), ("coded", "o-", f"speckv coded pages ({ratio:.2f}x)")):
-        ax.plot(sizes, [100 * r[label]["hit_rate"] for r in rows], style, lw=2, label=name)
-    ceiling = 100 * (1 - setup["unique_pages"] / max(1, rows[0]["raw"]["pages"]))
-    ax.axhline(ceiling, color="grey", ls=":", label=f"reuse ceiling ({ceiling:.0f}%: every page's first use misses)")
+    first = rows[0]["curves"]["raw"]
+    several = sum(1 for t in first["tiers"] if t["capacity"]) > 1
+    for label in rows[0]["curves"]:
+        (line,) = ax.plot(sizes, [100 * r["curves"][label]["hit_rate"] for r in rows], "o--" if label == "raw" else "o-",
+                          lw=2, label="raw pages (1.00x)" if label == "raw" else f"speckv pages, {label}")
+        if several:  # how much of it the swept tier serves itself
+            own = [100 * next(t["hit_rate"] for t in r["curves"][label]["tiers"] if t["name"] == tier) for r in rows]
+            ax.plot(sizes, own, "--" if label == "raw" else "-", color=line.get_color(), lw=1, alpha=0.6,
+                    label=f"  of which from {tier}")
+    ceiling = 100 * (1 - setup["unique_pages"] / max(1, first["pages"]))
+    ax.axhline(ceiling, color="grey", ls=":", label=f"reuse ceiling {ceiling:.0f}% (a page's first use misses)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes)
-    ax.set_xticklabels([format_size(s * 2**30).replace(" ", "") for s in sizes], rotation=30)
+    ax.set_xticklabels([format_size(s).replace(" ", "") for s in sizes], rotation=30)
     ax.set_xlabel(f"{tier} tier capacity")
     ax.set_ylabel("prompt pages served from cache (%)")
     ax.set_ylim(0, max(ceiling * 1.1, 1))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
-    other = ", ".join(f"{t['name']} {format_size(t['capacity'])}" for t in rows[0]["raw"]["tiers"] if t["name"] != tier)
+    ax.legend(loc="best", fontsize=9)
+    other = ", ".join(f"{t['name']} {format_size(t['capacity'])}" for t in first["tiers"] if t["name"] != tier and t["capacity"])
+    host = f", host cache {format_size(setup['host_bytes'])}" if setup["host_bytes"] else ""
     ax.set_title(
         f"{Path(setup['trace']).name}: {setup['requests']:,} requests, {format_size(setup['raw_page_bytes'])} pages"
-        + (f", {other}" if other else ""),
+        f" of {setup['page_tokens']} tokens" + (f", {other}" if other else "") + host,
         fontsize=10,
     )
     fig.tight_layout()

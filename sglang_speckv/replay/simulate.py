@@ -391,9 +391,12 @@ def simulate_command(parser: argparse.ArgumentParser):
     parser.add_argument("--block-tokens", type=int, default=None, help="tokens per Mooncake block (default 512)")
     parser.add_argument("--ratio", default=None, help="coded-size ratio raw/coded: 2.0, or ram=1.9,ssd=2.3 (default 1: raw)")
     parser.add_argument("--ratio-from", type=Path, default=None, help="take the ratios from a replay report or bench JSON")
-    parser.add_argument("--max-requests", type=int, default=None, help="first N requests only")
+    parser.add_argument("--max-requests", type=int, default=None, help="N requests only")
+    parser.add_argument("--skip-requests", type=int, default=0, help="start at this request of the trace (default 0)")
     parser.add_argument("--sweep", default=None, help="TIER=LO..HI, e.g. ram=1GiB..64GiB: hit rate against that tier's size")
     parser.add_argument("--sweep-points", type=int, default=None, help="log-spaced sizes in the sweep (default: doublings)")
+    parser.add_argument("--sweep-ratios", default=None,
+                        help="more coded-size ratios to draw in the sweep, e.g. 2.4,3.0 (each for every tier)")
     parser.add_argument("--report", type=Path, default=None, help="directory for simulate.json, SIMULATE.md and sweep.png")
     return run_simulate
 
@@ -411,7 +414,8 @@ def tier_sizes(args: argparse.Namespace) -> tuple[dict[str, int], bool]:
 
 def run_simulate(args: argparse.Namespace) -> int:
     try:
-        requests = load_trace(args.trace, block_tokens=args.block_tokens, max_requests=args.max_requests)
+        requests = load_trace(args.trace, block_tokens=args.block_tokens, max_requests=args.max_requests,
+                              skip_requests=args.skip_requests)
         sizes, promote = tier_sizes(args)
         host_bytes = parse_size(args.host, "--host")
         names = list(sizes)
@@ -422,6 +426,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         else:
             ratios = dict.fromkeys(names, 1.0)
         sweep = parse_sweep(args.sweep, names) if args.sweep else None
+        extra_ratios = [_ratio(x) for x in args.sweep_ratios.split(",")] if args.sweep_ratios else []
         if sweep and all(r == 1.0 for r in ratios.values()):
             raise ValueError("the sweep compares raw and coded pages; give --ratio or --ratio-from")
     except (TraceError, ValueError, OSError) as e:  # ConfigError is a ValueError
@@ -460,18 +465,27 @@ def run_simulate(args: argparse.Namespace) -> int:
     if sweep is not None:
         tier, lo, hi = sweep
         setup["sweep_tier"] = tier
+        curves = {"raw": dict.fromkeys(names, 1.0), ratio_label(ratios): ratios}
+        curves.update({ratio_label(r): r for r in (dict.fromkeys(names, x) for x in extra_ratios)})
         sweep_rows = []
         for size in tqdm(sweep_sizes(lo, hi, args.sweep_points), desc=f"sweep {tier}", unit="size"):
-            row = {"size": size}
-            for label, ratio_of in (("raw", dict.fromkeys(names, 1.0)), ("coded", ratios)):
-                res = simulate(chains, tiers_for({**sizes, tier: size}, ratio_of), **common)
-                row[label] = res.to_json()
-            sweep_rows.append(row)
+            sweep_rows.append({"size": size, "curves": {
+                label: simulate(chains, tiers_for({**sizes, tier: size}, ratio_of), **common).to_json()
+                for label, ratio_of in curves.items()
+            }})
         print(report.sweep_markdown(setup, sweep_rows))
     if args.report is not None:
         paths = report.write_simulate_report(args.report, setup, result, sweep_rows)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def ratio_label(ratio_of: dict[str, float]) -> str:
+    """'coded 2.50x', or 'coded ram 1.90x, ssd 2.30x' when the tiers differ."""
+    values = set(ratio_of.values())
+    if len(values) == 1:
+        return f"coded {values.pop():.2f}x"
+    return "coded " + ", ".join(f"{n} {r:.2f}x" for n, r in ratio_of.items())
 
 
 def stored_page_bytes(raw_page: int, ratio: float) -> int:

@@ -82,13 +82,16 @@ def load_trace(
     block_tokens: int | None = None,
     max_output_tokens: int | None = None,
     max_requests: int | None = None,
+    skip_requests: int = 0,
 ) -> list[Request]:
     """Read a trace file (format detected from its content) or generate one (``gen:...``).
 
     ``block_tokens``: tokens per Mooncake block (default 512, the trace's own).
     ``max_output_tokens``: cap on every request's output (and on the replies fed back).
-    ``max_requests``: keep the first N requests by arrival (a session's earlier turns
-    always arrive before its later ones, so no request loses its predecessor).
+    ``skip_requests``, ``max_requests``: keep N requests by arrival after skipping some (a
+    slice of the trace; times then start at the first kept request). A session's earlier
+    turns arrive before its later ones: cutting the end never orphans a turn; a turn whose
+    predecessor was skipped is sent at its own time, with its reply chunks synthesised.
     """
     if block_tokens is not None and block_tokens < 1:
         raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
@@ -111,8 +114,13 @@ def load_trace(
             requests = _read_agentic(path, text)
     if max_output_tokens is not None:
         requests = _cap_output(requests, max_output_tokens)
-    if max_requests is not None:
-        requests = requests[:max_requests]
+    if skip_requests < 0:
+        raise ValueError(f"skip_requests must be >= 0, got {skip_requests}")
+    end = None if max_requests is None else skip_requests + max_requests
+    requests = requests[skip_requests:end]
+    if skip_requests and requests:
+        t0 = requests[0].arrival_s
+        requests = [dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in requests]
     return requests
 
 
