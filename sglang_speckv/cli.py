@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("sglang_speckv.serve:serve_command", "start SGLang with speckv as its HiCache L3 tier (SGLang args pass through)"),
     "replay": ("sglang_speckv.replay.client:replay_command", "replay a request trace against running servers; report TTFT, hits per tier, bytes"),
     "simulate": ("sglang_speckv.replay.simulate:simulate_command", "offline tier simulator: hit rates per tier for a trace, sweeps of tier size"),
+    "config": ("sglang_speckv.config:config_command", "check a configuration file and print it resolved; --fields: the table of fields"),
+    "store": ("sglang_speckv.storage.store:store_command", "occupancy of the store's tiers as JSON; --check audits them"),
 }
 
 

@@ -16,8 +16,10 @@ them (storage/env.py), with the same field names.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import json
 import os
 import re
 import sys
@@ -278,3 +280,24 @@ def fields_markdown() -> str:
             default = "(required)" if f.default is REQUIRED else f"`{f.default!r}`"
             rows.append(f"| `{prefix}{f.name}` | {f.kind.name} | {default} | {f.description} |")
     return "\n".join(rows)
+
+
+def config_command(parser: argparse.ArgumentParser):
+    """``speckv config [FILE]``: validate a configuration, print it resolved (JSON, sizes in
+    bytes); ``--fields`` prints the table of fields instead."""
+    parser.add_argument("file", nargs="?", help="TOML file (default: no file, the defaults)")
+    parser.add_argument("--fields", action="store_true", help="print the table of fields (Markdown)")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.fields:
+            print(fields_markdown())
+            return 0
+        try:
+            config = load_config(args.file)
+        except ConfigError as e:
+            print(f"speckv config: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(dataclasses.asdict(config), indent=1))
+        return 0
+
+    return run

@@ -35,9 +35,11 @@ tiers and covers every process and namespace sharing them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -379,3 +381,31 @@ class TieredStore:
                 continue
             out.append(page._replace(header=record.seal(page.key, new_value), value=new_value))
         return out
+
+
+def store_command(parser: argparse.ArgumentParser):
+    """``speckv store [--config FILE] [--check]``: each tier's occupancy as JSON (every
+    namespace); ``--check`` also audits every tier's indexes and counters against its pages
+    and exits 1 if any is inconsistent."""
+    parser.add_argument("--config", help="TOML file (default: the built-in defaults)")
+    parser.add_argument("--check", action="store_true", help="audit each tier (reads all of it)")
+
+    def run(args: argparse.Namespace) -> int:
+        from sglang_speckv.config import ConfigError, load_config
+
+        from .env import StoreError
+
+        try:
+            store = TieredStore(load_config(args.config))
+        except (ConfigError, StoreError) as e:
+            print(f"speckv store: {e}", file=sys.stderr)
+            return 1
+        with store:
+            report = store.stats()
+            problems = {tier.name: tier.audit() for tier in store.tiers} if args.check else {}
+        if args.check:
+            report["problems"] = problems
+        print(json.dumps(report, indent=1))
+        return 1 if any(problems.values()) else 0
+
+    return run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ from sglang_speckv.config import (
     load_config,
     parse_size,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiers.toml"
 
@@ -31,6 +37,11 @@ def test_defaults_one_ram_tier():
 
 def test_example_file_shows_the_defaults():
     assert load_config(EXAMPLE) == load_config()
+    # Every setting is spelled out in it (commented-out lines do not count).
+    with open(EXAMPLE, "rb") as f:
+        example = tomllib.load(f)
+    assert set(example) == {f.name for f in FIELDS}
+    assert set(example["tiers"][0]) == {f.name for f in TIER_FIELDS}
 
 
 def test_config_is_frozen():
@@ -125,3 +136,16 @@ def test_every_field_is_documented():
         assert f"`{field.name}`" in table and field.description
     for field in TIER_FIELDS:
         assert f"`tiers[].{field.name}`" in table and field.description
+
+
+def test_config_command(tmp_path, capsys):
+    from sglang_speckv.cli import main
+
+    assert main(["config", str(EXAMPLE)]) == 0
+    assert json.loads(capsys.readouterr().out)["tiers"][0]["capacity"] == 16 << 30
+    assert main(["config", "--fields"]) == 0
+    assert "`tiers[].capacity`" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("promote_on_hit = 1\n")
+    assert main(["config", str(bad)]) == 1
+    assert "promote_on_hit: 1 is not a boolean" in capsys.readouterr().err

@@ -433,3 +433,21 @@ def test_one_environment_per_directory_per_process(tmp_path):
     clash = load_config(overrides={"tiers": [{"name": "x", "path": str(tmp_path / "t0"), "sync": "full"}]})
     with TieredStore(config, NS), pytest.raises(StoreError, match="already open in this process"):
         TieredStore(clash, NS)
+
+
+def test_store_command(tmp_path, capsys):
+    from sglang_speckv.cli import main
+
+    toml = tmp_path / "speckv.toml"
+    toml.write_text(f'[[tiers]]\nname = "ram"\npath = "{tmp_path / "ram"}"\ncapacity = "1MiB"\n')
+    config = load_config(toml)
+    with TieredStore(config, NS) as store:
+        put_chain(store, keys_of(3))
+    assert main(["store", "--config", str(toml), "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tiers"][0]["pages"] == 3 and report["problems"] == {"ram": []}
+    with TieredStore(config, NS) as store:  # break the accounting behind the store's back
+        with store.tiers[0].env.lmdb.begin(write=True) as txn:
+            txn.delete(store_key(NS, keys_of(3)[2]), db=store.tiers[0]._pages)
+    assert main(["store", "--config", str(toml), "--check"]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"]["ram"]
