@@ -305,3 +305,30 @@ def test_property_round_trip(dtype, shape, lanes, data):
         page = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(torch_dtype).view(shape)
     position = data.draw(st.integers(0, 2**32 - 1))
     round_trip([page], [PageMeta(dtype, shape, position)], num_lanes=lanes)
+
+
+def test_page_stats_side_info():
+    from sglang_speckv.predictors import page_stats
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    expect = torch.tensor([2.0 ** (c / 8 - 24) for c in range(256)], dtype=torch.float64).to(torch.float32)
+    assert torch.equal(page_stats.sigma_from_codes(codes), expect)  # exact on any device
+
+    shape = (2, 3, 64, 2, 16)
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(2, 3, 1, 2, 16, generator=g) * 3
+    spread = torch.exp(torch.randn(2, 3, 1, 2, 16, generator=g))
+    page = (mean + spread * torch.randn(shape, generator=g)).to(torch.bfloat16)
+    meta = PageMeta("bf16", shape)
+    values = page.to(torch.float32)
+    side = PAGE_STATS.side_info(values, meta)
+    assert len(side) == 3 * 2 * 3 * 2 * 16
+    mu, sigma = PAGE_STATS.predict(meta, side, values, 0)
+    channel_mean = values.mean(dim=2, keepdim=True).expand(shape).reshape(-1)
+    channel_rms = (values - mu.view(shape)).square().mean(dim=2, keepdim=True).sqrt().expand(shape).reshape(-1)
+    assert torch.equal(mu, channel_mean.to(torch.bfloat16).to(torch.float32))
+    assert bool(((sigma / channel_rms).log2().abs() <= 1 / 16 + 1e-6).all())
+    # a constant channel costs well under a bit per scalar
+    flat = torch.full(shape, 3.140625, dtype=torch.bfloat16)
+    (blob,) = codec.encode_pages([flat], [meta], PAGE_STATS, num_lanes=4)
+    assert 8 * len(blob) < 0.5 * flat.numel() + 8 * (fmt.HEADER_SIZE + 16 + len(side))

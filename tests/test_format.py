@@ -28,10 +28,10 @@ TINY_META = PageMeta("bf16", (2, 1, 8, 1, 4), position=130)
 # encode_pages([tiny_bf16_page()], [TINY_META], PageStatsPredictor(), num_lanes=2)
 GOLDEN_CODED = (
     "53504b56010002000301010d0300000002000000010000000800000001000000040000008200000002000000"
-    "2000000013000000000000000000000000000000e8867c12d038c49455a5895b7dbfba85080000000b000000"
-    "183f9dbf1c40003c5c3fdbbf5d4080bceb3d203e8b3eaf3dc83d203e9b3eb23d7bf4c260e7e20200c5c44222"
-    "6ffab009f2fac86d33009f03a3f3bc3a7208711c54b683fe2f1d2e017c48693d2dcefcc6e63fc1f478685cbe"
-    "b7c51abdcd57d6ac5ccddb2e4cb192922e9ed55c"
+    "1800000013000000000000000000000000000000e8867c12d038c494b5a1601796ad6458080000000b000000"
+    "183f9dbf1c40003c5c3fdbbf5d4080bca7abb1a4a5abb2a453dfc2e047ce0200dac33ab25091a4f9fab7d0ed"
+    "72bd7863b712e4eaa60e81fcf4fa66de99a50e01bca939addb7140471e93f9d42b8c3efefb4af82cedcbc3dc"
+    "bce6cf3e9afdb27234b6c32c"
 )
 # encode_pages of an 8-byte fp8 page that does not compress: stored RAW
 GOLDEN_RAW = (
@@ -89,7 +89,7 @@ def test_header_round_trip_and_offsets():
     h = parsed.header
     assert (h.dtype, h.layout, h.shape, h.position, h.predictor_id) == ("bf16", "mha", (2, 1, 8, 1, 4), 130, 1)
     assert h.num_lanes == 2 and parsed.lane_words.sum() == h.stream_words
-    assert h.side_bytes == len(parsed.side) == 2 * 2 * 8 and h.flags == fmt.FLAG_HAS_SIDE
+    assert h.side_bytes == len(parsed.side) == 3 * 8 and h.flags == fmt.FLAG_HAS_SIDE
     # FORMAT.md offsets
     assert blob[:4] == b"SPKV" and struct.unpack_from("<H", blob, 4)[0] == 1
     assert struct.unpack_from("<5I", blob, 16) == (2, 1, 8, 1, 4)
