@@ -44,6 +44,7 @@ runs outside any lock):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -93,8 +94,9 @@ def pack_value(token_ids: bytes | None, blob: bytes) -> bytes:
     return b"".join((_VALUE_HEAD.pack(VALUE_MAGIC, VALUE_VERSION, len(token_ids) // 4), token_ids, blob))
 
 
-def unpack_value(value) -> tuple[tuple[int, ...] | None, memoryview]:
-    """(token ids or None, blob) of a stored value; BlobError if it is not one."""
+def unpack_value(value) -> tuple[bytes | None, memoryview]:
+    """(token ids as uint32 LE bytes or None, blob) of a stored value; BlobError if it is
+    not one."""
     view = memoryview(value).cast("B")
     if len(view) < _VALUE_HEAD.size:
         raise BlobError(f"stored value of {len(view)} bytes is shorter than its header")
@@ -104,7 +106,7 @@ def unpack_value(value) -> tuple[tuple[int, ...] | None, memoryview]:
     end = _VALUE_HEAD.size + 4 * n
     if end > len(view):
         raise BlobError(f"stored value claims {n} token ids but holds {len(view)} bytes")
-    tokens = tuple(struct.unpack_from(f"<{n}I", view, _VALUE_HEAD.size)) if n else None
+    tokens = bytes(view[_VALUE_HEAD.size:end]) if n else None
     return tokens, view[end:]
 
 
@@ -226,7 +228,12 @@ class SpecKVStorage(HiCacheStorage):
             raise ValueError("speckv: tp_lcm_size head splitting is not supported; drop tp_lcm_size "
                              "from --hicache-storage-backend-extra-config")
         self.storage_config = storage_config
-        self.predictor = make_predictor(self.config.predictor)
+        # The predictor new pages are coded with, and those tiers re-code demoted pages with;
+        # reads pick each blob's predictor by the (id, fingerprint) in its header.
+        names = dict.fromkeys([self.config.predictor, *(t.predictor for t in self.config.tiers if t.predictor)])
+        self.predictors = {name: make_predictor(name) for name in names}
+        self.predictor = self.predictors[self.config.predictor]
+        self._by_blob = {(p.id, p.fingerprint): p for p in self.predictors.values()}
         self.store: TieredStore | None = None
         self.geometry: PageGeometry | None = None
         self.device = torch.device("cpu")
@@ -262,6 +269,9 @@ class SpecKVStorage(HiCacheStorage):
         self.close()
         self.store = TieredStore(self.config, ns)
         self.geometry, self._buffer, self.device = geometry, buffer, device
+        for tier in self.config.tiers:
+            if tier.predictor:
+                self.store.set_recode(tier.name, functools.partial(self._recode, self.predictors[tier.predictor]))
         logger.info("speckv: %s pages %s %s, predictor %s, coding on %s, tiers %s", geometry.kind,
                     geometry.shape, geometry.dtype, self.predictor.name, device,
                     [t.name for t in self.config.tiers])
@@ -368,28 +378,42 @@ class SpecKVStorage(HiCacheStorage):
             if value is None:
                 break
             values.append(value)
-        blobs, metas = [], []
+        blobs, metas, predictors = [], [], []
         for i, value in enumerate(values):
             try:
                 tokens, blob = unpack_value(value)
-                position = (first_position + i * self.geometry.page_size if first_position is not None
-                            else parse_blob(blob).header.position)
+                header = parse_blob(blob).header
+                predictor = self._by_blob.get((header.predictor_id, header.fingerprint))
+                if predictor is None:
+                    raise BlobError(f"coded by predictor {header.predictor_id} (fingerprint "
+                                    f"{header.fingerprint:#x}), which this configuration does not name")
             except BlobError as e:
                 logger.warning("speckv: stored page %s is unreadable, treated as a miss: %s", keys[i], e)
                 break
+            position = first_position + i * self.geometry.page_size if first_position is not None else header.position
             blobs.append(blob)
-            metas.append(PageMeta(self.geometry.dtype, self.geometry.shape, position, tokens))
+            metas.append(PageMeta(self.geometry.dtype, self.geometry.shape, position, _token_tuple(tokens)))
+            predictors.append(predictor)
         ok = [False] * len(keys)
-        if blobs:
-            coding_start = time.perf_counter()
-            errors = self._decode(blobs, metas, targets[:len(blobs)])
-            self._time(decode_s=time.perf_counter() - coding_start,
-                       decode_raw_bytes=self.geometry.page_bytes * len(blobs))
-            for i, error in enumerate(errors):
+        coding_start = time.perf_counter()
+        start_run = 0
+        while start_run < len(blobs):  # runs of pages coded by the same predictor
+            end_run = start_run + 1
+            while end_run < len(blobs) and predictors[end_run] is predictors[start_run]:
+                end_run += 1
+            run = slice(start_run, end_run)
+            errors = self._decode(predictors[start_run], blobs[run], metas[run], targets[run])
+            for i, error in enumerate(errors, start_run):
                 if error is not None:
                     logger.warning("speckv: stored page %s failed verification, treated as a miss: %s", keys[i], error)
                     break
                 ok[i] = True
+            if not all(ok[:end_run]):
+                break
+            start_run = end_run
+        if blobs:
+            self._time(decode_s=time.perf_counter() - coding_start,
+                       decode_raw_bytes=self.geometry.page_bytes * len(blobs))
         hits = sum(ok)
         raw = hits * self.geometry.page_bytes
         # A stored page that failed a check cuts the read there: one verify failure.
@@ -400,30 +424,50 @@ class SpecKVStorage(HiCacheStorage):
 
     # --- coding --------------------------------------------------------------------------
 
-    def _encode(self, pages: torch.Tensor, metas: list[PageMeta]) -> list[bytes]:
+    def _encode(self, pages: torch.Tensor, metas: list[PageMeta], predictor: Predictor | None = None) -> list[bytes]:
         """Blobs of ``pages`` ([P, *canonical shape], storage dtype, a private copy)."""
+        predictor = predictor or self.predictor
         if self.device.type != "cuda":
             lanes = max(1, pages[0].numel() // CPU_SYMBOLS_PER_LANE)
-            return codec.encode_pages(list(pages), metas, self.predictor, num_lanes=lanes)
+            return codec.encode_pages(list(pages), metas, predictor, num_lanes=lanes)
         with torch.cuda.stream(self._stream()):
             staged = pages.pin_memory().to(self.device, non_blocking=True)
-            blobs = codec.encode_pages(list(staged), metas, self.predictor)
+            blobs = codec.encode_pages(list(staged), metas, predictor)
         return blobs  # encode_pages returns host bytes: the stream's work is done
 
-    def _decode(self, blobs: list[memoryview], metas: list[PageMeta],
+    def _decode(self, predictor: Predictor, blobs: list[memoryview], metas: list[PageMeta],
                 targets: list[torch.Tensor]) -> list[BlobError | None]:
         """Decode ``blobs`` into ``targets`` (host memory). A page is written only after it
         verified; the error (or None) per blob is returned."""
         if self.device.type != "cuda":
-            _, errors = codec.decode_pages(blobs, self.predictor, metas=metas, out=targets, device=self.device)
+            _, errors = codec.decode_pages(blobs, predictor, metas=metas, out=targets, device=self.device)
             return errors
         with torch.cuda.stream(self._stream()):
-            pages, errors = codec.decode_pages(blobs, self.predictor, metas=metas, device=self.device)
+            pages, errors = codec.decode_pages(blobs, predictor, metas=metas, device=self.device)
             for page, target in zip(pages, targets):
                 if page is not None:
                     target.copy_(page)  # device -> host, in order on this stream
             self._stream().synchronize()  # host memory must hold the page before we return
         return errors
+
+    def _recode(self, target: Predictor, value: memoryview) -> bytes:
+        """The store's demotion hook for a tier with its own ``predictor``: the stored value
+        re-coded with ``target``. Raises BlobError if the value does not decode (the store
+        then moves it unchanged)."""
+        tokens, blob = unpack_value(value)
+        header = parse_blob(blob).header
+        source = self._by_blob.get((header.predictor_id, header.fingerprint))
+        if source is None:
+            raise BlobError(f"coded by unknown predictor {header.predictor_id}")
+        if source is target:
+            return bytes(value)
+        meta = PageMeta(header.dtype, header.shape, header.position, _token_tuple(tokens))
+        pages, errors = codec.decode_pages([blob], source, metas=[meta], device=self.device)
+        if errors[0] is not None:
+            raise errors[0]
+        (new,) = self._encode(pages[0].unsqueeze(0).cpu(), [meta], target)
+        self._add(pages_recoded=1)
+        return pack_value(tokens, new)
 
     def _stream(self) -> torch.cuda.Stream:
         """This thread's CUDA stream for coding (SGLang's threads never share one)."""
@@ -458,13 +502,14 @@ class SpecKVStorage(HiCacheStorage):
         out = {
             **{k: c.get(k, 0) for k in ("pages_written", "pages_already_stored", "pages_with_tokens",
                                         "raw_bytes_written", "coded_bytes_written", "pages_read",
-                                        "pages_missed", "verify_failures", "raw_bytes_read",
+                                        "pages_missed", "verify_failures", "raw_bytes_read", "pages_recoded",
                                         "exists_queried", "exists_found")},
             "compression_ratio": raw_w / coded_w if coded_w else None,
             "read_hit_rate": c.get("pages_read", 0) / asked if asked else None,
             "encode_GBps": s.get("encode_raw_bytes", 0) / s["encode_s"] / 1e9 if s.get("encode_s") else None,
             "decode_GBps": s.get("decode_raw_bytes", 0) / s["decode_s"] / 1e9 if s.get("decode_s") else None,
             "predictor": self.predictor.name,
+            "tier_predictors": {t.name: t.predictor for t in self.config.tiers if t.predictor},
             "device": str(self.device),
         }
         if self.store is not None:

@@ -294,3 +294,22 @@ def test_bad_configuration_is_refused_at_start_up(tmp_path):
         SpecKVStorage(_storage_config(tmp_path, predictor="oracle"), {})
     with pytest.raises(ValueError, match="not supported"):
         PageGeometry.of_pool(object(), None)
+
+
+def test_pages_demoted_to_a_lower_tier_read_back(tmp_path):
+    """A first tier too small for the batch: pages move down (through the tier's re-coding
+    hook) and are read back from there."""
+    pool = _host_pool("layer_first")
+    written = _fill(pool, 3, seed=10)
+    tiers = [{"name": "small", "path": str(tmp_path / "small"), "capacity": "2KiB", "sync": "none"},
+             {"name": "big", "path": str(tmp_path / "big"), "capacity": "64MiB", "sync": "none",
+              "predictor": "page_stats"}]
+    backend = _backend(tmp_path, pool, tiers=tiers)
+    keys = _keys(3, "m")
+    assert backend.batch_set_v1(keys, torch.arange(0, 3 * PAGE), _extra([])) == [True] * 3
+    store = backend.stats()["store"]["tiers"]
+    assert store[0]["demotions"] >= 1 and store[1]["pages"] >= 1, store
+    assert backend.batch_get_v1(keys, torch.arange(8 * PAGE, 11 * PAGE), _extra([])) == [True] * 3
+    for i in range(3):
+        assert torch.equal(_bits(backend.geometry.page(pool.kv_buffer, (8 + i) * PAGE)), _bits(written[i]))
+    backend.close()
