@@ -4,7 +4,7 @@ Without a CUDA GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, 
 before the kernel module is imported: @triton.jit reads it when it decorates). The
 interpreter is slow (~5 ms per vector operation), so pages here are small and lanes many:
 what is exercised is the kernels' arithmetic and indexing, which the interpreter executes
-with the same int64 semantics as the GPU (truncating //, arithmetic >>). On a CUDA machine
+with the GPU's integer semantics (truncating //, arithmetic >>, fixed widths). On a CUDA machine
 the same tests run the compiled kernels, and test_gpu_large_pages adds big pages.
 """
 
