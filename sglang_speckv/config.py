@@ -235,10 +235,12 @@ def _check(config: Any) -> None:
     seen_paths: dict[str, int] = {}
     for i, tier in enumerate(config.tiers):
         if tier.name in seen_names:
-            raise ConfigError(f"tiers[{i}].name: {tier.name!r} is already tiers[{seen_names[tier.name]}]'s name")
+            raise ConfigError(f"tiers[{i}].name: {tier.name!r} is already "
+                              f"tiers[{seen_names[tier.name]}]'s name")
         if tier.path in seen_paths:
-            raise ConfigError(f"tiers[{i}].path: {tier.path!r} is already tiers[{seen_paths[tier.path]}]'s path; "
-                              "each tier needs its own directory")
+            raise ConfigError(f"tiers[{i}].path: {tier.path!r} is already "
+                              f"tiers[{seen_paths[tier.path]}]'s path; each tier needs its own "
+                              "directory")
         if tier.capacity <= 0:
             raise ConfigError(f"tiers[{i}].capacity: must be more than 0 bytes")
         seen_names[tier.name] = i

@@ -108,5 +108,7 @@ def test_capacity_beyond_the_filesystem_is_a_startup_error(tmp_path):
 
 def test_read_only_filesystem_is_a_startup_error(tmp_path):
     result = run_case(tmp_path, "read_only")
-    assert result["t0"].startswith("tiers[0].path: ") and result["t0"].endswith("is not writable by this process")
-    assert result["new"].startswith("tiers[0].path: cannot create") and "Read-only file system" in result["new"]
+    assert result["t0"].startswith("tiers[0].path: ")
+    assert result["t0"].endswith("is not writable by this process")
+    assert result["new"].startswith("tiers[0].path: cannot create")
+    assert "Read-only file system" in result["new"]

@@ -27,7 +27,8 @@ def value_of(key, size=4096):
 
 def tiers(tmp_path, *capacities, **top):
     return load_config(overrides={"tiers": [
-        {"name": f"t{i}", "path": str(tmp_path / f"t{i}"), "capacity": c, "sync": "none" if i == 0 else "data"}
+        {"name": f"t{i}", "path": str(tmp_path / f"t{i}"), "capacity": c,
+         "sync": "none" if i == 0 else "data"}
         for i, c in enumerate(capacities)], **top})
 
 
