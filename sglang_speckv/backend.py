@@ -1,11 +1,20 @@
 """``SpecKVStorage``: SGLang HiCache's L3 storage backend, entropy-coding every KV page.
 
 SGLang constructs it as its dynamic loader does, ``SpecKVStorage(storage_config, kwargs)``
-(kwargs is empty), then hands it the host (L2) pool with ``register_mem_pool_host``. It is
-reached either as ``--hicache-storage-backend speckv`` (our plugin, sglang_plugin.py) or
-through SGLang's ``dynamic`` route (extra config ``backend_name``, ``module_path:
-"sglang_speckv.backend"``, ``class_name: "SpecKVStorage"``, and ``interface_v1: 1`` for the
-zero-copy path).
+(kwargs is empty), then hands it the host (L2) pool with ``register_mem_pool_host``. Two
+ways to start it (``speckv serve`` adds the flags and defaults, sglang_speckv/serve.py):
+
+    # by name, registered by our plugin (installed with the package):
+    python -m sglang.launch_server --model-path M --enable-hierarchical-cache \\
+        --hicache-storage-backend speckv --hicache-storage-prefetch-policy wait_complete \\
+        --hicache-storage-backend-extra-config '{"hicache_storage_pass_prefix_keys": true,
+                                                 "config_file": "/abs/tiers.toml"}'
+    # SGLang's own dynamic loader (no plugin involved); "interface_v1": 1 selects the
+    # zero-copy path, without it SGLang uses the generic flat-page path:
+    python -m sglang.launch_server ... --hicache-storage-backend dynamic \\
+        --hicache-storage-backend-extra-config '{"backend_name": "speckv",
+            "module_path": "sglang_speckv.backend", "class_name": "SpecKVStorage",
+            "interface_v1": 1, "hicache_storage_pass_prefix_keys": true}'
 
 Configuration (sglang_speckv/config.py, validated here at start-up): the keys of SGLang's
 ``storage_config.extra_config``, on top of the TOML file named by its ``config_file`` key.
