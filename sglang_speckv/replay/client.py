@@ -42,9 +42,10 @@ WARMUP_TOKENS = 8
 # (milliseconds on a GPU, up to seconds on a loaded CPU): retry that often, for that long.
 FLUSH_RETRY_S = 0.5
 FLUSH_WAIT_S = 60.0
-# speckv rewrites its stats file at most once a second while it works (backend.py): this
-# long without a change means its writes are done.
-SETTLE_STABLE_S = 3.0
+# speckv rewrites its stats file after each batch it reads or writes, at most once a second
+# (backend.py): this long without a change means its writes are done, when batches take
+# milliseconds (a GPU). The CPU coder takes seconds per batch: pass a longer quiet time.
+SETTLE_QUIET_S = 3.0
 # Texts per /tokenize call: large enough to amortise the round trip, small enough to keep a
 # single call well under its timeout on a slow CPU server.
 TOKENIZE_BATCH = 64
@@ -244,12 +245,13 @@ def replay(
     store_stats: Callable[[], dict | None] | None = None,
     stats_interval_s: float = 1.0,
     settle_s: float = 120.0,
+    settle_quiet_s: float = SETTLE_QUIET_S,
     progress: bool = True,
 ) -> Run:
     """Replay ``requests`` against ``server``; see the module docstring for the schedule.
     ``store_stats`` (optional) is sampled every ``stats_interval_s`` seconds: the stored
     bytes per tier over time; after the last request, until they have not changed for
-    SETTLE_STABLE_S (at most ``settle_s``), so that the server's last writes are counted."""
+    ``settle_quiet_s`` (at most ``settle_s``), so that the server's last writes are counted."""
     from tqdm import tqdm
 
     if speedup <= 0 or concurrency < 1:
@@ -337,7 +339,7 @@ def replay(
         # The server backs pages up to L3 after answering: wait until the stored bytes stop
         # changing, so the report's final figures include every write the trace caused.
         stable_since = time.monotonic()
-        while time.monotonic() - t0 - seconds < settle_s and time.monotonic() - stable_since < SETTLE_STABLE_S:
+        while time.monotonic() - t0 - seconds < settle_s and time.monotonic() - stable_since < settle_quiet_s:
             time.sleep(stats_interval_s)
             before = samples[-1]["tiers"] if samples else None
             sample()
@@ -420,6 +422,12 @@ def replay_command(parser: argparse.ArgumentParser):
     parser.add_argument("--settle", type=float, default=120.0,
                         help="after the last request, wait up to this many seconds for the stored bytes "
                              "(--store) to stop changing (default 120)")
+    parser.add_argument("--settle-quiet", type=float, default=SETTLE_QUIET_S,
+                        help=f"seconds without a change that mean the store is done (default {SETTLE_QUIET_S}; "
+                             "20 for speckv's CPU coder)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="replay the trace this many times per server, flushing the device and host caches "
+                             "before each: pass 2 on measures restores from L3 (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthesised tokens (default 0)")
     parser.add_argument("--vocab", default=f"{DEFAULT_VOCAB[0]}:{DEFAULT_VOCAB[1]}",
                         help="token id range LOW:HIGH of synthesised tokens (default %(default)s)")
@@ -438,6 +446,8 @@ def run_replay(args: argparse.Namespace) -> int:
     try:
         if len(labels) != len(urls):
             raise ValueError(f"--labels names {len(labels)} servers, but there are {len(urls)}")
+        if args.passes < 1:
+            raise ValueError("--passes must be >= 1")
         if len(args.store) > len(urls):
             raise ValueError(f"{len(args.store)} --store paths for {len(urls)} servers")
         low, _, high = args.vocab.partition(":")
@@ -454,6 +464,7 @@ def run_replay(args: argparse.Namespace) -> int:
         "skip_requests": args.skip_requests,
         "speedup": args.speedup,
         "concurrency": args.concurrency,
+        "passes": args.passes,
         "time_limit_s": args.time_limit,
         "seed": args.seed,
         "vocab": list(vocab),
@@ -461,28 +472,33 @@ def run_replay(args: argparse.Namespace) -> int:
     runs = []
     for k, (url, label) in enumerate(zip(urls, labels)):
         server = Server(url, args.request_timeout)
-        try:
-            server.health()
-            server.warm_up()
-            if not args.no_flush:
-                server.flush_cache()
-            stats = store_stats_reader(Path(args.store[k])) if k < len(args.store) else None
-            run = replay(
-                requests, server, label=label, speedup=args.speedup, concurrency=args.concurrency,
-                time_limit_s=args.time_limit, seed=args.seed, vocab=vocab, store_stats=stats, settle_s=args.settle,
-                progress=not args.no_progress,
+        stats = store_stats_reader(Path(args.store[k])) if k < len(args.store) else None
+        for n in range(args.passes):
+            name = label if args.passes == 1 else f"{label} pass {n + 1}"
+            try:
+                if n == 0:
+                    server.health()
+                    server.warm_up()
+                if not args.no_flush:
+                    server.flush_cache()
+                run = replay(
+                    requests, server, label=name, speedup=args.speedup, concurrency=args.concurrency,
+                    time_limit_s=args.time_limit, seed=args.seed, vocab=vocab, store_stats=stats,
+                    settle_s=args.settle, settle_quiet_s=args.settle_quiet, progress=not args.no_progress,
+                )
+            except (ServerError, ValueError) as e:
+                print(f"speckv replay: {name}: {e}", file=sys.stderr)
+                return 1
+            runs.append(run)
+            s = summarize(run)
+            print(
+                f"{name}: {s['ok']}/{s['requests']} ok, TTFT p50 {s['ttft_ms'].get('p50', float('nan')):.0f} ms, "
+                f"hit rate {s['hit_rate']['total']:.1%} (storage {s['hit_rate']['storage']:.1%})"
+                + (f", ended early: {run.stopped}" if run.stopped else "")
             )
-        except (ServerError, ValueError) as e:
-            print(f"speckv replay: {label}: {e}", file=sys.stderr)
-            return 1
-        runs.append(run)
-        s = summarize(run)
-        print(
-            f"{label}: {s['ok']}/{s['requests']} ok, TTFT p50 {s['ttft_ms'].get('p50', float('nan')):.0f} ms, "
-            f"hit rate {s['hit_rate']['total']:.1%} (storage {s['hit_rate']['storage']:.1%})"
-            + (f", ended early: {run.stopped}" if run.stopped else "")
-        )
-        if run.stopped == "interrupted":
+            if run.stopped == "interrupted":
+                break
+        if runs and runs[-1].stopped == "interrupted":
             break
     paths = write_replay_report(args.report, setup, runs)
     print("wrote " + ", ".join(str(p) for p in paths))

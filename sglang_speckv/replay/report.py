@@ -165,8 +165,12 @@ def plot_hit_rate(data: dict, path: Path) -> None:
     requests (by start time), drawn as stacked bars spanning each group's time range."""
     plt = _plt()
     runs = data["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), sharey=True, squeeze=False)
-    for ax, run in zip(axes[0], runs):
+    ncols = min(len(runs), 2)
+    nrows = -(-len(runs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 3.6 * nrows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    for ax, run in zip(axes.flat, runs):
         ok = sorted((r for r in run["requests"] if r["error"] is None and r["prompt_tokens"]), key=lambda r: r["start_s"])
         groups = [g for g in np.array_split(np.arange(len(ok)), min(TIME_BINS, max(1, len(ok) // MIN_PER_BIN))) if len(g)]
         bottom = np.zeros(len(groups))
@@ -181,7 +185,8 @@ def plot_hit_rate(data: dict, path: Path) -> None:
         ax.set_xlabel("request start (s)")
         ax.set_ylim(0, 1)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("share of prompt tokens cached")
+    for row in axes:
+        row[0].set_ylabel("share of prompt\ntokens cached")
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), title="served from")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -196,16 +201,15 @@ def plot_stored_bytes(data: dict, path: Path) -> bool:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = ["-", "-.", ":"]
-    for k, run in enumerate(runs):
+    for run in runs:
         ts = [s["t"] for s in run["store_samples"]]
         for tier in run["store_samples"][-1]["tiers"]:
             coded = [s["tiers"].get(tier, {}).get("coded_bytes", 0) / 2**20 for s in run["store_samples"]]
             raw = [s["tiers"].get(tier, {}).get("raw_bytes", 0) / 2**20 for s in run["store_samples"]]
-            (line,) = ax.plot(ts, coded, styles[k % len(styles)], lw=2, label=f"{run['label']} {tier}: stored")
+            (line,) = ax.plot(ts, coded, "-", lw=2, label=f"{run['label']} {tier}: stored")
             if raw != coded:
                 ax.plot(ts, raw, "--", color=line.get_color(), lw=1, label=f"{run['label']} {tier}: raw equivalent")
-    ax.set_xlabel("time (s)")
+    ax.set_xlabel("time since the run started (s)")
     ax.set_ylabel("MiB")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
