@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from sglang_speckv.serve import CPU_PAGE_SIZE, GPU_PAGE_SIZE
 from sglang_speckv.testing import SGLangServer
 
 SUFFIX_TOKENS = 8
@@ -38,28 +39,30 @@ SETTLE_S = 3.0  # no new L3 bytes for this long = writes done
 SETTLE_TIMEOUT_S = 1800.0
 
 
-def stored_bytes(mode: str, root: Path) -> int:
+def stored(mode: str, root: Path) -> tuple[int, int]:
+    """(pages, bytes) the L3 tier of ``mode`` holds now."""
     if mode == "speckv":
         try:
-            stats = json.loads((root / "stats.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return 0
-        return sum(t["bytes"] for t in stats.get("store", {}).get("tiers", []))
-    if mode == "file":
-        return sum(f.stat().st_size for f in (root / "files").glob("**/*") if f.is_file())
-    return 0
+            tiers = json.loads((root / "stats.json").read_text())["store"]["tiers"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            return 0, 0
+        return sum(t["pages"] for t in tiers), sum(t["bytes"] for t in tiers)
+    files = [f for f in (root / "files").glob("**/*") if f.is_file()]
+    return len(files), sum(f.stat().st_size for f in files)
 
 
-def wait_settled(mode: str, root: Path) -> int:
-    last, since, start = -1, time.monotonic(), time.monotonic()
+def wait_stored(mode: str, root: Path, pages: int) -> int:
+    """Wait until at least ``pages`` pages are stored and nothing changed for SETTLE_S;
+    returns the bytes stored."""
+    last, since, start = None, time.monotonic(), time.monotonic()
     while time.monotonic() - start < SETTLE_TIMEOUT_S:
-        now = stored_bytes(mode, root)
+        now = stored(mode, root)
         if now != last:
             last, since = now, time.monotonic()
-        elif time.monotonic() - since >= SETTLE_S:
-            return now
+        elif now[0] >= pages and time.monotonic() - since >= SETTLE_S:
+            return now[1]
         time.sleep(0.5)
-    raise RuntimeError(f"{mode}: L3 writes did not settle in {SETTLE_TIMEOUT_S:.0f} s")
+    raise RuntimeError(f"{mode}: {last} pages/bytes stored after {SETTLE_TIMEOUT_S:.0f} s, expected {pages} pages")
 
 
 def run_mode(mode: str, prefix: list[int], suffixes: list[list[int]], root: Path, threshold: int) -> dict:
@@ -79,13 +82,14 @@ def run_mode(mode: str, prefix: list[int], suffixes: list[list[int]], root: Path
         t = time.perf_counter()
         cold = server.generate(prefix + suffixes[0], max_new_tokens=1)
         cold_s = time.perf_counter() - t
-        stored = wait_settled(mode, root) if mode != "none" else 0
+        page = GPU_PAGE_SIZE if torch.cuda.is_available() else CPU_PAGE_SIZE
+        stored_bytes = wait_stored(mode, root, len(prefix) // page) if mode != "none" else 0
         server.flush_cache()
         t = time.perf_counter()
         warm = server.generate(prefix + suffixes[1], max_new_tokens=1)
         warm_s = time.perf_counter() - t
     return {"mode": mode, "cold_s": cold_s, "warm_s": warm_s, "storage_tokens": warm["cached"].get("storage", 0),
-            "prompt_tokens": warm["prompt_tokens"], "stored_bytes": stored, "first_token": warm["tokens"],
+            "prompt_tokens": warm["prompt_tokens"], "stored_bytes": stored_bytes, "first_token": warm["tokens"],
             "cold_first_token": cold["tokens"]}
 
 

@@ -6,7 +6,8 @@
 #   bash examples/demo.sh                  # CPU (SGLang's CPU engine); a GPU if nvidia-smi works
 #
 # Environment: SPECKV_DEMO_DIR (output, default ./demo-out), SPECKV_DEMO_REQUESTS (trace
-# requests replayed, default 24), SPECKV_DEMO_PORT (default 30000).
+# requests replayed, default 24), SPECKV_DEMO_PORT (default 30000), SPECKV_SKIP_INSTALL=1
+# (reuse an installed .venv instead of running examples/install.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,7 @@ PY=.venv/bin/python
 # The server may take minutes to start on a busy CPU machine (~30-70 s measured on 2 cores).
 START_TIMEOUT_S=600
 
-bash examples/install.sh
+[ "${SPECKV_SKIP_INSTALL:-0}" = 1 ] || bash examples/install.sh
 "$PY" -m sglang_speckv prepare-model
 mkdir -p "$OUT"
 

@@ -313,3 +313,37 @@ def test_pages_demoted_to_a_lower_tier_read_back(tmp_path):
     for i in range(3):
         assert torch.equal(_bits(backend.geometry.page(pool.kv_buffer, (8 + i) * PAGE)), _bits(written[i]))
     backend.close()
+
+
+@pytest.mark.parametrize("layout", ["layer_first", "page_first", "page_first_direct"])
+def test_mla_pages_roundtrip(tmp_path, layout):
+    """MLA: one latent vector (kv_lora_rank + rope dims) per token and layer, canonical
+    [1, layers, tokens, 1, latent]; replicated on every TP rank."""
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+    from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+
+    device_pool = MLATokenToKVPool(64, PAGE, torch.bfloat16, 32, 16, LAYERS, "cpu", False, start_layer=0, end_layer=LAYERS)
+    pool = MLATokenToKVPoolHost(
+        device_pool.get_device_pool_infos()[0].buffer_info, 2, 0, PAGE, layout, pin_memory=False,
+        device_capacity_tokens=device_pool.size, start_layer=0, end_layer=LAYERS, target_layer_num=LAYERS,
+        override_kv_cache_dim=device_pool.kv_cache_dim,
+    )
+    geometry = PageGeometry.of_pool(pool, None)
+    assert geometry.kind == "mla" and geometry.shape == (1, LAYERS, PAGE, 1, 48)
+    g = torch.Generator().manual_seed(11)
+    pages = (torch.randn(2, *geometry.shape, generator=g) * 2).to(torch.bfloat16)
+    for i in range(2):
+        geometry.page(pool.kv_buffer, i * PAGE).copy_(pages[i])
+    config = _storage_config(tmp_path)
+    config.is_mla_model = True
+    backend = SpecKVStorage(config, {})
+    backend.register_mem_pool_host(pool)
+    keys = _keys(2, "l")
+    assert backend.batch_set_v1(keys, torch.arange(0, 2 * PAGE), _extra([])) == [True, True]
+    assert backend.batch_get_v1(keys, torch.arange(6 * PAGE, 8 * PAGE), _extra([])) == [True, True]
+    flat = [torch.zeros_like(pool.get_data_page(0)) for _ in keys]
+    assert all(t is not None for t in backend.batch_get(keys, flat))
+    for i in range(2):
+        assert torch.equal(_bits(geometry.page(pool.kv_buffer, (6 + i) * PAGE)), _bits(pages[i]))
+        assert torch.equal(_bits(geometry.from_flat(flat[i])), _bits(pages[i]))
+    backend.close()
