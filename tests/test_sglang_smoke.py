@@ -113,3 +113,18 @@ def test_plugin_loads_and_registers_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "shim True" in out.stdout
+
+
+def test_names_the_backend_reads():
+    """SpecKVStorage reads a few private facts: where a host pool's KV lives on the device
+    (coding goes to that GPU), SGLang's --kv-cache-dtype (fp8 flavour) and its metrics type."""
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+    from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+    from sglang.srt.observability.metrics_collector import StorageMetrics
+    from sglang.srt.runtime_context import get_model
+
+    for cls in (MHATokenToKVPoolHost, MLATokenToKVPoolHost):
+        assert "self._transfer_device = buffer_info.device" in inspect.getsource(cls.__init__), cls
+    assert callable(get_model)
+    assert {"prefetch_pgs", "backup_pgs", "prefetch_bandwidth", "backup_bandwidth"} <= set(
+        StorageMetrics.__dataclass_fields__)
