@@ -197,6 +197,15 @@ def test_command_on_the_mooncake_trace(tmp_path, capsys):
     assert "| ram size | raw | coded 2.50x | coded 4.00x |" in (out / "SIMULATE.md").read_text()
 
 
+def test_command_passes(tmp_path):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--trace", "gen:sessions=3,turns=3,seed=1", "--page-tokens", "64", "--ram", "64GiB",
+                 "--passes", "2", "--report", str(out)]) == 0
+    first, second = json.loads((out / "simulate.json").read_text())["setup"]["pass_hit_rates"]
+    assert second == 1.0 > first  # everything fits: the second pass finds every page
+    assert "By pass: pass 1" in (out / "SIMULATE.md").read_text()
+
+
 def test_command_errors(capsys):
     assert main(["simulate", "--trace", "gen:sessions=2", "--sweep", "ram=1GiB..2GiB"]) == 2
     assert "give --ratio" in capsys.readouterr().err

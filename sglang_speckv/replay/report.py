@@ -242,7 +242,8 @@ def simulate_markdown(setup: dict, res: dict) -> str:
     lines = [
         f"# Simulation of {setup['trace']}",
         "",
-        f"{setup['requests']:,} requests, {res['pages']:,} full pages of {setup['page_tokens']} tokens "
+        f"{setup['requests']:,} requests" + (f" x {setup['passes']} passes" if setup.get("passes", 1) > 1 else "")
+        + f", {res['pages']:,} full pages of {setup['page_tokens']} tokens "
         f"({setup['unique_pages']:,} distinct; no cache can serve more than "
         f"{1 - setup['unique_pages'] / max(1, res['pages']):.1%}), raw page {format_size(setup['raw_page_bytes'])}"
         f", promotion {'on' if setup['promote'] else 'off'}, host cache {format_size(setup['host_bytes'])}.",
@@ -260,6 +261,8 @@ def simulate_markdown(setup: dict, res: dict) -> str:
         )
     lines += ["", f"Store hit rate {res['store_hit_rate']:.1%}, total {res['hit_rate']:.1%} "
               f"(simulated in {res['seconds']:.2f} s)."]
+    if setup.get("pass_hit_rates"):
+        lines.append("By pass: " + ", ".join(f"pass {k + 1} {r:.1%}" for k, r in enumerate(setup["pass_hit_rates"])) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -392,6 +392,8 @@ def simulate_command(parser: argparse.ArgumentParser):
     parser.add_argument("--ratio", default=None, help="coded-size ratio raw/coded: 2.0, or ram=1.9,ssd=2.3 (default 1: raw)")
     parser.add_argument("--ratio-from", type=Path, default=None, help="take the ratios from a replay report or bench JSON")
     parser.add_argument("--max-requests", type=int, default=None, help="N requests only")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="run the trace this many times in a row (as speckv replay --passes; default 1)")
     parser.add_argument("--skip-requests", type=int, default=0, help="start at this request of the trace (default 0)")
     parser.add_argument("--sweep", default=None, help="TIER=LO..HI, e.g. ram=1GiB..64GiB: hit rate against that tier's size")
     parser.add_argument("--sweep-points", type=int, default=None, help="log-spaced sizes in the sweep (default: doublings)")
@@ -425,6 +427,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             ratios = parse_ratios(args.ratio, names)
         else:
             ratios = dict.fromkeys(names, 1.0)
+        if args.passes < 1:
+            raise ValueError("--passes must be >= 1")
         sweep = parse_sweep(args.sweep, names) if args.sweep else None
         extra_ratios = [_ratio(x) for x in args.sweep_ratios.split(",")] if args.sweep_ratios else []
         if sweep and all(r == 1.0 for r in ratios.values()):
@@ -436,7 +440,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     raw_page = page_tokens * args.token_bytes
 
     t0 = time.perf_counter()
-    chains = request_pages(requests, page_tokens)
+    chains = request_pages(requests, page_tokens) * args.passes
     t_keys = time.perf_counter() - t0
 
     def tiers_for(size_of: dict[str, int], ratio_of: dict[str, float]) -> list[Tier]:
@@ -448,6 +452,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     setup = {
         "trace": str(args.trace),
         "requests": len(requests),
+        "passes": args.passes,
         "page_tokens": page_tokens,
         "token_bytes": args.token_bytes,
         "raw_page_bytes": raw_page,
@@ -458,6 +463,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         "prefetch_threshold": args.prefetch_threshold,
         "key_seconds": t_keys,
     }
+    if args.passes > 1:  # share of each pass's pages served from cache (host or store)
+        per_pass = len(requests)
+        setup["pass_hit_rates"] = [
+            sum(sum(row) for row in result.per_request[k * per_pass:(k + 1) * per_pass])
+            / max(1, sum(map(len, chains[k * per_pass:(k + 1) * per_pass])))
+            for k in range(args.passes)
+        ]
     from sglang_speckv.replay import report  # matplotlib only when reporting
 
     print(report.simulate_markdown(setup, result.to_json()))
