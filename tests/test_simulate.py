@@ -87,7 +87,7 @@ def test_prefetch_threshold():
 def test_host_cache_in_front():
     big = [Tier("ram", 100 * PAGE, PAGE)]
     chains = [[a, b], [a, b, c], [d], [e], [a, b, c]]
-    res = simulate(chains, big, host_bytes=2 * RAW, raw_page_bytes=RAW, page_tokens=256, prefetch_threshold=256)
+    res = simulate(chains, big, host_pages=2, page_tokens=256, prefetch_threshold=256)
     # host holds 2 raw pages: serves a,b in R2; R5 finds neither (d, e pushed them out)
     assert res.host_hits == 2
     assert res.stats[0].hits == 3  # R5: a, b, c from the store

@@ -18,7 +18,7 @@ coded-size ratio per tier (measured by a replay or a benchmark, or given).
   removed there and written to the first; writes of a page already stored (in any tier)
   only touch it, as does the write of a batch for the page its chain continues from.
 and SGLang drives it as HiCache does, per request, with the request's full pages:
-- an optional host cache (``host_bytes``, raw pages, LRU) in front, like HiCache's L2:
+- an optional host cache (``--host``, raw pages, LRU) in front, like HiCache's L2:
   the pages it holds from the start of the chain never reach the store;
 - lookup: the run of consecutive stored pages from there (batch_exists); a run shorter
   than ``prefetch_threshold`` tokens is not fetched (SGLang's default 256);
@@ -52,7 +52,9 @@ from sglang_speckv.storage.record import HEADER_SIZE
 # size class of the traces' service. Pass --token-bytes for yours.
 DEFAULT_TOKEN_BYTES = 32 * 8 * 128 * 2 * 2
 
+
 def format_size(n: float) -> str:
+    """Bytes for people: '1.5 GiB', '640 MiB', '12 B'."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             v = n / scale
@@ -62,9 +64,11 @@ def format_size(n: float) -> str:
 
 @dataclass(frozen=True)
 class Tier:
+    """One store tier as the model sees it: a capacity and the bytes of one page there."""
+
     name: str
     capacity: int  # bytes
-    page_bytes: int  # bytes one page occupies in this tier (raw / ratio)
+    page_bytes: int  # bytes one page occupies in this tier (stored_page_bytes)
 
     @property
     def slots(self) -> int:
@@ -206,10 +210,10 @@ class TierModel:
 
 
 class HostCache:
-    """SGLang's host cache in front of the store: raw pages, LRU, prefix lookup."""
+    """SGLang's host cache in front of the store: ``slots`` raw pages, LRU, prefix lookup."""
 
-    def __init__(self, capacity: int, page_bytes: int):
-        self.slots = capacity // page_bytes
+    def __init__(self, slots: int):
+        self.slots = slots
         self.lru: OrderedDict[int, None] = OrderedDict()
         self.hits = 0
 
@@ -236,6 +240,8 @@ PREFETCH_THRESHOLD = 256
 
 @dataclass
 class SimResult:
+    """What one simulation counted; ``to_json`` adds the rates."""
+
     tiers: list[Tier]
     stats: list[TierStats]
     pages: int  # full pages requested
@@ -286,19 +292,20 @@ def request_pages(requests: list[Request], page_tokens: int) -> list[list[int]]:
 def simulate(
     chains: list[list[int]],
     tiers: list[Tier],
+    *,
+    page_tokens: int,
     promote: bool = True,
-    host_bytes: int = 0,
-    raw_page_bytes: int = 1,
-    page_tokens: int = PREFETCH_THRESHOLD,
+    host_pages: int = 0,
     prefetch_threshold: int = PREFETCH_THRESHOLD,
     per_request: bool = False,
 ) -> SimResult:
-    """Run the page chains (requests in arrival order) through an optional host cache and the
-    store's tiers, as SGLang's HiCache would (module docstring)."""
+    """Run the page chains (requests in arrival order) through an optional host cache of
+    ``host_pages`` raw pages and the store's tiers, as SGLang's HiCache would (module
+    docstring). ``page_tokens`` converts the prefetch threshold to pages."""
     t0 = time.perf_counter()
     parent = {p: chain[i - 1] for chain in chains for i, p in enumerate(chain) if i}
     model = TierModel(tiers, promote, parent)
-    host = HostCache(host_bytes, raw_page_bytes) if host_bytes else None
+    host = HostCache(host_pages) if host_pages else None
     min_run = -(-prefetch_threshold // page_tokens)  # pages
     short_runs = 0
     rows = []
@@ -446,7 +453,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     def tiers_for(size_of: dict[str, int], ratio_of: dict[str, float]) -> list[Tier]:
         return [Tier(n, size_of[n], stored_page_bytes(raw_page, ratio_of[n])) for n in names]
 
-    common = dict(promote=promote, host_bytes=host_bytes, raw_page_bytes=raw_page, page_tokens=page_tokens,
+    common = dict(promote=promote, host_pages=host_bytes // raw_page, page_tokens=page_tokens,
                   prefetch_threshold=args.prefetch_threshold)
     result = simulate(chains, tiers_for(sizes, ratios), per_request=True, **common)
     setup = {
