@@ -12,8 +12,9 @@ decoded so far (NaN elsewhere), exactly as the encoder showed them to it.
 
 Pages are tensors of the canonical shape (predictors/base.py) in their storage dtype
 (bfloat16, float16, float8_e4m3fn, float8_e5m2, or uint8 holding fp8 with the meta saying
-which). CUDA pages use the Triton coder (rans_triton.py), CPU pages the torch reference
-(rans_reference.py); both produce the same bytes.
+which). CUDA pages use the Triton coder (rans_triton.py), CPU pages the C++ coder
+(rans_cpu.py, which falls back to the torch reference rans_reference.py where it cannot be
+compiled); all produce the same bytes.
 
 Every blob is checked before its page is returned (docs/DESIGN.md invariant 4): a bad blob
 yields ``None`` and a ``BlobError`` in its slot, and never disturbs the other pages.
@@ -32,7 +33,7 @@ import xxhash
 
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
-from sglang_speckv.kernels import rans_reference
+from sglang_speckv.kernels import rans_cpu
 from sglang_speckv.predictors.base import PageMeta, Predictor
 
 # A lane costs about 80 bits beyond the ideal code length (its 32-bit entry in the lane
@@ -61,12 +62,13 @@ def max_compressed_size(meta: PageMeta) -> int:
 
 
 def _coder(device: torch.device) -> ModuleType:
-    """The rANS implementation for a device: Triton kernels on CUDA, torch reference else."""
+    """The rANS implementation for a device: Triton kernels on CUDA, C++ loops on the CPU
+    (rans_cpu runs the torch reference itself if its extension cannot be built)."""
     if device.type == "cuda":
         from sglang_speckv.kernels import rans_triton  # imports triton: only when needed
 
         return rans_triton
-    return rans_reference
+    return rans_cpu
 
 
 # ---- Page <-> keys ----------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""The C++ CPU coder (kernels/rans_cpu.py + rans_cpu.cpp) against the torch reference, bit
+for bit: cdf integers, encoded words and lane tables, decoded keys, lane states and finish
+verdicts, over all four dtypes, adversarial pages and parameters, ragged and empty lane
+layouts, stages cut mid-step and corrupt streams; and the fallback to the reference when the
+extension cannot be built. The first test in a fresh environment compiles the extension
+(~40 s, once; cached under the torch extensions directory)."""
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import rans_cpu as rc
+from sglang_speckv.kernels import rans_reference as rr
+
+DTYPES = ["bf16", "fp16", "fp8_e4m3", "fp8_e5m2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """The extension must build here (gcc and ninja are test requirements): a fallback
+    would make every comparison below compare the reference with itself."""
+    assert rc.available(), "the C++ coder did not build: see the warning logged above"
+
+
+def params_for(mu, sigma):
+    return em.quantize_params(mu.to(torch.float32), sigma.to(torch.float32))
+
+
+def adversarial_page(dtype, num_pages, n, seed):
+    """Keys of every kind (random patterns incl. NaN payloads, +-inf, +-0, subnormals, and
+    model-typical values) under parameters that include garbage mu/sigma."""
+    g = torch.Generator().manual_seed(seed)
+    b = em.symbol_bits(dtype)
+    scale = 16.0 if dtype.startswith("fp8") else 1.0
+    mu = torch.randn(num_pages, n, generator=g) * scale
+    sigma = (torch.rand(num_pages, n, generator=g) + 0.05) * scale
+    values = (mu + sigma * torch.randn(num_pages, n, generator=g)).to(em.TORCH_DTYPES[dtype])
+    keys = em.keys_from_bits(em.storage_bits(values), dtype)
+    any_pattern = torch.randint(0, 1 << b, keys.shape, generator=g)
+    keys = torch.where(torch.rand(num_pages, n, generator=g) < 0.2, any_pattern, keys)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40])
+    special_keys = em.keys_from_bits(em.storage_bits(special.to(em.TORCH_DTYPES[dtype])), dtype)
+    keys[:, ::11] = special_keys.repeat(n)[: keys[:, ::11].shape[1]]
+    keys[:, 1::13] = (1 << b) - 1  # +NaN with the largest payload
+    keys[:, 2::13] = 0  # -NaN with the largest payload
+    bad_sigma = torch.tensor([0.0, float("nan"), float("inf"), -1.0, 1e-45, 3e38, 1e-30])
+    bad_mu = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e38, -3e38, 1e-45])
+    sigma[:, ::3] = bad_sigma.repeat(n)[: sigma[:, ::3].shape[1]]
+    mu[:, ::5] = bad_mu.repeat(n)[: mu[:, ::5].shape[1]]
+    mu_q, e, r = params_for(mu, sigma)
+    cum = em.cdf(keys, mu_q, e, r, dtype)
+    freq = em.cdf(keys + 1, mu_q, e, r, dtype) - cum
+    return keys, (mu_q, e, r), cum, freq
+
+
+def decode_both(words, lane_words, n, dtype, params, cuts=()):
+    """Decode with both coders in the same stages; assert same keys, states and verdict."""
+    decoders = [rr.Decoder(words, lane_words, n, dtype), rc.Decoder(words, lane_words, n, dtype)]
+    bounds = [0, *cuts, n]
+    outs = []
+    for dec in decoders:
+        parts = [dec.decode(*(p[:, a:b] for p in params)) for a, b in zip(bounds, bounds[1:])]
+        outs.append((torch.cat(parts, dim=1), dec.x.clone(), dec.ptr.clone(), dec.finish()))
+    for got_ref, got in zip(*outs):
+        assert torch.equal(got, got_ref)
+    return outs[1][0], outs[1][3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cdf_every_key(dtype):
+    """C(k) at every key in [0, 2^B] under ordinary and garbage parameters."""
+    b = em.symbol_bits(dtype)
+    mu = torch.tensor([0.0, 0.3, -2.0, float("nan"), 1e30, 0.0, 5.0, float("-inf"), 448.0])
+    sigma = torch.tensor([1.0, 0.01, 3.0, 1.0, 1.0, 0.0, float("inf"), float("nan"), 1e-3])
+    mu_q, e, r = params_for(mu, sigma)
+    keys = torch.arange((1 << b) + 1)[None, :]  # [1, 2^B + 1]
+    params = [p[:, None] for p in (mu_q, e, r)]  # [9, 1]
+    for w_wide, kappa in ((em.W_WIDE, em.KAPPA), (0, 0), (255, em.KAPPA_MAX)):
+        expect = em.cdf(keys, *params, dtype, w_wide, kappa)
+        assert torch.equal(rc.cdf(keys, *params, dtype, w_wide, kappa), expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adversarial_pages_bit_identical(dtype):
+    keys, params, cum, freq = adversarial_page(dtype, 3, 3000, seed=1)
+    assert torch.equal(rc.cdf(keys, *params, dtype), cum)
+    words_ref, lanes_ref = rr.encode(cum, freq, 16)
+    words, lane_words = rc.encode(cum, freq, 16)
+    assert torch.equal(words, words_ref) and torch.equal(lane_words, lanes_ref)
+    got, ok = decode_both(words, lane_words, 3000, dtype, params, cuts=(7, 1500, 1501))
+    assert torch.equal(got, keys) and bool(ok.all())
+
+
+@pytest.mark.parametrize(
+    "num_pages,n,num_lanes",
+    [(1, 1, 1), (1, 100, 1), (2, 10, 3), (3, 1000, 7), (1, 5, 8), (2, 999, 1000), (4, 4096, 64), (2, 0, 4)],
+)
+def test_lane_layouts(num_pages, n, num_lanes):
+    """Ragged last steps, more lanes than symbols, and empty pages (flush words only)."""
+    keys, params, cum, freq = adversarial_page("bf16", num_pages, n, seed=n + num_lanes)
+    words_ref, lanes_ref = rr.encode(cum, freq, num_lanes)
+    words, lane_words = rc.encode(cum, freq, num_lanes)
+    assert torch.equal(words, words_ref) and torch.equal(lane_words, lanes_ref)
+    got, ok = decode_both(words, lane_words, n, "bf16", params)
+    assert torch.equal(got, keys) and bool(ok.all())
+
+
+def test_staged_decode_cuts_mid_step():
+    n, num_lanes = 2000, 24
+    keys, params, cum, freq = adversarial_page("fp8_e4m3", 3, n, seed=2)
+    words, lane_words = rc.encode(cum, freq, num_lanes)
+    # stages cut mid-step, shorter than a step, one symbol long, empty, and exactly aligned
+    got, ok = decode_both(words, lane_words, n, "fp8_e4m3", params, cuts=(5, 6, 6, 24, 48, 500, 1013))
+    assert torch.equal(got, keys) and bool(ok.all())
+
+
+def test_single_page_1d_interface():
+    keys, params, cum, freq = adversarial_page("fp16", 1, 300, seed=3)
+    words, lane_words = rc.encode(cum[0], freq[0], 5)
+    assert torch.equal(words, rr.encode(cum[0], freq[0], 5)[0])
+    dec = rc.Decoder(words, lane_words[0], 300, "fp16")
+    got = dec.decode(*(p[0] for p in params))
+    assert got.shape == (300,) and torch.equal(got, keys[0]) and bool(dec.finish().all())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8_e5m2"])
+def test_corrupt_streams_same_verdict(dtype):
+    """Flipped bits, words moved between lanes, truncated and padded lanes (reads past a
+    lane's end), invalid initial states, random words: same keys and verdicts."""
+    n, num_lanes = 600, 30
+    keys, params, cum, freq = adversarial_page(dtype, 2, n, seed=5)
+    words, lane_words = rc.encode(cum, freq, num_lanes)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(10):
+        bad = words.clone()
+        i = int(torch.randint(0, words.numel(), (1,), generator=g))
+        bad[i] ^= 1 << int(torch.randint(0, 32, (1,), generator=g))
+        decode_both(bad, lane_words, n, dtype, params)
+    shifted = lane_words.clone()
+    shifted[0, 0] += 1
+    shifted[0, 1] -= 1
+    assert not bool(decode_both(words, shifted, n, dtype, params)[1][0])
+    short = lane_words.clone()
+    short[1, -1] -= 1  # the last lane's last word missing: reads past the stream's end
+    assert not bool(decode_both(words[:-1], short, n, dtype, params)[1][1])
+    tiny = lane_words.clone()
+    tiny[0, 3] = 1  # fewer than 2 words: no state at all
+    tiny[0, 4] += lane_words[0, 3] - 1
+    assert not bool(decode_both(words, tiny, n, dtype, params)[1][0])
+    high = words.clone()
+    high[1] = 0xFFFFFFFF  # first lane's state >= 2^63: rejected, no overflow
+    assert not bool(decode_both(high, lane_words, n, dtype, params)[1][0])
+    noise = torch.randint(0, 1 << 32, words.shape, generator=g)
+    assert not bool(decode_both(noise, lane_words, n, dtype, params)[1].any())
+    empty = torch.zeros((2, num_lanes), dtype=torch.int64)  # no words at all
+    assert not bool(decode_both(torch.zeros(0, dtype=torch.int64), empty, n, dtype, params)[1].any())
+
+
+def test_argument_errors():
+    keys, params, cum, freq = adversarial_page("bf16", 1, 50, seed=7)
+    with pytest.raises(ValueError):
+        rc.encode(cum, freq, 0)
+    with pytest.raises(ValueError):
+        rc.encode(cum, torch.zeros_like(freq), 2)  # freq 0 is not codable
+    words, lane_words = rc.encode(cum, freq, 2)
+    dec = rc.Decoder(words, lane_words, 50, "bf16")
+    with pytest.raises(ValueError):
+        dec.decode(*(torch.cat([p, p], dim=1) for p in params))  # more symbols than the page
+    with pytest.raises(ValueError):
+        dec.finish()  # before the last symbol
+
+
+def test_build_failure_falls_back_to_reference(monkeypatch, caplog):
+    """A failing build (no compiler, say) logs one warning naming the reason; encode, cdf
+    and decode then run the reference and give its results."""
+
+    def broken_build():
+        raise RuntimeError("Error building extension: c++: not found")
+
+    monkeypatch.setattr(rc, "_load", broken_build)
+    monkeypatch.setattr(rc, "_extension", None)
+    monkeypatch.setattr(rc, "_build_failed", False)
+    keys, params, cum, freq = adversarial_page("fp8_e4m3", 2, 500, seed=8)
+    with caplog.at_level(logging.INFO, logger=rc.__name__):
+        assert torch.equal(rc.cdf(keys, *params, "fp8_e4m3"), cum)
+        words, lane_words = rc.encode(cum, freq, 8)
+        dec = rc.Decoder(words, lane_words, 500, "fp8_e4m3")
+        got = dec.decode(*params)
+        assert not rc.available()
+    assert torch.equal(words, rr.encode(cum, freq, 8)[0]) and torch.equal(got, keys) and bool(dec.finish().all())
+    warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "c++: not found" in warnings[0].getMessage()
+
+
+def test_concurrent_first_use_builds_once(monkeypatch):
+    built_ext = rc.extension()
+    calls = []
+    gate = threading.Event()
+
+    def slow_build():
+        calls.append(1)
+        gate.wait(5)
+        return built_ext
+
+    monkeypatch.setattr(rc, "_load", slow_build)
+    monkeypatch.setattr(rc, "_extension", None)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(rc.extension())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [built_ext] * 4
