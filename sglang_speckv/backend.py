@@ -37,8 +37,9 @@ What the store holds per page (the value; the store wraps it in a checksummed re
 
 Token ids come from the plugin's side channel (``sglang_plugin.PAGE_TOKENS``); they are
 kept so that a token-aware predictor decodes with exactly the ids it encoded with.
-Positions come from ``extra_info.prefix_keys`` (SGLang passes them with
-``hicache_storage_pass_prefix_keys``) and are recorded in the blob header.
+Positions come from the write's ``extra_info.prefix_keys`` (SGLang passes them with
+``hicache_storage_pass_prefix_keys``) and are recorded in the blob header, which reads
+decode with (see ``_read``).
 
 Contract with SGLang (its threads call concurrently; the store is thread-safe and coding
 runs outside any lock):
@@ -310,8 +311,7 @@ class SpecKVStorage(HiCacheStorage):
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         starts = self._page_starts(host_indices, len(keys))
         targets = [self.geometry.page(self._buffer, s) for s in starts]
-        prefix = extra_info.prefix_keys if extra_info is not None else None
-        return self._read(keys, targets, len(prefix) * self.geometry.page_size if prefix is not None else None)
+        return self._read(keys, targets)
 
     def _page_starts(self, host_indices: torch.Tensor, n: int) -> list[int]:
         t = self.geometry.page_size
@@ -327,7 +327,7 @@ class SpecKVStorage(HiCacheStorage):
 
     def batch_get(self, keys, target_locations=None, target_sizes=None):
         targets = [self.geometry.from_flat(t) for t in target_locations]
-        ok = self._read(keys, targets, None)
+        ok = self._read(keys, targets)
         return [t if good else None for t, good in zip(target_locations, ok)]
 
     def set(self, key, value=None, target_location=None, target_sizes=None) -> bool:
@@ -376,11 +376,15 @@ class SpecKVStorage(HiCacheStorage):
         self._time(encode_s=coding_s, encode_raw_bytes=raw, backup=(len(keys), raw, elapsed))
         return [True] * have + stored
 
-    def _read(self, keys: list[str], targets: list[torch.Tensor],
-              first_position: int | None) -> list[bool]:
+    def _read(self, keys: list[str], targets: list[torch.Tensor]) -> list[bool]:
         """Fill ``targets`` (canonical views) with the pages under ``keys``, in order, up
         to the first page that is absent or fails any check; True for those filled.
-        ``first_position``: position of keys[0]'s first token, None if SGLang did not say."""
+
+        A page decodes at the position recorded in its blob, not one derived from the
+        read's ``prefix_keys``: SGLang 0.5.23 passes a prefetch only the hashes of the
+        matched node's ancestors (``get_prefix_hash_values``), without the node's own pages,
+        so after a partial device hit the read-side count falls short. The key names the
+        whole token chain from the sequence start, so it fixes the position anyway."""
         start = time.perf_counter()
         values = []
         for value in self.store.get(keys):
@@ -399,9 +403,8 @@ class SpecKVStorage(HiCacheStorage):
             except BlobError as e:
                 logger.warning("speckv: stored page %s is unreadable, treated as a miss: %s", keys[i], e)
                 break
-            position = first_position + i * self.geometry.page_size if first_position is not None else header.position
             blobs.append(blob)
-            metas.append(PageMeta(self.geometry.dtype, self.geometry.shape, position, _token_tuple(tokens)))
+            metas.append(PageMeta(self.geometry.dtype, self.geometry.shape, header.position, _token_tuple(tokens)))
             predictors.append(predictor)
         ok = [False] * len(keys)
         coding_start = time.perf_counter()
