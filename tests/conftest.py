@@ -3,7 +3,16 @@ real SGLang servers whose logs are attached to any failing test's report."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Without a CUDA GPU the Triton kernels run in Triton's interpreter. @triton.jit reads
+# TRITON_INTERPRET when it decorates, i.e. when kernels/rans_triton.py is first imported,
+# whichever test module does that first: so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Servers started through the ``sglang_server`` factory; their log tails go into the report
 # of any failing test that uses the factory, and they are stopped at the end of the session.
