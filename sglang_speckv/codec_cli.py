@@ -38,17 +38,30 @@ class CodecCliError(Exception):
     """A user-facing problem with the inputs; the message says what to do."""
 
 
-def predictor_for(calib: str | None) -> Predictor:
-    """The predictor to code with: page statistics without a calibration file. This is the
-    one place where calibrated predictors plug in."""
+# Calibrated predictor used when --calib names a file without ":predictor".
+DEFAULT_CALIBRATED = "context"
+
+
+def predictor_for(calib: str | None, predictor_id: int | None = None) -> Predictor:
+    """The predictor to code with: page statistics without a calibration file, else
+    ``PATH[:NAME]``: predictor NAME of calibration file PATH (sglang_speckv/predictors/
+    linear.py); without NAME, the one with ``predictor_id`` (a blob's) or DEFAULT_CALIBRATED.
+    This is the one place where calibrated predictors plug in."""
     if calib is None:
         from sglang_speckv.predictors.page_stats import PageStatsPredictor
 
         return PageStatsPredictor()
-    raise CodecCliError(
-        f"--calib {calib}: calibrated predictors are not available yet; run without --calib "
-        "(the page-statistics predictor needs no calibration)"
-    )
+    from sglang_speckv.predictors import predictor_from_calibration
+    from sglang_speckv.predictors.calibration import CalibrationError
+    from sglang_speckv.predictors.linear import SPECS
+
+    path, _, name = calib.partition(":")
+    if not name and predictor_id is not None:
+        name = next((n for n, spec in SPECS.items() if spec.id == predictor_id), "")
+    try:
+        return predictor_from_calibration(path, name or DEFAULT_CALIBRATED)
+    except CalibrationError as err:
+        raise CodecCliError(str(err)) from None
 
 
 def _load(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -112,7 +125,9 @@ def compress(src: str, dst: str, calib: str | None = None, lanes: int | None = N
         raise CodecCliError(f"{src}: the KV is larger than one blob's {fmt.MAX_PAGE_BYTES} bytes; dump fewer tokens")
     predictor = predictor_for(calib)
     start = time.perf_counter()
-    (blob,) = codec.encode_pages([page], [meta], predictor, num_lanes=lanes)
+    (blob,) = codec.encode_pages(
+        [page], [meta], predictor, num_lanes=lanes, w_wide=predictor.w_wide, kappa=predictor.kappa
+    )
     seconds = time.perf_counter() - start
     tensors[BLOB_TENSOR] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     metadata[STORAGE_KEY] = str(k.dtype).removeprefix("torch.")
@@ -137,7 +152,7 @@ def decompress(src: str, dst: str, calib: str | None = None) -> str:
         header = fmt.parse_blob(blob).header
     except fmt.BlobError as err:
         raise CodecCliError(f"{src}: {err}") from None
-    predictor = predictor_for(calib)
+    predictor = predictor_for(calib, header.predictor_id)
     meta = _page_meta(header.shape, header.dtype, header.position, tensors)
     start = time.perf_counter()
     (page,), (error,) = codec.decode_pages([blob], predictor, metas=[meta])
@@ -168,7 +183,7 @@ def _run(action) -> int:
 def compress_command(parser: argparse.ArgumentParser):
     parser.add_argument("input", help="KV dump (safetensors with k, v)")
     parser.add_argument("--out", required=True, help="compressed file to write")
-    parser.add_argument("--calib", help="calibration file (default: page-statistics predictor)")
+    parser.add_argument("--calib", help="calibration file, PATH[:PREDICTOR] (default: page-statistics predictor)")
     parser.add_argument(
         "--lanes",
         type=int,

@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import torch
 
+from sglang_speckv.kernels.entropy_model import KAPPA, W_WIDE
+
 # Canonical page shapes (C order), shared by the coder, the predictors and the backend:
 #   MHA: [2 (K, V), layers, tokens, kv_heads, head_dim]  == one page of SGLang's layer_first
 #        host buffer (2, L, size, H, D) sliced on the token axis.
@@ -51,6 +53,11 @@ class Predictor(ABC):
     id: ClassVar[int]
     name: ClassVar[str]
     fingerprint: int = 0
+    # The coder's mixture (kernels/entropy_model.py: w_wide / 256 of the mass at 2^kappa
+    # sigma) this predictor's sigma was fitted for; callers of codec.encode_pages pass them
+    # on (they are recorded in each blob header).
+    w_wide: int = W_WIDE
+    kappa: int = KAPPA
 
     def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
         """Bytes the encoder sends in the blob for this page (e.g. page statistics)."""
