@@ -145,8 +145,9 @@ def _prepare(page, meta, predictor, w_wide, kappa, num_lanes) -> _Coded:
         mus.append(mu)
         sigmas.append(sigma)
     mu_q, e, r = em.quantize_params(torch.cat(mus), torch.cat(sigmas))
-    cum = em.cdf(keys, mu_q, e, r, meta.dtype, w_wide, kappa)
-    freq = em.cdf(keys + 1, mu_q, e, r, meta.dtype, w_wide, kappa) - cum
+    cdf = _coder(keys.device).cdf  # entropy_model.cdf, same integers, in C++ / Triton
+    cum = cdf(keys, mu_q, e, r, meta.dtype, w_wide, kappa)
+    freq = cdf(keys + 1, mu_q, e, r, meta.dtype, w_wide, kappa) - cum
     raw = _page_bytes(page)
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),

@@ -1,8 +1,9 @@
 // Interleaved rANS64 on the CPU: the C++ twin of kernels/rans_reference.py (same bytes,
 // same keys, same verdicts). Built on first use by kernels/rans_cpu.py with
 // torch.utils.cpp_extension.load; every constant of the coder arrives as a -D macro
-// generated from entropy_model.py / rans_reference.py (SPECKV_*), and every table (PHI, the
-// per-key fields, the quantiles) as a tensor argument, so nothing here repeats a number.
+// generated from entropy_model.py / rans_reference.py (SPECKV_*), the dtype's fields
+// (entropy_model.DTYPE_SPECS) and the tables (PHI, the decoder's quantiles) as arguments, so
+// nothing here repeats a number.
 //
 // Lanes are independent coders, so each function loops over lanes (in parallel with
 // at::parallel_for: a lane's result does not depend on which thread ran it) and, within a
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 
 namespace {
@@ -44,23 +46,79 @@ constexpr int64_t QUANTILE_BITS = SPECKV_QUANTILE_BITS;
 inline int64_t wrap_add(int64_t a, int64_t b) { return int64_t(uint64_t(a) + uint64_t(b)); }
 inline int64_t wrap_mul(int64_t a, int64_t b) { return int64_t(uint64_t(a) * uint64_t(b)); }
 
-// entropy_model.cdf for one symbol: the per-key field tables, the PHI table and the
-// symbol's invariants (entropy_model.prepare: 2 mu_q, F - e, 2^32 // r).
-struct Model {
-  const int64_t* sig;  // [2^B] entropy_model.key_fields
-  const int64_t* ex;
-  const int64_t* sgn;
-  const int64_t* phi;  // [PHI_KNOTS + 1]
-  int64_t top;         // 2^B
-  int64_t w_wide, kappa;
+// A storage dtype (entropy_model.DTYPE_SPECS: bits B, mantissa bits, exponent bias,
+// e4m3fn-style NaN only), with the masks its fields need.
+struct Dtype {
+  int64_t bits, man_bits, bias;
+  bool fn_nan;
+  int64_t top, exp_ones, man_mask, max_pattern;
 
-  // entropy_model._units at key k: sgn * min(trunc(sig * 2^(ex + off)), X_MAX)
+  Dtype(int64_t bits_, int64_t man_bits_, int64_t bias_, bool fn_nan_)
+      : bits(bits_), man_bits(man_bits_), bias(bias_), fn_nan(fn_nan_), top(int64_t(1) << bits_),
+        exp_ones((int64_t(1) << (bits_ - 1 - man_bits_)) - 1), man_mask((int64_t(1) << man_bits_) - 1),
+        // the largest finite pattern: S.1111.110 for e4m3fn, S.1110.111... for IEEE-like
+        max_pattern(fn_nan_ ? (exp_ones << man_bits_) + man_mask - 1 : (exp_ones << man_bits_) - 1) {}
+
+  // entropy_model.value_units at key k in [0, 2^B) with off = F - e: the key's value in units
+  // of delta, truncated toward zero, saturated to +-X_MAX; computed from the key's bits
+  // (entropy_model._key_fields_cpu tabulates the same sig, ex, sgn).
   inline int64_t units(int64_t k, int64_t off) const {
-    const int64_t shift = ex[k] + off;
-    const int64_t up = std::clamp<int64_t>(shift, 0, X_SHIFT_MAX);
-    const int64_t down = std::clamp<int64_t>(-shift, 0, 63);
-    return sgn[k] * std::min<int64_t>((sig[k] << up) >> down, X_MAX);
+    const int64_t sign_bit = top >> 1;
+    const int64_t pattern = (k & sign_bit) ? k ^ sign_bit : k ^ (top - 1);  // bits_from_keys
+    const int64_t biased = (pattern >> man_bits) & exp_ones;
+    const int64_t mant = pattern & man_mask;
+    const bool special = fn_nan ? (biased == exp_ones && mant == man_mask) : biased == exp_ones;
+    int64_t mag = X_MAX;  // inf and NaN saturate to the side of their sign
+    if (!special) {
+      const int64_t sig = mant + (int64_t(biased != 0) << man_bits);  // < 2^11
+      const int64_t shift = std::max<int64_t>(biased, 1) - bias - man_bits + off;
+      const int64_t up = std::clamp<int64_t>(shift, 0, X_SHIFT_MAX);
+      const int64_t down = std::clamp<int64_t>(-shift, 0, 63);
+      mag = std::min<int64_t>((sig << up) >> down, X_MAX);
+    }
+    return (pattern & sign_bit) ? -mag : mag;
   }
+
+  // A key whose value is near v (the decoder's guess: any error here only costs time, never
+  // changes a result): v rounded to the dtype's grid, saturated to the finite range.
+  inline int64_t nearest_key(double v) const {
+    uint64_t u;
+    std::memcpy(&u, &v, sizeof u);
+    const int64_t e2 = int64_t(u >> 52) & 0x7FF;  // float64 biased exponent
+    const int64_t m52 = int64_t(u & ((uint64_t(1) << 52) - 1));
+    int64_t pattern = 0;  // float64 zeros, subnormals and NaNs guess 0
+    if (e2 == 0x7FF && m52 == 0) {
+      pattern = max_pattern;
+    } else if (e2 != 0 && e2 != 0x7FF) {
+      const int64_t biased = e2 - 1023 + bias;
+      if (biased >= 1) {  // normal: round the mantissa; a carry moves into the exponent
+        const int64_t rs = 52 - man_bits;
+        pattern = ((biased << 52 | m52) + (int64_t(1) << (rs - 1))) >> rs;
+      } else {  // subnormal: units of 2^(1 - bias - man_bits)
+        const int64_t rs = 53 - man_bits - biased;
+        pattern = rs > 62 ? 0 : ((int64_t(1) << 52 | m52) + (int64_t(1) << (rs - 1))) >> rs;
+      }
+      pattern = std::min(pattern, max_pattern);
+    }
+    const int64_t sign_bit = top >> 1;
+    return (u >> 63) ? (pattern | sign_bit) ^ (top - 1) : pattern | sign_bit;  // keys_from_bits
+  }
+};
+
+// 2^n as float64 from its bits (exact), n clamped to the normal range.
+inline double pow2(int64_t n) {
+  const uint64_t u = uint64_t(std::clamp<int64_t>(n, -1022, 1023) + 1023) << 52;
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+// entropy_model.cdf for one symbol given its invariants (entropy_model.prepare: 2 mu_q,
+// off = F - e, inv = 2^32 // r).
+struct Model {
+  Dtype dtype;
+  const int64_t* phi;  // [PHI_KNOTS + 1] entropy_model.phi_table
+  int64_t w_wide, kappa;
 
   // entropy_model.phi: 2^24 * Phi(t / 2^T_BITS), linear between knots
   inline int64_t phi_at(int64_t t) const {
@@ -71,48 +129,15 @@ struct Model {
     return lo + (((phi[i + 1] - lo) * f) >> INTERP_BITS);
   }
 
-  // entropy_model.cdf_prepared: C(k) for k in [0, 2^B]
+  // entropy_model.cdf_prepared: C(k) for k in [0, 2^B] (C(0) = 0, C(2^B) = M)
   inline int64_t cdf(int64_t k, int64_t two_mu_q, int64_t off, int64_t inv) const {
     if (k <= 0) return 0;
-    if (k >= top) return M;
-    const int64_t boundary = units(k - 1, off) + units(k, off);
+    if (k >= dtype.top) return M;
+    const int64_t boundary = dtype.units(k - 1, off) + dtype.units(k, off);  // units of delta / 2
     const int64_t diff = std::clamp<int64_t>(boundary - two_mu_q, -DIFF_MAX, DIFF_MAX);
     const int64_t t = (diff * inv) >> T_SHIFT;
-    const int64_t g = (W_TOTAL - w_wide) * phi_at(t) + w_wide * phi_at(t >> kappa);
-    return k + ((g * (M - top)) >> 32);
-  }
-};
-
-// The symbol's dtype, to turn a float64 value into a nearby key (the decoder's guess; any
-// error there only costs time, never changes a result).
-struct Minifloat {
-  int64_t bits, man_bits, bias;
-  bool fn_nan;
-
-  int64_t nearest_key(double v) const {
-    if (std::isnan(v)) v = 0.0;
-    const int64_t exp_ones = (int64_t(1) << (bits - 1 - man_bits)) - 1;
-    // the largest finite pattern: S.1111.110 for e4m3fn, S.1110.111... for IEEE-like
-    const int64_t max_pattern = fn_nan ? (exp_ones << man_bits) + (int64_t(1) << man_bits) - 2
-                                       : (exp_ones << man_bits) - 1;
-    const bool negative = std::signbit(v);
-    const double a = std::fabs(v);
-    int64_t pattern = 0;
-    if (a > 0.0) {
-      int e2;
-      const double m = std::frexp(a, &e2);  // a = m * 2^e2, m in [0.5, 1)
-      const int64_t biased = int64_t(e2) - 1 + bias;
-      if (biased >= 1) {  // normal: the mantissa's rounding may carry into the exponent
-        const int64_t mant = std::llround((2.0 * m - 1.0) * double(int64_t(1) << man_bits));
-        pattern = biased >= exp_ones + 1 ? max_pattern : (biased << man_bits) + mant;
-      } else {  // subnormal: units of 2^(1 - bias - man_bits)
-        pattern = std::llround(std::ldexp(a, int(man_bits + bias - 1)));
-      }
-      pattern = std::min(pattern, max_pattern);
-    }
-    const int64_t sign = int64_t(1) << (bits - 1);
-    // entropy_model.keys_from_bits
-    return negative ? (pattern | sign) ^ ((int64_t(1) << bits) - 1) : pattern | sign;
+    const int64_t g = (W_TOTAL - w_wide) * phi_at(t) + w_wide * phi_at(t >> kappa);  // [0, 2^32]
+    return k + ((g * (M - dtype.top)) >> 32);
   }
 };
 
@@ -184,24 +209,28 @@ std::vector<torch::Tensor> encode(const torch::Tensor& cum, const torch::Tensor&
   return {words, lane_words.view({num_pages, num_lanes})};
 }
 
-// entropy_model.cdf for keys in [0, 2^B] with quantised parameters, all int64 of one shape.
+void check_params(const int64_t* r, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (r[i] < 1) throw std::invalid_argument("r must be >= 1 (quantised parameters from quantize_params)");
+  }
+}
+
+// entropy_model.cdf for keys in [0, 2^B] with quantised parameters, all int64 of one shape;
+// the dtype as (bits, man_bits, bias, fn_nan) from entropy_model.DTYPE_SPECS.
 torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const torch::Tensor& e,
-                  const torch::Tensor& r, const torch::Tensor& sig, const torch::Tensor& ex,
-                  const torch::Tensor& sgn, const torch::Tensor& phi, int64_t w_wide, int64_t kappa) {
-  for (const auto* t : {&keys, &mu_q, &e, &r, &sig, &ex, &sgn, &phi}) check_int64(*t, "cdf argument");
-  const Model model{sig.data_ptr<int64_t>(), ex.data_ptr<int64_t>(), sgn.data_ptr<int64_t>(),
-                    phi.data_ptr<int64_t>(), sig.size(0), w_wide, kappa};
+                  const torch::Tensor& r, const torch::Tensor& phi, int64_t w_wide, int64_t kappa,
+                  int64_t bits, int64_t man_bits, int64_t bias, bool fn_nan) {
+  for (const auto* t : {&keys, &mu_q, &e, &r, &phi}) check_int64(*t, "cdf argument");
+  const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
   const int64_t* k_p = keys.data_ptr<int64_t>();
   const int64_t* mu_p = mu_q.data_ptr<int64_t>();
   const int64_t* e_p = e.data_ptr<int64_t>();
   const int64_t* r_p = r.data_ptr<int64_t>();
   const int64_t count = keys.numel();
-  for (int64_t i = 0; i < count; ++i) {
-    if (r_p[i] < 1) throw std::invalid_argument("r must be >= 1 (from quantize_params)");
-  }
+  check_params(r_p, count);
   auto out = torch::empty_like(keys);
   int64_t* out_p = out.data_ptr<int64_t>();
-  at::parallel_for(0, count, 4096, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, count, 1 << 14, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       out_p[i] = model.cdf(k_p[i], 2 * mu_p[i], F - e_p[i], (int64_t(1) << 32) / r_p[i]);
     }
@@ -209,33 +238,36 @@ torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const to
   return out;
 }
 
+// Lanes decoded together by one thread, step by step: their dependency chains (state ->
+// slot -> key -> state) are independent, so the core overlaps their latencies (table reads,
+// the division) instead of waiting on one lane's chain.
+constexpr int64_t LANE_BLOCK = 64;
+
 // One stage of rans_reference.Decoder.decode: symbols [first, first + n) of every page.
 // mu_q, e, r: int64 [P, n]; x, ptr: int64 [P * NL] lane states and next-word indices,
 // updated in place; words: int64 [W >= 1]. Returns keys int64 [P, n].
 torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu_q,
                      const torch::Tensor& e, const torch::Tensor& r, int64_t num_lanes, int64_t first,
-                     const torch::Tensor& sig, const torch::Tensor& ex, const torch::Tensor& sgn,
                      const torch::Tensor& phi, const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa,
                      int64_t bits, int64_t man_bits, int64_t bias, bool fn_nan) {
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{
-           &words, &x_t, &ptr_t, &mu_q, &e, &r, &sig, &ex, &sgn, &phi}) {
+  for (const torch::Tensor* t :
+       std::initializer_list<const torch::Tensor*>{&words, &x_t, &ptr_t, &mu_q, &e, &r, &phi}) {
     check_int64(*t, "decode argument");
   }
-  TORCH_CHECK(quantiles.dtype() == torch::kFloat64 && quantiles.is_contiguous(), "quantiles must be float64");
-  const Model model{sig.data_ptr<int64_t>(), ex.data_ptr<int64_t>(), sgn.data_ptr<int64_t>(),
-                    phi.data_ptr<int64_t>(), int64_t(1) << bits, w_wide, kappa};
-  const Minifloat minifloat{bits, man_bits, bias, fn_nan};
+  TORCH_CHECK(quantiles.dtype() == torch::kFloat64 && quantiles.is_contiguous() &&
+                  quantiles.numel() == (int64_t(1) << QUANTILE_BITS) + 1,
+              "quantiles must be rans_reference._quantile_table");
+  const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
+  const Dtype& dtype = model.dtype;
   const int64_t num_pages = mu_q.size(0), n = mu_q.size(1);
   const int64_t* mu_p = mu_q.data_ptr<int64_t>();
   const int64_t* e_p = e.data_ptr<int64_t>();
   const int64_t* r_p = r.data_ptr<int64_t>();
-  for (int64_t i = 0; i < num_pages * n; ++i) {
-    if (r_p[i] < 1) throw std::invalid_argument("r must be >= 1 (from quantize_params)");
-  }
+  check_params(r_p, num_pages * n);
   const int64_t* words_p = words.data_ptr<int64_t>();
   const int64_t last_word = words.numel() - 1;
   const double* q = quantiles.data_ptr<double>();
-  const int64_t floor_free = M - model.top;  // counts the Gaussian mixture is spread over
+  const int64_t floor_free = M - dtype.top;  // counts the Gaussian mixture is spread over
   const int64_t num_cells = int64_t(1) << QUANTILE_BITS;
   const double cell_scale = double(num_cells) / double(floor_free);
   int64_t* x_p = x_t.data_ptr<int64_t>();
@@ -243,73 +275,87 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
   auto keys = torch::empty_like(mu_q);
   int64_t* keys_p = keys.data_ptr<int64_t>();
   const int64_t step_begin = first / num_lanes, step_end = (first + n + num_lanes - 1) / num_lanes;
+  const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
 
-  at::parallel_for(0, num_pages * num_lanes, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t page = g / num_lanes, lane = g % num_lanes;
-      int64_t x = x_p[g], ptr = ptr_p[g];
-      for (int64_t step = step_begin; step < step_end; ++step) {
-        const int64_t sym = lane + step * num_lanes - first;  // within the stage
-        if (sym < 0 || sym >= n) continue;                    // idle at a ragged stage end
-        const int64_t i = page * n + sym;
-        const int64_t two_mu_q = 2 * mu_p[i], off = F - e_p[i], inv = (int64_t(1) << 32) / r_p[i];
-        const int64_t slot = x & (M - 1);
+  // Decode symbol i (of the stage's [P, n]) from lane state x / word pointer ptr.
+  auto decode_symbol = [&](int64_t i, int64_t& x, int64_t& ptr) {
+    const int64_t two_mu_q = 2 * mu_p[i], off = F - e_p[i], inv = (int64_t(1) << 32) / r_p[i];
+    const int64_t slot = x & (M - 1);
 
-        // Guess the key as the reference does (G^-1 through the quantile table, twice), in
-        // float64: only the speed depends on it.
-        const double mu_f = std::ldexp(double(mu_p[i]), int(e_p[i] - F));
-        const double sig_f = std::ldexp(double(r_p[i]), int(e_p[i] - R - T_BITS));
-        int64_t guess = minifloat.nearest_key(mu_f);
-        for (int pass = 0; pass < 2; ++pass) {
-          const double u = double(std::clamp<int64_t>(slot - guess, 0, floor_free)) * cell_scale;
-          const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
-          const double t = q[cell] + (q[cell + 1] - q[cell]) * (u - double(cell));
-          guess = minifloat.nearest_key(mu_f + sig_f * t);
-        }
-        guess = std::clamp<int64_t>(guess, 0, model.top - 1);
+    // Guess the key as the reference does: G^-1 of the slot through the quantile table,
+    // twice (the second pass corrects the floor's +k with the first guess).
+    const double mu_f = double(mu_p[i]) * pow2(e_p[i] - F);
+    const double sig_f = double(r_p[i]) * pow2(e_p[i] - R - T_BITS);
+    int64_t guess = dtype.nearest_key(mu_f);
+    for (int pass = 0; pass < 2; ++pass) {
+      const double u = double(std::clamp<int64_t>(slot - guess, 0, floor_free)) * cell_scale;
+      const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
+      const double t = q[cell] + (q[cell + 1] - q[cell]) * (u - double(cell));
+      guess = dtype.nearest_key(mu_f + sig_f * t);
+    }
+    guess = std::clamp<int64_t>(guess, 0, dtype.top - 1);
 
-        // Exact search: gallop from the guess to a bracket C(lo) <= slot < C(hi), then
-        // bisect to hi = lo + 1. C is strictly increasing with C(0) = 0 <= slot < M =
-        // C(2^B), so the key is the unique lo, whatever the guess was.
-        int64_t lo, hi, c_lo, c_hi;
-        const int64_t c_guess = model.cdf(guess, two_mu_q, off, inv);
-        if (c_guess <= slot) {
-          lo = guess, c_lo = c_guess;
-          for (int64_t stride = 1;; stride <<= 1) {
-            const int64_t h = std::min(lo + stride, model.top);
-            const int64_t c = model.cdf(h, two_mu_q, off, inv);
-            if (c > slot) { hi = h, c_hi = c; break; }
-            lo = h, c_lo = c;
-          }
-        } else {
-          hi = guess, c_hi = c_guess;
-          for (int64_t stride = 1;; stride <<= 1) {
-            const int64_t h = std::max<int64_t>(hi - stride, 0);
-            const int64_t c = model.cdf(h, two_mu_q, off, inv);
-            if (c <= slot) { lo = h, c_lo = c; break; }
-            hi = h, c_hi = c;
-          }
-        }
-        while (hi - lo > 1) {
-          const int64_t mid = lo + (hi - lo) / 2;
-          const int64_t c = model.cdf(mid, two_mu_q, off, inv);
-          if (c <= slot) lo = mid, c_lo = c;
-          else hi = mid, c_hi = c;
-        }
-        keys_p[i] = lo;
-
-        // x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell below L. A read
-        // past the lane's words reads words[min(ptr, W - 1)] like the reference; finish()
-        // rejects the page.
-        int64_t x_new = wrap_add(wrap_mul(c_hi - c_lo, x >> PROB_BITS), slot - c_lo);
-        if (x_new < RANS_L) {
-          x_new = int64_t(uint64_t(x_new) << WORD_BITS) | words_p[std::min(ptr, last_word)];
-          ++ptr;
-        }
-        x = x_new;
+    // Exact search. Nearly always C(guess) <= slot < C(guess + 1): both are evaluated at
+    // once (independent work, no data-dependent branch). Otherwise gallop from the guess to
+    // a bracket C(lo) <= slot < C(hi), then bisect to hi = lo + 1. C is strictly increasing
+    // with C(0) = 0 <= slot < M = C(2^B), so the key is the unique lo whatever the guess.
+    int64_t lo = guess, hi = guess + 1;
+    int64_t c_lo = model.cdf(lo, two_mu_q, off, inv), c_hi = model.cdf(hi, two_mu_q, off, inv);
+    if (c_lo > slot) {  // the key is below the guess
+      for (int64_t stride = 1;; stride <<= 1) {
+        hi = lo, c_hi = c_lo;
+        lo = std::max<int64_t>(hi - stride, 0);
+        c_lo = model.cdf(lo, two_mu_q, off, inv);
+        if (c_lo <= slot) break;
       }
-      x_p[g] = x;
-      ptr_p[g] = ptr;
+    } else if (c_hi <= slot) {  // the key is above guess
+      for (int64_t stride = 1;; stride <<= 1) {
+        lo = hi, c_lo = c_hi;
+        hi = std::min(lo + stride, dtype.top);
+        c_hi = model.cdf(hi, two_mu_q, off, inv);
+        if (c_hi > slot) break;
+      }
+    }
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      const int64_t c = model.cdf(mid, two_mu_q, off, inv);
+      if (c <= slot) {
+        lo = mid, c_lo = c;
+      } else {
+        hi = mid, c_hi = c;
+      }
+    }
+    keys_p[i] = lo;
+
+    // x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell below L. A read past
+    // the lane's words reads words[min(ptr, W - 1)] like the reference; finish() rejects it.
+    int64_t x_new = wrap_add(wrap_mul(c_hi - c_lo, x >> PROB_BITS), slot - c_lo);
+    if (x_new < RANS_L) {
+      x_new = int64_t(uint64_t(x_new) << WORD_BITS) | words_p[std::min(ptr, last_word)];
+      ++ptr;
+    }
+    x = x_new;
+  };
+
+  at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
+    int64_t x[LANE_BLOCK], ptr[LANE_BLOCK];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t page = b / blocks_per_page;
+      const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
+      const int64_t l1 = std::min(l0 + LANE_BLOCK, num_lanes);
+      const int64_t g0 = page * num_lanes + l0;  // the block's first lane in the batch
+      std::copy(x_p + g0, x_p + g0 + (l1 - l0), x);
+      std::copy(ptr_p + g0, ptr_p + g0 + (l1 - l0), ptr);
+      for (int64_t step = step_begin; step < step_end; ++step) {
+        // lane l holds stage symbol l + step * NL - first; idle outside [0, n) (ragged ends)
+        const int64_t base = step * num_lanes - first;
+        const int64_t lane_lo = std::max(l0, -base), lane_hi = std::min(l1, n - base);
+        for (int64_t l = lane_lo; l < lane_hi; ++l) {
+          decode_symbol(page * n + base + l, x[l - l0], ptr[l - l0]);
+        }
+      }
+      std::copy(x, x + (l1 - l0), x_p + g0);
+      std::copy(ptr, ptr + (l1 - l0), ptr_p + g0);
     }
   });
   return keys;

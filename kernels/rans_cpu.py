@@ -20,7 +20,8 @@ Interface (identical to the reference, so kernels/codec.py can dispatch by devic
 The extension is compiled on first use (``torch.utils.cpp_extension.load``, ninja + a C++
 compiler, cached under the torch extensions directory; one build per process at most,
 guarded by a lock). The coder's constants reach the C++ as -D macros generated from
-entropy_model.py and rans_reference.py, its tables as tensor arguments. Where the build
+entropy_model.py and rans_reference.py, the dtype's fields (entropy_model.DTYPE_SPECS) and
+the tables (PHI, the decoder's quantiles) as arguments. Where the build
 fails (no compiler, no ninja), one warning names the reason and every function here runs
 the torch reference instead: slower, same bytes, never a crash.
 
@@ -127,11 +128,12 @@ def cdf(
     if ext is None:
         return em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
     em.check_mixture(w_wide, kappa)
+    em.symbol_bits(dtype)  # a clear error for an unknown dtype name
     if any(t.dtype != torch.int64 for t in (keys, mu_q, e, r)):
         raise ValueError("keys, mu_q, e and r must be int64")
     _check_cpu(keys, mu_q, e, r)
     keys, mu_q, e, r = (t.contiguous() for t in torch.broadcast_tensors(keys, mu_q, e, r))
-    return ext.cdf(keys, mu_q, e, r, *em.key_fields(dtype, "cpu"), em.phi_table(), w_wide, kappa)
+    return ext.cdf(keys, mu_q, e, r, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype])
 
 
 def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,11 +179,10 @@ class Decoder(ref.Decoder):
         _check_cpu(self.words, mu_q, e, r)
         self.words = self.words.contiguous()
         self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
-        bits, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
         keys = ext.decode(
             self.words, self.x, self.ptr, mu_q.contiguous(), e.contiguous(), r.contiguous(),
-            self.num_lanes, self.position, *em.key_fields(self.dtype, "cpu"), em.phi_table(),
-            self.quantiles, self.w_wide, self.kappa, bits, man_bits, bias, fn_nan,
+            self.num_lanes, self.position, em.phi_table(), self.quantiles, self.w_wide, self.kappa,
+            *em.DTYPE_SPECS[self.dtype],
         )  # fmt: skip
         self.position += n
         return keys[0] if squeeze else keys
