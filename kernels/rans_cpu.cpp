@@ -129,15 +129,26 @@ struct Model {
     return lo + (((phi[i + 1] - lo) * f) >> INTERP_BITS);
   }
 
-  // entropy_model.cdf_prepared: C(k) for k in [0, 2^B] (C(0) = 0, C(2^B) = M)
-  inline int64_t cdf(int64_t k, int64_t two_mu_q, int64_t off, int64_t inv) const {
-    if (k <= 0) return 0;
-    if (k >= dtype.top) return M;
-    const int64_t boundary = dtype.units(k - 1, off) + dtype.units(k, off);  // units of delta / 2
+  // C from key k's lower boundary (units(k - 1) + units(k), in units of delta / 2), k in [1, 2^B)
+  inline int64_t from_boundary(int64_t k, int64_t boundary, int64_t two_mu_q, int64_t inv) const {
     const int64_t diff = std::clamp<int64_t>(boundary - two_mu_q, -DIFF_MAX, DIFF_MAX);
     const int64_t t = (diff * inv) >> T_SHIFT;
     const int64_t g = (W_TOTAL - w_wide) * phi_at(t) + w_wide * phi_at(t >> kappa);  // [0, 2^32]
     return k + ((g * (M - dtype.top)) >> 32);
+  }
+
+  // entropy_model.cdf_prepared: C(k) for k in [0, 2^B] (C(0) = 0, C(2^B) = M)
+  inline int64_t cdf(int64_t k, int64_t two_mu_q, int64_t off, int64_t inv) const {
+    if (k <= 0) return 0;
+    if (k >= dtype.top) return M;
+    return from_boundary(k, dtype.units(k - 1, off) + dtype.units(k, off), two_mu_q, inv);
+  }
+
+  // (C(k), C(k + 1)) for k in [0, 2^B), sharing units(k)
+  inline void cdf_pair(int64_t k, int64_t two_mu_q, int64_t off, int64_t inv, int64_t& c0, int64_t& c1) const {
+    const int64_t u = dtype.units(k, off);
+    c0 = k <= 0 ? 0 : from_boundary(k, dtype.units(k - 1, off) + u, two_mu_q, inv);
+    c1 = k + 1 >= dtype.top ? M : from_boundary(k + 1, u + dtype.units(k + 1, off), two_mu_q, inv);
   }
 };
 
@@ -282,17 +293,17 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
     const int64_t two_mu_q = 2 * mu_p[i], off = F - e_p[i], inv = (int64_t(1) << 32) / r_p[i];
     const int64_t slot = x & (M - 1);
 
-    // Guess the key as the reference does: G^-1 of the slot through the quantile table,
-    // twice (the second pass corrects the floor's +k with the first guess).
+    // Guess the key as the reference does: G^-1 of (slot - k) through the quantile table,
+    // with the key of mu in place of k. (The reference then guesses again with the first
+    // guess as k; here that second pass costs more time than the extra C evaluations it
+    // saves.)
     const double mu_f = double(mu_p[i]) * pow2(e_p[i] - F);
     const double sig_f = double(r_p[i]) * pow2(e_p[i] - R - T_BITS);
-    int64_t guess = dtype.nearest_key(mu_f);
-    for (int pass = 0; pass < 2; ++pass) {
-      const double u = double(std::clamp<int64_t>(slot - guess, 0, floor_free)) * cell_scale;
-      const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
-      const double t = q[cell] + (q[cell + 1] - q[cell]) * (u - double(cell));
-      guess = dtype.nearest_key(mu_f + sig_f * t);
-    }
+    const int64_t key_of_mu = dtype.nearest_key(mu_f);
+    const double u = double(std::clamp<int64_t>(slot - key_of_mu, 0, floor_free)) * cell_scale;
+    const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
+    const double t = q[cell] + (q[cell + 1] - q[cell]) * (u - double(cell));
+    int64_t guess = dtype.nearest_key(mu_f + sig_f * t);
     guess = std::clamp<int64_t>(guess, 0, dtype.top - 1);
 
     // Exact search. Nearly always C(guess) <= slot < C(guess + 1): both are evaluated at
@@ -300,7 +311,8 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
     // a bracket C(lo) <= slot < C(hi), then bisect to hi = lo + 1. C is strictly increasing
     // with C(0) = 0 <= slot < M = C(2^B), so the key is the unique lo whatever the guess.
     int64_t lo = guess, hi = guess + 1;
-    int64_t c_lo = model.cdf(lo, two_mu_q, off, inv), c_hi = model.cdf(hi, two_mu_q, off, inv);
+    int64_t c_lo, c_hi;
+    model.cdf_pair(guess, two_mu_q, off, inv, c_lo, c_hi);
     if (c_lo > slot) {  // the key is below the guess
       for (int64_t stride = 1;; stride <<= 1) {
         hi = lo, c_hi = c_lo;
