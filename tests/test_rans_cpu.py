@@ -215,3 +215,18 @@ def test_concurrent_first_use_builds_once(monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and results == [built_ext] * 4
+
+
+def test_results_do_not_depend_on_thread_count():
+    keys, params, cum, freq = adversarial_page("bf16", 3, 5000, seed=9)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            words, lane_words = rc.encode(cum, freq, 70)
+            dec = rc.Decoder(words, lane_words, 5000, "bf16")
+            results.append((rc.cdf(keys, *params, "bf16"), words, lane_words, dec.decode(*params), dec.finish()))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
