@@ -441,10 +441,11 @@ class SpecKVStorage(HiCacheStorage):
         predictor = predictor or self.predictor
         if self.device.type != "cuda":
             lanes = max(1, pages[0].numel() // CPU_SYMBOLS_PER_LANE)
-            return codec.encode_pages(list(pages), metas, predictor, num_lanes=lanes)
+            return codec.encode_pages(list(pages), metas, predictor, num_lanes=lanes,
+                                      w_wide=predictor.w_wide, kappa=predictor.kappa)
         with torch.cuda.stream(self._stream()):
             staged = pages.pin_memory().to(self.device, non_blocking=True)
-            blobs = codec.encode_pages(list(staged), metas, predictor)
+            blobs = codec.encode_pages(list(staged), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa)
         return blobs  # encode_pages returns host bytes: the stream's work is done
 
     def _decode(self, predictor: Predictor, blobs: list[memoryview], metas: list[PageMeta],
