@@ -5,10 +5,11 @@
 // (entropy_model.DTYPE_SPECS) and the tables (PHI, the decoder's quantiles) as arguments, so
 // nothing here repeats a number.
 //
-// Lanes are independent coders, so each function loops over lanes (in parallel with
-// at::parallel_for: a lane's result does not depend on which thread ran it) and, within a
-// lane, over its steps. Lane g is lane g % NL of page g / NL; its step j is symbol
-// g % NL + j * NL of that page (DESIGN.md "Lanes").
+// Lanes are independent coders, so the work is split over lanes with at::parallel_for (a
+// lane's result does not depend on which thread ran it, so neither do the bytes): encode
+// runs each lane's steps in turn, decode advances a block of LANE_BLOCK lanes of a page step
+// by step. Lane g is lane g % NL of page g / NL; its step j is symbol g % NL + j * NL of
+// that page (DESIGN.md "Lanes").
 //
 // Arithmetic follows the reference operation for operation in int64. Products and sums that
 // the reference lets wrap on corrupt input (never on valid input: see the bounds in

@@ -87,7 +87,10 @@ def extension() -> ModuleType | None:
         return _extension
     with _build_lock:
         if _extension is None and not _build_failed:
-            logger.info("compiling speckv CPU coder (one time, ~%d s; a cached build loads at once)", BUILD_SECONDS_TYPICAL)
+            logger.info(
+                "compiling speckv CPU coder (one time, ~%d s) or loading it from the torch extensions cache",
+                BUILD_SECONDS_TYPICAL,
+            )
             t0 = time.perf_counter()
             try:
                 _extension = _load()
@@ -96,11 +99,18 @@ def extension() -> ModuleType | None:
                 logger.warning(
                     "speckv CPU coder could not be built (%s: %s); using the torch reference coder "
                     "(same bytes, much slower). Install a C++ compiler and ninja to speed up CPU coding.",
-                    type(err).__name__, (str(err).strip().splitlines() or [""])[-1],
+                    type(err).__name__, _reason(str(err)),
                 )  # fmt: skip
             else:
                 logger.info("speckv CPU coder ready after %.1f s", time.perf_counter() - t0)
     return _extension
+
+
+def _reason(message: str) -> str:
+    """The telling line of a build error: the compiler's first "error:", else the last line
+    (e.g. "Ninja is required to load C++ extensions")."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()] or ["(no message)"]
+    return next((line for line in lines if "error:" in line), lines[-1])
 
 
 def available() -> bool:
