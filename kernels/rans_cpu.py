@@ -48,6 +48,10 @@ SOURCE = Path(__file__).with_name("rans_cpu.cpp")
 # What a first build took on a loaded 2-core machine (torch's headers dominate), for the
 # one-time notice.
 BUILD_SECONDS_TYPICAL = 40
+# torch's extension builder guards a build with a lock file and waits for it forever; a
+# process killed mid-build leaves it behind. A build takes well under a minute, so a lock
+# older than this was left by a dead build and is removed before loading.
+STALE_LOCK_SECONDS = 600
 
 _build_lock = threading.Lock()
 _extension: ModuleType | None = None
@@ -70,6 +74,10 @@ def _load() -> ModuleType:
     """Compile (or load from the cache) and import the extension; raises on failure."""
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
+    lock = Path(cpp_extension._get_build_directory("speckv_rans_cpu", verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        logger.warning("removing a stale build lock left by a killed build: %s", lock)
+        lock.unlink(missing_ok=True)
     return cpp_extension.load(
         name="speckv_rans_cpu",
         sources=[str(SOURCE)],
