@@ -249,11 +249,12 @@ class SpecKVStorage(HiCacheStorage):
         self.device = torch.device("cpu")
         self._buffer: torch.Tensor | None = None
         self._streams = threading.local()
-        self._lock = threading.Lock()  # guards _counts, _seconds, _metrics, _stats_written
+        self._lock = threading.Lock()  # guards _counts, _seconds, _metrics, _stats_*
         self._counts: Counter = Counter()
         self._seconds: Counter = Counter()
         self._metrics = {"prefetch_pgs": [], "backup_pgs": [], "prefetch_bandwidth": [], "backup_bandwidth": []}
-        self._stats_written = 0.0
+        self._stats_written = 0.0  # time.monotonic() of the last stats file write
+        self._stats_timer: threading.Timer | None = None  # a pending deferred write
 
     # --- set-up --------------------------------------------------------------------------
 
@@ -541,14 +542,22 @@ class SpecKVStorage(HiCacheStorage):
         return out
 
     def _maybe_write_stats(self, force: bool = False) -> None:
+        """Rewrite the stats file: now if the last write is STATS_FILE_INTERVAL_S old (or
+        ``force``), else once that interval is over (one pending timer at most), so the
+        file never lags the counters by more than the interval."""
         path = self.config.stats_file
         if not path:
             return
         with self._lock:
-            now = time.monotonic()
-            if not force and now - self._stats_written < STATS_FILE_INTERVAL_S:
+            wait = self._stats_written + STATS_FILE_INTERVAL_S - time.monotonic()
+            if wait > 0 and not force:
+                if self._stats_timer is None:
+                    self._stats_timer = threading.Timer(wait, self._maybe_write_stats, kwargs={"force": True})
+                    self._stats_timer.daemon = True
+                    self._stats_timer.start()
                 return
-            self._stats_written = now
+            self._stats_written = time.monotonic()
+            self._stats_timer = None
         text = json.dumps(self.stats(), indent=1)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "w") as f:
@@ -563,6 +572,10 @@ class SpecKVStorage(HiCacheStorage):
     def close(self) -> None:
         """Write the final stats and release the store. Idempotent."""
         if self.store is not None:
+            with self._lock:
+                timer, self._stats_timer = self._stats_timer, None
+            if timer is not None:
+                timer.cancel()
             self._maybe_write_stats(force=True)
             self.store.close()
             self.store = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import lmdb
 import pytest
@@ -354,4 +355,20 @@ def test_mla_pages_roundtrip(tmp_path, layout):
     for i in range(2):
         assert torch.equal(_bits(geometry.page(pool.kv_buffer, (6 + i) * PAGE)), _bits(pages[i]))
         assert torch.equal(_bits(geometry.from_flat(flat[i])), _bits(pages[i]))
+    backend.close()
+
+
+def test_stats_file_catches_up_with_the_counters(tmp_path):
+    """Writes of the stats file are rate-limited, but the last events reach it within the
+    interval even when nothing happens afterwards."""
+    from sglang_speckv.backend import STATS_FILE_INTERVAL_S
+
+    pool = _host_pool("layer_first")
+    _fill(pool, 1, seed=12)
+    backend = _backend(tmp_path, pool)
+    key = _keys(1, "s")
+    assert backend.batch_exists(key, _extra([])) == 0  # writes the file (first event)
+    assert backend.batch_set_v1(key, torch.arange(0, PAGE), _extra([])) == [True]  # too soon: deferred
+    time.sleep(STATS_FILE_INTERVAL_S + 1.0)
+    assert json.loads((tmp_path / "stats.json").read_text())["pages_written"] == 1
     backend.close()

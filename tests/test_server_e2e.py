@@ -4,12 +4,14 @@ One scenario, in order, on one store (three server starts: each costs ~30-70 s o
 
 server A (``--hicache-storage-backend speckv``, through our plugin), fresh store
   1. a prompt of >= 4 pages, ``/flush_cache``, the same prompt: storage hits cover its
-     full pages, greedy tokens and logprobs equal those of an uncached run;
-  2. a longer prompt, and SIGKILL of the whole server while its pages are being written;
+     full pages, greedy tokens and logprobs equal those of an uncached run; then with its
+     first pages in the device cache and the rest restored from L3;
+  2. four long prompts at once, and SIGKILL of the whole server once the first of their
+     page batches has been stored (the others are being coded or committed);
 server B (same store)
   3. hits survive the restart;
-  4. the killed write left the store consistent: the long prompt is served correctly, and
-     once stored again, restored from L3 exactly;
+  4. the killed writes left the store consistent: the long prompts are served correctly,
+     and once stored again, restored from L3 exactly;
   5. every stored record corrupted on disk: outputs still equal the uncached run (misses,
      recompute), the server stays up, the store counts the corruption;
 server C (SGLang's ``dynamic`` backend route, generic flat-page path), its own store
@@ -40,9 +42,11 @@ PAGE = CPU_PAGE_SIZE
 # L3 prefetches only hits of at least this many tokens (SGLang's default, 256, would need
 # long prompts; the CPU coder takes ~1 s per SmolLM2 page here).
 PREFETCH_THRESHOLD = 2 * PAGE
-# Prompts: P1 ~6 pages, P2 ~20 pages (its write takes long enough to be killed midway).
+# Prompts: P1 ~6 pages; four different ~20-page prompts, whose writes (one batch each, one
+# after another) take long enough to kill the server between two of them.
 P1 = " ".join(f"Item {i} costs {3 * i} dollars." for i in range(12))
 P2 = " ".join(f"Row {i}: the value of x{i} is {i * i % 97}." for i in range(40))
+LONG_PROMPTS = [f"Table {k}. " + P2 for k in range(4)]
 NEW_TOKENS = 8
 SETTLE_S = 3.0  # the stats file is rewritten at most once a second: 3 s without change = idle
 WAIT_S = 300.0
@@ -126,20 +130,56 @@ def test_hits_after_flush_equal_uncached_run(scenario, sglang_server):
     assert stats["compression_ratio"] > 1.0
 
 
-def test_sigkill_during_writes(scenario):
+def test_partial_device_hit_then_storage(scenario, model_dir):
+    """The first pages in the device cache, the rest restored from L3 (SGLang then passes
+    prefix keys that omit the device-matched node's own pages)."""
+    from transformers import AutoTokenizer
+
     root, server = scenario["root"], scenario["a"]
-    scenario["p2"] = _uncached(server, P2)
+    ids = AutoTokenizer.from_pretrained(model_dir)(P1)["input_ids"]
+    reference = _uncached(server, ids)
+    server.generate(ids, NEW_TOKENS)
+    _wait_written(root, at_least=0)
+    server.flush_cache()
+    head = 3 * PAGE
+    server.generate(ids[:head + 1], 1)  # puts the first 3 pages back into the device cache
+    out = server.generate(ids, NEW_TOKENS)
+    cached = out["cached"]
+    assert cached.get("device", 0) + cached.get("host", 0) == head, cached
+    assert cached.get("storage") == _full_pages(len(ids)) * PAGE - head, cached
+    _assert_same(out, reference)
+
+
+def _stored_pages(root: Path) -> int:
+    """Pages in the store's first tier, counted straight from LMDB (any process)."""
+    env = lmdb.open(str(root / "ram"), max_dbs=16, subdir=True, readonly=True, lock=False, map_size=1 << 34)
+    try:
+        with env.begin() as txn:
+            return txn.stat(env.open_db(b"pages", txn=txn, create=False))["entries"]
+    finally:
+        env.close()
+
+
+def test_sigkill_during_writes(scenario):
+    """Several long prompts at once: SGLang backs their pages up one batch after another
+    (one backup thread). SIGKILL the server as soon as the first batch has landed."""
+    root, server = scenario["root"], scenario["a"]
+    scenario["long"] = [(p, _uncached(server, p)) for p in LONG_PROMPTS]
     before = _wait_written(root, at_least=0)
     written = before["pages_written"] + before["pages_already_stored"]
-    done = threading.Event()
-    threading.Thread(target=lambda: (server.generate(P2, NEW_TOKENS), done.set()), daemon=True).start()
-    assert done.wait(timeout=WAIT_S), "the long prompt did not complete"
-    # Its ~20 new pages are now being coded (about a second each on CI): kill midway.
-    time.sleep(2.0)
-    after = _stats(root)
-    assert after["pages_written"] + after["pages_already_stored"] <= written + 1, "writes finished before the kill"
+    expected = sum(_full_pages(ref["prompt_tokens"]) for _, ref in scenario["long"])
+    for prompt, _ in scenario["long"]:
+        threading.Thread(target=server.generate, args=(prompt, NEW_TOKENS), daemon=True).start()
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        now = _stats(root)
+        if now["pages_written"] + now["pages_already_stored"] > written:
+            break
+        time.sleep(0.1)
     server.kill()
     assert not server.healthy()
+    stored_new = _stored_pages(root) - before["store"]["tiers"][0]["pages"]
+    assert 0 < stored_new < expected, f"{stored_new} of {expected} new pages stored at the kill: not mid-write"
 
 
 def test_hits_survive_restart(scenario, sglang_server):
@@ -152,13 +192,15 @@ def test_hits_survive_restart(scenario, sglang_server):
 
 
 def test_store_is_consistent_after_the_kill(scenario):
-    root, server, reference = scenario["root"], scenario["b"], scenario["p2"]
-    _assert_same(server.generate(P2, NEW_TOKENS), reference)  # whatever survived, it is right
+    root, server = scenario["root"], scenario["b"]
+    for prompt, reference in scenario["long"]:
+        _assert_same(server.generate(prompt, NEW_TOKENS), reference)  # whatever survived, it is right
     _wait_written(root, at_least=1)
     server.flush_cache()
-    out = server.generate(P2, NEW_TOKENS)
-    assert out["cached"].get("storage") == _full_pages(reference["prompt_tokens"]) * PAGE, out["cached"]
-    _assert_same(out, reference)
+    for prompt, reference in scenario["long"]:
+        out = server.generate(prompt, NEW_TOKENS)
+        assert out["cached"].get("storage") == _full_pages(reference["prompt_tokens"]) * PAGE, out["cached"]
+        _assert_same(out, reference)
 
 
 def test_corrupt_store_gives_misses_not_wrong_outputs(scenario):
