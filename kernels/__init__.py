@@ -3,6 +3,8 @@
 - ``entropy_model``: the integer model C(k) under a per-scalar (mu, sigma);
 - ``rans_reference``: interleaved rANS in torch (CPU), the bytes of record;
 - ``rans_triton``: the same coder as Triton kernels (CUDA);
+- ``rans_cpu``: the same coder in C++ (``rans_cpu.cpp``, built on first use), used for CPU
+  pages; falls back to ``rans_reference`` if it cannot be built;
 - ``format``: the blob (docs/FORMAT.md);
 - ``codec``: the batch API, ``encode_pages`` / ``decode_pages``.
 
