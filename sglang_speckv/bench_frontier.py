@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ import torch
 from sglang_speckv import calibrate as cal
 from sglang_speckv import dump_kv
 from sglang_speckv.predictors.base import PageMeta
+from sglang_speckv.predictors.calibration import rope_tables
 from sglang_speckv.predictors.linear import K, SPECS, LinearGaussianPredictor, rope_cos_sin, rotate, rotate_sigma
 
 TEXT_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "text"
@@ -40,8 +42,10 @@ RAW_BITS = {"bf16": 16, "fp8_e4m3": 8}
 # Tensor-core cost of a MAC relative to bf16 on H100 (dense): W8A8 fp8 and int8 run at twice
 # the bf16 rate; weight-only schemes (W8A16, W4A16) dequantise to bf16 and run bf16 MACs (a
 # compute-bound prefill gains nothing from small weights).
-COST_PER_MAC = {"int8": 0.5, "fp8": 0.5, "fp8_w": 1.0, "int4": 1.0}
-SCHEME_LABEL = {"int8": "W8A8 int8", "fp8": "W8A8 fp8", "fp8_w": "W8A16 fp8", "int4": "W4A16 int4 g64"}
+COST_PER_MAC = {"int8": 0.5, "fp8": 0.5, "int8_w": 1.0, "fp8_w": 1.0, "int4": 1.0}
+SCHEME_LABEL = {"int8": "W8A8 int8", "fp8": "W8A8 fp8", "int8_w": "W8A16 int8", "fp8_w": "W8A16 fp8", "int4": "W4A16 int4 g64"}
+# (scheme, exact first layers) of the quantised-copy predictors measured.
+MODEL_SCHEMES = (("int8", 0), ("fp8", 0), ("int8_w", 0), ("fp8_w", 0), ("int4", 0), ("fp8", 10))
 
 
 # ---- measuring ---------------------------------------------------------------------------
@@ -108,9 +112,10 @@ def zstd_bits(page: torch.Tensor, split_bytes: bool) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def codec_speed(pred, page: torch.Tensor, pages: int) -> tuple[float, float, float]:
-    """(encode MB/s, decode MB/s, actual bits/scalar) of the real codec on ``pages`` pages of
-    PAGE_TOKENS tokens cut from ``page``; raises if the round trip is not bit-exact."""
+def codec_speed(pred, page: torch.Tensor, pages: int) -> tuple[float, float, float, float]:
+    """(encode MB/s, decode MB/s, blob bits/scalar, ideal bits/scalar of the same pages) of
+    the real codec on ``pages`` pages of PAGE_TOKENS tokens cut from ``page``; raises if
+    the round trip is not bit-exact."""
     from sglang_speckv.kernels import codec
 
     cut = [page[:, :, i * PAGE_TOKENS : (i + 1) * PAGE_TOKENS].contiguous() for i in range(pages)]
@@ -124,99 +129,108 @@ def codec_speed(pred, page: torch.Tensor, pages: int) -> tuple[float, float, flo
     for p, o, e in zip(cut, out, errors):
         if e is not None or not torch.equal(p.view(torch.uint8), o.view(torch.uint8)):
             raise AssertionError(f"{pred.name}: codec round trip not exact ({e})")
-    bits = 8 * sum(len(b) for b in blobs) / sum(p.numel() for p in cut)
-    return nbytes / (t1 - t0) / 1e6, nbytes / (t2 - t1) / 1e6, bits
+    n = sum(p.numel() for p in cut)
+    ideal = 0.0
+    for p, m in zip(cut, metas):
+        mu, sigma = predict_page(pred, p, m.position)
+        ideal += float(cal.scalar_bits(p, mu, sigma, m.dtype, pred.w_wide, pred.kappa).sum())
+    return nbytes / (t1 - t0) / 1e6, nbytes / (t2 - t1) / 1e6, 8 * sum(len(b) for b in blobs) / n, ideal / n
 
 
 # ---- model predictors --------------------------------------------------------------------
 
 
-def _residual_fit(stored: torch.Tensor, mu: torch.Tensor, kv_dtype: str):
-    """sigma float64 [2, L, H, D] (RMS residual per channel over tokens, floored like
-    calibrate.py) and the mixture fitted on a subsample, for a model predictor."""
-    resid = (stored.to(torch.float64) - mu).square().mean(dim=2)
-    mag = stored.to(torch.float64).square().mean(dim=2)
-    sigma = torch.maximum(resid.sqrt(), mag.sqrt() * 2.0**-9).clamp_min(torch.finfo(torch.float32).tiny)
-    step = max(1, stored.shape[2] // cal.TOKENS_MIXTURE)
-    sub = slice(0, None, step)
-    s_full = sigma.unsqueeze(2).expand_as(mu)[:, :, sub]
-    mix = cal.fit_mixture(stored[:, :, sub], mu[:, :, sub].to(torch.float32), s_full.to(torch.float32), kv_dtype)
-    return sigma, mix
+@dataclass
+class ModelEstimate:
+    """A model predictor's KV (real values, [2, L, T, H, D]) on the calibration chunks and
+    on the held-out text, with its compute (fraction of the target's prefill) and a note.
+    Its first ``exact`` layers are the target's own computation: the decoder recomputes
+    them bit for bit (same kernels and shapes assumed), so they predict the stored values."""
+
+    name: str
+    cal: torch.Tensor
+    held: torch.Tensor
+    compute: float
+    note: str
+    exact: int
 
 
-def _to_code(x: torch.Tensor, kv_dtype: str, scale: torch.Tensor | None) -> torch.Tensor:
-    """Real-valued KV [2, L, T, H, D] -> the stored dtype's domain (fp8: divided by scale)."""
-    if kv_dtype == "bf16":
-        return x
-    return x / scale.to(x.dtype)[:, :, None, None, None]
+def model_estimates(model, cal_chunks, probe_chunks, ids_held, cal_real, probe_real, held_real, rope, schemes, early_exit, progress) -> list[ModelEstimate]:
+    """Run every model predictor once (they do not depend on the KV dtype).
 
-
-def model_predictor_rows(model, cal_chunks: list[torch.Tensor], ids_held: torch.Tensor, held_real: torch.Tensor, cal_real: torch.Tensor,
-                         kv_dtype: str, stored_cal: torch.Tensor, stored_held: torch.Tensor, scale, calib, early_exit, progress):
-    """Yield (name, [2, L] bits, compute fraction, note) for the model predictors.
-
-    ``cal_chunks``: calibration token sequences (each from position 0); ``*_real``: the
-    target's KV as float64 [2, L, T, H, D] (calibration chunks concatenated on T);
-    ``stored_*``: the same in the stored dtype. Residuals are fitted on the calibration
-    chunks, bits measured on ``ids_held``."""
+    ``cal_chunks``: token sequences from position 0 on which the residuals are measured;
+    ``probe_chunks``: other ones on which the early-exit probes are fitted; ``*_real``: the
+    target's KV on them, float64 [2, L, T, H, D] (chunks concatenated on T); ``schemes``:
+    pairs (scheme, exact layers) for predictors.model.quantized_copy; ``early_exit``: the k
+    of the early-exit predictors."""
     from sglang_speckv.predictors import model as mp
 
     macs = mp.prefill_macs(model.config, len(ids_held))
     n_layers = model.config.num_hidden_layers
-    for scheme in mp.SCHEMES:
-        q = mp.quantized_copy(model, scheme)
-        est = {}
-        for split, seqs in (("cal", cal_chunks), ("held", [ids_held])):
-            pages = [cal.to_pages(*dump_kv.compute_kv(q, ids, progress=progress)) for ids in seqs]
-            est[split] = _to_code(torch.cat(pages, dim=2).to(torch.float64), kv_dtype, scale)
+    out = []
+    for scheme, exact in schemes:
+        q = mp.quantized_copy(model, scheme, exact)
+        kv = [torch.cat([cal.to_pages(*dump_kv.compute_kv(q, ids, progress=progress)) for ids in seqs], dim=2) for seqs in (cal_chunks, [ids_held])]
         del q
-        sigma, mix = _residual_fit(stored_cal, est["cal"], kv_dtype)
-        mu = est["held"].to(torch.float32)
-        s = sigma.unsqueeze(2).expand_as(est["held"]).to(torch.float32)
-        bits = block_bits(stored_held, mu, s, kv_dtype, mix["w_wide"], mix["kappa"])
         # the KV of the last layer needs neither its attention output nor its MLP
-        frac = (macs["prefill"] - macs["layer"] + macs["kv_proj"]) / macs["prefill"]
-        cost = frac * COST_PER_MAC[scheme]
-        yield f"model {scheme}", bits, cost, f"target quantised {SCHEME_LABEL[scheme]}; MACs {frac:.2f} of prefill x {COST_PER_MAC[scheme]} cost/MAC"
-    positions = torch.cat([torch.arange(len(c)) for c in cal_chunks])
-    cs_cal = rope_cos_sin(calib.rope, positions)
-    cs_held = rope_cos_sin(calib.rope, torch.arange(len(ids_held)))
-    for k in early_exit:
-        h_cal = torch.cat([mp.hidden_after(model, c, k) for c in cal_chunks]).to(torch.float64)
-        h_held = mp.hidden_after(model, ids_held, k).to(torch.float64)
-
-        def targets(real, cos_sin):  # [T, (L-k) * 2 * C], keys before RoPE
-            cols = []
-            for kv in (0, 1):
-                for layer in range(k, n_layers):
-                    y = real[kv, layer]
-                    cols.append((rotate(y, cos_sin[0], -cos_sin[1]) if kv == K else y).reshape(y.shape[0], -1))
-            return torch.cat(cols, dim=1)
-
-        x = torch.cat([h_cal, torch.ones(len(h_cal), 1, dtype=torch.float64)], dim=1)
+        rest = (n_layers - exact - 1) * macs["layer"] + macs["kv_proj"]
+        compute = (exact * macs["layer"] + rest * COST_PER_MAC[scheme]) / macs["prefill"]
+        name = f"model {scheme}" + (f", {exact} layers exact" if exact else "")
+        note = f"target quantised {SCHEME_LABEL[scheme]}" + (f" after {exact} exact layers" if exact else "") + f"; {COST_PER_MAC[scheme]} cost/MAC"
+        out.append(ModelEstimate(name, kv[0], kv[1], compute, note, exact))
+    if not early_exit:
+        return out
+    positions = {name: torch.cat([torch.arange(len(c)) for c in chunks]) for name, chunks in (("cal", cal_chunks), ("probe", probe_chunks), ("held", [ids_held]))}
+    cos_sin = {name: rope_cos_sin(rope, p) for name, p in positions.items()}
+    # [len(early_exit), T, hidden]: the residual stream entering each layer k
+    hidden = {name: torch.cat([mp.hidden_states(model, c)[list(early_exit)] for c in chunks], dim=1)
+              for name, chunks in (("cal", cal_chunks), ("probe", probe_chunks), ("held", [ids_held]))}
+    heads, dim = cal_real.shape[3], cal_real.shape[4]
+    for i, k in enumerate(early_exit):
+        h_probe = hidden["probe"][i].to(torch.float64)
+        # probes: [hidden + 1] -> every deeper block, keys before RoPE, by ridge regression
+        cs = cos_sin["probe"]
+        y = torch.cat([(rotate(probe_real[kv, l], cs[0], -cs[1]) if kv == K else probe_real[kv, l]).reshape(len(h_probe), -1)
+                       for kv in (0, 1) for l in range(k, n_layers)], dim=1)
+        x = torch.cat([h_probe, torch.ones(len(h_probe), 1, dtype=torch.float64)], dim=1)
         g = x.t() @ x
         g.diagonal()[:-1] += cal.RIDGE * g.diagonal()[:-1].mean()
-        w = torch.linalg.solve(g, x.t() @ targets(_to_code(cal_real, kv_dtype, scale), cs_cal))
+        w = torch.linalg.solve(g, x.t() @ y)
+        del y
 
-        def estimate(h, real, cos_sin):  # [2, L, T, H, D]: exact below k, probes above
-            pre = torch.cat([h, torch.ones(len(h), 1, dtype=torch.float64)], dim=1) @ w
-            est = _to_code(real, kv_dtype, scale).clone()
-            t, c = len(h), real.shape[3] * real.shape[4]
-            blocks = pre.reshape(t, 2, n_layers - k, c)
+        def estimate(h, real, cos_sin):  # exact below k, probes from k on
+            pre = (torch.cat([h, torch.ones(len(h), 1, dtype=torch.float64)], dim=1) @ w).reshape(len(h), 2, n_layers - k, heads, dim)
+            est = real.clone()
             for kv in (0, 1):
                 for layer in range(k, n_layers):
-                    y = blocks[:, kv, layer - k].reshape(t, real.shape[3], real.shape[4])
-                    est[kv, layer] = rotate(y, *cos_sin) if kv == K else y
-            return est
+                    block = pre[:, kv, layer - k]
+                    est[kv, layer] = rotate(block, *cos_sin) if kv == K else block
+            return est.to(torch.float32)
 
-        est_cal = estimate(h_cal, cal_real, cs_cal)
-        sigma, mix = _residual_fit(stored_cal, est_cal, kv_dtype)
-        est_held = estimate(h_held, held_real, cs_held)
-        s = sigma.unsqueeze(2).expand_as(est_held).clone()
-        s[:, :k] = torch.finfo(torch.float32).tiny  # exact layers: the decoder recomputes them
-        bits = block_bits(stored_held, est_held.to(torch.float32), s.to(torch.float32), kv_dtype, mix["w_wide"], mix["kappa"])
-        frac = (k * macs["layer"] + (n_layers - k) * w.shape[0] * 2 * model.config.num_key_value_heads * model.config.head_dim) / macs["prefill"]
-        yield f"early exit k={k}", bits, frac, f"layers < {k} exact (needs bit-exact recompute), linear probes from layer {k}'s input"
+        compute = (k * macs["layer"] + w.numel()) / macs["prefill"]  # probes: w.numel() MACs per token
+        out.append(ModelEstimate(f"early exit k={k}", estimate(hidden["cal"][i].to(torch.float64), cal_real, cos_sin["cal"]),
+                                 estimate(hidden["held"][i].to(torch.float64), held_real, cos_sin["held"]), compute,
+                                 f"layers < {k} exact, linear probes from layer {k}'s input to deeper K/V", k))
+    return out
+
+
+def model_bits(est: ModelEstimate, stored_cal: torch.Tensor, stored_held: torch.Tensor, kv_dtype: str, scale) -> torch.Tensor:
+    """[2, L] bits of a model predictor on the held-out KV: mu = its KV in the stored
+    domain, sigma = RMS residual per (kv, layer, channel) on the calibration chunks (floored
+    like calibrate.py), mixture fitted there too."""
+    div = torch.ones(2, stored_cal.shape[1], dtype=torch.float64) if scale is None else scale.to(torch.float64)
+    div = div[:, :, None, None, None]
+    mu_cal, mu_held = est.cal.to(torch.float64) / div, est.held.to(torch.float64) / div
+    mu_cal[:, : est.exact] = stored_cal[:, : est.exact].to(torch.float64)
+    mu_held[:, : est.exact] = stored_held[:, : est.exact].to(torch.float64)
+    mu_held = mu_held.to(torch.float32)
+    x = stored_cal.to(torch.float64)
+    resid, mag = (x - mu_cal).square().mean(dim=2), x.square().mean(dim=2)
+    sigma = torch.maximum(resid.sqrt(), mag.sqrt() * 2.0**-9).clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(2)
+    sub = slice(0, None, max(1, x.shape[2] // cal.TOKENS_MIXTURE))
+    mix = cal.fit_mixture(stored_cal[:, :, sub], mu_cal[:, :, sub].to(torch.float32),
+                          sigma.expand_as(mu_cal)[:, :, sub].to(torch.float32), kv_dtype)
+    return block_bits(stored_held, mu_held, sigma.expand_as(mu_held).to(torch.float32), kv_dtype, mix["w_wide"], mix["kappa"])
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -244,6 +258,19 @@ def run_frontier(args) -> str:
     held_kv = cal.to_pages(*dump_kv.compute_kv(model, ids_held))
     macs = mp.prefill_macs(model.config, len(ids_held))
     identity = dump_kv.model_identity(model)
+    estimates = []
+    if args.model_predictors:
+        # residuals on the first chunk(s); probes fitted on the others (all of them if none)
+        n_chunks = max(1, args.model_calib_tokens // args.seq_len)
+        probe = slice(n_chunks, None) if len(chunks) > n_chunks else slice(None)
+        rope = rope_tables(layout["head_dim"], layout["rope_theta"], layout["max_positions"])
+        t0 = time.perf_counter()
+        as64 = lambda pages: torch.cat(pages, dim=2).to(torch.float64)  # noqa: E731
+        estimates = model_estimates(
+            model, chunks[:n_chunks], chunks[probe], ids_held, as64(cal_kv[:n_chunks]), as64(cal_kv[probe]),
+            held_kv.to(torch.float64), rope, MODEL_SCHEMES, args.early_exit, args.progress,
+        )
+        print(f"model predictors run in {time.perf_counter() - t0:.0f} s", flush=True)
 
     rows, per_layer = [], {}
     for kv_dtype in args.dtypes:
@@ -279,8 +306,8 @@ def run_frontier(args) -> str:
             bits = block_bits(held, mu, sigma, kv_dtype, pred.w_wide, pred.kappa)
             speed = ("", "", "")
             if args.speed_pages:
-                enc, dec, actual = codec_speed(pred, held, args.speed_pages)
-                speed = (f"{enc:.1f}", f"{dec:.1f}", f"{actual:.3f}")
+                enc, dec, actual, ideal = codec_speed(pred, held, args.speed_pages)
+                speed = (f"{enc:.1f}", f"{dec:.1f}", f"{actual:.3f} ({ideal:.3f})")
             add(name, bits, linear_macs(pred) / macs["prefill"], SPECS[name].help, speed)
         for label, residual in (("context, Gaussian sigma=RMS", ()), ("context, + wide mixture", ("wide",))):
             ablated = copy.deepcopy(calib)
@@ -289,13 +316,9 @@ def run_frontier(args) -> str:
             pred = LinearGaussianPredictor(ablated, "context")
             mu, sigma = predict_page(pred, held)
             add(label, block_bits(held, mu, sigma, kv_dtype, pred.w_wide, pred.kappa), linear_macs(pred) / macs["prefill"], "ablation of the residual model")
-        if args.model_predictors:
-            n_mp = max(1, args.model_calib_tokens // args.seq_len)  # calibration chunks used
-            for name, bits, compute, note in model_predictor_rows(
-                model, chunks[:n_mp], ids_held, held_kv.to(torch.float64), torch.cat(cal_kv[:n_mp], dim=2).to(torch.float64),
-                kv_dtype, torch.cat(seqs[:n_mp], dim=2), held, scale, calib, args.early_exit, args.progress,
-            ):
-                add(name, bits, compute, note)
+        for est in estimates:
+            n_cal = est.cal.shape[2]
+            add(est.name, model_bits(est, torch.cat(seqs, dim=2)[:, :, :n_cal], held, kv_dtype, scale), est.compute, est.note)
         print(f"[{kv_dtype}] done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     table = _table(rows, len(ids_cal), len(ids_held), args)
@@ -309,7 +332,7 @@ def _table(rows, n_cal: int, n_held: int, args) -> str:
     head = (
         f"SmolLM2-135M-Instruct KV, held-out {n_held} tokens (calibration: {n_cal} other tokens); "
         f"bits per scalar = the coder's ideal code length; machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
-        "| predictor | KV dtype | K bits | V bits | K+V bits | ratio vs raw | compute (x prefill) | enc MB/s | dec MB/s | real blob bits | notes |\n"
+        "| predictor | KV dtype | K bits | V bits | K+V bits | ratio vs raw | compute (x prefill) | enc MB/s | dec MB/s | blob bits (ideal) | notes |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
@@ -317,9 +340,9 @@ def _table(rows, n_cal: int, n_held: int, args) -> str:
         for n, d, k, v, b, r, c, e, dd, a, note in rows
     ]
     notes = (
-        "\n\nenc/dec MB/s and real blob bits: the real codec (torch reference rANS on this CPU) on "
-        f"{args.speed_pages} pages of {PAGE_TOKENS} tokens, decoded bit-exact; the real blob adds "
-        "the header, lane table and final states (a 16-token page is small: see bench_codec for large pages). "
+        "\n\nenc/dec MB/s and blob bits: the real codec (torch reference rANS on this CPU) on the first "
+        f"{args.speed_pages} pages of {PAGE_TOKENS} tokens, decoded bit-exact; in brackets the ideal code "
+        "length of the same pages (the blob adds its header, lane table and final states). "
         "compute: multiply-accumulates of the predictor per token over those of the target's prefill "
         "(low-precision predictors times their tensor-core cost per MAC relative to bf16)."
     )
@@ -373,7 +396,7 @@ def bench_command(parser):
     parser.add_argument("--dtypes", nargs="+", default=list(dump_kv.KV_DTYPES), choices=dump_kv.KV_DTYPES)
     parser.add_argument("--speed-pages", type=int, default=4, help="pages coded for real per predictor (0: skip)")
     parser.add_argument("--no-model-predictors", dest="model_predictors", action="store_false")
-    parser.add_argument("--model-calib-tokens", type=int, default=4096, help="calibration tokens for the model predictors")
+    parser.add_argument("--model-calib-tokens", type=int, default=2048, help="calibration tokens for the model predictors")
     parser.add_argument("--early-exit", type=int, nargs="*", default=[8, 15], help="layers run exactly by the early-exit predictors")
     parser.add_argument("--out-dir", default="frontier", help="where frontier.md and frontier.png go")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")

@@ -163,7 +163,7 @@ def fit_residuals(calib: Calibration, val: list[torch.Tensor], names, residual=R
     # floor of sigma: a channel that is constant on the calibration data still gets a
     # spread of one part in 2^9 of its typical magnitude (finer than a bf16 step).
     for name in tqdm(names, desc="fit residuals", disable=not progress):
-        pred = LinearGaussianPredictor(calib, name)
+        pred = LinearGaussianPredictor(calib, name)  # means only: sigma is set below
         params = pred.params(torch.device("cpu"))
         for (kv, layer), block in calib.blocks[name].items():
             sq, mag, n = torch.zeros(h, d, dtype=torch.float64), torch.zeros(h, d, dtype=torch.float64), 0
@@ -175,7 +175,7 @@ def fit_residuals(calib: Calibration, val: list[torch.Tensor], names, residual=R
             rms, floor = (sq / n).sqrt(), (mag / n).sqrt() * 2.0**-9
             sigma = torch.maximum(rms, floor).clamp_min(torch.finfo(torch.float32).tiny)
             block.sigma = sigma.reshape(-1).to(torch.float32)
-        pred._device_cache.clear()
+            block.sigma_scale = torch.ones_like(block.sigma)
         if "wide" in residual:
             calib.mixture[name] = _fit_mixture(calib, name, val, cs)
         else:

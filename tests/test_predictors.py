@@ -227,3 +227,10 @@ def test_cli_calibrate_compress_decompress(model_dir, tmp_path):
     assert torch.equal(a.k.view(torch.uint8), b.k.view(torch.uint8)) and torch.equal(a.v.view(torch.uint8), b.v.view(torch.uint8))
     assert torch.equal(a.scale, load_calibration(calib).fp8_scale)
     assert main(["decompress", str(blob), "--out", str(tmp_path / "x.safetensors"), "--calib", str(other)]) == 2
+
+
+def test_specs_are_consistent():
+    ids = [spec.id for spec in SPECS.values()]
+    assert len(set(ids)) == len(ids) and 1 not in ids  # 1 is page_stats
+    for spec in SPECS.values():
+        assert all(o < 0 for o in spec.k_from_k + spec.v_from_v), "a source must decode before its target"

@@ -6,10 +6,10 @@ channel) residual RMS from calibration text (bench_frontier.py fits and measures
   (fake-quantised in bf16: the numbers a real low-precision kernel would see):
   - ``int8``: W8A8, int8 weights per output channel, int8 activations per token (dynamic);
   - ``fp8``: W8A8, float8 e4m3 weights per output channel and activations per token;
-  - ``fp8_w``: W8A16, the same fp8 weights, activations left in bf16;
+  - ``int8_w``, ``fp8_w``: W8A16, the same weights, activations left in bf16;
   - ``int4``: W4A16, symmetric int4 weights in groups of 64 along the input.
   The embeddings, norms, attention and lm_head stay as they are.
-* Early exit (``hidden_after``): the target's first k layers exactly (their KV is the
+* Early exit (``hidden_states``): the target's first k layers exactly (their KV is the
   target's, bit for bit, if the decoder recomputes them with the same kernels), then linear
   probes from the hidden state entering layer k to every deeper layer's K (before RoPE) and
   V, fitted by ridge regression on calibration text.
@@ -25,11 +25,11 @@ import copy
 
 import torch
 
-SCHEMES = ("int8", "fp8", "fp8_w", "int4")
+SCHEMES = ("int8", "fp8", "int8_w", "fp8_w", "int4")
 # W4A16 group size: GPTQ/AWQ use 64-128; 64 divides SmolLM2's 576 and 1536. Not the GGUF's
 # Q4_1 (asymmetric, groups of 32), whose grid would reproduce the target's weights exactly.
 INT4_GROUP = 64
-WEIGHT_KIND = {"int8": "int8", "fp8": "fp8", "fp8_w": "fp8", "int4": "int4"}
+WEIGHT_KIND = {"int8": "int8", "fp8": "fp8", "int8_w": "int8", "fp8_w": "fp8", "int4": "int4"}
 QUANTIZED_ACTIVATIONS = ("int8", "fp8")  # W8A8 schemes
 FP8_MAX = 448.0
 
@@ -62,8 +62,9 @@ def quantize_weight(w: torch.Tensor, scheme: str) -> torch.Tensor:
     return q.to(w.dtype)
 
 
-def quantized_copy(model, scheme: str):
-    """A copy of ``model`` whose decoder-layer linear layers are quantised as ``scheme``."""
+def quantized_copy(model, scheme: str, exact_layers: int = 0):
+    """A copy of ``model`` whose decoder-layer linear layers are quantised as ``scheme``,
+    except the first ``exact_layers`` layers (kept exact: their KV is the target's)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     q = copy.deepcopy(model)
@@ -72,7 +73,7 @@ def quantized_copy(model, scheme: str):
         (x,) = args
         return (_fake_quant_rows(x.to(torch.float32), scheme).to(x.dtype),)
 
-    for layer in q.model.layers:
+    for layer in q.model.layers[exact_layers:]:
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.data = quantize_weight(module.weight.data, scheme)
@@ -82,12 +83,12 @@ def quantized_copy(model, scheme: str):
 
 
 @torch.no_grad()
-def hidden_after(model, token_ids: torch.Tensor, k: int) -> torch.Tensor:
-    """float32 [tokens, hidden]: the residual stream entering layer k (k = 0: embeddings).
-    Taken from a full forward for simplicity: the deployed predictor would stop at layer k."""
+def hidden_states(model, token_ids: torch.Tensor) -> torch.Tensor:
+    """float32 [layers + 1, tokens, hidden]: entry k is the residual stream entering layer k
+    (0: the embeddings). An early-exit predictor at k needs only the first k layers; this
+    offline helper runs the whole model once and serves every k."""
     out = model.model(input_ids=token_ids.unsqueeze(0), output_hidden_states=True, use_cache=False)
-    # hidden_states[k] is the input of layer k (index 0 = embeddings) for k < layers.
-    return out.hidden_states[k][0].to(torch.float32)
+    return torch.stack([h[0] for h in out.hidden_states]).to(torch.float32)
 
 
 def prefill_macs(config, tokens: int) -> dict[str, float]:
