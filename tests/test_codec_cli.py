@@ -105,7 +105,7 @@ def test_errors_are_clear(tmp_path, capsys):
     fails("compress", tmp_path / "f32", "--out", tmp_path / "x", says="expected one of bf16")
     write_dump(tmp_path / "mismatch", k.to(torch.bfloat16), v[:, :, :5].to(torch.bfloat16))
     fails("compress", tmp_path / "mismatch", "--out", tmp_path / "x", says="must both be")
-    fails("compress", good, "--out", tmp_path / "x", "--calib", "c.safetensors", says="not available yet")
+    fails("compress", good, "--out", tmp_path / "x", "--calib", "c.safetensors", says="does not exist (write one with `speckv calibrate`)")
     fails("decompress", good, "--out", tmp_path / "x", says="not written by speckv compress")
 
     assert cli("compress", good, "--out", tmp_path / "c", "--lanes", "32") == 0
