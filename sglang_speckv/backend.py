@@ -83,11 +83,6 @@ VALUE_VERSION = 1
 _VALUE_HEAD = struct.Struct("<4sB3xI")  # magic, version, number of token ids
 # Namespaces change with the value and blob formats: a reader never sees an older format.
 FORMAT_VERSION = VALUE_VERSION * 1000 + BLOB_VERSION
-# Symbols per rANS lane when coding on the CPU. The torch reference decodes all lanes of a
-# step with a fixed number of tensor operations, so its time grows with symbols per lane:
-# a SmolLM2 page (184320 symbols) decodes ~10x faster at 1024 per lane than at the codec's
-# GPU-oriented default (8192), for ~80 extra bits per lane (~0.8% of a coded page).
-CPU_SYMBOLS_PER_LANE = 1024
 # Writes of the stats file (config ``stats_file``) are at least this far apart: a batch
 # takes milliseconds, and readers (tests, tools) poll at about this rate.
 STATS_FILE_INTERVAL_S = 1.0
@@ -441,9 +436,7 @@ class SpecKVStorage(HiCacheStorage):
         """Blobs of ``pages`` ([P, *canonical shape], storage dtype, a private copy)."""
         predictor = predictor or self.predictor
         if self.device.type != "cuda":
-            lanes = max(1, pages[0].numel() // CPU_SYMBOLS_PER_LANE)
-            return codec.encode_pages(list(pages), metas, predictor, num_lanes=lanes,
-                                      w_wide=predictor.w_wide, kappa=predictor.kappa)
+            return codec.encode_pages(list(pages), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa)
         with torch.cuda.stream(self._stream()):
             staged = pages.pin_memory().to(self.device, non_blocking=True)
             blobs = codec.encode_pages(list(staged), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa)
