@@ -575,10 +575,22 @@ class SpecKVStorage(HiCacheStorage):
 
 
 def make_predictor(name: str) -> Predictor:
-    """The predictor named by the configuration's ``predictor`` field."""
+    """The predictor named by the configuration's ``predictor`` field: ``page_stats``, or
+    ``CALIB.safetensors[:NAME]``, predictor NAME of a calibration file written by
+    ``speckv calibrate`` for the served model (sglang_speckv/predictors/linear.py)."""
     if name == PageStatsPredictor.name:
         return PageStatsPredictor()
-    raise ConfigError(f"predictor: {name!r} is not a known predictor (known: {PageStatsPredictor.name})")
+    path, _, calibrated = name.partition(":")
+    if path.endswith(".safetensors"):
+        from sglang_speckv.predictors import DEFAULT_CALIBRATED, predictor_from_calibration
+        from sglang_speckv.predictors.calibration import CalibrationError
+
+        try:
+            return predictor_from_calibration(path, calibrated or DEFAULT_CALIBRATED)
+        except CalibrationError as e:
+            raise ConfigError(f"predictor: {e}") from None
+    raise ConfigError(f"predictor: {name!r} is neither {PageStatsPredictor.name!r} nor a calibration "
+                      "file 'CALIB.safetensors[:NAME]' (write one with `speckv calibrate`)")
 
 
 def _token_tuple(raw: bytes | None) -> tuple[int, ...] | None:

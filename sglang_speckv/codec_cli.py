@@ -39,7 +39,6 @@ class CodecCliError(Exception):
 
 
 # Calibrated predictor used when --calib names a file without ":predictor".
-DEFAULT_CALIBRATED = "context"
 
 
 def predictor_for(calib: str | None, predictor_id: int | None = None) -> Predictor:
@@ -51,7 +50,7 @@ def predictor_for(calib: str | None, predictor_id: int | None = None) -> Predict
         from sglang_speckv.predictors.page_stats import PageStatsPredictor
 
         return PageStatsPredictor()
-    from sglang_speckv.predictors import predictor_from_calibration
+    from sglang_speckv.predictors import DEFAULT_CALIBRATED, predictor_from_calibration
     from sglang_speckv.predictors.calibration import CalibrationError
     from sglang_speckv.predictors.linear import SPECS
 

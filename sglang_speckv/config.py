@@ -189,7 +189,8 @@ FIELDS: tuple[Field, ...] = (
           "next write, or by a read once this many seconds have passed"),
     # Backend (sglang_speckv/backend.py):
     Field("predictor", STR, "page_stats",
-          "predictor new pages are coded with (sglang_speckv/predictors)"),
+          "predictor new pages are coded with: 'page_stats', or 'CALIB.safetensors[:NAME]' from "
+          "`speckv calibrate` (sglang_speckv/predictors)"),
     Field("stats_file", STR, "",
           "file the backend rewrites with its stats as JSON (at most once a second, and at "
           "shutdown); '' writes none"),

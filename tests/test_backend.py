@@ -372,3 +372,14 @@ def test_stats_file_catches_up_with_the_counters(tmp_path):
     time.sleep(STATS_FILE_INTERVAL_S + 1.0)
     assert json.loads((tmp_path / "stats.json").read_text())["pages_written"] == 1
     backend.close()
+
+
+def test_predictor_names_are_validated_with_clear_errors(tmp_path):
+    from sglang_speckv.backend import make_predictor
+    from sglang_speckv.config import ConfigError
+
+    assert make_predictor("page_stats").name == "page_stats"
+    with pytest.raises(ConfigError, match="speckv calibrate"):
+        make_predictor("oracle")
+    with pytest.raises(ConfigError, match="predictor:"):
+        make_predictor(str(tmp_path / "missing.safetensors") + ":static")

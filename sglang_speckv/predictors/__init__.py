@@ -10,6 +10,10 @@
 from __future__ import annotations
 
 
+# The calibrated predictor used when a calibration file is named without a predictor name.
+DEFAULT_CALIBRATED = "context"
+
+
 def predictor_from_calibration(calib, name: str):
     """The calibrated predictor ``name`` (one of linear.SPECS) of a Calibration (or of the
     path of a calibration file). Raises CalibrationError if the calibration lacks it."""
