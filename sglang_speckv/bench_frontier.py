@@ -44,6 +44,9 @@ RAW_BITS = {"bf16": 16, "fp8_e4m3": 8}
 # compute-bound prefill gains nothing from small weights).
 COST_PER_MAC = {"int8": 0.5, "fp8": 0.5, "int8_w": 1.0, "fp8_w": 1.0, "int4": 1.0}
 SCHEME_LABEL = {"int8": "W8A8 int8", "fp8": "W8A8 fp8", "int8_w": "W8A16 int8", "fp8_w": "W8A16 fp8", "int4": "W4A16 int4 g64"}
+# Calibration chunks the early-exit probes are fitted on: 2 x 2048 tokens for 577 inputs
+# per output is plenty, and keeps the probe targets ([tokens, layers x 384] float64) small.
+PROBE_CHUNKS = 2
 # (scheme, exact first layers) of the quantised-copy predictors measured.
 MODEL_SCHEMES = (("int8", 0), ("fp8", 0), ("int8_w", 0), ("fp8_w", 0), ("int4", 0), ("fp8", 10))
 
@@ -230,7 +233,11 @@ def model_bits(est: ModelEstimate, stored_cal: torch.Tensor, stored_held: torch.
     sub = slice(0, None, max(1, x.shape[2] // cal.TOKENS_MIXTURE))
     mix = cal.fit_mixture(stored_cal[:, :, sub], mu_cal[:, :, sub].to(torch.float32),
                           sigma.expand_as(mu_cal)[:, :, sub].to(torch.float32), kv_dtype)
-    return block_bits(stored_held, mu_held, sigma.expand_as(mu_held).to(torch.float32), kv_dtype, mix["w_wide"], mix["kappa"])
+    sigma_held = sigma.expand_as(mu_held).to(torch.float32).clone()
+    # exact layers: mu is the value; a sigma 2^-16 of it puts all the mass in its own bin (a
+    # smaller one would push mu beyond the coder's value grid, entropy_model.X_MAX units)
+    sigma_held[:, : est.exact] = (mu_held[:, : est.exact].abs() * 2.0**-16).clamp_min(torch.finfo(torch.float32).tiny)
+    return block_bits(stored_held, mu_held, sigma_held, kv_dtype, mix["w_wide"], mix["kappa"])
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -254,15 +261,15 @@ def run_frontier(args) -> str:
     ids_held = dump_kv.tokenize(tokenizer, dump_kv.read_texts(args.heldout_text), args.heldout_tokens)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'}: calibration {len(ids_cal)} tokens, held-out {len(ids_held)} tokens", flush=True)
     chunks = [ids_cal[s : s + args.seq_len] for s in range(0, len(ids_cal), args.seq_len)]
-    cal_kv = [cal.to_pages(*dump_kv.compute_kv(model, c)) for c in chunks]  # bf16 [2, L, T, H, D]
-    held_kv = cal.to_pages(*dump_kv.compute_kv(model, ids_held))
+    cal_kv = [cal.to_pages(*dump_kv.compute_kv(model, c, progress=args.progress)) for c in chunks]  # bf16 [2, L, T, H, D]
+    held_kv = cal.to_pages(*dump_kv.compute_kv(model, ids_held, progress=args.progress))
     macs = mp.prefill_macs(model.config, len(ids_held))
     identity = dump_kv.model_identity(model)
     estimates = []
     if args.model_predictors:
-        # residuals on the first chunk(s); probes fitted on the others (all of them if none)
+        # residuals on the first chunk(s); probes fitted on the next PROBE_CHUNKS (or the same)
         n_chunks = max(1, args.model_calib_tokens // args.seq_len)
-        probe = slice(n_chunks, None) if len(chunks) > n_chunks else slice(None)
+        probe = slice(n_chunks, n_chunks + PROBE_CHUNKS) if len(chunks) > n_chunks else slice(None)
         rope = rope_tables(layout["head_dim"], layout["rope_theta"], layout["max_positions"])
         t0 = time.perf_counter()
         as64 = lambda pages: torch.cat(pages, dim=2).to(torch.float64)  # noqa: E731
@@ -356,31 +363,36 @@ def _plot(rows, per_layer, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     dtypes = sorted({d for _, d, *_ in rows}, key=lambda d: -RAW_BITS[d])
+    names = list(dict.fromkeys(n for n, *_ in rows))
+    colors = plt.get_cmap("tab20")
+    # baselines dotted, token-free predictors solid, model predictors dashed
+    style = {n: (":" if n.startswith(("zstd", "page_stats")) else "--" if n.startswith(("model", "early")) else "-") for n in names}
     fig, axes = plt.subplots(len(dtypes), 3, figsize=(18, 5 * len(dtypes)), squeeze=False)
     for i, d in enumerate(dtypes):
-        names = [n for n, dd, *_ in rows if dd == d]
         for j, kv in enumerate("KV"):
             ax = axes[i][j]
-            for n in names:
-                bits = per_layer[(d, n)][j]
-                ax.plot(range(len(bits)), bits.tolist(), marker=".", label=n)
+            for c, n in enumerate(names):
+                if (d, n) in per_layer:
+                    bits = per_layer[(d, n)][j]
+                    ax.plot(range(len(bits)), bits.tolist(), style[n], marker=".", color=colors(c % 20), label=n)
             ax.set_title(f"{kv}, {d}: bits per scalar by layer")
             ax.set_xlabel("layer")
             ax.set_ylabel("bits / scalar")
             ax.grid(alpha=0.3)
-        axes[i][0].legend(fontsize=7)
         ax = axes[i][2]
-        for n, dd, _, _, both, _, compute, *_ in rows:
-            if dd == d:
+        for n, dd, _, _, both, _, compute, _, _, _, note in rows:
+            if dd == d and "ablation" not in note:
                 x = max(compute, 1e-4)
-                ax.scatter([x], [both])
-                ax.annotate(n, (x, both), fontsize=7)
+                ax.scatter([x], [both], color=colors(names.index(n) % 20))
+                ax.annotate(n, (x, both), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_title(f"{d}: K+V bits vs compute (fraction of prefill; 0 drawn at 1e-4)")
-        ax.set_xlabel("compute (x prefill)")
+        ax.set_title(f"{d}: K+V bits vs compute (x prefill; 0 drawn at 1e-4)")
+        ax.set_xlabel("compute (fraction of the target's prefill)")
         ax.set_ylabel("bits / scalar")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

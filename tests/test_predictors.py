@@ -234,3 +234,21 @@ def test_specs_are_consistent():
     assert len(set(ids)) == len(ids) and 1 not in ids  # 1 is page_stats
     for spec in SPECS.values():
         assert all(o < 0 for o in spec.k_from_k + spec.v_from_v), "a source must decode before its target"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: CPU/GPU bit-identity of predictions not checked")
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_same_bits_on_gpu(kv, kv_dtype):
+    """Invariant 3: (mu, sigma) computed on CUDA equal the CPU ones bit for bit, and a blob
+    encoded on the CPU decodes on the GPU."""
+    pred = LinearGaussianPredictor(kv[kv_dtype]["calib"], "context")
+    page, meta = pages_of(kv[kv_dtype]["held"], 16)[0]
+    cpu = _predict_all(pred, page, meta)
+    gpu = _predict_all(pred, page.cuda(), meta)
+    for (m1, s1), (m2, s2) in zip(cpu, gpu):
+        assert torch.equal(m1.view(torch.int32), m2.cpu().view(torch.int32))
+        assert torch.equal(s1.view(torch.int32), s2.cpu().view(torch.int32))
+    blobs = codec.encode_pages([page], [meta], pred, w_wide=pred.w_wide, kappa=pred.kappa)
+    (out,), (err,) = codec.decode_pages(blobs, pred, metas=[meta], device="cuda")
+    assert err is None and torch.equal(out.cpu().view(torch.uint8), page.view(torch.uint8))
