@@ -11,7 +11,7 @@ What one run does (all in this process, on the CPU):
 3. Bits are the coder's ideal code length under its integer model (calibrate.scalar_bits,
    = entropy_model.ideal_bits per scalar); real blobs add only lane overhead, which the
    speed columns show: ``--speed-pages`` pages of 16 tokens are encoded and decoded with
-   the real codec (torch reference coder on CPU), checked bit-exact, and their actual
+   the real codec (kernels/codec.py, CPU), checked bit-exact, and their actual
    bits/scalar printed beside the ideal.
 4. Prints one markdown table (also written to OUT/frontier.md) and writes OUT/frontier.png:
    bits per layer for K and V, bf16 and fp8, every predictor, and the frontier of K+V bits
@@ -347,7 +347,7 @@ def _table(rows, n_cal: int, n_held: int, args) -> str:
         for n, d, k, v, b, r, c, e, dd, a, note in rows
     ]
     notes = (
-        "\n\nenc/dec MB/s and blob bits: the real codec (torch reference rANS on this CPU) on the first "
+        "\n\nenc/dec MB/s and blob bits: the real codec on this CPU (kernels/codec.py: C++ rANS, predictor in torch) on the first "
         f"{args.speed_pages} pages of {PAGE_TOKENS} tokens, decoded bit-exact; in brackets the ideal code "
         "length of the same pages (the blob adds its header, lane table and final states). "
         "compute: multiply-accumulates of the predictor per token over those of the target's prefill "
