@@ -14,6 +14,8 @@ final state, the xxh64 of the decoded page, the predictor).
 
 from __future__ import annotations
 
+import math
+
 import struct
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -120,10 +122,7 @@ class BlobHeader:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def page_bytes(self) -> int:

@@ -13,6 +13,8 @@ too, so a predictor that peeks ahead fails loudly in tests rather than silently 
 
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -39,10 +41,7 @@ class PageMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class Predictor(ABC):
