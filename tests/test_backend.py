@@ -16,9 +16,9 @@ import lmdb
 import pytest
 import torch
 
-from sglang_speckv.backend import PageGeometry, SpecKVStorage, pack_value
+from sglang_speckv.sglang.adapter import PageGeometry, SpecKVStorage, pack_value
 from sglang_speckv.config import ConfigError
-from sglang_speckv.sglang_plugin import PAGE_TOKENS
+from sglang_speckv.sglang.plugin import PAGE_TOKENS
 
 LAYERS, HEADS, DIM, PAGE = 2, 2, 16, 4
 LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
@@ -361,7 +361,7 @@ def test_mla_pages_roundtrip(tmp_path, layout):
 def test_stats_file_catches_up_with_the_counters(tmp_path):
     """Writes of the stats file are rate-limited, but the last events reach it within the
     interval even when nothing happens afterwards."""
-    from sglang_speckv.backend import STATS_FILE_INTERVAL_S
+    from sglang_speckv.sglang.adapter import STATS_FILE_INTERVAL_S
 
     pool = _host_pool("layer_first")
     _fill(pool, 1, seed=12)
@@ -375,7 +375,7 @@ def test_stats_file_catches_up_with_the_counters(tmp_path):
 
 
 def test_predictor_names_are_validated_with_clear_errors(tmp_path):
-    from sglang_speckv.backend import make_predictor
+    from sglang_speckv.sglang.adapter import make_predictor
     from sglang_speckv.config import ConfigError
 
     assert make_predictor("page_stats").name == "page_stats"

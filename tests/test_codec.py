@@ -1,4 +1,4 @@
-"""The batch codec (kernels/codec.py): exact round trips of every bit pattern, adversarial
+"""The batch codec (sglang_speckv/codec.py): exact round trips of every bit pattern, adversarial
 pages and predictors, staged prediction, per-page status, and the coding overhead."""
 
 import dataclasses
@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sglang_speckv.kernels import codec
+from sglang_speckv import codec
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.kernels import rans_reference

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sglang_speckv import dump_kv
+from sglang_speckv.tools import dump_kv
 from sglang_speckv.cli import main
 
 TEXT = "The quick brown fox jumps over the lazy dog. Lossless coding keeps every bit of the cache."
@@ -72,7 +72,7 @@ def test_prefill_chunking_and_gguf_identity(model, model_dir):
     m, _ = model
     layout = dump_kv.kv_layout(m)
     assert layout == {"layers": 30, "kv_heads": 3, "head_dim": 64, "rope_theta": 100000.0, "max_positions": 8192}
-    from sglang_speckv.prepare_model import gguf_path
+    from sglang_speckv.tools.prepare_model import gguf_path
 
     gguf_model, _ = dump_kv.load_model(gguf_path())
     assert dump_kv.model_identity(gguf_model) == dump_kv.model_identity(m)

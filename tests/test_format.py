@@ -8,7 +8,7 @@ import pytest
 import torch
 import xxhash
 
-from sglang_speckv.kernels import codec
+from sglang_speckv import codec
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.page_stats import PageStatsPredictor

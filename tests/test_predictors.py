@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_speckv import calibrate as cal
-from sglang_speckv import dump_kv
-from sglang_speckv.kernels import codec
+from sglang_speckv.tools import calibrate as cal
+from sglang_speckv.tools import dump_kv
+from sglang_speckv import codec
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.predictors import predictor_from_calibration
 from sglang_speckv.predictors.base import PageMeta

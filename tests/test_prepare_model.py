@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_speckv.prepare_model import MARKER, is_complete, prepare_model
+from sglang_speckv.tools.prepare_model import MARKER, is_complete, prepare_model
 
 
 def test_checkpoint_is_complete_and_idempotent(model_dir):

@@ -15,7 +15,7 @@ from sglang_speckv.replay.client import Result, Run
 from sglang_speckv.replay.report import summarize, write_replay_report
 from sglang_speckv.replay.synth import page_keys
 from sglang_speckv.replay.traces import load_trace
-from sglang_speckv.serve import CPU_PAGE_SIZE
+from sglang_speckv.sglang.serve import CPU_PAGE_SIZE
 
 MOONCAKE = Path(__file__).parents[1] / "examples" / "traces" / "mooncake_conversation_trace.jsonl.gz"
 

@@ -34,8 +34,8 @@ import lmdb
 import pytest
 import torch
 
-from sglang_speckv.backend import STATS_FILE_INTERVAL_S
-from sglang_speckv.serve import CPU_PAGE_SIZE
+from sglang_speckv.sglang.adapter import STATS_FILE_INTERVAL_S
+from sglang_speckv.sglang.serve import CPU_PAGE_SIZE
 from sglang_speckv.testing import ServerError
 
 pytestmark = pytest.mark.server
@@ -245,7 +245,7 @@ def test_dynamic_backend_route(scenario, sglang_server, tmp_path_factory):
         if name in scenario:
             scenario[name].stop()  # two servers at once would not fit CI's memory
     root = tmp_path_factory.mktemp("speckv-dynamic")
-    extra = {"backend_name": "speckv", "module_path": "sglang_speckv.backend", "class_name": "SpecKVStorage",
+    extra = {"backend_name": "speckv", "module_path": "sglang_speckv.sglang.adapter", "class_name": "SpecKVStorage",
              "config_file": str(_tiers_toml(root)), "prefetch_threshold": PREFETCH_THRESHOLD,
              "hicache_storage_pass_prefix_keys": True}
     server = sglang_server(["--hicache-storage", "none", "--enable-hierarchical-cache",

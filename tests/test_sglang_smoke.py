@@ -1,7 +1,7 @@
 """SGLang is pinned, and everything private we touch in it is still where we expect it.
 
-sglang_speckv patches and wraps private SGLang names (sglang_speckv/cpu_compat,
-sglang_speckv/sglang_plugin.py) and relies on a few facts about its storage interface. An
+sglang_speckv patches and wraps private SGLang names (sglang_speckv/sglang/cpu_compat,
+sglang_speckv/sglang/plugin.py) and relies on a few facts about its storage interface. An
 SGLang upgrade that moves any of them must fail here, loudly, with the name, rather than
 as a strange failure inside a server.
 """
@@ -17,8 +17,9 @@ import sys
 
 import pytest
 
-from sglang_speckv import cpu_compat, sglang_plugin
-from sglang_speckv.compat import SGLANG_VERSION
+from sglang_speckv.sglang import cpu_compat
+from sglang_speckv.sglang import plugin as sglang_plugin
+from sglang_speckv.sglang.compat import SGLANG_VERSION
 
 
 def _resolve(module: str, dotted: str):
@@ -32,7 +33,7 @@ def test_sglang_version_is_the_pinned_one():
     installed = importlib.metadata.version("sglang")
     assert installed == SGLANG_VERSION, (
         f"sglang {installed} is installed but sglang-speckv is pinned to {SGLANG_VERSION} "
-        "(sglang_speckv/compat.py): re-check every name in this file against the new release, "
+        "(sglang_speckv/sglang/compat.py): re-check every name in this file against the new release, "
         "then move the pin"
     )
 
@@ -40,7 +41,7 @@ def test_sglang_version_is_the_pinned_one():
 def test_plugin_entry_point_is_declared():
     eps = importlib.metadata.entry_points(group="sglang.srt.plugins")
     ours = [ep for ep in eps if ep.name == "speckv"]
-    assert ours and ours[0].value == "sglang_speckv.sglang_plugin:load", [ep.value for ep in eps]
+    assert ours and ours[0].value == "sglang_speckv.sglang.plugin:load", [ep.value for ep in eps]
 
 
 @pytest.mark.parametrize(
@@ -70,7 +71,7 @@ def test_cpu_compat_targets_exist(module, name):
 def test_cpu_direct_transfer_is_the_op_we_replace():
     """transfer_kv_direct is bound in pool_host/mha.py from CUDA sgl_kernel only; our
     version must keep its keyword arguments."""
-    from sglang_speckv.cpu_compat import ops
+    from sglang_speckv.sglang.cpu_compat import ops
 
     source = inspect.getsource(importlib.import_module("sglang.srt.mem_cache.pool_host.mha"))
     assert "transfer_kv_direct(" in source

@@ -27,7 +27,7 @@ Obstacles in sglang 0.5.23 on ``--device cpu`` and the fix for each (``apply()``
    on a busy 24 GB machine. Fix: reserve ``CPU_HOST_MEMORY_RESERVE_BYTES`` instead.
 
 ``PATCHED_NAMES`` lists every SGLang name touched; tests/test_sglang_smoke.py checks that
-each still exists in the pinned SGLang (sglang_speckv/compat.py).
+each still exists in the pinned SGLang (sglang_speckv/sglang/compat.py).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def apply() -> bool:
     import torch
 
     from sglang.srt.mem_cache.pool_host import base, common, mha
-    from sglang_speckv.cpu_compat import ops
+    from sglang_speckv.sglang.cpu_compat import ops
 
     common.ALLOC_MEMORY_FUNCS["cpu"] = common.alloc_with_pin_memory
     base.HostKVCache.pin_memory = property(lambda self: False, lambda self, value: None)

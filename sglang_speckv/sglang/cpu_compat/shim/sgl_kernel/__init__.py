@@ -1,14 +1,14 @@
 """CPU stand-in for ``sgl_kernel``: the ops SGLang's CPU engine calls for a Llama model
-with torch_native attention (sglang_speckv/cpu_compat/ops.py).
+with torch_native attention (sglang_speckv/sglang/cpu_compat/ops.py).
 
-This directory is put on ``sys.path`` by ``sglang_speckv.cpu_compat`` only when
+This directory is put on ``sys.path`` by ``sglang_speckv.sglang.cpu_compat`` only when
 SGLANG_USE_CPU_ENGINE=1 and no real ``sgl_kernel`` is installed, so it never shadows a
 real one. SGLang's CPU modules import other CPU ops at load time (speculative decoding
 trees, fused MoE, ...) that such a model never calls: any other name therefore imports as
 a function that raises when called, naming the op.
 """
 
-from sglang_speckv.cpu_compat.ops import assign_req_to_token_pool_cpu, copy_all_layer_kv_cache_cpu
+from sglang_speckv.sglang.cpu_compat.ops import assign_req_to_token_pool_cpu, copy_all_layer_kv_cache_cpu
 
 IS_SPECKV_CPU_STANDIN = True
 

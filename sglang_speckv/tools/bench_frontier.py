@@ -11,7 +11,7 @@ What one run does (all in this process, on the CPU):
 3. Bits are the coder's ideal code length under its integer model (calibrate.scalar_bits,
    = entropy_model.ideal_bits per scalar); real blobs add only lane overhead, which the
    speed columns show: ``--speed-pages`` pages of 16 tokens are encoded and decoded with
-   the real codec (kernels/codec.py, CPU), checked bit-exact, and their actual
+   the real codec (sglang_speckv/codec.py, CPU), checked bit-exact, and their actual
    bits/scalar printed beside the ideal.
 4. Prints one markdown table (also written to OUT/frontier.md) and writes OUT/frontier.png:
    bits per layer for K and V, bf16 and fp8, every predictor, and the frontier of K+V bits
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from sglang_speckv import calibrate as cal
-from sglang_speckv import dump_kv
+from sglang_speckv.tools import calibrate as cal
+from sglang_speckv.tools import dump_kv
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.calibration import rope_tables
 from sglang_speckv.predictors.linear import K, SPECS, LinearGaussianPredictor, rope_cos_sin, rotate, rotate_sigma
 
-TEXT_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "text"
+TEXT_DIR = Path(__file__).resolve().parents[2] / "tests" / "data" / "text"
 PAGE_TOKENS = 16  # SGLang's usual page size; the speed test codes pages of this size
 PAGE_STATS_TOKENS = 64  # page_stats sends per-page statistics: measured on 64-token pages
 RAW_BITS = {"bf16": 16, "fp8_e4m3": 8}
@@ -119,7 +119,7 @@ def codec_speed(pred, page: torch.Tensor, pages: int) -> tuple[float, float, flo
     """(encode MB/s, decode MB/s, blob bits/scalar, ideal bits/scalar of the same pages) of
     the real codec on ``pages`` pages of PAGE_TOKENS tokens cut from ``page``; raises if
     the round trip is not bit-exact."""
-    from sglang_speckv.kernels import codec
+    from sglang_speckv import codec
 
     cut = [page[:, :, i * PAGE_TOKENS : (i + 1) * PAGE_TOKENS].contiguous() for i in range(pages)]
     metas = [PageMeta(pred.calib.kv_dtype, tuple(p.shape), i * PAGE_TOKENS) for i, p in enumerate(cut)]
@@ -166,7 +166,7 @@ def model_estimates(model, cal_chunks, probe_chunks, ids_held, cal_real, probe_r
     target's KV on them, float64 [2, L, T, H, D] (chunks concatenated on T); ``schemes``:
     pairs (scheme, exact layers) for predictors.model.quantized_copy; ``early_exit``: the k
     of the early-exit predictors."""
-    from sglang_speckv.predictors import model as mp
+    from sglang_speckv.tools import model_predictors as mp
 
     macs = mp.prefill_macs(model.config, len(ids_held))
     n_layers = model.config.num_hidden_layers
@@ -249,8 +249,8 @@ def linear_macs(pred: LinearGaussianPredictor) -> int:
 
 
 def run_frontier(args) -> str:
-    from sglang_speckv.prepare_model import prepare_model
-    from sglang_speckv.predictors import model as mp
+    from sglang_speckv.tools.prepare_model import prepare_model
+    from sglang_speckv.tools import model_predictors as mp
 
     torch.manual_seed(0)
     out_dir = Path(args.out_dir)
@@ -347,7 +347,7 @@ def _table(rows, n_cal: int, n_held: int, args) -> str:
         for n, d, k, v, b, r, c, e, dd, a, note in rows
     ]
     notes = (
-        "\n\nenc/dec MB/s and blob bits: the real codec on this CPU (kernels/codec.py: C++ rANS, predictor in torch) on the first "
+        "\n\nenc/dec MB/s and blob bits: the real codec on this CPU (sglang_speckv/codec.py: C++ rANS, predictor in torch) on the first "
         f"{args.speed_pages} pages of {PAGE_TOKENS} tokens, decoded bit-exact; in brackets the ideal code "
         "length of the same pages (the blob adds its header, lane table and final states). "
         "compute: multiply-accumulates of the predictor per token over those of the target's prefill "

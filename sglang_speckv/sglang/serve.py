@@ -22,7 +22,7 @@ Defaults (each is what SGLang needs for speckv to work as intended):
   sglang_speckv/config.py; extra-config keys override the file's).
 - ``--host 127.0.0.1``.
 - No CUDA: SGLANG_USE_CPU_ENGINE=1 and the CPU-engine flags that work with our
-  compatibility fixes (sglang_speckv/cpu_compat): ``--device cpu --attention-backend
+  compatibility fixes (sglang_speckv/sglang/cpu_compat): ``--device cpu --attention-backend
   torch_native --disable-cuda-graph --hicache-io-backend direct --hicache-mem-layout
   layer_first --skip-server-warmup`` and ``--max-total-tokens 8192`` (the model's context
   length: one full-length request fits; SGLang would otherwise size the KV pool from free
@@ -114,7 +114,7 @@ def build_command(
             args.extend([flag] if value is None else [flag, value])
 
     if not _has(args, "--model-path"):
-        from sglang_speckv.prepare_model import prepare_model
+        from sglang_speckv.tools.prepare_model import prepare_model
 
         args.extend(["--model-path", str(prepare_model())])
     model = _value(args, "--model-path")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sglang_speckv.kernels import codec
+from sglang_speckv import codec
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.predictors.base import PageMeta, Predictor

@@ -34,25 +34,11 @@ import xxhash
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.kernels import rans_cpu
+from sglang_speckv.kernels.rans_reference import MAX_LANES, SYMBOLS_PER_LANE, default_lanes  # noqa: F401 (re-exported)
 from sglang_speckv.predictors.base import PageMeta, Predictor
-
-# A lane costs about 80 bits beyond the ideal code length (its 32-bit entry in the lane
-# table and the ~48 bits of its 64-bit final state that carry no information). 8192
-# symbols per lane keep that under 0.3% even at 4 bits/symbol, while a 1M-symbol page still
-# gets 128 lanes to spread over GPU threads (and torch vector lanes on a CPU).
-SYMBOLS_PER_LANE = 8192
-MAX_LANES = 1024  # beyond this, a page's lanes outnumber what one decode step can use
-
 
 class BadSide(fmt.BlobError):
     """The predictor rejected the blob's side info (or failed on it)."""
-
-
-def default_lanes(n: int) -> int:
-    """Lanes for a page of n symbols: the largest power of two <= n / SYMBOLS_PER_LANE,
-    within [1, MAX_LANES]."""
-    target = max(1, min(MAX_LANES, n // SYMBOLS_PER_LANE))
-    return 1 << (target.bit_length() - 1)
 
 
 def max_compressed_size(meta: PageMeta) -> int:

@@ -282,7 +282,7 @@ def calibrate(
 def calibration_sequences(model, token_ids: torch.Tensor, kv_dtype: str, seq_len: int, progress: bool = True):
     """(sequences in canonical layout and stored dtype, fp8 scales or None): the model's KV
     over ``token_ids`` cut into sequences of ``seq_len`` tokens (a single one is halved)."""
-    from sglang_speckv import dump_kv
+    from sglang_speckv.tools import dump_kv
 
     if len(token_ids) <= seq_len:
         seq_len = max(1, len(token_ids) // 2)
@@ -295,7 +295,7 @@ def calibration_sequences(model, token_ids: torch.Tensor, kv_dtype: str, seq_len
 
 
 def calibrate_command(parser):
-    from sglang_speckv import dump_kv
+    from sglang_speckv.tools import dump_kv
 
     parser.add_argument("--model", required=True, help="HF checkpoint directory or .gguf file")
     parser.add_argument("--text", required=True, nargs="+", help="calibration text file(s); keep them apart from evaluation text")

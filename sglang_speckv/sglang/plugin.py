@@ -4,7 +4,7 @@ SGLang runs every entry point of the group ``sglang.srt.plugins`` early in each 
 processes (the launcher, which also hosts the tokenizer manager, the scheduler and the
 detokenizer). Ours is ``load()`` (declared in pyproject.toml). It:
 
-1. applies the CPU-engine fixes (sglang_speckv/cpu_compat) when SGLANG_USE_CPU_ENGINE=1;
+1. applies the CPU-engine fixes (sglang_speckv/sglang/cpu_compat) when SGLANG_USE_CPU_ENGINE=1;
 2. makes ``speckv`` a storage backend name: accepted by the argument parser, registered in
    SGLang's ``StorageBackendFactory`` (constructed as the dynamic loader does,
    ``SpecKVStorage(storage_config, {})``), and served through the zero-copy
@@ -30,7 +30,7 @@ from collections import OrderedDict
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "speckv"
-BACKEND_MODULE = "sglang_speckv.backend"
+BACKEND_MODULE = "sglang_speckv.sglang.adapter"
 BACKEND_CLASS = "SpecKVStorage"
 
 # (module, attribute) pairs that load() reads or wraps; checked by the smoke test.
@@ -108,7 +108,7 @@ def load() -> None:
     global _loaded
     if _loaded:
         return
-    from sglang_speckv import cpu_compat
+    from sglang_speckv.sglang import cpu_compat
 
     if cpu_compat.apply():
         logger.info("sglang-speckv: SGLang CPU-engine fixes applied")

@@ -2,7 +2,7 @@
 
 SGLang constructs it as its dynamic loader does, ``SpecKVStorage(storage_config, kwargs)``
 (kwargs is empty), then hands it the host (L2) pool with ``register_mem_pool_host``. Two
-ways to start it (``speckv serve`` adds the flags and defaults, sglang_speckv/serve.py):
+ways to start it (``speckv serve`` adds the flags and defaults, sglang_speckv/sglang/serve.py):
 
     # by name, registered by our plugin (installed with the package):
     python -m sglang.launch_server --model-path M --enable-hierarchical-cache \\
@@ -13,7 +13,7 @@ ways to start it (``speckv serve`` adds the flags and defaults, sglang_speckv/se
     # zero-copy path, without it SGLang uses the generic flat-page path:
     python -m sglang.launch_server ... --hicache-storage-backend dynamic \\
         --hicache-storage-backend-extra-config '{"backend_name": "speckv",
-            "module_path": "sglang_speckv.backend", "class_name": "SpecKVStorage",
+            "module_path": "sglang_speckv.sglang.adapter", "class_name": "SpecKVStorage",
             "interface_v1": 1, "hicache_storage_pass_prefix_keys": true}'
 
 Configuration (sglang_speckv/config.py, validated here at start-up): the keys of SGLang's
@@ -69,7 +69,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
 from sglang_speckv.config import ConfigError, load_config
-from sglang_speckv.kernels import codec
+from sglang_speckv import codec
 from sglang_speckv.kernels.format import VERSION as BLOB_VERSION
 from sglang_speckv.kernels.format import BlobError, parse_blob
 from sglang_speckv.predictors.base import PageMeta, Predictor
@@ -341,7 +341,7 @@ class SpecKVStorage(HiCacheStorage):
     def _write(self, keys: list[str], pages: list[torch.Tensor],
                extra_info: HiCacheStorageExtraInfo | None) -> list[bool]:
         """Code and store ``pages`` (canonical views) under ``keys`` (one chain, in order)."""
-        from sglang_speckv.sglang_plugin import PAGE_TOKENS
+        from sglang_speckv.sglang.plugin import PAGE_TOKENS
 
         start = time.perf_counter()
         prefix = extra_info.prefix_keys if extra_info is not None else None
