@@ -127,6 +127,7 @@ TORCH_DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+DTYPE_NAMES = {t: name for name, t in TORCH_DTYPES.items()}  # the inverse: torch dtype -> name
 
 
 def symbol_bits(dtype: str) -> int:

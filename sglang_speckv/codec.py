@@ -22,6 +22,7 @@ yields ``None`` and a ``BlobError`` in its slot, and never disturbs the other pa
 
 from __future__ import annotations
 
+import struct
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -307,3 +308,41 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
             pages[i] = _finish_page(page, parsed.header, out, i)
         except fmt.BlobError as err:
             errors[i] = err
+
+
+# ---- The stored value: token ids + blob (docs/FORMAT.md "Stored value") -------------------
+
+VALUE_MAGIC = b"SKVT"
+VALUE_VERSION = 1
+VALUE_HEAD = struct.Struct("<4sB3xI")  # magic, version, 3 zero bytes, number of token ids
+# Store namespaces change with the value and blob formats: a reader never sees an older one.
+FORMAT_VERSION = VALUE_VERSION * 1000 + fmt.VERSION
+
+
+def pack_value(token_ids: bytes | None, blob: bytes) -> bytes:
+    """The stored value: header, token ids (uint32 LE bytes, or None), blob."""
+    token_ids = token_ids or b""
+    return b"".join((VALUE_HEAD.pack(VALUE_MAGIC, VALUE_VERSION, len(token_ids) // 4), token_ids, blob))
+
+
+def unpack_value(value) -> tuple[bytes | None, memoryview]:
+    """(token ids as uint32 LE bytes or None, blob) of a stored value; BlobError if it is
+    not one."""
+    view = memoryview(value).cast("B")
+    if len(view) < VALUE_HEAD.size:
+        raise fmt.BlobError(f"stored value of {len(view)} bytes is shorter than its header")
+    magic, version, n = VALUE_HEAD.unpack_from(view)
+    if magic != VALUE_MAGIC or version != VALUE_VERSION:
+        raise fmt.BlobError(f"stored value has magic {magic!r} version {version}, expected {VALUE_MAGIC!r} {VALUE_VERSION}")
+    end = VALUE_HEAD.size + 4 * n
+    if end > len(view):
+        raise fmt.BlobError(f"stored value claims {n} token ids but holds {len(view)} bytes")
+    tokens = bytes(view[VALUE_HEAD.size:end]) if n else None
+    return tokens, view[end:]
+
+
+def token_tuple(raw: bytes | None) -> tuple[int, ...] | None:
+    """Token ids (uint32 LE bytes) as a tuple, as PageMeta holds them."""
+    if raw is None:
+        return None
+    return struct.unpack(f"<{len(raw) // 4}I", raw)

@@ -98,6 +98,15 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
+def format_size(n: float) -> str:
+    """Bytes for people: '1.5 GiB', '640 MiB', '12 B'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def parse_size(value: Any, where: str = "size") -> int:
     """Bytes from ``"16GiB"``, ``"1.5 GB"``, ``"4096"`` or an integer (rounded down)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
+from sglang_speckv.replay.client import Server, ServerError
 
 # Measured on the 2-core CI machines: ready in 30-60 s (most of it the tokenizer manager's
 # start); 300 s leaves room for a loaded machine without letting a broken start hang CI.
@@ -37,10 +37,6 @@ STOP_TIMEOUT_S = 20.0
 # fresh server (lazy initialisation) up to ~30 s.
 REQUEST_TIMEOUT_S = 180.0
 LOG_TAIL_CHARS = 6000
-
-
-class ServerError(RuntimeError):
-    """The server did not start, died, or answered an HTTP error."""
 
 
 def free_port() -> int:
@@ -64,6 +60,7 @@ class SGLangServer:
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.client = Server(self.url, REQUEST_TIMEOUT_S)
         self.args = [*args, "--port", str(self.port), "--host", "127.0.0.1"]
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="speckv-sglang-", suffix=".log")
@@ -90,12 +87,9 @@ class SGLangServer:
         while time.monotonic() - start < self.start_timeout:
             if self.proc.poll() is not None:
                 raise ServerError(f"SGLang exited with code {self.proc.returncode} while starting\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    self.startup_s = time.monotonic() - start
-                    return self
-            except requests.RequestException:
-                pass
+            if self.client.healthy():
+                self.startup_s = time.monotonic() - start
+                return self
             time.sleep(1.0)
         self.kill()
         raise ServerError(f"SGLang not ready after {self.start_timeout:.0f} s\n{self.log_tail()}")
@@ -138,48 +132,24 @@ class SGLangServer:
             return f"(no log: {e})"
         return f"--- last {chars} characters of {self.log_path} ---\n{text[-chars:]}"
 
-    # --- HTTP ----------------------------------------------------------------------------
+    # --- HTTP (replay/client.py's Server; errors carry the end of the log) ----------------
 
     def post(self, path: str, payload: dict | None = None, timeout: float = REQUEST_TIMEOUT_S) -> dict:
-        try:
-            r = requests.post(self.url + path, json=payload, timeout=timeout)
-        except requests.RequestException as e:
-            raise ServerError(f"POST {path} failed: {e}\n{self.log_tail()}") from e
-        if r.status_code != 200:
-            raise ServerError(f"POST {path}: HTTP {r.status_code} {r.text[:500]}\n{self.log_tail()}")
-        return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else {}
+        return self._logged(self.client.post, path, payload, timeout)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 8, salt: str | None = None) -> dict:
-        """Greedy generation with logprobs. Returns {"tokens", "logprobs", "text",
-        "cached": meta_info.cached_tokens_details (device/host/storage), "prompt_tokens"}.
-
-        ``salt``: SGLang's ``cache_salt``, which namespaces the request in every cache tier
-        (radix tree and L3 keys): a fresh salt gives a run with no cache hits at all, the
-        reference that cached runs must reproduce exactly."""
-        payload = {
-            "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
-            "return_logprob": True,
-            ("input_ids" if isinstance(prompt, list) else "text"): prompt,
-        }
-        if salt is not None:
-            payload["cache_salt"] = salt
-        out = self.post("/generate", payload)
-        meta = out["meta_info"]
-        return {
-            "text": out["text"],
-            "tokens": [t[1] for t in meta["output_token_logprobs"]],
-            "logprobs": [t[0] for t in meta["output_token_logprobs"]],
-            "cached": meta.get("cached_tokens_details") or {},
-            "prompt_tokens": meta["prompt_tokens"],
-        }
+        """``Server.generate_greedy``: greedy tokens, logprobs and cached tokens by tier."""
+        return self._logged(self.client.generate_greedy, prompt, max_new_tokens, salt)
 
     def healthy(self) -> bool:
-        try:
-            return requests.get(self.url + "/health", timeout=10).status_code == 200
-        except requests.RequestException:
-            return False
+        return self.client.healthy()
 
     def flush_cache(self, timeout: float = 60.0) -> None:
-        """Drop the device (L1) and host (L2) caches; L3 storage keeps its pages. SGLang
-        flushes only when no request is running: it waits up to ``timeout`` for that."""
-        self.post(f"/flush_cache?timeout={timeout}", timeout=timeout + REQUEST_TIMEOUT_S)
+        """Drop the device (L1) and host (L2) caches; L3 storage keeps its pages."""
+        self._logged(self.client.flush_cache, timeout)
+
+    def _logged(self, call, *args):
+        try:
+            return call(*args)
+        except ServerError as e:
+            raise ServerError(f"{e}\n{self.log_tail()}") from e

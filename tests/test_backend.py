@@ -16,8 +16,10 @@ import lmdb
 import pytest
 import torch
 
-from sglang_speckv.sglang.adapter import PageGeometry, SpecKVStorage, pack_value
+from sglang_speckv.codec import pack_value, unpack_value
 from sglang_speckv.config import ConfigError
+from sglang_speckv.sglang.adapter import SpecKVStorage
+from sglang_speckv.sglang.geometry import PageGeometry
 from sglang_speckv.sglang.plugin import PAGE_TOKENS
 
 LAYERS, HEADS, DIM, PAGE = 2, 2, 16, 4
@@ -169,7 +171,7 @@ def test_position_comes_from_the_write(tmp_path):
     backend = _backend(tmp_path, pool)
     key = _keys(1, "p")
     assert backend.batch_set_v1(key, torch.arange(0, PAGE), _extra(_keys(3, "q"))) == [True]
-    blob = backend.store.get(key)[0][12:]
+    _, blob = unpack_value(backend.store.get(key)[0])
     assert parse_blob(blob).header.position == 3 * PAGE
     for prefix in ([], _keys(2, "q"), _keys(3, "q")):
         pool.kv_buffer[:, :, PAGE:2 * PAGE].zero_()
@@ -201,13 +203,13 @@ def test_corrupt_values_are_misses_and_never_touch_host_memory(tmp_path):
     before = pool.kv_buffer[:, :, 8 * PAGE:10 * PAGE].clone()
     assert backend.batch_get_v1(keys, target, _extra([])) == [False, False]
     assert torch.equal(_bits(pool.kv_buffer[:, :, 8 * PAGE:10 * PAGE]), _bits(before))
-    assert backend.stats()["store"]["tiers"][0]["corrupt"] >= 1
+    assert backend.stats()["store"]["tiers"][0]["corrupt"] == 2  # both damaged records
 
     # A record that verifies but holds a damaged blob: the coder's checks fail instead.
     good = _keys(1, "y")
     assert backend.batch_set_v1(good, torch.arange(0, PAGE), _extra([])) == [True]
     value = backend.store.get(good)[0]
-    blob = bytearray(value[12:])
+    blob = bytearray(unpack_value(value)[1])
     blob[-5] ^= 0x01
     backend.store.put(_keys(1, "z"), [pack_value(None, bytes(blob))])
     before = pool.kv_buffer[:, :, 12 * PAGE:13 * PAGE].clone()
@@ -305,22 +307,124 @@ def test_bad_configuration_is_refused_at_start_up(tmp_path):
         PageGeometry.of_pool(object(), None)
 
 
-def test_pages_demoted_to_a_lower_tier_read_back(tmp_path):
-    """A first tier too small for the batch: pages move down (through the tier's re-coding
-    hook) and are read back from there."""
+def _calibration(tmp_path, layers=LAYERS, heads=HEADS, dim=DIM, kv_dtype="bf16") -> str:
+    """A real calibration file (speckv calibrate's fitting) for pages of this layout, fitted
+    on KV-like random sequences: enough for the coding paths, not for good figures."""
+    from sglang_speckv.tools import calibrate as cal
+
+    g = torch.Generator().manual_seed(100)
+    mu = torch.randn(2, layers, 1, heads, dim, generator=g) * 3
+    seqs = [(mu + torch.randn(2, layers, 32, heads, dim, generator=g)).to(torch.bfloat16) for _ in range(2)]
+    layout = {"layers": layers, "kv_heads": heads, "head_dim": dim, "rope_theta": 10000.0, "max_positions": 4096}
+    calib = cal.calibrate(seqs, model="test-model", layout=layout, kv_dtype=kv_dtype, names=("static", "static_rope"),
+                          progress=False)
+    path = tmp_path / f"calib-{layers}x{heads}x{dim}-{kv_dtype}.safetensors"
+    calib.save(path)
+    return str(path)
+
+
+def test_pages_demoted_to_a_lower_tier_are_recoded_and_read_back(tmp_path):
+    """A first tier (page_stats) too small for the batch: pages move down through the lower
+    tier's re-coding hook (decoded, re-encoded with its calibrated predictor) and are read
+    back from there bit for bit."""
+    from sglang_speckv.kernels.format import parse_blob
+    from sglang_speckv.predictors.linear import SPECS
+
     pool = _host_pool("layer_first")
     written = _fill(pool, 3, seed=10)
+    calib = _calibration(tmp_path)
     tiers = [{"name": "small", "path": str(tmp_path / "small"), "capacity": "2KiB", "sync": "none"},
              {"name": "big", "path": str(tmp_path / "big"), "capacity": "64MiB", "sync": "none",
-              "predictor": "page_stats"}]
+              "predictor": f"{calib}:static"}]
     backend = _backend(tmp_path, pool, tiers=tiers)
     keys = _keys(3, "m")
     assert backend.batch_set_v1(keys, torch.arange(0, 3 * PAGE), _extra([])) == [True] * 3
-    store = backend.stats()["store"]["tiers"]
-    assert store[0]["demotions"] >= 1 and store[1]["pages"] >= 1, store
+    stats = backend.stats()
+    demoted = stats["store"]["tiers"][0]["demotions"]
+    assert demoted >= 1 and stats["store"]["tiers"][1]["pages"] == demoted, stats["store"]
+    assert stats["pages_recoded"] == demoted
+    ids = set()
+    for key in keys:
+        value = backend.store.get([key])[0]
+        ids.add(parse_blob(unpack_value(value)[1]).header.predictor_id)
+    assert ids == {1, SPECS["static"].id}  # page_stats above, the calibrated predictor below
     assert backend.batch_get_v1(keys, torch.arange(8 * PAGE, 11 * PAGE), _extra([])) == [True] * 3
     for i in range(3):
         assert torch.equal(_bits(backend.geometry.page(pool.kv_buffer, (8 + i) * PAGE)), _bits(written[i]))
+    backend.close()
+
+
+def test_a_failing_predictor_is_a_failed_write_not_an_exception(tmp_path, caplog):
+    """A predictor that raises while coding (a bug, a layout it did not expect) must not
+    reach HiCache's backup thread, which SGLang does not restart: False per page, counted,
+    one log line per cause; the next good write goes through."""
+    pool = _host_pool("layer_first")
+    written = _fill(pool, 2, seed=13)
+    backend = _backend(tmp_path, pool)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("predictor bug")
+
+    backend.coder.default.predict = broken  # fault injection on the real predictor object
+    with caplog.at_level("WARNING"):
+        assert backend.batch_set_v1(_keys(2, "u"), torch.arange(0, 2 * PAGE), _extra([])) == [False, False]
+        assert backend.batch_set_v1(_keys(1, "v"), torch.arange(0, PAGE), _extra([])) == [False]
+    assert sum("predictor bug" in r.getMessage() for r in caplog.records) == 1
+    stats = backend.stats()
+    assert (stats["encode_failures"], stats["pages_written"]) == (3, 0)
+    assert backend.batch_exists(_keys(2, "u"), _extra([])) == 0
+    del backend.coder.default.predict  # the class's own method again
+    assert backend.batch_set_v1(_keys(2, "u"), torch.arange(0, 2 * PAGE), _extra([])) == [True, True]
+    assert backend.batch_get_v1(_keys(2, "u"), torch.arange(4 * PAGE, 6 * PAGE), _extra([])) == [True, True]
+    assert torch.equal(_bits(backend.geometry.page(pool.kv_buffer, 5 * PAGE)), _bits(written[1]))
+    backend.close()
+
+
+def test_store_failures_are_misses_not_exceptions(tmp_path, caplog):
+    """Any exception below the adapter (here the store, closed under SGLang's feet) is a
+    miss or a failed write for SGLang, logged once."""
+    pool = _host_pool("layer_first")
+    _fill(pool, 1, seed=14)
+    backend = _backend(tmp_path, pool)
+    store, backend.store = backend.store, None  # every store call now raises AttributeError
+    with caplog.at_level("WARNING"):
+        assert backend.batch_exists(_keys(1, "w"), _extra([])) == 0
+        assert backend.batch_set_v1(_keys(1, "w"), torch.arange(0, PAGE), _extra([])) == [False]
+        assert backend.batch_get_v1(_keys(1, "w"), torch.arange(0, PAGE), _extra([])) == [False]
+        assert backend.batch_get(_keys(1, "w"), [torch.zeros_like(pool.get_data_page(0))]) == [None]
+    assert backend.stats()["store_errors"] == 4
+    backend.store = store
+    backend.close()
+
+
+@pytest.mark.parametrize("mismatch", ["layout", "dtype"])
+def test_a_calibration_that_does_not_fit_the_pool_is_refused_at_start_up(tmp_path, mismatch):
+    layers = LAYERS + 1 if mismatch == "layout" else LAYERS
+    calib = _calibration(tmp_path, layers=layers)
+    pool = _host_pool("layer_first", dtype=torch.bfloat16 if mismatch == "layout" else torch.float16)
+    backend = SpecKVStorage(_storage_config(tmp_path, predictor=f"{calib}:static"), {})
+    with pytest.raises(ConfigError, match="predictor .*static.*" + ("layout" if mismatch == "layout" else "calibrated for bf16")):
+        backend.register_mem_pool_host(pool)
+
+
+def test_a_position_dependent_predictor_without_prefix_keys_warns_once(tmp_path, caplog):
+    """static_rope codes keys at each token's position; without SGLang's prefix keys (a
+    direct launch_server without hicache_storage_pass_prefix_keys, which SGLang keeps to
+    itself) every write would start at position 0. The first such write says so, once; the
+    pages are still correct."""
+    pool = _host_pool("layer_first")
+    written = _fill(pool, 2, seed=15)
+    calib = _calibration(tmp_path)
+    backend = _backend(tmp_path, pool, predictor=f"{calib}:static_rope")
+    with caplog.at_level("WARNING"):
+        assert backend.batch_set_v1(_keys(1, "a"), torch.arange(0, PAGE), _extra(_keys(2, "q"))) == [True]
+        assert not any("prefix keys" in r.getMessage() for r in caplog.records)
+        for tag in "bc":
+            assert backend.batch_set_v1(_keys(1, tag), torch.arange(PAGE, 2 * PAGE), None) == [True]
+    assert sum("hicache_storage_pass_prefix_keys" in r.getMessage() for r in caplog.records) == 1
+    for tag, i in (("a", 0), ("b", 1)):
+        assert backend.batch_get_v1(_keys(1, tag), torch.arange(4 * PAGE, 5 * PAGE), None) == [True]
+        assert torch.equal(_bits(backend.geometry.page(pool.kv_buffer, 4 * PAGE)), _bits(written[i]))
     backend.close()
 
 
@@ -361,7 +465,7 @@ def test_mla_pages_roundtrip(tmp_path, layout):
 def test_stats_file_catches_up_with_the_counters(tmp_path):
     """Writes of the stats file are rate-limited, but the last events reach it within the
     interval even when nothing happens afterwards."""
-    from sglang_speckv.sglang.adapter import STATS_FILE_INTERVAL_S
+    from sglang_speckv.sglang.stats import STATS_FILE_INTERVAL_S
 
     pool = _host_pool("layer_first")
     _fill(pool, 1, seed=12)
@@ -375,11 +479,10 @@ def test_stats_file_catches_up_with_the_counters(tmp_path):
 
 
 def test_predictor_names_are_validated_with_clear_errors(tmp_path):
-    from sglang_speckv.sglang.adapter import make_predictor
-    from sglang_speckv.config import ConfigError
+    from sglang_speckv.predictors import PredictorSpecError, predictor_from_spec
 
-    assert make_predictor("page_stats").name == "page_stats"
-    with pytest.raises(ConfigError, match="speckv calibrate"):
-        make_predictor("oracle")
+    assert predictor_from_spec("page_stats").name == "page_stats"
+    with pytest.raises(PredictorSpecError, match="speckv calibrate"):
+        predictor_from_spec("oracle")
     with pytest.raises(ConfigError, match="predictor:"):
-        make_predictor(str(tmp_path / "missing.safetensors") + ":static")
+        SpecKVStorage(_storage_config(tmp_path, predictor=str(tmp_path / "missing.safetensors") + ":static"), {})

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from sglang_speckv.cli import main
 from sglang_speckv.replay.client import Result, Run
@@ -181,7 +180,6 @@ def test_agentic_trace_against_a_real_server(speckv_server, tmp_path):
     assert rc == 0
     first, second = json.loads((tmp_path / "r" / "replay.json").read_text())["runs"][0]["requests"]
     assert first["error"] is None and second["error"] is None
-    tokens = requests.post(server.url + "/tokenize", json={"prompt": ["tool: 1 failed, 12 passed\n"],
-                                                           "add_special_tokens": False}, timeout=60).json()["tokens"][0]
+    (tokens,) = server.client.tokenize(["tool: 1 failed, 12 passed\n"])
     assert second["prompt_tokens"] == first["prompt_tokens"] + first["output_tokens"] + len(tokens)
     assert second["cached"]["device"] >= first["prompt_tokens"] // CPU_PAGE_SIZE * CPU_PAGE_SIZE

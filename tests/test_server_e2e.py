@@ -34,7 +34,7 @@ import lmdb
 import pytest
 import torch
 
-from sglang_speckv.sglang.adapter import STATS_FILE_INTERVAL_S
+from sglang_speckv.sglang.stats import STATS_FILE_INTERVAL_S
 from sglang_speckv.sglang.serve import CPU_PAGE_SIZE
 from sglang_speckv.testing import ServerError
 

@@ -2,16 +2,24 @@
 
 - page_stats.py: self-contained (statistics travel in the blob), id 1.
 - linear.py: token-free predictors calibrated to a model (calibration.py holds the file
-  format, sglang_speckv/calibrate.py the fitting): static, static_rope, prev_layer, context.
-- model.py: model predictors (the target's quantised weights, early exit + linear probes),
-  measured offline by sglang_speckv/bench_frontier.py.
+  format, sglang_speckv/tools/calibrate.py the fitting): static, static_rope, prev_layer,
+  context.
+- Model predictors (the target's quantised weights, early exit + linear probes) are
+  offline measurements: sglang_speckv/tools/model_predictors.py.
+
+``predictor_from_spec`` is the one parser of a predictor spec string (the configuration's
+``predictor`` fields, ``speckv compress --calib``).
 """
 
 from __future__ import annotations
 
-
 # The calibrated predictor used when a calibration file is named without a predictor name.
 DEFAULT_CALIBRATED = "context"
+PAGE_STATS = "page_stats"
+
+
+class PredictorSpecError(ValueError):
+    """A predictor spec that names nothing usable; the message says what to write."""
 
 
 def predictor_from_calibration(calib, name: str):
@@ -23,3 +31,27 @@ def predictor_from_calibration(calib, name: str):
     if not isinstance(calib, Calibration):
         calib = load_calibration(calib)
     return LinearGaussianPredictor(calib, name)
+
+
+def predictor_from_spec(spec: str, predictor_id: int | None = None):
+    """The predictor a spec names: ``page_stats``, or ``CALIB.safetensors[:NAME]``,
+    predictor NAME of a calibration file written by ``speckv calibrate`` (without NAME: the
+    one whose id is ``predictor_id``, e.g. a blob's, else DEFAULT_CALIBRATED).
+    Raises PredictorSpecError with what to do."""
+    if spec == PAGE_STATS:
+        from sglang_speckv.predictors.page_stats import PageStatsPredictor
+
+        return PageStatsPredictor()
+    from sglang_speckv.predictors.calibration import CalibrationError
+    from sglang_speckv.predictors.linear import SPECS
+
+    path, _, name = spec.partition(":")
+    if not path.endswith(".safetensors"):
+        raise PredictorSpecError(f"{spec!r} is neither {PAGE_STATS!r} nor a calibration file "
+                                 "'CALIB.safetensors[:NAME]' (write one with `speckv calibrate`)")
+    if not name and predictor_id is not None:
+        name = next((n for n, s in SPECS.items() if s.id == predictor_id), "")
+    try:
+        return predictor_from_calibration(path, name or DEFAULT_CALIBRATED)
+    except CalibrationError as e:
+        raise PredictorSpecError(str(e)) from None

@@ -27,14 +27,13 @@ from sglang_speckv.kernels.entropy_model import KAPPA, W_WIDE
 #   MHA: [2 (K, V), layers, tokens, kv_heads, head_dim]  == one page of SGLang's layer_first
 #        host buffer (2, L, size, H, D) sliced on the token axis.
 #   MLA: [1, layers, tokens, 1, latent_dim]
-DTYPES = ("fp8_e4m3", "fp8_e5m2", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
 class PageMeta:
     """Everything both sides know about a page before decoding it."""
 
-    dtype: str  # one of DTYPES
+    dtype: str  # a name of kernels/entropy_model.py TORCH_DTYPES: fp8_e4m3, fp8_e5m2, bf16, fp16
     shape: tuple[int, int, int, int, int]  # canonical shape, see above
     position: int = 0  # absolute position of the page's first token in its sequence
     token_ids: tuple[int, ...] | None = None  # when a side channel provides them
@@ -57,6 +56,13 @@ class Predictor(ABC):
     # on (they are recorded in each blob header).
     w_wide: int = W_WIDE
     kappa: int = KAPPA
+    # True if predictions depend on the page's absolute position (meta.position): such a
+    # predictor codes well only where the writer knows it (SGLang's prefix keys).
+    uses_position: ClassVar[bool] = False
+
+    def check(self, dtype: str, shape: tuple[int, ...]) -> None:
+        """Raise ValueError (saying what does not fit) if this predictor cannot code pages
+        of ``dtype`` and canonical ``shape``. Called once at start-up, not per page."""
 
     def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
         """Bytes the encoder sends in the blob for this page (e.g. page statistics)."""

@@ -185,12 +185,23 @@ class LinearGaussianPredictor(Predictor):
         s = self.spec
         return bool(s.k_from_k or s.v_from_k or s.v_from_v)
 
+    @property
+    def uses_position(self) -> bool:
+        return self.spec.rope
+
+    def check(self, dtype: str, shape: tuple[int, ...]) -> None:
+        want = (2, self._layers, shape[2] if len(shape) == 5 else "T", self._heads, self._dim)
+        if dtype != self.calib.kv_dtype:
+            raise ValueError(f"predictor {self.name} is calibrated for {self.calib.kv_dtype} KV, the pages are "
+                             f"{dtype}: calibrate for {dtype} (`speckv calibrate --kv-dtype ...`)")
+        if tuple(shape) != want:
+            raise ValueError(f"pages of shape {tuple(shape)} [K/V, layers, tokens, kv_heads, head_dim] do not match "
+                             f"the calibration's layout {want} (model {self.calib.model!r}): calibrate for the served model")
+
     def _check(self, meta: PageMeta, values: torch.Tensor) -> None:
-        want = (2, self._layers, meta.shape[2], self._heads, self._dim)
-        if meta.dtype != self.calib.kv_dtype:
-            raise ValueError(f"predictor {self.name} is calibrated for {self.calib.kv_dtype} KV, the page is {meta.dtype}")
-        if tuple(meta.shape) != want or tuple(values.shape) != want:
-            raise ValueError(f"page shape {tuple(meta.shape)} does not match the calibration's layout {want}")
+        self.check(meta.dtype, tuple(meta.shape))
+        if tuple(values.shape) != tuple(meta.shape):
+            raise ValueError(f"values of shape {tuple(values.shape)}, the page is {tuple(meta.shape)}")
 
     def params(self, device: torch.device) -> dict:
         """Per-block tensors on ``device`` as float64 (coefficients transposed for x @ coef)."""

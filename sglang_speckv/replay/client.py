@@ -78,7 +78,8 @@ class Result:
 
 
 class Server:
-    """The few HTTP calls the replay makes, to one base URL."""
+    """The one HTTP client of SGLang's native API (the replay, the test server, the
+    benchmarks): every call has a timeout, only the base URL is contacted."""
 
     def __init__(self, url: str, timeout_s: float):
         self.url = url.rstrip("/")
@@ -93,6 +94,17 @@ class Server:
         if resp.status_code != 200:
             raise ServerError(f"{self.url}{path}: HTTP {resp.status_code}: {resp.text[:300]}")
         return resp
+
+    def post(self, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+        """POST ``payload`` as JSON; the JSON answer ({} when there is none)."""
+        resp = self._post(path, payload, timeout)
+        return resp.json() if resp.content and resp.headers.get("content-type", "").startswith("application/json") else {}
+
+    def healthy(self) -> bool:
+        try:
+            return self.session.get(self.url + "/health", timeout=10, allow_redirects=False).status_code == 200
+        except http.RequestException:
+            return False
 
     def health(self) -> None:
         try:
@@ -110,14 +122,15 @@ class Server:
         payload = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
         self._post("/generate", payload)
 
-    def flush_cache(self) -> None:
+    def flush_cache(self, wait_s: float = FLUSH_WAIT_S) -> None:
         """Drop the device and host caches (L1, L2); the storage backend keeps its pages.
-        SGLang refuses while its scheduler is not idle (for a moment after the last
-        request): retried every FLUSH_RETRY_S for up to FLUSH_WAIT_S."""
-        deadline = time.monotonic() + FLUSH_WAIT_S
+        SGLang flushes only while no request runs (it waits up to ``wait_s`` for that) and
+        refuses for a moment after the last request: retried every FLUSH_RETRY_S until
+        ``wait_s`` has passed."""
+        deadline = time.monotonic() + wait_s
         while True:
             try:
-                self._post("/flush_cache")
+                self._post(f"/flush_cache?timeout={wait_s}", timeout=wait_s + self.timeout_s)
                 return
             except ServerError:
                 if time.monotonic() > deadline:
@@ -131,7 +144,32 @@ class Server:
             raise ServerError(f"{self.url}/tokenize: unexpected answer {str(resp)[:200]}")
         return tokens
 
-    def generate(self, input_ids: list[int], max_new_tokens: int, stop: threading.Event, result: Result, t0: float) -> None:
+    def generate_greedy(self, prompt: str | list[int], max_new_tokens: int = 8, salt: str | None = None) -> dict:
+        """Greedy generation with logprobs, not streamed. Returns {"tokens", "logprobs",
+        "text", "cached": meta_info.cached_tokens_details (device/host/storage),
+        "prompt_tokens"}.
+
+        ``salt``: SGLang's ``cache_salt``, which namespaces the request in every cache tier
+        (radix tree and L3 keys): a fresh salt gives a run with no cache hits at all, the
+        reference that cached runs must reproduce exactly."""
+        payload = {
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
+            "return_logprob": True,
+            ("input_ids" if isinstance(prompt, list) else "text"): prompt,
+        }
+        if salt is not None:
+            payload["cache_salt"] = salt
+        out = self.post("/generate", payload)
+        meta = out["meta_info"]
+        return {
+            "text": out["text"],
+            "tokens": [t[1] for t in meta["output_token_logprobs"]],
+            "logprobs": [t[0] for t in meta["output_token_logprobs"]],
+            "cached": meta.get("cached_tokens_details") or {},
+            "prompt_tokens": meta["prompt_tokens"],
+        }
+
+    def stream(self, input_ids: list[int], max_new_tokens: int, stop: threading.Event, result: Result, t0: float) -> None:
         """Stream one greedy generation, filling ``result`` (times relative to ``t0``)."""
         payload = {
             "input_ids": input_ids,
@@ -277,7 +315,7 @@ def replay(
     def worker(req: Request, res: Result) -> None:
         try:
             ids = prompt_ids(req, results, texts, seed, vocab)
-            server.generate(ids, req.output_tokens, stop, res, t0)
+            server.stream(ids, req.output_tokens, stop, res, t0)
         finally:
             done.put(res)
 

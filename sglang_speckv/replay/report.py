@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sglang_speckv.replay.simulate import SimResult, format_size
+from sglang_speckv.config import format_size
 
 TIERS = ("device", "host", "storage")  # SGLang's cached_tokens_details, fastest first
 TIER_COLORS = {"device": "#4c72b0", "host": "#55a868", "storage": "#c44e52"}
@@ -318,11 +318,11 @@ def plot_sweep(setup: dict, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_simulate_report(report_dir: Path, setup: dict, result: SimResult, sweep_rows: list[dict] | None) -> list[Path]:
-    """simulate.json, SIMULATE.md and (with a sweep) sweep.png, in ``report_dir``."""
+def write_simulate_report(report_dir: Path, setup: dict, res: dict, sweep_rows: list[dict] | None) -> list[Path]:
+    """simulate.json, SIMULATE.md and (with a sweep) sweep.png, in ``report_dir``; ``res`` is
+    ``SimResult.to_json()``."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    res = result.to_json()
     md = simulate_markdown(setup, res)
     paths = [report_dir / "simulate.json", report_dir / "SIMULATE.md"]
     if sweep_rows:

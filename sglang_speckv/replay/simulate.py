@@ -53,15 +53,6 @@ from sglang_speckv.storage.record import HEADER_SIZE
 DEFAULT_TOKEN_BYTES = 32 * 8 * 128 * 2 * 2
 
 
-def format_size(n: float) -> str:
-    """Bytes for people: '1.5 GiB', '640 MiB', '12 B'."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            v = n / scale
-            return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
 @dataclass(frozen=True)
 class Tier:
     """One store tier as the model sees it: a capacity and the bytes of one page there."""
@@ -494,7 +485,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             }})
         print(report.sweep_markdown(setup, sweep_rows))
     if args.report is not None:
-        paths = report.write_simulate_report(args.report, setup, result, sweep_rows)
+        paths = report.write_simulate_report(args.report, setup, result.to_json(), sweep_rows)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

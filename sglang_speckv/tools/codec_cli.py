@@ -31,35 +31,21 @@ from sglang_speckv.predictors.base import PageMeta, Predictor
 BLOB_TENSOR = "speckv.blob"
 STORAGE_KEY = "speckv.kv_tensor_dtype"  # metadata: the torch dtype k and v were stored in
 FP8_BY_METADATA = {"fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
-DTYPE_OF_TORCH = {torch_dtype: name for name, torch_dtype in em.TORCH_DTYPES.items()}
 
 
 class CodecCliError(Exception):
     """A user-facing problem with the inputs; the message says what to do."""
 
 
-# Calibrated predictor used when --calib names a file without ":predictor".
-
-
 def predictor_for(calib: str | None, predictor_id: int | None = None) -> Predictor:
     """The predictor to code with: page statistics without a calibration file, else
-    ``PATH[:NAME]``: predictor NAME of calibration file PATH (sglang_speckv/predictors/
-    linear.py); without NAME, the one with ``predictor_id`` (a blob's) or DEFAULT_CALIBRATED.
-    This is the one place where calibrated predictors plug in."""
-    if calib is None:
-        from sglang_speckv.predictors.page_stats import PageStatsPredictor
+    ``PATH[:NAME]`` (predictors.predictor_from_spec; without NAME, the blob's predictor
+    ``predictor_id`` or the default calibrated one)."""
+    from sglang_speckv.predictors import PAGE_STATS, PredictorSpecError, predictor_from_spec
 
-        return PageStatsPredictor()
-    from sglang_speckv.predictors import DEFAULT_CALIBRATED, predictor_from_calibration
-    from sglang_speckv.predictors.calibration import CalibrationError
-    from sglang_speckv.predictors.linear import SPECS
-
-    path, _, name = calib.partition(":")
-    if not name and predictor_id is not None:
-        name = next((n for n, spec in SPECS.items() if spec.id == predictor_id), "")
     try:
-        return predictor_from_calibration(path, name or DEFAULT_CALIBRATED)
-    except CalibrationError as err:
+        return predictor_from_spec(calib or PAGE_STATS, predictor_id)
+    except PredictorSpecError as err:
         raise CodecCliError(str(err)) from None
 
 
@@ -91,9 +77,9 @@ def _kv_dtype(t: torch.Tensor, metadata: dict[str, str]) -> str:
                 f"k and v are uint8: metadata kv_dtype must be fp8_e4m3 or fp8_e5m2, got {name!r}"
             )
         return FP8_BY_METADATA[name]
-    if t.dtype not in DTYPE_OF_TORCH:
+    if t.dtype not in em.DTYPE_NAMES:
         raise CodecCliError(f"k and v are {t.dtype}; expected one of bf16, fp16, float8_e4m3fn, float8_e5m2, uint8")
-    return DTYPE_OF_TORCH[t.dtype]
+    return em.DTYPE_NAMES[t.dtype]
 
 
 def _page_meta(page_shape, dtype: str, position: int, tensors: dict[str, torch.Tensor]) -> PageMeta:

@@ -1,0 +1,174 @@
+"""Page coding for the backend: canonical pages <-> stored values, on the device SGLang uses.
+
+The predictors a configuration names (its ``predictor`` and each tier's) are built once;
+new pages are coded with the first, reads pick each blob's predictor by the (id,
+fingerprint) in its header, and tiers with their own predictor re-code pages demoted into
+them (``recode``, the store's hook).
+
+Nothing here raises into SGLang: ``encode`` returns None for a page it could not code
+(logged once per cause), ``decode_into`` reports how many pages verified. Start-up problems
+(a predictor that cannot code this pool's pages) raise ConfigError from ``check``.
+
+On CUDA, coding runs on one stream per calling thread with pages staged through device
+memory; on the CPU, in place (the C++ coder).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from sglang_speckv import codec
+from sglang_speckv.config import ConfigError
+from sglang_speckv.kernels.format import BlobError, parse_blob
+from sglang_speckv.predictors import PredictorSpecError, predictor_from_spec
+from sglang_speckv.predictors.base import PageMeta, Predictor
+from sglang_speckv.sglang.geometry import PageGeometry
+
+logger = logging.getLogger(__name__)
+
+
+class PageCoder:
+    """Pages of one geometry <-> stored values (codec.pack_value: token ids + blob)."""
+
+    def __init__(self, default: str, tier_predictors: list[str]):
+        specs = dict.fromkeys([default, *tier_predictors])
+        try:
+            self.predictors: dict[str, Predictor] = {s: predictor_from_spec(s) for s in specs}
+        except PredictorSpecError as e:
+            raise ConfigError(f"predictor: {e}") from None
+        self.default = self.predictors[default]
+        self._by_blob = {(p.id, p.fingerprint): p for p in self.predictors.values()}
+        self.geometry: PageGeometry | None = None
+        self.device = torch.device("cpu")
+        self._streams = threading.local()
+        self._warned: set[str] = set()  # causes already logged (one line each)
+
+    def open(self, geometry: PageGeometry, device: torch.device) -> None:
+        """Code pages of ``geometry`` on ``device``. ConfigError, naming the predictor and
+        what to do, if a configured predictor cannot code such pages."""
+        for spec, predictor in self.predictors.items():
+            try:
+                predictor.check(geometry.dtype, geometry.shape)
+            except ValueError as e:
+                raise ConfigError(f"predictor {spec!r}: {e}") from None
+        self.geometry, self.device = geometry, device
+
+    def warn_once(self, cause: str, message: str, *args) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            logger.warning(message, *args)
+
+    # --- writes --------------------------------------------------------------------------
+
+    def encode(self, pages: torch.Tensor, metas: list[PageMeta], tokens: list[bytes | None],
+               predictor: Predictor | None = None) -> list[bytes | None]:
+        """Stored values of ``pages`` ([P, *canonical shape], storage dtype, a private
+        copy); None for every page of a batch that failed to code (logged once per cause)."""
+        predictor = predictor or self.default
+        try:
+            blobs = self._encode(pages, metas, predictor)
+        except Exception as e:  # noqa: BLE001 - a predictor or coder bug must not reach SGLang's thread
+            self.warn_once(f"encode:{predictor.name}:{type(e).__name__}",
+                           "speckv: coding with predictor %s failed, pages not stored: %s: %s "
+                           "(logged once)", predictor.name, type(e).__name__, e)
+            return [None] * len(metas)
+        return [codec.pack_value(tok, blob) for tok, blob in zip(tokens, blobs)]
+
+    def _encode(self, pages: torch.Tensor, metas: list[PageMeta], predictor: Predictor) -> list[bytes]:
+        if self.device.type != "cuda":
+            return codec.encode_pages(list(pages), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa)
+        with torch.cuda.stream(self._stream()):
+            staged = pages.pin_memory().to(self.device, non_blocking=True)
+            blobs = codec.encode_pages(list(staged), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa)
+        return blobs  # encode_pages returns host bytes: the stream's work is done
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def decode_into(self, keys: list[str], values: list, targets: list[torch.Tensor]) -> int:
+        """Decode ``values`` (stored under ``keys``, in chain order) into ``targets``
+        (canonical views of host memory), up to the first that fails any check; returns how
+        many pages were filled. A target is written only after its page verified."""
+        g = self.geometry
+        blobs, metas, predictors = [], [], []
+        for key, value in zip(keys, values):
+            try:
+                tokens, blob = codec.unpack_value(value)
+                header = parse_blob(blob).header
+                predictor = self._by_blob.get((header.predictor_id, header.fingerprint))
+                if predictor is None:
+                    raise BlobError(f"coded by predictor {header.predictor_id} (fingerprint "
+                                    f"{header.fingerprint:#x}), which this configuration does not name")
+            except BlobError as e:
+                logger.warning("speckv: stored page %s is unreadable, treated as a miss: %s", key, e)
+                break
+            blobs.append(blob)
+            # The position recorded in the blob, not one derived from the read's prefix
+            # keys: SGLang 0.5.23 passes a prefetch only the matched node's ancestors'
+            # hashes, so the read-side count can fall short; the key fixes it anyway.
+            metas.append(PageMeta(g.dtype, g.shape, header.position, codec.token_tuple(tokens)))
+            predictors.append(predictor)
+        done = 0
+        while done < len(blobs):  # runs of pages coded by the same predictor
+            end = done + 1
+            while end < len(blobs) and predictors[end] is predictors[done]:
+                end += 1
+            run = slice(done, end)
+            errors = self._decode(predictors[done], blobs[run], metas[run], targets[run])
+            for i, error in enumerate(errors, done):
+                if error is not None:
+                    logger.warning("speckv: stored page %s failed verification, treated as a miss: %s", keys[i], error)
+                    return i
+            done = end
+        return done
+
+    def _decode(self, predictor: Predictor, blobs: list, metas: list[PageMeta],
+                targets: list[torch.Tensor]) -> list[Exception | None]:
+        """The error (or None) per blob; pages are written into ``targets`` only verified."""
+        try:
+            if self.device.type != "cuda":
+                _, errors = codec.decode_pages(blobs, predictor, metas=metas, out=targets, device=self.device)
+                return errors
+            with torch.cuda.stream(self._stream()):
+                pages, errors = codec.decode_pages(blobs, predictor, metas=metas, device=self.device)
+                for page, target in zip(pages, targets):
+                    if page is not None:
+                        target.copy_(page)  # device -> host, in order on this stream
+                self._stream().synchronize()  # host memory must hold the page before we return
+            return errors
+        except Exception as e:  # noqa: BLE001 - a predictor or coder bug is a miss, not a crash
+            self.warn_once(f"decode:{predictor.name}:{type(e).__name__}",
+                           "speckv: decoding with predictor %s failed: %s: %s (logged once)",
+                           predictor.name, type(e).__name__, e)
+            return [e] * len(blobs)
+
+    # --- demotion ------------------------------------------------------------------------
+
+    def recode(self, target: Predictor, value: memoryview) -> bytes | memoryview:
+        """The store's demotion hook for a tier with its own predictor: the stored value
+        re-coded with ``target``. Raises BlobError if it cannot (the store then moves the
+        value unchanged)."""
+        tokens, blob = codec.unpack_value(value)
+        header = parse_blob(blob).header
+        source = self._by_blob.get((header.predictor_id, header.fingerprint))
+        if source is None:
+            raise BlobError(f"coded by unknown predictor {header.predictor_id}")
+        if source is target:
+            return value  # already coded for this tier: moves unchanged
+        meta = PageMeta(header.dtype, header.shape, header.position, codec.token_tuple(tokens))
+        pages, errors = codec.decode_pages([blob], source, metas=[meta], device=self.device)
+        if errors[0] is not None:
+            raise errors[0]
+        (new,) = self.encode(pages[0].unsqueeze(0).cpu(), [meta], [tokens], target)
+        if new is None:
+            raise BlobError(f"re-coding with {target.name} failed")
+        return new
+
+    def _stream(self) -> torch.cuda.Stream:
+        """This thread's CUDA stream for coding (SGLang's threads never share one)."""
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        return stream
