@@ -44,7 +44,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   DEVICE=(--no-cpu)  # SGLang on the GPU, Triton coder
   BLOCK_TOKENS=512   # the trace's own block size
 else
-  DEVICE=(--cpu)     # SGLang's CPU engine, torch reference coder
+  DEVICE=(--cpu)     # SGLang's CPU engine, C++ CPU coder
   BLOCK_TOKENS=16    # shrink the trace's 512-token blocks to what a CPU serves in minutes
 fi
 
