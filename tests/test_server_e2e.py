@@ -201,15 +201,27 @@ def test_hits_survive_restart(scenario, sglang_server):
 
 
 def test_store_is_consistent_after_the_kill(scenario):
+    """What survived the kill reads back, and every read of it gives the same output.
+
+    The long prompts' pages were written from one batched prefill of all four prompts
+    (sent at once to have writes in flight at the kill); SGLang's CPU prefill rounds a
+    batch of four differently from one prompt alone, so those stored pages are not the
+    bits of the sequential uncached reference: greedy tokens must still agree, logprobs
+    only closely. Exactness is then checked against the first restore itself."""
     root, server = scenario["root"], scenario["b"]
+    first = []
     for prompt, reference in scenario["long"]:
-        _assert_same(server.generate(prompt, NEW_TOKENS), reference)  # whatever survived, it is right
+        out = server.generate(prompt, NEW_TOKENS)  # whatever survived, it is right
+        assert out["tokens"] == reference["tokens"], (out["text"], reference["text"])
+        assert max(abs(a - b) for a, b in zip(out["logprobs"], reference["logprobs"])) < 0.05
+        first.append(out)
     _wait_written(root, at_least=1)
     server.flush_cache()
-    for prompt, reference in scenario["long"]:
+    for (prompt, reference), before in zip(scenario["long"], first):
         out = server.generate(prompt, NEW_TOKENS)
         assert out["cached"].get("storage") == _full_pages(reference["prompt_tokens"]) * PAGE, out["cached"]
-        _assert_same(out, reference)
+        if before["cached"].get("storage") == out["cached"]["storage"]:
+            _assert_same(out, before)  # the same stored pages, the same computation
 
 
 def test_corrupt_store_gives_misses_not_wrong_outputs(scenario):
