@@ -18,13 +18,13 @@ Defaults (each is what SGLang needs for speckv to work as intended):
   so hits do not depend on timing (deterministic tests and replays).
 - extra config ``hicache_storage_pass_prefix_keys: true``: the backend learns each page's
   position from its prefix keys; merged into any ``--hicache-storage-backend-extra-config``
-  JSON given.
+  JSON given. ``--speckv-config F`` adds ``config_file: F`` (the TOML of
+  sglang_speckv/config.py; extra-config keys override the file's).
 - extra config ``prefetch_threshold``: the page size, so that L3 serves every stored page
   a request lacks. SGLang's default (256 tokens) skips L3 whenever the part of a prompt
   beyond its device/host match is shorter than that: in multi-turn traffic, every session
-  that arrives after another has put the shared system prompt on the device
-  (docs/TUNING.md, "Prefetch threshold", has the trade-off). ``--speckv-config F`` adds ``config_file: F`` (the TOML of
-  sglang_speckv/config.py; extra-config keys override the file's).
+  that arrives after another has put the shared system prompt on the device. The
+  trade-off: docs/TUNING.md, "The prefetch threshold".
 - ``--host 127.0.0.1``.
 - No CUDA: SGLANG_USE_CPU_ENGINE=1 and the CPU-engine flags that work with our
   compatibility fixes (sglang_speckv/sglang/cpu_compat): ``--device cpu --attention-backend
