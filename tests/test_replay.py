@@ -79,11 +79,9 @@ def test_no_server(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def speckv_server(tmp_path_factory):
+def speckv_server(sglang_server, tmp_path_factory):
     """A real CPU SGLang server with speckv (one ram tier in a temporary directory) and its
-    stats file."""
-    from sglang_speckv.testing import SGLangServer
-
+    stats file; ``speckv serve``'s defaults otherwise."""
     root = tmp_path_factory.mktemp("speckv")
     stats = root / "stats.json"
     config = root / "speckv.toml"
@@ -91,9 +89,15 @@ def speckv_server(tmp_path_factory):
         f'stats_file = "{stats}"\n'
         f'[[tiers]]\nname = "ram"\npath = "{root / "ram"}"\ncapacity = "256MiB"\nsync = "none"\n'
     )
-    with SGLangServer(["--hicache-storage", "speckv", "--speckv-config", str(config)],
-                      log_path=root / "server.log") as server:
-        yield server, stats
+    server = sglang_server(["--hicache-storage", "speckv", "--speckv-config", str(config)], name="replay")
+    yield server, stats
+    server.stop()  # now, not at the end of the session: one server of ~3 GB at a time
+
+
+def _stored_pages(stats: Path) -> int:
+    if not stats.exists():
+        return 0
+    return sum(t["pages"] for t in json.loads(stats.read_text())["store"]["tiers"])
 
 
 def _wait_for_pages(stats: Path, pages: int, timeout_s: float) -> None:
@@ -102,10 +106,9 @@ def _wait_for_pages(stats: Path, pages: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     stored = 0
     while time.monotonic() < deadline:
-        if stats.exists():
-            stored = sum(t["pages"] for t in json.loads(stats.read_text())["store"]["tiers"])
-            if stored >= pages:
-                return
+        stored = _stored_pages(stats)
+        if stored >= pages:
+            return
         time.sleep(1.0)
     pytest.fail(f"speckv stored {stored} of {pages} pages within {timeout_s:.0f} s")
 
@@ -151,6 +154,63 @@ def test_replay_against_a_real_server(speckv_server, tmp_path):
     backend = json.loads(stats.read_text())
     assert not backend.get("verify_failures"), f"pages failed verification; see {server.log_path}"
     assert warm["cached_tokens"]["storage"] > full // 2
+
+
+def _multiturn_trace(path: Path, sessions: int, turns: int, system_blocks: int, first_blocks: int) -> Path:
+    """Mooncake JSONL of multi-turn sessions: every first turn is ``system_blocks`` blocks
+    that all sessions share plus its own blocks (``first_blocks`` in all), and each later
+    turn repeats the previous prompt and adds one block. Hash ids from 10^9 on: no block
+    of the bundled trace."""
+    lines = []
+    for s in range(sessions):
+        ids = list(range(10**9, 10**9 + system_blocks))
+        ids += [10**9 + 1000 * (s + 1) + k for k in range(first_blocks - system_blocks)]
+        for t in range(turns):
+            if t:
+                ids = [*ids, 10**9 + 1000 * (s + 1) + 100 * t]
+            lines.append({"timestamp": s * 1000 + t * 60_000, "input_length": 512 * len(ids),
+                          "output_length": 64, "hash_ids": list(ids)})
+    lines.sort(key=lambda r: r["timestamp"])
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.server
+def test_multiturn_sessions_restore_from_l3(speckv_server, tmp_path):
+    """Issue #9: sessions sharing a system prompt, replayed after /flush_cache. Once the
+    first session has put the shared prefix back on the device, the others lack only their
+    own pages; SGLang's default prefetch threshold (256 tokens) skipped L3 for them, `speckv
+    serve` sets it to the page size. Every turn must find every full page of its prompt in
+    some tier, and each session's first turn must take what the device lacks from L3."""
+    server, stats = speckv_server
+    first_blocks = 2
+    trace = _multiturn_trace(tmp_path / "sessions.jsonl", sessions=3, turns=2, system_blocks=1,
+                             first_blocks=first_blocks)
+    # 32-token blocks, 4 output tokens: every prompt is whole pages, so the pages a turn
+    # stores are exactly its prompt's pages (page_keys). One request at a time, in trace
+    # order (speedup): the first session restores the shared prefix, the others find it.
+    args = ["replay", "--trace", str(trace), "--url", server.url, "--block-tokens", "32", "--max-output-tokens", "4",
+            "--speedup", "1000", "--concurrency", "1", "--seed", "9", "--no-progress"]
+    requests_ = load_trace(trace, block_tokens=32, max_output_tokens=4)
+    pages = len({k for r in requests_ for k in page_keys([(c.key, c.n_tokens) for c in r.chunks], CPU_PAGE_SIZE)})
+    before = _stored_pages(stats)
+
+    assert main([*args, "--report", str(tmp_path / "cold")]) == 0, server.log_tail()
+    _wait_for_pages(stats, before + pages, timeout_s=300)
+    assert main([*args, "--report", str(tmp_path / "warm")]) == 0, server.log_tail()
+
+    warm = json.loads((tmp_path / "warm" / "replay.json").read_text())["runs"][0]["requests"]
+    assert [r["error"] for r in warm] == [None] * len(requests_)
+    first_turns = 0
+    for req, res in zip(requests_, warm):
+        full = (req.prompt_tokens - 1) // CPU_PAGE_SIZE * CPU_PAGE_SIZE  # what SGLang can match
+        cached = res["cached"]
+        where = f"request {req.index} (hash ids from {req.chunks[-1].key}): {cached} of {full} matchable tokens"
+        assert cached["device"] + cached["host"] + cached["storage"] == full, where
+        if len(req.chunks) == first_blocks:  # a first turn: the device holds at most the shared block
+            first_turns += 1
+            assert cached["storage"] >= full - 32 > 0, where
+    assert first_turns == 3
 
 
 @pytest.mark.server

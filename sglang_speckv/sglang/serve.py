@@ -20,6 +20,11 @@ Defaults (each is what SGLang needs for speckv to work as intended):
   position from its prefix keys; merged into any ``--hicache-storage-backend-extra-config``
   JSON given. ``--speckv-config F`` adds ``config_file: F`` (the TOML of
   sglang_speckv/config.py; extra-config keys override the file's).
+- extra config ``prefetch_threshold``: the page size, so that L3 serves every stored page
+  a request lacks. SGLang's default (256 tokens) skips L3 whenever the part of a prompt
+  beyond its device/host match is shorter than that: in multi-turn traffic, every session
+  that arrives after another has put the shared system prompt on the device. The
+  trade-off: docs/TUNING.md, "The prefetch threshold".
 - ``--host 127.0.0.1``.
 - No CUDA: SGLANG_USE_CPU_ENGINE=1 and the CPU-engine flags that work with our
   compatibility fixes (sglang_speckv/sglang/cpu_compat): ``--device cpu --attention-backend
@@ -142,6 +147,11 @@ def build_command(
         except json.JSONDecodeError as e:
             raise SystemExit(f"speckv serve: {EXTRA_CONFIG_FLAG} is not valid JSON: {e}") from e
         extra.setdefault("hicache_storage_pass_prefix_keys", True)
+        if "prefetch_threshold" not in extra:
+            page_size = _value(args, "--page-size")
+            if not page_size.isdigit():
+                raise SystemExit(f"speckv serve: --page-size must be a positive integer, got {page_size!r}")
+            extra["prefetch_threshold"] = int(page_size)
         if speckv_config:
             if storage != "speckv":
                 raise SystemExit("speckv serve: --speckv-config applies to --hicache-storage speckv only")
