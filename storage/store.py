@@ -430,19 +430,32 @@ class TieredStore:
 
 def store_command(parser: argparse.ArgumentParser):
     """``speckv store [--config FILE] [--check]``: each tier's occupancy as JSON (every
-    namespace); ``--check`` also audits every tier's indexes and counters against its pages
-    and exits 1 if any is inconsistent."""
+    namespace); ``--check`` first verifies each tier's LMDB file in a child process (a
+    damaged one is reported, exit 1, and left in place), then audits every tier's indexes
+    and counters against its pages and exits 1 if any is inconsistent."""
     parser.add_argument("--config", help="TOML file (default: the built-in defaults)")
     parser.add_argument("--check", action="store_true", help="audit each tier (reads all of it)")
 
     def run(args: argparse.Namespace) -> int:
         from sglang_speckv.config import ConfigError, load_config
 
-        from .env import StoreError
+        from .env import StoreError, verify_env
 
         try:
-            store = TieredStore(load_config(args.config))
-        except (ConfigError, StoreError) as e:
+            config = load_config(args.config)
+        except ConfigError as e:
+            print(f"speckv store: {e}", file=sys.stderr)
+            return 1
+        if args.check:  # walk each tier in a child process first: damage is reported, not met
+            damaged = {tier.name: [f"damaged: {problem}"] for tier in config.tiers
+                       if os.path.exists(os.path.join(tier.path, "data.mdb"))
+                       and (problem := verify_env(tier.path)) is not None}
+            if damaged:
+                print(json.dumps({"problems": damaged}, indent=1))
+                return 1
+        try:
+            store = TieredStore(config)
+        except StoreError as e:
             print(f"speckv store: {e}", file=sys.stderr)
             return 1
         with store:
