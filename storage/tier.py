@@ -285,8 +285,11 @@ class _Writer:
         self.recount = False  # rebuild the counters before saving them
         counters = _read_counters(txn, tier._state)
         pages = self._entries(tier._pages)
+        # Sane counters: the pages counter matches the tree, and the values counted fit
+        # into the file (a bit flip in a counter sends it far off).
         if (None in counters.values() or counters[b"pages"] != pages
-                or counters[b"bytes"] < HEADER_SIZE * pages):
+                or not HEADER_SIZE * pages <= counters[b"bytes"]
+                <= HEADER_SIZE * pages + tier.env.lmdb.info()["map_size"]):
             self._recount()
         else:
             self.counters = counters
@@ -461,7 +464,9 @@ class _Writer:
                     self.touch(key)
                     found = cursor.set_range(entry)
                     continue
-                victims.append(self.remove(key, keep))
+                victim = self.remove(key, keep)
+                if victim is not None:
+                    victims.append(victim)
                 restart = min(entry, self.new_leaf) if self.new_leaf and not by_key else entry
                 found = cursor.set_range(restart)
                 if found and bytes(cursor.key()) == entry:  # the delete missed it: damage
