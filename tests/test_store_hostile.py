@@ -382,3 +382,20 @@ def test_killed_reader_does_not_grow_the_file(tmp_path):
         size = os.path.getsize(tmp_path / "ram" / "data.mdb")
         assert size <= 2 * capacity + env_module.MIN_GROWTH, size
         audit(store)
+
+
+def test_lmdb_errors_at_run_time_are_misses_and_false(tmp_path):
+    """Every entry point with a tier whose environment fails (here: closed under the store,
+    so each LMDB call raises lmdb.Error): misses, False, zeros, never an exception."""
+    with deadline(30), TieredStore(config_of(tmp_path, 30 * 3024, "1MiB"), NS) as store:
+        keys = _put_chains(store, chains=2)
+        store.tiers[1].env.lmdb.close()
+        assert store.put(["x"], [value_of("x")]) in ([True], [False])
+        store.tiers[0].env.lmdb.close()
+        assert store.get(keys) == [None] * len(keys)
+        assert store.exists_prefix(keys) == 0
+        assert store.put(["y"], [value_of("y")]) == [False]
+        assert [t["pages"] for t in store.stats()["tiers"]] == [0, 0]
+        store.flush()
+        store.clear()
+        store.tiers = []  # closed already
