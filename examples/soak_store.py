@@ -88,7 +88,7 @@ with TieredStore(config, b"soak-ns!") as store:
     got = store.get(keys)
     missing = [k for k, v in zip(keys, got) if v is None]
     wrong = sum(v is not None and bytes(v) != random.Random(k).randbytes(3000) for k, v in zip(keys, got))
-    problems = sum(len(t.audit()) for t in store.tiers)
+    problems = [f"{t.name}: {p}" for t in store.tiers for p in t.audit()]
     stats = store.stats()
     if damage == "record":  # one damaged bookkeeping record, written behind the store's back
         rng = random.Random(seed)
@@ -224,7 +224,12 @@ def main() -> None:
         seen = json.loads(check.stdout)
         n["pages checked"] += len(acked)
         n["wrong bytes"] += seen["wrong"]
-        n["audit problems"] += seen["problems"]
+        n["audit problems"] += len(seen["problems"])
+        for problem in seen["problems"]:
+            print(f"round {round_}: audit: {problem}", file=sys.stderr)
+        if seen["sizes"][0] > bounds[0]:
+            print(f"round {round_}: ram data.mdb {seen['sizes'][0]} > bound {bounds[0]}",
+                  file=sys.stderr)
         n["records repaired/corrupt pages"] += seen["damaged"]
         n["tiers quarantined"] = seen["quarantined"]
         for key in seen["missing"]:

@@ -36,6 +36,14 @@ Sync settings (``tiers[].sync``; docs/STORAGE.md has the full story):
 - ``full``: both fsynced: a commit is durable.
 A killed process (SIGKILL) loses nothing committed under any setting: the kernel holds the
 written pages.
+
+Damage. LMDB trusts its file: some damaged B-tree pages make it fail an assertion and abort
+the process, a truncated file is a SIGBUS. So before this process opens an environment, a
+child process walks it (``verify_env``); if the child fails, the files are moved aside into
+``damaged-<time>-<pid>/`` and the tier starts empty (logged), unless another process has the
+environment open (a StoreError at start-up then). Reader slots of dead processes are freed
+at open, every READER_CHECK_SECONDS by writers, and before any growth of the map, so a
+killed reader cannot make the file grow without bound.
 """
 
 from __future__ import annotations
@@ -75,6 +83,12 @@ _NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
 # Reader slots of dead processes (SIGKILL) pin the pages their snapshots use, so the file
 # grows: every write frees them at most this often, and before any growth of the map.
 READER_CHECK_SECONDS = 1.0
+# The file's soft bound: 2 x capacity + MIN_GROWTH. Growth steps stop at it, and a write
+# that would grow the map past it first waits up to FULL_WAITS x FULL_WAIT_SECONDS for
+# concurrent readers to let go of the pages their snapshots pin (under load, a reading
+# thread descheduled inside its transaction holds pages every commit meanwhile frees).
+FULL_WAITS = 3
+FULL_WAIT_SECONDS = 0.02
 # A verification of a tier at open (a child process walking every database) that takes
 # longer than this counts as failed (a damaged tree can make a walk loop).
 VERIFY_TIMEOUT_SECONDS = 600
@@ -164,6 +178,7 @@ class Env:
         self.where = where
         self.users = 0
         self.key = (os.path.realpath(path), os.getpid())  # its entry in _REGISTRY
+        self.soft_limit = (2 * capacity + MIN_GROWTH) // 4096 * 4096
         self._lock = SharedLock()
         room = _room(path)
         if capacity > room:
@@ -310,6 +325,7 @@ class Env:
         if time.monotonic() - self._reader_checked >= READER_CHECK_SECONDS:
             self._reader_checked = time.monotonic()
             self.lmdb.reader_check()
+        waits = 0
         while True:
             with self._lock.shared():
                 try:
@@ -329,6 +345,9 @@ class Env:
                     raise
             if seen is None:
                 self._adopt_new_size()
+            elif seen >= self.soft_limit and waits < FULL_WAITS:
+                waits += 1
+                time.sleep(FULL_WAIT_SECONDS)  # then retry: readers may have let go
             else:
                 self._grow(seen)
 
@@ -347,7 +366,10 @@ class Env:
                 return  # a dead process's snapshot pinned freed pages: retry without growing
             size = _file_size(self.path)
             if size <= current:  # else another process grew it already: adopt that
-                size = min(current + max(current // 4, MIN_GROWTH), _room(self.path))
+                size = current + max(current // 4, MIN_GROWTH)
+                if current < self.soft_limit:
+                    size = min(size, self.soft_limit)
+                size = min(size, _room(self.path))
                 if size <= current:
                     raise NoRoom(f"{self.where}: the store in {self.path} is full and its "
                                  "filesystem has no room to grow it")

@@ -16,8 +16,14 @@ transaction per ``put``. A tier over capacity evicts its coldest chain tails; th
 the next tier (re-coded by that tier's ``recode`` hook, if set) or, from the last tier, are
 dropped. A read finds a page in whichever tier holds it; with ``promote_on_hit`` a page
 found below the first tier moves back up. Demotions copy first and delete second (a dry
-run finds what a commit will evict), so a crash can leave a page in two tiers, never in
-none; a promotion deletes first (see ``_promote``).
+run finds what a commit will evict, they are copied down, and the commit may evict only
+those), so a crash can leave a page in two tiers, never in none, with any number of
+processes; a promotion deletes first (see ``_promote``).
+
+Damage never escapes as an exception: LMDB errors and records that do not parse become
+misses and failed writes (logged), bookkeeping records are repaired in place (counted as
+``damaged``), and a tier whose file fails the open-time check is moved aside
+(storage/env.py).
 
 Recency is kept in LMDB (shared by all processes), but a read does not write: accesses are
 remembered in memory and written with this process's next write to that tier, or by a read
@@ -28,7 +34,7 @@ when a process dies are forgotten. Both only make eviction slightly less exact.
 Thread-safe: SGLang's backup, prefetch and prefetch-I/O threads may share one store, and
 several processes may open the same tiers (storage/env.py).
 
-Event counters (hits, misses, corrupt, promotions, demotions, evictions) count what this
+Event counters (hits, misses, corrupt, damaged, promotions, demotions, evictions) count what this
 process did since it opened the store; occupancy (pages, bytes, raw bytes) is read from the
 tiers and covers every process and namespace sharing them.
 """
@@ -250,7 +256,8 @@ class TieredStore:
     def stats(self) -> dict:
         """Per tier: occupancy (pages, bytes with headers, raw bytes) read from the tier, for
         all processes, and this process's events: ``hits`` and ``misses`` of lookups in that
-        tier, ``corrupt`` pages found, ``promotions`` out of it, ``demotions`` to the next
+        tier, ``corrupt`` pages found, ``damaged`` bookkeeping records repaired or dropped,
+        ``promotions`` out of it, ``demotions`` to the next
         tier, ``evictions`` out of the store. Top level: keys found in some tier (``hits``)
         and in none (``misses``)."""
         self._in_this_process()

@@ -30,7 +30,15 @@ index, read in the same pass) is not evicted but touched, as in use, and the sea
 on; if every leaf turns out to be such a page, the coldest goes anyway. Every insert,
 touch and removal is a constant number of B-tree operations, O(log n). Should no leaf exist
 while over capacity (only possible with a cycle of parent links, i.e. bad input), pages go
-in key order, so capacity always holds.
+in key order. A commit may be told which pages it may evict (``movable``: those the store
+has copied to the next tier); it then evicts no other and may stay over capacity.
+
+Damage. Every record read from the file is untrusted: counters that do not parse or do not
+fit the tree are rebuilt from the pages, index entries naming no page or the wrong tick are
+dropped or put right, a removal subtracts the length its header recorded (and rebuilds the
+counters if the stored value disagrees), and the eviction walk has a step budget, so a
+damaged index ends it instead of looping inside a write transaction. What was repaired is
+counted (``Commit.damaged``). A damaged B-tree itself is caught at open (storage/env.py).
 """
 
 from __future__ import annotations
