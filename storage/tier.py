@@ -111,6 +111,7 @@ class Tier:
         bytes) or into new bytearrays. A value larger than its ``out`` buffer reads as absent.
         Not verified: see record.verify."""
         pages: list[Page | None] = []
+        max_key = self.env.lmdb.max_key_size()
         with self.env.read() as txn:
             for i, key in enumerate(keys):
                 value = txn.get(key, db=self._pages)
@@ -119,6 +120,8 @@ class Tier:
                     pages.append(None)
                     continue
                 meta = _parse_meta(meta)
+                if len(meta.parent) > max_key:  # damaged: no such key exists
+                    meta = meta._replace(parent=b"")
                 header = meta.header
                 if out is None:
                     copy = bytearray(value)
@@ -297,7 +300,8 @@ class _Writer:
         # into the file (a bit flip in a counter sends it far off).
         if (None in counters.values() or counters[b"pages"] != pages
                 or not HEADER_SIZE * pages <= counters[b"bytes"]
-                <= HEADER_SIZE * pages + tier.env.lmdb.info()["map_size"]):
+                <= HEADER_SIZE * pages + tier.env.lmdb.info()["map_size"]
+                or counters[b"raw_bytes"] > pages << 32):  # no page is 4 GiB raw
             self._recount()
         else:
             self.counters = counters
@@ -338,8 +342,28 @@ class _Writer:
         meta = _parse_meta(mv)
         if meta.parent and not self._key_ok(meta.parent):
             self.damaged += 1
-            return meta._replace(parent=b"")
+            return meta._replace(tick=None, parent=b"")  # links unknown: treat as damaged
         return meta
+
+    def _unlink_damaged(self, key: bytes) -> None:
+        """Delete the index rows of ``key``, whose meta entry (tick, parent) was damaged: a
+        scan of both indexes (O(pages); only on damage)."""
+        parents = []
+        for db, mine in ((self.t._leaves, lambda k, v: k[_TICK.size:] == key),
+                         (self.t._children, lambda k, v: v == key)):
+            cursor = self.txn.cursor(db=db)
+            found = cursor.first()
+            while found:
+                if mine(bytes(cursor.key()), bytes(cursor.value())):
+                    if db == self.t._children:
+                        parents.append(bytes(cursor.key()))
+                    found = _delete_here(cursor)
+                else:
+                    found = cursor.next()
+        for parent in parents:  # a parent here whose last child this was is a leaf now
+            meta = self._meta(parent)
+            if meta is not None and meta.tick is not None and not self._has_children(parent):
+                self.txn.put(_TICK.pack(meta.tick) + parent, b"", db=self.t._leaves)
 
     def _has_children(self, key: bytes) -> bool:
         return self.txn.cursor(db=self.t._children).set_key(key)
@@ -400,6 +424,9 @@ class _Writer:
         txn.delete(key, db=t._meta)
         if meta.tick is not None:
             txn.delete(_TICK.pack(meta.tick) + key, db=t._leaves)
+        else:
+            self._unlink_damaged(key)
+            self.recount = True
         if meta.parent:
             txn.delete(meta.parent, key, db=t._children)
             parent_meta = self._meta(meta.parent)

@@ -125,9 +125,11 @@ def test_two_writers_sigkilled_lose_no_acknowledged_page(tmp_path):
             lost = [k for k, v in zip(keys, got) if v is None]
             assert lost == [], f"round {round_}: {len(lost)} acknowledged pages lost, e.g. {lost[:3]}"
             assert all(bytes(v) == value_of(k) for k, v in zip(keys, got))
+            # A writer killed between a commit and the round that moves its batch down may
+            # leave the tier over capacity; the next write restores it.
+            assert store.put([f"after{round_}"], [value_of(f"after{round_}")]) == [True]
             audit(store)
-            demotions = store.tiers[0].counters()["pages"]
-    assert sum(len(b) for b in done.values()) > 100 and demotions >= 0
+    assert sum(len(b) for b in done.values()) > 100
 
 
 # --- damaged LMDB files: verified in a child at open, quarantined, never an abort ------------
@@ -321,8 +323,7 @@ def test_damaged_records_are_repaired_not_raised(tmp_path, damage):
             assert stats["tiers"][0]["damaged"] + stats["tiers"][0]["corrupt"] > 0
         store.flush()
         store.put(["last"], [value_of("last")])  # one more write repairs what reads found
-        if damage not in ("bad parent", "short meta"):
-            audit(store)  # (a lost parent link leaves its children row: audit names it)
+        audit(store)
         store.clear()
         assert [t["pages"] for t in store.stats()["tiers"]] == [0, 0]
 
