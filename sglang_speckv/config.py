@@ -125,6 +125,8 @@ def parse_size(value: Any, where: str = "size") -> int:
 
 def _parse_path(value: Any, where: str) -> str:
     path = os.path.expanduser(_parse_str(value, where))
+    if "\0" in path:
+        raise ConfigError(f"{where}: {value!r} contains a NUL byte; no file name can")
     if not os.path.isabs(path):
         raise ConfigError(f"{where}: {value!r} is not an absolute path")
     return os.path.normpath(path)
@@ -242,19 +244,22 @@ def _check(config: Any) -> None:
     if not config.tiers:
         raise ConfigError("tiers: at least one tier is needed")
     seen_names: dict[str, int] = {}
-    seen_paths: dict[str, int] = {}
+    seen_paths: dict[str, int] = {}  # by the directory they resolve to (symlinks followed)
     for i, tier in enumerate(config.tiers):
+        real = os.path.realpath(tier.path)
         if tier.name in seen_names:
             raise ConfigError(f"tiers[{i}].name: {tier.name!r} is already "
                               f"tiers[{seen_names[tier.name]}]'s name")
-        if tier.path in seen_paths:
-            raise ConfigError(f"tiers[{i}].path: {tier.path!r} is already "
-                              f"tiers[{seen_paths[tier.path]}]'s path; each tier needs its own "
-                              "directory")
+        if real in seen_paths:
+            other = seen_paths[real]
+            same = ("" if config.tiers[other].path == tier.path
+                    else f" ({config.tiers[other].path!r} resolves to {real!r} too)")
+            raise ConfigError(f"tiers[{i}].path: {tier.path!r} is already tiers[{other}]'s "
+                              f"path{same}; each tier needs its own directory")
         if tier.capacity <= 0:
             raise ConfigError(f"tiers[{i}].capacity: must be more than 0 bytes")
         seen_names[tier.name] = i
-        seen_paths[tier.path] = i
+        seen_paths[real] = i
 
 
 Config = _dataclass("Config", FIELDS)
@@ -276,6 +281,10 @@ def load_config(toml_path: str | os.PathLike | None = None, overrides: dict | No
             raise ConfigError(f"config file {os.fspath(toml_path)!r}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {os.fspath(toml_path)!r}: invalid TOML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {os.fspath(toml_path)!r}: not UTF-8 text (byte "
+                              f"{e.start}: {e.object[e.start:e.start + 1]!r}); TOML files are "
+                              "UTF-8") from e
     for key, value in (overrides or {}).items():
         if key not in SGLANG_EXTRA_CONFIG_KEYS:
             table[key] = value

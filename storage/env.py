@@ -36,6 +36,14 @@ Sync settings (``tiers[].sync``; docs/STORAGE.md has the full story):
 - ``full``: both fsynced: a commit is durable.
 A killed process (SIGKILL) loses nothing committed under any setting: the kernel holds the
 written pages.
+
+Damage. LMDB trusts its file: some damaged B-tree pages make it fail an assertion and abort
+the process, a truncated file is a SIGBUS. So before this process opens an environment, a
+child process walks it (``verify_env``); if the child fails, the files are moved aside into
+``damaged-<time>-<pid>/`` and the tier starts empty (logged), unless another process has the
+environment open (a StoreError at start-up then). Reader slots of dead processes are freed
+at open, every READER_CHECK_SECONDS by writers, and before any growth of the map, so a
+killed reader cannot make the file grow without bound.
 """
 
 from __future__ import annotations
@@ -43,14 +51,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import lmdb
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # layout of the named databases (storage/tier.py); stored under b"schema"
 DB_NAMES = (b"pages", b"meta", b"leaves", b"children", b"state")
@@ -67,6 +80,18 @@ _SYNC_FLAGS = {"none": (False, False), "data": (True, False), "full": (True, Tru
 # Errors of a commit that mean the filesystem refused the write: ENOSPC, or EIO when a
 # write comes back short; EDQUOT and EFBIG are limits too.
 _NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
+# Reader slots of dead processes (SIGKILL) pin the pages their snapshots use, so the file
+# grows: every write frees them at most this often, and before any growth of the map.
+READER_CHECK_SECONDS = 1.0
+# The file's soft bound: 2 x capacity + MIN_GROWTH. Growth steps stop at it, and a write
+# that would grow the map past it first waits up to FULL_WAITS x FULL_WAIT_SECONDS for
+# concurrent readers to let go of the pages their snapshots pin (under load, a reading
+# thread descheduled inside its transaction holds pages every commit meanwhile frees).
+FULL_WAITS = 3
+FULL_WAIT_SECONDS = 0.02
+# A verification of a tier at open (a child process walking every database) that takes
+# longer than this counts as failed (a damaged tree can make a walk loop).
+VERIFY_TIMEOUT_SECONDS = 600
 _UNSYNCED_MARKER = "unsynced_boot"
 _OPEN_LOCK = "speckv.lock"
 _LMDB_FILES = ("data.mdb", "lock.mdb")
@@ -153,6 +178,7 @@ class Env:
         self.where = where
         self.users = 0
         self.key = (os.path.realpath(path), os.getpid())  # its entry in _REGISTRY
+        self.soft_limit = (2 * capacity + MIN_GROWTH) // 4096 * 4096
         self._lock = SharedLock()
         room = _room(path)
         if capacity > room:
@@ -164,6 +190,7 @@ class Env:
         try:
             with self._file_lock():
                 self._forget_unsynced_writes_after_reboot()
+                self._quarantine_if_damaged()
                 first = max(_file_size(path), min(capacity, FIRST_MAP_SIZE), MIN_GROWTH)
                 self.lmdb = lmdb.open(
                     path, map_size=first, subdir=True,
@@ -180,6 +207,7 @@ class Env:
                              "check that the directory is writable and has room") from e
         try:
             self.lmdb.reader_check()  # free reader slots of processes that died (SIGKILL)
+            self._reader_checked = time.monotonic()
             self.dbs = self._open_dbs()
         except BaseException:
             self.close()
@@ -207,6 +235,30 @@ class Env:
         if getattr(self, "_data_fd", None) is not None:
             os.close(self._data_fd)
             self._data_fd = None
+
+    def _quarantine_if_damaged(self) -> None:
+        """Verify the environment in a child process (LMDB aborts the process on some damaged
+        trees, so this one must not be the first to walk them); a damaged one is moved aside
+        into ``damaged-<time>-<pid>/`` in the tier's directory and the tier starts empty."""
+        if _file_size(self.path) == 0:
+            return
+        problem = verify_env(self.path)
+        if problem is None:
+            return
+        if _in_use_elsewhere(self.path):
+            raise StoreError(
+                f"{self.where}.path: the LMDB store in {self.path} is damaged ({problem}) and "
+                "open in another process; stop the processes using it and start again (it "
+                "will be moved aside), or delete the directory (it is a cache)")
+        aside = os.path.join(self.path, time.strftime("damaged-%Y%m%dT%H%M%SZ", time.gmtime())
+                             + f"-{os.getpid()}")
+        os.makedirs(aside)
+        for name in _LMDB_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(os.path.join(self.path, name), os.path.join(aside, name))
+        logger.error("speckv store: %s: the LMDB store in %s is damaged (%s); moved it to %s "
+                     "and starting the tier empty (delete that directory once inspected)",
+                     self.where, self.path, problem, aside)
 
     def _forget_unsynced_writes_after_reboot(self) -> None:
         marker = os.path.join(self.path, _UNSYNCED_MARKER)
@@ -270,6 +322,10 @@ class Env:
         """Run ``body(txn)`` in one write transaction and commit it (or abort it: a dry run).
         ``body`` may run again (from scratch) after the map grows, so it must keep its effects
         inside the transaction."""
+        if time.monotonic() - self._reader_checked >= READER_CHECK_SECONDS:
+            self._reader_checked = time.monotonic()
+            self.lmdb.reader_check()
+        waits = 0
         while True:
             with self._lock.shared():
                 try:
@@ -289,6 +345,9 @@ class Env:
                     raise
             if seen is None:
                 self._adopt_new_size()
+            elif seen >= self.soft_limit and waits < FULL_WAITS:
+                waits += 1
+                time.sleep(FULL_WAIT_SECONDS)  # then retry: readers may have let go
             else:
                 self._grow(seen)
 
@@ -302,14 +361,99 @@ class Env:
             current = self.lmdb.info()["map_size"]
             if current > seen:
                 return  # another thread grew it meanwhile
+            self._reader_checked = time.monotonic()
+            if self.lmdb.reader_check():
+                return  # a dead process's snapshot pinned freed pages: retry without growing
             size = _file_size(self.path)
             if size <= current:  # else another process grew it already: adopt that
-                size = min(current + max(current // 4, MIN_GROWTH), _room(self.path))
+                size = current + max(current // 4, MIN_GROWTH)
+                if current < self.soft_limit:
+                    size = min(size, self.soft_limit)
+                size = min(size, _room(self.path))
                 if size <= current:
                     raise NoRoom(f"{self.where}: the store in {self.path} is full and its "
                                  "filesystem has no room to grow it")
                 self._allocate(current, size)
             self.lmdb.set_mapsize(size)
+
+
+# The verification run in a child process: open the environment read-only, check that the
+# file holds every page the meta page says is used, walk every database (keys in order,
+# every key found again by a search, the first and last byte of every value touched: a page
+# past the end of the file is a SIGBUS), and print "ok". Any other outcome is damage.
+_VERIFY = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import lmdb
+path, dupsort = sys.argv[2], set(sys.argv[3].encode().split(b","))
+env = lmdb.open(path, readonly=True, max_dbs=16, subdir=True, lock=True, max_spare_txns=0)
+info, stat = env.info(), env.stat()
+size = os.path.getsize(os.path.join(path, "data.mdb"))
+if (info["last_pgno"] + 1) * stat["psize"] > size:
+    sys.exit(f"truncated: {size} bytes, pages used up to {(info['last_pgno'] + 1) * stat['psize']}")
+def walk(txn, db, dup):
+    n, last = 0, None
+    cursor, probe = txn.cursor(db=db), txn.cursor(db=db)
+    for key, value in cursor:
+        item = (bytes(key), bytes(value) if dup else b"")
+        if last is not None and item <= last:
+            sys.exit("keys out of order")
+        if not (probe.set_key_dup(*item) if dup else probe.set_key(item[0])):
+            sys.exit("a key a search cannot find")
+        if len(value):
+            value[0], value[-1]
+        n, last = n + 1, item
+    if n != txn.stat(db)["entries"]:
+        sys.exit("entry count differs from the tree's")
+    return n
+with env.begin(buffers=True) as txn:
+    names = [bytes(k) for k, _ in txn.cursor()]
+    walk(txn, None, False)
+    for name in names:
+        try:
+            db = env.open_db(name, txn=txn, dupsort=name in dupsort, create=False)
+        except lmdb.IncompatibleError:
+            continue  # not a database: a foreign store, refused after open
+        walk(txn, db, name in dupsort)
+print("ok")
+"""
+
+
+def verify_env(path: str) -> str | None:
+    """None if the LMDB environment in ``path`` reads back whole, else what is wrong. Runs in
+    a child process: LMDB answers some damage (a bad B-tree page, a truncated file) with an
+    assertion that aborts the process, or a SIGBUS."""
+    lmdb_dir = os.path.dirname(os.path.dirname(os.path.abspath(lmdb.__file__)))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _VERIFY, lmdb_dir, path,
+             ",".join(name.decode() for name in DUPSORT_DBS)],
+            capture_output=True, text=True, timeout=VERIFY_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        return f"verifying it took over {VERIFY_TIMEOUT_SECONDS} s"
+    if done.returncode == 0 and done.stdout.strip() == "ok":
+        return None
+    lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
+    if done.returncode < 0:
+        return f"reading it killed the reader with signal {-done.returncode}: {lines[-1]}"
+    return lines[-1]
+
+
+def _in_use_elsewhere(path: str) -> bool:
+    """Another process has the environment open: it holds a shared fcntl lock on the first
+    byte of lock.mdb (LMDB's own test for exclusive use). Only for an environment this
+    process has not opened (closing any descriptor of lock.mdb drops our own LMDB locks)."""
+    try:
+        fd = os.open(os.path.join(path, "lock.mdb"), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 _REGISTRY: dict[tuple[str, int], Env] = {}

@@ -48,6 +48,15 @@ def seal(key: bytes, value) -> bytes:
     return head + _SUM.pack(_checksum(key, head, value))
 
 
+def recorded_length(header) -> int | None:
+    """The value length ``header`` records (None if it is not a header of this version):
+    what a removal subtracts from the tier's byte counter, whatever the stored value became."""
+    if len(header) != HEADER_SIZE:
+        return None
+    magic, version, length = _HEAD.unpack_from(header)
+    return length if magic == MAGIC and version == RECORD_VERSION else None
+
+
 def verify(key: bytes, header, value) -> bool:
     """True iff ``header`` is an intact header of this version for ``value`` under ``key``."""
     if len(header) != HEADER_SIZE:

@@ -16,8 +16,14 @@ transaction per ``put``. A tier over capacity evicts its coldest chain tails; th
 the next tier (re-coded by that tier's ``recode`` hook, if set) or, from the last tier, are
 dropped. A read finds a page in whichever tier holds it; with ``promote_on_hit`` a page
 found below the first tier moves back up. Demotions copy first and delete second (a dry
-run finds what a commit will evict), so a crash can leave a page in two tiers, never in
-none; a promotion deletes first (see ``_promote``).
+run finds what a commit will evict, they are copied down, and the commit may evict only
+those), so a crash can leave a page in two tiers, never in none, with any number of
+processes; a promotion deletes first (see ``_promote``).
+
+Damage never escapes as an exception: LMDB errors and records that do not parse become
+misses and failed writes (logged), bookkeeping records are repaired in place (counted as
+``damaged``), and a tier whose file fails the open-time check is moved aside
+(storage/env.py).
 
 Recency is kept in LMDB (shared by all processes), but a read does not write: accesses are
 remembered in memory and written with this process's next write to that tier, or by a read
@@ -28,7 +34,7 @@ when a process dies are forgotten. Both only make eviction slightly less exact.
 Thread-safe: SGLang's backup, prefetch and prefetch-I/O threads may share one store, and
 several processes may open the same tiers (storage/env.py).
 
-Event counters (hits, misses, corrupt, promotions, demotions, evictions) count what this
+Event counters (hits, misses, corrupt, damaged, promotions, demotions, evictions) count what this
 process did since it opened the store; occupancy (pages, bytes, raw bytes) is read from the
 tiers and covers every process and namespace sharing them.
 """
@@ -39,6 +45,7 @@ import argparse
 import json
 import logging
 import os
+import struct
 import sys
 import threading
 import time
@@ -56,10 +63,13 @@ logger = logging.getLogger(__name__)
 
 _LEAVES_PREFIX = 8  # bytes the leaves index puts before a store key (storage/tier.py)
 _CLEAR_BATCH = 1024  # pages removed per transaction by clear(): bounds one txn's dirty pages
+# Plan-copy-commit rounds of one write: one, unless another process changed the tier between
+# a dry run and its commit, or a batch is larger than the tier.
+_ROUNDS = 4
 # What a store operation survives as a miss or a failed write, logged: LMDB's errors (e.g. a
-# damaged file, EIO) and a full filesystem.
-_WRITE_FAILURES = (lmdb.Error, NoRoom)
-EVENTS = ("hits", "misses", "corrupt", "promotions", "demotions", "evictions")
+# damaged file, EIO), a full filesystem, a record that does not parse.
+_FAILURES = (lmdb.Error, NoRoom, struct.error)
+EVENTS = ("hits", "misses", "corrupt", "damaged", "promotions", "demotions", "evictions")
 
 
 def chain_parents(keys: Sequence[str], prefix_key: str | None = None) -> list[str | None]:
@@ -214,7 +224,11 @@ class TieredStore:
         """Remove every page of this store's namespace from every tier."""
         self._in_this_process()
         for t, tier in enumerate(self.tiers):
-            keys = tier.keys_with_prefix(self.namespace)
+            try:
+                keys = tier.keys_with_prefix(self.namespace)
+            except _FAILURES as e:
+                logger.error("speckv store: reading tier %r failed: %s", tier.name, e)
+                keys = []
             for start in range(0, len(keys), _CLEAR_BATCH):
                 self._commit(t, removes=keys[start:start + _CLEAR_BATCH])
             with self._lock:
@@ -242,7 +256,8 @@ class TieredStore:
     def stats(self) -> dict:
         """Per tier: occupancy (pages, bytes with headers, raw bytes) read from the tier, for
         all processes, and this process's events: ``hits`` and ``misses`` of lookups in that
-        tier, ``corrupt`` pages found, ``promotions`` out of it, ``demotions`` to the next
+        tier, ``corrupt`` pages found, ``damaged`` bookkeeping records repaired or dropped,
+        ``promotions`` out of it, ``demotions`` to the next
         tier, ``evictions`` out of the store. Top level: keys found in some tier (``hits``)
         and in none (``misses``)."""
         self._in_this_process()
@@ -250,7 +265,11 @@ class TieredStore:
             events = [dict(e) for e in self._events]
         tiers = []
         for tier, counted in zip(self.tiers, events):
-            counters = tier.counters()
+            try:
+                counters = tier.counters()
+            except _FAILURES as e:
+                logger.error("speckv store: reading tier %r failed: %s", tier.name, e)
+                counters = {"pages": 0, "bytes": 0, "raw_bytes": 0}
             tiers.append({
                 "name": tier.name, "path": tier.config.path, "capacity": tier.capacity,
                 "pages": counters["pages"], "bytes": counters["bytes"],
@@ -298,7 +317,7 @@ class TieredStore:
     def _read(tier: Tier, skeys: list[bytes], out: list | None) -> list:
         try:
             return tier.read(skeys, out)
-        except lmdb.Error as e:  # a damaged tier: its pages are misses
+        except _FAILURES as e:  # a damaged tier: its pages are misses
             logger.error("speckv store: reading tier %r failed: %s", tier.name, e)
             return [None] * len(skeys)
 
@@ -306,7 +325,7 @@ class TieredStore:
     def _present(tier: Tier, skeys: list[bytes]) -> list[bool]:
         try:
             return tier.present(skeys)
-        except lmdb.Error as e:
+        except _FAILURES as e:
             logger.error("speckv store: reading tier %r failed: %s", tier.name, e)
             return [False] * len(skeys)
 
@@ -320,37 +339,70 @@ class TieredStore:
             self._events[t].update(events)
 
     def _commit(self, t: int, inserts: Sequence[Page] = (), removes: Sequence[bytes] = ()) -> list[bool]:
-        """One write transaction on tier t (with the accesses remembered for it). The pages it
-        evicts move down to tier t+1 (recursively), copied there before the commit removes
-        them here, or are dropped from the last tier. A failure to write (a full or failing
-        disk) is logged and reported as False for every insert."""
+        """Write transactions on tier t (with the accesses remembered for it): see ``_move``.
+        A full filesystem makes room by evicting twice the batch's bytes and retries once; a
+        failure to write (a full or failing disk, a damaged file) is logged and reported as
+        False for every insert."""
         with self._lock:
             touches = list(self._pending[t])
             self._pending[t].clear()
+        tier = self.tiers[t]
+        try:
+            try:
+                return self._move(t, inserts, touches, removes)
+            except NoRoom:
+                if not inserts:
+                    raise
+            # The file cannot grow: free twice the bytes the batch needs (a value needs a run
+            # of free pages, and LMDB takes the single pages of B-tree updates out of such
+            # runs), then try once more. LMDB reuses pages freed by transaction N from
+            # transaction N+2 on: one more commit in between.
+            need = 2 * sum(len(page.value) + record.HEADER_SIZE for page in inserts)
+            limit = max(0, tier.counters()["bytes"] - need)
+            self._move(t, limit=limit)
+            self._move(t, limit=limit)
+            return self._move(t, inserts)
+        except NoRoom as e:
+            logger.warning("speckv store: no room in tier %r: %s", tier.name, e)
+        except _FAILURES as e:
+            logger.error("speckv store: writing to tier %r failed: %s", tier.name, e)
+        return [False] * len(inserts)
+
+    def _move(self, t: int, inserts: Sequence[Page] = (), touches: Sequence[bytes] = (),
+              removes: Sequence[bytes] = (), limit: int | None = None) -> list[bool]:
+        """Commit inserts, touches and removes on tier t, evicting down to ``limit`` (default:
+        its capacity). Copies first, deletes second: a dry run (``plan``) finds the victims,
+        they are written to tier t+1 (recursively), and only then may the commit remove them
+        from tier t (``movable``). If other processes changed the tier meanwhile, the commit
+        evicts no page it was not told about and stays over the limit; another round
+        (plan, copy, commit) follows. The last tier drops its victims."""
         tier, above = self.tiers[t], self.tiers[:t]
         last = t == len(self.tiers) - 1
-        copied: set[bytes] = set()
-        try:
+        stored = None
+        for _ in range(_ROUNDS):
+            movable, copied = None, set()
             if not last:
-                incoming = sum(len(page.value) + record.HEADER_SIZE for page in inserts)
-                planned = tier.plan(touches, incoming, above)
+                planned = tier.plan(touches, removes, inserts, above, limit)
+                movable = {page.key for page in planned}  # copied, or refused below: dropped
                 if planned:
                     # Hottest first: commit() gives its first insert the newest tick.
                     down = self._recoded(t, planned[::-1])
-                    failed = {p.key for p, ok in zip(down, self._commit(t + 1, inserts=down)) if not ok}
-                    copied = {page.key for page in planned} - failed  # (or dropped as corrupt)
-            stored, victims = tier.commit(inserts, touches, removes, keep_victims=not last,
-                                          above=above, copied=copied)
-        except _WRITE_FAILURES as e:
-            logger.error("speckv store: writing to tier %r failed: %s", tier.name, e)
-            return [False] * len(inserts)
-        if victims:
-            self._count(t, **{"evictions" if last else "demotions": len(victims)})
-            # Not foreseen by the plan (another process changed the tier meanwhile, the
-            # batch evicted its own pages, or the disk was full): moved now.
-            rest = [page for page in victims if page.key not in copied]
-            if rest and not last:
-                self._commit(t + 1, inserts=self._recoded(t, rest[::-1]))
+                    copied = {p.key for p, ok in zip(down, self._commit(t + 1, inserts=down)) if ok}
+            done = tier.commit(inserts, touches, removes, above=above, movable=movable, limit=limit)
+            if stored is None:
+                stored = done.stored
+            demoted = sum(page.key in copied for page in done.victims)
+            self._count(t, demotions=demoted, evictions=len(done.victims) - demoted,
+                        damaged=done.damaged)
+            if done.damaged:
+                logger.warning("speckv store: %d damaged bookkeeping records in tier %r "
+                               "repaired or dropped", done.damaged, tier.name)
+            if not done.over or last:
+                if done.over:
+                    logger.error("speckv store: eviction in tier %r stopped over its capacity "
+                                 "(damaged index?); `speckv store --check` audits it", tier.name)
+                break
+            inserts = touches = removes = ()
         return stored
 
     def _promote(self, t: int, pages: list[Page]) -> None:
@@ -385,19 +437,32 @@ class TieredStore:
 
 def store_command(parser: argparse.ArgumentParser):
     """``speckv store [--config FILE] [--check]``: each tier's occupancy as JSON (every
-    namespace); ``--check`` also audits every tier's indexes and counters against its pages
-    and exits 1 if any is inconsistent."""
+    namespace); ``--check`` first verifies each tier's LMDB file in a child process (a
+    damaged one is reported, exit 1, and left in place), then audits every tier's indexes
+    and counters against its pages and exits 1 if any is inconsistent."""
     parser.add_argument("--config", help="TOML file (default: the built-in defaults)")
     parser.add_argument("--check", action="store_true", help="audit each tier (reads all of it)")
 
     def run(args: argparse.Namespace) -> int:
         from sglang_speckv.config import ConfigError, load_config
 
-        from .env import StoreError
+        from .env import StoreError, verify_env
 
         try:
-            store = TieredStore(load_config(args.config))
-        except (ConfigError, StoreError) as e:
+            config = load_config(args.config)
+        except ConfigError as e:
+            print(f"speckv store: {e}", file=sys.stderr)
+            return 1
+        if args.check:  # walk each tier in a child process first: damage is reported, not met
+            damaged = {tier.name: [f"damaged: {problem}"] for tier in config.tiers
+                       if os.path.exists(os.path.join(tier.path, "data.mdb"))
+                       and (problem := verify_env(tier.path)) is not None}
+            if damaged:
+                print(json.dumps({"problems": damaged}, indent=1))
+                return 1
+        try:
+            store = TieredStore(config)
+        except StoreError as e:
             print(f"speckv store: {e}", file=sys.stderr)
             return 1
         with store:

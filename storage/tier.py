@@ -30,7 +30,15 @@ index, read in the same pass) is not evicted but touched, as in use, and the sea
 on; if every leaf turns out to be such a page, the coldest goes anyway. Every insert,
 touch and removal is a constant number of B-tree operations, O(log n). Should no leaf exist
 while over capacity (only possible with a cycle of parent links, i.e. bad input), pages go
-in key order, so capacity always holds.
+in key order. A commit may be told which pages it may evict (``movable``: those the store
+has copied to the next tier); it then evicts no other and may stay over capacity.
+
+Damage. Every record read from the file is untrusted: counters that do not parse or do not
+fit the tree are rebuilt from the pages, index entries naming no page or the wrong tick are
+dropped or put right, a removal subtracts the length its header recorded (and rebuilds the
+counters if the stored value disagrees), and the eviction walk has a step budget, so a
+damaged index ends it instead of looping inside a write transaction. What was repaired is
+counted (``Commit.damaged``). A damaged B-tree itself is caught at open (storage/env.py).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from typing import NamedTuple
 import lmdb
 
 from .env import DB_NAMES, NoRoom, close_env, open_env
+from . import record
 from .record import HEADER_SIZE
 
 _META = struct.Struct(f"<QQ{HEADER_SIZE}s")  # tick, raw size, header; then the parent key
@@ -102,6 +111,7 @@ class Tier:
         bytes) or into new bytearrays. A value larger than its ``out`` buffer reads as absent.
         Not verified: see record.verify."""
         pages: list[Page | None] = []
+        max_key = self.env.lmdb.max_key_size()
         with self.env.read() as txn:
             for i, key in enumerate(keys):
                 value = txn.get(key, db=self._pages)
@@ -110,6 +120,8 @@ class Tier:
                     pages.append(None)
                     continue
                 meta = _parse_meta(meta)
+                if len(meta.parent) > max_key:  # damaged: no such key exists
+                    meta = meta._replace(parent=b"")
                 header = meta.header
                 if out is None:
                     copy = bytearray(value)
@@ -139,19 +151,22 @@ class Tier:
         return keys
 
     def counters(self) -> dict[str, int]:
+        """The counters as stored (a damaged one reads 0; the next write rebuilds it)."""
         with self.env.read() as txn:
-            return {name.decode(): _get_u64(txn, name, self._state) for name in COUNTERS}
+            return {name.decode(): value or 0
+                    for name, value in _read_counters(txn, self._state).items()}
 
     def audit(self) -> list[str]:
         """Problems found by checking every invariant above against the files (empty list:
         consistent). Reads the whole tier: for tests and ``speckv store --check``."""
         problems = []
         with self.env.read() as txn:
-            counters = {name: _get_u64(txn, name, self._state) for name in COUNTERS}
+            counters = _read_counters(txn, self._state)
             sizes = {bytes(k): len(v) for k, v in txn.cursor(db=self._pages)}
             meta = {bytes(k): _parse_meta(v) for k, v in txn.cursor(db=self._meta)}
             leaves = {bytes(k) for k, _ in txn.cursor(db=self._leaves)}
             children = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._children)]
+        problems += [f"counter {name.decode()} is damaged" for name, v in counters.items() if v is None]
         if set(meta) != set(sizes):
             problems.append(f"{len(set(meta) ^ set(sizes))} keys in only one of pages/meta")
         if any(m.tick is None for m in meta.values()):
@@ -159,9 +174,9 @@ class Tier:
         found = {b"pages": len(sizes), b"bytes": sum(sizes.values()) + HEADER_SIZE * len(sizes),
                  b"raw_bytes": sum(m.raw_size for m in meta.values())}
         for name, value in found.items():
-            if counters[name] != value:
+            if counters[name] is not None and counters[name] != value:
                 problems.append(f"counter {name.decode()} = {counters[name]}, pages hold {value}")
-        if any((m.tick or 0) > counters[b"tick"] for m in meta.values()):
+        if any((m.tick or 0) > (counters[b"tick"] or 0) for m in meta.values()):
             problems.append("a page's tick is ahead of the tick counter")
         expected_children = sorted((m.parent, k) for k, m in meta.items() if m.parent)
         if sorted(children) != expected_children:
@@ -180,97 +195,136 @@ class Tier:
         inserts: Sequence[Page] = (),
         touches: Sequence[bytes] = (),
         removes: Sequence[bytes] = (),
-        keep_victims: bool = False,
         above: Sequence[Tier] = (),
-        copied: Collection[bytes] = (),
-    ) -> tuple[list[bool], list[Page]]:
+        movable: Collection[bytes] | None = None,
+        limit: int | None = None,
+    ) -> Commit:
         """One write transaction: remove ``removes``, touch ``touches`` (oldest access first),
         insert ``inserts`` (in chain order; a key already here is touched instead), then evict
-        coldest leaves until the tier is within capacity. ``above``: the tiers above this one,
-        whose children indexes keep a chain's pages here from being evicted.
+        coldest leaves until the tier holds at most ``limit`` bytes (default: its capacity).
+        ``above``: the tiers above this one, whose children indexes keep a chain's pages here
+        from being evicted. ``movable``: if given, only these keys may be evicted (copies
+        first, deletes second: the store passes the pages it has already copied to the next
+        tier); the tier may then stay over ``limit`` (``Commit.over``). Raises NoRoom when the
+        filesystem cannot hold the transaction."""
 
-        Returns (stored, victims): ``stored[i]`` is True iff inserts[i] is in the tier after
-        the commit (False: the filesystem has no room even after evicting as many bytes as
-        the batch needs); ``victims`` are the evicted pages, with copies of their values if
-        ``keep_victims`` and their key is not in ``copied`` (already moved down, see
-        ``plan``), else with empty values.
-        """
-
-        def body(txn: lmdb.Transaction) -> tuple[list[bool], list[Page]]:
+        def body(txn: lmdb.Transaction) -> Commit:
             with contextlib.ExitStack() as stack:
                 w = _Writer(txn, self, [(stack.enter_context(t.env.read()), t._children)
-                                        for t in above])
+                                        for t in above], inserts)
                 for key in removes:
-                    w.remove(key, keep=False)
+                    w.remove(key)
                 for key in touches:
                     w.touch(key)
                 for page in reversed(inserts):  # reversed: a chain's head gets the newest tick
                     w.insert(page)
-                victims = w.evict(self.capacity, keep_victims, copied)
+                bound = self.capacity if limit is None else limit
+                victims = w.evict(bound, movable)
                 w.save()
-                return [True] * len(inserts), victims
+                return Commit([True] * len(inserts), victims, w.counters[b"bytes"] > bound,
+                              w.damaged)
 
-        try:
-            return self.env.write(body)
-        except NoRoom:
-            if not inserts:
-                raise
-        # The file cannot grow: free twice the bytes the batch needs (a value needs a run of
-        # free pages, and LMDB takes the single pages of B-tree updates out of such runs),
-        # then try once more. LMDB reuses pages freed by transaction N from transaction N+2
-        # on (snapshot N-1, which still uses them, stays valid until then): one more commit
-        # in between.
-        need = 2 * sum(len(page.value) + HEADER_SIZE for page in inserts)
-        freed: list[Page] = []
-        try:
-            _, freed = self.env.write(lambda txn: _evict_only(txn, self, need, keep_victims))
-            self.env.write(lambda txn: _evict_only(txn, self, 0, keep_victims))
-            stored, victims = self.env.write(body)
-        except NoRoom:  # not even room to evict (the filesystem is full to the last byte)
-            return [False] * len(inserts), freed
-        return stored, freed + victims
+        return self.env.write(body)
 
-    def plan(self, touches: Sequence[bytes], incoming: int, above: Sequence[Tier] = ()) -> list[Page]:
-        """The pages (with copies of their values) that a commit of ``touches`` and
-        ``incoming`` more bytes would evict, found by a dry run (an aborted write
-        transaction). The store copies them into the next tier before that commit, so a
-        crash between the two leaves a page in both tiers, never in neither."""
-        if self.counters()["bytes"] + incoming <= self.capacity:
+    def plan(self, touches: Sequence[bytes], removes: Sequence[bytes], inserts: Sequence[Page],
+             above: Sequence[Tier] = (), limit: int | None = None) -> list[Page]:
+        """The pages (with copies of their values) that a commit of ``removes``, ``touches``
+        and ``inserts`` would evict (inserts counted by their bytes only), found by a dry run (an aborted write
+        transaction). The store copies them into the next tier and then lets the commit
+        evict only those (``movable``), so a crash leaves a page in both tiers, never in
+        neither."""
+        bound = self.capacity if limit is None else limit
+        incoming = sum(len(page.value) + HEADER_SIZE for page in inserts)
+        if self.counters()["bytes"] + incoming <= bound:
             return []
 
         def body(txn: lmdb.Transaction) -> list[Page]:
             with contextlib.ExitStack() as stack:
                 w = _Writer(txn, self, [(stack.enter_context(t.env.read()), t._children)
-                                        for t in above])
+                                        for t in above], inserts)
+                for key in removes:
+                    w.remove(key)
                 for key in touches:
                     w.touch(key)
-                return w.evict(self.capacity - incoming, keep=True)
+                return w.evict(bound - incoming, keep=True)
 
         return self.env.write(body, commit=False)
 
 
-def _get_u64(txn: lmdb.Transaction, name: bytes, db) -> int:
-    value = txn.get(name, db=db)
-    return 0 if value is None else _U64.unpack(value)[0]
+class Commit(NamedTuple):
+    """What ``Tier.commit`` did."""
+
+    stored: list[bool]  # per insert: in the tier after the commit
+    victims: list[Page]  # evicted pages (values empty: the store copied them before)
+    over: bool  # still over the limit: eviction was restricted to ``movable`` or stopped
+    damaged: int  # damaged bookkeeping records found and repaired or dropped
 
 
-def _evict_only(txn: lmdb.Transaction, tier: Tier, free: int, keep: bool) -> tuple[list[bool], list[Page]]:
-    w = _Writer(txn, tier, [])
-    victims = w.evict(w.counters[b"bytes"] - free, keep)
-    w.save()
-    return [], victims
+def _u64(value) -> int | None:
+    """A counter's value, or None if the record is damaged (not 8 bytes)."""
+    return _U64.unpack(value)[0] if value is not None and len(value) == _U64.size else None
+
+
+def _read_counters(txn: lmdb.Transaction, db) -> dict[bytes, int | None]:
+    """The counters in ``state``: 0 if absent (a new tier), None if damaged."""
+    counters = {}
+    for name in COUNTERS:
+        value = txn.get(name, db=db)
+        counters[name] = 0 if value is None else _u64(value)
+    return counters
 
 
 class _Writer:
-    """The operations of one write transaction on one tier, keeping its counters."""
+    """The operations of one write transaction on one tier, keeping its counters.
 
-    def __init__(self, txn: lmdb.Transaction, tier: Tier, above: list[tuple]) -> None:
+    Every record read from the file is untrusted: a counter, index entry or meta entry that
+    does not parse or does not match the rest is repaired or dropped and counted in
+    ``damaged``; eviction makes progress or stops (``stuck``) on any input."""
+
+    def __init__(self, txn: lmdb.Transaction, tier: Tier, above: list[tuple],
+                 inserts: Sequence[Page] = ()) -> None:
         self.txn = txn
         self.t = tier
         self.above = above  # [(read txn, children db)] of the tiers above
-        self.counters = {name: _get_u64(txn, name, tier._state) for name in COUNTERS}
+        # Pages coming down from the tier above: they are still there (copies first), but
+        # as children they do not keep their parents here in use.
+        self.arriving = {page.key for page in inserts}
+        self.max_key = tier.env.lmdb.max_key_size()
+        self.damaged = 0
+        self.stuck = False
+        self.new_leaf: bytes | None = None  # leaves entry the last removal created
+        self.recount = False  # rebuild the counters before saving them
+        counters = _read_counters(txn, tier._state)
+        pages = self._entries(tier._pages)
+        # Sane counters: the pages counter matches the tree, and the values counted fit
+        # into the file (a bit flip in a counter sends it far off).
+        if (None in counters.values() or counters[b"pages"] != pages
+                or not HEADER_SIZE * pages <= counters[b"bytes"]
+                <= HEADER_SIZE * pages + tier.env.lmdb.info()["map_size"]
+                or counters[b"raw_bytes"] > pages << 32):  # no page is 4 GiB raw
+            self._recount()
+        else:
+            self.counters = counters
+
+    def _entries(self, db) -> int:
+        return self.txn.stat(db)["entries"]
+
+    def _recount(self) -> None:
+        """Counters rebuilt from the pages (their records were damaged): O(pages), rare."""
+        self.damaged += not self.recount
+        self.recount = False
+        pages = self.txn.cursor(db=self.t._pages)
+        sizes = [len(value) for _, value in pages]
+        tick = raw = 0
+        for _, mv in self.txn.cursor(db=self.t._meta):
+            meta = _parse_meta(mv)
+            tick, raw = max(tick, meta.tick or 0), raw + meta.raw_size
+        self.counters = {b"tick": tick, b"pages": len(sizes),
+                         b"bytes": sum(sizes) + HEADER_SIZE * len(sizes), b"raw_bytes": raw}
 
     def save(self) -> None:
+        if self.recount or min(self.counters.values()) < 0:
+            self._recount()
         for name, value in self.counters.items():
             self.txn.put(name, _U64.pack(value), db=self.t._state)
 
@@ -278,9 +332,38 @@ class _Writer:
         self.counters[b"tick"] += 1
         return self.counters[b"tick"]
 
+    def _key_ok(self, key: bytes) -> bool:
+        return 0 < len(key) <= self.max_key
+
     def _meta(self, key: bytes) -> Meta | None:
-        mv = self.txn.get(key, db=self.t._meta)
-        return None if mv is None else _parse_meta(mv)
+        mv = self.txn.get(key, db=self.t._meta) if self._key_ok(key) else None
+        if mv is None:
+            return None
+        meta = _parse_meta(mv)
+        if meta.parent and not self._key_ok(meta.parent):
+            self.damaged += 1
+            return meta._replace(tick=None, parent=b"")  # links unknown: treat as damaged
+        return meta
+
+    def _unlink_damaged(self, key: bytes) -> None:
+        """Delete the index rows of ``key``, whose meta entry (tick, parent) was damaged: a
+        scan of both indexes (O(pages); only on damage)."""
+        parents = []
+        for db, mine in ((self.t._leaves, lambda k, v: k[_TICK.size:] == key),
+                         (self.t._children, lambda k, v: v == key)):
+            cursor = self.txn.cursor(db=db)
+            found = cursor.first()
+            while found:
+                if mine(bytes(cursor.key()), bytes(cursor.value())):
+                    if db == self.t._children:
+                        parents.append(bytes(cursor.key()))
+                    found = _delete_here(cursor)
+                else:
+                    found = cursor.next()
+        for parent in parents:  # a parent here whose last child this was is a leaf now
+            meta = self._meta(parent)
+            if meta is not None and meta.tick is not None and not self._has_children(parent):
+                self.txn.put(_TICK.pack(meta.tick) + parent, b"", db=self.t._leaves)
 
     def _has_children(self, key: bytes) -> bool:
         return self.txn.cursor(db=self.t._children).set_key(key)
@@ -315,57 +398,122 @@ class _Writer:
         if self.txn.delete(_TICK.pack(meta.tick) + key, db=self.t._leaves):
             self.txn.put(_TICK.pack(tick) + key, b"", db=self.t._leaves)
 
-    def remove(self, key: bytes, keep: bool) -> Page | None:
+    def remove(self, key: bytes, keep: bool = False) -> Page | None:
         """Remove the page under ``key`` (None if absent), with a copy of its value if
-        ``keep``. A damaged meta entry (tick None) leaves its leaves entry behind (evict
-        drops such entries) and the raw-bytes counter off by the page's raw size."""
+        ``keep``. The byte counter goes down by the length recorded at insert (the header's);
+        if the stored value's length differs (damage), the counters are rebuilt at ``save``,
+        as they are after removing a page half there (value or meta entry only)."""
         txn, t = self.txn, self.t
+        self.new_leaf = None
+        if not self._key_ok(key):
+            return None
         meta = self._meta(key)
         stored = txn.get(key, db=t._pages)
-        if meta is None or stored is None:  # absent (or half there: cannot happen, cleaned)
-            txn.delete(key, db=t._pages)
-            txn.delete(key, db=t._meta)
+        if meta is None or stored is None:
+            if txn.delete(key, db=t._pages) | txn.delete(key, db=t._meta):
+                self.damaged += 1
+                self.recount = True
             return None
-        size = len(stored)
+        length = record.recorded_length(meta.header)
+        if length != len(stored):  # damage: which length was counted is unknown, so recount
+            self.damaged += 1
+            self.recount = True
+            length = len(stored) if length is None else length
         value = bytes(stored) if keep else b""  # copy before the delete invalidates the view
         txn.delete(key, db=t._pages)
         txn.delete(key, db=t._meta)
         if meta.tick is not None:
             txn.delete(_TICK.pack(meta.tick) + key, db=t._leaves)
+        else:
+            self._unlink_damaged(key)
+            self.recount = True
         if meta.parent:
             txn.delete(meta.parent, key, db=t._children)
             parent_meta = self._meta(meta.parent)
             if (parent_meta is not None and parent_meta.tick is not None
                     and not self._has_children(meta.parent)):
-                txn.put(_TICK.pack(parent_meta.tick) + meta.parent, b"", db=t._leaves)
+                self.new_leaf = _TICK.pack(parent_meta.tick) + meta.parent
+                txn.put(self.new_leaf, b"", db=t._leaves)
         self.counters[b"pages"] -= 1
-        self.counters[b"bytes"] -= size + HEADER_SIZE
+        self.counters[b"bytes"] -= length + HEADER_SIZE
         self.counters[b"raw_bytes"] = max(0, self.counters[b"raw_bytes"] - meta.raw_size)
         return Page(key, meta.header, value, meta.raw_size, meta.parent or None)
 
-    def evict(self, limit: int, keep: bool, copied: Collection[bytes] = ()) -> list[Page]:
-        """Remove coldest leaves until the tier holds at most ``limit`` bytes; ``keep``: copy
-        the values of those not in ``copied``."""
-        victims, in_use = [], set()
-        while self.counters[b"bytes"] > limit:
-            cursor = self.txn.cursor(db=self.t._leaves)
-            if cursor.first():
+    def _in_use_above(self, key: bytes) -> bool:
+        """A child of ``key`` is stored in a tier above (and is not coming down now)."""
+        for txn, db in self.above:
+            cursor = txn.cursor(db=db)
+            if cursor.set_key(key) and any(bytes(child) not in self.arriving
+                                           for child in cursor.iternext_dup()):
+                return True
+        return False
+
+    def evict(self, limit: int, movable: Collection[bytes] | None = None,
+              keep: bool = False) -> list[Page]:
+        """Remove coldest leaves until the tier holds at most ``limit`` bytes, only keys in
+        ``movable`` if given; ``keep``: with copies of their values.
+
+        A walk over the leaves index in tick order. Its entries are checked against the
+        meta entries they name: a stale or damaged one is dropped (or put back where it
+        belongs). Each step removes a page, drops an entry or moves on, and the walk has a
+        budget proportional to the index sizes, so a damaged index (entries out of order,
+        keys a search cannot find) ends it (``stuck``) instead of looping forever."""
+        victims: list[Page] = []
+        in_use: set[bytes] = set()
+        budget = 4 * (self._entries(self.t._leaves) + self._entries(self.t._meta)) + 64
+        for by_key in (False, True):
+            # First the leaves (tails first); then, should none be left while over the limit
+            # (only a cycle of parent links, i.e. bad input), pages in key order.
+            db = self.t._meta if by_key else self.t._leaves
+            cursor = self.txn.cursor(db=db)
+            found = cursor.first()
+            while self.counters[b"bytes"] > limit and found:
+                budget -= 1
+                if budget < 0:
+                    self.stuck = True
+                    return victims
                 entry = bytes(cursor.key())
-                key = entry[_TICK.size:]
-                if key not in in_use and any(txn.cursor(db=db).set_key(key) for txn, db in self.above):
-                    in_use.add(key)  # its chain goes on in a tier above
-                    self.touch(key)
+                key = entry if by_key else entry[_TICK.size:]
+                meta = self._meta(key)
+                if meta is None or meta.tick is None:
+                    self.damaged += 1  # an entry naming no page, or a page's damaged meta
+                    if meta is not None:
+                        self.remove(key)  # the page goes too: it cannot be verified
+                    found = cursor.set_range(entry)
+                    if found and bytes(cursor.key()) == entry:
+                        found = _delete_here(cursor)
                     continue
-            else:  # no leaf: only a cycle of parent links (bad input) is left
-                cursor = self.txn.cursor(db=self.t._meta)
-                if not cursor.first():
-                    break
-                entry, key = None, bytes(cursor.key())
-            victim = self.remove(key, keep and key not in copied)
-            if victim is None or victim.header == b"":
-                # A leftover of a damaged meta entry: drop its leaves entry and the page.
-                if entry is not None:
-                    self.txn.delete(entry, db=self.t._leaves)
-                continue
-            victims.append(victim)
+                if not by_key and _TICK.pack(meta.tick) != entry[:_TICK.size]:
+                    self.damaged += 1  # a stale entry: put the right one back if a leaf
+                    found = _delete_here(cursor)
+                    if not self._has_children(key):
+                        right = _TICK.pack(meta.tick) + key
+                        self.txn.put(right, b"", db=db)
+                        found = cursor.set_range(min(entry, right))
+                    continue
+                if movable is not None and key not in movable:
+                    found = cursor.next()
+                    continue
+                if not by_key and key not in in_use and self._in_use_above(key):
+                    in_use.add(key)  # its chain goes on in a tier above: refreshed, for now
+                    self.touch(key)
+                    found = cursor.set_range(entry)
+                    continue
+                victim = self.remove(key, keep)
+                if victim is not None:
+                    victims.append(victim)
+                restart = min(entry, self.new_leaf) if self.new_leaf and not by_key else entry
+                found = cursor.set_range(restart)
+                if found and bytes(cursor.key()) == entry:  # the delete missed it: damage
+                    self.damaged += 1
+                    found = cursor.next()
+            if found:  # stopped by the limit, not by the end of the index
+                break
         return victims
+
+
+def _delete_here(cursor: lmdb.Cursor) -> bool:
+    """Delete the entry under the cursor (no search: works where a damaged branch key would
+    misdirect one) and move to the next; False at the end."""
+    cursor.delete()
+    return bool(cursor.key())

@@ -150,3 +150,29 @@ def test_config_command(tmp_path, capsys):
     bad.write_text("promote_on_hit = 1\n")
     assert main(["config", str(bad)]) == 1
     assert "promote_on_hit: 1 is not a boolean" in capsys.readouterr().err
+
+
+def test_hostile_files_and_paths(tmp_path, capsys):
+    """A file that is not UTF-8, a NUL byte in a path, two tier paths that resolve to one
+    directory through a symlink: each a ConfigError naming the field, and no traceback
+    from `speckv config`."""
+    from sglang_speckv.cli import main
+
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[[tiers]]\nname = "caf\u00e9"\npath = "/x"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(latin1)
+    assert main(["config", str(latin1)]) == 1
+    assert "not UTF-8 text" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"tiers\[0\].path: .* contains a NUL byte"):
+        load_config(overrides={"tiers": [{"name": "a", "path": "/tmp/a\0b"}]})
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ConfigError, match=r"tiers\[1\].path: .* is already tiers\[0\]'s path "
+                                          r"\(.* resolves to .*real"):
+        load_config(overrides={"tiers": [{"name": "a", "path": str(tmp_path / "real")},
+                                          {"name": "b", "path": str(tmp_path / "link")}]})
+    nul = tmp_path / "nul.toml"
+    nul.write_text('[[tiers]]\nname = "a"\npath = "/tmp/a\\u0000b"\n')
+    assert main(["config", str(nul)]) == 1
+    assert "tiers[0].path" in capsys.readouterr().err
