@@ -115,6 +115,8 @@ def parse_size(value: Any, where: str = "size") -> int:
 
 
 def _parse_path(value: Any, where: str) -> str:
+    if value == "":  # not given (a tier kind without a directory)
+        return ""
     path = os.path.expanduser(_parse_str(value, where))
     if not os.path.isabs(path):
         raise ConfigError(f"{where}: {value!r} is not an absolute path")
@@ -162,11 +164,18 @@ def _dataclass(name: str, fields: tuple[Field, ...]) -> type:
 
 TIER_FIELDS: tuple[Field, ...] = (
     Field("name", STR, REQUIRED, "label of the tier in stats and logs (unique)"),
-    Field("path", PATH, REQUIRED,
-          "directory of the tier's LMDB environment (created if missing; one directory per tier)"),
+    Field("kind", choice("lmdb", "mooncake"), "lmdb",
+          "'lmdb': a local LMDB environment at 'path'; 'mooncake': a Mooncake Store cluster "
+          "shared by several servers (storage/mooncake.py; at most one, the last tier; new "
+          "pages are written through to it)"),
+    Field("path", PATH, "",
+          "directory of the tier's LMDB environment (created if missing; one directory per "
+          "tier; required for 'lmdb')"),
     Field("capacity", SIZE, "16GiB",
           "bytes of stored pages (values and their record headers) the tier may hold; "
-          "over it, the coldest pages move to the next tier, or are dropped from the last"),
+          "over it, the coldest pages move to the next tier, or are dropped from the last. "
+          "'mooncake': the cluster evicts by itself; this is only the share `speckv simulate` "
+          "assumes"),
     Field("sync", choice("none", "data", "full"), "data",
           "durability of a commit: 'none' no fsync (RAM/tmpfs; after a reboot the tier is "
           "emptied), 'data' one fsync per commit (a power loss may undo the last commit), "
@@ -174,6 +183,27 @@ TIER_FIELDS: tuple[Field, ...] = (
     Field("predictor", STR, "",
           "predictor pages are re-coded with when they move into this tier; '' keeps them as "
           "they are"),
+    # kind = "mooncake" (storage/mooncake.py, docs/STORAGE.md "Mooncake tier"):
+    Field("master_address", STR, "127.0.0.1:50051", "'mooncake': host:port of mooncake_master's RPC"),
+    Field("metadata_server", STR, "http://127.0.0.1:8080/metadata",
+          "'mooncake': the transfer engine's metadata service (mooncake_master "
+          "--enable_http_metadata_server), e.g. http://HOST:8080/metadata"),
+    Field("metrics_url", STR, "",
+          "'mooncake': the master's metrics page (http://HOST:METRICS_PORT/metrics), read by "
+          "`speckv store` and stats for the cluster's occupancy; '' reads none"),
+    Field("local_hostname", STR, "127.0.0.1",
+          "'mooncake': this host's address as the other cluster members reach it"),
+    Field("global_segment_size", SIZE, "0",
+          "'mooncake': memory this server lends the cluster to hold pages (anyone's); 0 lends "
+          "none (pages live in other members' segments, e.g. a `mooncake_client` daemon's: "
+          "a server's segment goes away with the server)"),
+    Field("local_buffer_size", SIZE, "64MiB",
+          "'mooncake': the client's transfer buffer; one put or get batch must fit in it"),
+    Field("protocol", choice("tcp", "rdma"), "tcp", "'mooncake': transfer protocol"),
+    Field("on_unreachable", choice("error", "degraded"), "error",
+          "'mooncake': when the master or metadata server cannot be reached at start-up: "
+          "'error' stops with a message naming the setting; 'degraded' starts with the other "
+          "tiers only and connects when the cluster comes up"),
 )
 
 TierConfig = _dataclass("TierConfig", TIER_FIELDS)
@@ -235,10 +265,20 @@ def _check(config: Any) -> None:
     seen_names: dict[str, int] = {}
     seen_paths: dict[str, int] = {}
     for i, tier in enumerate(config.tiers):
+        if tier.kind == "mooncake":
+            if i != len(config.tiers) - 1:
+                raise ConfigError(f"tiers[{i}].kind: a 'mooncake' tier must be the last tier "
+                                  f"(there are {len(config.tiers)})")
+            if tier.predictor:
+                raise ConfigError(f"tiers[{i}].predictor: a 'mooncake' tier is written through "
+                                  "with the pages as coded; re-coding is for 'lmdb' tiers only")
+        elif not tier.path:
+            raise ConfigError(f"tiers[{i}].path: missing (required for an 'lmdb' tier; "
+                              "an absolute directory)")
         if tier.name in seen_names:
             raise ConfigError(f"tiers[{i}].name: {tier.name!r} is already "
                               f"tiers[{seen_names[tier.name]}]'s name")
-        if tier.path in seen_paths:
+        if tier.path and tier.path in seen_paths:
             raise ConfigError(f"tiers[{i}].path: {tier.path!r} is already "
                               f"tiers[{seen_paths[tier.path]}]'s path; each tier needs its own "
                               "directory")
