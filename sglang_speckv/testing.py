@@ -200,6 +200,7 @@ class MooncakeCluster:
     def __init__(self, log_dir: str | os.PathLike, segment: str = "256MiB",
                  master_flags: tuple[str, ...] = ()):
         self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.segment = segment
         self.master_flags = list(master_flags)
         self.rpc_port, self.http_port, self.metrics_port, self.client_port = (free_port() for _ in range(4))

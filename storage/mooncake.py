@@ -182,13 +182,13 @@ class MooncakeTier:
 
     def remove(self, skeys: Sequence[bytes]) -> None:
         if skeys and self._up:
-            self._call("remove", self._client.batch_remove, [object_key(k) for k in skeys])
+            self._call("remove", self._client.batch_remove, [object_key(k) for k in skeys], True)
 
     def remove_namespace(self, namespace: bytes) -> None:
         """Remove every page of ``namespace`` from the cluster."""
         if self._up:
             self._call("remove", self._client.remove_by_regex,
-                       f"^speckv_{re.escape(namespace.hex())}_")
+                       f"^speckv_{re.escape(namespace.hex())}_", True)
 
     def counters(self) -> dict:
         """The cluster's occupancy (all namespaces) if ``metrics_url`` is set and answers."""
