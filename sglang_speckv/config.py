@@ -183,7 +183,10 @@ TIER_FIELDS: tuple[Field, ...] = (
     Field("predictor", STR, "",
           "predictor pages are re-coded with when they move into this tier; '' keeps them as "
           "they are"),
-    # kind = "mooncake" (storage/mooncake.py, docs/STORAGE.md "Mooncake tier"):
+)
+
+# The settings of a tier of kind "mooncake" only (storage/mooncake.py, docs/STORAGE.md).
+MOONCAKE_FIELDS: tuple[Field, ...] = (
     Field("master_address", STR, "127.0.0.1:50051", "'mooncake': host:port of mooncake_master's RPC"),
     Field("metadata_server", STR, "http://127.0.0.1:8080/metadata",
           "'mooncake': the transfer engine's metadata service (mooncake_master "
@@ -205,6 +208,7 @@ TIER_FIELDS: tuple[Field, ...] = (
           "'error' stops with a message naming the setting; 'degraded' starts with the other "
           "tiers only and connects when the cluster comes up"),
 )
+TIER_FIELDS += MOONCAKE_FIELDS
 
 TierConfig = _dataclass("TierConfig", TIER_FIELDS)
 

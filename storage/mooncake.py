@@ -192,7 +192,7 @@ class MooncakeTier:
 
     def counters(self) -> dict:
         """The cluster's occupancy (all namespaces) if ``metrics_url`` is set and answers."""
-        metrics = cluster_metrics(self.config.metrics_url) if self.config.metrics_url else None
+        metrics = cluster_metrics(self.config.metrics_url) if self.config.metrics_url and self._up else None
         return {"reachable": self._up, **(metrics or {})}
 
     def close(self) -> None:

@@ -173,3 +173,61 @@ def test_unreachable_at_start_error_or_degraded(tmp_path, caplog):
 def test_config_errors(tiers, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides={"tiers": tiers})
+
+
+# --- two real SGLang servers, one cluster -------------------------------------------------
+
+PAGE = 16  # sglang_speckv.sglang.serve.CPU_PAGE_SIZE (checked below)
+PROMPT = " ".join(f"Item {i} costs {3 * i} dollars." for i in range(12))
+
+
+def _server_args(root: Path, cluster) -> list[str]:
+    """A server with its own (empty) local tier and the shared cluster behind it."""
+    from sglang_speckv.sglang.serve import CPU_PAGE_SIZE
+
+    assert CPU_PAGE_SIZE == PAGE
+    root.mkdir(parents=True)
+    toml = root / "tiers.toml"
+    tier = "".join(f"{k} = {json.dumps(v)}\n" for k, v in cluster.tier_config().items())
+    toml.write_text(f'stats_file = "{root / "stats.json"}"\n'
+                    f'[[tiers]]\nname = "ram"\npath = "{root / "ram"}"\ncapacity = "256MiB"\nsync = "none"\n'
+                    f"[[tiers]]\n{tier}")
+    return ["--hicache-storage", "speckv", "--speckv-config", str(toml),
+            "--hicache-storage-backend-extra-config", json.dumps({"prefetch_threshold": 2 * PAGE})]
+
+
+def _wait_written(root: Path, pages: int, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    stats = {}
+    while time.monotonic() < deadline:
+        try:
+            stats = json.loads((root / "stats.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            stats = {}
+        if stats.get("pages_written", 0) >= pages:
+            return stats
+        time.sleep(0.5)
+    raise AssertionError(f"server wrote {stats.get('pages_written')} pages in {timeout:.0f} s, expected {pages}")
+
+
+@pytest.mark.server
+def test_two_servers_share_one_cluster(cluster, sglang_server, tmp_path):
+    """Server A computes a prompt and writes its pages through to the cluster, and stops;
+    server B (fresh process, its own empty local tier) restores the prefix from the cluster
+    and answers with A's tokens. One server at a time: they share the CI machine's memory."""
+    a = sglang_server(_server_args(tmp_path / "a", cluster), name="a")
+    first = a.generate(PROMPT, 8)
+    pages = (first["prompt_tokens"] - 1) // PAGE
+    assert pages >= 4 and not first["cached"].get("storage")
+    _wait_written(tmp_path / "a", pages)
+    a.stop()
+    assert (cluster.metrics() or {}).get("cluster_objects", 0) >= pages
+
+    b = sglang_server(_server_args(tmp_path / "b", cluster), name="b")
+    second = b.generate(PROMPT, 8)
+    assert second["cached"].get("storage") == pages * PAGE, second["cached"]
+    assert second["tokens"] == first["tokens"] and second["logprobs"] == first["logprobs"]
+    b.stop()
+    stats = json.loads((tmp_path / "b" / "stats.json").read_text())
+    cluster_tier = stats["store"]["tiers"][1]
+    assert cluster_tier["hits"] >= pages and stats["verify_failures"] == 0
