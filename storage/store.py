@@ -42,6 +42,7 @@ tiers and covers every process and namespace sharing them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -443,7 +444,8 @@ class TieredStore:
 
 def store_command(parser: argparse.ArgumentParser):
     """``speckv store [--config FILE] [--check]``: each tier's occupancy as JSON (every
-    namespace); ``--check`` also audits every tier's indexes and counters against its pages
+    namespace; a mooncake tier: the whole cluster's, from its ``metrics_url``, if it answers);
+    ``--check`` also audits every tier's indexes and counters against its pages
     and exits 1 if any is inconsistent."""
     parser.add_argument("--config", help="TOML file (default: the built-in defaults)")
     parser.add_argument("--check", action="store_true", help="audit each tier (reads all of it)")
@@ -454,7 +456,11 @@ def store_command(parser: argparse.ArgumentParser):
         from .env import StoreError
 
         try:
-            store = TieredStore(load_config(args.config))
+            config = load_config(args.config)
+            # A mooncake tier's occupancy if the cluster answers; the local tiers either way.
+            config = dataclasses.replace(config, tiers=tuple(
+                dataclasses.replace(t, on_unreachable="degraded") for t in config.tiers))
+            store = TieredStore(config)
         except (ConfigError, StoreError) as e:
             print(f"speckv store: {e}", file=sys.stderr)
             return 1
