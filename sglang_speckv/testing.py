@@ -153,3 +153,116 @@ class SGLangServer:
             return call(*args)
         except ServerError as e:
             raise ServerError(f"{e}\n{self.log_tail()}") from e
+
+
+class MooncakeCluster:
+    """A real local Mooncake Store cluster on loopback: ``mooncake_master`` (with its HTTP
+    metadata server) and one ``mooncake_client`` daemon lending ``segment`` bytes of memory,
+    which holds the pages (servers and test clients lend none: their pages outlive them).
+    Each on free ports, in its own process group, logging to ``log_dir``.
+
+        with MooncakeCluster(tmp_path, segment="64MiB") as cluster:
+            tier = cluster.tier_config()          # a [[tiers]] table for the speckv config
+            cluster.kill_master(); cluster.start_master()   # an outage (the index is lost)
+
+    ``master_flags``: extra mooncake_master flags (e.g. a short ``--default_kv_lease_ttl``)."""
+
+    def __init__(self, log_dir: str | os.PathLike, segment: str = "256MiB",
+                 master_flags: tuple[str, ...] = ()):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.segment = segment
+        self.master_flags = list(master_flags)
+        self.rpc_port, self.http_port, self.metrics_port, self.client_port = (free_port() for _ in range(4))
+        self.master_address = f"127.0.0.1:{self.rpc_port}"
+        self.metadata_server = f"http://127.0.0.1:{self.http_port}/metadata"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.master: subprocess.Popen | None = None
+        self.holder: subprocess.Popen | None = None
+
+    @staticmethod
+    def binary(name: str) -> str:
+        """A Mooncake program: next to this Python (the venv's bin/), or on PATH."""
+        import shutil
+
+        path = Path(sys.executable).parent / name
+        found = str(path) if path.exists() else shutil.which(name)
+        if found is None:
+            from sglang_speckv.storage.mooncake import INSTALL_HINT
+
+            raise ServerError(f"{name} not found: {INSTALL_HINT}")
+        return found
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            return subprocess.Popen([self.binary(name), *args], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def start_master(self, timeout: float = 60.0) -> None:
+        self.master = self._spawn("mooncake_master", [
+            f"--rpc_port={self.rpc_port}", "--rpc_address=127.0.0.1",
+            "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
+            f"--http_metadata_server_port={self.http_port}", f"--metrics_port={self.metrics_port}",
+            *self.master_flags])
+        self._wait(lambda: self.metrics() is not None, self.master, "mooncake_master", timeout)
+
+    def start(self, timeout: float = 60.0) -> MooncakeCluster:
+        self.start_master(timeout)
+        from sglang_speckv.config import parse_size
+
+        self.holder = self._spawn("mooncake_client", [
+            "--host=127.0.0.1", f"--port={self.client_port}", f"--global_segment_size={parse_size(self.segment)}",
+            f"--master_server_address={self.master_address}", f"--metadata_server={self.metadata_server}"])
+        self.wait_mounted(timeout)
+        return self
+
+    def wait_mounted(self, timeout: float = 60.0) -> None:
+        """Wait until the holder's segment is mounted on the (possibly restarted) master."""
+        self._wait(lambda: (self.metrics() or {}).get("cluster_capacity", 0) > 0, self.holder,
+                   "mooncake_client", timeout)
+
+    def _wait(self, ready, proc: subprocess.Popen, name: str, timeout: float) -> None:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if proc.poll() is not None:
+                raise ServerError(f"{name} exited with code {proc.returncode}; see {self.log_dir}/{name}.log")
+            if ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise ServerError(f"{name} not ready after {timeout:.0f} s; see {self.log_dir}/{name}.log")
+
+    def metrics(self) -> dict | None:
+        from sglang_speckv.storage.mooncake import cluster_metrics
+
+        return cluster_metrics(self.metrics_url)
+
+    def tier_config(self, name: str = "cluster", **fields) -> dict:
+        """A ``kind = "mooncake"`` tier table for this cluster."""
+        return {"name": name, "kind": "mooncake", "master_address": self.master_address,
+                "metadata_server": self.metadata_server, "metrics_url": self.metrics_url,
+                "local_hostname": "127.0.0.1", **fields}
+
+    def kill_master(self) -> None:
+        """SIGKILL the master (an outage: its index of objects is lost with it)."""
+        self._kill(self.master)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen | None) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def stop(self) -> None:
+        self._kill(self.holder)
+        self._kill(self.master)
+
+    def __enter__(self) -> MooncakeCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

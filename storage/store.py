@@ -31,6 +31,12 @@ once ``recency_flush_seconds`` have passed since the last flush. The LRU order t
 lags reads by at most that long (or until the process next writes); accesses not yet flushed
 when a process dies are forgotten. Both only make eviction slightly less exact.
 
+A last tier of kind "mooncake" (storage/mooncake.py) is a cluster shared by several servers:
+new pages are written through to it as well as into the first local tier (or only to it,
+when it is the only tier); a read goes to it for pages no local tier holds, and a hit there
+is copied into the first tier with ``promote_on_hit`` (the cluster keeps its copy). It never
+takes demotions (it already holds what was written) and evicts by itself.
+
 Thread-safe: SGLang's backup, prefetch and prefetch-I/O threads may share one store, and
 several processes may open the same tiers (storage/env.py).
 
@@ -42,6 +48,7 @@ tiers and covers every process and namespace sharing them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -57,11 +64,13 @@ import lmdb
 from . import record
 from .env import NoRoom
 from .keys import store_key
+from .mooncake import MooncakeTier
 from .tier import Page, Tier
 
 logger = logging.getLogger(__name__)
 
 _LEAVES_PREFIX = 8  # bytes the leaves index puts before a store key (storage/tier.py)
+_MAX_STORE_KEY = 511  # LMDB's default key limit, kept for every kind: a key fits any tier
 _CLEAR_BATCH = 1024  # pages removed per transaction by clear(): bounds one txn's dirty pages
 # Plan-copy-commit rounds of one write: one, unless another process changed the tier between
 # a dry run and its commit, or a batch is larger than the tier.
@@ -86,9 +95,10 @@ class TieredStore:
     def __init__(self, config, namespace: bytes = b"") -> None:
         self.config = config
         self.namespace = namespace
-        self.tiers: list[Tier] = []
+        self.tiers: list[Tier] = []  # the local (LMDB) tiers
+        self.remote: MooncakeTier | None = None  # a last tier of kind "mooncake"
         self._open()
-        self._max_key = self.tiers[0].env.lmdb.max_key_size() - _LEAVES_PREFIX
+        self._max_key = _MAX_STORE_KEY - _LEAVES_PREFIX
 
     def _open(self) -> None:
         """Open the tiers in this process, with fresh in-memory state."""
@@ -101,6 +111,9 @@ class TieredStore:
         self.tiers = []
         try:
             for index, tier_config in enumerate(self.config.tiers):
+                if tier_config.kind == "mooncake":  # the last (config.py checks)
+                    self.remote = MooncakeTier(tier_config, index)
+                    continue
                 self.tiers.append(Tier(tier_config, index))
                 self.tiers[-1].recode = hooks.get(tier_config.name)
         except BaseException:
@@ -159,11 +172,17 @@ class TieredStore:
             value = memoryview(values[i]).cast("B")
             pages.append(Page(skeys[i], record.seal(skeys[i], value), value, int(raw_sizes[i]),
                               sparents[i]))
-        stored = self._commit(0, inserts=pages) if pages else []
+        stored = self._commit(0, inserts=pages) if pages and self.tiers else [False] * len(pages)
+        if self.remote is not None and pages:  # write-through, of the pages it lacks
+            there = self.remote.present([page.key for page in pages])
+            absent = [j for j, p in enumerate(there) if not p]
+            for j, ok in zip(absent, self.remote.write([pages[j] for j in absent])):
+                there[j] = ok
+            stored = [a or b for a, b in zip(stored, there)]
         result = [True] * n
         for i, ok in zip(new, stored):
             result[i] = ok
-        if not all(stored):
+        if self.tiers and not all(stored):
             logger.warning("speckv store: no room for %d new pages in tier %r (filesystem full)",
                            len(pages), self.tiers[0].name)
         return result
@@ -203,6 +222,8 @@ class TieredStore:
             if promote:
                 self._promote(t, promote)
             todo = missing
+        if todo and self.remote is not None:
+            self._read_remote(todo, skeys, values, out)
         if time.monotonic() - self._last_flush >= self.config.recency_flush_seconds:
             self.flush()
         return values
@@ -212,7 +233,7 @@ class TieredStore:
         self._in_this_process()
         skeys = [self._key(k) for k in keys]
         present = [False] * len(keys)
-        for tier in self.tiers:
+        for tier in [*self.tiers, *([self.remote] if self.remote is not None else [])]:
             todo = [i for i, p in enumerate(present) if not p]
             if not todo:
                 break
@@ -233,6 +254,8 @@ class TieredStore:
                 self._commit(t, removes=keys[start:start + _CLEAR_BATCH])
             with self._lock:
                 self._pending[t].clear()
+        if self.remote is not None:
+            self.remote.remove_namespace(self.namespace)
 
     def flush(self) -> None:
         """Write the accesses remembered in memory into each tier's LRU order."""
@@ -276,6 +299,12 @@ class TieredStore:
                 "raw_bytes": counters["raw_bytes"],
                 **{event: counted.get(event, 0) for event in EVENTS},
             })
+        if self.remote is not None:
+            counted = events[len(self.tiers)]
+            tiers.append({"name": self.remote.name, "kind": "mooncake",
+                          "master_address": self.remote.config.master_address,
+                          "capacity": self.remote.capacity, **self.remote.counters(),
+                          **{event: counted.get(event, 0) for event in EVENTS}})
         hits = sum(t["hits"] for t in tiers)
         return {"tiers": tiers, "hits": hits, "misses": tiers[-1]["misses"] if tiers else 0}
 
@@ -286,11 +315,15 @@ class TieredStore:
         """Flush remembered accesses and release the tiers. Idempotent."""
         if self._pid != os.getpid():
             self.tiers = []  # a parent's, inherited through fork: closed by storage/env.py
+            self.remote = None  # the parent's client: its connections belong to the parent
             return
         if self.tiers:
             self.flush()
         while self.tiers:
             self.tiers.pop().close()
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
 
     # --- internals -----------------------------------------------------------------------
 
@@ -405,6 +438,32 @@ class TieredStore:
             inserts = touches = removes = ()
         return stored
 
+    def _read_remote(self, todo: list[int], skeys: list[bytes], values: list, out) -> None:
+        """``get`` for the keys no local tier holds: from the cluster, verified; hits are
+        copied into the first tier with ``promote_on_hit``."""
+        t = len(self.tiers)  # the remote's index in config.tiers and _events
+        buffers = None if out is None else [out[i] for i in todo]
+        corrupt, copy = [], []
+        for i, found in zip(todo, self.remote.read([skeys[i] for i in todo], buffers)):
+            if found is None:
+                continue
+            if not record.verify(skeys[i], found.header, found.value):
+                corrupt.append(skeys[i])
+                continue
+            values[i] = found.value
+            copy.append(found)
+        hits = len(copy)
+        self._count(t, hits=hits, misses=len(todo) - hits, corrupt=len(corrupt))
+        if corrupt:
+            logger.warning("speckv store: %d corrupt pages in tier %r removed (first key %s)",
+                           len(corrupt), self.remote.name, corrupt[0].hex())
+            self.remote.remove(corrupt)
+        if copy and self.tiers and self.config.promote_on_hit:
+            # Copied, not moved: the cluster's copy serves the other servers. The values
+            # may live in the caller's buffers: the commit copies them into LMDB first.
+            self._commit(0, inserts=copy)
+            self._count(t, promotions=hits)
+
     def _promote(self, t: int, pages: list[Page]) -> None:
         # Removed from tier t first, then written to the first tier: written first, the copies
         # still below would crowd tier t when the first tier evicts into it. A crash in
@@ -437,9 +496,10 @@ class TieredStore:
 
 def store_command(parser: argparse.ArgumentParser):
     """``speckv store [--config FILE] [--check]``: each tier's occupancy as JSON (every
-    namespace); ``--check`` first verifies each tier's LMDB file in a child process (a
-    damaged one is reported, exit 1, and left in place), then audits every tier's indexes
-    and counters against its pages and exits 1 if any is inconsistent."""
+    namespace; a mooncake tier: the whole cluster's, from its ``metrics_url``, if it answers);
+    ``--check`` first verifies each local tier's LMDB file in a child process (a damaged one
+    is reported, exit 1, and left in place), then audits every tier's indexes and counters
+    against its pages and exits 1 if any is inconsistent."""
     parser.add_argument("--config", help="TOML file (default: the built-in defaults)")
     parser.add_argument("--check", action="store_true", help="audit each tier (reads all of it)")
 
@@ -455,12 +515,15 @@ def store_command(parser: argparse.ArgumentParser):
             return 1
         if args.check:  # walk each tier in a child process first: damage is reported, not met
             damaged = {tier.name: [f"damaged: {problem}"] for tier in config.tiers
-                       if os.path.exists(os.path.join(tier.path, "data.mdb"))
+                       if tier.path and os.path.exists(os.path.join(tier.path, "data.mdb"))
                        and (problem := verify_env(tier.path)) is not None}
             if damaged:
                 print(json.dumps({"problems": damaged}, indent=1))
                 return 1
         try:
+            # A mooncake tier's occupancy if the cluster answers; the local tiers either way.
+            config = dataclasses.replace(config, tiers=tuple(
+                dataclasses.replace(t, on_unreachable="degraded") for t in config.tiers))
             store = TieredStore(config)
         except StoreError as e:
             print(f"speckv store: {e}", file=sys.stderr)
