@@ -84,6 +84,7 @@ from sglang_speckv.storage.keys import store_key
 config = load_config(overrides=json.loads(sys.argv[1]))
 keys = json.load(open(sys.argv[2]))
 damage, seed = sys.argv[3], int(sys.argv[4])
+record = None
 with TieredStore(config, b"soak-ns!") as store:
     got = store.get(keys)
     missing = [k for k, v in zip(keys, got) if v is None]
@@ -97,6 +98,7 @@ with TieredStore(config, b"soak-ns!") as store:
             some = [bytes(k) for k, _ in zip(txn.cursor(db=tier._meta).iternext(values=False), range(50))]
         with tier.env.lmdb.begin(write=True) as txn:
             kind = rng.choice(["counter", "short counter", "empty leaf", "stale leaf", "meta", "value"])
+            record = f"{kind} in {tier.name}"
             if kind == "counter":
                 txn.put(rng.choice([b"bytes", b"pages", b"raw_bytes"]), struct.pack("<Q", rng.getrandbits(64)), db=tier._state)
             elif kind == "short counter":
@@ -113,7 +115,7 @@ with TieredStore(config, b"soak-ns!") as store:
 sizes = [os.path.getsize(os.path.join(t.path, "data.mdb")) for t in config.tiers]
 quarantined = sum(p.startswith("damaged-") for t in config.tiers for p in os.listdir(t.path))
 print(json.dumps({"missing": missing, "wrong": wrong, "problems": problems, "sizes": sizes,
-                  "quarantined": quarantined,
+                  "quarantined": quarantined, "record": record,
                   "damaged": sum(t["damaged"] + t["corrupt"] for t in stats["tiers"])}))
 """
 
@@ -167,7 +169,7 @@ def main() -> None:
          "pages checked": 0, "lost (acked after the last damage)": 0,
          "dropped by damage (acked before it)": 0, "wrong bytes": 0, "aborts": 0, "hangs": 0,
          "audit problems": 0, "file damages": 0, "record damages": 0,
-         "tiers quarantined": 0, "records repaired/corrupt pages": 0}
+         "tiers quarantined": 0}
     max_ratio = 0.0
     deadline = time.monotonic() + args.seconds
     round_ = 0
@@ -230,7 +232,6 @@ def main() -> None:
         if seen["sizes"][0] > bounds[0]:
             print(f"round {round_}: ram data.mdb {seen['sizes'][0]} > bound {bounds[0]}",
                   file=sys.stderr)
-        n["records repaired/corrupt pages"] += seen["damaged"]
         n["tiers quarantined"] = seen["quarantined"]
         for key in seen["missing"]:
             if acked[key] > last_damage:
@@ -241,10 +242,13 @@ def main() -> None:
             del acked[key]
         max_ratio = max(max_ratio, seen["sizes"][0] / bounds[0])
         if damage in ("flip", "truncate"):
-            damage_file(os.path.join(root, rng.choice(["t0", "t1"])), damage, rng)
+            tier = rng.choice(["t0", "t1"])
+            damage_file(os.path.join(root, tier), damage, rng)
             n["file damages"] += 1
+            print(f"round {round_}: damage: {damage} in {tier}", file=sys.stderr)
         elif damage == "record":
             n["record damages"] += 1
+            print(f"round {round_}: damage: {seen['record']}", file=sys.stderr)
         if damage != "none":
             last_damage = round_
         round_ += 1

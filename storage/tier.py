@@ -8,7 +8,8 @@ Named databases of the environment (opened by storage/env.py):
     leaves    tick u64 BE || store key -> b""    pages with no child in this tier, by recency
     children  parent store key -> child store key  (dupsort; one row per stored page that has
               a parent, whether or not the parent is stored in this tier)
-    state     b"tick", b"pages", b"bytes", b"raw_bytes" -> u64 LE; b"schema" -> version
+    state     b"tick", b"pages", b"bytes", b"raw_bytes" -> u64 LE; b"check" -> XXH3-64 of those
+              four; b"schema" -> version
 
 Every change is one write transaction (``Tier.commit``): a crash leaves the tier as it was
 before or after, never in between, and the counters in ``state`` always match the pages
@@ -49,9 +50,10 @@ from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import lmdb
+import xxhash
 
-from .env import DB_NAMES, NoRoom, close_env, open_env
 from . import record
+from .env import DB_NAMES, close_env, open_env
 from .record import HEADER_SIZE
 
 _META = struct.Struct(f"<QQ{HEADER_SIZE}s")  # tick, raw size, header; then the parent key
@@ -154,14 +156,16 @@ class Tier:
         """The counters as stored (a damaged one reads 0; the next write rebuilds it)."""
         with self.env.read() as txn:
             return {name.decode(): value or 0
-                    for name, value in _read_counters(txn, self._state).items()}
+                    for name, value in _read_counters(txn, self._state, verify=False).items()}
 
     def audit(self) -> list[str]:
         """Problems found by checking every invariant above against the files (empty list:
         consistent). Reads the whole tier: for tests and ``speckv store --check``."""
         problems = []
         with self.env.read() as txn:
-            counters = _read_counters(txn, self._state)
+            counters = _read_counters(txn, self._state, verify=False)
+            if None not in counters.values() and None in _read_counters(txn, self._state).values():
+                problems.append("counters do not match their checksum")
             sizes = {bytes(k): len(v) for k, v in txn.cursor(db=self._pages)}
             meta = {bytes(k): _parse_meta(v) for k, v in txn.cursor(db=self._meta)}
             leaves = {bytes(k) for k, _ in txn.cursor(db=self._leaves)}
@@ -265,12 +269,22 @@ def _u64(value) -> int | None:
     return _U64.unpack(value)[0] if value is not None and len(value) == _U64.size else None
 
 
-def _read_counters(txn: lmdb.Transaction, db) -> dict[bytes, int | None]:
-    """The counters in ``state``: 0 if absent (a new tier), None if damaged."""
+def _counters_check(counters: dict[bytes, int]) -> bytes:
+    return xxhash.xxh3_64_digest(b"".join(_U64.pack(counters[name]) for name in COUNTERS))
+
+
+def _read_counters(txn: lmdb.Transaction, db, verify: bool = True) -> dict[bytes, int | None]:
+    """The counters in ``state``: 0 if absent (a new tier), None if damaged: not 8 bytes, or
+    (``verify``) not matching the checksum saved with them (``b"check"``)."""
     counters = {}
     for name in COUNTERS:
         value = txn.get(name, db=db)
         counters[name] = 0 if value is None else _u64(value)
+    if verify and None not in counters.values():
+        check = txn.get(b"check", db=db)
+        if (check is None and any(counters.values())) or (
+                check is not None and bytes(check) != _counters_check(counters)):
+            return dict.fromkeys(COUNTERS)
     return counters
 
 
@@ -296,8 +310,8 @@ class _Writer:
         self.recount = False  # rebuild the counters before saving them
         counters = _read_counters(txn, tier._state)
         pages = self._entries(tier._pages)
-        # Sane counters: the pages counter matches the tree, and the values counted fit
-        # into the file (a bit flip in a counter sends it far off).
+        # Counters that match their checksum, the tree's entry count, and the file (the
+        # values counted must fit into it), or they are rebuilt.
         if (None in counters.values() or counters[b"pages"] != pages
                 or not HEADER_SIZE * pages <= counters[b"bytes"]
                 <= HEADER_SIZE * pages + tier.env.lmdb.info()["map_size"]
@@ -327,6 +341,7 @@ class _Writer:
             self._recount()
         for name, value in self.counters.items():
             self.txn.put(name, _U64.pack(value), db=self.t._state)
+        self.txn.put(b"check", _counters_check(self.counters), db=self.t._state)
 
     def _tick(self) -> int:
         self.counters[b"tick"] += 1

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from sglang_speckv.config import load_config
-from sglang_speckv.storage import TieredStore, chain_parents, namespace, record, store_key
+from sglang_speckv.storage import TieredStore, chain_parents, namespace, store_key
 from sglang_speckv.storage import env as env_module
 
 NS = namespace("SmolLM2-135M", kv_dtype="bf16", layout="layer_first", page_size=64, format_version=1)
@@ -278,7 +278,7 @@ def test_damaged_records_are_repaired_not_raised(tmp_path, damage):
     with deadline(60), TieredStore(config, NS) as store:
         keys = _put_chains(store)
         t0 = store.tiers[0]
-        k0, k1 = store_key(NS, keys[0]), store_key(NS, keys[5])
+        k1 = store_key(NS, keys[5])
         with _raw(t0) as txn:
             meta = bytes(txn.get(k1, db=t0._meta))
             tick = struct.unpack_from("<Q", meta)[0]
