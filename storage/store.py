@@ -4,7 +4,7 @@
     store.put(keys, blobs, raw_sizes, parents=chain_parents(keys, prefix_keys[-1]))
     n = store.exists_prefix(keys)         # SGLang's batch_exists
     blobs = store.get(keys[:n], out=bufs)  # memoryviews into bufs (or new bytearrays), None: miss
-    store.stats()                         # dict; store.stats_json() for SGLang's get_stats
+    store.stats()                         # dict: occupancy and events per tier
     store.close()
 
 Values are opaque (coded blobs); the store keeps a checksummed header with each
@@ -307,9 +307,6 @@ class TieredStore:
                           **{event: counted.get(event, 0) for event in EVENTS}})
         hits = sum(t["hits"] for t in tiers)
         return {"tiers": tiers, "hits": hits, "misses": tiers[-1]["misses"] if tiers else 0}
-
-    def stats_json(self) -> str:
-        return json.dumps(self.stats())
 
     def close(self) -> None:
         """Flush remembered accesses and release the tiers. Idempotent."""
