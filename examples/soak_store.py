@@ -204,7 +204,13 @@ def main() -> None:
                         acked[key] = round_
                 elif word == "wrong":
                     n["wrong bytes"] += 1
-        reader.wait(timeout=60)
+        try:
+            reader.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # stuck (e.g. on a mutex a killed writer held)
+            n["hangs"] += 1
+            print(f"round {round_}: reader {reader.pid} stuck for 60 s; killed", file=sys.stderr)
+            reader.kill()
+            reader.wait()
         n["readers killed"] += reader.returncode == -signal.SIGKILL
         damage = "none"
         if round_ % args.damage_every == args.damage_every - 1:

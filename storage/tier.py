@@ -314,8 +314,7 @@ class _Writer:
         # values counted must fit into it), or they are rebuilt.
         if (None in counters.values() or counters[b"pages"] != pages
                 or not HEADER_SIZE * pages <= counters[b"bytes"]
-                <= HEADER_SIZE * pages + tier.env.lmdb.info()["map_size"]
-                or counters[b"raw_bytes"] > pages << 32):  # no page is 4 GiB raw
+                <= HEADER_SIZE * pages + tier.env.lmdb.info()["map_size"]):
             self._recount()
         else:
             self.counters = counters
@@ -451,7 +450,7 @@ class _Writer:
                 txn.put(self.new_leaf, b"", db=t._leaves)
         self.counters[b"pages"] -= 1
         self.counters[b"bytes"] -= length + HEADER_SIZE
-        self.counters[b"raw_bytes"] = max(0, self.counters[b"raw_bytes"] - meta.raw_size)
+        self.counters[b"raw_bytes"] -= meta.raw_size  # below 0 (damage): rebuilt at save
         return Page(key, meta.header, value, meta.raw_size, meta.parent or None)
 
     def _in_use_above(self, key: bytes) -> bool:
