@@ -212,7 +212,8 @@ MOONCAKE_FIELDS: tuple[Field, ...] = (
           "none (pages live in other members' segments, e.g. a `mooncake_client` daemon's: "
           "a server's segment goes away with the server)"),
     Field("local_buffer_size", SIZE, "64MiB",
-          "'mooncake': the client's transfer buffer; one put or get batch must fit in it"),
+          "'mooncake': the client's transfer buffer; put and get batches are split to move "
+          "at most half of it per call (a page larger than the buffer is not stored)"),
     Field("protocol", choice("tcp", "rdma"), "tcp", "'mooncake': transfer protocol"),
     Field("on_unreachable", choice("error", "degraded"), "error",
           "'mooncake': when the master or metadata server cannot be reached at start-up: "

@@ -53,9 +53,14 @@ _HEADER_SIZE = 24  # storage/record.py
 _PROBE_KEY = "speckv_probe"
 _CONNECT_TIMEOUT_S = 2.0
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 1.0, 30.0
-# Mooncake result codes meaning "could not talk to the cluster" (RPC_FAIL, client not set
-# up): the tier goes down until a probe succeeds. Other negative codes fail one call.
-_UNREACHABLE = {-900, -600}
+# Mooncake's result code for "could not talk to the master" (RPC_FAIL): the tier goes down
+# until a probe succeeds. Other negative codes (e.g. -600: the batch did not fit the
+# client's transfer buffer) fail one call.
+_UNREACHABLE = {-900}
+# One put or get call moves at most this share of local_buffer_size: SGLang's threads call
+# concurrently, and each call stages its bytes in that buffer.
+_BATCH_SHARE = 0.5
+_FAILURE_LOG_S = 60.0  # other failed calls: at most one log line per this many seconds
 
 
 def object_key(skey: bytes) -> str:
@@ -124,6 +129,9 @@ class MooncakeTier:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self._batch_bytes = max(1, int(config.local_buffer_size * _BATCH_SHARE))
+        self._last_failure_log = -_FAILURE_LOG_S
+        self._largest = 1 << 20  # bytes of the largest object seen: sizes read batches
         problem = self._unreachable()
         if problem is None:
             problem = self._setup()
@@ -154,10 +162,20 @@ class MooncakeTier:
         values copied into ``out[i]`` as storage/tier.py's ``read`` does. Not verified."""
         if not skeys or not self._up:
             return [None] * len(skeys)
-        objects = self._call("get", self._client.get_batch, [object_key(k) for k in skeys])
-        if objects is None or len(objects) != len(skeys):
-            self._incident("get", None)
-            return [None] * len(skeys)
+        keys = [object_key(k) for k in skeys]
+        objects: list = []
+        per_call = max(1, self._batch_bytes // self._largest)
+        for start in range(0, len(keys), per_call):
+            got = self._call("get", self._client.get_batch, keys[start:start + per_call])
+            if got is None or len(got) != len(keys[start:start + per_call]):
+                self._incident("get", None)
+                return [None] * len(skeys)
+            objects.extend(got)
+        if len(keys) > 1:  # b"" is absent, evicted, or did not fit the buffer: ask alone
+            for i, obj in enumerate(objects):
+                if not obj:
+                    objects[i] = (self._call("get", self._client.get_batch, [keys[i]]) or [b""])[0]
+        self._largest = max(self._largest, *(len(o) for o in objects))
         pages: list[Page | None] = []
         for i, (skey, obj) in enumerate(zip(skeys, objects)):
             page = self._parse(skey, obj, None if out is None else out[i])
@@ -174,11 +192,21 @@ class MooncakeTier:
             parent = page.parent or b""
             values.append(b"".join((_PREFIX.pack(page.raw_size, len(parent)), page.header,
                                     parent, memoryview(page.value).cast("B"))))
-        rc = self._call("put", self._client.put_batch, keys, values)
-        if rc != 0:
-            self._incident("put", rc)
-            return [False] * len(pages)
-        return [True] * len(pages)
+        self._largest = max(self._largest, *(len(v) for v in values))
+        stored = [False] * len(pages)
+        start = 0
+        while start < len(pages) and self._up:
+            end, size = start + 1, len(values[start])  # at least one page per call
+            while end < len(pages) and size + len(values[end]) <= self._batch_bytes:
+                size += len(values[end])
+                end += 1
+            rc = self._call("put", self._client.put_batch, keys[start:end], values[start:end])
+            if rc == 0:
+                stored[start:end] = [True] * (end - start)
+            else:
+                self._incident("put", rc)
+            start = end
+        return stored
 
     def remove(self, skeys: Sequence[bytes]) -> None:
         if skeys and self._up:
@@ -270,8 +298,12 @@ class MooncakeTier:
         """A failed call: log it unless the tier is already down, and go down if the cluster
         is unreachable (or the call raised)."""
         if rc is not None and rc not in _UNREACHABLE:
-            logger.warning("speckv store: Mooncake %s on tier %r failed (code %s); treated as "
-                           "a miss", what, self.name, rc)
+            now = time.monotonic()
+            if now - self._last_failure_log >= _FAILURE_LOG_S:  # one line per burst
+                self._last_failure_log = now
+                logger.warning("speckv store: Mooncake %s on tier %r failed (code %s; -600: "
+                               "the batch did not fit local_buffer_size); pages not stored or "
+                               "read are misses", what, self.name, rc)
             return
         with self._lock:
             was_up, self._up = self._up, False

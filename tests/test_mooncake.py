@@ -231,3 +231,14 @@ def test_two_servers_share_one_cluster(cluster, sglang_server, tmp_path):
     stats = json.loads((tmp_path / "b" / "stats.json").read_text())
     cluster_tier = stats["store"]["tiers"][1]
     assert cluster_tier["hits"] >= pages and stats["verify_failures"] == 0
+
+
+def test_batches_larger_than_the_transfer_buffer(cluster):
+    """Puts and gets are split to fit local_buffer_size; a page larger than it is a failed
+    write of that page only (no outage)."""
+    values = [bytes([i]) * (3 << 20) for i in range(8)] + [b"y" * (20 << 20)]  # 24 MiB + 20 MiB
+    keys = [f"{i:064x}" for i in range(len(values))]
+    with TieredStore(config(cluster, local_buffer_size="16MiB"), NS) as store:
+        assert store.put(keys, values) == [True] * 8 + [False]
+        assert [bytes(v) for v in store.get(keys[:8])] == values[:8]
+        assert store.stats()["tiers"][0]["reachable"] is True  # not taken for an outage
