@@ -137,6 +137,51 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     return words, lane_words
 
 
+def _word(words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """words[index] as int64 in [0, 2^32) (words: int64, or int32 holding u32 words)."""
+    return words[index].to(torch.int64) & WORD_MASK
+
+
+def as_u32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2^32) -> int32 holding the same u32 bit patterns (half the bytes)."""
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def storage_from_keys(keys: torch.Tensor, dtype: str) -> torch.Tensor:
+    """int64 keys -> the same shape in the storage dtype (bit patterns restored)."""
+    bits = em.bits_from_keys(keys, dtype)
+    if em.symbol_bits(dtype) == 16:
+        raw = (bits - ((bits >> 15) << 16)).to(torch.int16)  # two's complement, no wrap
+    else:
+        raw = bits.to(torch.uint8)
+    return raw.view(em.TORCH_DTYPES[dtype])
+
+
+def encode_values(
+    bits: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    dtype: str,
+    num_lanes: int,
+    w_wide: int = em.W_WIDE,
+    kappa: int = em.KAPPA,
+    *,
+    cdf=em.cdf,
+    encode=encode,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value-level encoder (what rans_cpu fuses, same bytes): storage patterns ``bits``
+    (int16 for 16-bit dtypes, else uint8) and float32 (mu, sigma), all [P, N] (or [N]) ->
+    quantize_params -> cdf -> encode. ``cdf``/``encode`` pick the implementation (rans_triton
+    passes its kernels). Returns (words int32 [W] holding the u32 words, lane_words [P, NL])."""
+    keys = em.keys_from_bits(em.storage_bits(_as_batch(bits)), dtype)
+    mu_q, e, r = em.quantize_params(_as_batch(mu), _as_batch(sigma))
+    cum = cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
+    freq = cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum
+    del keys, mu_q, e, r
+    words, lane_words = encode(cum, freq, num_lanes)
+    return as_u32(words), lane_words
+
+
 @functools.cache
 def _quantile_table(w_wide: int, kappa: int) -> torch.Tensor:
     """float64 [2^QUANTILE_BITS + 1]: entry i is the smallest t (units of sigma/2^T_BITS)
@@ -183,8 +228,8 @@ class Decoder:
         """words: int64 [W] in [0, 2^32) (lane streams, concatenated as ``encode`` returns
         them); lane_words: int64 [P, NL] (sum == W); num_symbols: N per page."""
         lane_words = _as_batch(lane_words)
-        if words.dtype != torch.int64 or lane_words.dtype != torch.int64:
-            raise ValueError("words and lane_words must be int64")
+        if words.dtype not in (torch.int64, torch.int32) or lane_words.dtype != torch.int64:
+            raise ValueError("words must be int64 (or int32 holding u32 words) and lane_words int64")
         if int(lane_words.sum()) != words.numel():
             raise ValueError(f"lane_words sum {int(lane_words.sum())} != {words.numel()} words")
         self.num_pages, self.num_lanes = lane_words.shape
@@ -197,13 +242,13 @@ class Decoder:
         self.offsets = torch.arange(-WINDOW, WINDOW + 2, device=words.device)  # [2W + 2]
         self.position = 0  # symbols of each page decoded so far
         # an empty stream still gets one (zero) word so that every gather below is in bounds
-        self.words = words if words.numel() else torch.zeros(1, dtype=torch.int64, device=words.device)
+        self.words = words if words.numel() else torch.zeros(1, dtype=words.dtype, device=words.device)
         counts = lane_words.reshape(-1)  # [lanes]
         starts = torch.cumsum(counts, 0) - counts
         self.end = starts + counts
         last_word = self.words.numel() - 1
-        low = self.words[starts.clamp(max=last_word)]
-        high = self.words[(starts + 1).clamp(max=last_word)]
+        low = _word(self.words, starts.clamp(max=last_word))
+        high = _word(self.words, (starts + 1).clamp(max=last_word))
         x = low | (high << WORD_BITS)
         valid = (counts >= 2) & (high < (1 << 31)) & (x >= RANS_L)  # state in [L, 2^63)
         self.ok = valid.view(self.num_pages, self.num_lanes).all(dim=1)  # [P]
@@ -292,7 +337,7 @@ class Decoder:
             k, c_lo, c_hi = self._guess_and_check(slot, [g[s] for g in grids[:3]], [g[s] for g in grids[3:]])
             x_new = (c_hi - c_lo) * (x >> em.PROB_BITS) + slot - c_lo
             need = x_new < RANS_L
-            w = self.words[ptr.clamp(max=last_word)]  # reads past a lane are caught in finish
+            w = _word(self.words, ptr.clamp(max=last_word))  # reads past a lane are caught in finish
             x_new = torch.where(need, (x_new << WORD_BITS) | w, x_new)
             ptr_new = ptr + need
             if s == 0 or s == steps - 1:  # only the ends of a stage are ragged
@@ -305,6 +350,20 @@ class Decoder:
         self.position += n
         keys = _from_grid(keys_g, first, n, self.num_pages)
         return keys[0] if squeeze else keys
+
+    def decode_values(
+        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
+    ) -> None:
+        """The value-level stage (what rans_cpu fuses): the next n symbols of each page from
+        float32 (mu, sigma) [P, n], written as storage patterns into columns
+        [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8)
+        and, if given, as float32 values into out_values [P, N]."""
+        first = self.position
+        keys = self.decode(*em.quantize_params(_as_batch(mu), _as_batch(sigma)))
+        stage = out_bits[:, first : self.position]
+        stage.copy_(storage_from_keys(keys, self.dtype).view(stage.dtype))
+        if out_values is not None:
+            out_values[:, first : self.position] = stage.view(em.TORCH_DTYPES[self.dtype]).to(torch.float32)
 
     def finish(self) -> torch.Tensor:
         """bool [P]: True for pages whose every lane decoded all N symbols, consumed exactly
