@@ -348,6 +348,19 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, keys_ptr, x_ptr, 
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
 
+def encode_values(
+    bits: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    dtype: str,
+    num_lanes: int,
+    w_wide: int = em.W_WIDE,
+    kappa: int = em.KAPPA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rans_reference.encode_values with this module's cdf and encode kernels (same bytes)."""
+    return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa, cdf=cdf, encode=encode)
+
+
 class Decoder(ref.Decoder):
     """rans_reference.Decoder with its per-stage loop on the GPU (same keys, same verdict).
 
