@@ -53,15 +53,21 @@ class PageStatsPredictor(Predictor):
     name = "page_stats"
 
     def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
-        """values: float32 [2, layers, tokens, heads, dim] (may hold NaN/inf: ignored)."""
-        x = values.detach().to("cpu", torch.float64).permute(0, 1, 3, 4, 2)  # [kv, L, H, D, T]
-        finite = torch.isfinite(x)
-        count = finite.sum(dim=-1).clamp(min=1)
-        mean = torch.where(finite, x, torch.zeros_like(x)).sum(dim=-1) / count
-        mean_q = mean.to(torch.bfloat16)  # what the decoder will see
-        dev = torch.where(finite, x - mean_q.to(torch.float64)[..., None], torch.zeros_like(x))
-        rms = (dev.square().sum(dim=-1) / count).sqrt()
-        sigma = torch.maximum(rms, mean_q.to(torch.float64).abs() * REL_SIGMA_FLOOR)
+        """values: float32 [2, layers, tokens, heads, dim] (may hold NaN/inf: ignored).
+        Computed on the host one (kv, layer) block at a time: float64 scratch of a block."""
+        kv, layers = values.shape[:2]
+        means, sigmas = [], []
+        for i in range(kv):
+            for j in range(layers):
+                x = values[i, j].detach().to("cpu", torch.float64).permute(1, 2, 0)  # [H, D, T]
+                finite = torch.isfinite(x)
+                count = finite.sum(dim=-1).clamp(min=1)
+                mean_q = (torch.where(finite, x, 0.0).sum(dim=-1) / count).to(torch.bfloat16)  # as decoded
+                dev = torch.where(finite, x - mean_q.to(torch.float64)[..., None], 0.0)
+                rms = (dev.square().sum(dim=-1) / count).sqrt()
+                means.append(mean_q)
+                sigmas.append(torch.maximum(rms, mean_q.to(torch.float64).abs() * REL_SIGMA_FLOOR))
+        mean_q, sigma = torch.stack(means), torch.stack(sigmas)  # [kv * layers, H, D]
         code = (torch.log2(sigma) - SIGMA_MIN_LOG2) * STEPS_PER_OCTAVE  # -inf for sigma = 0
         code = code.nan_to_num(0.0).round().clamp(0, 255).to(torch.uint8)
         means = mean_q.contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
