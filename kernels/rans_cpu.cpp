@@ -259,8 +259,8 @@ torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const to
 constexpr int64_t LANE_BLOCK = 64;
 
 // One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
-// symbols [first, first + n) of each of P pages. params(i, mu_q, e, r) gives symbol i's (of
-// the stage's [P, n]) quantised parameters, emit(i, key) takes its key. x, ptr: int64
+// symbols [first, first + n) of each of P pages. params(i, mu_q, e, r, inv) gives symbol
+// i's (of the stage's [P, n]) quantised parameters and 2^32 // r, emit(i, key) takes its key. x, ptr: int64
 // [P * NL] lane states and next-word indices, updated in place; words_p: W >= 1 words
 // (int64 or uint32 values in [0, 2^32)).
 template <class Word, class ParamFn, class EmitFn>
@@ -277,9 +277,9 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
 
   // Decode symbol i (of the stage's [P, n]) from lane state x / word pointer ptr.
   auto decode_symbol = [&](int64_t i, int64_t& x, int64_t& ptr) {
-    int64_t mu_q, e, r;
-    params(i, mu_q, e, r);
-    const int64_t two_mu_q = 2 * mu_q, off = F - e, inv = (int64_t(1) << 32) / r;
+    int64_t mu_q, e, r, inv;  // inv = 2^32 // r
+    params(i, mu_q, e, r, inv);
+    const int64_t two_mu_q = 2 * mu_q, off = F - e;
     const int64_t slot = x & (M - 1);
 
     // Guess the key as the reference does: G^-1 of (slot - k) through the quantile table,
@@ -389,31 +389,58 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
   decode_stage(
       model, quantiles.data_ptr<double>(), words.data_ptr<int64_t>(), words.numel(), x_t.data_ptr<int64_t>(),
       ptr_t.data_ptr<int64_t>(), mu_q.size(0), mu_q.size(1), num_lanes, first,
-      [&](int64_t i, int64_t& m, int64_t& ee, int64_t& rr) { m = mu_p[i], ee = e_p[i], rr = r_p[i]; },
+      [&](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
+        m = mu_p[i], ee = e_p[i], rr = r_p[i];
+        inv = (int64_t(1) << 32) / rr;
+      },
       [&](int64_t i, int64_t k) { keys_p[i] = k; });
   return keys;
 }
 
 // ---- The value-level path: float32 (mu, sigma) and storage bits in, nothing int64 [N] ----
 
-// entropy_model.quantize_params for one scalar, operation for operation (frexp, exact
-// products with powers of two, round-half-even under the default rounding mode).
+// Round-half-even of a float64 under the default rounding mode, without a libm call: below
+// 2^52 in magnitude, adding and subtracting 2^52 leaves exactly the nearest integer (ties to
+// even); from 2^52 up every float64 is an integer already. (No -ffast-math here, and
+// -ffp-contract=off, so the compiler keeps both operations.)
+inline double round_half_even(double v) {
+  constexpr double TWO52 = 4503599627370496.0;
+  if (!(std::fabs(v) < TWO52)) return v;
+  return v >= 0 ? (v + TWO52) - TWO52 : -((-v + TWO52) - TWO52);
+}
+
+// entropy_model.quantize_params for one scalar, operation for operation: sigma's frexp
+// read from its bits (it is a positive normal float64 after the clamps), exact products
+// with powers of two, round-half-even.
 inline void quantize(float mu, float sigma, int64_t& mu_q, int64_t& e, int64_t& r) {
   double s = sigma;
   if (std::isnan(s)) s = 1.0;
   if (s <= 0) s = SIGMA_MIN;
   s = std::clamp(s, SIGMA_MIN, SIGMA_MAX);
-  int exp2;
-  const double mant = std::frexp(s, &exp2);  // s = mant * 2^exp2, mant in [0.5, 1)
-  e = int64_t(exp2) - 1;
-  r = int64_t(std::nearbyint(mant * double(int64_t(1) << (R + 1))));
+  uint64_t u;
+  std::memcpy(&u, &s, sizeof u);
+  e = int64_t(u >> 52) - 1023;  // s = 1.m * 2^e
+  const uint64_t one_m = (u & ((uint64_t(1) << 52) - 1)) | (uint64_t(1023) << 52);
+  double mant;  // 1.m in [1, 2): frexp's mantissa times 2
+  std::memcpy(&mant, &one_m, sizeof mant);
+  r = int64_t(round_half_even(mant * double(int64_t(1) << R)));
   if (r == (int64_t(1) << (R + 1))) r = int64_t(1) << R, e += 1;
   double m = mu;
   if (std::isnan(m)) m = 0.0;
   m = std::clamp(m, -MU_INF, MU_INF);
   const double xmax = double(X_MAX);
-  mu_q = int64_t(std::clamp(std::nearbyint(m * pow2(F - e)), -xmax, xmax));
+  mu_q = int64_t(std::clamp(round_half_even(m * pow2(F - e)), -xmax, xmax));
 }
+
+// 2^32 // r for the r quantize produces ([2^R, 2^(R+1)]), one division per entry once.
+struct InverseTable {
+  int64_t inv[(int64_t(1) << R) + 1];
+  InverseTable() {
+    for (int64_t r = 0; r <= (int64_t(1) << R); ++r) inv[r] = (int64_t(1) << 32) / (r + (int64_t(1) << R));
+  }
+  inline int64_t operator()(int64_t r) const { return inv[r - (int64_t(1) << R)]; }
+};
+const InverseTable INVERSE;
 
 // The storage pattern of element i of a [P, N] int16 (16-bit dtypes) or uint8 tensor.
 struct Bits {
@@ -474,7 +501,7 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const torc
           int64_t mu_q, e, r;
           quantize(mu_p[i], sigma_p[i], mu_q, e, r);
           int64_t c0, c1;
-          model.cdf_pair(k, 2 * mu_q, F - e, (int64_t(1) << 32) / r, c0, c1);
+          model.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), c0, c1);
           const int64_t f = c1 - c0;
           int64_t& xl = x[l - l0];
           if (xl > (((f - 1) << ENC_SHIFT) | ((int64_t(1) << ENC_SHIFT) - 1))) {
@@ -542,7 +569,10 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   decode_stage(
       model, quantiles.data_ptr<double>(), reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
       words.numel(), x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), num_pages, n, num_lanes, first,
-      [&](int64_t i, int64_t& m, int64_t& ee, int64_t& rr) { quantize(mu_p[i], sigma_p[i], m, ee, rr); },
+      [&](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
+        quantize(mu_p[i], sigma_p[i], m, ee, rr);
+        inv = INVERSE(rr);
+      },
       [&](int64_t i, int64_t k) {
         const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
         const int64_t j = (i / n) * total + first + i % n;

@@ -85,7 +85,7 @@ def _load() -> ModuleType:
     return cpp_extension.load(
         name="speckv_rans_cpu",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *_macros()],
+        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_macros()],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

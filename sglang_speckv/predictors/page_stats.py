@@ -59,12 +59,12 @@ class PageStatsPredictor(Predictor):
         means, sigmas = [], []
         for i in range(kv):
             for j in range(layers):
-                x = values[i, j].detach().to("cpu", torch.float64).permute(1, 2, 0)  # [H, D, T]
+                x = values[i, j].detach().to("cpu", torch.float64)  # [T, H, D]: sums over dim 0
                 finite = torch.isfinite(x)
-                count = finite.sum(dim=-1).clamp(min=1)
-                mean_q = (torch.where(finite, x, 0.0).sum(dim=-1) / count).to(torch.bfloat16)  # as decoded
-                dev = torch.where(finite, x - mean_q.to(torch.float64)[..., None], 0.0)
-                rms = (dev.square().sum(dim=-1) / count).sqrt()
+                count = finite.sum(dim=0).clamp(min=1)
+                mean_q = (torch.where(finite, x, 0.0).sum(dim=0) / count).to(torch.bfloat16)  # as decoded
+                dev = torch.where(finite, x - mean_q.to(torch.float64), 0.0)
+                rms = (dev.square().sum(dim=0) / count).sqrt()
                 means.append(mean_q)
                 sigmas.append(torch.maximum(rms, mean_q.to(torch.float64).abs() * REL_SIGMA_FLOOR))
         mean_q, sigma = torch.stack(means), torch.stack(sigmas)  # [kv * layers, H, D]
