@@ -184,7 +184,8 @@ def encode_values(
     return as_u32(words), lane_words
 
 
-@functools.cache
+# A blob may name any of 256 x 8 mixtures: the tables of only the last few stay cached.
+@functools.lru_cache(maxsize=8)
 def _quantile_table(w_wide: int, kappa: int) -> torch.Tensor:
     """float64 [2^QUANTILE_BITS + 1]: entry i is the smallest t (units of sigma/2^T_BITS)
     with G(t) >= i * 2^(32 - QUANTILE_BITS), found by integer bisection on em.phi."""

@@ -54,24 +54,28 @@ class PageStatsPredictor(Predictor):
 
     def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
         """values: float32 [2, layers, tokens, heads, dim] (may hold NaN/inf: ignored).
-        Computed on the host one (kv, layer) block at a time: float64 scratch of a block."""
-        kv, layers = values.shape[:2]
-        means, sigmas = [], []
-        for i in range(kv):
-            for j in range(layers):
-                x = values[i, j].detach().to("cpu", torch.float64)  # [T, H, D]: sums over dim 0
-                finite = torch.isfinite(x)
-                count = finite.sum(dim=0).clamp(min=1)
-                mean_q = (torch.where(finite, x, 0.0).sum(dim=0) / count).to(torch.bfloat16)  # as decoded
-                dev = torch.where(finite, x - mean_q.to(torch.float64), 0.0)
-                rms = (dev.square().sum(dim=0) / count).sqrt()
-                means.append(mean_q)
-                sigmas.append(torch.maximum(rms, mean_q.to(torch.float64).abs() * REL_SIGMA_FLOOR))
-        mean_q, sigma = torch.stack(means), torch.stack(sigmas)  # [kv * layers, H, D]
-        code = (torch.log2(sigma) - SIGMA_MIN_LOG2) * STEPS_PER_OCTAVE  # -inf for sigma = 0
-        code = code.nan_to_num(0.0).round().clamp(0, 255).to(torch.uint8)
-        means = mean_q.contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
-        return means + code.contiguous().numpy().tobytes()
+        Computed on the host in numpy (single-threaded: no thread-pool barriers per small
+        op), one (kv, layer) block at a time: float64 scratch of a block."""
+        host = values.detach().cpu().numpy()
+        kv, layers = host.shape[:2]
+        mean_q = np.empty((kv * layers,) + host.shape[3:], dtype=np.float32)  # bf16-exact
+        sigma = np.empty(mean_q.shape, dtype=np.float64)
+        for b in range(kv * layers):
+            x = host[b // layers, b % layers].astype(np.float64)  # [T, H, D]: sums over axis 0
+            finite = np.isfinite(x)
+            count = np.maximum(finite.sum(axis=0), 1)
+            x[~finite] = 0.0
+            mean = torch.from_numpy(x.sum(axis=0) / count).to(torch.bfloat16)  # what the decoder sees
+            mean_q[b] = mean.to(torch.float32).numpy()
+            x -= mean_q[b]
+            x[~finite] = 0.0
+            rms = np.sqrt(np.square(x).sum(axis=0) / count)
+            sigma[b] = np.maximum(rms, np.abs(mean_q[b].astype(np.float64)) * REL_SIGMA_FLOOR)
+        with np.errstate(divide="ignore"):
+            code = (np.log2(sigma) - SIGMA_MIN_LOG2) * STEPS_PER_OCTAVE  # -inf for sigma = 0
+        code = np.clip(np.round(np.nan_to_num(code, nan=0.0, neginf=0.0, posinf=255.0)), 0, 255).astype(np.uint8)
+        means = torch.from_numpy(mean_q).to(torch.bfloat16).view(torch.int16).numpy().astype("<i2")
+        return means.tobytes() + code.tobytes()
 
     def predict(
         self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int
