@@ -25,3 +25,11 @@ def test_make_dump_writes_a_dump(tmp_path):
     )
     kv = load_file(str(path))
     assert kv["k"].shape == kv["v"].shape == (2, 1, 3, 4)
+
+
+def test_bench_restore_smallest_shape():
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "bench_restore.py"), "--tokens", "64", "--layers", "1", "--page-tokens", "32"],
+        check=True, capture_output=True, text=True, timeout=900,
+    ).stdout
+    assert "| restore, page_stats |" in out and "| restore, static |" in out and "| raw copy" in out
