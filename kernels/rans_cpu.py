@@ -230,15 +230,7 @@ class Decoder(ref.Decoder):
         if ext is None:
             return super().decode(mu_q, e, r)
         squeeze = mu_q.dim() == 1
-        mu_q, e, r = ref._as_batch(mu_q), ref._as_batch(e), ref._as_batch(r)
-        if not (mu_q.shape == e.shape == r.shape) or any(t.dtype != torch.int64 for t in (mu_q, e, r)):
-            raise ValueError("mu_q, e and r must be int64 tensors of the same shape")
-        n = mu_q.shape[1]
-        if mu_q.shape[0] != self.num_pages or self.position + n > self.num_symbols:
-            raise ValueError(
-                f"decode of {tuple(mu_q.shape)} symbols at position {self.position} does not fit "
-                f"{self.num_pages} pages of {self.num_symbols} symbols"
-            )
+        (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
         _check_cpu(self.words, mu_q, e, r)
         self.words = self.words.contiguous()
         self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
@@ -259,13 +251,7 @@ class Decoder(ref.Decoder):
         ext = extension()
         if ext is None or self.words.dtype != torch.int32:
             return super().decode_values(mu, sigma, out_bits, out_values)
-        mu, sigma = ref._as_batch(mu), ref._as_batch(sigma)
-        n = mu.shape[1]
-        if mu.shape[0] != self.num_pages or self.position + n > self.num_symbols or sigma.shape != mu.shape:
-            raise ValueError(
-                f"decode of {tuple(mu.shape)} symbols at position {self.position} does not fit "
-                f"{self.num_pages} pages of {self.num_symbols} symbols"
-            )
+        (mu, sigma), n = self._stage((mu, sigma), torch.float32)
         if out_bits.shape != (self.num_pages, self.num_symbols):
             raise ValueError(f"out_bits must be [{self.num_pages}, {self.num_symbols}], got {tuple(out_bits.shape)}")
         _check_cpu(self.words, mu, sigma, out_bits)

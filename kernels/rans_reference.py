@@ -304,16 +304,25 @@ class Decoder:
                 full[miss] = part
         return k, c_lo, c_hi
 
+    def _stage(self, params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[list[torch.Tensor], int]:
+        """The one argument check of a decoder stage, shared by the three coders: the
+        stage's parameters ([P, n] or [n], all of ``dtype`` and one shape) as [P, n]
+        batches that fit the pages from the current position, and n."""
+        batch = [_as_batch(t) for t in params]
+        if any(t.shape != batch[0].shape or t.dtype != dtype for t in batch):
+            raise ValueError(f"the stage's parameters must be {dtype} tensors of one shape")
+        n = batch[0].shape[1]
+        if batch[0].shape[0] != self.num_pages or self.position + n > self.num_symbols:
+            raise ValueError(
+                f"decode of {tuple(batch[0].shape)} symbols at position {self.position} does not fit "
+                f"{self.num_pages} pages of {self.num_symbols} symbols"
+            )
+        return batch, n
+
     def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page."""
         squeeze = mu_q.dim() == 1
-        mu_q, e, r = _as_batch(mu_q), _as_batch(e), _as_batch(r)
-        n = mu_q.shape[1]
-        if mu_q.shape[0] != self.num_pages or self.position + n > self.num_symbols:
-            raise ValueError(
-                f"decode of {tuple(mu_q.shape)} symbols at position {self.position} does not fit "
-                f"{self.num_pages} pages of {self.num_symbols} symbols"
-            )
+        (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
         first, nl = self.position, self.num_lanes
         # Per-symbol invariants of C, and the guess's float view of the parameters (exact
         # products with powers of two), as [steps, lanes] grids; pads are harmless values.
@@ -361,8 +370,9 @@ class Decoder:
         float32 (mu, sigma) [P, n], written as storage patterns into columns
         [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8)
         and, if given, as float32 values into out_values [P, N]."""
+        (mu, sigma), _ = self._stage((mu, sigma), torch.float32)
         first = self.position
-        keys = self.decode(*em.quantize_params(_as_batch(mu), _as_batch(sigma)))
+        keys = self.decode(*em.quantize_params(mu, sigma))
         stage = out_bits[:, first : self.position]
         stage.copy_(storage_from_keys(keys, self.dtype).view(stage.dtype))
         if out_values is not None:
