@@ -61,6 +61,16 @@ MAX_PAGE_BYTES = 1 << 30
 MIN_LANE_WORDS = 2
 
 
+def min_stream_bits(numel: int, dtype: str) -> float:
+    """A lower bound on the stream bits of a coded page of ``numel`` symbols, so that a
+    header claiming a huge page over a tiny stream is refused before anything is allocated.
+    Every key has probability at least 1/M, so the likeliest costs at least
+    -log2(1 - (2^B - 1) / M) bits; rANS spends at least ~0.85x that (its rounding loses less
+    than f/x <= 2^-3 relative per step), and the bound takes half, to be safe."""
+    top = 1 << em.symbol_bits(dtype)
+    return 0.5 * numel * -math.log1p(-(top - 1) / em.M) / math.log(2)
+
+
 class BlobError(ValueError):
     """A blob that must not be decoded. The backend turns any of these into a cache miss."""
 
@@ -197,6 +207,8 @@ def parse_blob(blob: bytes | bytearray | memoryview) -> ParsedBlob:
         raise Truncated(f"blob of {len(view)} bytes, header says {header.blob_size}")
     lane_words = np.frombuffer(view, dtype="<u4", count=num_lanes, offset=HEADER_SIZE)
     if not header.raw:
+        if 32 * header.stream_words < min_stream_bits(header.numel, header.dtype):
+            raise BadHeader(f"a stream of {header.stream_words} words cannot hold a page of {header.numel} symbols")
         if int(lane_words.sum(dtype=np.uint64)) != header.stream_words:
             raise BadHeader("lane word counts do not sum to the stream length")
         if num_lanes and int(lane_words.min()) < MIN_LANE_WORDS:

@@ -43,6 +43,9 @@ constexpr int64_t WORD_BITS = SPECKV_WORD_BITS;
 constexpr int64_t WORD_MASK = (int64_t(1) << WORD_BITS) - 1;
 constexpr int64_t ENC_SHIFT = SPECKV_ENC_SHIFT;
 constexpr int64_t QUANTILE_BITS = SPECKV_QUANTILE_BITS;
+constexpr double SIGMA_MIN = SPECKV_SIGMA_MIN;
+constexpr double SIGMA_MAX = SPECKV_SIGMA_MAX;
+constexpr double MU_INF = SPECKV_MU_INF;
 
 inline int64_t wrap_add(int64_t a, int64_t b) { return int64_t(uint64_t(a) + uint64_t(b)); }
 inline int64_t wrap_mul(int64_t a, int64_t b) { return int64_t(uint64_t(a) * uint64_t(b)); }
@@ -255,51 +258,36 @@ torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const to
 // the division) instead of waiting on one lane's chain.
 constexpr int64_t LANE_BLOCK = 64;
 
-// One stage of rans_reference.Decoder.decode: symbols [first, first + n) of every page.
-// mu_q, e, r: int64 [P, n]; x, ptr: int64 [P * NL] lane states and next-word indices,
-// updated in place; words: int64 [W >= 1]. Returns keys int64 [P, n].
-torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu_q,
-                     const torch::Tensor& e, const torch::Tensor& r, int64_t num_lanes, int64_t first,
-                     const torch::Tensor& phi, const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa,
-                     int64_t bits, int64_t man_bits, int64_t bias, bool fn_nan) {
-  for (const torch::Tensor* t :
-       std::initializer_list<const torch::Tensor*>{&words, &x_t, &ptr_t, &mu_q, &e, &r, &phi}) {
-    check_int64(*t, "decode argument");
-  }
-  TORCH_CHECK(quantiles.dtype() == torch::kFloat64 && quantiles.is_contiguous() &&
-                  quantiles.numel() == (int64_t(1) << QUANTILE_BITS) + 1,
-              "quantiles must be rans_reference._quantile_table");
-  const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
+// One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
+// symbols [first, first + n) of each of P pages. params(i, mu_q, e, r, inv) gives symbol
+// i's (of the stage's [P, n]) quantised parameters and 2^32 // r, emit(i, key) takes its key. x, ptr: int64
+// [P * NL] lane states and next-word indices, updated in place; words_p: W >= 1 words
+// (int64 or uint32 values in [0, 2^32)).
+template <class Word, class ParamFn, class EmitFn>
+void decode_stage(const Model& model, const double* q, const Word* words_p, int64_t num_words, int64_t* x_p,
+                  int64_t* ptr_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first, ParamFn params,
+                  EmitFn emit) {
   const Dtype& dtype = model.dtype;
-  const int64_t num_pages = mu_q.size(0), n = mu_q.size(1);
-  const int64_t* mu_p = mu_q.data_ptr<int64_t>();
-  const int64_t* e_p = e.data_ptr<int64_t>();
-  const int64_t* r_p = r.data_ptr<int64_t>();
-  check_params(r_p, num_pages * n);
-  const int64_t* words_p = words.data_ptr<int64_t>();
-  const int64_t last_word = words.numel() - 1;
-  const double* q = quantiles.data_ptr<double>();
+  const int64_t last_word = num_words - 1;
   const int64_t floor_free = M - dtype.top;  // counts the Gaussian mixture is spread over
   const int64_t num_cells = int64_t(1) << QUANTILE_BITS;
   const double cell_scale = double(num_cells) / double(floor_free);
-  int64_t* x_p = x_t.data_ptr<int64_t>();
-  int64_t* ptr_p = ptr_t.data_ptr<int64_t>();
-  auto keys = torch::empty_like(mu_q);
-  int64_t* keys_p = keys.data_ptr<int64_t>();
   const int64_t step_begin = first / num_lanes, step_end = (first + n + num_lanes - 1) / num_lanes;
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
 
   // Decode symbol i (of the stage's [P, n]) from lane state x / word pointer ptr.
   auto decode_symbol = [&](int64_t i, int64_t& x, int64_t& ptr) {
-    const int64_t two_mu_q = 2 * mu_p[i], off = F - e_p[i], inv = (int64_t(1) << 32) / r_p[i];
+    int64_t mu_q, e, r, inv;  // inv = 2^32 // r
+    params(i, mu_q, e, r, inv);
+    const int64_t two_mu_q = 2 * mu_q, off = F - e;
     const int64_t slot = x & (M - 1);
 
     // Guess the key as the reference does: G^-1 of (slot - k) through the quantile table,
     // with the key of mu in place of k. (The reference then guesses again with the first
     // guess as k; here that second pass costs more time than the extra C evaluations it
     // saves.)
-    const double mu_f = double(mu_p[i]) * pow2(e_p[i] - F);
-    const double sig_f = double(r_p[i]) * pow2(e_p[i] - R - T_BITS);
+    const double mu_f = double(mu_q) * pow2(e - F);
+    const double sig_f = double(r) * pow2(e - R - T_BITS);
     const int64_t key_of_mu = dtype.nearest_key(mu_f);
     const double u = double(std::clamp<int64_t>(slot - key_of_mu, 0, floor_free)) * cell_scale;
     const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
@@ -338,13 +326,13 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
         hi = mid, c_hi = c;
       }
     }
-    keys_p[i] = lo;
+    emit(i, lo);
 
     // x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell below L. A read past
     // the lane's words reads words[min(ptr, W - 1)] like the reference; finish() rejects it.
     int64_t x_new = wrap_add(wrap_mul(c_hi - c_lo, x >> PROB_BITS), slot - c_lo);
     if (x_new < RANS_L) {
-      x_new = int64_t(uint64_t(x_new) << WORD_BITS) | words_p[std::min(ptr, last_word)];
+      x_new = int64_t(uint64_t(x_new) << WORD_BITS) | int64_t(words_p[std::min(ptr, last_word)]);
       ++ptr;
     }
     x = x_new;
@@ -371,11 +359,232 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
       std::copy(ptr, ptr + (l1 - l0), ptr_p + g0);
     }
   });
+}
+
+void check_quantiles(const torch::Tensor& quantiles) {
+  TORCH_CHECK(quantiles.dtype() == torch::kFloat64 && quantiles.is_contiguous() &&
+                  quantiles.numel() == (int64_t(1) << QUANTILE_BITS) + 1,
+              "quantiles must be rans_reference._quantile_table");
+}
+
+// One stage of rans_reference.Decoder.decode: symbols [first, first + n) of every page.
+// mu_q, e, r: int64 [P, n]; x, ptr: int64 [P * NL] lane states and next-word indices,
+// updated in place; words: int64 [W >= 1]. Returns keys int64 [P, n].
+torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu_q,
+                     const torch::Tensor& e, const torch::Tensor& r, int64_t num_lanes, int64_t first,
+                     const torch::Tensor& phi, const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa,
+                     int64_t bits, int64_t man_bits, int64_t bias, bool fn_nan) {
+  for (const torch::Tensor* t :
+       std::initializer_list<const torch::Tensor*>{&words, &x_t, &ptr_t, &mu_q, &e, &r, &phi}) {
+    check_int64(*t, "decode argument");
+  }
+  check_quantiles(quantiles);
+  const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
+  const int64_t* mu_p = mu_q.data_ptr<int64_t>();
+  const int64_t* e_p = e.data_ptr<int64_t>();
+  const int64_t* r_p = r.data_ptr<int64_t>();
+  check_params(r_p, mu_q.numel());
+  auto keys = torch::empty_like(mu_q);
+  int64_t* keys_p = keys.data_ptr<int64_t>();
+  decode_stage(
+      model, quantiles.data_ptr<double>(), words.data_ptr<int64_t>(), words.numel(), x_t.data_ptr<int64_t>(),
+      ptr_t.data_ptr<int64_t>(), mu_q.size(0), mu_q.size(1), num_lanes, first,
+      [&](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
+        m = mu_p[i], ee = e_p[i], rr = r_p[i];
+        inv = (int64_t(1) << 32) / rr;
+      },
+      [&](int64_t i, int64_t k) { keys_p[i] = k; });
   return keys;
+}
+
+// ---- The value-level path: float32 (mu, sigma) and storage bits in, nothing int64 [N] ----
+
+// Round-half-even of a float64 under the default rounding mode, without a libm call: below
+// 2^52 in magnitude, adding and subtracting 2^52 leaves exactly the nearest integer (ties to
+// even); from 2^52 up every float64 is an integer already. (No -ffast-math here, and
+// -ffp-contract=off, so the compiler keeps both operations.)
+inline double round_half_even(double v) {
+  constexpr double TWO52 = 4503599627370496.0;
+  if (!(std::fabs(v) < TWO52)) return v;
+  return v >= 0 ? (v + TWO52) - TWO52 : -((-v + TWO52) - TWO52);
+}
+
+// entropy_model.quantize_params for one scalar, operation for operation: sigma's frexp
+// read from its bits (it is a positive normal float64 after the clamps), exact products
+// with powers of two, round-half-even.
+inline void quantize(float mu, float sigma, int64_t& mu_q, int64_t& e, int64_t& r) {
+  double s = sigma;
+  if (std::isnan(s)) s = 1.0;
+  if (s <= 0) s = SIGMA_MIN;
+  s = std::clamp(s, SIGMA_MIN, SIGMA_MAX);
+  uint64_t u;
+  std::memcpy(&u, &s, sizeof u);
+  e = int64_t(u >> 52) - 1023;  // s = 1.m * 2^e
+  const uint64_t one_m = (u & ((uint64_t(1) << 52) - 1)) | (uint64_t(1023) << 52);
+  double mant;  // 1.m in [1, 2): frexp's mantissa times 2
+  std::memcpy(&mant, &one_m, sizeof mant);
+  r = int64_t(round_half_even(mant * double(int64_t(1) << R)));
+  if (r == (int64_t(1) << (R + 1))) r = int64_t(1) << R, e += 1;
+  double m = mu;
+  if (std::isnan(m)) m = 0.0;
+  m = std::clamp(m, -MU_INF, MU_INF);
+  const double xmax = double(X_MAX);
+  mu_q = int64_t(std::clamp(round_half_even(m * pow2(F - e)), -xmax, xmax));
+}
+
+// 2^32 // r for the r quantize produces ([2^R, 2^(R+1)]), one division per entry once.
+struct InverseTable {
+  int64_t inv[(int64_t(1) << R) + 1];
+  InverseTable() {
+    for (int64_t r = 0; r <= (int64_t(1) << R); ++r) inv[r] = (int64_t(1) << 32) / (r + (int64_t(1) << R));
+  }
+  inline int64_t operator()(int64_t r) const { return inv[r - (int64_t(1) << R)]; }
+};
+const InverseTable INVERSE;
+
+// The storage pattern of element i of a [P, N] int16 (16-bit dtypes) or uint8 tensor.
+struct Bits {
+  const uint8_t* p8 = nullptr;
+  const int16_t* p16 = nullptr;
+  explicit Bits(const torch::Tensor& t) {
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu() && (t.dtype() == torch::kInt16 || t.dtype() == torch::kUInt8),
+                "bits must be a contiguous int16 or uint8 CPU tensor");
+    if (t.dtype() == torch::kInt16) p16 = t.data_ptr<int16_t>(); else p8 = t.data_ptr<uint8_t>();
+  }
+  inline int64_t operator[](int64_t i) const { return p16 ? int64_t(uint16_t(p16[i])) : int64_t(p8[i]); }
+};
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+// quantize_params + cdf + encode in one pass: bits (storage patterns, int16 or uint8) and
+// float32 mu, sigma, all [P, N]. Same bytes as rans_reference.encode of entropy_model.cdf.
+// Returns (words int32 [W] holding the u32 words, lane_words int64 [P, NL]).
+std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const torch::Tensor& mu, const torch::Tensor& sigma,
+                                         int64_t num_lanes, const torch::Tensor& phi, int64_t w_wide, int64_t kappa,
+                                         int64_t bits, int64_t man_bits, int64_t bias, bool fn_nan) {
+  const Bits pattern(bits_t);
+  check_f32(mu, "mu");
+  check_f32(sigma, "sigma");
+  check_int64(phi, "phi");
+  TORCH_CHECK(bits_t.dim() == 2 && mu.sizes() == bits_t.sizes() && sigma.sizes() == bits_t.sizes() && num_lanes >= 1,
+              "bits, mu and sigma must be [P, N] alike; num_lanes >= 1");
+  const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
+  const int64_t num_pages = bits_t.size(0), n = bits_t.size(1);
+  const float* mu_p = mu.data_ptr<float>();
+  const float* sigma_p = sigma.data_ptr<float>();
+  const int64_t steps = (n + num_lanes - 1) / num_lanes;
+  const int64_t lanes = num_pages * num_lanes;
+  const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
+  const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
+  // each lane's words in the order emitted (the reverse of decode order)
+  std::vector<std::vector<uint32_t>> streams(lanes);
+  at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
+    int64_t x[LANE_BLOCK];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t page = b / blocks_per_page;
+      const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
+      const int64_t l1 = std::min(l0 + LANE_BLOCK, num_lanes);
+      const int64_t g0 = page * num_lanes + l0;
+      for (int64_t l = l0; l < l1; ++l) {
+        x[l - l0] = RANS_L;
+        streams[g0 + l - l0].reserve(size_t(steps / 2 + 4));
+      }
+      for (int64_t s = steps - 1; s >= 0; --s) {  // in reverse (warning 1 of the reference)
+        const int64_t lane_hi = std::min(l1, n - s * num_lanes);
+        for (int64_t l = l0; l < lane_hi; ++l) {
+          const int64_t i = page * n + l + s * num_lanes;
+          const int64_t u = pattern[i];
+          const int64_t k = (u & sign_bit) ? u ^ ones : u | sign_bit;  // keys_from_bits
+          int64_t mu_q, e, r;
+          quantize(mu_p[i], sigma_p[i], mu_q, e, r);
+          int64_t c0, c1;
+          model.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), c0, c1);
+          const int64_t f = c1 - c0;
+          int64_t& xl = x[l - l0];
+          if (xl > (((f - 1) << ENC_SHIFT) | ((int64_t(1) << ENC_SHIFT) - 1))) {
+            streams[g0 + l - l0].push_back(uint32_t(xl & WORD_MASK));
+            xl >>= WORD_BITS;
+          }
+          const int64_t qt = xl / f;
+          xl = (qt << PROB_BITS) + (xl - qt * f) + c0;
+        }
+      }
+      for (int64_t l = l0; l < l1; ++l) {  // flush: low word first in decode order
+        streams[g0 + l - l0].push_back(uint32_t(x[l - l0] >> WORD_BITS));
+        streams[g0 + l - l0].push_back(uint32_t(x[l - l0] & WORD_MASK));
+      }
+    }
+  });
+  auto lane_words = torch::empty({num_pages, num_lanes}, torch::kInt64);
+  int64_t* count_p = lane_words.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t g = 0; g < lanes; ++g) total += (count_p[g] = int64_t(streams[g].size()));
+  auto words = torch::empty({total}, torch::kInt32);
+  uint32_t* words_p = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
+  for (int64_t g = 0; g < lanes; ++g) {
+    words_p = std::reverse_copy(streams[g].begin(), streams[g].end(), words_p);
+    std::vector<uint32_t>().swap(streams[g]);
+  }
+  return {words, lane_words};
+}
+
+// One decoder stage from float32 (mu, sigma) [P, n]: the keys go straight back to storage
+// patterns in out_bits [P, N] (int16 or uint8, columns first .. first + n) and, when
+// out_values is defined, to float32 values there ([P, N]; value_of_bits [2^B] float32 maps
+// a pattern to its exact value). words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
+void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu,
+                   const torch::Tensor& sigma, int64_t num_lanes, int64_t first, torch::Tensor out_bits,
+                   c10::optional<torch::Tensor> out_values, const torch::Tensor& value_of_bits, const torch::Tensor& phi,
+                   const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa, int64_t bits, int64_t man_bits,
+                   int64_t bias, bool fn_nan) {
+  TORCH_CHECK(words.dtype() == torch::kInt32 && words.is_contiguous() && words.numel() >= 1, "words: int32 [W >= 1]");
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x_t, &ptr_t, &phi}) {
+    check_int64(*t, "decode argument");
+  }
+  check_f32(mu, "mu");
+  check_f32(sigma, "sigma");
+  check_f32(value_of_bits, "value_of_bits");
+  check_quantiles(quantiles);
+  const Bits out_pattern(out_bits);
+  const int64_t num_pages = mu.size(0), n = mu.size(1), total = out_bits.size(1);
+  TORCH_CHECK(mu.dim() == 2 && sigma.sizes() == mu.sizes() && out_bits.dim() == 2 && out_bits.size(0) == num_pages &&
+                  first >= 0 && first + n <= total && value_of_bits.numel() == (int64_t(1) << bits),
+              "decode_values: shapes do not fit");
+  float* values_p = nullptr;
+  if (out_values.has_value()) {
+    check_f32(*out_values, "out_values");
+    TORCH_CHECK(out_values->sizes() == out_bits.sizes(), "out_values must be shaped like out_bits");
+    values_p = out_values->data_ptr<float>();
+  }
+  const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
+  const float* mu_p = mu.data_ptr<float>();
+  const float* sigma_p = sigma.data_ptr<float>();
+  const float* value_p = value_of_bits.data_ptr<float>();
+  int16_t* out16 = const_cast<int16_t*>(out_pattern.p16);
+  uint8_t* out8 = const_cast<uint8_t*>(out_pattern.p8);
+  const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
+  decode_stage(
+      model, quantiles.data_ptr<double>(), reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+      words.numel(), x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), num_pages, n, num_lanes, first,
+      [&](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
+        quantize(mu_p[i], sigma_p[i], m, ee, rr);
+        inv = INVERSE(rr);
+      },
+      [&](int64_t i, int64_t k) {
+        const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
+        const int64_t j = (i / n) * total + first + i % n;
+        if (out16) out16[j] = int16_t(uint16_t(u)); else out8[j] = uint8_t(u);
+        if (values_p) values_p[j] = value_p[u];
+      });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode", &encode, "rans_reference.encode on the CPU");
   m.def("cdf", &cdf, "entropy_model.cdf on the CPU");
   m.def("decode", &decode, "one stage of rans_reference.Decoder.decode on the CPU");
+  m.def("encode_values", &encode_values, "quantize_params + cdf + encode from float32 (mu, sigma) and storage bits");
+  m.def("decode_values", &decode_values, "one decoder stage from float32 (mu, sigma) into storage bits and values");
 }

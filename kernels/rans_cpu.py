@@ -31,6 +31,7 @@ the reference.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -67,7 +68,10 @@ def _macros() -> list[str]:
         "RANS_L": ref.RANS_L, "WORD_BITS": ref.WORD_BITS, "ENC_SHIFT": ref.ENC_SHIFT,
         "QUANTILE_BITS": ref.QUANTILE_BITS,
     }  # fmt: skip
-    return [f"-DSPECKV_{name}={value}LL" for name, value in constants.items()]
+    floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex
+    return [f"-DSPECKV_{name}={value}LL" for name, value in constants.items()] + [
+        f"-DSPECKV_{name}={value.hex()}" for name, value in floats.items()
+    ]
 
 
 def _load() -> ModuleType:
@@ -81,7 +85,7 @@ def _load() -> ModuleType:
     return cpp_extension.load(
         name="speckv_rans_cpu",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *_macros()],
+        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_macros()],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
@@ -171,6 +175,47 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     return words, lane_words
 
 
+@functools.cache
+def value_of_bits(dtype: str) -> torch.Tensor:
+    """float32 [2^B]: the exact value of every storage pattern of ``dtype``."""
+    b = em.symbol_bits(dtype)
+    patterns = torch.arange(1 << b, dtype=torch.int64)
+    raw = (patterns - ((patterns >> 15) << 16)).to(torch.int16) if b == 16 else patterns.to(torch.uint8)
+    return raw.view(em.TORCH_DTYPES[dtype]).to(torch.float32)
+
+
+def encode_values(
+    bits: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    dtype: str,
+    num_lanes: int,
+    w_wide: int = em.W_WIDE,
+    kappa: int = em.KAPPA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rans_reference.encode_values in one C++ pass per symbol (quantize_params, both C
+    values, the rANS step; no int64 [N] arrays), same bytes. bits: storage patterns (int16
+    for 16-bit dtypes, else uint8), mu, sigma float32, all [P, N] or [N]. Returns (words
+    int32 [W] holding the u32 words, lane_words int64 [P, NL])."""
+    ext = extension()
+    if ext is None:
+        return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa)
+    em.check_mixture(w_wide, kappa)
+    b = em.symbol_bits(dtype)
+    bits, mu, sigma = ref._as_batch(bits), ref._as_batch(mu), ref._as_batch(sigma)
+    if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
+        raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, got {bits.dtype}")
+    if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or not (bits.shape == mu.shape == sigma.shape):
+        raise ValueError("mu and sigma must be float32 tensors shaped like bits")
+    if num_lanes < 1:
+        raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
+    _check_cpu(bits, mu, sigma)
+    return tuple(ext.encode_values(
+        bits.contiguous(), mu.contiguous(), sigma.contiguous(), num_lanes, em.phi_table(), w_wide, kappa,
+        *em.DTYPE_SPECS[dtype],
+    ))  # fmt: skip
+
+
 class Decoder(ref.Decoder):
     """rans_reference.Decoder with its per-stage loop in C++ (same keys, same verdict).
 
@@ -185,15 +230,7 @@ class Decoder(ref.Decoder):
         if ext is None:
             return super().decode(mu_q, e, r)
         squeeze = mu_q.dim() == 1
-        mu_q, e, r = ref._as_batch(mu_q), ref._as_batch(e), ref._as_batch(r)
-        if not (mu_q.shape == e.shape == r.shape) or any(t.dtype != torch.int64 for t in (mu_q, e, r)):
-            raise ValueError("mu_q, e and r must be int64 tensors of the same shape")
-        n = mu_q.shape[1]
-        if mu_q.shape[0] != self.num_pages or self.position + n > self.num_symbols:
-            raise ValueError(
-                f"decode of {tuple(mu_q.shape)} symbols at position {self.position} does not fit "
-                f"{self.num_pages} pages of {self.num_symbols} symbols"
-            )
+        (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
         _check_cpu(self.words, mu_q, e, r)
         self.words = self.words.contiguous()
         self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
@@ -204,6 +241,27 @@ class Decoder(ref.Decoder):
         )  # fmt: skip
         self.position += n
         return keys[0] if squeeze else keys
+
+
+    def decode_values(
+        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
+    ) -> None:
+        """rans_reference.Decoder.decode_values in C++ (quantize_params, the search and the
+        storage patterns per symbol; no int64 [N] arrays). Needs int32 (u32) words."""
+        ext = extension()
+        if ext is None or self.words.dtype != torch.int32:
+            return super().decode_values(mu, sigma, out_bits, out_values)
+        (mu, sigma), n = self._stage((mu, sigma), torch.float32)
+        if out_bits.shape != (self.num_pages, self.num_symbols):
+            raise ValueError(f"out_bits must be [{self.num_pages}, {self.num_symbols}], got {tuple(out_bits.shape)}")
+        _check_cpu(self.words, mu, sigma, out_bits)
+        self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
+        ext.decode_values(
+            self.words.contiguous(), self.x, self.ptr, mu.contiguous(), sigma.contiguous(), self.num_lanes,
+            self.position, out_bits, out_values, value_of_bits(self.dtype), em.phi_table(), self.quantiles,
+            self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype],
+        )  # fmt: skip
+        self.position += n
 
 
 # ---- Self-check (python -m sglang_speckv.kernels.rans_cpu) -------------------------------

@@ -63,8 +63,10 @@ WINDOW = 2
 SEARCH_BITS = 4
 # The guess inverts the mixture through a table of its quantiles: t at which
 # G = (256 - w) phi(t) + w phi(t >> kappa) crosses i / 2^QUANTILE_BITS of 2^32, linearly
-# interpolated; 2^16 cells put the interpolation error far below a key in the body.
-QUANTILE_BITS = 16
+# interpolated. 2^12 cells (32 KiB of float64) stay in a core's cache, which the C++ decoder's
+# random lookups need (2^16 cells, 512 KiB, cost it ~30% of its time); the guess only sets
+# the search's starting point, never a result.
+QUANTILE_BITS = 12
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
@@ -137,7 +139,53 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     return words, lane_words
 
 
-@functools.cache
+def _word(words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """words[index] as int64 in [0, 2^32) (words: int64, or int32 holding u32 words)."""
+    return words[index].to(torch.int64) & WORD_MASK
+
+
+def as_u32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2^32) -> int32 holding the same u32 bit patterns (half the bytes)."""
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def storage_from_keys(keys: torch.Tensor, dtype: str) -> torch.Tensor:
+    """int64 keys -> the same shape in the storage dtype (bit patterns restored)."""
+    bits = em.bits_from_keys(keys, dtype)
+    if em.symbol_bits(dtype) == 16:
+        raw = (bits - ((bits >> 15) << 16)).to(torch.int16)  # two's complement, no wrap
+    else:
+        raw = bits.to(torch.uint8)
+    return raw.view(em.TORCH_DTYPES[dtype])
+
+
+def encode_values(
+    bits: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    dtype: str,
+    num_lanes: int,
+    w_wide: int = em.W_WIDE,
+    kappa: int = em.KAPPA,
+    *,
+    cdf=em.cdf,
+    encode=encode,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value-level encoder (what rans_cpu fuses, same bytes): storage patterns ``bits``
+    (int16 for 16-bit dtypes, else uint8) and float32 (mu, sigma), all [P, N] (or [N]) ->
+    quantize_params -> cdf -> encode. ``cdf``/``encode`` pick the implementation (rans_triton
+    passes its kernels). Returns (words int32 [W] holding the u32 words, lane_words [P, NL])."""
+    keys = em.keys_from_bits(em.storage_bits(_as_batch(bits)), dtype)
+    mu_q, e, r = em.quantize_params(_as_batch(mu), _as_batch(sigma))
+    cum = cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
+    freq = cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum
+    del keys, mu_q, e, r
+    words, lane_words = encode(cum, freq, num_lanes)
+    return as_u32(words), lane_words
+
+
+# A blob may name any of 256 x 8 mixtures: the tables of only the last few stay cached.
+@functools.lru_cache(maxsize=8)
 def _quantile_table(w_wide: int, kappa: int) -> torch.Tensor:
     """float64 [2^QUANTILE_BITS + 1]: entry i is the smallest t (units of sigma/2^T_BITS)
     with G(t) >= i * 2^(32 - QUANTILE_BITS), found by integer bisection on em.phi."""
@@ -183,8 +231,8 @@ class Decoder:
         """words: int64 [W] in [0, 2^32) (lane streams, concatenated as ``encode`` returns
         them); lane_words: int64 [P, NL] (sum == W); num_symbols: N per page."""
         lane_words = _as_batch(lane_words)
-        if words.dtype != torch.int64 or lane_words.dtype != torch.int64:
-            raise ValueError("words and lane_words must be int64")
+        if words.dtype not in (torch.int64, torch.int32) or lane_words.dtype != torch.int64:
+            raise ValueError("words must be int64 (or int32 holding u32 words) and lane_words int64")
         if int(lane_words.sum()) != words.numel():
             raise ValueError(f"lane_words sum {int(lane_words.sum())} != {words.numel()} words")
         self.num_pages, self.num_lanes = lane_words.shape
@@ -197,13 +245,13 @@ class Decoder:
         self.offsets = torch.arange(-WINDOW, WINDOW + 2, device=words.device)  # [2W + 2]
         self.position = 0  # symbols of each page decoded so far
         # an empty stream still gets one (zero) word so that every gather below is in bounds
-        self.words = words if words.numel() else torch.zeros(1, dtype=torch.int64, device=words.device)
+        self.words = words if words.numel() else torch.zeros(1, dtype=words.dtype, device=words.device)
         counts = lane_words.reshape(-1)  # [lanes]
         starts = torch.cumsum(counts, 0) - counts
         self.end = starts + counts
         last_word = self.words.numel() - 1
-        low = self.words[starts.clamp(max=last_word)]
-        high = self.words[(starts + 1).clamp(max=last_word)]
+        low = _word(self.words, starts.clamp(max=last_word))
+        high = _word(self.words, (starts + 1).clamp(max=last_word))
         x = low | (high << WORD_BITS)
         valid = (counts >= 2) & (high < (1 << 31)) & (x >= RANS_L)  # state in [L, 2^63)
         self.ok = valid.view(self.num_pages, self.num_lanes).all(dim=1)  # [P]
@@ -256,16 +304,25 @@ class Decoder:
                 full[miss] = part
         return k, c_lo, c_hi
 
+    def _stage(self, params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[list[torch.Tensor], int]:
+        """The one argument check of a decoder stage, shared by the three coders: the
+        stage's parameters ([P, n] or [n], all of ``dtype`` and one shape) as [P, n]
+        batches that fit the pages from the current position, and n."""
+        batch = [_as_batch(t) for t in params]
+        if any(t.shape != batch[0].shape or t.dtype != dtype for t in batch):
+            raise ValueError(f"the stage's parameters must be {dtype} tensors of one shape")
+        n = batch[0].shape[1]
+        if batch[0].shape[0] != self.num_pages or self.position + n > self.num_symbols:
+            raise ValueError(
+                f"decode of {tuple(batch[0].shape)} symbols at position {self.position} does not fit "
+                f"{self.num_pages} pages of {self.num_symbols} symbols"
+            )
+        return batch, n
+
     def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page."""
         squeeze = mu_q.dim() == 1
-        mu_q, e, r = _as_batch(mu_q), _as_batch(e), _as_batch(r)
-        n = mu_q.shape[1]
-        if mu_q.shape[0] != self.num_pages or self.position + n > self.num_symbols:
-            raise ValueError(
-                f"decode of {tuple(mu_q.shape)} symbols at position {self.position} does not fit "
-                f"{self.num_pages} pages of {self.num_symbols} symbols"
-            )
+        (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
         first, nl = self.position, self.num_lanes
         # Per-symbol invariants of C, and the guess's float view of the parameters (exact
         # products with powers of two), as [steps, lanes] grids; pads are harmless values.
@@ -292,7 +349,7 @@ class Decoder:
             k, c_lo, c_hi = self._guess_and_check(slot, [g[s] for g in grids[:3]], [g[s] for g in grids[3:]])
             x_new = (c_hi - c_lo) * (x >> em.PROB_BITS) + slot - c_lo
             need = x_new < RANS_L
-            w = self.words[ptr.clamp(max=last_word)]  # reads past a lane are caught in finish
+            w = _word(self.words, ptr.clamp(max=last_word))  # reads past a lane are caught in finish
             x_new = torch.where(need, (x_new << WORD_BITS) | w, x_new)
             ptr_new = ptr + need
             if s == 0 or s == steps - 1:  # only the ends of a stage are ragged
@@ -305,6 +362,21 @@ class Decoder:
         self.position += n
         keys = _from_grid(keys_g, first, n, self.num_pages)
         return keys[0] if squeeze else keys
+
+    def decode_values(
+        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
+    ) -> None:
+        """The value-level stage (what rans_cpu fuses): the next n symbols of each page from
+        float32 (mu, sigma) [P, n], written as storage patterns into columns
+        [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8)
+        and, if given, as float32 values into out_values [P, N]."""
+        (mu, sigma), _ = self._stage((mu, sigma), torch.float32)
+        first = self.position
+        keys = self.decode(*em.quantize_params(mu, sigma))
+        stage = out_bits[:, first : self.position]
+        stage.copy_(storage_from_keys(keys, self.dtype).view(stage.dtype))
+        if out_values is not None:
+            out_values[:, first : self.position] = stage.view(em.TORCH_DTYPES[self.dtype]).to(torch.float32)
 
     def finish(self) -> torch.Tensor:
         """bool [P]: True for pages whose every lane decoded all N symbols, consumed exactly

@@ -348,6 +348,19 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, keys_ptr, x_ptr, 
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
 
+def encode_values(
+    bits: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    dtype: str,
+    num_lanes: int,
+    w_wide: int = em.W_WIDE,
+    kappa: int = em.KAPPA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rans_reference.encode_values with this module's cdf and encode kernels (same bytes)."""
+    return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa, cdf=cdf, encode=encode)
+
+
 class Decoder(ref.Decoder):
     """rans_reference.Decoder with its per-stage loop on the GPU (same keys, same verdict).
 
@@ -359,15 +372,7 @@ class Decoder(ref.Decoder):
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page,
         given their quantised parameters (int64, from quantize_params)."""
         squeeze = mu_q.dim() == 1
-        mu_q, e, r = ref._as_batch(mu_q), ref._as_batch(e), ref._as_batch(r)
-        if not (mu_q.shape == e.shape == r.shape) or any(t.dtype != torch.int64 for t in (mu_q, e, r)):
-            raise ValueError("mu_q, e and r must be int64 tensors of the same shape")
-        n = mu_q.shape[1]
-        if mu_q.shape[0] != self.num_pages or self.position + n > self.num_symbols:
-            raise ValueError(
-                f"decode of {tuple(mu_q.shape)} symbols at position {self.position} does not fit "
-                f"{self.num_pages} pages of {self.num_symbols} symbols"
-            )
+        (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
         _check_device(self.words, mu_q, e, r)
         mu_q, e, r = mu_q.contiguous(), e.contiguous(), r.contiguous()
         bits, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]

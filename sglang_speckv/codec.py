@@ -3,12 +3,19 @@
     blobs = encode_pages(pages, metas, predictor)          # list[bytes]
     pages, errors = decode_pages(blobs, predictor)         # a status per page
 
-Encoding a page: its bit patterns become keys (entropy_model), the predictor gives
-(mu, sigma) stage by stage, every key gets its (cum, freq) and the rANS coder writes the
-lane streams; all pages with the same size and lane count share one coder call, so one
-loop step of the coder serves the whole batch. A page that coding would not shrink is
-stored raw (FLAG_RAW). Decoding runs the same stages: the predictor sees the values
-decoded so far (NaN elsewhere), exactly as the encoder showed them to it.
+Encoding a page: the predictor gives float32 (mu, sigma) stage by stage, and the coder's
+value-level entry point (``encode_values``: quantize_params, the integer CDF and the rANS
+step per symbol) writes the lane streams from the page's bit patterns; all pages with the
+same size and lane count share one coder call, so one loop step of the coder serves the
+whole batch. A page that coding would not shrink is stored raw (FLAG_RAW). Decoding runs
+the same stages (``Decoder.decode_values`` writes bit patterns and float values straight
+into the batch's pages): the predictor sees the values decoded so far (NaN elsewhere),
+exactly as the encoder showed them to it.
+
+Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (config
+field ``coding_batch_bytes``; one page at least); a batch's scratch is its pages' float32
+(mu, sigma) and float32 values, about 6x its raw bytes for 16-bit dtypes (12x for fp8),
+plus the coded words. Nothing int64 per symbol is allocated on the CPU.
 
 Pages are tensors of the canonical shape (predictors/base.py) in their storage dtype
 (bfloat16, float16, float8_e4m3fn, float8_e5m2, or uint8 holding fp8 with the meta saying
@@ -36,6 +43,7 @@ from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.kernels import rans_cpu
 from sglang_speckv.kernels.rans_reference import MAX_LANES, SYMBOLS_PER_LANE, default_lanes  # noqa: F401 (re-exported)
+from sglang_speckv import config
 from sglang_speckv.predictors.base import PageMeta, Predictor
 
 class BadSide(fmt.BlobError):
@@ -58,34 +66,62 @@ def _coder(device: torch.device) -> ModuleType:
     return rans_cpu
 
 
-# ---- Page <-> keys ----------------------------------------------------------------------
+# ---- Pages, batches ----------------------------------------------------------------------
 
 
 def _storage_view(page: torch.Tensor, meta: PageMeta) -> torch.Tensor:
-    """The page as its float storage dtype (uint8 fp8 pages are reinterpreted)."""
+    """The page as its float storage dtype (uint8 fp8 pages are reinterpreted); any strides."""
+    _check_page(page, meta)
     torch_dtype = em.TORCH_DTYPES[meta.dtype]
+    return page if page.dtype == torch_dtype else page.view(torch_dtype)
+
+
+def _check_page(page: torch.Tensor, meta: PageMeta) -> None:
+    """ValueError unless ``page`` has the meta's shape and stores its dtype."""
     if tuple(page.shape) != tuple(meta.shape):
         raise ValueError(f"page of shape {tuple(page.shape)}, meta says {meta.shape}")
-    if page.dtype == torch_dtype:
-        return page.contiguous()
-    if page.dtype == torch.uint8 and em.symbol_bits(meta.dtype) == 8:
-        return page.contiguous().view(torch_dtype)
-    raise ValueError(f"page dtype {page.dtype} does not store {meta.dtype}")
+    ok = page.dtype == em.TORCH_DTYPES[meta.dtype] or (page.dtype == torch.uint8 and em.symbol_bits(meta.dtype) == 8)
+    if not ok:
+        raise ValueError(f"page dtype {page.dtype} does not store {meta.dtype}")
 
 
-def _storage_from_keys(keys: torch.Tensor, dtype: str) -> torch.Tensor:
-    """int64 keys -> the same shape in the storage dtype (bit patterns restored)."""
-    bits = em.bits_from_keys(keys, dtype)
-    if em.symbol_bits(dtype) == 16:
-        raw = (bits - ((bits >> 15) << 16)).to(torch.int16)  # two's complement, no wrap
-    else:
-        raw = bits.to(torch.uint8)
-    return raw.view(em.TORCH_DTYPES[dtype])
+def _bits_dtype(dtype: str) -> torch.dtype:
+    """The integer dtype the coders take storage patterns in."""
+    return torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8
+
+
+def _xxh64(page: torch.Tensor) -> int:
+    """xxh64 of the page's raw bytes, C order, little-endian (the header's raw_xxh64)."""
+    host = page.detach().contiguous().cpu()
+    return xxhash.xxh64_intdigest(host.view(torch.uint8).numpy())
 
 
 def _page_bytes(page: torch.Tensor) -> bytes:
-    """The page's raw bytes, C order, little-endian (the bytes raw_xxh64 is taken of)."""
+    """The page's raw bytes, C order, little-endian."""
     return page.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+
+def batches(metas: Sequence[PageMeta | None], batch_bytes: int) -> list[list[int]]:
+    """Indices of ``metas`` cut into consecutive runs of at most ``batch_bytes`` raw bytes
+    each (a page larger than that is a run of its own). None metas count as empty."""
+    runs: list[list[int]] = [[]]
+    size = 0
+    for i, meta in enumerate(metas):
+        nbytes = 0 if meta is None else meta.numel * em.symbol_bits(meta.dtype) // 8
+        if runs[-1] and size + nbytes > batch_bytes:
+            runs.append([])
+            size = 0
+        runs[-1].append(i)
+        size += nbytes
+    return [run for run in runs if run]
+
+
+def _budget(batch_bytes: int | None) -> int:
+    if batch_bytes is None:
+        return config.default("coding_batch_bytes")
+    if batch_bytes < 1:
+        raise ValueError(f"batch_bytes must be >= 1, got {batch_bytes}")
+    return batch_bytes
 
 
 def _checked_stages(predictor: Predictor, meta: PageMeta) -> list[int]:
@@ -103,6 +139,11 @@ def _checked_prediction(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: s
     return mu, sigma
 
 
+def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[P, N] from P rows of [N], without a copy when P == 1."""
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
+
 # ---- Encode -----------------------------------------------------------------------------
 
 
@@ -112,38 +153,39 @@ class _Coded:
 
     header: fmt.BlobHeader
     side: bytes
-    raw: bytes
-    cum: torch.Tensor  # int64 [numel]
-    freq: torch.Tensor  # int64 [numel]
+    page: torch.Tensor  # the page in its storage dtype (any strides)
+    bits: torch.Tensor  # int16 / uint8 [numel]: its bit patterns
+    mu: torch.Tensor  # float32 [numel]
+    sigma: torch.Tensor  # float32 [numel]
 
 
 def _prepare(page, meta, predictor, w_wide, kappa, num_lanes) -> _Coded:
-    """Keys, side info, (mu, sigma) stage by stage, and (cum, freq) of one page."""
+    """Side info and (mu, sigma) stage by stage of one page."""
     page = _storage_view(page, meta)
-    keys = em.keys_from_bits(em.storage_bits(page).reshape(-1), meta.dtype)  # [numel]
-    values = page.to(torch.float32)  # exact
-    side = predictor.side_info(values, meta)
+    bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)  # [numel]
+    side = predictor.side_info(page.to(torch.float32), meta)
     stages = _checked_stages(predictor, meta)
+    # What the decoder will know at stage s: the values of stages < s, NaN elsewhere. One
+    # tensor, filled in as the stages go (no copy of the page per stage).
+    seen = torch.full(meta.shape, float("nan"), dtype=torch.float32, device=page.device)
     mus, sigmas = [], []
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        seen = values.clone()
-        seen.view(-1)[a:] = float("nan")  # what the decoder will know at stage s
         mu, sigma = _checked_prediction(predictor.predict(meta, side, seen, s), b - a, predictor.name)
         mus.append(mu)
         sigmas.append(sigma)
-    mu_q, e, r = em.quantize_params(torch.cat(mus), torch.cat(sigmas))
-    cdf = _coder(keys.device).cdf  # entropy_model.cdf, same integers, in C++ / Triton
-    cum = cdf(keys, mu_q, e, r, meta.dtype, w_wide, kappa)
-    freq = cdf(keys + 1, mu_q, e, r, meta.dtype, w_wide, kappa) - cum
-    raw = _page_bytes(page)
+        if b < meta.numel:
+            seen.view(-1)[a:b] = bits[a:b].view(page.dtype).to(torch.float32)
+    del seen
+    mu = mus[0] if len(mus) == 1 else torch.cat(mus)
+    sigma = sigmas[0] if len(sigmas) == 1 else torch.cat(sigmas)
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
-        raw_xxh64=xxhash.xxh64_intdigest(raw), position=meta.position, w_wide=w_wide,
+        raw_xxh64=_xxh64(page), position=meta.position, w_wide=w_wide,
         kappa=kappa, num_lanes=min(num_lanes or default_lanes(meta.numel), meta.numel),
         side_bytes=len(side),
     )  # fmt: skip
-    return _Coded(header, side, raw, cum, freq)
+    return _Coded(header, side, page, bits, mu.contiguous(), sigma.contiguous())
 
 
 def encode_pages(
@@ -154,28 +196,41 @@ def encode_pages(
     num_lanes: int | None = None,
     w_wide: int = em.W_WIDE,
     kappa: int = em.KAPPA,
+    batch_bytes: int | None = None,
 ) -> list[bytes]:
     """Code each page into a blob (docs/FORMAT.md). ``num_lanes`` defaults per page to
-    ``default_lanes(numel)``; ``w_wide``/``kappa`` set the mixture (recorded per blob).
+    ``default_lanes(numel)``; ``w_wide``/``kappa`` set the mixture (recorded per blob);
+    ``batch_bytes`` bounds the raw bytes coded at once (default: config coding_batch_bytes).
     Raises ValueError for pages that do not match their meta or a misbehaving predictor."""
     if len(pages) != len(metas):
         raise ValueError(f"{len(pages)} pages but {len(metas)} metas")
     em.check_mixture(w_wide, kappa)
     if num_lanes is not None and num_lanes < 1:
         raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
-    coded = [_prepare(p, m, predictor, w_wide, kappa, num_lanes) for p, m in zip(pages, metas)]
+    for page, meta in zip(pages, metas):
+        _check_page(page, meta)
+    blobs: list[bytes] = []
+    for run in batches(metas, _budget(batch_bytes)):
+        blobs += _encode_batch([pages[i] for i in run], [metas[i] for i in run], predictor, w_wide, kappa, num_lanes)
+    return blobs
 
+
+def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[bytes]:
+    coded = [_prepare(p, m, predictor, w_wide, kappa, num_lanes) for p, m in zip(pages, metas)]
     # One coder call per (size, lanes, device): its loop steps serve every page at once.
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, c in enumerate(coded):
-        groups[(c.header.numel, c.header.num_lanes, c.cum.device)].append(i)
+        groups[(c.header.numel, c.header.num_lanes, c.bits.device)].append(i)
     blobs: list[bytes] = [b""] * len(coded)
     for (_, lanes, device), members in groups.items():
-        cum = torch.stack([coded[i].cum for i in members])  # [P, numel]
-        freq = torch.stack([coded[i].freq for i in members])
-        words, lane_words = _coder(device).encode(cum, freq, lanes)
+        dtype = coded[members[0]].header.dtype
+        bits, mu, sigma = (_stack([getattr(coded[i], f) for i in members]) for f in ("bits", "mu", "sigma"))
+        for i in members:  # the stacked copies are all the coder needs
+            coded[i].mu = coded[i].sigma = None
+        words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa)
+        del bits, mu, sigma
         lane_words = lane_words.cpu().numpy()  # [P, NL]
-        words = words.cpu().numpy().astype("<u4")
+        words = words.cpu().numpy().astype("<u4", copy=False)  # int32 -> the same u32 patterns
         ends = np.cumsum(lane_words.sum(axis=1))
         for j, i in enumerate(members):
             stream = words[ends[j] - lane_words[j].sum() : ends[j]]
@@ -186,10 +241,10 @@ def encode_pages(
 def _pack(c: _Coded, lane_words: np.ndarray, stream: np.ndarray) -> bytes:
     """The coded blob, or the RAW one when coding did not make the page smaller."""
     header = replace(c.header, stream_words=int(stream.size))
-    if header.blob_size >= fmt.HEADER_SIZE + len(c.raw):
+    if header.blob_size >= fmt.HEADER_SIZE + c.header.page_bytes:
         raw = replace(c.header, flags=fmt.FLAG_RAW, num_lanes=0, side_bytes=0, stream_words=0)
-        return fmt.pack_blob(raw, np.zeros(0, np.uint32), b"", c.raw)
-    return fmt.pack_blob(header, lane_words, c.side, stream.tobytes())
+        return fmt.pack_blob(raw, np.zeros(0, np.uint32), b"", _page_bytes(c.page))
+    return fmt.pack_blob(header, lane_words, c.side, memoryview(stream).cast("B"))
 
 
 # ---- Decode -----------------------------------------------------------------------------
@@ -202,16 +257,19 @@ def decode_pages(
     metas: Sequence[PageMeta | None] | None = None,
     out: Sequence[torch.Tensor | None] | None = None,
     device: torch.device | str | None = None,
+    batch_bytes: int | None = None,
 ) -> tuple[list[torch.Tensor | None], list[fmt.BlobError | None]]:
     """Decode blobs coded under ``predictor``. Returns (pages, errors): for each blob either
     the page (storage dtype, canonical shape) and None, or None and the BlobError why not.
 
     metas: what the caller expects of each page (dtype, shape, position must match the
     blob; token_ids are passed on to the predictor); default: the blob's own header.
-    out: preallocated pages to write into (same shape; storage dtype, or uint8 for fp8).
-    device: where to decode; default the device of ``out``'s first tensor, else CPU.
+    out: preallocated pages to write into (same shape, any strides; storage dtype, or uint8
+    for fp8). device: where to decode; default the device of ``out``'s first tensor, else
+    CPU. batch_bytes: raw bytes decoded at once (default: config coding_batch_bytes).
     """
     n = len(blobs)
+    budget = _budget(batch_bytes)
     if device is None:
         first = next((t for t in (out or []) if t is not None), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -224,7 +282,7 @@ def decode_pages(
             parsed = fmt.parse_blob(blob)
             meta = _meta_for(parsed.header, metas[i] if metas is not None else None, predictor)
             if out is not None and out[i] is not None:
-                _storage_view(out[i], meta)  # shape and dtype check
+                _check_page(out[i], meta)
             if parsed.header.raw:
                 pages[i] = _finish_page(_page_from_raw(parsed, meta), parsed.header, out, i)
             else:
@@ -236,7 +294,8 @@ def decode_pages(
         except ValueError as err:  # out[i] does not fit the page the blob describes
             errors[i] = fmt.BadHeader(str(err))
     for key, members in groups.items():
-        _decode_group(members, key[5], predictor, device, pages, errors, out)
+        for run in batches([meta for _, _, meta in members], budget):
+            _decode_group([members[j] for j in run], key[5], predictor, device, pages, errors, out)
     return pages, errors
 
 
@@ -261,7 +320,7 @@ def _page_from_raw(parsed: fmt.ParsedBlob, meta: PageMeta) -> torch.Tensor:
 
 def _finish_page(page: torch.Tensor, header: fmt.BlobHeader, out, i: int) -> torch.Tensor:
     """Verify the decoded page's xxh64 and hand it over (into out[i] when given)."""
-    if xxhash.xxh64_intdigest(_page_bytes(page)) != header.raw_xxh64:
+    if _xxh64(page) != header.raw_xxh64:
         raise fmt.RawChecksumMismatch("decoded page does not match the checksum recorded at encode time")
     if out is None or out[i] is None:
         return page
@@ -270,16 +329,24 @@ def _finish_page(page: torch.Tensor, header: fmt.BlobHeader, out, i: int) -> tor
     return target
 
 
+def _words(members, device: torch.device) -> torch.Tensor:
+    """The members' lane streams, concatenated: int32 (u32 patterns) on the CPU, int64 in
+    [0, 2^32) elsewhere (what the Triton kernels read)."""
+    words = np.concatenate([np.frombuffer(p.payload, dtype="<u4") for _, p, _ in members])
+    words = torch.from_numpy(words.astype(np.uint32, copy=False).view(np.int32))
+    if device.type == "cpu":
+        return words
+    return words.to(device).to(torch.int64) & 0xFFFFFFFF
+
+
 def _decode_group(members, stages, predictor, device, pages, errors, out) -> None:
     """Decode pages of one shape/dtype/lane count together, stage by stage."""
     header0 = members[0][1].header
-    numel, shape = header0.numel, header0.shape
-    words = np.concatenate([np.frombuffer(p.payload, dtype="<u4") for _, p, _ in members])
-    words = torch.from_numpy(words.astype(np.int64)).to(device)
+    numel, shape, dtype = header0.numel, header0.shape, header0.dtype
     lane_words = torch.from_numpy(np.stack([p.lane_words for _, p, _ in members]).astype(np.int64)).to(device)
-    decoder = _coder(device).Decoder(words, lane_words, numel, header0.dtype, header0.w_wide, header0.kappa)
+    decoder = _coder(device).Decoder(_words(members, device), lane_words, numel, dtype, header0.w_wide, header0.kappa)
+    bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)  # [P, numel]
     values = torch.full((len(members), numel), float("nan"), dtype=torch.float32, device=device)
-    keys = torch.empty((len(members), numel), dtype=torch.int64, device=device)
     failed: dict[int, fmt.BlobError] = {}
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
         mus, sigmas = [], []
@@ -293,18 +360,20 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
                 sigma = torch.ones(b - a, dtype=torch.float32, device=device)
             mus.append(mu.to(device))
             sigmas.append(sigma.to(device))
-        mu_q, e, r = em.quantize_params(torch.stack(mus), torch.stack(sigmas))
-        stage_keys = decoder.decode(mu_q, e, r)  # [P, b - a]
-        keys[:, a:b] = stage_keys
-        values[:, a:b] = _storage_from_keys(stage_keys, header0.dtype).to(torch.float32)
+        mu, sigma = _stack(mus), _stack(sigmas)
+        del mus, sigmas
+        # the values only feed later stages
+        decoder.decode_values(mu, sigma, bits, values if b < numel else None)
+    del values
     ok = decoder.finish().tolist()
+    torch_dtype = em.TORCH_DTYPES[dtype]
     for j, (i, parsed, meta) in enumerate(members):
         try:
             if j in failed:
                 raise failed[j]
             if not ok[j]:
                 raise fmt.BadStream("a lane's rANS state did not return to its initial value: corrupt stream")
-            page = _storage_from_keys(keys[j], meta.dtype).view(meta.shape)
+            page = bits[j].view(torch_dtype).view(meta.shape)
             pages[i] = _finish_page(page, parsed.header, out, i)
         except fmt.BlobError as err:
             errors[i] = err

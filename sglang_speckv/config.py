@@ -237,6 +237,9 @@ FIELDS: tuple[Field, ...] = (
     Field("predictor", STR, "page_stats",
           "predictor new pages are coded with: 'page_stats', or 'CALIB.safetensors[:NAME]' from "
           "`speckv calibrate` (sglang_speckv/predictors)"),
+    Field("coding_batch_bytes", SIZE, "64MiB",
+          "raw KV bytes the codec codes in one batch: larger batches are split, so the codec's "
+          "scratch stays a small multiple of this (docs/DESIGN.md \"The coder\")"),
     Field("stats_file", STR, "",
           "file the backend rewrites with its stats as JSON (at most once a second, and at "
           "shutdown); '' writes none"),
@@ -336,6 +339,12 @@ def load_config(toml_path: str | os.PathLike | None = None, overrides: dict | No
     config = Config(**_parse_table(table, FIELDS, ""))
     _check(config)
     return config
+
+
+def default(name: str) -> Any:
+    """The parsed default of top-level field ``name`` (for code that runs without a Config)."""
+    field = next(f for f in FIELDS if f.name == name)
+    return field.kind.parse(field.default, name)
 
 
 def fields_markdown() -> str:

@@ -68,6 +68,38 @@ def test_round_trip_is_byte_exact(tmp_path, capsys, dtype, scale, metadata):
     assert_same_file_contents(tmp_path / "kv.safetensors", tmp_path / "back.safetensors")
 
 
+@pytest.mark.parametrize("page_tokens", [1, 7, TOKENS])
+def test_paged_round_trip(tmp_path, capsys, page_tokens):
+    """The dump is cut into pages along the tokens (7 leaves a ragged last page); each page
+    is one blob with its own position and token ids."""
+    k, v = kv_pair()
+    extra = {"token_ids": torch.arange(TOKENS) * 3}
+    write_dump(tmp_path / "kv.safetensors", k.to(torch.bfloat16), v.to(torch.bfloat16), {"position": "40"}, **extra)
+    assert cli("compress", tmp_path / "kv.safetensors", "--out", tmp_path / "kv.speckv", "--page-tokens", page_tokens) == 0
+    pages = -(-TOKENS // page_tokens)
+    assert f"in {pages} pages of {page_tokens} tokens" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "kv.speckv"), "pt") as f:
+        assert f.metadata()["speckv.pages"] == str(pages)
+    assert cli("decompress", tmp_path / "kv.speckv", "--out", tmp_path / "back.safetensors") == 0
+    assert_same_file_contents(tmp_path / "kv.safetensors", tmp_path / "back.safetensors")
+
+
+def test_files_of_one_blob_still_decode(tmp_path, capsys):
+    """Files written before pages hold the whole KV as one blob in ``speckv.blob``."""
+    from sglang_speckv import codec
+    from sglang_speckv.predictors.base import PageMeta
+    from sglang_speckv.predictors.page_stats import PageStatsPredictor
+
+    k, v = (t.to(torch.bfloat16) for t in kv_pair())
+    write_dump(tmp_path / "kv.safetensors", k, v)
+    page = torch.stack([k, v]).permute(0, 1, 3, 2, 4).contiguous()
+    (blob,) = codec.encode_pages([page], [PageMeta("bf16", tuple(page.shape))], PageStatsPredictor())
+    blob_tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    save_file({"speckv.blob": blob_tensor}, str(tmp_path / "old.speckv"), metadata={"speckv.kv_tensor_dtype": "bfloat16"})
+    assert cli("decompress", tmp_path / "old.speckv", "--out", tmp_path / "back.safetensors") == 0
+    assert_same_file_contents(tmp_path / "kv.safetensors", tmp_path / "back.safetensors")
+
+
 def test_compressed_file_is_smaller_for_kv_like_data(tmp_path, capsys):
     k, v = kv_pair()
     write_dump(tmp_path / "kv.safetensors", k.to(torch.bfloat16), v.to(torch.bfloat16))
@@ -113,10 +145,10 @@ def test_errors_are_clear(tmp_path, capsys):
     tensors = load_file(str(tmp_path / "c"))
     with safe_open(str(tmp_path / "c"), "pt") as f:
         metadata = f.metadata()
-    tensors["speckv.blob"][-5] ^= 0x40  # corrupt the stream
+    tensors["speckv.page.0"][-5] ^= 0x40  # corrupt the stream
     save_file(tensors, str(tmp_path / "bad"), metadata=metadata)
     fails("decompress", tmp_path / "bad", "--out", tmp_path / "x", says="cannot decode")
-    tensors["speckv.blob"][6] ^= 0x40  # corrupt the header
+    tensors["speckv.page.0"][6] ^= 0x40  # corrupt the header
     save_file(tensors, str(tmp_path / "bad"), metadata=metadata)
     fails("decompress", tmp_path / "bad", "--out", tmp_path / "x", says="checksum")
     assert not (tmp_path / "x").exists()

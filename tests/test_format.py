@@ -9,6 +9,7 @@ import torch
 import xxhash
 
 from sglang_speckv import codec
+from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.page_stats import PageStatsPredictor
@@ -194,3 +195,31 @@ def test_pack_blob_refuses_inconsistent_parts():
     with pytest.raises(ValueError):
         fmt.pack_blob(h, parsed.lane_words, parsed.side, payload[:-4])
     assert fmt.pack_blob(h, parsed.lane_words, parsed.side, payload) == coded_blob()
+
+
+def test_a_tiny_stream_claiming_a_huge_page_is_refused():
+    """98 bytes with a valid checksum whose header claims a 1 GiB page: refused by
+    parse_blob (the stream cannot hold that many symbols), before any allocation."""
+    shape = (2, 32, 8192, 8, 128)  # 2^29 bf16 scalars = MAX_PAGE_BYTES
+    header = fmt.BlobHeader(
+        dtype="bf16", layout="mha", shape=shape, predictor_id=PREDICTOR.id, fingerprint=0, raw_xxh64=0,
+        w_wide=13, kappa=3, num_lanes=1, side_bytes=6, stream_words=2,
+    )  # fmt: skip
+    blob = fmt.pack_blob(header, np.array([2], np.uint32), bytes(6), bytes(8))
+    assert len(blob) == 98 and header.page_bytes == fmt.MAX_PAGE_BYTES
+    with pytest.raises(fmt.BadHeader, match="cannot hold"):
+        fmt.parse_blob(blob)
+    (page,), (err,) = codec.decode_pages([blob], PREDICTOR)
+    assert page is None and isinstance(err, fmt.BadHeader)
+
+
+def test_the_cheapest_real_pages_pass_the_stream_bound():
+    """Constant pages (the cheapest to code) stay above the bound, in every dtype."""
+    for dtype in ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2"):
+        meta = PageMeta(dtype, (2, 2, 64, 2, 64))
+        page = torch.ones(meta.shape, dtype=em.TORCH_DTYPES[dtype])  # sigma floors at 2^-12 |mu|
+        (blob,) = codec.encode_pages([page], [meta], PREDICTOR, num_lanes=1)
+        header = fmt.parse_blob(blob).header
+        assert not header.raw and 32 * header.stream_words >= 2 * fmt.min_stream_bits(meta.numel, dtype)
+        (out,), (err,) = codec.decode_pages([blob], PREDICTOR, metas=[meta])
+        assert err is None and torch.equal(out.view(torch.uint8), page.view(torch.uint8))

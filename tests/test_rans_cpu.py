@@ -32,6 +32,15 @@ def params_for(mu, sigma):
 def adversarial_page(dtype, num_pages, n, seed):
     """Keys of every kind (random patterns incl. NaN payloads, +-inf, +-0, subnormals, and
     model-typical values) under parameters that include garbage mu/sigma."""
+    keys, mu, sigma = adversarial_inputs(dtype, num_pages, n, seed)
+    mu_q, e, r = params_for(mu, sigma)
+    cum = em.cdf(keys, mu_q, e, r, dtype)
+    freq = em.cdf(keys + 1, mu_q, e, r, dtype) - cum
+    return keys, (mu_q, e, r), cum, freq
+
+
+def adversarial_inputs(dtype, num_pages, n, seed):
+    """(keys int64, mu, sigma float32) [P, n] of adversarial_page."""
     g = torch.Generator().manual_seed(seed)
     b = em.symbol_bits(dtype)
     scale = 16.0 if dtype.startswith("fp8") else 1.0
@@ -50,10 +59,61 @@ def adversarial_page(dtype, num_pages, n, seed):
     bad_mu = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e38, -3e38, 1e-45])
     sigma[:, ::3] = bad_sigma.repeat(n)[: sigma[:, ::3].shape[1]]
     mu[:, ::5] = bad_mu.repeat(n)[: mu[:, ::5].shape[1]]
+    return keys, mu.to(torch.float32), sigma.to(torch.float32)
+
+
+def storage_bits_of(keys, dtype):
+    """int64 keys -> the int16 / uint8 storage patterns the value-level coders take."""
+    return rr.storage_from_keys(keys, dtype).view(torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)
+
+
+def decode_values_both(words32, lane_words, n, dtype, mu, sigma, cuts=()):
+    """decode_values with both coders in the same stages: same patterns, values, states and
+    verdict. Returns (bits, ok)."""
+    bounds = [0, *cuts, n]
+    outs = []
+    for cls in (rr.Decoder, rc.Decoder):
+        dec = cls(words32, lane_words, n, dtype)
+        bits = torch.zeros((mu.shape[0], n), dtype=torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)
+        values = torch.zeros(mu.shape)
+        for a, b in zip(bounds, bounds[1:]):
+            dec.decode_values(mu[:, a:b], sigma[:, a:b], bits, values)
+        outs.append((bits, values.view(torch.int32), dec.x.clone(), dec.ptr.clone(), dec.finish()))
+    for got_ref, got in zip(*outs):
+        assert torch.equal(got, got_ref)
+    return outs[1][0], outs[1][4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_value_level_coder_bit_identical(dtype):
+    """encode_values (quantize_params, C and the rANS step fused in C++) writes the bytes of
+    the reference's integer path; decode_values returns every pattern and its exact value."""
+    n, num_lanes = 3001, 17
+    keys, mu, sigma = adversarial_inputs(dtype, 3, n, seed=11)
+    bits = storage_bits_of(keys, dtype)
     mu_q, e, r = params_for(mu, sigma)
     cum = em.cdf(keys, mu_q, e, r, dtype)
-    freq = em.cdf(keys + 1, mu_q, e, r, dtype) - cum
-    return keys, (mu_q, e, r), cum, freq
+    words, lane_words = rr.encode(cum, em.cdf(keys + 1, mu_q, e, r, dtype) - cum, num_lanes)
+    for encode_values in (rr.encode_values, rc.encode_values):
+        got, got_lanes = encode_values(bits, mu, sigma, dtype, num_lanes)
+        assert got.dtype == torch.int32 and torch.equal(got, rr.as_u32(words)) and torch.equal(got_lanes, lane_words)
+    out, ok = decode_values_both(rr.as_u32(words), lane_words, n, dtype, mu, sigma, cuts=(5, 1000, 1001))
+    assert bool(ok.all()) and torch.equal(out, bits)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8_e4m3"])
+def test_value_level_corrupt_streams_same_verdict(dtype):
+    n, num_lanes = 600, 30
+    keys, mu, sigma = adversarial_inputs(dtype, 2, n, seed=7)
+    words, lane_words = rc.encode_values(storage_bits_of(keys, dtype), mu, sigma, dtype, num_lanes)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(6):
+        bad = words.clone()
+        i = int(torch.randint(0, words.numel(), (1,), generator=g))
+        bad[i] ^= 1 << int(torch.randint(0, 31, (1,), generator=g))
+        decode_values_both(bad, lane_words, n, dtype, mu, sigma)
+    noise = rr.as_u32(torch.randint(0, 1 << 32, words.shape, generator=g))
+    assert not bool(decode_values_both(noise, lane_words, n, dtype, mu, sigma)[1].any())
 
 
 def decode_both(words, lane_words, n, dtype, params, cuts=()):

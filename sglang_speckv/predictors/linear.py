@@ -119,7 +119,7 @@ def rotate_sigma(sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def block_features(values: torch.Tensor, kv: int, layer: int, cos_sin, rotary: bool, in_exp: int) -> torch.Tensor:
     """Fixed-point inputs from block (kv, layer) of ``values`` [2, L, T, H, D]: float64
     [T, H*D] holding integers in [-2^15, 2^15] (keys un-rotated first if ``rotary``)."""
-    scale = _pow2(torch.tensor(in_exp))
+    scale = 2.0**in_exp  # a Python float (exact: |in_exp| <= 60), valid on every device
     limit = float(1 << INPUT_BITS)
     x = values[kv, layer].to(torch.float64)  # [T, H, D]
     x = x.clamp(-2 * limit / scale, 2 * limit / scale)  # +-inf -> finite; rotation cannot overflow

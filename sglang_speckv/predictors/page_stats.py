@@ -53,19 +53,29 @@ class PageStatsPredictor(Predictor):
     name = "page_stats"
 
     def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
-        """values: float32 [2, layers, tokens, heads, dim] (may hold NaN/inf: ignored)."""
-        x = values.detach().to("cpu", torch.float64).permute(0, 1, 3, 4, 2)  # [kv, L, H, D, T]
-        finite = torch.isfinite(x)
-        count = finite.sum(dim=-1).clamp(min=1)
-        mean = torch.where(finite, x, torch.zeros_like(x)).sum(dim=-1) / count
-        mean_q = mean.to(torch.bfloat16)  # what the decoder will see
-        dev = torch.where(finite, x - mean_q.to(torch.float64)[..., None], torch.zeros_like(x))
-        rms = (dev.square().sum(dim=-1) / count).sqrt()
-        sigma = torch.maximum(rms, mean_q.to(torch.float64).abs() * REL_SIGMA_FLOOR)
-        code = (torch.log2(sigma) - SIGMA_MIN_LOG2) * STEPS_PER_OCTAVE  # -inf for sigma = 0
-        code = code.nan_to_num(0.0).round().clamp(0, 255).to(torch.uint8)
-        means = mean_q.contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
-        return means + code.contiguous().numpy().tobytes()
+        """values: float32 [2, layers, tokens, heads, dim] (may hold NaN/inf: ignored).
+        Computed on the host in numpy (single-threaded: no thread-pool barriers per small
+        op), one (kv, layer) block at a time: float64 scratch of a block."""
+        host = values.detach().cpu().numpy()
+        kv, layers = host.shape[:2]
+        mean_q = np.empty((kv * layers,) + host.shape[3:], dtype=np.float32)  # bf16-exact
+        sigma = np.empty(mean_q.shape, dtype=np.float64)
+        for b in range(kv * layers):
+            x = host[b // layers, b % layers].astype(np.float64)  # [T, H, D]: sums over axis 0
+            finite = np.isfinite(x)
+            count = np.maximum(finite.sum(axis=0), 1)
+            x[~finite] = 0.0
+            mean = torch.from_numpy(x.sum(axis=0) / count).to(torch.bfloat16)  # what the decoder sees
+            mean_q[b] = mean.to(torch.float32).numpy()
+            x -= mean_q[b]
+            x[~finite] = 0.0
+            rms = np.sqrt(np.square(x).sum(axis=0) / count)
+            sigma[b] = np.maximum(rms, np.abs(mean_q[b].astype(np.float64)) * REL_SIGMA_FLOOR)
+        with np.errstate(divide="ignore"):
+            code = (np.log2(sigma) - SIGMA_MIN_LOG2) * STEPS_PER_OCTAVE  # -inf for sigma = 0
+        code = np.clip(np.round(np.nan_to_num(code, nan=0.0, neginf=0.0, posinf=255.0)), 0, 255).astype(np.uint8)
+        means = torch.from_numpy(mean_q).to(torch.bfloat16).view(torch.int16).numpy().astype("<i2")
+        return means.tobytes() + code.tobytes()
 
     def predict(
         self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int

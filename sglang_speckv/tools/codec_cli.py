@@ -1,6 +1,6 @@
 """``speckv compress`` / ``speckv decompress``: code a KV dump file losslessly, and back.
 
-    speckv compress kv.safetensors --out kv.speckv [--calib calib.safetensors] [--lanes N]
+    speckv compress kv.safetensors --out kv.speckv [--calib calib.safetensors] [--lanes N] [--page-tokens T]
     speckv decompress kv.speckv --out kv2.safetensors [--calib calib.safetensors]
 
 A KV dump (``speckv dump-kv``) is a safetensors file with tensors ``k`` and ``v`` of shape
@@ -8,10 +8,14 @@ A KV dump (``speckv dump-kv``) is a safetensors file with tensors ``k`` and ``v`
 with metadata ``kv_dtype`` = ``fp8_e4m3`` | ``fp8_e5m2``), optional metadata ``position``
 and optional ``token_ids`` [tokens], plus anything else (fp8 scales, ...).
 
-The compressed file is itself a safetensors file: the KV as one speckv blob (docs/FORMAT.md;
-one page of canonical shape [2, layers, tokens, kv_heads, head_dim]) in the uint8 tensor
-``speckv.blob``, every other tensor and all metadata of the dump verbatim, and the dtype the
-dump stored K and V in. ``decompress`` restores ``k`` and ``v`` bit for bit with that dtype.
+The compressed file is itself a safetensors file: the KV cut along the tokens into pages of
+canonical shape [2, layers, tokens, kv_heads, head_dim] (``--page-tokens``; by default as
+many tokens as fit DEFAULT_PAGE_BYTES), each page one speckv blob (docs/FORMAT.md) in the
+uint8 tensor ``speckv.page.<i>`` with metadata ``speckv.pages`` = their number, every other
+tensor and all metadata of the dump verbatim, and the dtype the dump stored K and V in.
+Pages are coded and decoded one at a time. ``decompress`` restores ``k`` and ``v`` bit for
+bit with that dtype; it also reads files of one ``speckv.blob`` (the whole KV as one page),
+as written before pages.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +33,14 @@ from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.predictors.base import PageMeta, Predictor
 
-BLOB_TENSOR = "speckv.blob"
+PAGE_TENSOR = "speckv.page."  # + index: one blob per page of tokens, in token order
+PAGES_KEY = "speckv.pages"  # metadata: the number of pages
+BLOB_TENSOR = "speckv.blob"  # files written before pages: the whole KV as one blob (still read)
+# The dump is coded in pages of at most this many raw bytes (all of its tokens' layers and
+# heads), one page at a time, so memory stays a few pages above the dump and its output.
+# Each page carries its own side info: for page_stats, 24 bits per channel, i.e. 24 / tokens
+# bits per scalar (0.19 at the 128 tokens of a 16 MiB Llama-3-8B page).
+DEFAULT_PAGE_BYTES = 16 << 20
 STORAGE_KEY = "speckv.kv_tensor_dtype"  # metadata: the torch dtype k and v were stored in
 FP8_BY_METADATA = {"fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
@@ -82,21 +94,34 @@ def _kv_dtype(t: torch.Tensor, metadata: dict[str, str]) -> str:
     return em.DTYPE_NAMES[t.dtype]
 
 
-def _page_meta(page_shape, dtype: str, position: int, tensors: dict[str, torch.Tensor]) -> PageMeta:
+def _page_meta(page_shape, dtype: str, position: int, tensors: dict[str, torch.Tensor], t0: int, t1: int) -> PageMeta:
+    """The meta of the page holding the dump's tokens [t0, t1)."""
     ids = tensors.get("token_ids")
-    token_ids = tuple(int(i) for i in ids.tolist()) if ids is not None else None
+    token_ids = tuple(int(i) for i in ids[t0:t1].tolist()) if ids is not None else None
     return PageMeta(dtype, tuple(page_shape), position, token_ids)
 
 
-def compress(src: str, dst: str, calib: str | None = None, lanes: int | None = None) -> str:
+def _page_tokens(k: torch.Tensor, page_tokens: int | None) -> int:
+    """Tokens per page: ``page_tokens``, or as many as fit DEFAULT_PAGE_BYTES (one at least)."""
+    layers, heads, _, dim = k.shape
+    token_bytes = 2 * layers * heads * dim * k.element_size()
+    tokens = page_tokens or max(1, DEFAULT_PAGE_BYTES // token_bytes)
+    if tokens * token_bytes > fmt.MAX_PAGE_BYTES:
+        raise CodecCliError(f"a page of {tokens} tokens exceeds a blob's {fmt.MAX_PAGE_BYTES} bytes; use fewer --page-tokens")
+    return tokens
+
+
+def compress(
+    src: str, dst: str, calib: str | None = None, lanes: int | None = None, page_tokens: int | None = None
+) -> str:
     """Compress a dump file; returns the one-line summary."""
     tensors, metadata = _load(src)
     if "k" not in tensors or "v" not in tensors:
         raise CodecCliError(f"{src}: expected tensors 'k' and 'v', found {sorted(tensors)}")
     k, v = tensors.pop("k"), tensors.pop("v")
-    if k.shape != v.shape or k.dtype != v.dtype or k.dim() != 4:
+    if k.shape != v.shape or k.dtype != v.dtype or k.dim() != 4 or k.shape[2] < 1 or min(k.shape) < 1:
         raise CodecCliError(
-            f"{src}: k and v must both be [layers, kv_heads, tokens, head_dim] of one dtype; "
+            f"{src}: k and v must both be [layers, kv_heads, tokens, head_dim] of one dtype (no empty axis); "
             f"got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}"
         )
     dtype = _kv_dtype(k, metadata)
@@ -104,55 +129,85 @@ def compress(src: str, dst: str, calib: str | None = None, lanes: int | None = N
         position = int(metadata.get("position", 0))
     except ValueError:
         raise CodecCliError(f"{src}: metadata position must be an integer") from None
-    page = torch.stack([k, v]).permute(0, 1, 3, 2, 4).contiguous()  # [2, L, T, H, D]
-    meta = _page_meta(page.shape, dtype, position, tensors)
-    if meta.numel * em.symbol_bits(dtype) // 8 > fmt.MAX_PAGE_BYTES:
-        raise CodecCliError(f"{src}: the KV is larger than one blob's {fmt.MAX_PAGE_BYTES} bytes; dump fewer tokens")
     predictor = predictor_for(calib)
+    tokens, step = k.shape[2], _page_tokens(k, page_tokens)
     start = time.perf_counter()
-    (blob,) = codec.encode_pages(
-        [page], [meta], predictor, num_lanes=lanes, w_wide=predictor.w_wide, kappa=predictor.kappa
-    )
+    blobs = []
+    for t0 in range(0, tokens, step):  # one page at a time: memory stays a few pages
+        t1 = min(tokens, t0 + step)
+        page = torch.stack([k[:, :, t0:t1], v[:, :, t0:t1]]).permute(0, 1, 3, 2, 4).contiguous()  # [2, L, t, H, D]
+        meta = _page_meta(page.shape, dtype, position + t0, tensors, t0, t1)
+        blobs += codec.encode_pages([page], [meta], predictor, num_lanes=lanes, w_wide=predictor.w_wide, kappa=predictor.kappa)
+        del page
     seconds = time.perf_counter() - start
-    tensors[BLOB_TENSOR] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    with warnings.catch_warnings():  # the blobs are read-only bytes; safetensors only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        for i, blob in enumerate(blobs):
+            tensors[f"{PAGE_TENSOR}{i}"] = torch.frombuffer(blob, dtype=torch.uint8)
     metadata[STORAGE_KEY] = str(k.dtype).removeprefix("torch.")
+    metadata[PAGES_KEY] = str(len(blobs))
     _save(dst, tensors, metadata)
-    header = fmt.parse_blob(blob).header
-    raw_bytes = header.page_bytes
-    how = "stored raw (coding did not help)" if header.raw else f"{predictor.name}, {header.num_lanes} lanes"
+    headers = [fmt.parse_blob(blob).header for blob in blobs]
+    raw_bytes, coded_bytes = sum(h.page_bytes for h in headers), sum(len(blob) for blob in blobs)
+    kinds = {"stored raw" if h.raw else f"{h.num_lanes} lanes" for h in headers}
     return (
-        f"{src} -> {dst}: k, v {list(k.shape)} {dtype}: {8 * len(blob) / meta.numel:.3f} bits/scalar, "
-        f"ratio {raw_bytes / len(blob):.3f}x, {raw_bytes / seconds / 1e6:.1f} MB/s ({how})"
+        f"{src} -> {dst}: k, v {list(k.shape)} {dtype} in {len(blobs)} pages of {step} tokens: "
+        f"{8 * coded_bytes / (raw_bytes * 8 / em.symbol_bits(dtype)):.3f} bits/scalar, ratio {raw_bytes / coded_bytes:.3f}x, "
+        f"{raw_bytes / seconds / 1e6:.1f} MB/s ({predictor.name}; {', '.join(sorted(kinds))})"
     )
 
 
 def decompress(src: str, dst: str, calib: str | None = None) -> str:
     """Decompress a file written by ``compress``; returns the one-line summary."""
     tensors, metadata = _load(src)
-    if BLOB_TENSOR not in tensors or STORAGE_KEY not in metadata:
-        raise CodecCliError(f"{src} was not written by speckv compress (no {BLOB_TENSOR!r} tensor)")
-    blob = tensors.pop(BLOB_TENSOR).numpy().tobytes()
-    storage = metadata.pop(STORAGE_KEY)
+    if PAGES_KEY in metadata:
+        try:
+            count = int(metadata.pop(PAGES_KEY))
+            blobs = [tensors.pop(f"{PAGE_TENSOR}{i}") for i in range(count)]
+        except (ValueError, KeyError):
+            raise CodecCliError(f"{src}: metadata {PAGES_KEY} does not match its {PAGE_TENSOR}* tensors") from None
+    elif BLOB_TENSOR in tensors:  # written before pages: the whole KV in one blob
+        blobs = [tensors.pop(BLOB_TENSOR)]
+    else:
+        raise CodecCliError(f"{src} was not written by speckv compress (no {PAGE_TENSOR}* or {BLOB_TENSOR!r} tensors)")
+    storage = metadata.pop(STORAGE_KEY, None)
     try:
-        header = fmt.parse_blob(blob).header
+        headers = [fmt.parse_blob(blob.numpy()).header for blob in blobs]
     except fmt.BlobError as err:
         raise CodecCliError(f"{src}: {err}") from None
-    predictor = predictor_for(calib, header.predictor_id)
-    meta = _page_meta(header.shape, header.dtype, header.position, tensors)
+    if not headers:
+        raise CodecCliError(f"{src} holds no pages")
+    first = headers[0]
+    _, layers, _, heads, dim = first.shape
+    tokens = sum(h.shape[2] for h in headers)
+    t0 = 0
+    for h in headers:  # pages follow each other along the tokens
+        if (h.dtype, h.shape[:2], h.shape[3:], h.position) != (first.dtype, first.shape[:2], first.shape[3:], first.position + t0):
+            raise CodecCliError(f"{src}: its pages are not consecutive slices of one dump")
+        t0 += h.shape[2]
+    torch_dtype = getattr(torch, storage or "", None)
+    if not isinstance(torch_dtype, torch.dtype) or torch_dtype.itemsize != em.symbol_bits(first.dtype) // 8:
+        raise CodecCliError(f"{src}: metadata {STORAGE_KEY}={storage!r} does not fit a {first.dtype} page")
+    predictor = predictor_for(calib, first.predictor_id)
+    kv = torch.empty((2, layers, heads, tokens, dim), dtype=em.TORCH_DTYPES[first.dtype])  # [2, L, H, T, D]
     start = time.perf_counter()
-    (page,), (error,) = codec.decode_pages([blob], predictor, metas=[meta])
+    t0 = 0
+    for blob, h in zip(blobs, headers):
+        t1 = t0 + h.shape[2]
+        meta = _page_meta(h.shape, h.dtype, h.position, tensors, t0, t1)
+        out = kv[:, :, :, t0:t1].permute(0, 1, 3, 2, 4)  # the page's slots, canonical shape
+        (_,), (error,) = codec.decode_pages([blob.numpy()], predictor, metas=[meta], out=[out])
+        if error is not None:
+            raise CodecCliError(f"{src}: cannot decode page {t0 // max(1, first.shape[2])}: {error}")
+        t0 = t1
     seconds = time.perf_counter() - start
-    if error is not None:
-        raise CodecCliError(f"{src}: cannot decode: {error}")
-    torch_dtype = getattr(torch, storage, None)
-    if not isinstance(torch_dtype, torch.dtype) or torch_dtype.itemsize != page.element_size():
-        raise CodecCliError(f"{src}: metadata {STORAGE_KEY}={storage!r} does not fit a {header.dtype} page")
-    kv = page.permute(0, 1, 3, 2, 4).contiguous().view(torch_dtype)  # [2, L, H, T, D]
+    kv = kv.view(torch_dtype)
     tensors["k"], tensors["v"] = kv[0], kv[1]
     _save(dst, tensors, metadata)
+    raw_bytes = sum(h.page_bytes for h in headers)
     return (
-        f"{src} -> {dst}: k, v {list(kv.shape[1:])} {header.dtype}: "
-        f"{header.page_bytes / seconds / 1e6:.1f} MB/s, verified (xxh64)"
+        f"{src} -> {dst}: k, v {list(kv.shape[1:])} {first.dtype} from {len(blobs)} pages: "
+        f"{raw_bytes / seconds / 1e6:.1f} MB/s, verified (xxh64)"
     )
 
 
@@ -175,10 +230,17 @@ def compress_command(parser: argparse.ArgumentParser):
         help=f"rANS lanes (default: one per {codec.SYMBOLS_PER_LANE} scalars, a power of two <= {codec.MAX_LANES})",
     )
 
+    parser.add_argument(
+        "--page-tokens", type=int,
+        help=f"tokens per page (default: as many as fit {DEFAULT_PAGE_BYTES >> 20} MiB of raw KV)",
+    )  # fmt: skip
+
     def run(args) -> int:
         if args.lanes is not None and args.lanes < 1:
             parser.error("--lanes must be >= 1")
-        return _run(lambda: compress(args.input, args.out, args.calib, args.lanes))
+        if args.page_tokens is not None and args.page_tokens < 1:
+            parser.error("--page-tokens must be >= 1")
+        return _run(lambda: compress(args.input, args.out, args.calib, args.lanes, args.page_tokens))
 
     return run
 

@@ -1,0 +1,114 @@
+"""Coder throughput over batch sizes: GB/s of raw KV through the value-level entry points
+(encode_values / Decoder.decode_values: float32 (mu, sigma) and storage patterns in).
+
+    python examples/bench_kernels.py [--pages 1 4 16] [--tokens 16] [--dtype bf16 fp8_e4m3]
+
+Pages are Llama-3-8B-shaped ([2, 32, tokens, 8, 128]) with mu, sigma per scalar and values
+drawn around them. On a CUDA device the Triton kernels are timed with
+triton.testing.do_bench; without one the script says so and times the C++ CPU coder
+(wall and CPU seconds: a shared machine's load shows as the gap) against the torch
+reference in the same process (smallest batch only: it is slow). Every run checks the
+round trip. Defaults are small so that CI can smoke-test the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import rans_reference as ref
+from sglang_speckv.kernels.rans_reference import default_lanes
+
+
+def make_batch(pages: int, tokens: int, dtype: str, device: str):
+    g = torch.Generator().manual_seed(0)
+    shape = (pages, 2 * 32 * tokens * 8 * 128)
+    scale = 16.0 if dtype.startswith("fp8") else 1.0
+    mu = torch.randn(shape, generator=g) * scale
+    sigma = (torch.rand(shape, generator=g) * 0.5 + 0.05) * scale
+    values = (mu + sigma * torch.randn(shape, generator=g)).to(em.TORCH_DTYPES[dtype])
+    bits = values.view(torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)
+    return bits.to(device), mu.to(device), sigma.to(device)
+
+
+def run(coder, bits, mu, sigma, dtype):
+    """(encode, decode) closures of one coder over a batch, and a round-trip check."""
+    n = bits.shape[1]
+    lanes = default_lanes(n)
+    state = {}
+
+    def encode():
+        state["coded"] = coder.encode_values(bits, mu, sigma, dtype, lanes)
+
+    def decode():
+        words, lane_words = state["coded"]
+        if bits.device.type != "cpu":
+            words = words.to(torch.int64) & 0xFFFFFFFF
+        dec = coder.Decoder(words, lane_words, n, dtype)
+        state["out"] = torch.empty_like(bits)
+        dec.decode_values(mu, sigma, state["out"])
+        state["ok"] = bool(dec.finish().all())
+
+    def check():
+        return state["ok"] and torch.equal(state["out"], bits)
+
+    return encode, decode, check
+
+
+def timed_cpu(fn, repeats: int = 2):
+    """Best of ``repeats``: (wall seconds, CPU seconds of this process)."""
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        best = min(best, (time.perf_counter() - w, time.process_time() - c))
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pages", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--tokens", type=int, default=4, help="tokens per page (Llama-3-8B: 128 KiB of bf16 per token)")
+    p.add_argument("--dtype", nargs="+", default=["bf16", "fp8_e4m3"], choices=sorted(em.DTYPE_SPECS))
+    args = p.parse_args()
+    gpu = torch.cuda.is_available()
+    if gpu:
+        import triton.testing
+
+        from sglang_speckv.kernels import rans_triton as coder
+
+        print(f"device: {torch.cuda.get_device_name()} (Triton kernels, triton.testing.do_bench)")
+    else:
+        from sglang_speckv.kernels import rans_cpu as coder
+
+        print(f"device: CPU, {torch.get_num_threads()} threads -- no CUDA device here: timing the C++ coder "
+              f"({'built' if coder.available() else 'NOT built: torch reference fallback'})")
+    print("| dtype | pages | raw MB | coder | encode GB/s | decode GB/s | encode MB/cpu-s | decode MB/cpu-s | round trip |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype in args.dtype:
+        for pages in args.pages:
+            batch = make_batch(pages, args.tokens, dtype, "cuda" if gpu else "cpu")
+            raw_mb = batch[0].numel() * batch[0].element_size() / 1e6
+            candidates = [("triton" if gpu else "C++", coder)]
+            if not gpu and pages == min(args.pages):
+                candidates.append(("torch reference", ref))
+            for name, impl in candidates:
+                encode, decode, check = run(impl, *batch, dtype)
+                if gpu:
+                    t_enc = triton.testing.do_bench(encode) / 1e3
+                    t_dec = triton.testing.do_bench(decode) / 1e3
+                    c_enc = c_dec = float("nan")
+                else:
+                    t_enc, c_enc = timed_cpu(encode)
+                    t_dec, c_dec = timed_cpu(decode)
+                print(
+                    f"| {dtype} | {pages} | {raw_mb:.1f} | {name} | {raw_mb / t_enc / 1e3:.3f} | {raw_mb / t_dec / 1e3:.3f} "
+                    f"| {raw_mb / c_enc:.1f} | {raw_mb / c_dec:.1f} | {'OK' if check() else 'FAILED'} |"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The benchmark scripts run at their smallest shape (a smoke test, not a timing)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_bench_kernels_smallest_shape():
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "bench_kernels.py"), "--pages", "1", "--tokens", "1", "--dtype", "bf16"],
+        check=True, capture_output=True, text=True, timeout=600,
+    ).stdout
+    assert "| bf16 | 1 |" in out and "FAILED" not in out and out.count("| OK |") == 2
+
+
+def test_make_dump_writes_a_dump(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "kv.safetensors"
+    subprocess.run(
+        [sys.executable, str(EXAMPLES / "make_dump.py"), str(path), "--layers", "2", "--kv-heads", "1", "--tokens", "3", "--head-dim", "4"],
+        check=True, timeout=300,
+    )
+    kv = load_file(str(path))
+    assert kv["k"].shape == kv["v"].shape == (2, 1, 3, 4)
+
+
+def test_bench_restore_smallest_shape():
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "bench_restore.py"), "--tokens", "64", "--layers", "1", "--page-tokens", "32"],
+        check=True, capture_output=True, text=True, timeout=900,
+    ).stdout
+    assert "| restore, page_stats |" in out and "| restore, static |" in out and "| raw copy" in out
