@@ -97,7 +97,8 @@ class SpecKVStorage(HiCacheStorage):
             raise ValueError("speckv: tp_lcm_size head splitting is not supported; drop tp_lcm_size "
                              "from --hicache-storage-backend-extra-config")
         self.storage_config = storage_config
-        self.coder = PageCoder(self.config.predictor, [t.predictor for t in self.config.tiers if t.predictor])
+        self.coder = PageCoder(self.config.predictor, [t.predictor for t in self.config.tiers if t.predictor],
+                               self.config.coding_batch_bytes)
         self._stats = Stats(self.config.stats_file, self._stats_extra)
         self.store: TieredStore | None = None
         self.geometry: PageGeometry | None = None

@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 class PageCoder:
     """Pages of one geometry <-> stored values (codec.pack_value: token ids + blob)."""
 
-    def __init__(self, default: str, tier_predictors: list[str]):
+    def __init__(self, default: str, tier_predictors: list[str], batch_bytes: int):
+        """``batch_bytes``: raw bytes the codec codes at once (config coding_batch_bytes)."""
+        self.batch_bytes = batch_bytes
         specs = dict.fromkeys([default, *tier_predictors])
         try:
             self.predictors: dict[str, Predictor] = {s: predictor_from_spec(s) for s in specs}
@@ -79,10 +81,12 @@ class PageCoder:
 
     def _encode(self, pages: torch.Tensor, metas: list[PageMeta], predictor: Predictor) -> list[bytes]:
         if self.device.type != "cuda":
-            return codec.encode_pages(list(pages), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa)
+            return codec.encode_pages(list(pages), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa,
+                                      batch_bytes=self.batch_bytes)
         with torch.cuda.stream(self._stream()):
             staged = pages.pin_memory().to(self.device, non_blocking=True)
-            blobs = codec.encode_pages(list(staged), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa)
+            blobs = codec.encode_pages(list(staged), metas, predictor, w_wide=predictor.w_wide, kappa=predictor.kappa,
+                                       batch_bytes=self.batch_bytes)
         return blobs  # encode_pages returns host bytes: the stream's work is done
 
     # --- reads ---------------------------------------------------------------------------
@@ -129,10 +133,12 @@ class PageCoder:
         """The error (or None) per blob; pages are written into ``targets`` only verified."""
         try:
             if self.device.type != "cuda":
-                _, errors = codec.decode_pages(blobs, predictor, metas=metas, out=targets, device=self.device)
+                _, errors = codec.decode_pages(blobs, predictor, metas=metas, out=targets, device=self.device,
+                                                 batch_bytes=self.batch_bytes)
                 return errors
             with torch.cuda.stream(self._stream()):
-                pages, errors = codec.decode_pages(blobs, predictor, metas=metas, device=self.device)
+                pages, errors = codec.decode_pages(blobs, predictor, metas=metas, device=self.device,
+                                                   batch_bytes=self.batch_bytes)
                 for page, target in zip(pages, targets):
                     if page is not None:
                         target.copy_(page)  # device -> host, in order on this stream
