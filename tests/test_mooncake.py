@@ -242,3 +242,20 @@ def test_batches_larger_than_the_transfer_buffer(cluster):
         assert store.put(keys, values) == [True] * 8 + [False]
         assert [bytes(v) for v in store.get(keys[:8])] == values[:8]
         assert store.stats()["tiers"][0]["reachable"] is True  # not taken for an outage
+
+
+def test_store_command_shows_the_cluster(cluster, tmp_path, capsys):
+    from sglang_speckv.cli import main
+
+    toml = tmp_path / "speckv.toml"
+    tier = "".join(f"{k} = {json.dumps(v)}\n" for k, v in cluster.tier_config().items())
+    toml.write_text(f'[[tiers]]\nname = "ram"\npath = "{tmp_path / "ram"}"\nsync = "none"\n[[tiers]]\n{tier}')
+    with TieredStore(load_config(toml), NS) as store:
+        store.put(KEYS[:3], [b"x" * 1000] * 3)
+    assert main(["store", "--config", str(toml)]) == 0
+    ram, remote = json.loads(capsys.readouterr().out)["tiers"]
+    assert ram["pages"] == 3 and remote["reachable"] is True and remote["cluster_objects"] == 3
+    cluster.kill_master()  # unreachable: the local tiers still show
+    assert main(["store", "--config", str(toml)]) == 0
+    ram, remote = json.loads(capsys.readouterr().out)["tiers"]
+    assert ram["pages"] == 3 and remote["reachable"] is False and "cluster_objects" not in remote
