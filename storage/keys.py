@@ -44,14 +44,17 @@ def namespace(
     cp_size: int = 1,
     dcp_rank: int = 0,
     dcp_size: int = 1,
+    coding: str = "",
 ) -> bytes:
-    """The 8-byte key prefix for pages of this model shard and format."""
+    """The 8-byte key prefix for pages of this model shard and format. ``coding`` names what
+    the pages are coded with (the backend: its predictors' ids and fingerprints), so that a
+    server configured with another calibration neither reads nor counts them as its own."""
     tp = "replicated" if kv_replicated else f"{tp_rank}/{tp_size}"
     text = (
         f"speckv-namespace-v1|model={model}|kv_dtype={kv_dtype}|layout={layout}"
         f"|page_size={page_size}|format={format_version}|tp={tp}|pp={pp_rank}/{pp_size}"
         f"|cp={cp_rank}/{cp_size}|dcp={dcp_rank}/{dcp_size}"
-    )
+    ) + (f"|coding={coding}" if coding else "")
     return xxhash.xxh64_digest(text.encode())
 
 

@@ -116,7 +116,8 @@ class SpecKVStorage(HiCacheStorage):
         self.open(geometry, mem_pool_host.kv_buffer, _device_of(mem_pool_host))
 
     def open(self, geometry: PageGeometry, buffer: torch.Tensor | None, device: torch.device) -> None:
-        """Open the store (namespaced by model, shard, dtype, page size and format) for
+        """Open the store (namespaced by model, shard, dtype, page size, format and the
+        predictors' calibrations: another configuration's pages are not this one's) for
         pages of ``geometry`` kept in ``buffer`` (the host pool's ``kv_buffer``; None for the
         flat-page path only). ``device``: where coding runs."""
         self.coder.open(geometry, device)
@@ -127,6 +128,7 @@ class SpecKVStorage(HiCacheStorage):
             format_version=FORMAT_VERSION, tp_rank=sc.tp_rank, tp_size=sc.tp_size,
             kv_replicated=sc.is_mla_model, pp_rank=sc.pp_rank, pp_size=sc.pp_size,
             cp_rank=sc.attn_cp_rank, cp_size=sc.attn_cp_size, dcp_rank=sc.dcp_rank, dcp_size=sc.dcp_size,
+            coding=self.coder.identity(),
         )
         self.close()
         self.store = TieredStore(self.config, ns)

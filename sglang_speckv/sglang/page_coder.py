@@ -58,6 +58,12 @@ class PageCoder:
                 raise ConfigError(f"predictor {spec!r}: {e}") from None
         self.geometry, self.device = geometry, device
 
+    def identity(self) -> str:
+        """The configured predictors' ids and fingerprints (for the store's namespace), in a
+        fixed order; page_stats alone (fingerprint 0, parameters in every blob) gives ""."""
+        calibrated = sorted({(p.id, p.fingerprint) for p in self.predictors.values() if p.fingerprint})
+        return ",".join(f"{pid}:{fp:016x}" for pid, fp in calibrated)
+
     def warn_once(self, cause: str, message: str, *args) -> None:
         if cause not in self._warned:
             self._warned.add(cause)
