@@ -51,9 +51,8 @@ def run(seed):
         if rng.random() < 0.7:
             ok = store.put(keys, [random.Random(k).randbytes(3000) for k in keys],
                            parents=chain_parents(keys, f"{name}-k{start - 1}" if start else None))
-            if all(ok):
-                with lock:
-                    print("ack", *keys, flush=True)
+            with lock:
+                print("ack" if all(ok) else "refused", *keys, flush=True)
         else:
             for k, v in zip(keys, store.get(keys)):
                 if v is not None and bytes(v) != random.Random(k).randbytes(3000):
@@ -166,6 +165,7 @@ def main() -> None:
     acked: dict[str, int] = {}  # key -> round its put was acknowledged in
     last_damage = -1
     n = {"rounds": 0, "writers killed": 0, "readers killed": 0, "acknowledged puts": 0,
+         "puts refused (False)": 0,
          "pages checked": 0, "lost (acked after the last damage)": 0,
          "dropped by damage (acked before it)": 0, "wrong bytes": 0, "aborts": 0, "hangs": 0,
          "audit problems": 0, "file damages": 0, "record damages": 0,
@@ -204,6 +204,8 @@ def main() -> None:
                         acked[key] = round_
                 elif word == "wrong":
                     n["wrong bytes"] += 1
+                elif word == "refused":
+                    n["puts refused (False)"] += 1
         try:
             reader.wait(timeout=60)
         except subprocess.TimeoutExpired:  # stuck (e.g. on a mutex a killed writer held)

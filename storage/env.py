@@ -83,12 +83,13 @@ _NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
 # Reader slots of dead processes (SIGKILL) pin the pages their snapshots use, so the file
 # grows: every write frees them at most this often, and before any growth of the map.
 READER_CHECK_SECONDS = 1.0
-# The file's soft bound: 2 x capacity + MIN_GROWTH. Growth steps stop at it, and a write
-# that would grow the map past it first waits up to FULL_WAITS x FULL_WAIT_SECONDS for
-# concurrent readers to let go of the pages their snapshots pin (under load, a reading
-# thread descheduled inside its transaction holds pages every commit meanwhile frees).
-FULL_WAITS = 3
-FULL_WAIT_SECONDS = 0.02
+# The file's bound. Soft: 2 x capacity + MIN_GROWTH; growth steps stop at it, and a write
+# that would grow the map past it first frees dead readers' slots and waits up to
+# FULL_WAIT_SECONDS for live readers to let go of the pages their snapshots pin (under load,
+# a reading thread descheduled inside its transaction pins every page freed meanwhile).
+# Hard: one growth step more, plus twice the write's batch; a write that needs more fails
+# (NoRoom: the store evicts and retries once, then the put returns False).
+FULL_WAIT_SECONDS = 0.2
 # A verification of a tier at open (a child process walking every database) that takes
 # longer than this counts as failed (a damaged tree can make a walk loop).
 VERIFY_TIMEOUT_SECONDS = 600
@@ -318,14 +319,15 @@ class Env:
                     return
             self._adopt_new_size()
 
-    def write(self, body: Callable[[lmdb.Transaction], T], commit: bool = True) -> T:
+    def write(self, body: Callable[[lmdb.Transaction], T], commit: bool = True,
+              batch: int = 0) -> T:
         """Run ``body(txn)`` in one write transaction and commit it (or abort it: a dry run).
         ``body`` may run again (from scratch) after the map grows, so it must keep its effects
-        inside the transaction."""
+        inside the transaction. ``batch``: bytes of values it writes (for the hard bound)."""
         if time.monotonic() - self._reader_checked >= READER_CHECK_SECONDS:
             self._reader_checked = time.monotonic()
             self.lmdb.reader_check()
-        waits = 0
+        waited = 0.0
         while True:
             with self._lock.shared():
                 try:
@@ -345,18 +347,20 @@ class Env:
                     raise
             if seen is None:
                 self._adopt_new_size()
-            elif seen >= self.soft_limit and waits < FULL_WAITS:
-                waits += 1
-                time.sleep(FULL_WAIT_SECONDS)  # then retry: readers may have let go
+            elif seen >= self.soft_limit and waited < FULL_WAIT_SECONDS:
+                self._reader_checked = time.monotonic()
+                if not self.lmdb.reader_check():
+                    time.sleep(0.01)  # then retry: live readers may have let go
+                    waited += 0.01
             else:
-                self._grow(seen)
+                self._grow(seen, batch)
 
     def _adopt_new_size(self) -> None:
         with self._lock.exclusive(), self._file_lock():
             # The file is as large as the largest map any process uses, and allocated.
             self.lmdb.set_mapsize(max(_file_size(self.path), self.lmdb.info()["map_size"]))
 
-    def _grow(self, seen: int) -> None:
+    def _grow(self, seen: int, batch: int = 0) -> None:
         with self._lock.exclusive(), self._file_lock():
             current = self.lmdb.info()["map_size"]
             if current > seen:
@@ -369,6 +373,11 @@ class Env:
                 size = current + max(current // 4, MIN_GROWTH)
                 if current < self.soft_limit:
                     size = min(size, self.soft_limit)
+                hard = self.soft_limit + max(self.soft_limit // 4, MIN_GROWTH) + 2 * batch
+                if size > hard:
+                    raise NoRoom(f"{self.where}: the store in {self.path} would grow past "
+                                 f"{hard} bytes (2 x capacity + 1 MiB, one growth step, twice "
+                                 "the batch): readers are pinning freed pages")
                 size = min(size, _room(self.path))
                 if size <= current:
                     raise NoRoom(f"{self.where}: the store in {self.path} is full and its "

@@ -228,7 +228,7 @@ class Tier:
                 return Commit([True] * len(inserts), victims, w.counters[b"bytes"] > bound,
                               w.damaged)
 
-        return self.env.write(body)
+        return self.env.write(body, batch=sum(len(page.value) for page in inserts))
 
     def plan(self, touches: Sequence[bytes], removes: Sequence[bytes], inserts: Sequence[Page],
              above: Sequence[Tier] = (), limit: int | None = None) -> list[Page]:

@@ -76,7 +76,7 @@ def test_map_grown_by_another_process(tmp_path):
         assert child.exitcode == 0
         assert store.exists_prefix(["big-0"]) == 1  # adopted the map the child grew
         store.put(["more"], [value_of("more", 100_000)])
-        assert store.tiers[0].env.lmdb.info()["map_size"] > 4 << 20
+        assert store.tiers[0].env.lmdb.info()["map_size"] >= 4 << 20
         audit(store)
 
 
