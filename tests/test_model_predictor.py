@@ -141,3 +141,57 @@ def test_pages_the_predictor_cannot_code_fall_back_cleanly(model_dir, held, capl
         assert coder.recode(model, view) is view  # moves as it is
     value = coder.encode(torch.stack(pages[:1]), metas[:1])[0]  # all tokens known: the model codes it
     assert fmt.parse_blob(codec.unpack_value(value)[1]).header.predictor_id == model.id
+
+
+def test_a_model_tier_recodes_demoted_pages_that_read_back_exactly_after_a_restart(tmp_path, model_dir, held):
+    """A real SGLang host pool of SmolLM2's geometry holding real KV, a RAM tier (page_stats)
+    too small for the chain and an SSD tier with the model predictor: demoted pages are
+    re-coded by the model (the store's hook), the tier's raw/stored ratio is reported, and
+    a restarted backend reads them back bit for bit."""
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig, HiCacheStorageExtraInfo
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+    from sglang_speckv.sglang.adapter import SpecKVStorage
+    from sglang_speckv.sglang.plugin import PAGE_TOKENS
+
+    pages, metas = held
+    _, layers, _, heads, dim = pages[0].shape
+    device_pool = MHATokenToKVPool(128, PAGE, torch.bfloat16, heads, dim, layers, "cpu", False, start_layer=0, end_layer=layers)
+    pool = MHATokenToKVPoolHost(device_pool.get_device_pool_infos()[0].buffer_info, 2, 0, PAGE, "layer_first",
+                                pin_memory=False, device_capacity_tokens=device_pool.size, start_layer=0,
+                                end_layer=layers, write_back_staging=device_pool.hicache_write_back_staging)
+    tiers = [{"name": "ram", "path": str(tmp_path / "ram"), "capacity": "300KiB", "sync": "none"},
+             {"name": "ssd", "path": str(tmp_path / "ssd"), "capacity": "64MiB", "sync": "none",
+              "predictor": f"model:{model_dir}"}]
+    config = HiCacheStorageConfig(
+        tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1, is_mla_model=False,
+        enable_storage_metrics=False, is_page_first_layout=False, model_name="smollm2",
+        extra_config={"tiers": tiers, "stats_file": str(tmp_path / "stats.json")})
+
+    def backend():
+        b = SpecKVStorage(config, {})
+        b.register_mem_pool_host(pool)
+        return b
+
+    b = backend()
+    for i, page in enumerate(pages):
+        b.geometry.page(pool.kv_buffer, i * PAGE).copy_(page)
+    keys = [f"{i:064x}" for i in range(1, PAGES + 1)]
+    PAGE_TOKENS.record(keys, [t for m in metas for t in m.token_ids], PAGE)
+    none = HiCacheStorageExtraInfo(prefix_keys=[])
+    assert b.batch_set_v1(keys, torch.arange(0, PAGES * PAGE), none) == [True] * PAGES
+    stats = b.stats()
+    ram, ssd = stats["store"]["tiers"]
+    assert ssd["pages"] >= 2 and stats["pages_recoded"] == ssd["pages"], stats
+    ratio = ssd["ratio"]
+    print(f"ssd tier: {ssd['pages']} pages, raw/stored {ratio:.2f}x; ram tier {ram['pages']} pages, "
+          f"raw/stored {ram['ratio']}x")
+    assert ratio > 3.0
+    b.close()
+    b = backend()  # a restart: a fresh predictor (empty chunk cache), the same fingerprint
+    dest = torch.arange(4 * PAGE, (4 + PAGES) * PAGE)
+    assert b.batch_get_v1(keys, dest, none) == [True] * PAGES
+    for i, page in enumerate(pages):
+        assert torch.equal(b.geometry.page(pool.kv_buffer, (4 + i) * PAGE).view(torch.int16), page.view(torch.int16))
+    b.close()

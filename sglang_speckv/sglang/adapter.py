@@ -300,6 +300,8 @@ class SpecKVStorage(HiCacheStorage):
         if self.store is not None:
             try:
                 out["store"] = self.store.stats()
+                for tier in out["store"]["tiers"]:  # raw / stored: what the tier's coding buys
+                    tier["ratio"] = round(tier["raw_bytes"] / tier["bytes"], 3) if tier["bytes"] else None
             except Exception as e:  # noqa: BLE001 - stats must never fail SGLang's metrics call
                 out["store"] = {"error": f"{type(e).__name__}: {e}"}
         return out
