@@ -284,6 +284,11 @@ class ModelPredictor(Predictor):
 
     # ---- the model run ------------------------------------------------------------------
 
+    def forget(self) -> None:
+        """Empty the chunk cache (benchmarks: decode as a fresh process would)."""
+        with self._chunks_lock:
+            self._chunks.clear()
+
     def kv(self, meta: PageMeta) -> torch.Tensor:
         """float32 [2, L, T, H, D]: the page's KV as chunk position/T of the chunked prefill
         (module docstring). ValueError if ``can_code`` says no."""
