@@ -8,8 +8,8 @@ tokens predicts it closely, and only the residual is coded. Spec (predictors.pre
 
 Context. A token's KV depends on every token before it: on SmolLM2-135M a page predicted
 from its own 16 tokens (at their true positions) costs 9.3 bits per bf16 scalar, with 64
-tokens of context before it 7.4, with the whole prefix 4.0 (.tmp experiment in the
-report, held-out text, page-local vs full prefix). So the predictor needs the tokens of the
+tokens of context before it 7.4, with the whole prefix 4.0 (ideal bits on 512 held-out
+tokens, a one-off measurement, not a recorded benchmark). So the predictor needs the tokens of the
 whole sequence up to the page's end: ``PageMeta.prefix_ids`` (positions 0 .. position-1)
 and ``token_ids`` (the page's own). The backend stores them with the page
 (sglang/page_coder.py); a page whose prefix is unknown, or longer than ``max_tokens``,
