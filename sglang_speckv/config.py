@@ -192,7 +192,8 @@ TIER_FIELDS: tuple[Field, ...] = (
           "emptied), 'data' one fsync per commit (a power loss may undo the last commit), "
           "'full' data and metadata fsynced (durable); see docs/STORAGE.md"),
     Field("predictor", STR, "",
-          "predictor pages are re-coded with when they move into this tier; '' keeps them as "
+          "predictor pages are re-coded with when they move into this tier (same forms as the "
+          "top-level predictor; e.g. 'model:CHECKPOINT_DIR' for a cold tier); '' keeps them as "
           "they are"),
 )
 
@@ -235,8 +236,9 @@ FIELDS: tuple[Field, ...] = (
           "next write, or by a read once this many seconds have passed"),
     # Backend (sglang_speckv/sglang/adapter.py):
     Field("predictor", STR, "page_stats",
-          "predictor new pages are coded with: 'page_stats', or 'CALIB.safetensors[:NAME]' from "
-          "`speckv calibrate` (sglang_speckv/predictors)"),
+          "predictor new pages are coded with: 'page_stats', 'CALIB.safetensors[:NAME]' from "
+          "`speckv calibrate`, or 'model:CHECKPOINT_DIR[?quant=..&exact=K&threads=N]', the served "
+          "model re-run on the CPU (sglang_speckv/predictors, docs/DESIGN.md)"),
     Field("coding_batch_bytes", SIZE, "64MiB",
           "raw KV bytes the codec codes in one batch: larger batches are split, so the codec's "
           "scratch stays a small multiple of this (docs/DESIGN.md \"The coder\")"),

@@ -4,8 +4,9 @@
 - linear.py: token-free predictors calibrated to a model (calibration.py holds the file
   format, sglang_speckv/tools/calibrate.py the fitting): static, static_rope, prev_layer,
   context.
-- Model predictors (the target's quantised weights, early exit + linear probes) are
-  offline measurements: sglang_speckv/tools/model_predictors.py.
+- model.py: the served model (optionally a quantised copy) re-run on the CPU on the
+  page's tokens and every token before it, id 6 (``model:CHECKPOINT[?...]``).
+- Early exit + linear probes are offline measurements: sglang_speckv/tools/model_predictors.py.
 
 ``predictor_from_spec`` is the one parser of a predictor spec string (the configuration's
 ``predictor`` fields, ``speckv compress --calib``).
@@ -34,21 +35,29 @@ def predictor_from_calibration(calib, name: str):
 
 
 def predictor_from_spec(spec: str, predictor_id: int | None = None):
-    """The predictor a spec names: ``page_stats``, or ``CALIB.safetensors[:NAME]``,
-    predictor NAME of a calibration file written by ``speckv calibrate`` (without NAME: the
-    one whose id is ``predictor_id``, e.g. a blob's, else DEFAULT_CALIBRATED).
+    """The predictor a spec names: ``page_stats``; ``model:CHECKPOINT_DIR[?k=v&...]``, the
+    model predictor (predictors/model.py); or ``CALIB.safetensors[:NAME]``, predictor NAME
+    of a calibration file written by ``speckv calibrate`` (without NAME: the one whose id
+    is ``predictor_id``, e.g. a blob's, else DEFAULT_CALIBRATED).
     Raises PredictorSpecError with what to do."""
     if spec == PAGE_STATS:
         from sglang_speckv.predictors.page_stats import PageStatsPredictor
 
         return PageStatsPredictor()
+    if spec.startswith("model:"):
+        from sglang_speckv.predictors.model import ModelPredictor, ModelSpec
+
+        try:
+            return ModelPredictor(ModelSpec.parse(spec))
+        except (ValueError, OSError) as e:
+            raise PredictorSpecError(str(e)) from None
     from sglang_speckv.predictors.calibration import CalibrationError
     from sglang_speckv.predictors.linear import SPECS
 
     path, _, name = spec.partition(":")
     if not path.endswith(".safetensors"):
-        raise PredictorSpecError(f"{spec!r} is neither {PAGE_STATS!r} nor a calibration file "
-                                 "'CALIB.safetensors[:NAME]' (write one with `speckv calibrate`)")
+        raise PredictorSpecError(f"{spec!r} is neither {PAGE_STATS!r}, 'model:CHECKPOINT_DIR[?...]' nor a "
+                                 "calibration file 'CALIB.safetensors[:NAME]' (write one with `speckv calibrate`)")
     if not name and predictor_id is not None:
         name = next((n for n, s in SPECS.items() if s.id == predictor_id), "")
     try:

@@ -37,6 +37,8 @@ class PageMeta:
     shape: tuple[int, int, int, int, int]  # canonical shape, see above
     position: int = 0  # absolute position of the page's first token in its sequence
     token_ids: tuple[int, ...] | None = None  # when a side channel provides them
+    # the tokens at positions 0 .. position-1, where known (predictors with needs_prefix)
+    prefix_ids: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -59,6 +61,14 @@ class Predictor(ABC):
     # True if predictions depend on the page's absolute position (meta.position): such a
     # predictor codes well only where the writer knows it (SGLang's prefix keys).
     uses_position: ClassVar[bool] = False
+    # True if predictions need the page's token ids and every token before it
+    # (meta.token_ids, meta.prefix_ids); pages without them are not coded by it (can_code).
+    needs_prefix: ClassVar[bool] = False
+
+    def can_code(self, meta: PageMeta) -> str | None:
+        """Why this page cannot be coded by this predictor (None: it can). Pages it cannot
+        code stay with the predictor they have."""
+        return None
 
     def check(self, dtype: str, shape: tuple[int, ...]) -> None:
         """Raise ValueError (saying what does not fit) if this predictor cannot code pages

@@ -212,11 +212,16 @@ class SpecKVStorage(HiCacheStorage):
             self._stats.add(pages_already_stored=len(keys))
             return [True] * len(keys)
         tokens = [PAGE_TOKENS.get(keys[i]) for i in new]
-        metas = [PageMeta(g.dtype, g.shape, position=first_position + i * g.page_size, token_ids=token_tuple(tok))
-                 for i, tok in zip(new, tokens)]
+        prefix_ids = self._prefix_ids(prefix or [], keys[:have])
+        metas = []
+        for i, tok in zip(new, tokens):
+            ids = token_tuple(tok)
+            metas.append(PageMeta(g.dtype, g.shape, position=first_position + i * g.page_size, token_ids=ids,
+                                  prefix_ids=prefix_ids))
+            prefix_ids = prefix_ids + ids if prefix_ids is not None and ids is not None else None
         staged = torch.stack([pages[i] for i in new])  # a copy: SGLang reuses host memory
         coding_start = time.perf_counter()
-        values = self.coder.encode(staged, metas, tokens)
+        values = self.coder.encode(staged, metas)
         coding_s = time.perf_counter() - coding_start
         coded = [i for i, v in zip(new, values) if v is not None]
         parents = chain_parents(keys, prefix[-1] if prefix else None)
@@ -229,6 +234,19 @@ class SpecKVStorage(HiCacheStorage):
                        pages_with_tokens=sum(t is not None for t in tokens), encode_failures=len(new) - len(coded))
         self._stats.time(encode_s=coding_s, encode_raw_bytes=raw, backup=(len(keys), raw, time.perf_counter() - start))
         return [True] * have + [ok.get(i, False) for i in new]
+
+    def _prefix_ids(self, prefix_keys: list[str], known_keys: list[str]) -> tuple[int, ...] | None:
+        """The tokens of the pages before a write's first new page (SGLang's prefix keys,
+        then the write's pages already stored), if some predictor needs them and the side
+        channel still holds all of them; else None."""
+        from sglang_speckv.sglang.plugin import PAGE_TOKENS
+
+        if not self.coder.wants_prefix:
+            return None
+        parts = [PAGE_TOKENS.get(k) for k in (*prefix_keys, *known_keys)]
+        if any(p is None for p in parts):
+            return None
+        return token_tuple(b"".join(parts)) or ()
 
     def _read(self, keys: list[str], targets: list[torch.Tensor]) -> list[bool]:
         """Fill ``targets`` (canonical views) with the pages under ``keys``, in order, up
@@ -253,10 +271,12 @@ class SpecKVStorage(HiCacheStorage):
 
     def _value_buffers(self, n: int) -> list[np.ndarray]:
         """``n`` buffers, each large enough for any stored value of this geometry (header,
-        token ids, the largest blob), reused by this thread's reads: no allocation per page.
+        token ids with the longest prefix a predictor stores, the largest blob), reused by
+        this thread's reads: no allocation per page.
         Decoding finishes before the call returns, so a thread never needs them twice."""
         g = self.geometry
-        size = VALUE_HEAD.size + 4 * g.page_size + max_compressed_size(PageMeta(g.dtype, g.shape))
+        tokens = g.page_size + self.coder.max_prefix_tokens
+        size = VALUE_HEAD.size + 4 * tokens + max_compressed_size(PageMeta(g.dtype, g.shape))
         buffers = getattr(self._read_buffers, "list", [])
         if buffers and buffers[0].size != size:
             buffers = []
@@ -283,6 +303,8 @@ class SpecKVStorage(HiCacheStorage):
         if self.store is not None:
             try:
                 out["store"] = self.store.stats()
+                for tier in out["store"]["tiers"]:  # raw / stored: what the tier's coding buys
+                    tier["ratio"] = round(tier["raw_bytes"] / tier["bytes"], 3) if tier["bytes"] else None
             except Exception as e:  # noqa: BLE001 - stats must never fail SGLang's metrics call
                 out["store"] = {"error": f"{type(e).__name__}: {e}"}
         return out

@@ -16,6 +16,7 @@ memory; on the CPU, in place (the C++ coder).
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from sglang_speckv import codec
 from sglang_speckv.config import ConfigError
 from sglang_speckv.kernels.format import BlobError, parse_blob
-from sglang_speckv.predictors import PredictorSpecError, predictor_from_spec
+from sglang_speckv.predictors import PAGE_STATS, PredictorSpecError, predictor_from_spec
 from sglang_speckv.predictors.base import PageMeta, Predictor
 from sglang_speckv.sglang.geometry import PageGeometry
 
@@ -36,12 +37,18 @@ class PageCoder:
     def __init__(self, default: str, tier_predictors: list[str], batch_bytes: int):
         """``batch_bytes``: raw bytes the codec codes at once (config coding_batch_bytes)."""
         self.batch_bytes = batch_bytes
-        specs = dict.fromkeys([default, *tier_predictors])
+        specs = dict.fromkeys([default, *tier_predictors, PAGE_STATS])
         try:
             self.predictors: dict[str, Predictor] = {s: predictor_from_spec(s) for s in specs}
         except PredictorSpecError as e:
             raise ConfigError(f"predictor: {e}") from None
         self.default = self.predictors[default]
+        # where a predictor cannot code a page (e.g. a model predictor, a page without token ids)
+        self.fallback = self.predictors[PAGE_STATS]
+        # values carry every token before the page too when some predictor needs them
+        self.wants_prefix = any(p.needs_prefix for p in self.predictors.values())
+        # ... up to the longest prefix a predictor uses
+        self.max_prefix_tokens = max(getattr(p, "max_prefix_tokens", 0) for p in self.predictors.values())
         self._by_blob = {(p.id, p.fingerprint): p for p in self.predictors.values()}
         self.geometry: PageGeometry | None = None
         self.device = torch.device("cpu")
@@ -71,19 +78,55 @@ class PageCoder:
 
     # --- writes --------------------------------------------------------------------------
 
-    def encode(self, pages: torch.Tensor, metas: list[PageMeta], tokens: list[bytes | None],
+    def encode(self, pages: torch.Tensor, metas: list[PageMeta],
                predictor: Predictor | None = None) -> list[bytes | None]:
         """Stored values of ``pages`` ([P, *canonical shape], storage dtype, a private
-        copy); None for every page of a batch that failed to code (logged once per cause)."""
+        copy) with the tokens ``metas`` know; None for every page of a batch that failed to
+        code (logged once per cause). Pages ``predictor`` cannot code (``can_code``) are
+        coded with the fallback (page_stats), logged once per cause."""
         predictor = predictor or self.default
-        try:
-            blobs = self._encode(pages, metas, predictor)
-        except Exception as e:  # noqa: BLE001 - a predictor or coder bug must not reach SGLang's thread
-            self.warn_once(f"encode:{predictor.name}:{type(e).__name__}",
-                           "speckv: coding with predictor %s failed, pages not stored: %s: %s "
-                           "(logged once)", predictor.name, type(e).__name__, e)
-            return [None] * len(metas)
-        return [codec.pack_value(tok, blob) for tok, blob in zip(tokens, blobs)]
+        groups: dict[Predictor, list[int]] = {}
+        for i, meta in enumerate(metas):
+            why = predictor.can_code(meta)
+            if why is not None:
+                self.warn_once(f"fallback:{predictor.name}:{why}", "speckv: predictor %s cannot code some pages "
+                               "(%s); they are coded with %s (logged once)", predictor.name, why, self.fallback.name)
+            groups.setdefault(self.fallback if why else predictor, []).append(i)
+        values: list[bytes | None] = [None] * len(metas)
+        for pred, members in groups.items():
+            try:
+                blobs = self._encode(pages[members], [metas[i] for i in members], pred)
+            except Exception as e:  # noqa: BLE001 - a predictor or coder bug must not reach SGLang's thread
+                self.warn_once(f"encode:{pred.name}:{type(e).__name__}",
+                               "speckv: coding with predictor %s failed, pages not stored: %s: %s "
+                               "(logged once)", pred.name, type(e).__name__, e)
+                return [None] * len(metas)
+            for i, blob in zip(members, blobs):
+                values[i] = codec.pack_value(self._stored_tokens(metas[i]), blob)
+        return values
+
+    def _stored_tokens(self, meta: PageMeta) -> bytes | None:
+        """The token ids stored with a page (uint32 LE): the page's own, preceded by every
+        token before it when some predictor needs them and they are known."""
+        if meta.token_ids is None:
+            return None
+        ids = meta.token_ids
+        if (self.wants_prefix and meta.prefix_ids is not None and len(meta.prefix_ids) == meta.position
+                and meta.position <= self.max_prefix_tokens):
+            ids = meta.prefix_ids + tuple(ids)
+        return struct.pack(f"<{len(ids)}I", *ids)
+
+    def _meta(self, header, tokens: bytes | None) -> PageMeta:
+        """What a reader knows of a stored page: its geometry, position and tokens (the
+        page's own are the last ``page_size``; a longer run also holds the prefix)."""
+        ids = codec.token_tuple(tokens)
+        t = header.shape[2]
+        prefix = None
+        if ids is not None and len(ids) == header.position + t:
+            ids, prefix = ids[-t:], ids[:-t]
+        elif ids is not None and len(ids) != t:
+            ids = None
+        return PageMeta(header.dtype, header.shape, header.position, ids, prefix)
 
     def _encode(self, pages: torch.Tensor, metas: list[PageMeta], predictor: Predictor) -> list[bytes]:
         if self.device.type != "cuda":
@@ -118,7 +161,8 @@ class PageCoder:
             # The position recorded in the blob, not one derived from the read's prefix
             # keys: SGLang 0.5.23 passes a prefetch only the matched node's ancestors'
             # hashes, so the read-side count can fall short; the key fixes it anyway.
-            metas.append(PageMeta(g.dtype, g.shape, header.position, codec.token_tuple(tokens)))
+            meta = self._meta(header, tokens)
+            metas.append(PageMeta(g.dtype, g.shape, meta.position, meta.token_ids, meta.prefix_ids))
             predictors.append(predictor)
         done = 0
         while done < len(blobs):  # runs of pages coded by the same predictor
@@ -169,11 +213,16 @@ class PageCoder:
             raise BlobError(f"coded by unknown predictor {header.predictor_id}")
         if source is target:
             return value  # already coded for this tier: moves unchanged
-        meta = PageMeta(header.dtype, header.shape, header.position, codec.token_tuple(tokens))
+        meta = self._meta(header, tokens)
+        why = target.can_code(meta)
+        if why is not None:
+            self.warn_once(f"recode:{target.name}:{why}", "speckv: predictor %s cannot re-code some pages (%s); "
+                           "they move as they are (logged once)", target.name, why)
+            return value
         pages, errors = codec.decode_pages([blob], source, metas=[meta], device=self.device)
         if errors[0] is not None:
             raise errors[0]
-        (new,) = self.encode(pages[0].unsqueeze(0).cpu(), [meta], [tokens], target)
+        (new,) = self.encode(pages[0].unsqueeze(0).cpu(), [meta], target)
         if new is None:
             raise BlobError(f"re-coding with {target.name} failed")
         return new

@@ -31,6 +31,7 @@ import torch
 
 from sglang_speckv.tools import calibrate as cal
 from sglang_speckv.tools import dump_kv
+from sglang_speckv.kernels import format as fmt
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.calibration import rope_tables
 from sglang_speckv.predictors.linear import K, SPECS, LinearGaussianPredictor, rope_cos_sin, rotate, rotate_sigma
@@ -240,6 +241,70 @@ def model_bits(est: ModelEstimate, stored_cal: torch.Tensor, stored_held: torch.
     return block_bits(stored_held, mu_held, sigma_held, kv_dtype, mix["w_wide"], mix["kappa"])
 
 
+# ---- serving-path model predictors (predictors/model.py) ----------------------------------
+
+
+def serving_model_rows(model_path: str, model, ids: torch.Tensor, held: torch.Tensor, pages: int, queries: list[str]):
+    """For each ``model:`` spec query: (name, bits [2, L] ideal, MAC compute, note, speed)
+    measured on the first ``pages`` pages of PAGE_TOKENS tokens of ``held`` (bf16 [2, L, T,
+    H, D], the target's KV of ``ids``): real blobs encoded and decoded bit-exact (the decode
+    with an empty chunk cache, as in a fresh process), and the predictor's model run timed
+    against the target's own bf16 prefill of the same tokens, in this process."""
+    from sglang_speckv import codec
+    from sglang_speckv.predictors import predictor_from_spec
+    from sglang_speckv.tools import model_predictors as mp
+
+    n_tok = pages * PAGE_TOKENS
+    cut = [held[:, :, s : s + PAGE_TOKENS].contiguous() for s in range(0, n_tok, PAGE_TOKENS)]
+    tok = ids[:n_tok].tolist()
+    metas = [PageMeta("bf16", tuple(p.shape), s, tuple(tok[s : s + PAGE_TOKENS]), tuple(tok[:s]))
+             for p, s in zip(cut, range(0, n_tok, PAGE_TOKENS))]
+    t0 = time.perf_counter()
+    dump_kv.compute_kv(model, ids[:n_tok], progress=False)
+    prefill_s = time.perf_counter() - t0
+    macs = mp.prefill_macs(model.config, n_tok)
+    n_layers = model.config.num_hidden_layers
+    out = []
+    base = codec.encode_pages(cut, metas, predictor_from_spec("page_stats"))
+    base_bits = 8 * sum(len(b) for b in base) / sum(p.numel() for p in cut)
+    for query in queries:
+        pred = predictor_from_spec(f"model:{model_path}" + (f"?{query}" if query else ""))
+        t0 = time.perf_counter()
+        blobs = codec.encode_pages(cut, metas, pred, w_wide=pred.w_wide, kappa=pred.kappa)
+        t1 = time.perf_counter()
+        pred.forget()  # decode as a fresh process would: every chunk recomputed
+        dec, errors = codec.decode_pages(blobs, pred, metas=metas)
+        t2 = time.perf_counter()
+        for p, o, e in zip(cut, dec, errors):
+            if e is not None or not torch.equal(p.view(torch.int16), o.view(torch.int16)):
+                raise AssertionError(f"model predictor {query!r}: codec round trip not exact ({e})")
+        pred.forget()
+        t3 = time.perf_counter()
+        pred.kv_run(tuple(tok), PAGE_TOKENS)
+        run_s = time.perf_counter() - t3
+        mu, sigma = [], []
+        for p, m, b in zip(cut, metas, blobs):
+            side = fmt.parse_blob(b).side
+            a, z = pred.predict(m, side, p.to(torch.float32), 0)
+            mu.append(a.reshape(p.shape))
+            sigma.append(z.reshape(p.shape))
+        bits = block_bits(torch.cat(cut, dim=2), torch.cat(mu, dim=2), torch.cat(sigma, dim=2), "bf16", pred.w_wide, pred.kappa)
+        scheme, exact = pred.spec.quant, pred.spec.exact
+        rest = n_layers - exact - 1
+        compute = 1.0 if scheme == "none" else (exact * macs["layer"] + (rest * macs["layer"] + macs["kv_proj"]) * COST_PER_MAC[scheme]) / macs["prefill"]
+        nbytes = sum(p.numel() * 2 for p in cut)
+        actual = 8 * sum(len(b) for b in blobs) / sum(p.numel() for p in cut)
+        ideal = float(bits.mean())
+        note = (f"serving path `model:CKPT{'?' + query if query else ''}`: fp32 on the CPU, {pred.spec.threads} thread(s), "
+                f"chunked prefill of every token before the page; model run {run_s:.2f} s for {n_tok} tokens = "
+                f"{run_s / prefill_s:.1f}x the target's bf16 prefill ({prefill_s:.2f} s, {torch.get_num_threads()} threads); "
+                f"page_stats blobs on the same {pages} pages: {base_bits:.3f} bits")
+        name = "serving model" + (f" {query}" if query else "")
+        out.append((name, bits, compute, note, (f"{nbytes / (t1 - t0) / 1e6:.2f}", f"{nbytes / (t2 - t1) / 1e6:.2f}", f"{actual:.3f} ({ideal:.3f})")))
+        del pred
+    return out
+
+
 # ---- the run -----------------------------------------------------------------------------
 
 
@@ -261,6 +326,8 @@ def run_frontier(args) -> str:
     ids_held = dump_kv.tokenize(tokenizer, dump_kv.read_texts(args.heldout_text), args.heldout_tokens)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'}: calibration {len(ids_cal)} tokens, held-out {len(ids_held)} tokens", flush=True)
     chunks = [ids_cal[s : s + args.seq_len] for s in range(0, len(ids_cal), args.seq_len)]
+    if args.only_serving:  # no calibration: the serving rows and the baselines only
+        chunks, args.dtypes, args.model_predictors = [], ["bf16"], False
     cal_kv = [cal.to_pages(*dump_kv.compute_kv(model, c, progress=args.progress)) for c in chunks]  # bf16 [2, L, T, H, D]
     held_kv = cal.to_pages(*dump_kv.compute_kv(model, ids_held, progress=args.progress))
     macs = mp.prefill_macs(model.config, len(ids_held))
@@ -290,8 +357,9 @@ def run_frontier(args) -> str:
             scale = dump_kv.fp8_scales(kcat, vcat)
             quant = lambda page: torch.stack([dump_kv.to_fp8(page[0], scale[0]), dump_kv.to_fp8(page[1], scale[1])])  # noqa: E731
             seqs, held = [quant(s) for s in cal_kv], quant(held_kv)
-        calib = cal.calibrate(seqs, model=identity, layout=layout, kv_dtype=kv_dtype, fp8_scale=scale, progress=args.progress)
-        print(f"[{kv_dtype}] calibrated in {time.perf_counter() - t0:.0f} s: {calib.mixture}", flush=True)
+        if not args.only_serving:
+            calib = cal.calibrate(seqs, model=identity, layout=layout, kv_dtype=kv_dtype, fp8_scale=scale, progress=args.progress)
+            print(f"[{kv_dtype}] calibrated in {time.perf_counter() - t0:.0f} s: {calib.mixture}", flush=True)
 
         def add(name, bits, compute, note="", speed=("", "", "")):
             per_layer[(kv_dtype, name)] = bits
@@ -307,22 +375,27 @@ def run_frontier(args) -> str:
             zk, zv = zstd_bits(held, split_bytes=True)
             add("zstd -3 byte planes", torch.stack([raw[0] * 0 + zk, raw[1] * 0 + zv]), 0.0, "high/low bytes apart")
         add("page_stats", page_stats_bits(held, kv_dtype), 0.0, f"self-contained, {PAGE_STATS_TOKENS}-token pages, side info included")
-        for name in SPECS:
-            pred = LinearGaussianPredictor(calib, name)
-            mu, sigma = predict_page(pred, held)
-            bits = block_bits(held, mu, sigma, kv_dtype, pred.w_wide, pred.kappa)
-            speed = ("", "", "")
-            if args.speed_pages:
-                enc, dec, actual, ideal = codec_speed(pred, held, args.speed_pages)
-                speed = (f"{enc:.1f}", f"{dec:.1f}", f"{actual:.3f} ({ideal:.3f})")
-            add(name, bits, linear_macs(pred) / macs["prefill"], SPECS[name].help, speed)
-        for label, residual in (("context, Gaussian sigma=RMS", ()), ("context, + wide mixture", ("wide",))):
-            ablated = copy.deepcopy(calib)
-            n_val = max(1, len(seqs) // 4)
-            cal.fit_residuals(ablated, seqs[-n_val:], ["context"], residual, progress=False)
-            pred = LinearGaussianPredictor(ablated, "context")
-            mu, sigma = predict_page(pred, held)
-            add(label, block_bits(held, mu, sigma, kv_dtype, pred.w_wide, pred.kappa), linear_macs(pred) / macs["prefill"], "ablation of the residual model")
+        if not args.only_serving:
+            for name in SPECS:
+                pred = LinearGaussianPredictor(calib, name)
+                mu, sigma = predict_page(pred, held)
+                bits = block_bits(held, mu, sigma, kv_dtype, pred.w_wide, pred.kappa)
+                speed = ("", "", "")
+                if args.speed_pages:
+                    enc, dec, actual, ideal = codec_speed(pred, held, args.speed_pages)
+                    speed = (f"{enc:.1f}", f"{dec:.1f}", f"{actual:.3f} ({ideal:.3f})")
+                add(name, bits, linear_macs(pred) / macs["prefill"], SPECS[name].help, speed)
+            for label, residual in (("context, Gaussian sigma=RMS", ()), ("context, + wide mixture", ("wide",))):
+                ablated = copy.deepcopy(calib)
+                n_val = max(1, len(seqs) // 4)
+                cal.fit_residuals(ablated, seqs[-n_val:], ["context"], residual, progress=False)
+                pred = LinearGaussianPredictor(ablated, "context")
+                mu, sigma = predict_page(pred, held)
+                add(label, block_bits(held, mu, sigma, kv_dtype, pred.w_wide, pred.kappa), linear_macs(pred) / macs["prefill"], "ablation of the residual model")
+        if kv_dtype == "bf16" and args.serving_pages:
+            for name, bits, compute, note, speed in serving_model_rows(args.model or prepare_model(), model, ids_held, held_kv,
+                                                                       args.serving_pages, args.serving):
+                add(name, bits, compute, note, speed)
         for est in estimates:
             n_cal = est.cal.shape[2]
             add(est.name, model_bits(est, torch.cat(seqs, dim=2)[:, :, :n_cal], held, kv_dtype, scale), est.compute, est.note)
@@ -407,6 +480,11 @@ def bench_command(parser):
     parser.add_argument("--seq-len", type=int, default=cal.DEFAULT_SEQ_LEN)
     parser.add_argument("--dtypes", nargs="+", default=list(dump_kv.KV_DTYPES), choices=dump_kv.KV_DTYPES)
     parser.add_argument("--speed-pages", type=int, default=4, help="pages coded for real per predictor (0: skip)")
+    parser.add_argument("--serving", nargs="*", default=["", "quant=int8&exact=10"],
+                        help="serving-path model predictors (bf16 KV): query strings of 'model:CKPT?QUERY' ('' = exact weights)")
+    parser.add_argument("--only-serving", action="store_true",
+                        help="bf16 only, no calibration: the serving-path rows beside zstd and page_stats")
+    parser.add_argument("--serving-pages", type=int, default=8, help="pages coded for real per serving predictor (0: skip)")
     parser.add_argument("--no-model-predictors", dest="model_predictors", action="store_false")
     parser.add_argument("--model-calib-tokens", type=int, default=2048, help="calibration tokens for the model predictors")
     parser.add_argument("--early-exit", type=int, nargs="*", default=[8, 15], help="layers run exactly by the early-exit predictors")

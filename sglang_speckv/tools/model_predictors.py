@@ -14,8 +14,8 @@ channel) residual RMS from calibration text (bench_frontier.py fits and measures
   probes from the hidden state entering layer k to every deeper layer's K (before RoPE) and
   V, fitted by ridge regression on calibration text.
 
-Not serving-path predictors yet: they run float kernels whose results may differ across
-devices and batch shapes, which the coder does not tolerate (docs/DESIGN.md invariant 3).
+The quantisation itself lives in predictors/model.py, whose serving-path model predictor
+runs these copies deterministically (fixed shapes and threads, fingerprinted device kind).
 ``prefill_macs`` gives the compute each one spends as a fraction of the target's prefill.
 """
 
@@ -25,60 +25,18 @@ import copy
 
 import torch
 
-SCHEMES = ("int8", "fp8", "int8_w", "fp8_w", "int4")
-# W4A16 group size: GPTQ/AWQ use 64-128; 64 divides SmolLM2's 576 and 1536. Not the GGUF's
-# Q4_1 (asymmetric, groups of 32), whose grid would reproduce the target's weights exactly.
-INT4_GROUP = 64
-WEIGHT_KIND = {"int8": "int8", "fp8": "fp8", "int8_w": "int8", "fp8_w": "fp8", "int4": "int4"}
-QUANTIZED_ACTIVATIONS = ("int8", "fp8")  # W8A8 schemes
-FP8_MAX = 448.0
+from sglang_speckv.predictors import model as serving
+
+SCHEMES = tuple(s for s in serving.SCHEMES if s != "none")
 
 
-def _fake_quant_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Quantise-dequantise the rows of x (float32 [..., n]) with one absmax scale per row."""
-    amax = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    if kind == "int8":
-        s = amax / 127
-        return (x / s).round().clamp(-127, 127) * s
-    if kind == "fp8":
-        s = amax / FP8_MAX
-        return (x / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32) * s
-    if kind == "int4":
-        s = amax / 7
-        return (x / s).round().clamp(-8, 7) * s
-    raise ValueError(f"unknown quantisation {kind!r}")
-
-
-def quantize_weight(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Weight [out, in] quantised as ``scheme`` says (module docstring), same dtype."""
-    x = w.detach().to(torch.float32)
-    if scheme == "int4":
-        out, n = x.shape
-        if n % INT4_GROUP:
-            raise ValueError(f"int4 groups of {INT4_GROUP} need in_features % {INT4_GROUP} == 0, got {n}")
-        q = _fake_quant_rows(x.reshape(out, n // INT4_GROUP, INT4_GROUP), "int4").reshape(out, n)
-    else:
-        q = _fake_quant_rows(x, WEIGHT_KIND[scheme])
-    return q.to(w.dtype)
-
-
-def quantized_copy(model, scheme: str, exact_layers: int = 0):
-    """A copy of ``model`` whose decoder-layer linear layers are quantised as ``scheme``,
+def quantized_copy(target, scheme: str, exact_layers: int = 0):
+    """A copy of ``target`` whose decoder-layer linear layers are quantised as ``scheme``,
     except the first ``exact_layers`` layers (kept exact: their KV is the target's)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    q = copy.deepcopy(model)
-
-    def quantize_input(module, args):
-        (x,) = args
-        return (_fake_quant_rows(x.to(torch.float32), scheme).to(x.dtype),)
-
-    for layer in q.model.layers[exact_layers:]:
-        for module in layer.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.data = quantize_weight(module.weight.data, scheme)
-                if scheme in QUANTIZED_ACTIVATIONS:
-                    module.register_forward_pre_hook(quantize_input)
+    q = copy.deepcopy(target)
+    serving.quantize_in_place(q, scheme, exact_layers)
     return q
 
 
