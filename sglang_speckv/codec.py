@@ -150,29 +150,33 @@ class _Coded:
     page: torch.Tensor  # the page in its storage dtype (any strides; read only for RAW blobs)
 
 
-def _prepare(page, meta, predictor, w_wide, kappa, lanes, bits_row, mu_row, sigma_row) -> _Coded:
-    """Side info of one page, and its bit patterns and (mu, sigma) stage by stage written
-    into its rows of the batch (int16 / uint8, float32, float32 [numel])."""
+def _prepare(page, meta, predictor, w_wide, kappa, lanes):
+    """Side info, bit patterns ([numel], int16 / uint8) and float32 (mu, sigma) ([numel],
+    stage by stage) of one page: (_Coded, bits, mu, sigma)."""
     page = _storage_view(page, meta)
-    bits_row.copy_(page.reshape(-1).view(bits_row.dtype))
+    bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
     side = predictor.side_info(page.to(torch.float32), meta)
     stages = _checked_stages(predictor, meta)
     # What the decoder will know at stage s: the values of stages < s, NaN elsewhere. One
     # tensor, filled in as the stages go (no copy of the page per stage).
     seen = torch.full(meta.shape, float("nan"), dtype=torch.float32, device=page.device)
+    mus, sigmas = [], []
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
         mu, sigma = _checked_prediction(predictor.predict(meta, side, seen, s), b - a, predictor.name)
-        mu_row[a:b], sigma_row[a:b] = mu, sigma
-        del mu, sigma
+        mus.append(mu)
+        sigmas.append(sigma)
         if b < meta.numel:
-            seen.view(-1)[a:b] = bits_row[a:b].view(page.dtype).to(torch.float32)
+            seen.view(-1)[a:b] = bits[a:b].view(page.dtype).to(torch.float32)
+    del seen
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
         raw_xxh64=_xxh64(page), position=meta.position, w_wide=w_wide,
         kappa=kappa, num_lanes=lanes, side_bytes=len(side),
     )  # fmt: skip
-    return _Coded(header, side, page)
+    mu = mus[0].contiguous() if len(mus) == 1 else torch.cat(mus)
+    sigma = sigmas[0].contiguous() if len(sigmas) == 1 else torch.cat(sigmas)
+    return _Coded(header, side, page), bits, mu, sigma
 
 
 def encode_pages(
@@ -211,13 +215,17 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[byt
         groups[(meta.numel, lanes, page.device, meta.dtype)].append(i)
     blobs: list[bytes] = [b""] * len(pages)
     for (numel, lanes, device, dtype), members in groups.items():
-        bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)  # [P, numel]
-        mu = torch.empty((len(members), numel), dtype=torch.float32, device=device)
-        sigma = torch.empty_like(mu)
-        coded = [
-            _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, bits[j], mu[j], sigma[j])
-            for j, i in enumerate(members)
-        ]
+        if len(members) == 1:  # the page's own tensors, no copy
+            c, bits, mu, sigma = _prepare(pages[members[0]], metas[members[0]], predictor, w_wide, kappa, lanes)
+            coded, bits, mu, sigma = [c], bits[None], mu[None], sigma[None]
+        else:  # rows [P, numel], each page's written as soon as it is predicted
+            bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)
+            mu = torch.empty((len(members), numel), dtype=torch.float32, device=device)
+            sigma = torch.empty_like(mu)
+            coded = []
+            for j, i in enumerate(members):
+                c, bits[j], mu[j], sigma[j] = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes)
+                coded.append(c)
         words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa)
         del bits, mu, sigma
         lane_words = lane_words.cpu().numpy()  # [P, NL]
@@ -343,15 +351,23 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
     values = torch.full((1 if single else len(members), numel), float("nan"), dtype=torch.float32, device=device)
     failed: dict[int, fmt.BlobError] = {}
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        mu = torch.empty((len(members), b - a), dtype=torch.float32, device=device)
-        sigma = torch.empty_like(mu)
+        rows = None  # [P, b - a] float32 (mu, sigma); one page's own tensors when P == 1
         for j, (_, parsed, meta) in enumerate(members):
             try:
                 pred = predictor.predict(meta, parsed.side, values[0 if single else j].view(shape), s)
-                mu[j], sigma[j] = _checked_prediction(pred, b - a, predictor.name)
+                mu_j, sigma_j = _checked_prediction(pred, b - a, predictor.name)
             except (ValueError, RuntimeError) as err:  # bad side info: this page only
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
-                mu[j], sigma[j] = 0.0, 1.0
+                mu_j = torch.zeros(b - a, dtype=torch.float32, device=device)
+                sigma_j = torch.ones(b - a, dtype=torch.float32, device=device)
+            if len(members) == 1:
+                rows = (mu_j.to(device).contiguous()[None], sigma_j.to(device).contiguous()[None])
+                continue
+            if rows is None:
+                rows = tuple(torch.empty((len(members), b - a), dtype=torch.float32, device=device) for _ in range(2))
+            rows[0][j], rows[1][j] = mu_j, sigma_j
+        mu, sigma = rows
+        del rows
         decoder.decode_values(mu, sigma, bits, None if single or b == numel else values)
         del mu, sigma
     del values
