@@ -139,11 +139,6 @@ def _checked_prediction(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: s
     return mu, sigma
 
 
-def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
-    """[P, N] from P rows of [N], without a copy when P == 1."""
-    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
-
-
 # ---- Encode -----------------------------------------------------------------------------
 
 
@@ -153,16 +148,14 @@ class _Coded:
 
     header: fmt.BlobHeader
     side: bytes
-    page: torch.Tensor  # the page in its storage dtype (any strides)
-    bits: torch.Tensor  # int16 / uint8 [numel]: its bit patterns
-    mu: torch.Tensor  # float32 [numel]
-    sigma: torch.Tensor  # float32 [numel]
+    page: torch.Tensor  # the page in its storage dtype (any strides; read only for RAW blobs)
 
 
-def _prepare(page, meta, predictor, w_wide, kappa, num_lanes) -> _Coded:
-    """Side info and (mu, sigma) stage by stage of one page."""
+def _prepare(page, meta, predictor, w_wide, kappa, lanes):
+    """Side info, bit patterns ([numel], int16 / uint8) and float32 (mu, sigma) ([numel],
+    stage by stage) of one page: (_Coded, bits, mu, sigma)."""
     page = _storage_view(page, meta)
-    bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)  # [numel]
+    bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
     side = predictor.side_info(page.to(torch.float32), meta)
     stages = _checked_stages(predictor, meta)
     # What the decoder will know at stage s: the values of stages < s, NaN elsewhere. One
@@ -176,16 +169,15 @@ def _prepare(page, meta, predictor, w_wide, kappa, num_lanes) -> _Coded:
         if b < meta.numel:
             seen.view(-1)[a:b] = bits[a:b].view(page.dtype).to(torch.float32)
     del seen
-    mu = mus[0] if len(mus) == 1 else torch.cat(mus)
-    sigma = sigmas[0] if len(sigmas) == 1 else torch.cat(sigmas)
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
         raw_xxh64=_xxh64(page), position=meta.position, w_wide=w_wide,
-        kappa=kappa, num_lanes=min(num_lanes or default_lanes(meta.numel), meta.numel),
-        side_bytes=len(side),
+        kappa=kappa, num_lanes=lanes, side_bytes=len(side),
     )  # fmt: skip
-    return _Coded(header, side, page, bits, mu.contiguous(), sigma.contiguous())
+    mu = mus[0].contiguous() if len(mus) == 1 else torch.cat(mus)
+    sigma = sigmas[0].contiguous() if len(sigmas) == 1 else torch.cat(sigmas)
+    return _Coded(header, side, page), bits, mu, sigma
 
 
 def encode_pages(
@@ -216,17 +208,25 @@ def encode_pages(
 
 
 def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[bytes]:
-    coded = [_prepare(p, m, predictor, w_wide, kappa, num_lanes) for p, m in zip(pages, metas)]
-    # One coder call per (size, lanes, device): its loop steps serve every page at once.
+    # One coder call per (size, lanes, device): its loop steps serve every page at once. The
+    # group's rows are allocated once and each page's prediction written straight into them.
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, c in enumerate(coded):
-        groups[(c.header.numel, c.header.num_lanes, c.bits.device)].append(i)
-    blobs: list[bytes] = [b""] * len(coded)
-    for (_, lanes, device), members in groups.items():
-        dtype = coded[members[0]].header.dtype
-        bits, mu, sigma = (_stack([getattr(coded[i], f) for i in members]) for f in ("bits", "mu", "sigma"))
-        for i in members:  # the stacked copies are all the coder needs
-            coded[i].mu = coded[i].sigma = None
+    for i, (page, meta) in enumerate(zip(pages, metas)):
+        lanes = min(num_lanes or default_lanes(meta.numel), meta.numel)
+        groups[(meta.numel, lanes, page.device, meta.dtype)].append(i)
+    blobs: list[bytes] = [b""] * len(pages)
+    for (numel, lanes, device, dtype), members in groups.items():
+        if len(members) == 1:  # the page's own tensors, no copy
+            c, bits, mu, sigma = _prepare(pages[members[0]], metas[members[0]], predictor, w_wide, kappa, lanes)
+            coded, bits, mu, sigma = [c], bits[None], mu[None], sigma[None]
+        else:  # rows [P, numel], each page's written as soon as it is predicted
+            bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)
+            mu = torch.empty((len(members), numel), dtype=torch.float32, device=device)
+            sigma = torch.empty_like(mu)
+            coded = []
+            for j, i in enumerate(members):
+                c, bits[j], mu[j], sigma[j] = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes)
+                coded.append(c)
         words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa)
         del bits, mu, sigma
         lane_words = lane_words.cpu().numpy()  # [P, NL]
@@ -234,7 +234,7 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[byt
         ends = np.cumsum(lane_words.sum(axis=1))
         for j, i in enumerate(members):
             stream = words[ends[j] - lane_words[j].sum() : ends[j]]
-            blobs[i] = _pack(coded[i], lane_words[j], stream)
+            blobs[i] = _pack(coded[j], lane_words[j], stream)
     return blobs
 
 
@@ -346,24 +346,31 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
     lane_words = torch.from_numpy(np.stack([p.lane_words for _, p, _ in members]).astype(np.int64)).to(device)
     decoder = _coder(device).Decoder(_words(members, device), lane_words, numel, dtype, header0.w_wide, header0.kappa)
     bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)  # [P, numel]
-    values = torch.full((len(members), numel), float("nan"), dtype=torch.float32, device=device)
+    # The values decoded so far feed later stages' predictions; with one stage there are
+    # none, and every page's prediction sees the same all-NaN page.
+    single = len(stages) == 2
+    values = torch.full((1 if single else len(members), numel), float("nan"), dtype=torch.float32, device=device)
     failed: dict[int, fmt.BlobError] = {}
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        mus, sigmas = [], []
+        rows = None  # [P, b - a] float32 (mu, sigma); one page's own tensors when P == 1
         for j, (_, parsed, meta) in enumerate(members):
             try:
-                pred = predictor.predict(meta, parsed.side, values[j].view(shape), s)
-                mu, sigma = _checked_prediction(pred, b - a, predictor.name)
+                pred = predictor.predict(meta, parsed.side, values[0 if single else j].view(shape), s)
+                mu_j, sigma_j = _checked_prediction(pred, b - a, predictor.name)
             except (ValueError, RuntimeError) as err:  # bad side info: this page only
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
-                mu = torch.zeros(b - a, dtype=torch.float32, device=device)
-                sigma = torch.ones(b - a, dtype=torch.float32, device=device)
-            mus.append(mu.to(device))
-            sigmas.append(sigma.to(device))
-        mu, sigma = _stack(mus), _stack(sigmas)
-        del mus, sigmas
-        # the values only feed later stages
-        decoder.decode_values(mu, sigma, bits, values if b < numel else None)
+                mu_j = torch.zeros(b - a, dtype=torch.float32, device=device)
+                sigma_j = torch.ones(b - a, dtype=torch.float32, device=device)
+            if len(members) == 1:
+                rows = (mu_j.to(device).contiguous()[None], sigma_j.to(device).contiguous()[None])
+                continue
+            if rows is None:
+                rows = tuple(torch.empty((len(members), b - a), dtype=torch.float32, device=device) for _ in range(2))
+            rows[0][j], rows[1][j] = mu_j, sigma_j
+        mu, sigma = rows
+        del rows
+        decoder.decode_values(mu, sigma, bits, None if single or b == numel else values)
+        del mu, sigma
     del values
     ok = decoder.finish().tolist()
     torch_dtype = em.TORCH_DTYPES[dtype]

@@ -61,7 +61,8 @@ class PageStatsPredictor(Predictor):
         mean_q = np.empty((kv * layers,) + host.shape[3:], dtype=np.float32)  # bf16-exact
         sigma = np.empty(mean_q.shape, dtype=np.float64)
         for b in range(kv * layers):
-            x = host[b // layers, b % layers].astype(np.float64)  # [T, H, D]: sums over axis 0
+            with np.errstate(invalid="ignore"):  # NaN payloads of any kind (ignored below)
+                x = host[b // layers, b % layers].astype(np.float64)  # [T, H, D]: sums over axis 0
             finite = np.isfinite(x)
             count = np.maximum(finite.sum(axis=0), 1)
             x[~finite] = 0.0
