@@ -105,7 +105,7 @@ def _target(seq: torch.Tensor, kv: int, layer: int, rotary: bool, cos_sin) -> to
     """Block (kv, layer) of seq as float64 [T, H, D], before RoPE if rotary."""
     y = seq[kv, layer].to(torch.float64)
     if rotary:
-        cos, sin = cos_sin
+        cos, sin = cos_sin[layer]
         y = rotate(y, cos, -sin)
     return y
 
@@ -117,7 +117,7 @@ def fit_means(calib: Calibration, fit: list[torch.Tensor], names, progress: bool
     lay = calib.layout
     n_layers, c = lay["layers"], lay["kv_heads"] * lay["head_dim"]
     specs = {n: SPECS[n] for n in names}
-    cs = [rope_cos_sin(calib.rope, torch.arange(s.shape[2])) for s in fit]
+    cs = [rope_cos_sin(calib.rope, torch.arange(s.shape[2]), lay["layer_rope"]) for s in fit]
     for name in specs:
         calib.blocks[name] = {}
         calib.mixture[name] = {"w_wide": em.W_WIDE, "kappa": em.KAPPA}
@@ -160,7 +160,7 @@ def fit_residuals(calib: Calibration, val: list[torch.Tensor], names, residual=R
 
     lay = calib.layout
     n_layers, h, d = lay["layers"], lay["kv_heads"], lay["head_dim"]
-    cs = [rope_cos_sin(calib.rope, torch.arange(s.shape[2])) for s in val]
+    cs = [rope_cos_sin(calib.rope, torch.arange(s.shape[2]), lay["layer_rope"]) for s in val]
     # floor of sigma: a channel that is constant on the calibration data still gets a
     # spread of one part in 2^9 of its typical magnitude (finer than a bf16 step).
     for name in tqdm(names, desc="fit residuals", disable=not progress):
@@ -190,9 +190,10 @@ def _subsample(val: list[torch.Tensor], cs, per_block: int):
     total = sum(s.shape[2] for s in val)
     step = max(1, total // per_block)
     out = []
-    for seq, (cos, sin) in zip(val, cs):
+    for seq, cos_sin in zip(val, cs):
         idx = torch.arange(0, seq.shape[2], step)
-        out.append((seq[:, :, idx], (cos[idx], sin[idx])))
+        picked = {id(c): (c[idx], s[idx]) for c, s in cos_sin}  # layers sharing a RoPE share tensors
+        out.append((seq[:, :, idx], [picked[id(c)] for c, _ in cos_sin]))
     return out
 
 
@@ -272,7 +273,7 @@ def calibrate(
         layout=dict(layout),
         fp8_scale=(fp8_scale if fp8_scale is not None else torch.ones(2, layout["layers"])).to(torch.float32),
         in_exp=_input_exponents(fit),
-        rope=rope_tables(layout["head_dim"], layout["rope_theta"], layout["max_positions"]),
+        rope=rope_tables(layout),
     )
     fit_means(calib, fit, names, progress)
     fit_residuals(calib, val, names, residual, progress)
