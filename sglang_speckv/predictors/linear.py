@@ -24,7 +24,7 @@ Determinism (docs/DESIGN.md invariant 3): (mu, sigma) are bit-identical on every
 and for every batch composition because
 - the dot products are exact integer arithmetic: inputs are rounded to fixed point
   (x_q = round(x * 2^in_exp), |x_q| <= 2^15), coefficients are stored as integers
-  (|c_q| <= 2^20, at most 2^16 of them) and the sums are done in float64, which holds
+  (|c_q| < 2^15, at most 2^16 of them) and the sums are done in float64, which holds
   every partial sum exactly (< 2^53) whatever the order, blocking or FMA of the BLAS;
 - everything else is elementwise IEEE float64 (each op correctly rounded, one op per torch
   call, so nothing can be fused): multiplications by powers of two, the rotation, a sqrt;

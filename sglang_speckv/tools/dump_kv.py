@@ -175,9 +175,25 @@ def kv_layout(model) -> dict:
     a key are rotated, pairs (i, i + rotary_dim/2), the rest pass through); rope_inv_freq
     (the distinct float32 frequency vectors, as exact floats); layer_rope (per layer, its
     index in rope_inv_freq). Raises UnsupportedModel for RoPE that tables cannot describe."""
-    cfg = model.config.get_text_config()
-    arch = architecture(model.config)
-    rot = getattr(model.get_decoder(), "rotary_emb", None)
+    return _layout(model.config, getattr(model.get_decoder(), "rotary_emb", None))
+
+
+def layout_from_config(config) -> dict:
+    """kv_layout without weights (e.g. in a server, from the served model's config.json): the
+    model is built on the meta device only to find its rotary-embedding class, which is then
+    built for real (it holds no weights, only the frequencies)."""
+    from transformers import AutoModelForCausalLM
+
+    check_config(config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    rot = getattr(skeleton.get_decoder(), "rotary_emb", None)
+    return _layout(config, None if rot is None else type(rot)(config=config.get_text_config()))
+
+
+def _layout(config, rot) -> dict:
+    cfg = config.get_text_config()
+    arch = architecture(config)
     if rot is None:
         raise UnsupportedModel(f"{arch}: no rotary-embedding module (model.rotary_emb) to read RoPE frequencies from")
     layers = int(cfg.num_hidden_layers)
