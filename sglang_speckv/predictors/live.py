@@ -62,7 +62,7 @@ class LiveCalibration:
     called from any thread; none of them raises for bad pages or a failed fit."""
 
     def __init__(self, directory: str | Path, *, layout: dict, model_key: str, kv_dtype: str,
-                 sample_tokens: int = DEFAULT_SAMPLE_TOKENS, names=LIVE_PREDICTORS):
+                 sample_tokens: int = DEFAULT_SAMPLE_TOKENS, names=LIVE_PREDICTORS, nice: int = 19):
         if kv_dtype not in STORED_DTYPES:
             raise ValueError(f"live calibration covers KV dtypes {sorted(STORED_DTYPES)}, not {kv_dtype!r}")
         if sample_tokens < 2 * GROUPS:
@@ -70,6 +70,7 @@ class LiveCalibration:
         self.layout, self.key, self.kv_dtype, self.names = dict(layout), model_key, kv_dtype, tuple(names)
         self.path = calibration_path(directory, model_key, kv_dtype)
         self.sample_tokens = sample_tokens
+        self.nice = nice  # CPU priority of the fitting thread (19: the lowest)
         self._shape = (2, layout["layers"], layout["kv_heads"], layout["head_dim"])  # without tokens
         self._lock = threading.Lock()
         self._pages: list[tuple[torch.Tensor, int]] = []
@@ -150,7 +151,7 @@ class LiveCalibration:
 
     def _fit(self) -> None:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)  # this thread only (Linux)
         except (AttributeError, OSError):
             pass
         try:
