@@ -2,7 +2,8 @@
 
 - page_stats.py: self-contained (statistics travel in the blob), id 1.
 - linear.py: token-free predictors calibrated to a model (calibration.py holds the file
-  format, sglang_speckv/calibrate.py the fitting): static, static_rope, prev_layer, context.
+  format, sglang_speckv/tools/calibrate.py the fitting): static, static_rope, prev_layer, context.
+- live.py: live calibration (fit those predictors from the pages a server writes).
 - model.py: model predictors (the target's quantised weights, early exit + linear probes),
   measured offline by sglang_speckv/bench_frontier.py.
 """
