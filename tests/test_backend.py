@@ -315,7 +315,9 @@ def _calibration(tmp_path, layers=LAYERS, heads=HEADS, dim=DIM, kv_dtype="bf16")
     g = torch.Generator().manual_seed(100)
     mu = torch.randn(2, layers, 1, heads, dim, generator=g) * 3
     seqs = [(mu + torch.randn(2, layers, 32, heads, dim, generator=g)).to(torch.bfloat16) for _ in range(2)]
-    layout = {"layers": layers, "kv_heads": heads, "head_dim": dim, "rope_theta": 10000.0, "max_positions": 4096}
+    inv_freq = [float(f) for f in (1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).tolist()]
+    layout = {"layers": layers, "kv_heads": heads, "head_dim": dim, "max_positions": 4096, "rotary_dim": dim,
+              "rope_inv_freq": [inv_freq], "layer_rope": [0] * layers}  # as dump_kv.kv_layout gives it
     calib = cal.calibrate(seqs, model="test-model", layout=layout, kv_dtype=kv_dtype, names=("static", "static_rope"),
                           progress=False)
     path = tmp_path / f"calib-{layers}x{heads}x{dim}-{kv_dtype}.safetensors"
