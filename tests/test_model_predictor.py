@@ -127,7 +127,7 @@ def test_pages_the_predictor_cannot_code_fall_back_cleanly(model_dir, held, capl
     from sglang_speckv.sglang.page_coder import PageCoder
 
     pages, metas = held
-    coder = PageCoder(f"model:{model_dir}", [])
+    coder = PageCoder(f"model:{model_dir}", [], 1 << 26)
     model = coder.default
     bare = [PageMeta("bf16", m.shape, m.position) for m in metas[1:]]
     no_prefix = [PageMeta("bf16", m.shape, m.position, m.token_ids) for m in metas[1:]]

@@ -22,7 +22,8 @@ from sglang_speckv.predictors.linear import SPECS, LinearGaussianPredictor
 from sglang_speckv.predictors.page_stats import PageStatsPredictor
 from sglang_speckv.tools import calibrate as cal
 
-LAYOUT = {"layers": 3, "kv_heads": 2, "head_dim": 8, "rope_theta": 10000.0, "max_positions": 512}
+LAYOUT = {"layers": 3, "kv_heads": 2, "head_dim": 8, "max_positions": 512, "rotary_dim": 8,  # as dump_kv.kv_layout
+          "rope_inv_freq": [[1.0, 0.1, 0.01, 0.001]], "layer_rope": [0, 0, 0]}
 SHAPE = (2, LAYOUT["layers"], 4, LAYOUT["kv_heads"], LAYOUT["head_dim"])  # [2, L, T, H, D]
 
 

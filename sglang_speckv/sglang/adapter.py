@@ -304,7 +304,8 @@ class SpecKVStorage(HiCacheStorage):
             try:
                 out["store"] = self.store.stats()
                 for tier in out["store"]["tiers"]:  # raw / stored: what the tier's coding buys
-                    tier["ratio"] = round(tier["raw_bytes"] / tier["bytes"], 3) if tier["bytes"] else None
+                    raw, stored = tier.get("raw_bytes"), tier.get("bytes")  # a remote tier may not know
+                    tier["ratio"] = round(raw / stored, 3) if raw and stored else None
             except Exception as e:  # noqa: BLE001 - stats must never fail SGLang's metrics call
                 out["store"] = {"error": f"{type(e).__name__}: {e}"}
         return out
