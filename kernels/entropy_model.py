@@ -31,7 +31,6 @@ All functions are vectorised torch (int64 unless stated) and broadcast their arg
 from __future__ import annotations
 
 import functools
-import math
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 
 import torch

@@ -34,7 +34,7 @@ from sglang_speckv.tools import dump_kv
 from sglang_speckv.kernels import format as fmt
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.calibration import rope_tables
-from sglang_speckv.predictors.linear import K, SPECS, LinearGaussianPredictor, rope_cos_sin, rotate, rotate_sigma
+from sglang_speckv.predictors.linear import K, SPECS, LinearGaussianPredictor, rope_cos_sin, rotate
 
 TEXT_DIR = Path(__file__).resolve().parents[2] / "tests" / "data" / "text"
 PAGE_TOKENS = 16  # SGLang's usual page size; the speed test codes pages of this size

@@ -201,7 +201,7 @@ def fit_residuals(calib: Calibration, val: list[torch.Tensor], names, residual=R
     from tqdm import tqdm
 
     lay = calib.layout
-    n_layers, h, d = lay["layers"], lay["kv_heads"], lay["head_dim"]
+    h, d = lay["kv_heads"], lay["head_dim"]
     cs = [rope_cos_sin(calib.rope, p, lay["layer_rope"]) for p in _positions(val, positions)]
     # floor of sigma: a channel that is constant on the calibration data still gets a
     # spread of one part in 2^9 of its typical magnitude (finer than a bf16 step).
