@@ -276,7 +276,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
 
   // Decode symbol i (of the stage's [P, n]) from lane state x / word pointer ptr.
-  auto decode_symbol = [&](int64_t i, int64_t& x, int64_t& ptr) {
+  auto decode_symbol = [&](int64_t i, int64_t page, int64_t col, int64_t& x, int64_t& ptr) {
     int64_t mu_q, e, r, inv;  // inv = 2^32 // r
     params(i, mu_q, e, r, inv);
     const int64_t two_mu_q = 2 * mu_q, off = F - e;
@@ -326,16 +326,15 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         hi = mid, c_hi = c;
       }
     }
-    emit(i, lo);
+    emit(i, page, col, lo);
 
     // x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell below L. A read past
     // the lane's words reads words[min(ptr, W - 1)] like the reference; finish() rejects it.
-    int64_t x_new = wrap_add(wrap_mul(c_hi - c_lo, x >> PROB_BITS), slot - c_lo);
-    if (x_new < RANS_L) {
-      x_new = int64_t(uint64_t(x_new) << WORD_BITS) | int64_t(words_p[std::min(ptr, last_word)]);
-      ++ptr;
-    }
-    x = x_new;
+    const int64_t x_new = wrap_add(wrap_mul(c_hi - c_lo, x >> PROB_BITS), slot - c_lo);
+    const int64_t word = int64_t(words_p[std::min(ptr, last_word)]);
+    const bool refill = x_new < RANS_L;  // branch-free: taken about half the time, unpredictably
+    x = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
+    ptr += refill;
   };
 
   at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
@@ -352,7 +351,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         const int64_t base = step * num_lanes - first;
         const int64_t lane_lo = std::max(l0, -base), lane_hi = std::min(l1, n - base);
         for (int64_t l = lane_lo; l < lane_hi; ++l) {
-          decode_symbol(page * n + base + l, x[l - l0], ptr[l - l0]);
+          decode_symbol(page * n + base + l, page, base + l, x[l - l0], ptr[l - l0]);
         }
       }
       std::copy(x, x + (l1 - l0), x_p + g0);
@@ -393,7 +392,7 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
         m = mu_p[i], ee = e_p[i], rr = r_p[i];
         inv = (int64_t(1) << 32) / rr;
       },
-      [&](int64_t i, int64_t k) { keys_p[i] = k; });
+      [&](int64_t i, int64_t, int64_t, int64_t k) { keys_p[i] = k; });
   return keys;
 }
 
@@ -573,9 +572,9 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
         quantize(mu_p[i], sigma_p[i], m, ee, rr);
         inv = INVERSE(rr);
       },
-      [&](int64_t i, int64_t k) {
+      [&](int64_t, int64_t page, int64_t col, int64_t k) {
         const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
-        const int64_t j = (i / n) * total + first + i % n;
+        const int64_t j = page * total + first + col;
         if (out16) out16[j] = int16_t(uint16_t(u)); else out8[j] = uint8_t(u);
         if (values_p) values_p[j] = value_p[u];
       });
