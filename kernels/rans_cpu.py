@@ -18,8 +18,8 @@ Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by
   validation, initial states) and ``finish`` are the reference's own code.
 
 The extension is compiled on first use (``torch.utils.cpp_extension.load``, ninja + a C++
-compiler, cached under the torch extensions directory; one build per process at most,
-guarded by a lock). The coder's constants reach the C++ as -D macros generated from
+compiler, cached under the torch extensions directory in a directory named by a hash of
+the source and flags; one build per process at most, guarded by a lock). The coder's constants reach the C++ as -D macros generated from
 entropy_model.py and rans_reference.py, the dtype's fields (entropy_model.DTYPE_SPECS) and
 the tables (PHI, the decoder's quantiles) as arguments. Where the build
 fails (no compiler, no ninja), one warning names the reason and every function here runs
@@ -74,20 +74,32 @@ def _macros() -> list[str]:
     ]
 
 
+CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+
+
+def _name(cflags: list[str]) -> str:
+    """The extension's name: one per source and flags (xxh64 of both). torch builds each
+    name in its own cache directory under its own lock, so checkouts or versions with
+    different sources never wait on, or rebuild over, each other's build."""
+    import xxhash
+
+    digest = xxhash.xxh64(SOURCE.read_bytes())
+    digest.update("\0".join(cflags).encode())
+    return f"speckv_rans_cpu_{digest.hexdigest()[:12]}"
+
+
 def _load() -> ModuleType:
     """Compile (or load from the cache) and import the extension; raises on failure."""
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
-    lock = Path(cpp_extension._get_build_directory("speckv_rans_cpu", verbose=False)) / "lock"
+    cflags = [*CFLAGS, *_macros()]
+    name = _name(cflags)
+    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
         logger.warning("removing a stale build lock left by a killed build: %s", lock)
         lock.unlink(missing_ok=True)
     return cpp_extension.load(
-        name="speckv_rans_cpu",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_macros()],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
+        name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False
     )
 
 
