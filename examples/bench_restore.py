@@ -1,6 +1,6 @@
 """Restore vs recompute: is an L3 hit cheaper than the prefill it saves?
 
-    python examples/bench_restore.py [--tokens N] [--layers L] [--hidden H] [--page-tokens 64]
+    python examples/bench_restore.py [--tokens N] [--layers L] [--hidden H] [--page-tokens 64] [--kv-dtype fp8_e4m3]
 
 A Llama-shaped model built from its config with random bf16 weights (no download): the
 default on a GPU is Llama-3-8B (32 layers, hidden 4096, 8 KV heads of 128, 16,384 tokens);
@@ -31,6 +31,8 @@ from sglang_speckv import codec
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.linear import LinearGaussianPredictor
 from sglang_speckv.predictors.page_stats import PageStatsPredictor
+
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def build_model(layers: int, hidden: int, device: str):
@@ -83,38 +85,44 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=4096 if gpu else 1024)
     p.add_argument("--page-tokens", type=int, default=64)
     p.add_argument("--no-calibrated", action="store_true", help="page_stats only (skips two calibration prefills)")
+    p.add_argument("--kv-dtype", default="bf16", choices=list(KV_DTYPES),
+                   help="stored KV: bf16, or fp8_e4m3 (the bf16 KV cast, scale 1, as SGLang's fp8 cache stores it)")
     args = p.parse_args()
+    kv_dtype, torch_kv = args.kv_dtype, KV_DTYPES[args.kv_dtype]
     device = "cuda" if gpu else "cpu"
     model = build_model(args.layers, args.hidden, device)
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads; no GPU here)"
-    print(f"device: {name}; Llama-shaped: {args.layers} layers, hidden {args.hidden}, 8 KV heads x 128, {args.tokens} tokens")
+    print(f"device: {name}; Llama-shaped: {args.layers} layers, hidden {args.hidden}, 8 KV heads x 128, "
+          f"{args.tokens} tokens, KV stored as {kv_dtype}")
 
     prefill_kv(model, min(args.tokens, 64), seed=9)  # warm-up
     runs = [prefill_kv(model, args.tokens, seed=1) for _ in range(2)]
     t_prefill = min(r[0] for r in runs)
     _, k, v = runs[0]
     pt = args.page_tokens
-    pages = [torch.stack([k[:, :, s : s + pt], v[:, :, s : s + pt]]).permute(0, 1, 3, 2, 4).contiguous().cpu()
+    pages = [torch.stack([k[:, :, s : s + pt], v[:, :, s : s + pt]]).permute(0, 1, 3, 2, 4).to(torch_kv).contiguous().cpu()
              for s in range(0, args.tokens - pt + 1, pt)]  # fmt: skip
-    metas = [PageMeta("bf16", tuple(page.shape), i * pt) for i, page in enumerate(pages)]
-    raw_bytes = sum(page.numel() * 2 for page in pages)
+    metas = [PageMeta(kv_dtype, tuple(page.shape), i * pt) for i, page in enumerate(pages)]
+    raw_bytes = sum(page.numel() * page.element_size() for page in pages)
+    scalar_bits = 8 * pages[0].element_size()
 
     predictors = [PageStatsPredictor()]
     if not args.no_calibrated:
         from sglang_speckv.tools import calibrate as cal
         from sglang_speckv.tools.dump_kv import kv_layout
 
-        seqs = [cal.to_pages(*(t.cpu() for t in prefill_kv(model, min(args.tokens, 512), seed=s)[1:])) for s in (2, 3)]
-        calib = cal.calibrate(seqs, model="random", layout=kv_layout(model), kv_dtype="bf16", names=("static",), progress=False)
+        seqs = [cal.to_pages(*(t.cpu() for t in prefill_kv(model, min(args.tokens, 512), seed=s)[1:])).to(torch_kv)
+                for s in (2, 3)]  # fmt: skip
+        calib = cal.calibrate(seqs, model="random", layout=kv_layout(model), kv_dtype=kv_dtype, names=("static",), progress=False)
         predictors.append(LinearGaussianPredictor(calib, "static"))
 
     print("| what | seconds | / prefill | GB/s raw KV | peak scratch | bits/scalar |")
     print("|---|---|---|---|---|---|")
-    print(f"| prefill {args.tokens} tokens (best of 2) | {t_prefill:.3f} | 1.00 | - | - | 16 |")
+    print(f"| prefill {args.tokens} tokens (best of 2) | {t_prefill:.3f} | 1.00 | - | - | {scalar_bits} |")
     out = [torch.empty(page.shape, dtype=page.dtype, device=device) for page in pages]
     for pred in predictors:
         blobs = codec.encode_pages(pages, metas, pred, w_wide=pred.w_wide, kappa=pred.kappa)
-        bits = 8 * sum(len(b) for b in blobs) / (raw_bytes / 2)
+        bits = 8 * sum(len(b) for b in blobs) / sum(page.numel() for page in pages)
 
         def restore() -> float:
             sync(device)
@@ -135,7 +143,7 @@ def main() -> None:
         else:  # the model's build already set the peak RSS: only growth beyond it shows
             scratch = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
             peak = f"<= {scratch / 1e6:.0f} MB above the process peak" if scratch > 0 else "below the process peak"
-        assert all(torch.equal(o.cpu().view(torch.int16), p.view(torch.int16)) for o, p in zip(out, pages))
+        assert all(torch.equal(o.cpu().view(torch.uint8), p.view(torch.uint8)) for o, p in zip(out, pages))
         print(
             f"| restore, {pred.name} | {t_restore:.3f} | {t_restore / t_prefill:.2f} | {raw_bytes / t_restore / 1e9:.3f} "
             f"| {peak} | {bits:.2f} |"
@@ -151,7 +159,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     t_copy = best_of(copy)
-    print(f"| raw copy host -> {device} | {t_copy:.4f} | {t_copy / t_prefill:.3f} | {raw_bytes / t_copy / 1e9:.2f} | 0 | 16 |")
+    print(f"| raw copy host -> {device} | {t_copy:.4f} | {t_copy / t_prefill:.3f} | {raw_bytes / t_copy / 1e9:.2f} | 0 | {scalar_bits} |")
     print(f"{len(pages)} pages of {pt} tokens, {raw_bytes / 1e6:.1f} MB raw")
 
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -27,9 +29,12 @@ def test_make_dump_writes_a_dump(tmp_path):
     assert kv["k"].shape == kv["v"].shape == (2, 1, 3, 4)
 
 
-def test_bench_restore_smallest_shape():
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8_e4m3"])
+def test_bench_restore_smallest_shape(kv_dtype):
     out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "bench_restore.py"), "--tokens", "64", "--layers", "1", "--page-tokens", "32"],
+        [sys.executable, str(EXAMPLES / "bench_restore.py"), "--tokens", "64", "--layers", "1", "--page-tokens", "32",
+         "--kv-dtype", kv_dtype],
         check=True, capture_output=True, text=True, timeout=900,
     ).stdout
+    assert f"KV stored as {kv_dtype}" in out
     assert "| restore, page_stats |" in out and "| restore, static |" in out and "| raw copy" in out
