@@ -38,3 +38,10 @@ def test_bench_restore_smallest_shape(kv_dtype):
     ).stdout
     assert f"KV stored as {kv_dtype}" in out
     assert "| restore, page_stats |" in out and "| restore, static |" in out and "| raw copy" in out
+
+
+def test_gpu_session_script_parses_and_explains_itself():
+    script = EXAMPLES / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "bash examples/gpu_session.sh run [STEP...]" in usage.stdout
