@@ -254,7 +254,8 @@ def test_launchers_reject_bad_arguments():
 # ptxas -> cubin), which the interpreter never exercises: type errors in loop-carried values,
 # unsupported ops, register spills would surface only on a GPU machine otherwise. Runs in a
 # subprocess because this process has TRITON_INTERPRET=1. Pointer arguments (``*_ptr``) are
-# int64 tensors, UPPER_CASE ones constexprs, the rest int32 scalars.
+# int64 tensors (the decoder's quantiles float32, its probe counts int32), UPPER_CASE ones
+# constexprs, the rest int32 scalars.
 _COMPILE_SCRIPT = """
 import os, subprocess, tempfile, triton
 from triton.backends.compiler import GPUTarget
@@ -262,12 +263,15 @@ from triton.compiler import ASTSource
 from sglang_speckv.kernels import entropy_model as em, rans_triton as rt
 for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
     spec = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
-    kernels = [(rt._cdf_kernel, {"BLOCK": rt.BLOCK_ELEMS}), (rt._decode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES})]
+    decode = {"BLOCK_LANES": rt.BLOCK_LANES, "GALLOP_ROUNDS": rt.GALLOP_ROUNDS, "COUNT_PROBES": False}
+    kernels = [(rt._cdf_kernel, {"BLOCK": rt.BLOCK_ELEMS}), (rt._decode_kernel, decode)]
     if dtype == "bf16":  # the encoder does not depend on the dtype
         kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS})]
     for fn, block in kernels:
         consts = {k: v for k, v in {**spec, **block}.items() if k in fn.arg_names}
-        sig = {a: "constexpr" if a in consts else "*i64" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+        types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
+        sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
+               for a in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(kernel.asm["ptx"])
