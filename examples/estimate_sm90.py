@@ -19,7 +19,7 @@
    lanes misses, and as many gallop / bisection rounds as its worst lane. Expected
    instructions per symbol = hit path + P(block misses) x entry + E[max gallop rounds] x
    gallop round + E[max bisection rounds] x bisection round, for blocks of 32 lanes (one
-   warp) and of BLOCK_LANES lanes (what the launcher uses). At 12-16 T thread-instructions
+   warp, what the launcher uses) and of 32 x --warps lanes. At 12-16 T thread-instructions
    per second (what integer loops of this kind issue on an H100, measured with CUDA C++ and
    ncu in the project's GPU notes; docs/BENCHMARKS.md "Coder on GPU") that is GB/s of raw
    KV. The baseline's ~2k instructions per bf16 symbol give 12-16 GB/s this way, where an
@@ -67,8 +67,9 @@ TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
 CALLEE = re.compile(r"CALL\.\S+\s+`?\(?([\w$.]+)\)?")
 
 
-def sass_of(rt, dtype: str) -> str:
-    """SASS of rt's decode kernel for sm_90 (compiled here, no device), COUNT_PROBES off."""
+def sass_of(rt, dtype: str, warps: int, lanes: int) -> str:
+    """SASS of rt's decode kernel for sm_90 (compiled here, no device), COUNT_PROBES off,
+    ``lanes`` per program of ``warps`` warps."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -77,11 +78,11 @@ def sass_of(rt, dtype: str) -> str:
 
     fn = rt._decode_kernel
     consts = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
-    consts.update(BLOCK_LANES=rt.BLOCK_LANES, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False)
+    consts.update(BLOCK_LANES=lanes, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
     sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32") for a in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -134,13 +135,33 @@ def triton_version() -> str:
     return triton.__version__
 
 
-def instruction_costs(baseline: str) -> dict:
+def sass_costs(baseline: str, warps: int | None) -> dict:
+    """loop_costs of this tree's decode kernel (``warps`` per program, default the launcher's)
+    and of the baseline revision's (as it launched: 4 warps), per dtype."""
+    from sglang_speckv.kernels import rans_triton as now
+
+    warps = warps or now.DECODE_WARPS
+    costs = {"now": {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps)) for dtype in DTYPES}, "baseline": None}
+    costs.update(block_lanes=WARP * warps, gallop_rounds=now.GALLOP_ROUNDS, triton=triton_version())
+    if baseline != "none":
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{baseline}:kernels/rans_triton.py"],
+                               capture_output=True, text=True)  # fmt: skip
+        if shown.returncode:
+            raise SystemExit(f"git show {baseline}: {shown.stderr.strip()} (a shallow clone? --baseline none skips it)")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "rans_triton_baseline.py").write_text(shown.stdout)
+            old = load_module("rans_triton_baseline", Path(tmp) / "rans_triton_baseline.py")
+            costs["baseline"] = {dtype: loop_costs(sass_of(old, dtype, 4, old.BLOCK_LANES)) for dtype in DTYPES}
+    return costs
+
+
+def instruction_costs(baseline: str, warps: int | None) -> dict:
     """loop_costs of the baseline's and this tree's decode kernels, from a child process:
     Triton's own @jit helpers are interpreted or compiled for the whole process, fixed when
     triton is first imported, and this process interprets."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__, "--sass-costs", "--baseline", baseline],
-                          env=env, capture_output=True, text=True)  # fmt: skip
+    command = [sys.executable, __file__, "--sass-costs", "--baseline", baseline] + (["--warps", str(warps)] if warps else [])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"compiling for sm_90 failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.splitlines()[-1])
@@ -213,66 +234,61 @@ def probe_stats(rt, values, mu, sigma, dtype: str, groups: tuple[int, ...]) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", default="e47aaa0", help="git revision of the binary-search kernel")
+    parser.add_argument("--baseline", default="e47aaa0", help="git revision of the binary-search kernel, or none")
     parser.add_argument("--symbols", type=int, default=1 << 18, help="symbols of each synthetic page")
     parser.add_argument("--dump", nargs="*", default=[], help="speckv dump-kv files (real KV, page_stats)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens of each dump to decode")
+    parser.add_argument("--warps", type=int, help="warps per decode program (default: the launcher's DECODE_WARPS)")
     parser.add_argument("--sass-costs", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.sass_costs:  # the child process of instruction_costs: compiled kernels, no interpreter
-        with tempfile.TemporaryDirectory() as tmp:
-            baseline_file = Path(tmp) / "rans_triton_baseline.py"
-            baseline_file.write_text(subprocess.run(
-                ["git", "-C", str(ROOT), "show", f"{args.baseline}:kernels/rans_triton.py"],
-                capture_output=True, text=True, check=True).stdout)  # fmt: skip
-            base = load_module("rans_triton_baseline", baseline_file)
-            costs = {"baseline": {dtype: loop_costs(sass_of(base, dtype)) for dtype in DTYPES}}
-        from sglang_speckv.kernels import rans_triton as now
-
-        costs["now"] = {dtype: loop_costs(sass_of(now, dtype)) for dtype in DTYPES}
-        costs.update(block_lanes=now.BLOCK_LANES, gallop_rounds=now.GALLOP_ROUNDS, triton=triton_version())
-        print(json.dumps(costs))
+        print(json.dumps(sass_costs(args.baseline, args.warps)))
         return
-    costs = instruction_costs(args.baseline)
-    costs_base, costs_now = costs["baseline"], costs["now"]
+    costs = instruction_costs(args.baseline, args.warps)
+    base, now = costs["baseline"], costs["now"]
+
+    def per_symbol_base(dtype: str) -> str:
+        return str(base[dtype]["per symbol"]) if base else "-"
+
     print(f"SASS instructions of the decode step loop, sm_90 (Triton {costs['triton']}, "
-          f"BLOCK_LANES {costs['block_lanes']}, GALLOP_ROUNDS {costs['gallop_rounds']}):\n")
-    print("| dtype | baseline " + args.baseline + " per symbol | hit path | fallback entry | gallop round | bisection round |")
+          f"{costs['block_lanes']} lanes per program, GALLOP_ROUNDS {costs['gallop_rounds']}):\n")
+    print(f"| dtype | baseline {args.baseline} per symbol | hit path | fallback entry | gallop round | bisection round |")
     print("|---|---|---|---|---|---|")
     for dtype in DTYPES:
-        c = costs_now[dtype]
-        print(f"| {dtype} | {costs_base[dtype]['per symbol']} | {c['hit path']} | {c['fallback entry']} | "
+        c = now[dtype]
+        print(f"| {dtype} | {per_symbol_base(dtype)} | {c['hit path']} | {c['fallback entry']} | "
               f"{c['gallop round']} | {c['bisection round']} |")
 
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (its own @jit helpers too)
     from sglang_speckv.kernels import rans_triton as rt
 
-    rt.BLOCK_LANES = 4096  # one interpreted program per 4096 lanes: per-lane probes are the same
-    groups = (WARP, costs["block_lanes"])
+    rt.DECODE_LANES = 4096  # one interpreted program per 4096 lanes: per-lane probes are the same
+    groups = sorted({WARP, costs["block_lanes"]})
     sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols)) for dtype in DTYPES]
     for path in args.dump:
         dtype, values, mu, sigma = from_dump(path, args.tokens)
-        sources.append((f"{Path(path).name}, {args.tokens} tokens, page_stats", dtype, values, mu, sigma))
+        sources.append((f"{Path(path).name}, {values.shape[1]} symbols, page_stats", dtype, values, mu, sigma))
 
-    print("\nESTIMATE (no GPU): probes from the kernel under TRITON_INTERPRET=1, "
-          "instructions from the sm_90 SASS above, at 12-16 T thread-instructions/s:\n")
-    print("| data | dtype | lane miss rate | block | P(block misses) | E[max gallop] | E[max bisect] "
+    print("\nESTIMATE (no GPU): probes counted by the kernel under TRITON_INTERPRET=1, instructions from "
+          "the sm_90 SASS above, GB/s of raw KV at 12-16 T thread-instructions/s:\n")
+    print("| data | dtype | lane miss rate | lanes per block | P(block misses) | E[max gallop] | E[max bisect] "
           "| instr/symbol | est. GB/s | baseline instr/symbol | baseline est. GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, dtype, values, mu, sigma in sources:
         stats = probe_stats(rt, values, mu, sigma, dtype, groups)
-        c, b = costs_now[dtype], costs_base[dtype]["per symbol"]
-        size_b = values.element_size()
+        c, size_b = now[dtype], values.element_size()
+
+        def gbs(instr: float) -> str:
+            return "-".join(f"{rate / instr * size_b / 1e9:.0f}" for rate in BUDGET)
+
         for size in groups:
             p, gallop, bisect = stats[size]
             instr = c["hit path"] + p * c["fallback entry"] + gallop * c["gallop round"] + bisect * c["bisection round"]
-            gbs = "-".join(f"{rate / instr * size_b / 1e9:.0f}" for rate in BUDGET)
-            gbs_b = "-".join(f"{rate / b * size_b / 1e9:.0f}" for rate in BUDGET)
+            gbs_base = gbs(base[dtype]["per symbol"]) if base else "-"
             print(f"| {name} | {dtype} | {stats['miss']:.5f} | {size} | {p:.4f} | {gallop:.3f} | {bisect:.3f} "
-                  f"| {instr:.0f} | {gbs} | {b} | {gbs_b} |")
+                  f"| {instr:.0f} | {gbs(instr)} | {per_symbol_base(dtype)} | {gbs_base} |")
         sys.stdout.flush()
-
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by
 
 How the work is laid out:
 
-* One Triton program advances BLOCK_LANES lanes in lockstep; lane g of the batch is lane
+* One Triton program advances a block of lanes in lockstep; lane g of the batch is lane
   g % NL of page g // NL, and its step j is symbol l + j * NL of that page (DESIGN.md
   "Lanes"). Lanes of a page that run out of symbols (N not a multiple of NL) are masked.
 * Encode walks steps in REVERSE and writes each lane's emitted words backwards into its
@@ -27,26 +27,38 @@ How the work is laid out:
   x < 2^31 <= freq << 35), then flushes the state (low, high) in front of them. A second
   kernel copies each lane's variable-length stream into the contiguous output at its
   exclusive-scan offset. Words are int64 holding [0, 2^32), like the reference.
-* Decode keeps each lane's state x and read pointer in device arrays between stages. Per
-  symbol it finds the key by binary search over [0, 2^B) (B = 8 or 16 rounds, every lane in
-  lockstep): candidate c = key | 2^b is taken iff C(c) <= slot. The C of the last rejected
-  candidate is C(key + 1) (it is key + 1: the lowest zero bit of key set, the ones below
-  cleared), so freq comes without another evaluation. A read past the lane's words reads
-  ``words[min(ptr, W - 1)]`` exactly as the reference does; ``finish`` then rejects it.
+* Decode keeps each lane's state x and read pointer in device arrays between stages; a
+  decode program is one warp of DECODE_LANES = 32 lanes. Per symbol it finds the key with
+  C(key) <= slot < C(key + 1) by guess and check (rans_cpu.cpp decode_stage does the same
+  on the CPU, rans_reference.Decoder with a wider window): the guess inverts the Gaussian
+  mixture through the reference's quantile table (float32 here, only ever a starting
+  point); C(guess) and C(guess + 1) are evaluated together (they share X(guess)); if every
+  lane of the program hit, that is the whole search. Otherwise the missed lanes gallop
+  away from the guess (probes 1, 3, 7, 15 keys beyond it, GALLOP_ROUNDS at most) and
+  bisect what is left of their bracket, while the others idle: at most 2 + 4 + B
+  evaluations, and every decision is an exact integer comparison of C with the slot, so
+  the keys (and the bytes) are those of the reference whatever the guess. A read past the
+  lane's words reads ``words[min(ptr, W - 1)]`` exactly as the reference does; ``finish``
+  then rejects it.
 
-Expected speed (ARGUED, NOT MEASURED: no GPU was available when this was written; the
-``__main__`` self-check prints the real figure on a CUDA machine). Instruction counts are
-from nvdisasm of the sm_90 cubins (tests/test_rans_triton.py compiles them without a GPU):
+Expected speed: an ESTIMATE, NOT MEASURED (no GPU was available when this was written; the
+``__main__`` self-check prints the real figure on a CUDA machine). examples/estimate_sm90.py
+compiles the decode kernel for sm_90 without a GPU, counts the SASS instructions of each
+path of its step loop, counts how often the guesses miss with the kernel itself (interpreted,
+``Decoder.decode(..., probes=...)``), and combines them; docs/BENCHMARKS.md "Coder on GPU"
+has its table:
 
-* Decode is integer-compute bound. One C(k) evaluation is ~125 SASS instructions (two X(k)
-  from the key's bits, the boundary offset and t with one 64-bit multiply, two PHI lookups
-  of two gathers each from an 8 KiB table that stays in L1, the mixture); B rounds of search
-  make ~2.2k instructions per bf16/fp16 symbol and ~1.2k per fp8 symbol. At ~1.5e13 integer
-  instructions/s on an H100 (132 SMs x 4 schedulers x 32 lanes x 1.75 GHz, halved for the
-  half-rate IMADs) that is ~7e9 16-bit symbols/s (~14 GB/s of KV) and ~1.2e10 fp8 symbols/s
-  (~12 GB/s) at best. Memory is not the limit: ~36 B per symbol (mu_q, e, r as int64, the
-  key, a word) is ~1e11 symbols/s at ~3 TB/s. The ceiling needs ~100k lanes in flight per
-  launch (e.g. 128 pages x 1024 lanes); fewer lanes leave the GPU latency bound.
+* Decode is integer-compute bound. The hit path is ~400 SASS instructions per symbol (one
+  C(k) alone is ~150: two X(k) from the key's bits, the boundary offset and t with one
+  64-bit multiply, two PHI lookups of two gathers each from an 8 KiB table that stays in
+  L1, the mixture); a gallop or bisection round adds ~150. Guesses miss for ~0.1% of
+  Gaussian bf16 symbols, so a 32-lane program runs its fallback on ~3% of steps: ~410
+  instructions per symbol, 5x fewer than the binary search this replaced (~2.2k for
+  16-bit keys, ~1.1k for fp8, measured at 14-16 / 12-14 GB/s on an H100). At the 12-16 T
+  thread-instructions/s such loops issue on an H100 that is ~60-80 GB/s of bf16 KV and
+  ~30-40 GB/s of fp8. Memory is not the limit: ~32 B per symbol (mu_q, e, r as int64, the
+  key) is ~1e11 symbols/s at ~3 TB/s. The ceiling needs ~100k lanes in flight per launch
+  (e.g. 128 pages x 1024 lanes); fewer lanes leave the GPU latency bound.
 * Encode: two ``cdf`` launches (~190 instructions and ~40 B of traffic per symbol each),
   then the rANS loop (16 B read, one 64-bit division of ~70 instructions per symbol):
   roughly memory bound at ~3 TB/s / ~100 B ~ 3e10 symbols/s, several times faster than
@@ -88,10 +100,17 @@ _R_MIN = tl.constexpr(1 << em.R)  # the smallest r of quantize_params (masked la
 _T_BITS = tl.constexpr(em.T_BITS)
 _NUM_CELLS = tl.constexpr(1 << ref.QUANTILE_BITS)  # cells of the guess's quantile table
 
-# Lanes per program: 128 = 4 warps (Triton's default) of one lane per thread. ptxas gives the
-# sm_90 decode kernel 54 registers and no spills at this width (the compile test checks the
-# spills), so several programs share an SM; lanes, not registers, limit occupancy.
+# Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
 BLOCK_LANES = 128
+# The decoder's programs are one warp of 32 lanes. A program pays for its worst lane (the
+# search's loops run while any lane needs them), so 32 lanes make a missed guess 4x less
+# contagious than 128 (a block misses 2.7% of steps instead of 11% on Gaussian bf16 pages),
+# and the loops' conditions are warp votes instead of shared-memory reductions behind two
+# barriers each. The cost: at most 32 one-warp programs per SM (an H100's limit), i.e. 32
+# warps, where ptxas' 48 registers would allow ~40. Chosen from examples/estimate_sm90.py
+# (--warps 4 shows the other side); not yet timed on a GPU.
+DECODE_WARPS = 1
+DECODE_LANES = 32 * DECODE_WARPS
 # Elements per program of the elementwise cdf kernel (8 per thread: enough independent
 # loads in flight for a memory-bound kernel) and words per iteration of the stream copy.
 BLOCK_ELEMS = 1024
@@ -526,11 +545,12 @@ class Decoder(ref.Decoder):
         if n:
             self.words = self.words.contiguous()
             self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
-            _decode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
+            _decode_kernel[(triton.cdiv(lanes, DECODE_LANES),)](
                 self.words, mu_q, e, r, em.phi_table(mu_q.device), self.quantiles_f32, keys, self.x, self.ptr,
                 probes, lanes, self.num_lanes, self.words.numel(), self.position, n, mu_q.numel(),
                 self.w_wide, self.kappa, BITS=bits, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan,
-                GALLOP_ROUNDS=GALLOP_ROUNDS, COUNT_PROBES=probes is not None, BLOCK_LANES=BLOCK_LANES,
+                GALLOP_ROUNDS=GALLOP_ROUNDS, COUNT_PROBES=probes is not None, BLOCK_LANES=DECODE_LANES,
+                num_warps=DECODE_WARPS,
             )
         self.position += n
         return keys[0] if squeeze else keys

@@ -333,7 +333,7 @@ from triton.compiler import ASTSource
 from sglang_speckv.kernels import entropy_model as em, rans_triton as rt
 for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
     spec = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
-    decode = {"BLOCK_LANES": rt.BLOCK_LANES, "GALLOP_ROUNDS": rt.GALLOP_ROUNDS, "COUNT_PROBES": False}
+    decode = {"BLOCK_LANES": rt.DECODE_LANES, "GALLOP_ROUNDS": rt.GALLOP_ROUNDS, "COUNT_PROBES": False}
     kernels = [(rt._cdf_kernel, {"BLOCK": rt.BLOCK_ELEMS}), (rt._decode_kernel, decode)]
     if dtype == "bf16":  # the encoder does not depend on the dtype
         kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS})]
@@ -342,7 +342,9 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
         types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+        warps = rt.DECODE_WARPS if fn is rt._decode_kernel else 4  # as the launchers run them
+        kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(kernel.asm["ptx"])
             f.flush()
