@@ -19,7 +19,7 @@
    lanes misses, and as many gallop / bisection rounds as its worst lane. Expected
    instructions per symbol = hit path + P(block misses) x entry + E[max gallop rounds] x
    gallop round + E[max bisection rounds] x bisection round, for blocks of 32 lanes (one
-   warp, what the launcher uses) and of 32 x --warps lanes. At 12-16 T thread-instructions
+   warp, what the launcher uses; 32 x --warps lanes if given). At 12-16 T thread-instructions
    per second (what integer loops of this kind issue on an H100, measured with CUDA C++ and
    ncu in the project's GPU notes; docs/BENCHMARKS.md "Coder on GPU") that is GB/s of raw
    KV. The baseline's ~2k instructions per bf16 symbol give 12-16 GB/s this way, where an
@@ -264,7 +264,7 @@ def main() -> None:
     from sglang_speckv.kernels import rans_triton as rt
 
     rt.DECODE_LANES = 4096  # one interpreted program per 4096 lanes: per-lane probes are the same
-    groups = sorted({WARP, costs["block_lanes"]})
+    groups = (costs["block_lanes"],)
     sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols)) for dtype in DTYPES]
     for path in args.dump:
         dtype, values, mu, sigma = from_dump(path, args.tokens)

@@ -48,15 +48,17 @@ path of its step loop, counts how often the guesses miss with the kernel itself 
 ``Decoder.decode(..., probes=...)``), and combines them; docs/BENCHMARKS.md "Coder on GPU"
 has its table:
 
-* Decode is integer-compute bound. The hit path is ~400 SASS instructions per symbol (one
-  C(k) alone is ~150: two X(k) from the key's bits, the boundary offset and t with one
-  64-bit multiply, two PHI lookups of two gathers each from an 8 KiB table that stays in
-  L1, the mixture); a gallop or bisection round adds ~150. Guesses miss for ~0.1% of
-  Gaussian bf16 symbols, so a 32-lane program runs its fallback on ~3% of steps: ~410
-  instructions per symbol, 5x fewer than the binary search this replaced (~2.2k for
-  16-bit keys, ~1.1k for fp8, measured at 14-16 / 12-14 GB/s on an H100). At the 12-16 T
-  thread-instructions/s such loops issue on an H100 that is ~60-80 GB/s of bf16 KV and
-  ~30-40 GB/s of fp8. Memory is not the limit: ~32 B per symbol (mu_q, e, r as int64, the
+* Decode is integer-compute bound. When every lane of a program hits, a symbol costs ~400
+  SASS instructions (the guess ~70; C(guess) and C(guess + 1) ~240: three X(k) from the
+  keys' bits, per boundary the offset and t with one 64-bit multiply and two PHI lookups of
+  two gathers each from an 8 KiB table that stays in L1, the mixture; INV, the loads, the
+  state update and the warp vote the rest). A gallop or bisection round (one C(k)) adds
+  ~150. Guesses miss for 0.06% of Gaussian bf16 symbols and 0.12% of SmolLM2's bf16 KV
+  under page_stats, so a 32-lane program runs its fallback on 2-3% of steps: ~410-420
+  instructions per bf16 symbol, ~390 per fp8 one, where the binary search this replaced
+  took ~2.15k and ~1.14k (and measured 14-16 / 12-14 GB/s on an H100). At the 12-16 T
+  thread-instructions/s such loops issue on an H100 that is ~57-79 GB/s of bf16 KV and
+  ~31-41 GB/s of fp8. Memory is not the limit: ~32 B per symbol (mu_q, e, r as int64, the
   key) is ~1e11 symbols/s at ~3 TB/s. The ceiling needs ~100k lanes in flight per launch
   (e.g. 128 pages x 1024 lanes); fewer lanes leave the GPU latency bound.
 * Encode: two ``cdf`` launches (~190 instructions and ~40 B of traffic per symbol each),
