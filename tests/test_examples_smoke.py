@@ -33,3 +33,14 @@ def test_bench_restore_smallest_shape():
         check=True, capture_output=True, text=True, timeout=900,
     ).stdout
     assert "| restore, page_stats |" in out and "| restore, static |" in out and "| raw copy" in out
+
+
+def test_estimate_sm90_smallest_shape():
+    """Compiles the decode kernel for sm_90 (no GPU), splits its step loop into paths and
+    counts probes with the interpreted kernel on small synthetic pages."""
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "estimate_sm90.py"), "--symbols", "4096", "--baseline", "none"],
+        check=True, capture_output=True, text=True, timeout=600,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| synthetic Gaussian")]
+    assert len(rows) == 2 and "| bf16 | - |" in out and "| fp8_e4m3 | - |" in out, out
