@@ -8,8 +8,9 @@
    path where every guess of a block hits, the fallback's entry, one gallop round, one
    bisection round (loop bodies from the back edges, the fallback from the forward branch
    that skips it; a CALL counts its subroutine). The baseline is the same file at
-   ``--baseline`` (git show; default e47aaa0, the binary search), compiled the same way:
-   its step loop is straight-line code, so its count is per symbol.
+   ``--baseline`` (git show; default e47aaa0, the binary search; ``none`` skips it, e.g. in
+   a shallow clone), compiled the same way as it was launched (4 warps, 128 lanes): its
+   step loop is straight-line code, so its count is per symbol.
 2. Probes. How often guesses miss and how many C evaluations a miss costs are counted by
    the kernel itself (Decoder.decode(..., probes=...)) under TRITON_INTERPRET=1 on CPU:
    synthetic pages whose values are drawn from the model's own (mu, sigma) (as
@@ -22,8 +23,8 @@
    warp, what the launcher uses; 32 x --warps lanes if given). At 12-16 T thread-instructions
    per second (what integer loops of this kind issue on an H100, measured with CUDA C++ and
    ncu in the project's GPU notes; docs/BENCHMARKS.md "Coder on GPU") that is GB/s of raw
-   KV. The baseline's ~2k instructions per bf16 symbol give 12-16 GB/s this way, where an
-   H100 measured 14-16 GB/s: the method's check.
+   KV. The baseline's ~2.15k instructions per bf16 symbol give 11-15 GB/s this way, where
+   an H100 measured 14-16 GB/s for that kernel: the method's check.
 
 Assumes issue-bound code (the budget), no divergence inside a warp beyond the block's
 loops, and ignores memory (~32 B per symbol of int64 parameters and keys: ~1e11 symbols/s
@@ -81,8 +82,10 @@ def sass_of(rt, dtype: str, warps: int, lanes: int) -> str:
     consts.update(BLOCK_LANES=lanes, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
-    sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32") for a in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
+           for a in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps})
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -122,6 +125,8 @@ def loop_costs(sass: str) -> dict[str, int]:
     body = count(start, end)
     if not inner:
         return {"per symbol": body}
+    if len(inner) != 2:
+        raise SystemExit(f"expected two loops (gallop, bisection) inside the step loop, found {len(inner)}")
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])  # the `if` around the fallback
     region = count(skip + 1, skip_to - 1)
     rounds = [count(t, a) for t, a in inner]
@@ -160,7 +165,8 @@ def instruction_costs(baseline: str, warps: int | None) -> dict:
     Triton's own @jit helpers are interpreted or compiled for the whole process, fixed when
     triton is first imported, and this process interprets."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, __file__, "--sass-costs", "--baseline", baseline] + (["--warps", str(warps)] if warps else [])
+    command = [sys.executable, __file__, "--sass-costs", "--baseline", baseline]
+    command += ["--warps", str(warps)] if warps else []
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"compiling for sm_90 failed:\n{done.stderr[-3000:]}")
@@ -253,7 +259,8 @@ def main() -> None:
 
     print(f"SASS instructions of the decode step loop, sm_90 (Triton {costs['triton']}, "
           f"{costs['block_lanes']} lanes per program, GALLOP_ROUNDS {costs['gallop_rounds']}):\n")
-    print(f"| dtype | baseline {args.baseline} per symbol | hit path | fallback entry | gallop round | bisection round |")
+    print(f"| dtype | baseline {args.baseline} per symbol | hit path | fallback entry | gallop round "
+          "| bisection round |")
     print("|---|---|---|---|---|---|")
     for dtype in DTYPES:
         c = now[dtype]
@@ -265,7 +272,8 @@ def main() -> None:
 
     rt.DECODE_LANES = 4096  # one interpreted program per 4096 lanes: per-lane probes are the same
     groups = (costs["block_lanes"],)
-    sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols)) for dtype in DTYPES]
+    sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols))
+               for dtype in DTYPES]
     for path in args.dump:
         dtype, values, mu, sigma = from_dump(path, args.tokens)
         sources.append((f"{Path(path).name}, {values.shape[1]} symbols, page_stats", dtype, values, mu, sigma))
