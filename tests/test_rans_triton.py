@@ -316,6 +316,8 @@ def test_launchers_reject_bad_arguments():
         dec.decode(mu_q[:, :2].repeat(2, 1), e[:, :2].repeat(2, 1), r[:, :2].repeat(2, 1))  # 2 pages
     with pytest.raises(ValueError, match="int64"):
         dec.decode(mu_q.int(), e.int(), r.int())
+    with pytest.raises(ValueError, match="probes must be"):
+        dec.decode(mu_q[:, :2], e[:, :2], r[:, :2], probes=torch.zeros(2, 1, 3, dtype=torch.int32, device=DEVICE))
 
 
 # ---- Real compilation (no GPU needed) and real GPU runs -----------------------------------
