@@ -1,10 +1,11 @@
 """An ESTIMATE, not a measurement: the Triton decoder's throughput on an H100, without a GPU.
 
-    python examples/estimate_sm90.py [--baseline e47aaa0] [--symbols 262144] [--dump kv.safetensors ...]
+    python examples/estimate_sm90.py [--baseline e47aaa0] [--dtype bf16 fp8_e4m3] [--symbols 262144]
+                                     [--dump kv.safetensors ...] [--warps 1]
 
 1. Instructions. The decode kernel of kernels/rans_triton.py is compiled for sm_90 with
    Triton's own toolchain (TTIR -> PTX -> ptxas -> cubin; nvdisasm for the SASS: no device
-   needed), for bf16 and fp8_e4m3, and its step loop is split along the control flow: the
+   needed), for each --dtype, and its step loop is split along the control flow: the
    path where every guess of a block hits, the fallback's entry, one gallop round, one
    bisection round (loop bodies from the back edges, the fallback from the forward branch
    that skips it; a CALL counts its subroutine). The baseline is the same file at
@@ -46,7 +47,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DTYPES = ("bf16", "fp8_e4m3")
 BUDGET = (12e12, 16e12)  # thread-instructions per second on an H100 (see the docstring)
 WARP = 32
 
@@ -140,13 +140,13 @@ def triton_version() -> str:
     return triton.__version__
 
 
-def sass_costs(baseline: str, warps: int | None) -> dict:
+def sass_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
     """loop_costs of this tree's decode kernel (``warps`` per program, default the launcher's)
     and of the baseline revision's (as it launched: 4 warps), per dtype."""
     from sglang_speckv.kernels import rans_triton as now
 
     warps = warps or now.DECODE_WARPS
-    costs = {"now": {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps)) for dtype in DTYPES}, "baseline": None}
+    costs = {"now": {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps)) for dtype in dtypes}, "baseline": None}
     costs.update(block_lanes=WARP * warps, gallop_rounds=now.GALLOP_ROUNDS, triton=triton_version())
     if baseline != "none":
         shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{baseline}:kernels/rans_triton.py"],
@@ -156,17 +156,17 @@ def sass_costs(baseline: str, warps: int | None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "rans_triton_baseline.py").write_text(shown.stdout)
             old = load_module("rans_triton_baseline", Path(tmp) / "rans_triton_baseline.py")
-            costs["baseline"] = {dtype: loop_costs(sass_of(old, dtype, 4, old.BLOCK_LANES)) for dtype in DTYPES}
+            costs["baseline"] = {dtype: loop_costs(sass_of(old, dtype, 4, old.BLOCK_LANES)) for dtype in dtypes}
     return costs
 
 
-def instruction_costs(baseline: str, warps: int | None) -> dict:
+def instruction_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
     """loop_costs of the baseline's and this tree's decode kernels, from a child process:
     Triton's own @jit helpers are interpreted or compiled for the whole process, fixed when
     triton is first imported, and this process interprets."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, __file__, "--sass-costs", "--baseline", baseline]
-    command += ["--warps", str(warps)] if warps else []
+    command += (["--warps", str(warps)] if warps else []) + ["--dtype", *dtypes]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"compiling for sm_90 failed:\n{done.stderr[-3000:]}")
@@ -241,6 +241,7 @@ def probe_stats(rt, values, mu, sigma, dtype: str, groups: tuple[int, ...]) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="e47aaa0", help="git revision of the binary-search kernel, or none")
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp8_e4m3"], help="dtypes of the synthetic pages")
     parser.add_argument("--symbols", type=int, default=1 << 18, help="symbols of each synthetic page")
     parser.add_argument("--dump", nargs="*", default=[], help="speckv dump-kv files (real KV, page_stats)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens of each dump to decode")
@@ -249,10 +250,22 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.sass_costs:  # the child process of instruction_costs: compiled kernels, no interpreter
-        print(json.dumps(sass_costs(args.baseline, args.warps)))
+        print(json.dumps(sass_costs(args.baseline, args.warps, args.dtype)))
         return
-    costs = instruction_costs(args.baseline, args.warps)
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (its own @jit helpers too)
+    from sglang_speckv.kernels import rans_triton as rt
+
+    rt.DECODE_LANES = 4096  # one interpreted program per 4096 lanes: per-lane probes are the same
+    sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols))
+               for dtype in args.dtype]
+    for path in args.dump:
+        dtype, values, mu, sigma = from_dump(path, args.tokens)
+        sources.append((f"{Path(path).name}, {values.shape[1]} symbols, page_stats", dtype, values, mu, sigma))
+    dtypes = list(dict.fromkeys(dtype for _, dtype, *_ in sources))
+
+    costs = instruction_costs(args.baseline, args.warps, dtypes)
     base, now = costs["baseline"], costs["now"]
+    groups = (costs["block_lanes"],)
 
     def per_symbol_base(dtype: str) -> str:
         return str(base[dtype]["per symbol"]) if base else "-"
@@ -262,21 +275,10 @@ def main() -> None:
     print(f"| dtype | baseline {args.baseline} per symbol | hit path | fallback entry | gallop round "
           "| bisection round |")
     print("|---|---|---|---|---|---|")
-    for dtype in DTYPES:
+    for dtype in dtypes:
         c = now[dtype]
         print(f"| {dtype} | {per_symbol_base(dtype)} | {c['hit path']} | {c['fallback entry']} | "
               f"{c['gallop round']} | {c['bisection round']} |")
-
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (its own @jit helpers too)
-    from sglang_speckv.kernels import rans_triton as rt
-
-    rt.DECODE_LANES = 4096  # one interpreted program per 4096 lanes: per-lane probes are the same
-    groups = (costs["block_lanes"],)
-    sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols))
-               for dtype in DTYPES]
-    for path in args.dump:
-        dtype, values, mu, sigma = from_dump(path, args.tokens)
-        sources.append((f"{Path(path).name}, {values.shape[1]} symbols, page_stats", dtype, values, mu, sigma))
 
     print("\nESTIMATE (no GPU): probes counted by the kernel under TRITON_INTERPRET=1, instructions from "
           "the sm_90 SASS above, GB/s of raw KV at 12-16 T thread-instructions/s:\n")
