@@ -19,7 +19,7 @@ Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by
 
 How the work is laid out:
 
-* One Triton program advances BLOCK_LANES lanes in lockstep; lane g of the batch is lane
+* One Triton program advances a block of lanes in lockstep; lane g of the batch is lane
   g % NL of page g // NL, and its step j is symbol l + j * NL of that page (DESIGN.md
   "Lanes"). Lanes of a page that run out of symbols (N not a multiple of NL) are masked.
 * Encode walks steps in REVERSE and writes each lane's emitted words backwards into its
@@ -27,26 +27,40 @@ How the work is laid out:
   x < 2^31 <= freq << 35), then flushes the state (low, high) in front of them. A second
   kernel copies each lane's variable-length stream into the contiguous output at its
   exclusive-scan offset. Words are int64 holding [0, 2^32), like the reference.
-* Decode keeps each lane's state x and read pointer in device arrays between stages. Per
-  symbol it finds the key by binary search over [0, 2^B) (B = 8 or 16 rounds, every lane in
-  lockstep): candidate c = key | 2^b is taken iff C(c) <= slot. The C of the last rejected
-  candidate is C(key + 1) (it is key + 1: the lowest zero bit of key set, the ones below
-  cleared), so freq comes without another evaluation. A read past the lane's words reads
-  ``words[min(ptr, W - 1)]`` exactly as the reference does; ``finish`` then rejects it.
+* Decode keeps each lane's state x and read pointer in device arrays between stages; a
+  decode program is one warp of DECODE_LANES = 32 lanes. Per symbol it finds the key with
+  C(key) <= slot < C(key + 1) by guess and check (rans_cpu.cpp decode_stage does the same
+  on the CPU, rans_reference.Decoder with a wider window): the guess inverts the Gaussian
+  mixture through the reference's quantile table (float32 here, only ever a starting
+  point); C(guess) and C(guess + 1) are evaluated together (they share X(guess)); if every
+  lane of the program hit, that is the whole search. Otherwise the missed lanes gallop
+  away from the guess (probes 1, 3, 7, 15 keys beyond it, GALLOP_ROUNDS at most) and
+  bisect what is left of their bracket, while the others idle: at most 2 + 4 + B
+  evaluations, and every decision is an exact integer comparison of C with the slot, so
+  the keys (and the bytes) are those of the reference whatever the guess. A read past the
+  lane's words reads ``words[min(ptr, W - 1)]`` exactly as the reference does; ``finish``
+  then rejects it.
 
-Expected speed (ARGUED, NOT MEASURED: no GPU was available when this was written; the
-``__main__`` self-check prints the real figure on a CUDA machine). Instruction counts are
-from nvdisasm of the sm_90 cubins (tests/test_rans_triton.py compiles them without a GPU):
+Expected speed: an ESTIMATE, NOT MEASURED (no GPU was available when this was written; the
+``__main__`` self-check prints the real figure on a CUDA machine). examples/estimate_sm90.py
+compiles the decode kernel for sm_90 without a GPU, counts the SASS instructions of each
+path of its step loop, counts how often the guesses miss with the kernel itself (interpreted,
+``Decoder.decode(..., probes=...)``), and combines them; docs/BENCHMARKS.md "Coder on GPU"
+has its table:
 
-* Decode is integer-compute bound. One C(k) evaluation is ~125 SASS instructions (two X(k)
-  from the key's bits, the boundary offset and t with one 64-bit multiply, two PHI lookups
-  of two gathers each from an 8 KiB table that stays in L1, the mixture); B rounds of search
-  make ~2.2k instructions per bf16/fp16 symbol and ~1.2k per fp8 symbol. At ~1.5e13 integer
-  instructions/s on an H100 (132 SMs x 4 schedulers x 32 lanes x 1.75 GHz, halved for the
-  half-rate IMADs) that is ~7e9 16-bit symbols/s (~14 GB/s of KV) and ~1.2e10 fp8 symbols/s
-  (~12 GB/s) at best. Memory is not the limit: ~36 B per symbol (mu_q, e, r as int64, the
-  key, a word) is ~1e11 symbols/s at ~3 TB/s. The ceiling needs ~100k lanes in flight per
-  launch (e.g. 128 pages x 1024 lanes); fewer lanes leave the GPU latency bound.
+* Decode is integer-compute bound. When every lane of a program hits, a symbol costs ~400
+  SASS instructions (the guess ~70; C(guess) and C(guess + 1) ~240: three X(k) from the
+  keys' bits, per boundary the offset and t with one 64-bit multiply and two PHI lookups of
+  two gathers each from an 8 KiB table that stays in L1, the mixture; INV, the loads, the
+  state update and the warp vote the rest). A gallop or bisection round (one C(k)) adds
+  ~150. Guesses miss for 0.06% of Gaussian bf16 symbols and 0.12% of SmolLM2's bf16 KV
+  under page_stats, so a 32-lane program runs its fallback on 2-3% of steps: ~410-420
+  instructions per bf16 symbol, ~390 per fp8 one, where the binary search this replaced
+  took ~2.15k and ~1.14k (and measured 14-16 / 12-14 GB/s on an H100). At the 12-16 T
+  thread-instructions/s such loops issue on an H100 that is ~57-79 GB/s of bf16 KV and
+  ~31-41 GB/s of fp8. Memory is not the limit: ~32 B per symbol (mu_q, e, r as int64, the
+  key) is ~1e11 symbols/s at ~3 TB/s. The ceiling needs ~100k lanes in flight per launch
+  (e.g. 128 pages x 1024 lanes); fewer lanes leave the GPU latency bound.
 * Encode: two ``cdf`` launches (~190 instructions and ~40 B of traffic per symbol each),
   then the rANS loop (16 B read, one 64-bit division of ~70 instructions per symbol):
   roughly memory bound at ~3 TB/s / ~100 B ~ 3e10 symbols/s, several times faster than
@@ -83,14 +97,28 @@ _RANS_L = tl.constexpr(ref.RANS_L)
 _WORD_BITS = tl.constexpr(ref.WORD_BITS)
 _WORD_MASK = tl.constexpr(ref.WORD_MASK)
 _ENC_SHIFT = tl.constexpr(ref.ENC_SHIFT)
+_R = tl.constexpr(em.R)
+_R_MIN = tl.constexpr(1 << em.R)  # the smallest r of quantize_params (masked lanes load it)
+_T_BITS = tl.constexpr(em.T_BITS)
+_NUM_CELLS = tl.constexpr(1 << ref.QUANTILE_BITS)  # cells of the guess's quantile table
 
-# Lanes per program: 128 = 4 warps (Triton's default) of one lane per thread. ptxas gives the
-# sm_90 decode kernel 54 registers and no spills at this width (the compile test checks the
-# spills), so several programs share an SM; lanes, not registers, limit occupancy.
+# Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
 BLOCK_LANES = 128
+# The decoder's programs are one warp of 32 lanes. A program pays for its worst lane (the
+# search's loops run while any lane needs them), so 32 lanes make a missed guess 4x less
+# contagious than 128 (a block misses 2.7% of steps instead of 11% on Gaussian bf16 pages),
+# and the loops' conditions are warp votes instead of shared-memory reductions behind two
+# barriers each. The cost: at most 32 one-warp programs per SM (an H100's limit), i.e. 32
+# warps, where ptxas' 48 registers would allow ~40. Chosen from examples/estimate_sm90.py
+# (--warps 4 shows the other side); not yet timed on a GPU.
+DECODE_WARPS = 1
+DECODE_LANES = 32 * DECODE_WARPS
 # Elements per program of the elementwise cdf kernel (8 per thread: enough independent
 # loads in flight for a memory-bound kernel) and words per iteration of the stream copy.
 BLOCK_ELEMS = 1024
+# The decoder's galloping probes before it bisects what is left of a missed guess's side
+# (see _decode_kernel): 4 bracket a key up to 15 keys past the guess in <= 4 + 3 probes.
+GALLOP_ROUNDS = 4
 
 
 # ---- The entropy model, as @triton.jit helpers (mirror entropy_model.py) -----------------
@@ -144,16 +172,21 @@ def _phi(t, phi_ptr):
 
 
 @triton.jit
-def _cdf(k, two_mu_q, e, inv, phi_ptr, w_wide, kappa,
-         BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
-    """C(k) = entropy_model.cdf, int32, for int32 keys k in [0, 2^B]; the per-symbol
-    invariants come precomputed as in entropy_model.prepare: two_mu_q = 2 mu_q (int64),
-    e (int32), inv = 2^32 // r (int64); the decoder evaluates C B times per symbol.
-    Arithmetic >> of a negative t floors, exactly as torch's >> does."""
+def _inverse(r):
+    """INV = 2^32 // r (entropy_model.prepare), int64, for int64 r in [1, 2^32) (quantize_params
+    gives [2^R, 2^(R+1)]): (2^32 - 1) // r in uint32, plus 1 where r divides 2^32 (a power of
+    two). Exact, and one 32-bit division instead of the ~80-instruction 64-bit one."""
+    r32 = r.to(tl.uint32)
+    q = tl.full(r.shape, 0xFFFFFFFF, tl.uint32) // r32
+    return q.to(tl.int64) + ((r32 & (r32 - 1)) == 0).to(tl.int64)
+
+
+@triton.jit
+def _cdf_from_boundary(k, boundary, two_mu_q, inv, phi_ptr, w_wide, kappa, BITS: tl.constexpr):
+    """C(k) = entropy_model.cdf, int32, for int32 keys k in [0, 2^B], given the key's lower
+    boundary X(k - 1) + X(k) (int64, units of delta / 2; any value at the ends k = 0 and
+    k = 2^B, whose C is fixed). Arithmetic >> of a negative t floors, exactly as torch's."""
     NUM_KEYS: tl.constexpr = 1 << BITS
-    kc = tl.minimum(tl.maximum(k, 1), NUM_KEYS - 1)  # the ends are fixed below
-    boundary = (_value_units(kc - 1, e, BITS, MAN_BITS, BIAS, FN_NAN)
-                + _value_units(kc, e, BITS, MAN_BITS, BIAS, FN_NAN))  # units of delta / 2
     diff = tl.minimum(tl.maximum(boundary - two_mu_q, -_DIFF_MAX), _DIFF_MAX)
     t = (diff * inv) >> _T_SHIFT  # (boundary - mu) / sigma in units of sigma / 2^T_BITS
     # Saturating t at T_MAX << KAPPA_MAX (2^30) changes neither phi(t) nor phi(t >> kappa)
@@ -164,6 +197,33 @@ def _cdf(k, two_mu_q, e, inv, phi_ptr, w_wide, kappa,
     g = tl.where(k <= 0, 0, g)
     g = tl.where(k >= NUM_KEYS, 1 << 32, g)
     return k + ((g * (_M - NUM_KEYS)) >> 32).to(tl.int32)  # <= M = 2^28
+
+
+@triton.jit
+def _cdf(k, two_mu_q, e, inv, phi_ptr, w_wide, kappa,
+         BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
+    """C(k) = entropy_model.cdf, int32, for int32 keys k in [0, 2^B]; the per-symbol
+    invariants come precomputed as in entropy_model.prepare: two_mu_q = 2 mu_q (int64),
+    e (int32), inv = 2^32 // r (int64)."""
+    NUM_KEYS: tl.constexpr = 1 << BITS
+    kc = tl.minimum(tl.maximum(k, 1), NUM_KEYS - 1)  # the ends are fixed in _cdf_from_boundary
+    boundary = (_value_units(kc - 1, e, BITS, MAN_BITS, BIAS, FN_NAN)
+                + _value_units(kc, e, BITS, MAN_BITS, BIAS, FN_NAN))
+    return _cdf_from_boundary(k, boundary, two_mu_q, inv, phi_ptr, w_wide, kappa, BITS)
+
+
+@triton.jit
+def _cdf_pair(k, two_mu_q, e, inv, phi_ptr, w_wide, kappa,
+              BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
+    """(C(k), C(k + 1)) for int32 keys k in [0, 2^B): two _cdf sharing X(k), three value
+    units instead of four (rans_cpu.cpp Model::cdf_pair)."""
+    NUM_KEYS: tl.constexpr = 1 << BITS
+    x_k = _value_units(k, e, BITS, MAN_BITS, BIAS, FN_NAN)
+    below = _value_units(tl.maximum(k - 1, 0), e, BITS, MAN_BITS, BIAS, FN_NAN)
+    above = _value_units(tl.minimum(k + 1, NUM_KEYS - 1), e, BITS, MAN_BITS, BIAS, FN_NAN)
+    c_lo = _cdf_from_boundary(k, below + x_k, two_mu_q, inv, phi_ptr, w_wide, kappa, BITS)
+    c_hi = _cdf_from_boundary(k + 1, x_k + above, two_mu_q, inv, phi_ptr, w_wide, kappa, BITS)
+    return c_lo, c_hi
 
 
 @triton.jit
@@ -178,7 +238,7 @@ def _cdf_kernel(keys_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, out_ptr,
     mu_q = tl.load(mu_q_ptr + offs, mask=mask, other=0)
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
     r = tl.load(r_ptr + offs, mask=mask, other=1)
-    c = _cdf(k, 2 * mu_q, e, (1 << 32) // r, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+    c = _cdf(k, 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
     tl.store(out_ptr + offs, c.to(tl.int64), mask=mask)
 
 
@@ -306,13 +366,73 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
 
 
 @triton.jit
-def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, keys_ptr, x_ptr, wptr_ptr,
-                   num_lanes, lanes_per_page, num_words, first, count, w_wide, kappa,
+def _pow2(n):
+    """2.0^n as float32 from its bits (exact; int32 n within [-126, 127])."""
+    return ((n + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nearest_key(v, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
+    """The key of a dtype value near float32 v: |v| rounded half up to the dtype's grid,
+    saturated to the largest finite value; zeros and NaN give +-0. Integer ops on v's bits
+    (rans_cpu.cpp Dtype::nearest_key does the same on float64). Only guesses use it."""
+    EXP_ONES: tl.constexpr = (1 << (BITS - 1 - MAN_BITS)) - 1
+    TOP: tl.constexpr = 1 << (BITS - 1)
+    ONES: tl.constexpr = (1 << BITS) - 1
+    # S.1111.110 for e4m3fn, S.1110.111... for IEEE-like dtypes
+    MAX_PATTERN: tl.constexpr = (EXP_ONES << MAN_BITS) - 1 + FN_NAN * ((1 << MAN_BITS) - 1)
+    RS: tl.constexpr = 23 - MAN_BITS  # float32 mantissa bits dropped by a normal value
+    u = v.to(tl.int32, bitcast=True)
+    e8 = (u >> 23) & 0xFF
+    m23 = u & 0x7FFFFF
+    biased = tl.minimum(e8, 254) - 127 + BIAS  # the dtype's biased exponent; < 2^8: no overflow below
+    normal = (((biased << 23) | m23) + (1 << (RS - 1))) >> RS  # a rounding carry moves into the exponent
+    rs = tl.minimum(tl.maximum(24 - MAN_BITS - biased, 1), 31)  # subnormal: units of the dtype's smallest step
+    sub = ((m23 | (1 << 23)) + (1 << (rs - 1))) >> rs
+    pattern = tl.minimum(tl.where(biased >= 1, normal, sub), MAX_PATTERN)
+    pattern = tl.where(e8 == 0, 0, pattern)  # float32 zeros (and subnormals: no guess makes one)
+    pattern = tl.where(e8 == 255, tl.where(m23 == 0, MAX_PATTERN, 0), pattern)  # inf, NaN
+    return tl.where(u < 0, (pattern | TOP) ^ ONES, pattern | TOP)  # entropy_model.keys_from_bits
+
+
+@triton.jit
+def _guess_key(slot, mu_q, e, r, q_ptr,
+               BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr):
+    """A key near the one whose interval holds slot, from the Gaussian quantile:
+    C(k) = k + G(k) (M - 2^B) / 2^32, so the key's value should be mu + sigma G^-1(slot - k),
+    with G^-1 from q = rans_reference._quantile_table (as float32, linear in each cell). That
+    needs k itself: the first pass puts the key of +0 in its place, which is off by up to
+    2^(B-1) counts: nothing against M for 8-bit keys, but a key's whole width in the dense
+    regions of 16-bit ones, so those make a second pass with the first guess (it cuts the
+    misses from ~4% to 0.064% of Gaussian bf16 symbols). int32 slot and key out; int64 mu_q,
+    r; int32 e. Float32 arithmetic (FMA allowed) where rans_cpu.cpp / rans_reference.py use
+    float64: a different rounding moves a guess by a key or so, which costs a probe, never a
+    result: the decoder checks every guess with exact integer C."""
+    FLOOR_FREE: tl.constexpr = _M - (1 << BITS)  # counts the Gaussian mixture is spread over
+    PASSES: tl.constexpr = BITS // 8  # 1 for 8-bit keys, 2 for 16-bit ones
+    mu_f = mu_q.to(tl.float32) * _pow2(e - _F)  # |mu_q| <= 2^50, e - F in [-80, 40]
+    sig_f = r.to(tl.float32) * _pow2(e - (_R + _T_BITS))  # sigma per t unit
+    key = tl.full(slot.shape, 1 << (BITS - 1), tl.int32)  # the key of +0
+    for _ in tl.static_range(PASSES):
+        u = tl.minimum(tl.maximum(slot - key, 0), FLOOR_FREE).to(tl.float32) * (_NUM_CELLS / FLOOR_FREE)
+        cell = tl.minimum(u.to(tl.int32), _NUM_CELLS - 1)
+        q_lo = tl.load(q_ptr + cell)
+        t = q_lo + (tl.load(q_ptr + cell + 1) - q_lo) * (u - cell.to(tl.float32))  # G^-1(slot - key)
+        key = _nearest_key(mu_f + sig_f * t, BITS, MAN_BITS, BIAS, FN_NAN)
+    return key
+
+
+@triton.jit
+def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, q_ptr, keys_ptr, x_ptr, wptr_ptr, probes_ptr,
+                   num_lanes, lanes_per_page, num_words, first, count, stride_probes, w_wide, kappa,
                    BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
-                   BLOCK_LANES: tl.constexpr):
+                   GALLOP_ROUNDS: tl.constexpr, COUNT_PROBES: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """Decode symbols [first, first + count) of every page for BLOCK_LANES lanes.
     mu_q, e, r, keys: int64 [P, count]; x, wptr: int64 [num_lanes] (state, next word index),
-    read and written back; words: int64 [num_words]."""
+    read and written back; words: int64 [num_words]; q: float32 [2^QUANTILE_BITS + 1] (the
+    guess's quantiles). With COUNT_PROBES, probes: int32 [2, P, count] (stride_probes apart)
+    receives each symbol's gallop and bisection probes (C evaluations beyond the first two)."""
+    NUM_KEYS: tl.constexpr = 1 << BITS
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
@@ -323,22 +443,58 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, keys_ptr, x_ptr, 
     for step in range(first // lanes_per_page, tl.cdiv(first + count, lanes_per_page)):
         offs_sym = lane + step * lanes_per_page - first  # symbol index within the stage
         active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
-        two_mu_q = 2 * tl.load(mu_q_ptr + offs_page + offs_sym, mask=active, other=0)
+        mu_q = tl.load(mu_q_ptr + offs_page + offs_sym, mask=active, other=0)
         e = tl.load(e_ptr + offs_page + offs_sym, mask=active, other=0).to(tl.int32)
-        inv = (1 << 32) // tl.load(r_ptr + offs_page + offs_sym, mask=active, other=1)
+        r = tl.load(r_ptr + offs_page + offs_sym, mask=active, other=_R_MIN)
+        two_mu_q = 2 * mu_q
+        inv = _inverse(r)
         slot = (x & (_M - 1)).to(tl.int32)
-        # binary search for the key with C(key) <= slot < C(key + 1), B rounds, all int32
-        key = tl.zeros([BLOCK_LANES], tl.int32)
-        c_lo = tl.zeros([BLOCK_LANES], tl.int32)  # C(key)
-        c_hi = tl.full([BLOCK_LANES], _M, tl.int32)  # C of the last rejected candidate = C(key + 1)
-        for b in tl.static_range(BITS - 1, -1, -1):
-            cand = key | (1 << b)
-            c = _cdf(cand, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
-            take = c <= slot
-            key = tl.where(take, cand, key)
-            c_lo = tl.where(take, c, c_lo)
-            c_hi = tl.where(take, c_hi, c)
-        tl.store(keys_ptr + offs_page + offs_sym, key.to(tl.int64), mask=active)
+        # The key is the unique k with C(k) <= slot < C(k + 1) (C is strictly increasing, C(0) = 0,
+        # C(2^B) = M > slot). Guess it, and check the guess with C(guess) and C(guess + 1).
+        lo = _guess_key(slot, mu_q, e, r, q_ptr, BITS, MAN_BITS, BIAS, FN_NAN)  # [0, 2^B)
+        hi = lo + 1
+        c_lo, c_hi = _cdf_pair(lo, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+        # From here on C(lo) = c_lo and C(hi) = c_hi in every active lane; a hit has lo = key. A
+        # miss's bracket becomes the side of the guess that holds the key ([0, guess) or
+        # [guess + 1, 2^B)), and from then on C(lo) <= slot < C(hi) holds, gallop and bisection
+        # only shrink it, and the loops end at hi = lo + 1: lo is the key.
+        down = active & (c_lo > slot)
+        up = active & (c_hi <= slot)
+        gallops = tl.zeros([BLOCK_LANES], tl.int32)
+        bisects = tl.zeros([BLOCK_LANES], tl.int32)
+        if tl.max((down | up).to(tl.int32), axis=0) > 0:  # rare: some lane's guess missed
+            lo, c_lo, hi, c_hi = (tl.where(down, 0, tl.where(up, hi, lo)),
+                                  tl.where(down, 0, tl.where(up, c_hi, c_lo)),
+                                  tl.where(down, lo, tl.where(up, NUM_KEYS, hi)),
+                                  tl.where(down, c_lo, tl.where(up, _M, c_hi)))
+            # Gallop outwards from the guess (probes 1, 3, 7, ... keys beyond it) while the key
+            # is past the probe, at most GALLOP_ROUNDS probes: a near miss is bracketed tightly.
+            going = down | up
+            rounds = 0
+            while (rounds < GALLOP_ROUNDS) & (tl.max(going.to(tl.int32), axis=0) > 0):
+                stride = 1 << rounds
+                cand = tl.where(down, tl.maximum(hi - stride, lo), tl.minimum(lo + stride, hi))
+                c = _cdf(cand, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+                take = c <= slot
+                lo, c_lo = tl.where(going & take, cand, lo), tl.where(going & take, c, c_lo)
+                hi, c_hi = tl.where(going & ~take, cand, hi), tl.where(going & ~take, c, c_hi)
+                gallops += going.to(tl.int32)
+                down = down & ~take
+                up = up & take
+                going = down | up
+                rounds += 1
+            # Bisect [lo, hi) down to one key: at most log2(hi - lo) probes, B at worst.
+            while tl.max(hi - lo, axis=0) > 1:
+                mid = (lo + hi) >> 1  # == lo where hi - lo == 1: C(lo) <= slot keeps the lane as is
+                c = _cdf(mid, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+                take = c <= slot
+                bisects += (hi - lo > 1).to(tl.int32)
+                lo, c_lo = tl.where(take, mid, lo), tl.where(take, c, c_lo)
+                hi, c_hi = tl.where(take, hi, mid), tl.where(take, c_hi, c)
+        tl.store(keys_ptr + offs_page + offs_sym, lo.to(tl.int64), mask=active)
+        if COUNT_PROBES:
+            tl.store(probes_ptr + offs_page + offs_sym, gallops, mask=active)
+            tl.store(probes_ptr + stride_probes + offs_page + offs_sym, bisects, mask=active)
         x_new = (c_hi - c_lo).to(tl.int64) * (x >> _PROB_BITS) + (slot - c_lo)
         need = x_new < _RANS_L
         w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0)
@@ -365,26 +521,40 @@ class Decoder(ref.Decoder):
     """rans_reference.Decoder with its per-stage loop on the GPU (same keys, same verdict).
 
     Construction (stream validation, initial states x and word pointers ptr, both int64
-    [P * NL] on the words' device) and ``finish()`` are the reference's own code.
+    [P * NL] on the words' device, the guess's quantile table) and ``finish()`` are the
+    reference's own code.
     """
 
-    def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quantiles_f32 = self.quantiles.to(torch.float32)  # [2^QUANTILE_BITS + 1], guesses only
+
+    def decode(
+        self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor, probes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page,
-        given their quantised parameters (int64, from quantize_params)."""
+        given their quantised parameters (int64, from quantize_params). ``probes``, if given
+        (int32 [2, P, n] on the same device), receives each symbol's C evaluations beyond the
+        guess's two: [0] galloping, [1] bisecting (tests and examples/estimate_sm90.py)."""
         squeeze = mu_q.dim() == 1
         (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
         _check_device(self.words, mu_q, e, r)
         mu_q, e, r = mu_q.contiguous(), e.contiguous(), r.contiguous()
+        if probes is not None and (probes.shape != (2, *mu_q.shape) or probes.dtype != torch.int32
+                                   or not probes.is_contiguous() or probes.device != mu_q.device):
+            raise ValueError(f"probes must be a contiguous int32 tensor of shape {(2, *mu_q.shape)}")
         bits, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
         keys = torch.empty_like(mu_q)
         lanes = self.num_pages * self.num_lanes
         if n:
             self.words = self.words.contiguous()
             self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
-            _decode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
-                self.words, mu_q, e, r, em.phi_table(mu_q.device), keys, self.x, self.ptr,
-                lanes, self.num_lanes, self.words.numel(), self.position, n, self.w_wide, self.kappa,
-                BITS=bits, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK_LANES=BLOCK_LANES,
+            _decode_kernel[(triton.cdiv(lanes, DECODE_LANES),)](
+                self.words, mu_q, e, r, em.phi_table(mu_q.device), self.quantiles_f32, keys, self.x, self.ptr,
+                probes, lanes, self.num_lanes, self.words.numel(), self.position, n, mu_q.numel(),
+                self.w_wide, self.kappa, BITS=bits, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan,
+                GALLOP_ROUNDS=GALLOP_ROUNDS, COUNT_PROBES=probes is not None, BLOCK_LANES=DECODE_LANES,
+                num_warps=DECODE_WARPS,
             )
         self.position += n
         return keys[0] if squeeze else keys

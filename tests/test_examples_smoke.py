@@ -45,3 +45,14 @@ def test_gpu_session_script_parses_and_explains_itself():
     subprocess.run(["bash", "-n", str(script)], check=True)
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "bash examples/gpu_session.sh run [STEP...]" in usage.stdout
+
+
+def test_estimate_sm90_smallest_shape():
+    """Compiles the decode kernel for sm_90 (no GPU), splits its step loop into paths and
+    counts probes with the interpreted kernel on small synthetic pages."""
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "estimate_sm90.py"), "--symbols", "4096", "--baseline", "none"],
+        check=True, capture_output=True, text=True, timeout=600,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| synthetic Gaussian")]
+    assert len(rows) == 2 and "| bf16 | - |" in out and "| fp8_e4m3 | - |" in out, out

@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from sglang_speckv.kernels import entropy_model as em  # noqa: E402
+from sglang_speckv.kernels import rans_cpu as rc  # noqa: E402
 from sglang_speckv.kernels import rans_reference as ref  # noqa: E402
 from sglang_speckv.kernels import rans_triton as rt  # noqa: E402
 
@@ -79,6 +80,39 @@ def decode_staged(decoder, mu_q, e, r, cuts):
     return torch.cat(parts, dim=-1)
 
 
+def decode_counting_probes(decoder, mu_q, e, r, cuts):
+    """decode_staged for the Triton decoder, also returning each symbol's probes beyond the
+    guess's pair: int32 [2, P, N] (gallop, bisection)."""
+    bounds = [0, *cuts, mu_q.shape[-1]]
+    keys, probes = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        probes.append(torch.full((2, mu_q.shape[0], b - a), -1, dtype=torch.int32, device=mu_q.device))
+        keys.append(decoder.decode(mu_q[:, a:b], e[:, a:b], r[:, a:b], probes=probes[-1]))
+    return torch.cat(keys, dim=-1), torch.cat(probes, dim=-1)
+
+
+def check_cpp_coder(keys, mu_q, e, r, dtype, num_lanes, words, lane_words, w_wide=em.W_WIDE, kappa=em.KAPPA):
+    """The C++ coder (kernels/rans_cpu.cpp) writes the same words and decodes them to the keys."""
+    assert rc.available(), "the C++ coder did not build (gcc and ninja are test requirements)"
+    keys, mu_q, e, r = (t.cpu() for t in (keys, mu_q, e, r))
+    cum = rc.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
+    words_cpp, lanes_cpp = rc.encode(cum, rc.cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum, num_lanes)
+    assert torch.equal(words_cpp, words.cpu()) and torch.equal(lanes_cpp, lane_words.cpu())
+    dec = rc.Decoder(words_cpp, lanes_cpp, keys.shape[1], dtype, w_wide, kappa)
+    assert torch.equal(dec.decode(mu_q, e, r), keys) and dec.finish().all()
+
+
+def check_probes(probes, must_bisect_far=True):
+    """The decode's search paths: guesses that hit (no probe), near misses that gallop, and
+    far ones that gallop GALLOP_ROUNDS times and then bisect (the tails, garbage mu)."""
+    gallop, bisect = probes[0], probes[1]
+    assert (gallop >= 0).all() and (gallop <= rt.GALLOP_ROUNDS).all()
+    assert ((gallop == 0) & (bisect == 0)).any(), "no guess hit"
+    assert ((gallop > 0) & (gallop < rt.GALLOP_ROUNDS)).any(), "no near miss"
+    if must_bisect_far:
+        assert ((gallop == rt.GALLOP_ROUNDS) & (bisect > 4)).any(), "no far miss"
+
+
 # ---- The entropy model ---------------------------------------------------------------------
 
 
@@ -120,7 +154,8 @@ def test_int32_headroom_of_the_kernels():
 def test_bytes_and_staged_decode_match_reference(dtype):
     """Two adversarial pages: identical words and lane table; the Triton decoder, staged
     (cuts mid-step, an empty stage, a one-symbol stage), returns the keys and a clean
-    finish(); so does the reference decoder on the Triton bytes."""
+    finish(), through every path of its search; so do the reference decoder on the Triton
+    bytes and the C++ coder (same words, same keys)."""
     num_lanes = 48  # 600 symbols: 12.5 steps per lane, a ragged last step
     keys, mu_q, e, r = make_pages(dtype, num_pages=2, n=600, seed=1)
     cum = rt.cdf(keys, mu_q, e, r, dtype)
@@ -133,8 +168,11 @@ def test_bytes_and_staged_decode_match_reference(dtype):
 
     cuts = [13, 13, 14, 300]  # mid-step, empty, one symbol, mid-step
     dec = rt.Decoder(words, lane_words, keys.shape[1], dtype)
-    assert torch.equal(decode_staged(dec, mu_q, e, r, cuts), keys)
+    got, probes = decode_counting_probes(dec, mu_q, e, r, cuts)
+    assert torch.equal(got, keys)
     assert dec.finish().tolist() == [True, True]
+    check_probes(probes)
+    check_cpp_coder(keys, mu_q, e, r, dtype, num_lanes, words, lane_words)
     dec_ref = ref.Decoder(words, lane_words, keys.shape[1], dtype)
     assert torch.equal(decode_staged(dec_ref, mu_q, e, r, [250]), keys)
     assert dec_ref.finish().tolist() == [True, True]
@@ -173,6 +211,38 @@ def test_single_page_1d_interface():
     dec = rt.Decoder(words, lane_words, 200, "bf16")
     got = dec.decode(mu_q, e, r)
     assert got.shape == (200,) and torch.equal(got, keys) and dec.finish().tolist() == [True]
+
+
+@pytest.mark.parametrize("dtype", ["fp8_e4m3", "bf16"])
+def test_decode_search_at_the_ends_of_the_key_space(dtype):
+    """Guesses pinned at the ends of the key space (mu = +-inf, +-3e38, NaN; sigma tiny or
+    huge) against the extreme keys (both NaN ends, +-inf, +-0, the largest finites), and
+    keys 1, 15, 16 and 1000 past the value nearest mu: the gallop clamps at keys 0 and 2^B,
+    stops early, or gives way to bisection; the three coders agree on every byte."""
+    b = em.symbol_bits(dtype)
+    top = 1 << b
+    mu = torch.tensor([float("inf"), -float("inf"), 3e38, -3e38, float("nan"), 0.0, 1.0, -2.5])
+    sigma = torch.tensor([1e-45, 3e38, 0.37, 1e-30, float("nan"), 1e-20, 0.01, 0.1])
+    mu_q, e, r = em.quantize_params(mu, sigma)  # [8]
+    # the key nearest mu (NaN: 0; out of the dtype's range: its inf or NaN)
+    near = em.keys_from_bits(em.storage_bits(mu.nan_to_num(0.0).to(em.TORCH_DTYPES[dtype])), dtype)
+    extremes = em.keys_from_bits(em.storage_bits(torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 448.0, -448.0]).to(em.TORCH_DTYPES[dtype])), dtype)
+    columns = [torch.full((8,), k) for k in (0, 1, top - 2, top - 1)]  # -NaN .. +NaN ends
+    columns += [extremes[i].expand(8) for i in range(8)]
+    columns += [(near + d).clamp(0, top - 1) for d in (-1000, -16, -15, -1, 0, 1, 15, 16, 1000)]
+    keys = torch.stack(columns, dim=1)  # [8 parameter sets, 21 keys]
+    mu_q, e, r = (t[:, None].expand_as(keys).contiguous() for t in (mu_q, e, r))
+    keys, mu_q, e, r = (t.to(DEVICE) for t in (keys, mu_q, e, r))
+    cum, freq = cum_freq_reference(keys, mu_q, e, r, dtype)
+    num_lanes = 4
+    words, lane_words = rt.encode(cum, freq, num_lanes)
+    assert torch.equal(words, ref.encode(cum, freq, num_lanes)[0])
+    dec = rt.Decoder(words, lane_words, keys.shape[1], dtype)
+    got, probes = decode_counting_probes(dec, mu_q, e, r, [10])
+    assert torch.equal(got, keys) and dec.finish().all()
+    check_probes(probes)
+    check_cpp_coder(keys, mu_q, e, r, dtype, num_lanes, words, lane_words)
 
 
 # ---- Corrupt streams: same keys and the same (negative) verdict as the reference ----------
@@ -246,6 +316,8 @@ def test_launchers_reject_bad_arguments():
         dec.decode(mu_q[:, :2].repeat(2, 1), e[:, :2].repeat(2, 1), r[:, :2].repeat(2, 1))  # 2 pages
     with pytest.raises(ValueError, match="int64"):
         dec.decode(mu_q.int(), e.int(), r.int())
+    with pytest.raises(ValueError, match="probes must be"):
+        dec.decode(mu_q[:, :2], e[:, :2], r[:, :2], probes=torch.zeros(2, 1, 3, dtype=torch.int32, device=DEVICE))
 
 
 # ---- Real compilation (no GPU needed) and real GPU runs -----------------------------------
@@ -254,7 +326,8 @@ def test_launchers_reject_bad_arguments():
 # ptxas -> cubin), which the interpreter never exercises: type errors in loop-carried values,
 # unsupported ops, register spills would surface only on a GPU machine otherwise. Runs in a
 # subprocess because this process has TRITON_INTERPRET=1. Pointer arguments (``*_ptr``) are
-# int64 tensors, UPPER_CASE ones constexprs, the rest int32 scalars.
+# int64 tensors (the decoder's quantiles float32, its probe counts int32), UPPER_CASE ones
+# constexprs, the rest int32 scalars.
 _COMPILE_SCRIPT = """
 import os, subprocess, tempfile, triton
 from triton.backends.compiler import GPUTarget
@@ -262,13 +335,19 @@ from triton.compiler import ASTSource
 from sglang_speckv.kernels import entropy_model as em, rans_triton as rt
 for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
     spec = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
-    kernels = [(rt._cdf_kernel, {"BLOCK": rt.BLOCK_ELEMS}), (rt._decode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES})]
-    if dtype == "bf16":  # the encoder does not depend on the dtype
-        kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS})]
+    decode = {"BLOCK_LANES": rt.DECODE_LANES, "GALLOP_ROUNDS": rt.GALLOP_ROUNDS, "COUNT_PROBES": False}
+    kernels = [(rt._cdf_kernel, {"BLOCK": rt.BLOCK_ELEMS}), (rt._decode_kernel, decode)]
+    if dtype == "bf16":  # the encoder does not depend on the dtype; the probe counts (tests) neither
+        kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS}),
+                    (rt._decode_kernel, {**decode, "COUNT_PROBES": True})]
     for fn, block in kernels:
         consts = {k: v for k, v in {**spec, **block}.items() if k in fn.arg_names}
-        sig = {a: "constexpr" if a in consts else "*i64" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+        types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
+        sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
+               for a in fn.arg_names}
+        warps = rt.DECODE_WARPS if fn is rt._decode_kernel else 4  # as the launchers run them
+        kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(kernel.asm["ptx"])
             f.flush()
@@ -284,7 +363,7 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" ok") == 6, done.stdout
+    assert done.stdout.count(" ok") == 7, done.stdout
 
 
 @pytest.mark.gpu

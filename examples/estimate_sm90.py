@@ -1,0 +1,304 @@
+"""An ESTIMATE, not a measurement: the Triton decoder's throughput on an H100, without a GPU.
+
+    python examples/estimate_sm90.py [--baseline e47aaa0] [--dtype bf16 fp8_e4m3] [--symbols 262144]
+                                     [--dump kv.safetensors ...] [--warps 1]
+
+1. Instructions. The decode kernel of kernels/rans_triton.py is compiled for sm_90 with
+   Triton's own toolchain (TTIR -> PTX -> ptxas -> cubin; nvdisasm for the SASS: no device
+   needed), for each --dtype, and its step loop is split along the control flow: the
+   path where every guess of a block hits, the fallback's entry, one gallop round, one
+   bisection round (loop bodies from the back edges, the fallback from the forward branch
+   that skips it; a CALL counts its subroutine). The baseline is the same file at
+   ``--baseline`` (git show; default e47aaa0, the binary search; ``none`` skips it, e.g. in
+   a shallow clone), compiled the same way as it was launched (4 warps, 128 lanes): its
+   step loop is straight-line code, so its count is per symbol.
+2. Probes. How often guesses miss and how many C evaluations a miss costs are counted by
+   the kernel itself (Decoder.decode(..., probes=...)) under TRITON_INTERPRET=1 on CPU:
+   synthetic pages whose values are drawn from the model's own (mu, sigma) (as
+   examples/bench_kernels.py), and real KV with the default page_stats predictor for every
+   ``--dump`` (``speckv dump-kv`` files; the first ``--tokens`` tokens as one page).
+3. The estimate. Blocks run in lockstep: a block pays the fallback's entry if any of its
+   lanes misses, and as many gallop / bisection rounds as its worst lane. Expected
+   instructions per symbol = hit path + P(block misses) x entry + E[max gallop rounds] x
+   gallop round + E[max bisection rounds] x bisection round, for blocks of 32 lanes (one
+   warp, what the launcher uses; 32 x --warps lanes if given). At 12-16 T thread-instructions
+   per second (what integer loops of this kind issue on an H100, measured with CUDA C++ and
+   ncu in the project's GPU notes; docs/BENCHMARKS.md "Coder on GPU") that is GB/s of raw
+   KV. The baseline's ~2.15k instructions per bf16 symbol give 11-15 GB/s this way, where
+   an H100 measured 14-16 GB/s for that kernel: the method's check.
+
+Assumes issue-bound code (the budget), no divergence inside a warp beyond the block's
+loops, and ignores memory (~32 B per symbol of int64 parameters and keys: ~1e11 symbols/s
+at 3 TB/s, not the limit below ~150 GB/s of bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGET = (12e12, 16e12)  # thread-instructions per second on an H100 (see the docstring)
+WARP = 32
+
+
+def load_module(name: str, path: Path):
+    """A kernel module from a file (the baseline revision's rans_triton)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- 1. Instructions ----------------------------------------------------------------------
+
+INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+LABEL = re.compile(r"^\s*(\.L_x_\d+|\$[\w$.]+):")
+TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
+CALLEE = re.compile(r"CALL\.\S+\s+`?\(?([\w$.]+)\)?")
+
+
+def sass_of(rt, dtype: str, warps: int, lanes: int) -> str:
+    """SASS of rt's decode kernel for sm_90 (compiled here, no device), COUNT_PROBES off,
+    ``lanes`` per program of ``warps`` warps."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sglang_speckv.kernels import entropy_model as em
+
+    fn = rt._decode_kernel
+    consts = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
+    consts.update(BLOCK_LANES=lanes, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False)
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
+    sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
+           for a in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps})
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_costs(sass: str) -> dict[str, int]:
+    """Instruction counts of the step loop's paths (see the module docstring)."""
+    instrs, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        if m := LABEL.match(line):
+            pending.append(m.group(1))
+        elif m := INSTR.search(line):
+            addr = int(m.group(1), 16)
+            labels.update({name: addr for name in pending})
+            pending = []
+            instrs.append((addr, m.group(2)))
+    subroutine = {}  # callee label -> its instructions up to RET
+    for name, start in labels.items():
+        if name.startswith("$"):
+            body = [t for a, t in instrs if a >= start]
+            subroutine[name] = next(i for i, t in enumerate(body) if t.startswith("RET")) + 1
+
+    def count(lo: int, hi: int) -> int:  # instructions with lo <= addr <= hi, CALLs included
+        total = 0
+        for a, t in instrs:
+            if lo <= a <= hi:
+                total += 1 + (subroutine.get(m.group(1), 0) if (m := CALLEE.search(t)) else 0)
+        return total
+
+    branches = [(a, labels[m.group(1)]) for a, t in instrs if (m := TARGET.search(t))]
+    back = [(t, a) for a, t in branches if t < a]
+    start, end = max(back, key=lambda b: b[1] - b[0])  # the step loop
+    inner = sorted((t, a) for t, a in back if start < t and a < end)
+    forward = [(a, t) for a, t in branches if start < a < end and t > a]
+    body = count(start, end)
+    if not inner:
+        return {"per symbol": body}
+    if len(inner) != 2:
+        raise SystemExit(f"expected two loops (gallop, bisection) inside the step loop, found {len(inner)}")
+    skip, skip_to = max(forward, key=lambda b: b[1] - b[0])  # the `if` around the fallback
+    region = count(skip + 1, skip_to - 1)
+    rounds = [count(t, a) for t, a in inner]
+    return {"hit path": body - region, "fallback entry": region - sum(rounds),
+            "gallop round": rounds[0], "bisection round": rounds[-1]}
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def sass_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
+    """loop_costs of this tree's decode kernel (``warps`` per program, default the launcher's)
+    and of the baseline revision's (as it launched: 4 warps), per dtype."""
+    from sglang_speckv.kernels import rans_triton as now
+
+    warps = warps or now.DECODE_WARPS
+    costs = {"now": {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps)) for dtype in dtypes}, "baseline": None}
+    costs.update(block_lanes=WARP * warps, gallop_rounds=now.GALLOP_ROUNDS, triton=triton_version())
+    if baseline != "none":
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{baseline}:kernels/rans_triton.py"],
+                               capture_output=True, text=True)  # fmt: skip
+        if shown.returncode:
+            raise SystemExit(f"git show {baseline}: {shown.stderr.strip()} (a shallow clone? --baseline none skips it)")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "rans_triton_baseline.py").write_text(shown.stdout)
+            old = load_module("rans_triton_baseline", Path(tmp) / "rans_triton_baseline.py")
+            costs["baseline"] = {dtype: loop_costs(sass_of(old, dtype, 4, old.BLOCK_LANES)) for dtype in dtypes}
+    return costs
+
+
+def instruction_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
+    """loop_costs of the baseline's and this tree's decode kernels, from a child process:
+    Triton's own @jit helpers are interpreted or compiled for the whole process, fixed when
+    triton is first imported, and this process interprets."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, __file__, "--sass-costs", "--baseline", baseline]
+    command += (["--warps", str(warps)] if warps else []) + ["--dtype", *dtypes]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"compiling for sm_90 failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+# ---- 2. Probes ----------------------------------------------------------------------------
+
+
+def synthetic(dtype: str, n: int):
+    """(storage bits [1, n], mu, sigma float32): values drawn around (mu, sigma)."""
+    from sglang_speckv.kernels import entropy_model as em
+
+    g = torch.Generator().manual_seed(0)
+    scale = 16.0 if dtype.startswith("fp8") else 1.0
+    mu = torch.randn(1, n, generator=g) * scale
+    sigma = (torch.rand(1, n, generator=g) * 0.5 + 0.05) * scale
+    values = (mu + sigma * torch.randn(1, n, generator=g)).to(em.TORCH_DTYPES[dtype])
+    return values, mu, sigma
+
+
+def from_dump(path: str, tokens: int):
+    """The first ``tokens`` tokens of a dump as one canonical page [2, L, T, H, D], and
+    page_stats' (mu, sigma) for it."""
+    from safetensors.torch import load_file
+
+    from sglang_speckv.kernels import entropy_model as em
+    from sglang_speckv.predictors.base import PageMeta
+    from sglang_speckv.predictors.page_stats import PageStatsPredictor
+
+    tensors = load_file(path)
+    k, v = tensors["k"][:, :, :tokens], tensors["v"][:, :, :tokens]  # [L, H, T, D]
+    page = torch.stack([k, v]).permute(0, 1, 3, 2, 4).contiguous()  # [2, L, T, H, D]
+    meta = PageMeta(em.DTYPE_NAMES[page.dtype], tuple(page.shape))
+    predictor = PageStatsPredictor()
+    if predictor.stages(meta) != [0, meta.numel]:
+        raise SystemExit("page_stats was expected to have one stage")
+    side = predictor.side_info(page.to(torch.float32), meta)
+    mu, sigma = predictor.predict(meta, side, torch.full(page.shape, float("nan")), 0)
+    return meta.dtype, page.reshape(1, -1), mu.reshape(1, -1), sigma.reshape(1, -1)
+
+
+def probe_stats(rt, values, mu, sigma, dtype: str, groups: tuple[int, ...]) -> dict:
+    """Decode one page with the interpreted kernel, counting probes; per lockstep group size:
+    P(the group misses), E[max gallop rounds], E[max bisection rounds]; and the miss rate."""
+    from sglang_speckv.kernels import entropy_model as em
+    from sglang_speckv.kernels import rans_reference as ref
+
+    n = values.shape[1]
+    num_lanes = 4096  # probes do not depend on the lane count; fewer steps run faster here
+    keys = em.keys_from_bits(em.storage_bits(values), dtype)
+    mu_q, e, r = em.quantize_params(mu, sigma)
+    cum = em.cdf(keys, mu_q, e, r, dtype)
+    words, lane_words = ref.encode(cum, em.cdf(keys + 1, mu_q, e, r, dtype) - cum, num_lanes)
+    dec = rt.Decoder(words, lane_words, n, dtype)
+    probes = torch.zeros(2, 1, n, dtype=torch.int32)
+    got = dec.decode(mu_q, e, r, probes=probes)
+    if not (torch.equal(got, keys) and dec.finish().all()):
+        raise SystemExit("round trip FAILED")
+    out = {"miss": float((probes.sum(0) > 0).double().mean()), "n": n}
+    for size in groups:  # lanes g .. g + size - 1 at one step hold consecutive symbols
+        m = n // size * size
+        gallop = probes[0, 0, :m].view(-1, size).amax(1).double()
+        bisect = probes[1, 0, :m].view(-1, size).amax(1).double()
+        out[size] = ((gallop + bisect > 0).double().mean().item(), gallop.mean().item(), bisect.mean().item())
+    return out
+
+
+# ---- 3. The estimate ----------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", default="e47aaa0", help="git revision of the binary-search kernel, or none")
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp8_e4m3"], help="dtypes of the synthetic pages")
+    parser.add_argument("--symbols", type=int, default=1 << 18, help="symbols of each synthetic page")
+    parser.add_argument("--dump", nargs="*", default=[], help="speckv dump-kv files (real KV, page_stats)")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens of each dump to decode")
+    parser.add_argument("--warps", type=int, help="warps per decode program (default: the launcher's DECODE_WARPS)")
+    parser.add_argument("--sass-costs", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.sass_costs:  # the child process of instruction_costs: compiled kernels, no interpreter
+        print(json.dumps(sass_costs(args.baseline, args.warps, args.dtype)))
+        return
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (its own @jit helpers too)
+    from sglang_speckv.kernels import rans_triton as rt
+
+    rt.DECODE_LANES = 4096  # one interpreted program per 4096 lanes: per-lane probes are the same
+    sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols))
+               for dtype in args.dtype]
+    for path in args.dump:
+        dtype, values, mu, sigma = from_dump(path, args.tokens)
+        sources.append((f"{Path(path).name}, {values.shape[1]} symbols, page_stats", dtype, values, mu, sigma))
+    dtypes = list(dict.fromkeys(dtype for _, dtype, *_ in sources))
+
+    costs = instruction_costs(args.baseline, args.warps, dtypes)
+    base, now = costs["baseline"], costs["now"]
+    groups = (costs["block_lanes"],)
+
+    def per_symbol_base(dtype: str) -> str:
+        return str(base[dtype]["per symbol"]) if base else "-"
+
+    print(f"SASS instructions of the decode step loop, sm_90 (Triton {costs['triton']}, "
+          f"{costs['block_lanes']} lanes per program, GALLOP_ROUNDS {costs['gallop_rounds']}):\n")
+    print(f"| dtype | baseline {args.baseline} per symbol | hit path | fallback entry | gallop round "
+          "| bisection round |")
+    print("|---|---|---|---|---|---|")
+    for dtype in dtypes:
+        c = now[dtype]
+        print(f"| {dtype} | {per_symbol_base(dtype)} | {c['hit path']} | {c['fallback entry']} | "
+              f"{c['gallop round']} | {c['bisection round']} |")
+
+    print("\nESTIMATE (no GPU): probes counted by the kernel under TRITON_INTERPRET=1, instructions from "
+          "the sm_90 SASS above, GB/s of raw KV at 12-16 T thread-instructions/s:\n")
+    print("| data | dtype | lane miss rate | lanes per block | P(block misses) | E[max gallop] | E[max bisect] "
+          "| instr/symbol | est. GB/s | baseline instr/symbol | baseline est. GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, dtype, values, mu, sigma in sources:
+        stats = probe_stats(rt, values, mu, sigma, dtype, groups)
+        c, size_b = now[dtype], values.element_size()
+
+        def gbs(instr: float) -> str:
+            return "-".join(f"{rate / instr * size_b / 1e9:.0f}" for rate in BUDGET)
+
+        for size in groups:
+            p, gallop, bisect = stats[size]
+            instr = c["hit path"] + p * c["fallback entry"] + gallop * c["gallop round"] + bisect * c["bisection round"]
+            gbs_base = gbs(base[dtype]["per symbol"]) if base else "-"
+            print(f"| {name} | {dtype} | {stats['miss']:.5f} | {size} | {p:.4f} | {gallop:.3f} | {bisect:.3f} "
+                  f"| {instr:.0f} | {gbs(instr)} | {per_symbol_base(dtype)} | {gbs_base} |")
+        sys.stdout.flush()
+
+if __name__ == "__main__":
+    main()
