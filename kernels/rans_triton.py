@@ -73,11 +73,14 @@ TRITON_INTERPRET=1 on CPU, slowly) for the self-check.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import rans_cpu as rc
 from sglang_speckv.kernels import rans_reference as ref
 
 # The reference's constants, wrapped so that @triton.jit code may read them as globals.
@@ -100,6 +103,15 @@ _ENC_SHIFT = tl.constexpr(ref.ENC_SHIFT)
 _R = tl.constexpr(em.R)
 _R_MIN = tl.constexpr(1 << em.R)  # the smallest r of quantize_params (masked lanes load it)
 _T_BITS = tl.constexpr(em.T_BITS)
+# quantize_params' clamps. All are powers of two: exact in float32 and float64 alike, so
+# however Triton materialises them (a float literal becomes fp32, promoted to the float64
+# operand) they are the reference's values.
+_SIGMA_MIN = tl.constexpr(em.SIGMA_MIN)  # 2^-60
+_SIGMA_MAX = tl.constexpr(em.SIGMA_MAX)  # 2^60
+_MU_INF = tl.constexpr(em.MU_INF)  # 2^100
+_X_MAX_F = tl.constexpr(float(em.X_MAX))  # 2^50
+_TWO_R = tl.constexpr(float(1 << em.R))  # 2^R
+_TWO52 = tl.constexpr(2.0**52)  # round-half-even by addition (see _round_half_even)
 _NUM_CELLS = tl.constexpr(1 << ref.QUANTILE_BITS)  # cells of the guess's quantile table
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
@@ -227,6 +239,77 @@ def _cdf_pair(k, two_mu_q, e, inv, phi_ptr, w_wide, kappa,
 
 
 @triton.jit
+def _pow2_f64(n):
+    """2.0^n as float64 from its bits (exact; int n within [-1022, 1023])."""
+    return ((n.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _round_half_even(v):
+    """torch.round of float64 v (half to even) without a libdevice call, as rans_cpu.cpp
+    round_half_even: below 2^52 in magnitude, |v| + 2^52 is rounded by the addition itself
+    to the nearest integer (ties to even, the default rounding mode) and subtracting 2^52
+    again is exact; from 2^52 up every float64 is an integer already. Neither operation is
+    a product, so nothing here can be contracted into an FMA, and no compiler reassociates
+    (a + c) - c without fast-math flags, which Triton never sets."""
+    a = tl.abs(v)
+    rounded = tl.where(a < _TWO52, (a + _TWO52) - _TWO52, a)
+    return tl.where(v < 0, -rounded, rounded)
+
+
+@triton.jit
+def _quantize(mu, sigma):
+    """entropy_model.quantize_params of float32 (mu, sigma), operation for operation (the
+    port of rans_cpu.cpp ``quantize``): (mu_q int64, e int32, r int64). Every float64 op
+    is exact, so the integers are the reference's on any device:
+
+    * float32 -> float64 widening, the NaN / <= 0 replacements and the clamps to powers of
+      two (min / max select an operand) are exact;
+    * frexp is read from the bits of s, a positive normal float64 after the clamps: its
+      exponent field gives e, and 1.m is s with the exponent field set to 0;
+    * 1.m * 2^R and m * 2^(F - e) multiply by exact powers of two with results far inside
+      float64's normal range (|m| <= 2^100 or a float32 >= 2^-149, F - e in [-40, 80]), so
+      each product is exact. An FMA contraction of a product with the following addition
+      (in _round_half_even) would round m * p + 2^52 once where two roundings were written,
+      but the product's own rounding is the identity: same result either way.
+    * the rounding is _round_half_even; the float64 -> int64 conversions get integers.
+    """
+    s = sigma.to(tl.float64)
+    s = tl.where(s != s, 1.0, s)  # NaN -> 1
+    s = tl.where(s <= 0, _SIGMA_MIN, s)  # 0, -0, negatives, -inf -> SIGMA_MIN
+    s = tl.minimum(tl.maximum(s, _SIGMA_MIN), _SIGMA_MAX)  # +inf -> SIGMA_MAX
+    u = s.to(tl.int64, bitcast=True)  # sign bit 0
+    e = ((u >> 52) - 1023).to(tl.int32)  # s = 1.m * 2^e, e in [-60, 60]
+    one_m = ((u & ((1 << 52) - 1)) | (1023 << 52)).to(tl.float64, bitcast=True)  # 1.m in [1, 2)
+    r = _round_half_even(one_m * _TWO_R).to(tl.int64)  # in [2^R, 2^(R+1)]
+    carry = r == 2 * _R_MIN  # 1.m rounded up to 2: r = 2^R, one octave up
+    r = tl.where(carry, _R_MIN, r)
+    e = e + carry.to(tl.int32)
+    m = mu.to(tl.float64)
+    m = tl.where(m != m, 0.0, m)  # NaN -> 0
+    m = tl.minimum(tl.maximum(m, -_MU_INF), _MU_INF)  # +-inf -> +-MU_INF
+    mu_q = _round_half_even(m * _pow2_f64(-e + _F))  # e in [-60, 60]: 2^(F - e) is normal
+    mu_q = tl.minimum(tl.maximum(mu_q, -_X_MAX_F), _X_MAX_F).to(tl.int64)
+    return mu_q, e, r
+
+
+@triton.jit
+def _key_of_pattern(pattern, BITS: tl.constexpr):
+    """entropy_model.keys_from_bits for int32 storage patterns in [0, 2^B)."""
+    TOP: tl.constexpr = 1 << (BITS - 1)
+    ONES: tl.constexpr = (1 << BITS) - 1
+    return tl.where((pattern & TOP) != 0, pattern ^ ONES, pattern | TOP)
+
+
+@triton.jit
+def _pattern_of_key(key, BITS: tl.constexpr):
+    """entropy_model.bits_from_keys for int32 keys in [0, 2^B)."""
+    TOP: tl.constexpr = 1 << (BITS - 1)
+    ONES: tl.constexpr = (1 << BITS) - 1
+    return tl.where((key & TOP) != 0, key ^ TOP, key ^ ONES)
+
+
+@triton.jit
 def _cdf_kernel(keys_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, out_ptr,
                 num_elems, w_wide, kappa,
                 BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
@@ -243,6 +326,30 @@ def _cdf_kernel(keys_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, out_ptr,
 
 
 # ---- Encoder ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rans_push(x, ptr, cum, freq, active, scratch_ptr):
+    """One encoder step of the active lanes (rans_reference.encode): emit a word below
+    scratch[ptr] if x >= freq << 35, then x = (x // freq << 28) + x % freq + cum. int64 x,
+    ptr (the lane's next free word + 1), cum, freq; the word is stored in scratch's element
+    type (int64, or int32 holding the u32 word: a truncation of x & (2^32 - 1))."""
+    emit = active & (x >= (freq << _ENC_SHIFT))  # freq <= M - 2^B: no overflow
+    ptr = tl.where(emit, ptr - 1, ptr)
+    tl.store(scratch_ptr + ptr, (x & _WORD_MASK).to(scratch_ptr.dtype.element_ty), mask=emit)
+    x_norm = tl.where(emit, x >> _WORD_BITS, x)
+    q = x_norm // freq  # x >= 0 and freq >= 1: truncation == floor
+    x = tl.where(active, (q << _PROB_BITS) + (x_norm - q * freq) + cum, x)
+    return x, ptr
+
+
+@triton.jit
+def _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr):
+    """The final state in front of the lane's words (low word, then high word, < 2^31)."""
+    ptr = ptr - 2
+    tl.store(scratch_ptr + ptr, (x & _WORD_MASK).to(scratch_ptr.dtype.element_ty), mask=lane_mask)
+    tl.store(scratch_ptr + ptr + 1, (x >> _WORD_BITS).to(scratch_ptr.dtype.element_ty), mask=lane_mask)
+    tl.store(begin_ptr + offs_lane, ptr, mask=lane_mask)
 
 
 @triton.jit
@@ -265,16 +372,38 @@ def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
         active = lane_mask & (offs_sym < num_symbols)  # a lane's ragged last step is idle
         cum = tl.load(cum_ptr + offs_page + offs_sym, mask=active, other=0)
         freq = tl.load(freq_ptr + offs_page + offs_sym, mask=active, other=1)
-        emit = active & (x >= (freq << _ENC_SHIFT))  # freq <= M - 2^B: no overflow
-        ptr = tl.where(emit, ptr - 1, ptr)
-        tl.store(scratch_ptr + ptr, x & _WORD_MASK, mask=emit)
-        x_norm = tl.where(emit, x >> _WORD_BITS, x)
-        q = x_norm // freq  # x >= 0 and freq >= 1: truncation == floor
-        x = tl.where(active, (q << _PROB_BITS) + (x_norm - q * freq) + cum, x)
-    ptr = ptr - 2  # flush: low word, then high word
-    tl.store(scratch_ptr + ptr, x & _WORD_MASK, mask=lane_mask)
-    tl.store(scratch_ptr + ptr + 1, x >> _WORD_BITS, mask=lane_mask)
-    tl.store(begin_ptr + offs_lane, ptr, mask=lane_mask)
+        x, ptr = _rans_push(x, ptr, cum, freq, active, scratch_ptr)
+    _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
+
+
+@triton.jit
+def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, scratch_ptr, begin_ptr,
+                          num_lanes, lanes_per_page, num_symbols, num_steps, w_wide, kappa,
+                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
+                          BLOCK_LANES: tl.constexpr):
+    """_encode_kernel with quantize_params and both C values fused (rans_cpu.cpp
+    encode_values): bits int16 (16-bit dtypes) or uint8 [P, N] storage patterns, mu, sigma
+    float32 [P, N]; scratch int32 [lanes * (S + 2)] (u32 words), begin int64 [lanes]."""
+    offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
+    lane_mask = offs_lane < num_lanes
+    page = offs_lane // lanes_per_page
+    lane = offs_lane % lanes_per_page
+    offs_page = page * num_symbols
+    ptr = (offs_lane + 1) * (num_steps + 2)
+    x = tl.full([BLOCK_LANES], _RANS_L, tl.int64)
+    for s in range(0, num_steps):
+        step = num_steps - 1 - s
+        offs_sym = offs_page + lane + step * lanes_per_page
+        active = lane_mask & (lane + step * lanes_per_page < num_symbols)
+        # int16 loads sign-extend: the mask keeps the pattern's B bits
+        pattern = tl.load(bits_ptr + offs_sym, mask=active, other=0).to(tl.int32) & ((1 << BITS) - 1)
+        mu = tl.load(mu_ptr + offs_sym, mask=active, other=0.0)
+        sigma = tl.load(sigma_ptr + offs_sym, mask=active, other=1.0)
+        mu_q, e, r = _quantize(mu, sigma)
+        c_lo, c_hi = _cdf_pair(_key_of_pattern(pattern, BITS), 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa,
+                               BITS, MAN_BITS, BIAS, FN_NAN)
+        x, ptr = _rans_push(x, ptr, c_lo.to(tl.int64), (c_hi - c_lo).to(tl.int64), active, scratch_ptr)
+    _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
 
 
 @triton.jit
@@ -354,12 +483,69 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     _encode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
         cum, freq, scratch, begin, lanes, num_lanes, num_symbols, num_steps, BLOCK_LANES=BLOCK_LANES,
     )
-    end = torch.arange(1, lanes + 1, dtype=torch.int64, device=cum.device) * (num_steps + 2)
+    return _compact(scratch, begin, num_steps, num_pages, num_lanes)
+
+
+def _compact(scratch, begin, num_steps, num_pages, num_lanes):
+    """The lanes' streams from their scratch regions of num_steps + 2 words (ending at each
+    region's end, starting at begin [lanes]), concatenated: (words [W] of scratch's dtype,
+    lane_words int64 [P, NL]). One host sync (the total size)."""
+    lanes = num_pages * num_lanes
+    end = torch.arange(1, lanes + 1, dtype=torch.int64, device=scratch.device) * (num_steps + 2)
     counts = end - begin  # [lanes]
     dest = torch.cumsum(counts, 0) - counts  # exclusive scan: where each lane's stream goes
-    words = torch.empty(int(counts.sum()), dtype=torch.int64, device=cum.device)
+    words = torch.empty(int(counts.sum()), dtype=scratch.dtype, device=scratch.device)
     _compact_kernel[(lanes,)](scratch, begin, counts, dest, words, BLOCK=BLOCK_ELEMS)
     return words, counts.view(num_pages, num_lanes)
+
+
+def encode_values(
+    bits: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    dtype: str,
+    num_lanes: int,
+    w_wide: int = em.W_WIDE,
+    kappa: int = em.KAPPA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rans_reference.encode_values in one kernel pass per symbol (quantize_params, C(k)
+    and C(k + 1), the rANS step; rans_cpu.encode_values on the CPU), same bytes.
+
+    bits: storage patterns (int16 for 16-bit dtypes, else uint8), mu, sigma: float32, all
+    [P, N] or [N] on one device. Returns (words int32 [W] holding the u32 words, lane by
+    lane, page by page; lane_words int64 [P, NL]). One host sync (the total size).
+
+    Device memory it allocates, per symbol of the batch (S = cdiv(N, NL) steps per lane):
+    the scratch, int32 [P * NL * (S + 2)], 4 B per symbol plus 8 B per lane (a lane emits
+    at most one word per step: after one emission x < 2^31 <= freq << 35, and 2 words of
+    final state), and the words, 4 B per word (~bits per symbol / 8 B per symbol), plus
+    3 x 8 B per lane (begin, counts, dest): ~4 B per symbol beyond the words, where the
+    route through the reference's wrapper (quantize_params, two cdf calls, encode) held
+    ~100 B per symbol of int64 arrays at its peak.
+    """
+    em.check_mixture(w_wide, kappa)
+    b = em.symbol_bits(dtype)  # a clear error for an unknown dtype name
+    bits, mu, sigma = ref._as_batch(bits), ref._as_batch(mu), ref._as_batch(sigma)
+    if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
+        raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, got {bits.dtype}")
+    if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or not (bits.shape == mu.shape == sigma.shape):
+        raise ValueError("mu and sigma must be float32 tensors shaped like bits")
+    if num_lanes < 1:
+        raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
+    _check_device(bits, mu, sigma)
+    bits, mu, sigma = bits.contiguous(), mu.contiguous(), sigma.contiguous()
+    num_pages, num_symbols = bits.shape
+    num_steps = triton.cdiv(num_symbols, num_lanes)
+    lanes = num_pages * num_lanes
+    # [lanes, num_steps + 2] u32 words: one word per step at most plus the 2-word flush
+    scratch = torch.empty(lanes * (num_steps + 2), dtype=torch.int32, device=bits.device)
+    begin = torch.empty(lanes, dtype=torch.int64, device=bits.device)
+    _, man_bits, bias, fn_nan = em.DTYPE_SPECS[dtype]
+    _encode_values_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
+        bits, mu, sigma, em.phi_table(bits.device), scratch, begin, lanes, num_lanes, num_symbols, num_steps,
+        w_wide, kappa, BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK_LANES=BLOCK_LANES,
+    )
+    return _compact(scratch, begin, num_steps, num_pages, num_lanes)
 
 
 # ---- Decoder ------------------------------------------------------------------------------
@@ -423,16 +609,85 @@ def _guess_key(slot, mu_q, e, r, q_ptr,
 
 
 @triton.jit
+def _find_key(slot, mu_q, e, r, active, phi_ptr, q_ptr, w_wide, kappa,
+              BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
+              GALLOP_ROUNDS: tl.constexpr):
+    """The decoder's symbol search for one step of the program's lanes: the key k (int32)
+    with C(k) <= slot < C(k + 1), C(k), C(k + 1) (int32), and the probes it took beyond the
+    guess's two (gallop, bisection; int32). int32 slot, e; int64 mu_q, r."""
+    NUM_KEYS: tl.constexpr = 1 << BITS
+    two_mu_q = 2 * mu_q
+    inv = _inverse(r)
+    # The key is the unique k with C(k) <= slot < C(k + 1) (C is strictly increasing, C(0) = 0,
+    # C(2^B) = M > slot). Guess it, and check the guess with C(guess) and C(guess + 1).
+    lo = _guess_key(slot, mu_q, e, r, q_ptr, BITS, MAN_BITS, BIAS, FN_NAN)  # [0, 2^B)
+    hi = lo + 1
+    c_lo, c_hi = _cdf_pair(lo, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+    # From here on C(lo) = c_lo and C(hi) = c_hi in every active lane; a hit has lo = key. A
+    # miss's bracket becomes the side of the guess that holds the key ([0, guess) or
+    # [guess + 1, 2^B)), and from then on C(lo) <= slot < C(hi) holds, gallop and bisection
+    # only shrink it, and the loops end at hi = lo + 1: lo is the key.
+    down = active & (c_lo > slot)
+    up = active & (c_hi <= slot)
+    gallops = tl.zeros_like(slot)
+    bisects = tl.zeros_like(slot)
+    if tl.max((down | up).to(tl.int32), axis=0) > 0:  # rare: some lane's guess missed
+        lo, c_lo, hi, c_hi = (tl.where(down, 0, tl.where(up, hi, lo)),
+                              tl.where(down, 0, tl.where(up, c_hi, c_lo)),
+                              tl.where(down, lo, tl.where(up, NUM_KEYS, hi)),
+                              tl.where(down, c_lo, tl.where(up, _M, c_hi)))
+        # Gallop outwards from the guess (probes 1, 3, 7, ... keys beyond it) while the key
+        # is past the probe, at most GALLOP_ROUNDS probes: a near miss is bracketed tightly.
+        going = down | up
+        rounds = 0
+        while (rounds < GALLOP_ROUNDS) & (tl.max(going.to(tl.int32), axis=0) > 0):
+            stride = 1 << rounds
+            cand = tl.where(down, tl.maximum(hi - stride, lo), tl.minimum(lo + stride, hi))
+            c = _cdf(cand, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+            take = c <= slot
+            lo, c_lo = tl.where(going & take, cand, lo), tl.where(going & take, c, c_lo)
+            hi, c_hi = tl.where(going & ~take, cand, hi), tl.where(going & ~take, c, c_hi)
+            gallops += going.to(tl.int32)
+            down = down & ~take
+            up = up & take
+            going = down | up
+            rounds += 1
+        # Bisect [lo, hi) down to one key: at most log2(hi - lo) probes, B at worst.
+        while tl.max(hi - lo, axis=0) > 1:
+            mid = (lo + hi) >> 1  # == lo where hi - lo == 1: C(lo) <= slot keeps the lane as is
+            c = _cdf(mid, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
+            take = c <= slot
+            bisects += (hi - lo > 1).to(tl.int32)
+            lo, c_lo = tl.where(take, mid, lo), tl.where(take, c, c_lo)
+            hi, c_hi = tl.where(take, hi, mid), tl.where(take, c_hi, c)
+    return lo, c_lo, c_hi, gallops, bisects
+
+
+@triton.jit
+def _rans_pop(x, wptr, slot, c_lo, c_hi, active, words_ptr, num_words):
+    """The decoder's state update of the active lanes: x' = freq * (x >> 28) + slot - C(k),
+    and one word shifted in if x' < L. Words are int64 in [0, 2^32) or int32 holding u32
+    words (the & restores the u32 value after the sign-extending widening). A read past the
+    lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it."""
+    x_new = (c_hi - c_lo).to(tl.int64) * (x >> _PROB_BITS) + (slot - c_lo)
+    need = x_new < _RANS_L
+    w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0).to(tl.int64) & _WORD_MASK
+    x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
+    wptr = tl.where(active & need, wptr + 1, wptr)
+    return x, wptr
+
+
+@triton.jit
 def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, q_ptr, keys_ptr, x_ptr, wptr_ptr, probes_ptr,
                    num_lanes, lanes_per_page, num_words, first, count, stride_probes, w_wide, kappa,
                    BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                    GALLOP_ROUNDS: tl.constexpr, COUNT_PROBES: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """Decode symbols [first, first + count) of every page for BLOCK_LANES lanes.
     mu_q, e, r, keys: int64 [P, count]; x, wptr: int64 [num_lanes] (state, next word index),
-    read and written back; words: int64 [num_words]; q: float32 [2^QUANTILE_BITS + 1] (the
-    guess's quantiles). With COUNT_PROBES, probes: int32 [2, P, count] (stride_probes apart)
-    receives each symbol's gallop and bisection probes (C evaluations beyond the first two)."""
-    NUM_KEYS: tl.constexpr = 1 << BITS
+    read and written back; words: int64 or int32 (u32) [num_words]; q: float32
+    [2^QUANTILE_BITS + 1] (the guess's quantiles). With COUNT_PROBES, probes: int32
+    [2, P, count] (stride_probes apart) receives each symbol's gallop and bisection probes
+    (C evaluations beyond the first two)."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
@@ -446,75 +701,61 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, q_ptr, keys_ptr, 
         mu_q = tl.load(mu_q_ptr + offs_page + offs_sym, mask=active, other=0)
         e = tl.load(e_ptr + offs_page + offs_sym, mask=active, other=0).to(tl.int32)
         r = tl.load(r_ptr + offs_page + offs_sym, mask=active, other=_R_MIN)
-        two_mu_q = 2 * mu_q
-        inv = _inverse(r)
         slot = (x & (_M - 1)).to(tl.int32)
-        # The key is the unique k with C(k) <= slot < C(k + 1) (C is strictly increasing, C(0) = 0,
-        # C(2^B) = M > slot). Guess it, and check the guess with C(guess) and C(guess + 1).
-        lo = _guess_key(slot, mu_q, e, r, q_ptr, BITS, MAN_BITS, BIAS, FN_NAN)  # [0, 2^B)
-        hi = lo + 1
-        c_lo, c_hi = _cdf_pair(lo, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
-        # From here on C(lo) = c_lo and C(hi) = c_hi in every active lane; a hit has lo = key. A
-        # miss's bracket becomes the side of the guess that holds the key ([0, guess) or
-        # [guess + 1, 2^B)), and from then on C(lo) <= slot < C(hi) holds, gallop and bisection
-        # only shrink it, and the loops end at hi = lo + 1: lo is the key.
-        down = active & (c_lo > slot)
-        up = active & (c_hi <= slot)
-        gallops = tl.zeros([BLOCK_LANES], tl.int32)
-        bisects = tl.zeros([BLOCK_LANES], tl.int32)
-        if tl.max((down | up).to(tl.int32), axis=0) > 0:  # rare: some lane's guess missed
-            lo, c_lo, hi, c_hi = (tl.where(down, 0, tl.where(up, hi, lo)),
-                                  tl.where(down, 0, tl.where(up, c_hi, c_lo)),
-                                  tl.where(down, lo, tl.where(up, NUM_KEYS, hi)),
-                                  tl.where(down, c_lo, tl.where(up, _M, c_hi)))
-            # Gallop outwards from the guess (probes 1, 3, 7, ... keys beyond it) while the key
-            # is past the probe, at most GALLOP_ROUNDS probes: a near miss is bracketed tightly.
-            going = down | up
-            rounds = 0
-            while (rounds < GALLOP_ROUNDS) & (tl.max(going.to(tl.int32), axis=0) > 0):
-                stride = 1 << rounds
-                cand = tl.where(down, tl.maximum(hi - stride, lo), tl.minimum(lo + stride, hi))
-                c = _cdf(cand, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
-                take = c <= slot
-                lo, c_lo = tl.where(going & take, cand, lo), tl.where(going & take, c, c_lo)
-                hi, c_hi = tl.where(going & ~take, cand, hi), tl.where(going & ~take, c, c_hi)
-                gallops += going.to(tl.int32)
-                down = down & ~take
-                up = up & take
-                going = down | up
-                rounds += 1
-            # Bisect [lo, hi) down to one key: at most log2(hi - lo) probes, B at worst.
-            while tl.max(hi - lo, axis=0) > 1:
-                mid = (lo + hi) >> 1  # == lo where hi - lo == 1: C(lo) <= slot keeps the lane as is
-                c = _cdf(mid, two_mu_q, e, inv, phi_ptr, w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN)
-                take = c <= slot
-                bisects += (hi - lo > 1).to(tl.int32)
-                lo, c_lo = tl.where(take, mid, lo), tl.where(take, c, c_lo)
-                hi, c_hi = tl.where(take, hi, mid), tl.where(take, c_hi, c)
-        tl.store(keys_ptr + offs_page + offs_sym, lo.to(tl.int64), mask=active)
+        key, c_lo, c_hi, gallops, bisects = _find_key(slot, mu_q, e, r, active, phi_ptr, q_ptr, w_wide, kappa,
+                                                      BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
+        tl.store(keys_ptr + offs_page + offs_sym, key.to(tl.int64), mask=active)
         if COUNT_PROBES:
             tl.store(probes_ptr + offs_page + offs_sym, gallops, mask=active)
             tl.store(probes_ptr + stride_probes + offs_page + offs_sym, bisects, mask=active)
-        x_new = (c_hi - c_lo).to(tl.int64) * (x >> _PROB_BITS) + (slot - c_lo)
-        need = x_new < _RANS_L
-        w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0)
-        x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
-        wptr = tl.where(active & need, wptr + 1, wptr)
+        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
 
-def encode_values(
-    bits: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    dtype: str,
-    num_lanes: int,
-    w_wide: int = em.W_WIDE,
-    kappa: int = em.KAPPA,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """rans_reference.encode_values with this module's cdf and encode kernels (same bytes)."""
-    return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa, cdf=cdf, encode=encode)
+@triton.jit
+def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, value_of_bits_ptr,
+                          out_bits_ptr, out_values_ptr, x_ptr, wptr_ptr,
+                          num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
+                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
+                          GALLOP_ROUNDS: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_LANES: tl.constexpr):
+    """_decode_kernel with quantize_params fused and the keys written back as storage
+    patterns (rans_cpu.cpp decode_values): mu, sigma float32 [P, count]; out_bits int16
+    (16-bit dtypes) or uint8 [P, stride_out], columns [first, first + count) written; with
+    WRITE_VALUES, out_values float32 [P, stride_out] too, from value_of_bits float32 [2^B]
+    (each pattern's exact value). words int32 (u32) or int64 [num_words]; x, wptr as there."""
+    offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
+    lane_mask = offs_lane < num_lanes
+    page = offs_lane // lanes_per_page
+    lane = offs_lane % lanes_per_page
+    offs_page = page * count  # the page's first (mu, sigma) of this stage
+    offs_out_page = page * stride_out + first  # its first output column of this stage
+    x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
+    wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0)
+    for step in range(first // lanes_per_page, tl.cdiv(first + count, lanes_per_page)):
+        offs_sym = lane + step * lanes_per_page - first  # symbol index within the stage
+        active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
+        mu = tl.load(mu_ptr + offs_page + offs_sym, mask=active, other=0.0)
+        sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=active, other=1.0)
+        mu_q, e, r = _quantize(mu, sigma)
+        slot = (x & (_M - 1)).to(tl.int32)
+        key, c_lo, c_hi, _, _ = _find_key(slot, mu_q, e, r, active, phi_ptr, q_ptr, w_wide, kappa,
+                                          BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
+        pattern = _pattern_of_key(key, BITS)  # [0, 2^B): the cast keeps its B bits
+        tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
+        if WRITE_VALUES:
+            value = tl.load(value_of_bits_ptr + pattern, mask=active, other=0.0)
+            tl.store(out_values_ptr + offs_out_page + offs_sym, value, mask=active)
+        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi, active, words_ptr, num_words)
+    tl.store(x_ptr + offs_lane, x, mask=lane_mask)
+    tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
+
+
+@functools.cache
+def _value_table(dtype: str, device: torch.device) -> torch.Tensor:
+    """float32 [2^B] on ``device``: each storage pattern's exact value (rans_cpu.value_of_bits;
+    256 KiB for 16-bit dtypes, 1 KiB for fp8), built once per dtype and device."""
+    return rc.value_of_bits(dtype).to(device)
 
 
 class Decoder(ref.Decoder):
@@ -522,7 +763,8 @@ class Decoder(ref.Decoder):
 
     Construction (stream validation, initial states x and word pointers ptr, both int64
     [P * NL] on the words' device, the guess's quantile table) and ``finish()`` are the
-    reference's own code.
+    reference's own code. Words may be int32 holding the u32 words (what encode_values
+    returns and the codec passes; 4 B per word) or int64 in [0, 2^32).
     """
 
     def __init__(self, *args, **kwargs):
@@ -558,6 +800,40 @@ class Decoder(ref.Decoder):
             )
         self.position += n
         return keys[0] if squeeze else keys
+
+    def decode_values(
+        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
+    ) -> None:
+        """rans_reference.Decoder.decode_values in one kernel (quantize_params, the search, the
+        storage patterns per symbol; rans_cpu's on the CPU): the next n symbols of each page
+        from float32 (mu, sigma) [P, n] (or [n]), written as storage patterns into columns
+        [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8;
+        contiguous) and, if given, as float32 values into out_values [P, N]. It allocates
+        nothing per symbol on the device (the 2^B-entry value table once per dtype)."""
+        (mu, sigma), n = self._stage((mu, sigma), torch.float32)
+        b, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
+        want = torch.int16 if b == 16 else torch.uint8
+        shape = (self.num_pages, self.num_symbols)
+        if out_bits.shape != shape or out_bits.dtype != want or not out_bits.is_contiguous():
+            raise ValueError(f"out_bits must be a contiguous {want} tensor of shape {shape}, "
+                             f"got {out_bits.dtype} {tuple(out_bits.shape)}")
+        if out_values is not None and (out_values.shape != shape or out_values.dtype != torch.float32
+                                       or not out_values.is_contiguous()):
+            raise ValueError(f"out_values must be a contiguous float32 tensor of shape {shape}")
+        _check_device(self.words, mu, sigma, out_bits, *([] if out_values is None else [out_values]))
+        mu, sigma = mu.contiguous(), sigma.contiguous()
+        lanes = self.num_pages * self.num_lanes
+        if n:
+            self.words = self.words.contiguous()
+            self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
+            _decode_values_kernel[(triton.cdiv(lanes, DECODE_LANES),)](
+                self.words, mu, sigma, em.phi_table(mu.device), self.quantiles_f32, _value_table(self.dtype, mu.device),
+                out_bits, out_values, self.x, self.ptr, lanes, self.num_lanes, self.words.numel(), self.position, n,
+                self.num_symbols, self.w_wide, self.kappa, BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan,
+                GALLOP_ROUNDS=GALLOP_ROUNDS, WRITE_VALUES=out_values is not None, BLOCK_LANES=DECODE_LANES,
+                num_warps=DECODE_WARPS,
+            )
+        self.position += n
 
 
 # ---- Self-check (python -m sglang_speckv.kernels.rans_triton) ----------------------------
