@@ -45,8 +45,6 @@ def run(coder, bits, mu, sigma, dtype):
 
     def decode():
         words, lane_words = state["coded"]
-        if bits.device.type != "cpu":
-            words = words.to(torch.int64) & 0xFFFFFFFF
         dec = coder.Decoder(words, lane_words, n, dtype)
         state["out"] = torch.empty_like(bits)
         dec.decode_values(mu, sigma, state["out"])

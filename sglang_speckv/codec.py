@@ -15,7 +15,8 @@ exactly as the encoder showed them to it.
 Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (config
 field ``coding_batch_bytes``; one page at least); a batch's scratch is its pages' float32
 (mu, sigma) and float32 values, about 6x its raw bytes for 16-bit dtypes (12x for fp8),
-plus the coded words. Nothing int64 per symbol is allocated on the CPU.
+plus the coded words (and on the GPU the encoder's int32 scratch, 4 B per symbol). Nothing
+int64 per symbol is allocated, on the CPU or the GPU.
 
 Pages are tensors of the canonical shape (predictors/base.py) in their storage dtype
 (bfloat16, float16, float8_e4m3fn, float8_e5m2, or uint8 holding fp8 with the meta saying
@@ -330,13 +331,10 @@ def _finish_page(page: torch.Tensor, header: fmt.BlobHeader, out, i: int) -> tor
 
 
 def _words(members, device: torch.device) -> torch.Tensor:
-    """The members' lane streams, concatenated: int32 (u32 patterns) on the CPU, int64 in
-    [0, 2^32) elsewhere (what the Triton kernels read)."""
+    """The members' lane streams, concatenated, as int32 holding the u32 words (what both
+    coders' decode_values read) on ``device``."""
     words = np.concatenate([np.frombuffer(p.payload, dtype="<u4") for _, p, _ in members])
-    words = torch.from_numpy(words.astype(np.uint32, copy=False).view(np.int32))
-    if device.type == "cpu":
-        return words
-    return words.to(device).to(torch.int64) & 0xFFFFFFFF
+    return torch.from_numpy(words.astype(np.uint32, copy=False).view(np.int32)).to(device)
 
 
 def _decode_group(members, stages, predictor, device, pages, errors, out) -> None:

@@ -21,6 +21,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the import below (see the module docstring)
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from sglang_speckv.kernels import entropy_model as em  # noqa: E402
@@ -291,6 +293,129 @@ def test_corrupt_streams_decode_like_reference():
         assert not verdict.all() or not torch.equal(got, keys), f"{name}: went unnoticed"
 
 
+# ---- The value-level entry points (what the codec calls) ---------------------------------
+
+# sigma values at the edges of quantize_params: its clamps (2^-60, 2^60), round-half-even
+# ties of 1.m * 2^R (1 + 2^-9 rounds down to even, 1 + 3 * 2^-9 up), the carry of 1.m -> 2
+# into the exponent, and float32 subnormals; mu values that saturate mu_q or round at a tie.
+EDGE_SIGMA = [2.0**-60, 2.0**60, 2.0**-61, 2.0**61, 1 + 2**-9, 1 + 3 * 2**-9, 2 - 2**-10, 2 - 2**-23,
+              3 * 2**-9, 1e-38, 1.4e-45, -0.0]
+EDGE_MU = [2.0**30, -(2.0**30), 0.5, 1.5, 2.5, -2.5, 2.0**-21, 3 * 2.0**-21, 1e30, -1e-30, 2.0**-149, 7.0]
+
+
+def make_value_pages(dtype: str, num_pages: int, n: int, seed: int):
+    """(bits, mu, sigma) [P, n] on the CPU: storage patterns (int16 / uint8; the special
+    ones, random ones and values drawn around mu) and float32 (mu, sigma) whose first
+    symbols run through every pair of garbage values, then the edges of quantize_params."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 16.0 if dtype.startswith("fp8") else 1.0
+    mu = torch.randn(num_pages, n, generator=gen) * scale
+    sigma = (torch.rand(num_pages, n, generator=gen) + 0.05) * scale
+    values = (mu + sigma * torch.randn(num_pages, n, generator=gen)).to(em.TORCH_DTYPES[dtype])
+    bits = em.storage_bits(values)
+    raw = torch.randint(0, 1 << em.symbol_bits(dtype), (num_pages, n), generator=gen)
+    bits = torch.where(torch.rand(num_pages, n, generator=gen) < 1 / 3, raw, bits)
+    pairs = [(m, sg) for m in GARBAGE_MU for sg in GARBAGE_SIGMA] + list(zip(EDGE_MU, EDGE_SIGMA))
+    pairs = pairs[:n]
+    mu[:, : len(pairs)] = torch.tensor([m for m, _ in pairs])
+    sigma[:, : len(pairs)] = torch.tensor([sg for _, sg in pairs])
+    special = SPECIAL_BITS[dtype] * 3
+    start = min(100, n - len(special))  # under garbage (mu, sigma) too
+    bits[:, start : start + len(special)] = torch.tensor(special)
+    if em.symbol_bits(dtype) == 16:
+        return (bits - ((bits >> 15) << 16)).to(torch.int16), mu, sigma  # the patterns as int16
+    return bits.to(torch.uint8), mu, sigma
+
+
+def decode_values_staged(decoder, mu, sigma, cuts, like):
+    """Decode with stage boundaries ``cuts`` into fresh (bits, values) shaped like ``like``."""
+    out_bits = torch.zeros_like(like)
+    out_values = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    bounds = [0, *cuts, mu.shape[-1]]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        decoder.decode_values(mu[:, a:b], sigma[:, a:b], out_bits, out_values)
+    return out_bits, out_values
+
+
+@triton.jit
+def _quantize_test_kernel(mu_ptr, sigma_ptr, mu_q_ptr, e_ptr, r_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    mu_q, e, r = rt._quantize(tl.load(mu_ptr + offs, mask=mask), tl.load(sigma_ptr + offs, mask=mask, other=1.0))
+    tl.store(mu_q_ptr + offs, mu_q, mask=mask)
+    tl.store(e_ptr + offs, e.to(tl.int64), mask=mask)
+    tl.store(r_ptr + offs, r, mask=mask)
+
+
+# Widening a signalling NaN (random bit patterns hold some) quiets it, and numpy, which runs
+# the interpreted kernel, warns about that; the NaN is replaced right after, as in torch.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+def test_quantize_matches_quantize_params():
+    """The kernels' fused quantize_params gives the reference's (mu_q, e, r) for every class
+    of float32: random bit patterns (NaN payloads, +-inf, subnormals, both zeros, huge and
+    tiny), the garbage values and the edges (clamps, ties, the carry)."""
+    gen = torch.Generator().manual_seed(2)
+    n = 4096
+    mu = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    sigma = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    sigma[1::2] = sigma[1::2].abs() % 4 + 2.0**-20  # ordinary sigmas too
+    listed = torch.tensor(GARBAGE_MU + EDGE_MU)
+    mu[: len(listed) ** 2] = listed.repeat(len(listed))
+    sigma[: len(listed) ** 2] = torch.tensor(GARBAGE_SIGMA + EDGE_SIGMA).repeat_interleave(len(listed))
+    mu, sigma = mu.to(DEVICE), sigma.to(DEVICE)
+    got = [torch.empty(n, dtype=torch.int64, device=DEVICE) for _ in range(3)]
+    _quantize_test_kernel[(triton.cdiv(n, 1024),)](mu, sigma, *got, n, BLOCK=1024)
+    want = em.quantize_params(mu, sigma)
+    for name, g, w in zip(("mu_q", "e", "r"), got, want):
+        assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_value_level_matches_cpp_and_reference(dtype):
+    """encode_values and Decoder.decode_values (the codec's entry points), Triton vs C++ vs
+    torch reference on hostile pages: identical words (int32 holding u32) and lane tables;
+    staged decode (cuts mid-step, an empty stage) of the Triton words by all three gives the
+    patterns and the exact float32 values back, with clean verdicts."""
+    num_pages, n, num_lanes = 2, 200, 16  # 12.5 steps per lane: a ragged last step
+    bits, mu, sigma = make_value_pages(dtype, num_pages, n, seed=4)
+    words, lane_words = rt.encode_values(bits.to(DEVICE), mu.to(DEVICE), sigma.to(DEVICE), dtype, num_lanes)
+    assert words.dtype == torch.int32 and lane_words.dtype == torch.int64
+    words_cpp, lanes_cpp = rc.encode_values(bits, mu, sigma, dtype, num_lanes)
+    words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, num_lanes)
+    assert torch.equal(words.cpu(), words_ref) and torch.equal(lane_words.cpu(), lanes_ref)
+    assert torch.equal(words_cpp, words_ref) and torch.equal(lanes_cpp, lanes_ref)
+
+    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)  # NaN payloads kept
+    cuts = [37, 37, 120]
+    dec = rt.Decoder(words, lane_words, n, dtype)
+    got_bits, got_values = decode_values_staged(dec, mu.to(DEVICE), sigma.to(DEVICE), cuts, bits.to(DEVICE))
+    assert dec.finish().tolist() == [True, True]
+    assert torch.equal(got_bits.cpu(), bits) and torch.equal(got_values.cpu().view(torch.int32), values)
+    for coder in (rc, ref):
+        dec = coder.Decoder(words.cpu(), lane_words.cpu(), n, dtype)
+        got_bits, got_values = decode_values_staged(dec, mu, sigma, cuts, bits)
+        assert dec.finish().tolist() == [True, True]
+        assert torch.equal(got_bits, bits) and torch.equal(got_values.view(torch.int32), values), coder.__name__
+
+
+def test_value_level_corrupt_streams_decode_like_cpp_and_reference():
+    """Corrupt int32 streams through decode_values: the same patterns and verdicts from all
+    three decoders."""
+    dtype, n, num_lanes = "bf16", 64, 16
+    bits, mu, sigma = make_value_pages(dtype, 2, n, seed=5)
+    words, lane_words = rc.encode_values(bits, mu, sigma, dtype, num_lanes)
+    for name, bad_words, bad_lanes in _corruptions(words.to(torch.int64) & 0xFFFFFFFF, lane_words):
+        bad_words = ref.as_u32(bad_words)  # int32 holding u32, as the codec passes them
+        results = []
+        for coder, device in ((rt, DEVICE), (rc, "cpu"), (ref, "cpu")):
+            dec = coder.Decoder(bad_words.to(device), bad_lanes.to(device), n, dtype)
+            got_bits, _ = decode_values_staged(dec, mu.to(device), sigma.to(device), [40], bits.to(device))
+            results.append((got_bits.cpu(), dec.finish().cpu()))
+        for got_bits, verdict in results[1:]:
+            assert torch.equal(got_bits, results[0][0]) and torch.equal(verdict, results[0][1]), name
+        assert not results[0][1].all() or not torch.equal(results[0][0], bits), f"{name}: went unnoticed"
+
+
 # ---- Launchers ------------------------------------------------------------------------------
 
 
@@ -326,8 +451,9 @@ def test_launchers_reject_bad_arguments():
 # ptxas -> cubin), which the interpreter never exercises: type errors in loop-carried values,
 # unsupported ops, register spills would surface only on a GPU machine otherwise. Runs in a
 # subprocess because this process has TRITON_INTERPRET=1. Pointer arguments (``*_ptr``) are
-# int64 tensors (the decoder's quantiles float32, its probe counts int32), UPPER_CASE ones
-# constexprs, the rest int32 scalars.
+# int64 tensors (the decoder's quantiles float32, its probe counts int32; the value-level
+# kernels' storage patterns int16 / uint8, mu, sigma and values float32, words int32),
+# UPPER_CASE ones constexprs, the rest int32 scalars.
 _COMPILE_SCRIPT = """
 import os, subprocess, tempfile, triton
 from triton.backends.compiler import GPUTarget
@@ -336,16 +462,22 @@ from sglang_speckv.kernels import entropy_model as em, rans_triton as rt
 for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
     spec = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
     decode = {"BLOCK_LANES": rt.DECODE_LANES, "GALLOP_ROUNDS": rt.GALLOP_ROUNDS, "COUNT_PROBES": False}
-    kernels = [(rt._cdf_kernel, {"BLOCK": rt.BLOCK_ELEMS}), (rt._decode_kernel, decode)]
+    kernels = [(rt._cdf_kernel, {"BLOCK": rt.BLOCK_ELEMS}), (rt._decode_kernel, decode),
+               (rt._encode_values_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}),
+               (rt._decode_values_kernel, {**decode, "WRITE_VALUES": True})]
     if dtype == "bf16":  # the encoder does not depend on the dtype; the probe counts (tests) neither
         kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS}),
                     (rt._decode_kernel, {**decode, "COUNT_PROBES": True})]
     for fn, block in kernels:
         consts = {k: v for k, v in {**spec, **block}.items() if k in fn.arg_names}
-        types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
+        values = fn in (rt._encode_values_kernel, rt._decode_values_kernel)
+        bits = "*i16" if spec["BITS"] == 16 else "*u8"
+        types = {"q_ptr": "*fp32", "probes_ptr": "*i32", "bits_ptr": bits, "out_bits_ptr": bits,
+                 "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "value_of_bits_ptr": "*fp32", "out_values_ptr": "*fp32",
+                 **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
-        warps = rt.DECODE_WARPS if fn is rt._decode_kernel else 4  # as the launchers run them
+        warps = rt.DECODE_WARPS if fn in (rt._decode_kernel, rt._decode_values_kernel) else 4  # as the launchers run them
         kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": warps})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -363,7 +495,7 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" ok") == 7, done.stdout
+    assert done.stdout.count(" ok") == 11, done.stdout
 
 
 @pytest.mark.gpu
@@ -382,26 +514,3 @@ def test_gpu_large_pages(dtype):
     dec = rt.Decoder(words, lane_words, keys.shape[1], dtype)
     assert torch.equal(decode_staged(dec, mu_q, e, r, [1000, 40000]), keys)
     assert dec.finish().all()
-
-
-@pytest.mark.parametrize("dtype", ["bf16", "fp8_e5m2"])
-def test_value_level_entry_points_match_reference(dtype):
-    """encode_values (the codec's entry point) and Decoder.decode_values, Triton vs torch
-    reference: same words, same patterns, small shapes (interpreter on CPU)."""
-    g = torch.Generator().manual_seed(3)
-    n, num_lanes = 300, 8
-    scale = 16.0 if dtype.startswith("fp8") else 1.0
-    mu = torch.randn(2, n, generator=g) * scale
-    sigma = (torch.rand(2, n, generator=g) + 0.05) * scale
-    sigma[:, ::7] = float("nan")
-    values = (mu + sigma.nan_to_num(1.0) * torch.randn(2, n, generator=g)).to(em.TORCH_DTYPES[dtype])
-    bits = values.view(torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)
-    words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, num_lanes)
-    dev = DEVICE
-    words, lane_words = rt.encode_values(bits.to(dev), mu.to(dev), sigma.to(dev), dtype, num_lanes)
-    assert torch.equal(words.cpu(), words_ref) and torch.equal(lane_words.cpu(), lanes_ref)
-    dec = rt.Decoder(words.to(torch.int64) & 0xFFFFFFFF, lane_words, n, dtype)
-    out = torch.zeros_like(bits).to(dev)
-    dec.decode_values(mu[:, :100].to(dev), sigma[:, :100].to(dev), out)
-    dec.decode_values(mu[:, 100:].to(dev), sigma[:, 100:].to(dev), out)
-    assert bool(dec.finish().all()) and torch.equal(out.cpu(), bits)
