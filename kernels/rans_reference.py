@@ -167,18 +167,15 @@ def encode_values(
     num_lanes: int,
     w_wide: int = em.W_WIDE,
     kappa: int = em.KAPPA,
-    *,
-    cdf=em.cdf,
-    encode=encode,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The value-level encoder (what rans_cpu fuses, same bytes): storage patterns ``bits``
-    (int16 for 16-bit dtypes, else uint8) and float32 (mu, sigma), all [P, N] (or [N]) ->
-    quantize_params -> cdf -> encode. ``cdf``/``encode`` pick the implementation (rans_triton
-    passes its kernels). Returns (words int32 [W] holding the u32 words, lane_words [P, NL])."""
+    """The value-level encoder (what rans_cpu and rans_triton fuse, same bytes): storage
+    patterns ``bits`` (int16 for 16-bit dtypes, else uint8) and float32 (mu, sigma), all
+    [P, N] (or [N]) -> quantize_params -> cdf -> encode. Returns (words int32 [W] holding
+    the u32 words, lane_words [P, NL])."""
     keys = em.keys_from_bits(em.storage_bits(_as_batch(bits)), dtype)
     mu_q, e, r = em.quantize_params(_as_batch(mu), _as_batch(sigma))
-    cum = cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
-    freq = cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum
+    cum = em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
+    freq = em.cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum
     del keys, mu_q, e, r
     words, lane_words = encode(cum, freq, num_lanes)
     return as_u32(words), lane_words
@@ -366,7 +363,7 @@ class Decoder:
     def decode_values(
         self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
     ) -> None:
-        """The value-level stage (what rans_cpu fuses): the next n symbols of each page from
+        """The value-level stage (what rans_cpu and rans_triton fuse): the next n symbols of each page from
         float32 (mu, sigma) [P, n], written as storage patterns into columns
         [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8)
         and, if given, as float32 values into out_values [P, N]."""

@@ -6,7 +6,19 @@ the same keys with the same verdict (``rans_reference.Decoder``), on every input
 natively on CUDA. The coder math is docs/DESIGN.md "The coder"; every constant is imported
 from entropy_model.py / rans_reference.py, none is repeated here.
 
-Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by device):
+Interface (identical to the reference's and rans_cpu's, so sglang_speckv/codec.py can
+dispatch by device). What the codec calls, one kernel each (quantize_params, C and the rANS
+step fused per symbol, as rans_cpu.cpp ``encode_values`` / ``decode_values`` do on the CPU;
+nothing int64 per symbol on the device):
+
+* ``encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa) -> (words, lane_words)``:
+  storage patterns (int16 for 16-bit dtypes, uint8 for fp8) and float32 (mu, sigma), all
+  [P, N]; words int32 holding the u32 words, lane_words int64 [P, NL].
+* ``Decoder(...).decode_values(mu, sigma, out_bits, out_values=None)``: the next n symbols
+  of every page from float32 (mu, sigma) [P, n] into columns [position, position + n) of
+  out_bits [P, N] (storage patterns) and optionally out_values [P, N] (float32).
+
+The integer-level interface (tests, examples/estimate_sm90.py):
 
 * ``cdf(keys, mu_q, e, r, dtype, w_wide, kappa)``: ``entropy_model.cdf`` fused into one
   kernel (the encoder's cum = C(k) and freq = C(k+1) - C(k) come from two calls).
@@ -15,7 +27,12 @@ Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by
 * ``Decoder(words, lane_words, num_symbols, dtype, w_wide, kappa)`` with staged
   ``decode(mu_q, e, r) -> keys`` and ``finish() -> ok [P]``. It inherits construction
   (stream validation, initial states) and ``finish`` from the reference Decoder: only the
-  per-stage loop runs on the GPU.
+  per-stage loop runs on the GPU. Both decode methods read int32 (u32) or int64 words.
+
+quantize_params in a kernel (``_quantize``, the port of rans_cpu.cpp ``quantize``) uses only
+exact float64 operations, so the integers (mu_q, e, r) that reach the bitstream are the
+reference's whatever the compiler fuses: the reasons are in its docstring
+(tests/test_rans_triton.py checks it on random float32 bit patterns and on the edges).
 
 How the work is laid out:
 
@@ -26,7 +43,8 @@ How the work is laid out:
   own scratch region of N_steps + 2 words (one word per step at most: after one emission
   x < 2^31 <= freq << 35), then flushes the state (low, high) in front of them. A second
   kernel copies each lane's variable-length stream into the contiguous output at its
-  exclusive-scan offset. Words are int64 holding [0, 2^32), like the reference.
+  exclusive-scan offset. ``encode`` writes int64 words in [0, 2^32) like the reference,
+  ``encode_values`` int32 holding the u32 words (its scratch is int32 too).
 * Decode keeps each lane's state x and read pointer in device arrays between stages; a
   decode program is one warp of DECODE_LANES = 32 lanes. Per symbol it finds the key with
   C(key) <= slot < C(key + 1) by guess and check (rans_cpu.cpp decode_stage does the same
@@ -60,12 +78,33 @@ has its table:
   thread-instructions/s such loops issue on an H100 that is ~57-79 GB/s of bf16 KV and
   ~31-41 GB/s of fp8. Memory is not the limit: ~32 B per symbol (mu_q, e, r as int64, the
   key) is ~1e11 symbols/s at ~3 TB/s. The ceiling needs ~100k lanes in flight per launch
-  (e.g. 128 pages x 1024 lanes); fewer lanes leave the GPU latency bound.
-* Encode: two ``cdf`` launches (~190 instructions and ~40 B of traffic per symbol each),
-  then the rANS loop (16 B read, one 64-bit division of ~70 instructions per symbol):
-  roughly memory bound at ~3 TB/s / ~100 B ~ 3e10 symbols/s, several times faster than
-  decode. Its scratch writes are scattered (one region per lane); a step-major scratch
-  would coalesce them if the encoder ever shows up in a profile.
+  (e.g. 128 pages x 1024 lanes); fewer lanes leave the GPU latency bound. These counts are
+  of ``_decode_kernel``; ``_decode_values_kernel`` runs the same search (``_find_key``)
+  plus quantize_params (16 float64 instructions in its sm_90 SASS, and the integer ops
+  around them: not yet counted per path) and reads ~10 B per symbol (mu, sigma; the
+  pattern and value written) instead of 32.
+* Encode: ``encode_values`` is one pass per symbol: quantize_params, C(k) and C(k + 1)
+  together (``_cdf_pair``, ~240 instructions as in decode), one 64-bit division (~70), 10 B
+  read (pattern, mu, sigma) and at most 4 B of scratch written; then the copy of the words.
+  Its scratch writes are scattered (one region per lane); a step-major scratch would
+  coalesce them if the encoder ever shows up in a profile.
+
+Device memory of the value-level path, from its allocations (not measured: no GPU here),
+per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
+
+* ``encode_values``: the scratch, int32 [P * NL * (S + 2)] (4 B per symbol: a lane emits at
+  most one word per step, since after an emission x < 2^31 <= freq << 35, plus its 2-word
+  final state), the words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per
+  lane (begin, counts, dest). The route through the reference's wrapper it replaces held
+  int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
+  peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
+  words.
+* ``Decoder.decode_values``: nothing per symbol (the inputs (mu, sigma) and outputs
+  (patterns, values) are the caller's; the 2^B-entry float32 value table once per dtype and
+  device), words 4 B each. The old route held int64 mu_q, e, r and keys and the int64
+  temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
+  quantize_params), and the codec widened the words to int64 (4 -> 8 B per word, with a
+  transient int64 copy).
 
 Run ``python -m sglang_speckv.kernels.rans_triton`` on a CUDA machine (or with
 TRITON_INTERPRET=1 on CPU, slowly) for the self-check.
@@ -840,7 +879,8 @@ class Decoder(ref.Decoder):
 
 
 def _self_check() -> None:
-    """Random pages: Triton bytes == reference bytes, staged decode == keys, timings."""
+    """Random pages through the value-level path (what the codec runs): Triton bytes ==
+    reference bytes, staged decode_values == the pages' patterns and values, timings."""
     import time
 
     if torch.cuda.is_available():
@@ -857,8 +897,8 @@ def _self_check() -> None:
         mu = torch.randn(num_pages, n, device=device) * scale
         sigma = (torch.rand(num_pages, n, device=device) + 0.1) * scale
         values = (mu + sigma * torch.randn(num_pages, n, device=device)).to(em.TORCH_DTYPES[dtype])
-        keys = em.keys_from_bits(em.storage_bits(values), dtype)
-        mu_q, e, r = em.quantize_params(mu, sigma)
+        bits = values.view(torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)  # [P, N]
+        _value_table(dtype, torch.device(device))  # built once, outside the timings
         raw_mb = values.numel() * values.element_size() / 1e6
 
         def timed(fn):
@@ -872,33 +912,27 @@ def _self_check() -> None:
                     torch.cuda.synchronize()
             return out, time.perf_counter() - t0
 
-        def encode_ref():
-            cum = em.cdf(keys, mu_q, e, r, dtype)
-            return ref.encode(cum, em.cdf(keys + 1, mu_q, e, r, dtype) - cum, num_lanes)
-
-        def encode_triton():
-            cum = cdf(keys, mu_q, e, r, dtype)
-            return encode(cum, cdf(keys + 1, mu_q, e, r, dtype) - cum, num_lanes)
-
         def decode(decoder_cls, words, lane_words):
             dec = decoder_cls(words, lane_words, n, dtype)
+            out_bits, out_values = torch.empty_like(bits), torch.empty(bits.shape, device=device)
             cut = n // 3  # two stages, cut mid-step
-            got = torch.cat([dec.decode(mu_q[:, :cut], e[:, :cut], r[:, :cut]),
-                             dec.decode(mu_q[:, cut:], e[:, cut:], r[:, cut:])], dim=1)
-            return got, dec.finish()
+            dec.decode_values(mu[:, :cut], sigma[:, :cut], out_bits, out_values)
+            dec.decode_values(mu[:, cut:], sigma[:, cut:], out_bits, out_values)
+            return out_bits, out_values, dec.finish()
 
-        (words_ref, lanes_ref), t_enc_ref = timed(encode_ref)
-        (words, lane_words), t_enc = timed(encode_triton)
-        (got, ok), t_dec = timed(lambda: decode(Decoder, words, lane_words))
-        (got_ref, ok_ref), t_dec_ref = timed(lambda: decode(ref.Decoder, words, lane_words))
+        (words_ref, lanes_ref), t_enc_ref = timed(lambda: ref.encode_values(bits, mu, sigma, dtype, num_lanes))
+        (words, lane_words), t_enc = timed(lambda: encode_values(bits, mu, sigma, dtype, num_lanes))
+        (got, got_values, ok), t_dec = timed(lambda: decode(Decoder, words, lane_words))
+        (got_ref, _, ok_ref), t_dec_ref = timed(lambda: decode(ref.Decoder, words, lane_words))
         same = torch.equal(words, words_ref) and torch.equal(lane_words, lanes_ref)
-        round_trip = torch.equal(got, keys) and torch.equal(got_ref, keys) and bool(ok.all()) and bool(ok_ref.all())
+        round_trip = (torch.equal(got, bits) and torch.equal(got_ref, bits) and bool(ok.all()) and bool(ok_ref.all())
+                      and torch.equal(got_values, values.to(torch.float32)))
         print(
             f"{dtype} on {where}: {num_pages} pages x {n} symbols, {num_lanes} lanes: "
-            f"{words.numel() * 32 / keys.numel():.4f} bits/symbol; bytes == reference: {same}; "
+            f"{words.numel() * 32 / bits.numel():.4f} bits/symbol; bytes == reference: {same}; "
             f"round trip: {'OK' if round_trip else 'FAILED'}\n"
-            f"  encode {raw_mb / t_enc:.4g} MB/s (torch reference {raw_mb / t_enc_ref:.4g} MB/s), "
-            f"decode {raw_mb / t_dec:.4g} MB/s (torch reference {raw_mb / t_dec_ref:.4g} MB/s)"
+            f"  encode_values {raw_mb / t_enc:.4g} MB/s (torch reference {raw_mb / t_enc_ref:.4g} MB/s), "
+            f"decode_values {raw_mb / t_dec:.4g} MB/s (torch reference {raw_mb / t_dec_ref:.4g} MB/s)"
         )
         if not (same and round_trip):
             raise SystemExit(1)
