@@ -363,10 +363,10 @@ class Decoder:
     def decode_values(
         self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
     ) -> None:
-        """The value-level stage (what rans_cpu and rans_triton fuse): the next n symbols of each page from
-        float32 (mu, sigma) [P, n], written as storage patterns into columns
-        [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8)
-        and, if given, as float32 values into out_values [P, N]."""
+        """The value-level stage (what rans_cpu and rans_triton fuse): the next n symbols
+        of each page from float32 (mu, sigma) [P, n], written as storage patterns into
+        columns [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else
+        uint8) and, if given, as float32 values into out_values [P, N]."""
         (mu, sigma), _ = self._stage((mu, sigma), torch.float32)
         first = self.position
         keys = self.decode(*em.quantize_params(mu, sigma))
