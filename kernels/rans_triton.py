@@ -288,9 +288,9 @@ def _round_half_even(v):
     """torch.round of float64 v (half to even) without a libdevice call, as rans_cpu.cpp
     round_half_even: below 2^52 in magnitude, |v| + 2^52 is rounded by the addition itself
     to the nearest integer (ties to even, the default rounding mode) and subtracting 2^52
-    again is exact; from 2^52 up every float64 is an integer already. Neither operation is
-    a product, so nothing here can be contracted into an FMA, and no compiler reassociates
-    (a + c) - c without fast-math flags, which Triton never sets."""
+    again is exact; from 2^52 up every float64 is an integer already. (a + c) - c is not
+    folded: Triton sets no reassociation flags, and the sm_90 PTX keeps both operations. A
+    caller's product may be fused with the addition (see _quantize for why that is exact)."""
     a = tl.abs(v)
     rounded = tl.where(a < _TWO52, (a + _TWO52) - _TWO52, a)
     return tl.where(v < 0, -rounded, rounded)
@@ -308,9 +308,10 @@ def _quantize(mu, sigma):
       exponent field gives e, and 1.m is s with the exponent field set to 0;
     * 1.m * 2^R and m * 2^(F - e) multiply by exact powers of two with results far inside
       float64's normal range (|m| <= 2^100 or a float32 >= 2^-149, F - e in [-40, 80]), so
-      each product is exact. An FMA contraction of a product with the following addition
-      (in _round_half_even) would round m * p + 2^52 once where two roundings were written,
-      but the product's own rounding is the identity: same result either way.
+      each product is exact. The compiler may contract a product with the addition of
+      _round_half_even into an FMA (the sm_90 build does: 1.m * 2^R + 2^52 becomes one
+      ``fma.rn.f64``), which rounds p + 2^52 once where p was rounded first, but rounding
+      an exact product is the identity: the same value either way.
     * the rounding is _round_half_even; the float64 -> int64 conversions get integers.
     """
     s = sigma.to(tl.float64)
