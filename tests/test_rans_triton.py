@@ -319,7 +319,7 @@ def make_value_pages(dtype: str, num_pages: int, n: int, seed: int):
     pairs = pairs[:n]
     mu[:, : len(pairs)] = torch.tensor([m for m, _ in pairs])
     sigma[:, : len(pairs)] = torch.tensor([sg for _, sg in pairs])
-    special = SPECIAL_BITS[dtype] * 3
+    special = (SPECIAL_BITS[dtype] * 3)[:n]
     start = min(100, n - len(special))  # under garbage (mu, sigma) too
     bits[:, start : start + len(special)] = torch.tensor(special)
     if em.symbol_bits(dtype) == 16:
@@ -443,6 +443,24 @@ def test_launchers_reject_bad_arguments():
         dec.decode(mu_q.int(), e.int(), r.int())
     with pytest.raises(ValueError, match="probes must be"):
         dec.decode(mu_q[:, :2], e[:, :2], r[:, :2], probes=torch.zeros(2, 1, 3, dtype=torch.int32, device=DEVICE))
+
+
+def test_value_level_launchers_reject_bad_arguments():
+    bits, mu, sigma = (t.to(DEVICE) for t in make_value_pages("bf16", 1, 16, seed=0))
+    with pytest.raises(ValueError, match="bits must be int16"):
+        rt.encode_values(bits.int(), mu, sigma, "bf16", 4)
+    with pytest.raises(ValueError, match="float32"):
+        rt.encode_values(bits, mu.double(), sigma, "bf16", 4)
+    with pytest.raises(ValueError, match="num_lanes"):
+        rt.encode_values(bits, mu, sigma, "bf16", 0)
+    words, lane_words = rt.encode_values(bits, mu, sigma, "bf16", 4)
+    dec = rt.Decoder(words, lane_words, 16, "bf16")
+    with pytest.raises(ValueError, match="out_bits must be"):
+        dec.decode_values(mu, sigma, bits.to(torch.uint8))
+    with pytest.raises(ValueError, match="out_values must be"):
+        dec.decode_values(mu, sigma, bits.clone(), torch.zeros(1, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="float32"):
+        dec.decode_values(mu.double(), sigma.double(), bits.clone())
 
 
 # ---- Real compilation (no GPU needed) and real GPU runs -----------------------------------
