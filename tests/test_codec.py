@@ -341,7 +341,8 @@ def test_gpu_codec_same_blobs_as_cpu(dtype):
     """CUDA pages go through the Triton value-level kernels (int32 words both ways): the
     blobs are byte-identical to the CPU coder's, and each side decodes the other's."""
     shape = (2, 4, 16, 4, 64)
-    pages = [pattern_page(dtype, shape, seed=s)[0] for s in range(3)] + [(torch.randn(shape) * 4).to(em.TORCH_DTYPES[dtype])]
+    pages = [pattern_page(dtype, shape, seed=s)[0] for s in range(3)]
+    pages.append((torch.randn(shape) * 4).to(em.TORCH_DTYPES[dtype]))
     metas = [PageMeta(dtype, shape)] * len(pages)
     blobs_cpu = codec.encode_pages(pages, metas, PAGE_STATS, num_lanes=64)
     blobs_gpu = codec.encode_pages([p.cuda() for p in pages], metas, PAGE_STATS, num_lanes=64)

@@ -495,7 +495,8 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
                  **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
-        warps = rt.DECODE_WARPS if fn in (rt._decode_kernel, rt._decode_values_kernel) else 4  # as the launchers run them
+        # as the launchers run them
+        warps = rt.DECODE_WARPS if fn in (rt._decode_kernel, rt._decode_values_kernel) else 4
         kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": warps})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
