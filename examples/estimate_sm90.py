@@ -11,7 +11,9 @@
    that skips it; a CALL counts its subroutine). The baseline is the same file at
    ``--baseline`` (git show; default e47aaa0, the binary search; ``none`` skips it, e.g. in
    a shallow clone), compiled the same way as it was launched (4 warps, 128 lanes): its
-   step loop is straight-line code, so its count is per symbol.
+   step loop is straight-line code, so its count is per symbol. The value-level decode
+   kernel (what the codec runs: the same search with quantize_params fused) is compiled
+   too; its hit path gets its own column and estimate.
 2. Probes. How often guesses miss and how many C evaluations a miss costs are counted by
    the kernel itself (Decoder.decode(..., probes=...)) under TRITON_INTERPRET=1 on CPU:
    synthetic pages whose values are drawn from the model's own (mu, sigma) (as
@@ -68,20 +70,26 @@ TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
 CALLEE = re.compile(r"CALL\.\S+\s+`?\(?([\w$.]+)\)?")
 
 
-def sass_of(rt, dtype: str, warps: int, lanes: int) -> str:
+def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False) -> str:
     """SASS of rt's decode kernel for sm_90 (compiled here, no device), COUNT_PROBES off,
-    ``lanes`` per program of ``warps`` warps."""
+    ``lanes`` per program of ``warps`` warps; with ``values``, of its value-level decode
+    kernel instead (what the codec runs: quantize_params fused, float32 values written)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from sglang_speckv.kernels import entropy_model as em
 
-    fn = rt._decode_kernel
+    fn = rt._decode_values_kernel if values else rt._decode_kernel
     consts = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
-    consts.update(BLOCK_LANES=lanes, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False)
+    consts.update(BLOCK_LANES=lanes, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False,
+                  WRITE_VALUES=True)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
+    if values:
+        bits = "*i16" if em.symbol_bits(dtype) == 16 else "*u8"
+        types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", value_of_bits_ptr="*fp32",
+                     out_bits_ptr=bits, out_values_ptr="*fp32")
     sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
            for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
@@ -147,6 +155,7 @@ def sass_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
 
     warps = warps or now.DECODE_WARPS
     costs = {"now": {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps)) for dtype in dtypes}, "baseline": None}
+    costs["values"] = {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps, values=True)) for dtype in dtypes}
     costs.update(block_lanes=WARP * warps, gallop_rounds=now.GALLOP_ROUNDS, triton=triton_version())
     if baseline != "none":
         shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{baseline}:kernels/rans_triton.py"],
@@ -264,7 +273,7 @@ def main() -> None:
     dtypes = list(dict.fromkeys(dtype for _, dtype, *_ in sources))
 
     costs = instruction_costs(args.baseline, args.warps, dtypes)
-    base, now = costs["baseline"], costs["now"]
+    base, now, values_now = costs["baseline"], costs["now"], costs["values"]
     groups = (costs["block_lanes"],)
 
     def per_symbol_base(dtype: str) -> str:
@@ -273,18 +282,21 @@ def main() -> None:
     print(f"SASS instructions of the decode step loop, sm_90 (Triton {costs['triton']}, "
           f"{costs['block_lanes']} lanes per program, GALLOP_ROUNDS {costs['gallop_rounds']}):\n")
     print(f"| dtype | baseline {args.baseline} per symbol | hit path | fallback entry | gallop round "
-          "| bisection round |")
-    print("|---|---|---|---|---|---|")
+          "| bisection round | value-level hit path (codec) |")
+    print("|---|---|---|---|---|---|---|")
     for dtype in dtypes:
         c = now[dtype]
         print(f"| {dtype} | {per_symbol_base(dtype)} | {c['hit path']} | {c['fallback entry']} | "
-              f"{c['gallop round']} | {c['bisection round']} |")
+              f"{c['gallop round']} | {c['bisection round']} | {values_now[dtype]['hit path']} |")
+    print("\n(The value-level kernel shares the search (_find_key) and adds quantize_params and the "
+          "value written to its hit path; only that is shown.)")
 
     print("\nESTIMATE (no GPU): probes counted by the kernel under TRITON_INTERPRET=1, instructions from "
           "the sm_90 SASS above, GB/s of raw KV at 12-16 T thread-instructions/s:\n")
     print("| data | dtype | lane miss rate | lanes per block | P(block misses) | E[max gallop] | E[max bisect] "
-          "| instr/symbol | est. GB/s | baseline instr/symbol | baseline est. GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| instr/symbol | est. GB/s | value-level instr/symbol | est. GB/s | baseline instr/symbol "
+          "| baseline est. GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, dtype, values, mu, sigma in sources:
         stats = probe_stats(rt, values, mu, sigma, dtype, groups)
         c, size_b = now[dtype], values.element_size()
@@ -294,10 +306,12 @@ def main() -> None:
 
         for size in groups:
             p, gallop, bisect = stats[size]
-            instr = c["hit path"] + p * c["fallback entry"] + gallop * c["gallop round"] + bisect * c["bisection round"]
+            instr, instr_v = (k["hit path"] + p * k["fallback entry"] + gallop * k["gallop round"]
+                              + bisect * k["bisection round"] for k in (c, values_now[dtype]))
             gbs_base = gbs(base[dtype]["per symbol"]) if base else "-"
             print(f"| {name} | {dtype} | {stats['miss']:.5f} | {size} | {p:.4f} | {gallop:.3f} | {bisect:.3f} "
-                  f"| {instr:.0f} | {gbs(instr)} | {per_symbol_base(dtype)} | {gbs_base} |")
+                  f"| {instr:.0f} | {gbs(instr)} | {instr_v:.0f} | {gbs(instr_v)} | {per_symbol_base(dtype)} "
+                  f"| {gbs_base} |")
         sys.stdout.flush()
 
 if __name__ == "__main__":
