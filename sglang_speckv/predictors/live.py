@@ -15,6 +15,7 @@ key, so it starts a new calibration (the old file stays for that model). A file 
 not load (corrupt, other format) is refitted and overwritten.
 
     live = LiveCalibration(tier_dir, layout=layout_from_config(cfg), model_key=key, kv_dtype="bf16")
+    live = for_served_model(tier_dir, model_path, "bf16", page_shape)   # the same, as a server does
     live.feed(page, position)         # [2, layers, tokens, kv_heads, head_dim], stored dtype
     pred = live.predictor()           # LinearGaussianPredictor or None
     live.status()                     # {"state": ..., "tokens": ..., "path": ..., ...}
@@ -26,6 +27,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,6 +55,34 @@ def model_key(layout: dict, config_json: bytes) -> str:
     return h.hexdigest()
 
 
+def for_served_model(directory: str | Path, model_path: str, kv_dtype: str, page_shape: tuple[int, ...],
+                     **kwargs) -> LiveCalibration:
+    """The live calibration of the model at ``model_path`` (a checkpoint directory or a
+    Hugging Face id in the local cache: only its config.json is read) for pages of
+    ``page_shape`` ([2, layers, tokens, kv_heads, head_dim]) and ``kv_dtype``. Raises
+    ValueError (UnsupportedModel for a model the predictors do not cover) or OSError, with
+    the architecture and what is missing, before anything is sampled."""
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    from sglang_speckv.tools.dump_kv import architecture, layout_from_config
+
+    try:
+        config_path = cached_file(model_path, "config.json")
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read the config.json of model {model_path!r}: {exc}") from None
+    layout = layout_from_config(config)
+    want = (2, layout["layers"], layout["kv_heads"], layout["head_dim"])
+    have = (page_shape[0], page_shape[1], *page_shape[3:])
+    if have != want:
+        raise ValueError(f"{architecture(config)}: this server's pages hold {have[1]} layers x {have[2]} KV heads x "
+                         f"{have[3]} dims, the model {want[1]} x {want[2]} x {want[3]} (missing: live calibration "
+                         "of tensor- or pipeline-parallel shards)")
+    key = model_key(layout, Path(config_path).read_bytes())
+    return LiveCalibration(directory, layout=layout, model_key=key, kv_dtype=kv_dtype, **kwargs)
+
+
 def calibration_path(directory: str | Path, key: str, kv_dtype: str) -> Path:
     return Path(directory) / f"speckv-live-calibration-{key}-{kv_dtype}.safetensors"
 
@@ -62,15 +92,18 @@ class LiveCalibration:
     called from any thread; none of them raises for bad pages or a failed fit."""
 
     def __init__(self, directory: str | Path, *, layout: dict, model_key: str, kv_dtype: str,
-                 sample_tokens: int = DEFAULT_SAMPLE_TOKENS, names=LIVE_PREDICTORS, nice: int = 19):
+                 sample_tokens: int = DEFAULT_SAMPLE_TOKENS, names=LIVE_PREDICTORS, nice: int = 19,
+                 on_done: Callable[[], None] | None = None):
+        """``on_done``: called (from the fitting thread) once a fit has ended, ready or failed."""
         if kv_dtype not in STORED_DTYPES:
-            raise ValueError(f"live calibration covers KV dtypes {sorted(STORED_DTYPES)}, not {kv_dtype!r}")
+            raise ValueError(f"live calibration covers KV dtypes {', '.join(STORED_DTYPES)}, not {kv_dtype}")
         if sample_tokens < 2 * GROUPS:
             raise ValueError(f"sample_tokens must be at least {2 * GROUPS}")
         self.layout, self.key, self.kv_dtype, self.names = dict(layout), model_key, kv_dtype, tuple(names)
         self.path = calibration_path(directory, model_key, kv_dtype)
         self.sample_tokens = sample_tokens
         self.nice = nice  # CPU priority of the fitting thread (19: the lowest)
+        self.on_done = on_done
         self._shape = (2, layout["layers"], layout["kv_heads"], layout["head_dim"])  # without tokens
         self._lock = threading.Lock()
         self._pages: list[tuple[torch.Tensor, int]] = []
@@ -166,6 +199,11 @@ class LiveCalibration:
             self._state = "failed"
         finally:
             self._pages = []  # the sample is not needed any more
+        if self.on_done is not None:
+            try:
+                self.on_done()
+            except Exception:  # noqa: BLE001 - e.g. a stats file write; the fit itself is done
+                pass
 
     def fit_sample(self) -> Calibration:
         """Fit on the sample: pages with non-finite values are dropped, the rest are dealt
