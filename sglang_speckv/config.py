@@ -242,7 +242,7 @@ FIELDS: tuple[Field, ...] = (
           "model re-run on the CPU (sglang_speckv/predictors, docs/DESIGN.md)"),
     Field("calibrate", choice("off", "auto"), "off",
           "'auto': fit the token-free calibrated predictor (context) from the first pages "
-          "written, in a background thread at the lowest CPU priority; new pages are coded with "
+          "written, in a child process at the lowest CPU priority; new pages are coded with "
           "page_stats until then, with it after; saved beside the first tier and reused by a "
           "restart (docs/DESIGN.md \"Live calibration\"). Needs predictor = 'page_stats' and "
           "an 'lmdb' first tier"),
