@@ -578,3 +578,30 @@ def test_live_calibration_refuses_what_it_cannot_fit_at_start_up(tmp_path):
         _live_backend(tmp_path, pool, str(deepseek))
     with pytest.raises(ConfigError, match="covers KV dtypes bf16, fp8_e4m3, not fp16"):
         _live_backend(tmp_path, _host_pool("layer_first", dtype=torch.float16), _model_config(tmp_path))
+
+
+def test_live_calibration_of_fp8_pages(tmp_path):
+    """fp8 e4m3 KV (uint8 in SGLang's host pool): sampled as float8, fitted, and later
+    pages coded by the live predictor read back bit for bit."""
+    from sglang_speckv.kernels.format import parse_blob
+    from sglang_speckv.predictors.linear import SPECS
+
+    pool = _host_pool("layer_first", dtype=torch.float8_e4m3fn)
+    geometry = PageGeometry.of_pool(pool, "fp8_e4m3")
+    g = torch.Generator().manual_seed(21)
+    mu = torch.randn(2, LAYERS, 1, HEADS, DIM, generator=g) * 3
+    pages = (mu + torch.randn(7, *geometry.shape, generator=g)).to(torch.float8_e4m3fn).view(torch.uint8)
+    for i in range(7):
+        geometry.page(pool.kv_buffer, i * PAGE).view(torch.uint8).copy_(pages[i])
+    tiers = [{"name": "ram", "path": str(tmp_path / "ram"), "capacity": "64MiB", "sync": "none"}]
+    backend = SpecKVStorage(_storage_config(tmp_path, calibrate="auto", calibrate_sample_tokens=5 * PAGE, tiers=tiers), {})
+    backend.open(geometry, pool.kv_buffer, torch.device("cpu"), _model_config(tmp_path))
+    keys = _keys(7, "e")
+    assert backend.batch_set_v1(keys[:5], torch.arange(0, 5 * PAGE), _extra([])) == [True] * 5
+    assert backend.coder.live.wait(timeout=120) and backend.coder.live.status()["state"] == "ready"
+    assert backend.batch_set_v1(keys[5:], torch.arange(5 * PAGE, 7 * PAGE), _extra(keys[:5])) == [True] * 2
+    assert parse_blob(unpack_value(backend.store.get([keys[6]])[0])[1]).header.predictor_id == SPECS["context"].id
+    assert backend.batch_get_v1(keys, torch.arange(8 * PAGE, 15 * PAGE), _extra([])) == [True] * 7
+    for i in range(7):
+        assert torch.equal(geometry.page(pool.kv_buffer, (8 + i) * PAGE).contiguous().view(torch.uint8), pages[i])
+    backend.close()
