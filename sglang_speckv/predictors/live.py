@@ -50,6 +50,10 @@ GROUPS = 4
 STORED_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
+class FitFailed(Exception):
+    """The fitting process failed; the message is its last line of stderr."""
+
+
 def model_key(layout: dict, config_json: bytes) -> str:
     """16 hex digits naming a served model for live calibration: its KV layout and the
     bytes of its config.json (a server does not hash weights; a fine-tune with the same
@@ -204,10 +208,10 @@ class LiveCalibration:
                                  text=True, check=False, env=env)
             if run.returncode != 0:
                 lines = run.stderr.strip().splitlines()
-                raise RuntimeError(lines[-1] if lines else f"the fitting process exited with {run.returncode}")
+                raise FitFailed(lines[-1] if lines else f"the fitting process exited with {run.returncode}")
             self._ready(load_calibration(self.path))
         except Exception as exc:  # noqa: BLE001 - a background fit must never reach SGLang's threads
-            self._error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc)
+            self._error = str(exc) if isinstance(exc, FitFailed) else f"{type(exc).__name__}: {exc}"
             self._state = "failed"
         finally:
             self._pages = []
