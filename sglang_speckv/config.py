@@ -61,6 +61,7 @@ class Field:
 
 
 REQUIRED = object()  # marker: the field has no default and must be given
+LIVE = "live"  # the tier predictor that names the live calibration's (calibrate = "auto")
 
 
 # --- kinds -------------------------------------------------------------------------------
@@ -193,8 +194,8 @@ TIER_FIELDS: tuple[Field, ...] = (
           "'full' data and metadata fsynced (durable); see docs/STORAGE.md"),
     Field("predictor", STR, "",
           "predictor pages are re-coded with when they move into this tier (same forms as the "
-          "top-level predictor; e.g. 'model:CHECKPOINT_DIR' for a cold tier); '' keeps them as "
-          "they are"),
+          "top-level predictor; e.g. 'model:CHECKPOINT_DIR' for a cold tier; 'live': the live "
+          "calibration's, with calibrate = 'auto', once it is ready); '' keeps them as they are"),
 )
 
 # The settings of a tier of kind "mooncake" only (storage/mooncake.py, docs/STORAGE.md).
@@ -239,6 +240,15 @@ FIELDS: tuple[Field, ...] = (
           "predictor new pages are coded with: 'page_stats', 'CALIB.safetensors[:NAME]' from "
           "`speckv calibrate`, or 'model:CHECKPOINT_DIR[?quant=..&exact=K&threads=N]', the served "
           "model re-run on the CPU (sglang_speckv/predictors, docs/DESIGN.md)"),
+    Field("calibrate", choice("off", "auto"), "off",
+          "'auto': fit the token-free calibrated predictor (context) from the first pages "
+          "written, in a child process at the lowest CPU priority; new pages are coded with "
+          "page_stats until then, with it after; saved beside the first tier and reused by a "
+          "restart (docs/DESIGN.md \"Live calibration\"). Needs predictor = 'page_stats' and "
+          "an 'lmdb' first tier"),
+    Field("calibrate_sample_tokens", INT, 4096,
+          "calibrate = 'auto': tokens of written pages the fit samples (at least 8); more cost "
+          "memory (4096 SmolLM2 tokens: 94 MB of bf16 KV) and fit time for a slightly better fit"),
     Field("coding_batch_bytes", SIZE, "64MiB",
           "raw KV bytes the codec codes in one batch: larger batches are split, so the codec's "
           "scratch stays a small multiple of this (docs/DESIGN.md \"The coder\")"),
@@ -308,8 +318,22 @@ def _check(config: Any) -> None:
                               f"path{same}; each tier needs its own directory")
         if tier.capacity <= 0:
             raise ConfigError(f"tiers[{i}].capacity: must be more than 0 bytes")
+        if tier.predictor == LIVE and config.calibrate != "auto":
+            raise ConfigError(f"tiers[{i}].predictor: 'live' re-codes with the live calibration; "
+                              "set calibrate = 'auto' (or name a predictor)")
         seen_names[tier.name] = i
         seen_paths[real] = i
+    if config.calibrate == "auto":
+        if config.predictor != "page_stats":
+            raise ConfigError(f"predictor: {config.predictor!r} with calibrate = 'auto'; the live calibration "
+                              "replaces page_stats for new pages once it is ready, so leave predictor at "
+                              "'page_stats' (or set calibrate = 'off')")
+        if config.tiers[0].kind != "lmdb":
+            raise ConfigError("calibrate: 'auto' saves its calibration beside the first tier, which must be "
+                              "an 'lmdb' tier")
+        if config.calibrate_sample_tokens < 8:
+            raise ConfigError(f"calibrate_sample_tokens: {config.calibrate_sample_tokens} is too few; "
+                              "at least 8 (default 4096)")
 
 
 Config = _dataclass("Config", FIELDS)

@@ -488,3 +488,120 @@ def test_predictor_names_are_validated_with_clear_errors(tmp_path):
         predictor_from_spec("oracle")
     with pytest.raises(ConfigError, match="predictor:"):
         SpecKVStorage(_storage_config(tmp_path, predictor=str(tmp_path / "missing.safetensors") + ":static"), {})
+
+
+def _model_config(tmp_path, name: str = "tiny", **kw) -> str:
+    """A checkpoint directory holding only config.json (all live calibration reads): a
+    Llama whose KV pages have this file's layout, unless ``kw`` says otherwise."""
+    from transformers import LlamaConfig
+
+    fields = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=HEADS,
+                  head_dim=DIM, num_hidden_layers=LAYERS, vocab_size=128, max_position_embeddings=4096)
+    directory = tmp_path / name
+    LlamaConfig(**{**fields, **kw}).save_pretrained(directory)
+    return str(directory)
+
+
+def _live_backend(tmp_path, pool, model_path, **extra) -> SpecKVStorage:
+    tiers = [{"name": "small", "path": str(tmp_path / "small"), "capacity": "3KiB", "sync": "none"},
+             {"name": "big", "path": str(tmp_path / "big"), "capacity": "64MiB", "sync": "none", "predictor": "live"}]
+    backend = SpecKVStorage(_storage_config(tmp_path, calibrate="auto", calibrate_sample_tokens=5 * PAGE, tiers=tiers,
+                                            **extra), {})
+    backend.open(PageGeometry.of_pool(pool, None), pool.kv_buffer, torch.device("cpu"), model_path)
+    return backend
+
+
+def test_live_calibration_switches_new_writes_and_recodes_demoted_pages(tmp_path):
+    """calibrate = "auto": the first 5 pages written (one with NaN/inf patterns, which the
+    fit leaves out) are sampled and page_stats-coded; the background fit makes the context
+    predictor code later pages; pages demoted into the 'live' tier are re-coded with it;
+    everything reads back bit for bit, also after a restart, which reuses the saved file
+    and the same store namespace."""
+    from sglang_speckv.kernels.format import parse_blob
+    from sglang_speckv.predictors.linear import SPECS
+
+    pool = _host_pool("layer_first")
+    written = _fill(pool, 8, seed=20)
+    model = _model_config(tmp_path)
+    backend = _live_backend(tmp_path, pool, model)
+    assert backend.coder.live.status()["state"] == "sampling" and backend.coder.identity() == ""
+    keys = _keys(8, "v")
+    assert backend.batch_set_v1(keys[:5], torch.arange(0, 5 * PAGE), _extra([])) == [True] * 5
+    assert backend.coder.live.wait(timeout=120)
+    assert backend.coder.live.status()["state"] == "ready", backend.coder.live.status()
+    assert backend.batch_set_v1(keys[5:], torch.arange(5 * PAGE, 8 * PAGE), _extra(keys[:5])) == [True] * 3
+    stats = backend.stats()
+    assert stats["predictor"] == "context" and stats["live_calibration"]["state"] == "ready"
+    assert stats["written_by_predictor"]["page_stats"]["pages"] == 5
+    assert stats["written_by_predictor"]["context"]["pages"] == 3
+    assert stats["pages_recoded"] >= 1 and stats["store"]["tiers"][1]["pages"] >= 5, stats["store"]
+    ids = {parse_blob(unpack_value(backend.store.get([k])[0])[1]).header.predictor_id for k in keys}
+    assert SPECS["context"].id in ids
+    assert all(parse_blob(unpack_value(backend.store.get([k])[0])[1]).header.predictor_id == SPECS["context"].id
+               for k in keys[5:])
+
+    def read_back(b):
+        assert b.batch_get_v1(keys, torch.arange(8 * PAGE, 16 * PAGE), _extra([])) == [True] * 8
+        for i in range(8):
+            assert torch.equal(_bits(b.geometry.page(pool.kv_buffer, (8 + i) * PAGE)), _bits(written[i]))
+
+    read_back(backend)
+    fingerprint = backend.coder.live.status()["fingerprint"]
+    backend.close()
+    again = _live_backend(tmp_path, pool, model)  # restart: the saved calibration, at once
+    assert again.coder.live.status()["state"] == "ready" and again.coder.live.status()["fingerprint"] == fingerprint
+    read_back(again)
+    again.close()
+
+
+def test_live_calibration_refuses_what_it_cannot_fit_at_start_up(tmp_path):
+    """An unsupported model (MLA latents, no RoPE), a pool of another layout or KV dtype, or
+    no model path: a ConfigError naming the architecture and what is missing."""
+    from transformers import GPT2Config
+
+    pool = _host_pool("layer_first")
+    with pytest.raises(ConfigError, match="calibrate.*model path is unknown"):
+        _live_backend(tmp_path, pool, None)
+    with pytest.raises(ConfigError, match="calibrate = 'auto': LlamaForCausalLM: this server's pages hold 2 layers"):
+        _live_backend(tmp_path, pool, _model_config(tmp_path, "deeper", num_hidden_layers=3,
+                                                     architectures=["LlamaForCausalLM"]))
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=2, n_head=2, n_embd=32, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel: its config has no RoPE parameters"):
+        _live_backend(tmp_path, pool, str(gpt2))
+    deepseek = tmp_path / "deepseek"
+    deepseek.mkdir()
+    (deepseek / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "kv_lora_rank": 512,
+        "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "vocab_size": 128}))
+    with pytest.raises(ConfigError, match="DeepseekV2ForCausalLM: its KV cache is an MLA latent"):
+        _live_backend(tmp_path, pool, str(deepseek))
+    with pytest.raises(ConfigError, match="covers KV dtypes bf16, fp8_e4m3, not fp16"):
+        _live_backend(tmp_path, _host_pool("layer_first", dtype=torch.float16), _model_config(tmp_path))
+
+
+def test_live_calibration_of_fp8_pages(tmp_path):
+    """fp8 e4m3 KV (uint8 in SGLang's host pool): sampled as float8, fitted, and later
+    pages coded by the live predictor read back bit for bit."""
+    from sglang_speckv.kernels.format import parse_blob
+    from sglang_speckv.predictors.linear import SPECS
+
+    pool = _host_pool("layer_first", dtype=torch.float8_e4m3fn)
+    geometry = PageGeometry.of_pool(pool, "fp8_e4m3")
+    g = torch.Generator().manual_seed(21)
+    mu = torch.randn(2, LAYERS, 1, HEADS, DIM, generator=g) * 3
+    pages = (mu + torch.randn(7, *geometry.shape, generator=g)).to(torch.float8_e4m3fn).view(torch.uint8)
+    for i in range(7):
+        geometry.page(pool.kv_buffer, i * PAGE).view(torch.uint8).copy_(pages[i])
+    tiers = [{"name": "ram", "path": str(tmp_path / "ram"), "capacity": "64MiB", "sync": "none"}]
+    backend = SpecKVStorage(_storage_config(tmp_path, calibrate="auto", calibrate_sample_tokens=5 * PAGE, tiers=tiers), {})
+    backend.open(geometry, pool.kv_buffer, torch.device("cpu"), _model_config(tmp_path))
+    keys = _keys(7, "e")
+    assert backend.batch_set_v1(keys[:5], torch.arange(0, 5 * PAGE), _extra([])) == [True] * 5
+    assert backend.coder.live.wait(timeout=120) and backend.coder.live.status()["state"] == "ready"
+    assert backend.batch_set_v1(keys[5:], torch.arange(5 * PAGE, 7 * PAGE), _extra(keys[:5])) == [True] * 2
+    assert parse_blob(unpack_value(backend.store.get([keys[6]])[0])[1]).header.predictor_id == SPECS["context"].id
+    assert backend.batch_get_v1(keys, torch.arange(8 * PAGE, 15 * PAGE), _extra([])) == [True] * 7
+    for i in range(7):
+        assert torch.equal(geometry.page(pool.kv_buffer, (8 + i) * PAGE).contiguous().view(torch.uint8), pages[i])
+    backend.close()

@@ -97,11 +97,26 @@ def test_toml_file_and_overrides(tmp_path):
     ({"recency_flush_seconds": -1}, "recency_flush_seconds: -1 is not a non-negative number"),
     ({"recency_flush_seconds": float("nan")}, "recency_flush_seconds: nan is not a non-negative number"),
     ({"promote_on_hits": True}, "promote_on_hits: unknown setting; did you mean 'promote_on_hit'?"),
+    ({"calibrate": "yes"}, "calibrate: 'yes' is not one of off, auto"),
+    ({"calibrate": "auto", "predictor": "/c.safetensors"}, "predictor: '/c.safetensors' with calibrate = 'auto'"),
+    ({"calibrate": "auto", "calibrate_sample_tokens": 4}, "calibrate_sample_tokens: 4 is too few"),
+    ({"calibrate_sample_tokens": -1}, "calibrate_sample_tokens: -1 is not a non-negative integer"),
+    ({"tiers": [{"name": "a", "path": "/a"}, {"name": "b", "path": "/b", "predictor": "live"}]},
+     "tiers[1].predictor: 'live' re-codes with the live calibration; set calibrate = 'auto'"),
+    ({"calibrate": "auto", "tiers": [{"name": "c", "kind": "mooncake"}]},
+     "calibrate: 'auto' saves its calibration beside the first tier"),
 ])
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides)
     assert message in str(info.value)
+
+
+def test_live_calibration_settings():
+    config = load_config(overrides={"calibrate": "auto", "calibrate_sample_tokens": 1024, "tiers": [
+        {"name": "ram", "path": "/dev/shm/x"}, {"name": "ssd", "path": "/var/x", "predictor": "live"}]})
+    assert (config.calibrate, config.calibrate_sample_tokens, config.tiers[1].predictor) == ("auto", 1024, "live")
+    assert (load_config().calibrate, load_config().calibrate_sample_tokens) == ("off", 4096)
 
 
 def test_bad_files(tmp_path):

@@ -3,10 +3,14 @@ pages a server writes, with no calibration file and no offline step.
 
 The backend hands every page it writes to ``feed`` (cheap: a copy into a bounded sample,
 nothing else, never blocks on the fit). Once ``sample_tokens`` tokens are in, a background
-thread at the lowest CPU priority fits the calibration (tools/calibrate.py, on the sampled
-tokens at their own positions), saves it beside the first tier under a name that holds the
-served model's key and the KV dtype, and from then on ``predictor()`` returns the calibrated
-predictor for new writes. Until then (and if the fit fails) it returns None: the backend
+thread writes the sample to a file and runs the fit in a child process at the lowest CPU
+priority (``python -m sglang_speckv.predictors.live``: tools/calibrate.py on the sampled
+tokens at their own positions), which saves the calibration beside the first tier under a
+name that holds the served model's key and the KV dtype; from then on ``predictor()``
+returns the calibrated predictor for new writes. A process, not a thread: the fit is
+thousands of small torch calls, and in SGLang's process each would wait for the GIL that
+the scheduler's busy loop holds (a 2048-token SmolLM2 fit that takes ~35 s alone had not
+finished after 14 minutes as a thread of a CPU server), and would slow that loop in turn. Until then (and if the fit fails) it returns None: the backend
 keeps coding with page_stats, and pages coded before the switch are re-coded when they move
 to a tier whose predictor is the calibrated one.
 
@@ -15,6 +19,7 @@ key, so it starts a new calibration (the old file stays for that model). A file 
 not load (corrupt, other format) is refitted and overwritten.
 
     live = LiveCalibration(tier_dir, layout=layout_from_config(cfg), model_key=key, kv_dtype="bf16")
+    live = for_served_model(tier_dir, model_path, "bf16", page_shape)   # the same, as a server does
     live.feed(page, position)         # [2, layers, tokens, kv_heads, head_dim], stored dtype
     pred = live.predictor()           # LinearGaussianPredictor or None
     live.status()                     # {"state": ..., "tokens": ..., "path": ..., ...}
@@ -24,8 +29,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,6 +50,10 @@ GROUPS = 4
 STORED_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
+class FitFailed(Exception):
+    """The fitting process failed; the message is its last line of stderr."""
+
+
 def model_key(layout: dict, config_json: bytes) -> str:
     """16 hex digits naming a served model for live calibration: its KV layout and the
     bytes of its config.json (a server does not hash weights; a fine-tune with the same
@@ -53,6 +65,34 @@ def model_key(layout: dict, config_json: bytes) -> str:
     return h.hexdigest()
 
 
+def for_served_model(directory: str | Path, model_path: str, kv_dtype: str, page_shape: tuple[int, ...],
+                     **kwargs) -> LiveCalibration:
+    """The live calibration of the model at ``model_path`` (a checkpoint directory or a
+    Hugging Face id in the local cache: only its config.json is read) for pages of
+    ``page_shape`` ([2, layers, tokens, kv_heads, head_dim]) and ``kv_dtype``. Raises
+    ValueError (UnsupportedModel for a model the predictors do not cover) or OSError, with
+    the architecture and what is missing, before anything is sampled."""
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    from sglang_speckv.tools.dump_kv import architecture, layout_from_config
+
+    try:
+        config_path = cached_file(model_path, "config.json")
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read the config.json of model {model_path!r}: {exc}") from None
+    layout = layout_from_config(config)
+    want = (2, layout["layers"], layout["kv_heads"], layout["head_dim"])
+    have = (page_shape[0], page_shape[1], *page_shape[3:])
+    if have != want:
+        raise ValueError(f"{architecture(config)}: this server's pages hold {have[1]} layers x {have[2]} KV heads x "
+                         f"{have[3]} dims, the model {want[1]} x {want[2]} x {want[3]} (missing: live calibration "
+                         "of tensor- or pipeline-parallel shards)")
+    key = model_key(layout, Path(config_path).read_bytes())
+    return LiveCalibration(directory, layout=layout, model_key=key, kv_dtype=kv_dtype, **kwargs)
+
+
 def calibration_path(directory: str | Path, key: str, kv_dtype: str) -> Path:
     return Path(directory) / f"speckv-live-calibration-{key}-{kv_dtype}.safetensors"
 
@@ -62,15 +102,18 @@ class LiveCalibration:
     called from any thread; none of them raises for bad pages or a failed fit."""
 
     def __init__(self, directory: str | Path, *, layout: dict, model_key: str, kv_dtype: str,
-                 sample_tokens: int = DEFAULT_SAMPLE_TOKENS, names=LIVE_PREDICTORS, nice: int = 19):
+                 sample_tokens: int = DEFAULT_SAMPLE_TOKENS, names=LIVE_PREDICTORS, nice: int = 19,
+                 on_done: Callable[[], None] | None = None):
+        """``on_done``: called (from the fitting thread) once a fit has ended, ready or failed."""
         if kv_dtype not in STORED_DTYPES:
-            raise ValueError(f"live calibration covers KV dtypes {sorted(STORED_DTYPES)}, not {kv_dtype!r}")
+            raise ValueError(f"live calibration covers KV dtypes {', '.join(STORED_DTYPES)}, not {kv_dtype}")
         if sample_tokens < 2 * GROUPS:
             raise ValueError(f"sample_tokens must be at least {2 * GROUPS}")
         self.layout, self.key, self.kv_dtype, self.names = dict(layout), model_key, kv_dtype, tuple(names)
         self.path = calibration_path(directory, model_key, kv_dtype)
         self.sample_tokens = sample_tokens
-        self.nice = nice  # CPU priority of the fitting thread (19: the lowest)
+        self.nice = nice  # CPU priority of the fitting process (19: the lowest)
+        self.on_done = on_done
         self._shape = (2, layout["layers"], layout["kv_heads"], layout["head_dim"])  # without tokens
         self._lock = threading.Lock()
         self._pages: list[tuple[torch.Tensor, int]] = []
@@ -150,33 +193,87 @@ class LiveCalibration:
         self._state = "ready"
 
     def _fit(self) -> None:
+        sample = self.path.with_name(self.path.name + f".sample{os.getpid()}")
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)  # this thread only (Linux)
-        except (AttributeError, OSError):
-            pass
-        try:
-            calib = self.fit_sample()
-            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            calib.save(tmp)
-            os.replace(tmp, self.path)
-            self._ready(calib)
+            save_sample(sample, self._pages)
+            self._pages = []  # the sample is in the file now
+            params = {"model_key": self.key, "layout": self.layout, "kv_dtype": self.kv_dtype,
+                      "names": list(self.names), "nice": self.nice}
+            # In SGLang's process group: stopping the server stops the fit too.
+            root = str(Path(__file__).resolve().parents[2])  # this copy of sglang_speckv, first
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            run = subprocess.run([sys.executable, "-m", __name__, str(sample), str(self.path), json.dumps(params)],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, check=False, env=env)
+            if run.returncode != 0:
+                lines = run.stderr.strip().splitlines()
+                raise FitFailed(lines[-1] if lines else f"the fitting process exited with {run.returncode}")
+            self._ready(load_calibration(self.path))
         except Exception as exc:  # noqa: BLE001 - a background fit must never reach SGLang's threads
-            self._error = f"{type(exc).__name__}: {exc}"
+            self._error = str(exc) if isinstance(exc, FitFailed) else f"{type(exc).__name__}: {exc}"
             self._state = "failed"
         finally:
-            self._pages = []  # the sample is not needed any more
+            self._pages = []
+            sample.unlink(missing_ok=True)
+        if self.on_done is not None:
+            try:
+                self.on_done()
+            except Exception:  # noqa: BLE001 - e.g. a stats file write; the fit itself is done
+                pass
 
-    def fit_sample(self) -> Calibration:
-        """Fit on the sample: pages with non-finite values are dropped, the rest are dealt
-        round-robin into GROUPS sequences of tokens with their own positions."""
-        from sglang_speckv.tools.calibrate import calibrate
 
-        pages = [(p, pos) for p, pos in self._pages if bool(torch.isfinite(p.to(torch.float32)).all())]
-        groups = [pages[i::GROUPS] for i in range(GROUPS)]
-        if any(not g for g in groups):
-            raise ValueError(f"only {len(pages)} finite pages sampled; need at least {GROUPS}")
-        seqs = [torch.cat([p for p, _ in g], dim=2) for g in groups]
-        positions = [torch.cat([torch.arange(pos, pos + p.shape[2]) for p, pos in g]) for g in groups]
-        return calibrate(seqs, model=self.key, layout=self.layout, kv_dtype=self.kv_dtype, names=self.names,
-                         progress=False, positions=positions)
+def save_sample(path: Path, pages: list[tuple[torch.Tensor, int]]) -> None:
+    """The sampled pages and their first positions, as one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {f"page{i}": p.contiguous() for i, (p, _) in enumerate(pages)}
+    tensors["positions"] = torch.tensor([pos for _, pos in pages], dtype=torch.int64)
+    save_file(tensors, str(path))
+
+
+def load_sample(path: Path) -> list[tuple[torch.Tensor, int]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    positions = tensors.pop("positions").tolist()
+    return [(tensors[f"page{i}"], pos) for i, pos in enumerate(positions)]
+
+
+def fit_pages(pages: list[tuple[torch.Tensor, int]], *, model_key: str, layout: dict, kv_dtype: str,
+              names=LIVE_PREDICTORS) -> Calibration:
+    """Fit on sampled (page, position) pairs: pages with non-finite values are dropped, the
+    rest are dealt round-robin into GROUPS sequences of tokens with their own positions."""
+    from sglang_speckv.tools.calibrate import calibrate
+
+    pages = [(p, pos) for p, pos in pages if bool(torch.isfinite(p.to(torch.float32)).all())]
+    groups = [pages[i::GROUPS] for i in range(GROUPS)]
+    if any(not g for g in groups):
+        raise ValueError(f"only {len(pages)} finite pages sampled; need at least {GROUPS}")
+    seqs = [torch.cat([p for p, _ in g], dim=2) for g in groups]
+    positions = [torch.cat([torch.arange(pos, pos + p.shape[2]) for p, pos in g]) for g in groups]
+    return calibrate(seqs, model=model_key, layout=layout, kv_dtype=kv_dtype, names=tuple(names),
+                     progress=False, positions=positions)
+
+
+def _main(sample: str, out: str, params: str) -> int:
+    """The fitting process: SAMPLE file -> calibration at OUT (written aside, then renamed).
+    At the lowest priority, with half the machine's cores at most."""
+    p = json.loads(params)
+    os.nice(p["nice"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    pages = load_sample(Path(sample))
+    Path(sample).unlink(missing_ok=True)
+    calib = fit_pages(pages, model_key=p["model_key"], layout=p["layout"], kv_dtype=p["kv_dtype"], names=p["names"])
+    tmp = f"{out}.tmp{os.getpid()}"
+    calib.save(tmp)
+    os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(_main(*sys.argv[1:]))
+    except Exception as exc:  # noqa: BLE001 - the parent reports the last line of stderr
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -50,7 +50,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 from sglang_speckv.codec import FORMAT_VERSION, VALUE_HEAD, max_compressed_size, token_tuple
 from sglang_speckv.config import ConfigError, load_config
 from sglang_speckv.predictors.base import PageMeta
-from sglang_speckv.sglang.geometry import PageGeometry, sglang_kv_cache_dtype
+from sglang_speckv.sglang.geometry import PageGeometry, sglang_kv_cache_dtype, sglang_model_path
 from sglang_speckv.sglang.page_coder import PageCoder
 from sglang_speckv.sglang.stats import Stats
 from sglang_speckv.storage import TieredStore, chain_parents, namespace
@@ -113,14 +113,17 @@ class SpecKVStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         fp8 = mem_pool_host.dtype == torch.uint8  # only then is SGLang's --kv-cache-dtype needed
         geometry = PageGeometry.of_pool(mem_pool_host, sglang_kv_cache_dtype() if fp8 else None)
-        self.open(geometry, mem_pool_host.kv_buffer, _device_of(mem_pool_host))
+        self.open(geometry, mem_pool_host.kv_buffer, _device_of(mem_pool_host), sglang_model_path())
 
-    def open(self, geometry: PageGeometry, buffer: torch.Tensor | None, device: torch.device) -> None:
+    def open(self, geometry: PageGeometry, buffer: torch.Tensor | None, device: torch.device,
+             model_path: str | None = None) -> None:
         """Open the store (namespaced by model, shard, dtype, page size, format and the
-        predictors' calibrations: another configuration's pages are not this one's) for
-        pages of ``geometry`` kept in ``buffer`` (the host pool's ``kv_buffer``; None for the
-        flat-page path only). ``device``: where coding runs."""
-        self.coder.open(geometry, device)
+        configured predictors' calibrations: another configuration's pages are not this
+        one's; the live calibration is not part of it) for pages of ``geometry`` kept in
+        ``buffer`` (the host pool's ``kv_buffer``; None for the flat-page path only).
+        ``device``: where coding runs; ``model_path``: the served model (SGLang's
+        --model-path), which ``calibrate = "auto"`` needs."""
+        self.coder.open(geometry, device, self._live_calibration(geometry, model_path))
         sc = self.storage_config
         ns = namespace(
             sc.model_name or "",
@@ -135,10 +138,29 @@ class SpecKVStorage(HiCacheStorage):
         self.geometry, self._buffer = geometry, buffer
         for tier in self.config.tiers:
             if tier.predictor:
-                self.store.set_recode(tier.name, functools.partial(self._recode, self.coder.predictors[tier.predictor]))
-        logger.info("speckv: %s pages %s %s, predictor %s, coding on %s, tiers %s", geometry.kind,
-                    geometry.shape, geometry.dtype, self.coder.default.name, device,
-                    [t.name for t in self.config.tiers])
+                self.store.set_recode(tier.name, functools.partial(self._recode, tier.predictor))
+        logger.info("speckv: %s pages %s %s, predictor %s%s, coding on %s, tiers %s", geometry.kind,
+                    geometry.shape, geometry.dtype, self.coder.writer().name,
+                    f" (live calibration {self.coder.live.status()['state']})" if self.coder.live else "",
+                    device, [t.name for t in self.config.tiers])
+
+    def _live_calibration(self, geometry: PageGeometry, model_path: str | None):
+        """The live calibration (config ``calibrate = "auto"``) of the served model, its
+        file in the first tier's directory; None when off. ConfigError, naming the
+        architecture and what is missing, for a model or pool it does not cover."""
+        if self.config.calibrate != "auto":
+            return None
+        from sglang_speckv.predictors.live import for_served_model
+
+        if not model_path:
+            raise ConfigError("calibrate: 'auto' fits to the served model and needs its config.json; "
+                              "the model path is unknown here (start the backend from SGLang)")
+        try:
+            return for_served_model(self.config.tiers[0].path, model_path, geometry.dtype, geometry.shape,
+                                    sample_tokens=self.config.calibrate_sample_tokens,
+                                    on_done=self._stats.write_file)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"calibrate = 'auto': {e}; set calibrate = 'off' (page_stats codes any model)") from None
 
     # --- zero-copy path (SGLang interface v1) --------------------------------------------
 
@@ -197,14 +219,19 @@ class SpecKVStorage(HiCacheStorage):
         start = time.perf_counter()
         g = self.geometry
         prefix = extra_info.prefix_keys if extra_info is not None else None
-        if prefix is None and self.coder.default.uses_position:
+        if prefix is None:
             # SGLang passes them only with "hicache_storage_pass_prefix_keys": true in the
             # extra config, which it keeps to itself: the first write tells.
-            self.coder.warn_once("no-prefix-keys", "speckv: writes come without prefix keys, so predictor %s, "
-                                 "which depends on page positions, codes each write as if it started at "
-                                 "position 0: correct but larger pages. Add \"hicache_storage_pass_prefix_keys\": "
-                                 "true to --hicache-storage-backend-extra-config (speckv serve does). Logged once.",
-                                 self.coder.default.name)
+            flag = ("Add \"hicache_storage_pass_prefix_keys\": true to --hicache-storage-backend-extra-config "
+                    "(speckv serve does). Logged once.")
+            if self.coder.writer().uses_position:
+                self.coder.warn_once("no-prefix-keys", "speckv: writes come without prefix keys, so predictor %s, "
+                                     "which depends on page positions, codes each write as if it started at "
+                                     "position 0: correct but larger pages. %s", self.coder.writer().name, flag)
+            if self.coder.live is not None:
+                self.coder.warn_once("no-prefix-keys-live", "speckv: writes come without prefix keys, so their pages' "
+                                     "positions are unknown and the live calibration (calibrate = 'auto') samples "
+                                     "none of them. %s", flag)
         first_position = len(prefix) * g.page_size if prefix is not None else 0
         have = self.store.exists_prefix(keys)  # chains are re-put from their head: skip the known part
         new = range(have, len(keys))
@@ -220,6 +247,8 @@ class SpecKVStorage(HiCacheStorage):
                                   prefix_ids=prefix_ids))
             prefix_ids = prefix_ids + ids if prefix_ids is not None and ids is not None else None
         staged = torch.stack([pages[i] for i in new])  # a copy: SGLang reuses host memory
+        if prefix is not None:  # positions known: a sample for the live calibration
+            self.coder.feed(staged, metas)
         coding_start = time.perf_counter()
         values = self.coder.encode(staged, metas)
         coding_s = time.perf_counter() - coding_start
@@ -285,9 +314,10 @@ class SpecKVStorage(HiCacheStorage):
         self._read_buffers.list = buffers
         return buffers[:n]
 
-    def _recode(self, target, value: memoryview) -> bytes | memoryview:
-        """The store's demotion hook (page_coder.PageCoder.recode), counted."""
-        new = self.coder.recode(target, value)
+    def _recode(self, spec: str, value: memoryview) -> bytes | memoryview:
+        """The store's demotion hook (page_coder.PageCoder.recode) for a tier whose
+        predictor is ``spec``, counted."""
+        new = self.coder.recode(self.coder.tier_predictor(spec), value)
         if new is not value:
             self._stats.add(pages_recoded=1)
         return new
@@ -296,9 +326,10 @@ class SpecKVStorage(HiCacheStorage):
 
     def _stats_extra(self) -> dict:
         out = {
-            "predictor": self.coder.default.name,
+            "predictor": self.coder.writer().name,  # what codes new pages now
             "tier_predictors": {t.name: t.predictor for t in self.config.tiers if t.predictor},
             "device": str(self.coder.device),
+            **self.coder.stats(),  # written_by_predictor, live_calibration
         }
         if self.store is not None:
             try:

@@ -121,3 +121,13 @@ def sglang_kv_cache_dtype() -> str | None:
         return get_model().kv_cache_dtype
     except ValueError:  # "config namespace 'model' not published": not in a server process
         return None
+
+
+def sglang_model_path() -> str | None:
+    """SGLang's --model-path in this (scheduler) process, or None outside a server."""
+    try:
+        from sglang.srt.runtime_context import get_model
+
+        return get_model().model_path
+    except ValueError:  # "config namespace 'model' not published": not in a server process
+        return None

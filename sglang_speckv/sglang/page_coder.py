@@ -5,6 +5,12 @@ new pages are coded with the first, reads pick each blob's predictor by the (id,
 fingerprint) in its header, and tiers with their own predictor re-code pages demoted into
 them (``recode``, the store's hook).
 
+With a live calibration (config ``calibrate = "auto"``, predictors/live.py) written pages
+are fed to it, and once it is ready its predictor codes new pages instead of the
+configured one and is what tier predictor ``"live"`` re-codes with; it is known to reads
+(by its blob identity) from then on. It is not part of ``identity()``: the store's
+namespace stays the same before and after the switch and across restarts.
+
 Nothing here raises into SGLang: ``encode`` returns None for a page it could not code
 (logged once per cause), ``decode_into`` reports how many pages verified. Start-up problems
 (a predictor that cannot code this pool's pages) raise ConfigError from ``check``.
@@ -18,11 +24,12 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections import Counter
 
 import torch
 
 from sglang_speckv import codec
-from sglang_speckv.config import ConfigError
+from sglang_speckv.config import LIVE, ConfigError
 from sglang_speckv.kernels.format import BlobError, parse_blob
 from sglang_speckv.predictors import PAGE_STATS, PredictorSpecError, predictor_from_spec
 from sglang_speckv.predictors.base import PageMeta, Predictor
@@ -37,7 +44,7 @@ class PageCoder:
     def __init__(self, default: str, tier_predictors: list[str], batch_bytes: int):
         """``batch_bytes``: raw bytes the codec codes at once (config coding_batch_bytes)."""
         self.batch_bytes = batch_bytes
-        specs = dict.fromkeys([default, *tier_predictors, PAGE_STATS])
+        specs = dict.fromkeys([default, *(s for s in tier_predictors if s != LIVE), PAGE_STATS])
         try:
             self.predictors: dict[str, Predictor] = {s: predictor_from_spec(s) for s in specs}
         except PredictorSpecError as e:
@@ -54,22 +61,80 @@ class PageCoder:
         self.device = torch.device("cpu")
         self._streams = threading.local()
         self._warned: set[str] = set()  # causes already logged (one line each)
+        self.live = None  # predictors/live.py LiveCalibration (calibrate = "auto"), from open()
+        self._live_predictor: Predictor | None = None  # its predictor, once checked and known to reads
+        self._written_lock = threading.Lock()
+        self._written: dict[str, Counter] = {}  # predictor name -> pages, raw and coded bytes written
 
-    def open(self, geometry: PageGeometry, device: torch.device) -> None:
-        """Code pages of ``geometry`` on ``device``. ConfigError, naming the predictor and
-        what to do, if a configured predictor cannot code such pages."""
+    def open(self, geometry: PageGeometry, device: torch.device, live=None) -> None:
+        """Code pages of ``geometry`` on ``device``, with live calibration ``live`` if
+        given. ConfigError, naming the predictor and what to do, if a configured predictor
+        cannot code such pages."""
         for spec, predictor in self.predictors.items():
             try:
                 predictor.check(geometry.dtype, geometry.shape)
             except ValueError as e:
                 raise ConfigError(f"predictor {spec!r}: {e}") from None
-        self.geometry, self.device = geometry, device
+        self.geometry, self.device, self.live = geometry, device, live
+        self.live_predictor()  # a calibration saved by an earlier run: known to reads at once
 
     def identity(self) -> str:
         """The configured predictors' ids and fingerprints (for the store's namespace), in a
         fixed order; page_stats alone (fingerprint 0, parameters in every blob) gives ""."""
         calibrated = sorted({(p.id, p.fingerprint) for p in self.predictors.values() if p.fingerprint})
         return ",".join(f"{pid}:{fp:016x}" for pid, fp in calibrated)
+
+    def live_predictor(self) -> Predictor | None:
+        """The live calibration's predictor once it is ready (registered for reads on first
+        sight), else None."""
+        if self._live_predictor is not None or self.live is None:
+            return self._live_predictor
+        predictor = self.live.predictor()
+        if predictor is None:
+            return None
+        try:
+            predictor.check(self.geometry.dtype, self.geometry.shape)
+        except ValueError as e:  # for_served_model checked the layout: not expected
+            self.warn_once("live-check", "speckv: the live calibration cannot code these pages, page_stats "
+                           "goes on: %s (logged once)", e)
+            return None
+        self._by_blob[predictor.id, predictor.fingerprint] = predictor
+        self._live_predictor = predictor
+        logger.info("speckv: live calibration ready (%s, fingerprint %016x): new pages are coded with it",
+                    predictor.name, predictor.fingerprint)
+        return predictor
+
+    def writer(self) -> Predictor:
+        """The predictor new pages are coded with: the live calibration's once ready, else
+        the configured one."""
+        return self.live_predictor() or self.default
+
+    def tier_predictor(self, spec: str) -> Predictor | None:
+        """The predictor a tier's ``predictor`` field names (None: 'live', not ready yet)."""
+        return self.live_predictor() if spec == LIVE else self.predictors[spec]
+
+    def feed(self, pages: torch.Tensor, metas: list[PageMeta]) -> None:
+        """Offer written pages ([P, *canonical shape], storage dtype, a private copy) at
+        their positions to the live calibration while it samples. Never raises."""
+        if self.live is None or self.live.status()["state"] != "sampling":
+            return
+        try:
+            if self.geometry.dtype == "fp8_e4m3":  # SGLang keeps fp8 KV as uint8
+                pages = pages.view(torch.float8_e4m3fn)
+            for page, meta in zip(pages, metas):
+                self.live.feed(page, meta.position)
+        except Exception as e:  # noqa: BLE001 - sampling must not fail a write
+            self.warn_once(f"feed:{type(e).__name__}", "speckv: live calibration sampling failed: %s: %s "
+                           "(logged once)", type(e).__name__, e)
+
+    def stats(self) -> dict:
+        """For the stats file: pages, raw and coded bytes written per predictor (and the
+        ratio), and the live calibration's status."""
+        with self._written_lock:
+            written = {name: dict(c) for name, c in self._written.items()}
+        for c in written.values():
+            c["ratio"] = round(c["raw_bytes"] / c["coded_bytes"], 3) if c["coded_bytes"] else None
+        return {"written_by_predictor": written, "live_calibration": self.live.status() if self.live else None}
 
     def warn_once(self, cause: str, message: str, *args) -> None:
         if cause not in self._warned:
@@ -82,9 +147,11 @@ class PageCoder:
                predictor: Predictor | None = None) -> list[bytes | None]:
         """Stored values of ``pages`` ([P, *canonical shape], storage dtype, a private
         copy) with the tokens ``metas`` know; None for every page of a batch that failed to
-        code (logged once per cause). Pages ``predictor`` cannot code (``can_code``) are
-        coded with the fallback (page_stats), logged once per cause."""
-        predictor = predictor or self.default
+        code (logged once per cause). Pages ``predictor`` (default: ``writer()``, and then
+        they are counted as written in ``stats()``) cannot code (``can_code``) are coded
+        with the fallback (page_stats), logged once per cause."""
+        count = predictor is None
+        predictor = predictor or self.writer()
         groups: dict[Predictor, list[int]] = {}
         for i, meta in enumerate(metas):
             why = predictor.can_code(meta)
@@ -103,6 +170,12 @@ class PageCoder:
                 return [None] * len(metas)
             for i, blob in zip(members, blobs):
                 values[i] = codec.pack_value(self._stored_tokens(metas[i]), blob)
+            if count:
+                coded = sum(len(values[i]) for i in members)
+                with self._written_lock:
+                    self._written.setdefault(pred.name, Counter()).update(
+                        pages=len(members), raw_bytes=pages[0].numel() * pages.element_size() * len(members),
+                        coded_bytes=coded)
         return values
 
     def _stored_tokens(self, meta: PageMeta) -> bytes | None:
@@ -202,10 +275,12 @@ class PageCoder:
 
     # --- demotion ------------------------------------------------------------------------
 
-    def recode(self, target: Predictor, value: memoryview) -> bytes | memoryview:
+    def recode(self, target: Predictor | None, value: memoryview) -> bytes | memoryview:
         """The store's demotion hook for a tier with its own predictor: the stored value
-        re-coded with ``target``. Raises BlobError if it cannot (the store then moves the
-        value unchanged)."""
+        re-coded with ``target`` (None: moves unchanged). Raises BlobError if it cannot
+        (the store then moves the value unchanged)."""
+        if target is None:
+            return value
         tokens, blob = codec.unpack_value(value)
         header = parse_blob(blob).header
         source = self._by_blob.get((header.predictor_id, header.fingerprint))

@@ -397,7 +397,7 @@ def run_frontier(args) -> str:
                 mu, sigma = predict_page(pred, held)
                 add(label, block_bits(held, mu, sigma, kv_dtype, pred.w_wide, pred.kappa), linear_macs(pred) / macs["prefill"], "ablation of the residual model")
         if kv_dtype == "bf16" and args.serving_pages:
-            for name, bits, compute, note, speed in serving_model_rows(args.model or prepare_model(), model, ids_held, held_kv,
+            for name, bits, compute, note, speed in serving_model_rows(path, model, ids_held, held_kv,
                                                                        args.serving_pages, args.serving):
                 add(name, bits, compute, note, speed)
         for est in estimates:
