@@ -416,7 +416,10 @@ def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
     _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
 
 
-@triton.jit
+# Sizes, offsets and mixture parameters change from batch to batch: not specialised on
+# (Triton would compile a variant per divisibility-by-16 pattern of them), so a server
+# compiles one variant per dtype, and its warm-up at start-up covers its restores.
+@triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_symbols", "num_steps", "w_wide", "kappa"])
 def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, scratch_ptr, begin_ptr,
                           num_lanes, lanes_per_page, num_symbols, num_steps, w_wide, kappa,
                           BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
@@ -753,7 +756,8 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, q_ptr, keys_ptr, 
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
+                               "w_wide", "kappa"])  # fmt: skip
 def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, value_of_bits_ptr,
                           out_bits_ptr, out_values_ptr, x_ptr, wptr_ptr,
                           num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,

@@ -24,12 +24,14 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from collections import Counter
 
 import torch
 
 from sglang_speckv import codec
 from sglang_speckv.config import LIVE, ConfigError
+from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels.format import BlobError, parse_blob
 from sglang_speckv.predictors import PAGE_STATS, PredictorSpecError, predictor_from_spec
 from sglang_speckv.predictors.base import PageMeta, Predictor
@@ -77,6 +79,28 @@ class PageCoder:
                 raise ConfigError(f"predictor {spec!r}: {e}") from None
         self.geometry, self.device, self.live = geometry, device, live
         self.live_predictor()  # a calibration saved by an earlier run: known to reads at once
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Code and decode one page of zeros now, so that the coder is compiled or loaded
+        (Triton kernels on CUDA: tens of seconds the first time; the C++ coder on the CPU) at
+        start-up, not by the first write or restore. Every predictor runs the same coder
+        kernels: page_stats stands in for all. A failure is logged; pages then fail as they
+        would have anyway (per page, never into SGLang)."""
+        t0 = time.perf_counter()
+        page = torch.zeros(self.geometry.shape, dtype=em.TORCH_DTYPES[self.geometry.dtype], device=self.device)
+        meta = PageMeta(self.geometry.dtype, tuple(self.geometry.shape), 0)
+        predictor = self.predictors[PAGE_STATS]
+        try:
+            _, errors = codec.decode_pages(codec.encode_pages([page], [meta], predictor), predictor, device=self.device)
+            if errors[0] is not None:
+                raise errors[0]
+        except Exception as e:  # noqa: BLE001 - start-up goes on; coding failures are per page
+            logger.warning("speckv: coder warm-up on %s failed (%s: %s); pages may fail to code",
+                           self.device, type(e).__name__, e)
+            return
+        logger.info("speckv: coder ready on %s after %.1f s (compiled or loaded at start-up)",
+                    self.device, time.perf_counter() - t0)
 
     def identity(self) -> str:
         """The configured predictors' ids and fingerprints (for the store's namespace), in a
