@@ -227,10 +227,19 @@ def test_two_servers_share_one_cluster(cluster, sglang_server, tmp_path):
     second = b.generate(PROMPT, 8)
     assert second["cached"].get("storage") == pages * PAGE, second["cached"]
     assert second["tokens"] == first["tokens"] and second["logprobs"] == first["logprobs"]
+    # The stats file lags the counters by up to a second: read it before stopping B.
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            stats = json.loads((tmp_path / "b" / "stats.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            stats = {"store": {"tiers": [{}, {"hits": 0}]}, "verify_failures": 0}
+        cluster_tier = stats["store"]["tiers"][1]
+        if cluster_tier["hits"] >= pages or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     b.stop()
-    stats = json.loads((tmp_path / "b" / "stats.json").read_text())
-    cluster_tier = stats["store"]["tiers"][1]
-    assert cluster_tier["hits"] >= pages and stats["verify_failures"] == 0
+    assert cluster_tier["hits"] >= pages and stats["verify_failures"] == 0, cluster_tier
 
 
 def test_batches_larger_than_the_transfer_buffer(cluster):
