@@ -49,9 +49,10 @@ SOURCE = Path(__file__).with_name("rans_cpu.cpp")
 # What a first build took on a loaded 2-core machine (torch's headers dominate), for the
 # one-time notice.
 BUILD_SECONDS_TYPICAL = 40
-# torch's extension builder guards a build with a lock file and waits for it forever; a
-# process killed mid-build leaves it behind. A build takes well under a minute, so a lock
-# older than this was left by a dead build and is removed before loading.
+# Older torch guards a build with a lock file whose mere existence blocks, and waits for it
+# forever; a process killed mid-build leaves it behind. A build takes well under a minute,
+# so such a lock older than this was left by a dead build and is removed before loading.
+# (Newer torch holds an flock on a file that stays: removing it would break the lock.)
 STALE_LOCK_SECONDS = 600
 
 _build_lock = threading.Lock()
@@ -94,10 +95,11 @@ def _load() -> ModuleType:
 
     cflags = [*CFLAGS, *_macros()]
     name = _name(cflags)
-    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-        logger.warning("removing a stale build lock left by a killed build: %s", lock)
-        lock.unlink(missing_ok=True)
+    if not hasattr(cpp_extension, "FileLock"):  # newer torch holds an flock the kernel releases
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("removing a stale build lock left by a killed build: %s", lock)
+            lock.unlink(missing_ok=True)
     return cpp_extension.load(
         name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False
     )
