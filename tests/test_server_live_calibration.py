@@ -7,12 +7,13 @@ SmolLM2-135M-Instruct, bf16 KV), started with no calibration file:
 2. pages of held-out text written after the switch are coded with it at >= 1.7x their raw
    bf16 bytes, and after ``/flush_cache`` they restore from the store with greedy tokens and
    logprobs equal to an uncached run;
-3. a restarted server loads the saved calibration at once (nothing sampled), and restores
-   both the pages coded after the switch and those coded with page_stats before it (the
-   store's namespace did not change).
+3. the pages coded with page_stats before the switch still restore (the store's namespace
+   did not change with it). That a restart loads the saved calibration at once and reads
+   both kinds of pages back is tested on a real host pool in tests/test_backend.py, without
+   a second server start (CI time).
 
 ``calibrate_sample_tokens`` is 2048 here (the default is 4096) so that the test fits CI
-time (~3.5 min on the shared 2-core machine, two server starts included). One run printed:
+time (~2.5 min on a 2-core machine). One run printed:
 context 1.793x on the 50 pages written after the switch, page_stats 1.392x on the 160
 before it.
 """
@@ -105,17 +106,7 @@ def test_live_calibration_in_a_server(tmp_path, sglang_server, prompts):
     assert stats["predictor"] == "context" and after["pages"] >= 2 * pages
     assert after["raw_bytes"] / after["coded_bytes"] >= 1.7, after
     assert stats["verify_failures"] == 0
-    server.stop()
-
-    (tmp_path / "stats.json").unlink()
-    server = sglang_server(_args(tmp_path), name="live-b")
-    restored = server.generate(held, NEW_TOKENS)  # coded by the live predictor
-    assert restored["cached"].get("storage") == pages * PAGE, restored["cached"]
-    _assert_same(restored, reference)
     old = server.generate(calib_prompts[0], NEW_TOKENS)  # coded by page_stats before the switch
     assert old["cached"].get("storage") == _full_pages(first["prompt_tokens"]) * PAGE, old["cached"]
-    _assert_same(old, _uncached(server, calib_prompts[0]))
-    assert old["tokens"] == first["tokens"]
-    time.sleep(2.0)
-    live = _stats(tmp_path)["live_calibration"]
-    assert live["state"] == "ready" and live["tokens_sampled"] == 0, live
+    _assert_same(old, first)
+    server.stop()
