@@ -50,10 +50,9 @@ SPECIAL_BITS = {
 }
 
 
-def make_pages(dtype: str, num_pages: int, n: int, seed: int):
-    """keys and quantised params, [P, n] int64 on DEVICE: two thirds of the symbols drawn
-    around (mu, sigma) as a predictor would see them, the rest raw random bit patterns; the
-    special patterns and the garbage (mu, sigma) at the front of every page."""
+def draw_pages(dtype: str, num_pages: int, n: int, seed: int):
+    """float32 (mu, sigma) and int64 storage patterns [P, n]: two thirds of the patterns
+    drawn around (mu, sigma) as a predictor would see them, the rest random bits."""
     gen = torch.Generator().manual_seed(seed)
     scale = 16.0 if dtype.startswith("fp8") else 1.0
     mu = torch.randn(num_pages, n, generator=gen) * scale
@@ -61,7 +60,14 @@ def make_pages(dtype: str, num_pages: int, n: int, seed: int):
     values = (mu + sigma * torch.randn(num_pages, n, generator=gen)).to(em.TORCH_DTYPES[dtype])
     bits = em.storage_bits(values)
     raw = torch.randint(0, 1 << em.symbol_bits(dtype), (num_pages, n), generator=gen)
-    bits = torch.where(torch.rand(num_pages, n, generator=gen) < 1 / 3, raw, bits)
+    return mu, sigma, torch.where(torch.rand(num_pages, n, generator=gen) < 1 / 3, raw, bits)
+
+
+def make_pages(dtype: str, num_pages: int, n: int, seed: int):
+    """keys and quantised params, [P, n] int64 on DEVICE: two thirds of the symbols drawn
+    around (mu, sigma) as a predictor would see them, the rest raw random bit patterns; the
+    special patterns and the garbage (mu, sigma) at the front of every page."""
+    mu, sigma, bits = draw_pages(dtype, num_pages, n, seed)
     for t, start, special in ((bits, 0, SPECIAL_BITS[dtype]), (mu, 0, GARBAGE_MU), (sigma, 3, GARBAGE_SIGMA)):
         m = max(0, min(len(special), n - start))  # what fits in a short page
         t[:, start : start + m] = torch.tensor(special[:m], dtype=t.dtype)
@@ -307,14 +313,7 @@ def make_value_pages(dtype: str, num_pages: int, n: int, seed: int):
     """(bits, mu, sigma) [P, n] on the CPU: storage patterns (int16 / uint8; the special
     ones, random ones and values drawn around mu) and float32 (mu, sigma) whose first
     symbols run through every pair of garbage values, then the edges of quantize_params."""
-    gen = torch.Generator().manual_seed(seed)
-    scale = 16.0 if dtype.startswith("fp8") else 1.0
-    mu = torch.randn(num_pages, n, generator=gen) * scale
-    sigma = (torch.rand(num_pages, n, generator=gen) + 0.05) * scale
-    values = (mu + sigma * torch.randn(num_pages, n, generator=gen)).to(em.TORCH_DTYPES[dtype])
-    bits = em.storage_bits(values)
-    raw = torch.randint(0, 1 << em.symbol_bits(dtype), (num_pages, n), generator=gen)
-    bits = torch.where(torch.rand(num_pages, n, generator=gen) < 1 / 3, raw, bits)
+    mu, sigma, bits = draw_pages(dtype, num_pages, n, seed)
     pairs = [(m, sg) for m in GARBAGE_MU for sg in GARBAGE_SIGMA] + list(zip(EDGE_MU, EDGE_SIGMA))
     pairs = pairs[:n]
     mu[:, : len(pairs)] = torch.tensor([m for m, _ in pairs])
