@@ -6,10 +6,19 @@
 // nothing here repeats a number.
 //
 // Lanes are independent coders, so the work is split over lanes with at::parallel_for (a
-// lane's result does not depend on which thread ran it, so neither do the bytes): encode
-// runs each lane's steps in turn, decode advances a block of LANE_BLOCK lanes of a page step
-// by step. Lane g is lane g % NL of page g / NL; its step j is symbol g % NL + j * NL of
-// that page (DESIGN.md "Lanes").
+// lane's result does not depend on which thread ran it, so neither do the bytes): a thread
+// advances a block of LANE_BLOCK lanes of a page step by step (encode in reverse). Lane g
+// is lane g % NL of page g / NL; its step j is symbol g % NL + j * NL of that page
+// (DESIGN.md "Lanes").
+//
+// Within a step the model's work for the block's lanes (quantize_params, the guess, C at two
+// keys) is independent across lanes, so it is written branch-free (selects, & instead of &&,
+// clamps by value) in loops under `#pragma omp simd`: with -march=native the compiler turns
+// them into AVX-512 (or AVX2) code with gathers for the table reads. Integer operations give
+// the same integers in any lane width, and the float64 steps are the same IEEE operations
+// (-ffp-contract=off: no FMA), so the bytes do not depend on the vector width or the CPU
+// (tests/test_rans_cpu.py compares them with the torch reference). Check that the loops
+// still vectorise after a change: add -fopt-info-vec-missed to CFLAGS in rans_cpu.py.
 //
 // Arithmetic follows the reference operation for operation in int64. Products and sums that
 // the reference lets wrap on corrupt input (never on valid input: see the bounds in
@@ -56,54 +65,55 @@ struct Dtype {
   int64_t bits, man_bits, bias;
   bool fn_nan;
   int64_t top, exp_ones, man_mask, max_pattern;
+  int64_t nan_mant_ones;  // mantissa bits that need not be set in an inf/NaN pattern
 
   Dtype(int64_t bits_, int64_t man_bits_, int64_t bias_, bool fn_nan_)
       : bits(bits_), man_bits(man_bits_), bias(bias_), fn_nan(fn_nan_), top(int64_t(1) << bits_),
         exp_ones((int64_t(1) << (bits_ - 1 - man_bits_)) - 1), man_mask((int64_t(1) << man_bits_) - 1),
         // the largest finite pattern: S.1111.110 for e4m3fn, S.1110.111... for IEEE-like
-        max_pattern(fn_nan_ ? (exp_ones << man_bits_) + man_mask - 1 : (exp_ones << man_bits_) - 1) {}
+        max_pattern(fn_nan_ ? (exp_ones << man_bits_) + man_mask - 1 : (exp_ones << man_bits_) - 1),
+        nan_mant_ones(fn_nan_ ? 0 : man_mask) {}
 
   // entropy_model.value_units at key k in [0, 2^B) with off = F - e: the key's value in units
   // of delta, truncated toward zero, saturated to +-X_MAX; computed from the key's bits
   // (entropy_model._key_fields_cpu tabulates the same sig, ex, sgn).
   inline int64_t units(int64_t k, int64_t off) const {
+    // Branch-free (selects only), so that loops over lanes vectorise.
     const int64_t sign_bit = top >> 1;
     const int64_t pattern = (k & sign_bit) ? k ^ sign_bit : k ^ (top - 1);  // bits_from_keys
     const int64_t biased = (pattern >> man_bits) & exp_ones;
     const int64_t mant = pattern & man_mask;
-    const bool special = fn_nan ? (biased == exp_ones && mant == man_mask) : biased == exp_ones;
-    int64_t mag = X_MAX;  // inf and NaN saturate to the side of their sign
-    if (!special) {
-      const int64_t sig = mant + (int64_t(biased != 0) << man_bits);  // < 2^11
-      const int64_t shift = std::max<int64_t>(biased, 1) - bias - man_bits + off;
-      const int64_t up = std::clamp<int64_t>(shift, 0, X_SHIFT_MAX);
-      const int64_t down = std::clamp<int64_t>(-shift, 0, 63);
-      mag = std::min<int64_t>((sig << up) >> down, X_MAX);
-    }
+    // inf/NaN: an all-ones exponent, and for e4m3fn an all-ones mantissa too
+    const bool special = (biased == exp_ones) & ((mant | nan_mant_ones) == man_mask);  // & not &&: no branch
+    const int64_t sig = mant + (int64_t(biased != 0) << man_bits);  // < 2^11
+    const int64_t shift = std::max<int64_t>(biased, 1) - bias - man_bits + off;
+    const int64_t up = std::clamp<int64_t>(shift, 0, X_SHIFT_MAX);
+    const int64_t down = std::clamp<int64_t>(-shift, 0, 63);
+    // inf and NaN saturate to the side of their sign
+    const int64_t mag = special ? X_MAX : std::min<int64_t>((sig << up) >> down, X_MAX);
     return (pattern & sign_bit) ? -mag : mag;
   }
 
   // A key whose value is near v (the decoder's guess: any error here only costs time, never
   // changes a result): v rounded to the dtype's grid, saturated to the finite range.
   inline int64_t nearest_key(double v) const {
+    // Branch-free like units(); every shift count is clamped into [0, 63] before use.
     uint64_t u;
     std::memcpy(&u, &v, sizeof u);
     const int64_t e2 = int64_t(u >> 52) & 0x7FF;  // float64 biased exponent
     const int64_t m52 = int64_t(u & ((uint64_t(1) << 52) - 1));
-    int64_t pattern = 0;  // float64 zeros, subnormals and NaNs guess 0
-    if (e2 == 0x7FF && m52 == 0) {
-      pattern = max_pattern;
-    } else if (e2 != 0 && e2 != 0x7FF) {
-      const int64_t biased = e2 - 1023 + bias;
-      if (biased >= 1) {  // normal: round the mantissa; a carry moves into the exponent
-        const int64_t rs = 52 - man_bits;
-        pattern = ((biased << 52 | m52) + (int64_t(1) << (rs - 1))) >> rs;
-      } else {  // subnormal: units of 2^(1 - bias - man_bits)
-        const int64_t rs = 53 - man_bits - biased;
-        pattern = rs > 62 ? 0 : ((int64_t(1) << 52 | m52) + (int64_t(1) << (rs - 1))) >> rs;
-      }
-      pattern = std::min(pattern, max_pattern);
-    }
+    const int64_t biased = e2 - 1023 + bias;  // < 2^11
+    // normal (biased >= 1): round the mantissa; a carry moves into the exponent
+    const int64_t rs_n = 52 - man_bits;
+    const int64_t normal = ((std::max<int64_t>(biased, 0) << 52 | m52) + (int64_t(1) << (rs_n - 1))) >> rs_n;
+    // subnormal: units of 2^(1 - bias - man_bits); shifted out entirely beyond 62
+    const int64_t rs_s = std::clamp<int64_t>(53 - man_bits - biased, 1, 63);
+    // (v + 2^(s-1)) >> s written as ((v >> (s-1)) + 1) >> 1 (equal for v >= 0): no shift
+    // of a constant by a per-lane count, which the vectoriser cannot do
+    const int64_t sub = rs_s > 62 ? 0 : (((int64_t(1) << 52 | m52) >> (rs_s - 1)) + 1) >> 1;
+    int64_t pattern = std::min(biased >= 1 ? normal : sub, max_pattern);
+    pattern = ((e2 == 0) | (e2 == 0x7FF)) ? 0 : pattern;  // float64 zeros, subnormals and NaNs guess 0
+    pattern = ((e2 == 0x7FF) & (m52 == 0)) ? max_pattern : pattern;  // infinities
     const int64_t sign_bit = top >> 1;
     return (u >> 63) ? (pattern | sign_bit) ^ (top - 1) : pattern | sign_bit;  // keys_from_bits
   }
@@ -150,9 +160,13 @@ struct Model {
 
   // (C(k), C(k + 1)) for k in [0, 2^B), sharing units(k)
   inline void cdf_pair(int64_t k, int64_t two_mu_q, int64_t off, int64_t inv, int64_t& c0, int64_t& c1) const {
+    // both boundaries are always computed (units of keys -1 and 2^B are harmless), then
+    // the ends selected: no branch, so loops over lanes vectorise
     const int64_t u = dtype.units(k, off);
-    c0 = k <= 0 ? 0 : from_boundary(k, dtype.units(k - 1, off) + u, two_mu_q, inv);
-    c1 = k + 1 >= dtype.top ? M : from_boundary(k + 1, u + dtype.units(k + 1, off), two_mu_q, inv);
+    const int64_t f0 = from_boundary(k, dtype.units(k - 1, off) + u, two_mu_q, inv);
+    const int64_t f1 = from_boundary(k + 1, u + dtype.units(k + 1, off), two_mu_q, inv);
+    c0 = k <= 0 ? 0 : f0;
+    c1 = k + 1 >= dtype.top ? M : f1;
   }
 };
 
@@ -253,16 +267,19 @@ torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const to
   return out;
 }
 
-// Lanes decoded together by one thread, step by step: their dependency chains (state ->
-// slot -> key -> state) are independent, so the core overlaps their latencies (table reads,
-// the division) instead of waiting on one lane's chain.
+// Lanes decoded together by one thread, step by step, in three passes per step: (1) every
+// lane's guess and C at the guess pair, branch-free and independent across lanes, so the
+// loop vectorises (#pragma omp simd; AVX-512 gathers and 64-bit multiplies where the CPU has
+// them); (2) the few lanes whose slot is not in [C(guess), C(guess + 1)) search, one by one;
+// (3) every lane emits its key and renormalises, vectorised again. Only the guess is float
+// arithmetic, and it only decides where the exact integer search starts.
 constexpr int64_t LANE_BLOCK = 64;
 
 // One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
 // symbols [first, first + n) of each of P pages. params(i, mu_q, e, r, inv) gives symbol
-// i's (of the stage's [P, n]) quantised parameters and 2^32 // r, emit(i, key) takes its key. x, ptr: int64
-// [P * NL] lane states and next-word indices, updated in place; words_p: W >= 1 words
-// (int64 or uint32 values in [0, 2^32)).
+// i's (of the stage's [P, n]) quantised parameters and 2^32 // r, emit(i, page, col, key)
+// takes its key. x, ptr: int64 [P * NL] lane states and next-word indices, updated in place;
+// words_p: W >= 1 words (int64 or uint32 values in [0, 2^32)).
 template <class Word, class ParamFn, class EmitFn>
 void decode_stage(const Model& model, const double* q, const Word* words_p, int64_t num_words, int64_t* x_p,
                   int64_t* ptr_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first, ParamFn params,
@@ -275,33 +292,14 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
   const int64_t step_begin = first / num_lanes, step_end = (first + n + num_lanes - 1) / num_lanes;
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
 
-  // Decode symbol i (of the stage's [P, n]) from lane state x / word pointer ptr.
-  auto decode_symbol = [&](int64_t i, int64_t page, int64_t col, int64_t& x, int64_t& ptr) {
-    int64_t mu_q, e, r, inv;  // inv = 2^32 // r
+  // Pass 2, for a lane whose slot missed the guess pair [lo, hi = lo + 1): gallop from it to
+  // a bracket C(lo) <= slot < C(hi), then bisect to hi = lo + 1. C is strictly increasing
+  // with C(0) = 0 <= slot < M = C(2^B), so the key is the unique lo whatever the guess.
+  auto search = [&](int64_t i, int64_t slot, int64_t& lo, int64_t& c_lo, int64_t& c_hi) {
+    int64_t mu_q, e, r, inv;
     params(i, mu_q, e, r, inv);
     const int64_t two_mu_q = 2 * mu_q, off = F - e;
-    const int64_t slot = x & (M - 1);
-
-    // Guess the key as the reference does: G^-1 of (slot - k) through the quantile table,
-    // with the key of mu in place of k. (The reference then guesses again with the first
-    // guess as k; here that second pass costs more time than the extra C evaluations it
-    // saves.)
-    const double mu_f = double(mu_q) * pow2(e - F);
-    const double sig_f = double(r) * pow2(e - R - T_BITS);
-    const int64_t key_of_mu = dtype.nearest_key(mu_f);
-    const double u = double(std::clamp<int64_t>(slot - key_of_mu, 0, floor_free)) * cell_scale;
-    const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
-    const double t = q[cell] + (q[cell + 1] - q[cell]) * (u - double(cell));
-    int64_t guess = dtype.nearest_key(mu_f + sig_f * t);
-    guess = std::clamp<int64_t>(guess, 0, dtype.top - 1);
-
-    // Exact search. Nearly always C(guess) <= slot < C(guess + 1): both are evaluated at
-    // once (independent work, no data-dependent branch). Otherwise gallop from the guess to
-    // a bracket C(lo) <= slot < C(hi), then bisect to hi = lo + 1. C is strictly increasing
-    // with C(0) = 0 <= slot < M = C(2^B), so the key is the unique lo whatever the guess.
-    int64_t lo = guess, hi = guess + 1;
-    int64_t c_lo, c_hi;
-    model.cdf_pair(guess, two_mu_q, off, inv, c_lo, c_hi);
+    int64_t hi = lo + 1;
     if (c_lo > slot) {  // the key is below the guess
       for (int64_t stride = 1;; stride <<= 1) {
         hi = lo, c_hi = c_lo;
@@ -309,7 +307,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         c_lo = model.cdf(lo, two_mu_q, off, inv);
         if (c_lo <= slot) break;
       }
-    } else if (c_hi <= slot) {  // the key is above guess
+    } else {  // the key is above the guess
       for (int64_t stride = 1;; stride <<= 1) {
         lo = hi, c_lo = c_hi;
         hi = std::min(lo + stride, dtype.top);
@@ -326,19 +324,17 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         hi = mid, c_hi = c;
       }
     }
-    emit(i, page, col, lo);
-
-    // x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell below L. A read past
-    // the lane's words reads words[min(ptr, W - 1)] like the reference; finish() rejects it.
-    const int64_t x_new = wrap_add(wrap_mul(c_hi - c_lo, x >> PROB_BITS), slot - c_lo);
-    const int64_t word = int64_t(words_p[std::min(ptr, last_word)]);
-    const bool refill = x_new < RANS_L;  // branch-free: taken about half the time, unpredictably
-    x = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
-    ptr += refill;
   };
 
   at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
-    int64_t x[LANE_BLOCK], ptr[LANE_BLOCK];
+    // Locals, not loads through the closure, in the vectorised loops.
+    const Model mdl = model;
+    const ParamFn prm = params;
+    const EmitFn out = emit;
+    const double* qt = q;
+    const Word* wp = words_p;
+    // block slot j holds lane l0 + j: its state, next word, and this step's key and C pair
+    int64_t x[LANE_BLOCK], ptr[LANE_BLOCK], key[LANE_BLOCK], c_lo[LANE_BLOCK], c_hi[LANE_BLOCK];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t page = b / blocks_per_page;
       const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
@@ -349,9 +345,44 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
       for (int64_t step = step_begin; step < step_end; ++step) {
         // lane l holds stage symbol l + step * NL - first; idle outside [0, n) (ragged ends)
         const int64_t base = step * num_lanes - first;
-        const int64_t lane_lo = std::max(l0, -base), lane_hi = std::min(l1, n - base);
-        for (int64_t l = lane_lo; l < lane_hi; ++l) {
-          decode_symbol(page * n + base + l, page, base + l, x[l - l0], ptr[l - l0]);
+        const int64_t j_lo = std::max(l0, -base) - l0, j_hi = std::min(l1, n - base) - l0;
+        const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
+
+        // Pass 1: the guess and (C(guess), C(guess + 1)). The guess is the reference's: G^-1
+        // of (slot - k) through the quantile table, with the key of mu in place of k. (The
+        // reference then guesses again with the first guess as k; here that second pass
+        // costs more time than the extra C evaluations it saves.)
+#pragma omp simd
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          int64_t mu_q, e, r, inv;  // inv = 2^32 // r
+          prm(i0 + j, mu_q, e, r, inv);
+          const int64_t slot = x[j] & (M - 1);
+          const double mu_f = double(mu_q) * pow2(e - F);
+          const double sig_f = double(r) * pow2(e - R - T_BITS);
+          const int64_t key_of_mu = mdl.dtype.nearest_key(mu_f);
+          const double u = double(std::clamp<int64_t>(slot - key_of_mu, 0, floor_free)) * cell_scale;
+          const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
+          const double t = qt[cell] + (qt[cell + 1] - qt[cell]) * (u - double(cell));
+          const int64_t k = std::clamp<int64_t>(mdl.dtype.nearest_key(mu_f + sig_f * t), 0, mdl.dtype.top - 1);
+          key[j] = k;
+          mdl.cdf_pair(k, 2 * mu_q, F - e, inv, c_lo[j], c_hi[j]);
+        }
+        // Pass 2: the misses (a few percent of symbols) search.
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          const int64_t slot = x[j] & (M - 1);
+          if (c_lo[j] > slot || c_hi[j] <= slot) search(i0 + j, slot, key[j], c_lo[j], c_hi[j]);
+        }
+        // Pass 3: emit; x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell
+        // below L. A read past the lane's words reads words[min(ptr, W - 1)] like the
+        // reference; finish() rejects it.
+#pragma omp simd
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          out(i0 + j, page, col0 + j, key[j]);
+          const int64_t x_new = wrap_add(wrap_mul(c_hi[j] - c_lo[j], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[j]);
+          const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
+          const bool refill = x_new < RANS_L;
+          x[j] = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
+          ptr[j] += refill;
         }
       }
       std::copy(x, x + (l1 - l0), x_p + g0);
@@ -388,11 +419,11 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
   decode_stage(
       model, quantiles.data_ptr<double>(), words.data_ptr<int64_t>(), words.numel(), x_t.data_ptr<int64_t>(),
       ptr_t.data_ptr<int64_t>(), mu_q.size(0), mu_q.size(1), num_lanes, first,
-      [&](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
+      [=](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
         m = mu_p[i], ee = e_p[i], rr = r_p[i];
         inv = (int64_t(1) << 32) / rr;
       },
-      [&](int64_t i, int64_t, int64_t, int64_t k) { keys_p[i] = k; });
+      [=](int64_t i, int64_t, int64_t, int64_t k) { keys_p[i] = k; });
   return keys;
 }
 
@@ -404,31 +435,41 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
 // -ffp-contract=off, so the compiler keeps both operations.)
 inline double round_half_even(double v) {
   constexpr double TWO52 = 4503599627370496.0;
-  if (!(std::fabs(v) < TWO52)) return v;
-  return v >= 0 ? (v + TWO52) - TWO52 : -((-v + TWO52) - TWO52);
+  const double a = std::fabs(v);
+  const double rounded = (a + TWO52) - TWO52;  // the nearest integer of a, ties to even, if a < 2^52
+  return std::copysign(a < TWO52 ? rounded : a, v);  // (selects, no branch: loops vectorise)
+}
+
+// std::clamp for a non-NaN double, by value (std::clamp returns a reference, which the
+// vectoriser turns into control flow)
+inline double clamp_value(double v, double lo, double hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
 }
 
 // entropy_model.quantize_params for one scalar, operation for operation: sigma's frexp
 // read from its bits (it is a positive normal float64 after the clamps), exact products
-// with powers of two, round-half-even.
+// with powers of two, round-half-even. Branch-free.
 inline void quantize(float mu, float sigma, int64_t& mu_q, int64_t& e, int64_t& r) {
   double s = sigma;
-  if (std::isnan(s)) s = 1.0;
-  if (s <= 0) s = SIGMA_MIN;
-  s = std::clamp(s, SIGMA_MIN, SIGMA_MAX);
+  s = std::isnan(s) ? 1.0 : s;
+  s = s <= 0 ? SIGMA_MIN : s;
+  s = clamp_value(s, SIGMA_MIN, SIGMA_MAX);
   uint64_t u;
   std::memcpy(&u, &s, sizeof u);
-  e = int64_t(u >> 52) - 1023;  // s = 1.m * 2^e
+  const int64_t e0 = int64_t(u >> 52) - 1023;  // s = 1.m * 2^e0
   const uint64_t one_m = (u & ((uint64_t(1) << 52) - 1)) | (uint64_t(1023) << 52);
   double mant;  // 1.m in [1, 2): frexp's mantissa times 2
   std::memcpy(&mant, &one_m, sizeof mant);
-  r = int64_t(round_half_even(mant * double(int64_t(1) << R)));
-  if (r == (int64_t(1) << (R + 1))) r = int64_t(1) << R, e += 1;
+  const int64_t r0 = int64_t(round_half_even(mant * double(int64_t(1) << R)));
+  const bool carry = r0 == (int64_t(1) << (R + 1));  // 1.m rounded up to 2
+  r = carry ? int64_t(1) << R : r0;
+  e = e0 + carry;
   double m = mu;
-  if (std::isnan(m)) m = 0.0;
-  m = std::clamp(m, -MU_INF, MU_INF);
+  m = std::isnan(m) ? 0.0 : m;
+  m = clamp_value(m, -MU_INF, MU_INF);
   const double xmax = double(X_MAX);
-  mu_q = int64_t(std::clamp(round_half_even(m * pow2(F - e)), -xmax, xmax));
+  mu_q = int64_t(clamp_value(round_half_even(m * pow2(F - e)), -xmax, xmax));
 }
 
 // 2^32 // r for the r quantize produces ([2^R, 2^(R+1)]), one division per entry once.
@@ -480,43 +521,61 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const torc
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
   // each lane's words in the order emitted (the reverse of decode order)
   std::vector<std::vector<uint32_t>> streams(lanes);
-  at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
-    int64_t x[LANE_BLOCK];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t page = b / blocks_per_page;
-      const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
-      const int64_t l1 = std::min(l0 + LANE_BLOCK, num_lanes);
-      const int64_t g0 = page * num_lanes + l0;
-      for (int64_t l = l0; l < l1; ++l) {
-        x[l - l0] = RANS_L;
-        streams[g0 + l - l0].reserve(size_t(steps / 2 + 4));
-      }
-      for (int64_t s = steps - 1; s >= 0; --s) {  // in reverse (warning 1 of the reference)
-        const int64_t lane_hi = std::min(l1, n - s * num_lanes);
-        for (int64_t l = l0; l < lane_hi; ++l) {
-          const int64_t i = page * n + l + s * num_lanes;
-          const int64_t u = pattern[i];
-          const int64_t k = (u & sign_bit) ? u ^ ones : u | sign_bit;  // keys_from_bits
-          int64_t mu_q, e, r;
-          quantize(mu_p[i], sigma_p[i], mu_q, e, r);
-          int64_t c0, c1;
-          model.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), c0, c1);
-          const int64_t f = c1 - c0;
-          int64_t& xl = x[l - l0];
-          if (xl > (((f - 1) << ENC_SHIFT) | ((int64_t(1) << ENC_SHIFT) - 1))) {
-            streams[g0 + l - l0].push_back(uint32_t(xl & WORD_MASK));
-            xl >>= WORD_BITS;
+  // patterns: uint16_t or uint8_t [P, N] (one instantiation per width, so the inner loop has
+  // no branch on it)
+  auto encode_blocks = [&](const auto* patterns) {
+    at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
+      // Locals, not loads through the closures, in the vectorised loop.
+      const Model mdl = model;
+      const auto* pat = patterns;
+      const float *mus = mu_p, *sigmas = sigma_p;
+      const int64_t sign = sign_bit, all_ones = ones;
+      // block slot j holds lane l0 + j: its state, and this step's C(k) and f(k)
+      int64_t x[LANE_BLOCK], cum[LANE_BLOCK], freq[LANE_BLOCK];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t page = b / blocks_per_page;
+        const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
+        const int64_t l1 = std::min(l0 + LANE_BLOCK, num_lanes);
+        const int64_t g0 = page * num_lanes + l0;
+        for (int64_t l = l0; l < l1; ++l) {
+          x[l - l0] = RANS_L;
+          streams[g0 + l - l0].reserve(size_t(steps / 2 + 4));
+        }
+        for (int64_t s = steps - 1; s >= 0; --s) {  // in reverse (warning 1 of the reference)
+          const int64_t j_hi = std::min(l1, n - s * num_lanes) - l0;
+          const int64_t i0 = page * n + l0 + s * num_lanes;  // slot j codes symbol i0 + j
+          // The model at every lane's symbol: independent across lanes, branch-free (vectorised).
+#pragma omp simd
+          for (int64_t j = 0; j < j_hi; ++j) {
+            const int64_t u = pat[i0 + j];
+            const int64_t k = (u & sign) ? u ^ all_ones : u | sign;  // keys_from_bits
+            int64_t mu_q, e, r, c1;
+            quantize(mus[i0 + j], sigmas[i0 + j], mu_q, e, r);
+            mdl.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), cum[j], c1);
+            freq[j] = c1 - cum[j];
           }
-          const int64_t qt = xl / f;
-          xl = (qt << PROB_BITS) + (xl - qt * f) + c0;
+          for (int64_t j = 0; j < j_hi; ++j) {  // the rANS step (a word out, then the division)
+            int64_t& xl = x[j];
+            if (xl > (((freq[j] - 1) << ENC_SHIFT) | ((int64_t(1) << ENC_SHIFT) - 1))) {
+              streams[g0 + j].push_back(uint32_t(xl & WORD_MASK));
+              xl >>= WORD_BITS;
+            }
+            const int64_t qt = xl / freq[j];
+            xl = (qt << PROB_BITS) + (xl - qt * freq[j]) + cum[j];
+          }
+        }
+        for (int64_t l = l0; l < l1; ++l) {  // flush: low word first in decode order
+          streams[g0 + l - l0].push_back(uint32_t(x[l - l0] >> WORD_BITS));
+          streams[g0 + l - l0].push_back(uint32_t(x[l - l0] & WORD_MASK));
         }
       }
-      for (int64_t l = l0; l < l1; ++l) {  // flush: low word first in decode order
-        streams[g0 + l - l0].push_back(uint32_t(x[l - l0] >> WORD_BITS));
-        streams[g0 + l - l0].push_back(uint32_t(x[l - l0] & WORD_MASK));
-      }
-    }
-  });
+    });
+  };
+  if (pattern.p16) {
+    encode_blocks(reinterpret_cast<const uint16_t*>(pattern.p16));
+  } else {
+    encode_blocks(pattern.p8);
+  }
   auto lane_words = torch::empty({num_pages, num_lanes}, torch::kInt64);
   int64_t* count_p = lane_words.data_ptr<int64_t>();
   int64_t total = 0;
@@ -568,11 +627,11 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   decode_stage(
       model, quantiles.data_ptr<double>(), reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
       words.numel(), x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), num_pages, n, num_lanes, first,
-      [&](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
+      [=](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
         quantize(mu_p[i], sigma_p[i], m, ee, rr);
         inv = INVERSE(rr);
       },
-      [&](int64_t, int64_t page, int64_t col, int64_t k) {
+      [=](int64_t, int64_t page, int64_t col, int64_t k) {
         const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
         const int64_t j = page * total + first + col;
         if (out16) out16[j] = int16_t(uint16_t(u)); else out8[j] = uint8_t(u);
