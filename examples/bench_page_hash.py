@@ -7,7 +7,8 @@ The page is Llama-3-8B-shaped bf16 ([2, 32, tokens, 8, 128]; 128 tokens = 16 MiB
 xxh64 of the page's bytes as format 1's codec computed it (one thread), the C++ page hash
 with torch's threads and with one, and the torch reference. On a CUDA device two more:
 format 1's path for a GPU page (copy to the host, then xxh64) and the Triton page hash.
-Every implementation's u64 is checked against the reference's.
+Every implementation's u64 is checked against the reference's. For scale, the last row
+times one ``codec.decode_pages`` of the same page (page_stats predictor), which hashes it once.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import time
 import torch
 import xxhash
 
+from sglang_speckv import codec
 from sglang_speckv.kernels import page_hash as ph
 from sglang_speckv.kernels import rans_cpu
+from sglang_speckv.predictors.base import PageMeta
+from sglang_speckv.predictors.page_stats import PageStatsPredictor
 
 
 def timed(fn, repeats: int) -> tuple[float, float, int]:
@@ -82,6 +86,13 @@ def main() -> None:
         median, best, got = timed(fn, args.repeats)
         same = "-" if expected is None else ("OK" if got == expected else "MISMATCH")
         print(f"| {name} | {n} | {nbytes / median / 1e9:.2f} | {nbytes / best / 1e9:.2f} | {same} |")
+    predictor = PageStatsPredictor()
+    (blob,) = codec.encode_pages([page], [PageMeta("bf16", tuple(page.shape))], predictor)
+    t0 = time.perf_counter()
+    (_,), (error,) = codec.decode_pages([blob], predictor)
+    seconds = time.perf_counter() - t0
+    print(f"| codec.decode_pages, page_stats (one run, for scale) | {threads} | {nbytes / seconds / 1e9:.4f} | - | "
+          f"{'OK' if error is None else error} |")
 
 
 if __name__ == "__main__":
