@@ -10,7 +10,8 @@ A separate module from page_hash.py because it imports triton, which CPU-only in
 torch do not have: page_hash.page_hash imports it for CUDA pages only (as the codec does
 rans_triton). Under TRITON_INTERPRET=1 it runs on CPU tensors (tests/test_page_hash.py).
 
-Run ``python -m sglang_speckv.kernels.page_hash_triton`` for the self-check.
+Run ``python -m sglang_speckv.kernels.page_hash_triton`` for the self-check (with
+TRITON_INTERPRET=1 where there is no GPU).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def page_hash(page: torch.Tensor) -> int:
 
 
 def _self_check() -> None:
-    """Triton kernel == torch reference on pages of every dtype and awkward sizes."""
+    """Triton kernel == torch reference == C++ on pages of every dtype and awkward sizes."""
+    from sglang_speckv.kernels import rans_cpu
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
     sizes = (1, 3, 8, 1023, 8 * BLOCK_WORDS + 5) if device == "cpu" else (1, 3, 1 << 20, 16 << 20)
@@ -71,9 +74,10 @@ def _self_check() -> None:
         raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).to(device)
         for dtype in (torch.uint8, torch.float8_e4m3fn, torch.bfloat16, torch.float16):
             page = raw[: n - n % dtype.itemsize].view(dtype)
-            got, want = page_hash(page), ph.reference(page)
-            print(f"{str(dtype):22} {page.numel() * dtype.itemsize:9} bytes  {got:#018x}  {'OK' if got == want else 'MISMATCH'}")
-            if got != want:
+            got, want, cpp = page_hash(page), ph.reference(page), rans_cpu.page_hash(page.cpu())
+            verdict = "OK" if got == want == cpp else f"MISMATCH (reference {want:#018x}, C++ {cpp:#018x})"
+            print(f"{str(dtype):22} {page.numel() * dtype.itemsize:9} bytes  {got:#018x}  {verdict}")
+            if verdict != "OK":
                 raise SystemExit(1)
 
 
