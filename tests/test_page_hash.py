@@ -97,7 +97,9 @@ def test_known_answer():
     implementation. 37 bf16 elements = 74 bytes, so the last word is zero-padded."""
     page = (torch.arange(37, dtype=torch.int16) * 1777).view(torch.bfloat16)
     fp8 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    for tensor, golden in ((page, 0x2E8BE1C9C64C0A22), (fp8, 0x17602D8A4E6B20B9)):
+    doc = torch.tensor([0x01, 0xF3, 0x7A, 0x80, 0x00, 0x5C, 0xC1, 0x29], dtype=torch.uint8)  # docs/FORMAT.md's
+    cases = ((page, 0x2E8BE1C9C64C0A22), (fp8, 0x17602D8A4E6B20B9), (doc, 0x68C1FE622CBBD22D), (doc[:5], 0x819874E3EB6F7705))
+    for tensor, golden in cases:
         assert set(all_hashes(tensor).values()) == {golden}, hex(spec_hash(tensor.view(torch.uint8).numpy().tobytes()))
 
 
