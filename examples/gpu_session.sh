@@ -12,7 +12,7 @@
 # Steps (default: all, in this order; each stops at its own time limit and logs to
 # $OUT/STEP.log, $OUT defaulting to ./gpu-out):
 #   tests     the GPU-marked tests (CUDA vs CPU bytes, predictors on CUDA)      ~ 5 min
-#   selfcheck the Triton coder's own check against the torch reference         ~ 2 min
+#   selfcheck the Triton coder's (and page hash's) own check against the torch reference ~ 2 min
 #   kernels   examples/bench_kernels.py: kernel GB/s over batch sizes, bf16 + fp8
 #   restore   examples/bench_restore.py: restore vs prefill at 16,384 tokens, bf16 + fp8
 # A device call runs at most 10 minutes: give it one or two steps at a time.
@@ -44,8 +44,8 @@ run)
     echo "== $step"
     case "$step" in
     tests) timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider \
-             tests/test_rans_triton.py tests/test_predictors.py tests/test_predictor_devices.py ;;
-    selfcheck) timeout 300 python3 -m sglang_speckv.kernels.rans_triton ;;
+             tests/test_rans_triton.py tests/test_page_hash.py tests/test_predictors.py tests/test_predictor_devices.py ;;
+    selfcheck) timeout 300 python3 -m sglang_speckv.kernels.rans_triton && timeout 60 python3 -m sglang_speckv.kernels.page_hash_triton ;;
     kernels) timeout 420 python3 examples/bench_kernels.py --pages 1 4 16 64 --tokens 64 ;;
     restore) for dtype in bf16 fp8_e4m3; do timeout 280 python3 examples/bench_restore.py --kv-dtype "$dtype"; done ;;
     *) echo "unknown step $step (tests, selfcheck, kernels, restore)"; exit 2 ;;

@@ -9,7 +9,7 @@ mirrors FORMAT.md's table; never pickle, never read a field FORMAT.md does not d
 covers the header and the lane table), every flag bit, every code and every size *before*
 allocating anything sized by the blob, and raises a subclass of ``BlobError`` that says
 what is wrong. The decoder (codec.py) adds the checks only decoding can do (every lane's
-final state, the xxh64 of the decoded page, the predictor).
+final state, the page hash (kernels/page_hash.py) of the decoded page, the predictor).
 """
 
 from __future__ import annotations
@@ -26,22 +26,24 @@ import xxhash
 from sglang_speckv.kernels import entropy_model as em
 
 MAGIC = b"SPKV"
-VERSION = 1
+# The one place the blob format version is written. 2: raw_hash is the page hash
+# (kernels/page_hash.py); version 1 recorded an xxh64 of the page there, and is refused.
+VERSION = 2
 
 # Header: magic, version, flags, dtype, layout, predictor id, w_wide, kappa, 3 reserved
 # bytes (zero), shape (5 x u32), position, num_lanes, side_bytes, stream_words, reserved u32,
-# fingerprint, raw_xxh64, header_xxh64. docs/FORMAT.md has the offsets.
+# fingerprint, raw_hash, header_xxh64. docs/FORMAT.md has the offsets.
 HEADER = struct.Struct("<4sHHBBBBB3s5IIIIII QQQ")
 FIELDS = (
     "magic", "version", "flags", "dtype", "layout", "predictor_id", "w_wide", "kappa",
     "reserved3", "shape0", "shape1", "shape2", "shape3", "shape4", "position", "num_lanes",
-    "side_bytes", "stream_words", "reserved", "fingerprint", "raw_xxh64", "header_xxh64",
+    "side_bytes", "stream_words", "reserved", "fingerprint", "raw_hash", "header_xxh64",
 )  # fmt: skip
 HEADER_SIZE = HEADER.size  # 80
 CHECKED_SIZE = HEADER_SIZE - 8  # header_xxh64 covers bytes [0, 72) and the lane table
 assert HEADER_SIZE == 80, HEADER_SIZE
 
-# Flag bits (u16). All other bits must be zero in version 1.
+# Flag bits (u16). All other bits must be zero.
 FLAG_RAW = 1 << 0  # payload is the page verbatim (coding did not make it smaller)
 FLAG_HAS_SIDE = 1 << 1  # side_bytes > 0 (redundant with side_bytes; both must agree)
 KNOWN_FLAGS = FLAG_RAW | FLAG_HAS_SIDE
@@ -104,7 +106,7 @@ class BadStream(BlobError):
 
 
 class RawChecksumMismatch(BlobError):
-    """The decoded page's xxh64 differs from the one recorded at encode time."""
+    """The decoded page's page hash differs from the one recorded at encode time."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class BlobHeader:
     shape: tuple[int, int, int, int, int]  # canonical page shape
     predictor_id: int
     fingerprint: int  # predictor / calibration fingerprint (u64)
-    raw_xxh64: int  # xxh64 of the raw page bytes (C order, little-endian)
+    raw_hash: int  # page hash (kernels/page_hash.py) of the raw page
     position: int = 0  # absolute position of the page's first token
     flags: int = 0
     w_wide: int = 0
@@ -222,7 +224,7 @@ def _fields(h: BlobHeader) -> tuple:
     return (
         MAGIC, h.version, h.flags, DTYPE_CODES[h.dtype], LAYOUT_CODES[h.layout], h.predictor_id,
         h.w_wide, h.kappa, bytes(3), *h.shape, h.position, h.num_lanes, h.side_bytes, h.stream_words, 0,
-        h.fingerprint, h.raw_xxh64,
+        h.fingerprint, h.raw_hash,
     )  # fmt: skip
 
 
@@ -237,7 +239,7 @@ def _header_from_fields(f: dict) -> BlobHeader:
     header = BlobHeader(
         dtype=DTYPE_NAMES[f["dtype"]], layout=LAYOUT_NAMES[f["layout"]],
         shape=tuple(f[f"shape{i}"] for i in range(5)), predictor_id=f["predictor_id"],
-        fingerprint=f["fingerprint"], raw_xxh64=f["raw_xxh64"], position=f["position"],
+        fingerprint=f["fingerprint"], raw_hash=f["raw_hash"], position=f["position"],
         flags=f["flags"], w_wide=f["w_wide"], kappa=f["kappa"], num_lanes=f["num_lanes"],
         side_bytes=f["side_bytes"], stream_words=f["stream_words"], version=f["version"],
     )  # fmt: skip

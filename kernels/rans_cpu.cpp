@@ -639,10 +639,51 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
       });
 }
 
+// kernels/page_hash.py's page hash of a page's bytes (uint8 [n], contiguous): the sum mod
+// 2^64 of fmix(w_j ^ k_j) over its little-endian u64 words w_j (the last one zero-padded),
+// k_j = seed + (j + 1) * gamma. The constants come from page_hash.py as arguments (int64 bit
+// patterns). Chunks of words are summed in parallel and their partial sums added: the sum
+// is order-independent, so the result does not depend on the number of threads.
+int64_t page_hash(const torch::Tensor& bytes, int64_t seed, int64_t gamma, int64_t mix1, int64_t mix2) {
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "page_hash reads words little-endian");
+  TORCH_CHECK(bytes.dtype() == torch::kUInt8 && bytes.dim() == 1 && bytes.is_contiguous(), "bytes: uint8 [n], contiguous");
+  const uint8_t* p = bytes.data_ptr<uint8_t>();
+  const int64_t n = bytes.numel(), full_words = n / 8;
+  const uint64_t g = uint64_t(gamma), m1 = uint64_t(mix1), m2 = uint64_t(mix2);
+  const auto term = [m1, m2](uint64_t z) {  // fmix: splitmix64's finaliser
+    z = (z ^ (z >> 30)) * m1;
+    z = (z ^ (z >> 27)) * m2;
+    return z ^ (z >> 31);
+  };
+  constexpr int64_t CHUNK_WORDS = 1 << 14;  // 128 KiB of page per task
+  std::vector<uint64_t> partial((full_words + CHUNK_WORDS - 1) / CHUNK_WORDS, 0);
+  at::parallel_for(0, int64_t(partial.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t j0 = c * CHUNK_WORDS, j1 = std::min(full_words, j0 + CHUNK_WORDS);
+      uint64_t k = uint64_t(seed) + uint64_t(j0 + 1) * g, sum = 0;  // k_j, j = j0
+      for (int64_t j = j0; j < j1; ++j, k += g) {
+        uint64_t w;
+        std::memcpy(&w, p + 8 * j, 8);
+        sum += term(w ^ k);
+      }
+      partial[c] = sum;
+    }
+  });
+  uint64_t total = 0;
+  for (const uint64_t s : partial) total += s;
+  if (n % 8) {  // the last word, zero-padded
+    uint64_t w = 0;
+    std::memcpy(&w, p + 8 * full_words, n % 8);
+    total += term(w ^ (uint64_t(seed) + uint64_t(full_words + 1) * g));
+  }
+  return int64_t(total);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode", &encode, "rans_reference.encode on the CPU");
   m.def("cdf", &cdf, "entropy_model.cdf on the CPU");
   m.def("decode", &decode, "one stage of rans_reference.Decoder.decode on the CPU");
   m.def("encode_values", &encode_values, "quantize_params + cdf + encode from float32 (mu, sigma) and storage bits");
   m.def("decode_values", &decode_values, "one decoder stage from float32 (mu, sigma) into storage bits and values");
+  m.def("page_hash", &page_hash, "kernels/page_hash.py's page hash of a page's bytes (int64 bits of the u64)");
 }

@@ -16,6 +16,8 @@ Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by
 * ``Decoder(words, lane_words, num_symbols, dtype, w_wide, kappa)`` with staged
   ``decode(mu_q, e, r) -> keys`` and ``finish() -> ok [P]``; construction (stream
   validation, initial states) and ``finish`` are the reference's own code.
+* ``page_hash(page)``: kernels/page_hash.py's page hash (the blob's ``raw_hash``), same u64
+  as ``page_hash.reference``.
 
 The extension is compiled on first use (``torch.utils.cpp_extension.load``, ninja + a C++
 compiler, cached under the torch extensions directory in a directory named by a hash of
@@ -42,6 +44,7 @@ from types import ModuleType
 import torch
 
 from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import page_hash as ph
 from sglang_speckv.kernels import rans_reference as ref
 
 logger = logging.getLogger(__name__)
@@ -209,6 +212,17 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     _check_cpu(cum, freq)
     words, lane_words = ext.encode(cum.contiguous(), freq.contiguous(), num_lanes)
     return words, lane_words
+
+
+def page_hash(page: torch.Tensor) -> int:
+    """kernels/page_hash.py's page hash (u64) of a CPU page (any dtype, any strides), with
+    the C++ loop over all threads; page_hash.reference where the extension cannot be built."""
+    ext = extension()
+    if ext is None:
+        return ph.reference(page)
+    _check_cpu(page)
+    digest = ext.page_hash(ph.page_bytes(page), *(ph.signed(c) for c in (ph.SEED, ph.GAMMA, ph.MIX1, ph.MIX2)))
+    return digest & ph.MASK64
 
 
 @functools.cache

@@ -25,7 +25,9 @@ which). CUDA pages use the Triton coder (rans_triton.py), CPU pages the C++ code
 compiled); all produce the same bytes.
 
 Every blob is checked before its page is returned (docs/DESIGN.md invariant 4): a bad blob
-yields ``None`` and a ``BlobError`` in its slot, and never disturbs the other pages.
+yields ``None`` and a ``BlobError`` in its slot, and never disturbs the other pages. The
+page hash in the header (kernels/page_hash.py) is computed on the page's own device, at
+encode and after decode: a GPU page is never copied to the host to be checked.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ from types import ModuleType
 
 import numpy as np
 import torch
-import xxhash
 
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
+from sglang_speckv.kernels.page_hash import page_hash
 from sglang_speckv.kernels import rans_cpu
 from sglang_speckv.kernels.rans_reference import MAX_LANES, SYMBOLS_PER_LANE, default_lanes  # noqa: F401 (re-exported)
 from sglang_speckv import config
@@ -89,12 +91,6 @@ def _check_page(page: torch.Tensor, meta: PageMeta) -> None:
 def _bits_dtype(dtype: str) -> torch.dtype:
     """The integer dtype the coders take storage patterns in."""
     return torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8
-
-
-def _xxh64(page: torch.Tensor) -> int:
-    """xxh64 of the page's raw bytes, C order, little-endian (the header's raw_xxh64)."""
-    host = page.detach().contiguous().cpu()
-    return xxhash.xxh64_intdigest(host.view(torch.uint8).numpy())
 
 
 def _page_bytes(page: torch.Tensor) -> bytes:
@@ -173,7 +169,7 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes):
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
-        raw_xxh64=_xxh64(page), position=meta.position, w_wide=w_wide,
+        raw_hash=page_hash(page), position=meta.position, w_wide=w_wide,
         kappa=kappa, num_lanes=lanes, side_bytes=len(side),
     )  # fmt: skip
     mu = mus[0].contiguous() if len(mus) == 1 else torch.cat(mus)
@@ -320,8 +316,8 @@ def _page_from_raw(parsed: fmt.ParsedBlob, meta: PageMeta) -> torch.Tensor:
 
 
 def _finish_page(page: torch.Tensor, header: fmt.BlobHeader, out, i: int) -> torch.Tensor:
-    """Verify the decoded page's xxh64 and hand it over (into out[i] when given)."""
-    if _xxh64(page) != header.raw_xxh64:
+    """Verify the decoded page's hash (on its device) and hand it over (into out[i] when given)."""
+    if page_hash(page) != header.raw_hash:
         raise fmt.RawChecksumMismatch("decoded page does not match the checksum recorded at encode time")
     if out is None or out[i] is None:
         return page

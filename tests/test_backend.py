@@ -216,6 +216,15 @@ def test_corrupt_values_are_misses_and_never_touch_host_memory(tmp_path):
     assert backend.batch_get_v1(_keys(1, "z"), torch.arange(12 * PAGE, 13 * PAGE), _extra([])) == [False]
     assert torch.equal(_bits(pool.kv_buffer[:, :, 12 * PAGE:13 * PAGE]), _bits(before))
     assert backend.stats()["verify_failures"] == 1  # the record-level ones are the store's "corrupt"
+
+    # A blob of another format version (version 1: an older speckv's page checksum) that
+    # somehow sits under this namespace: UnsupportedVersion, a miss.
+    old = bytearray(unpack_value(value)[1])
+    old[4:6] = (1).to_bytes(2, "little")
+    backend.store.put(_keys(1, "v"), [pack_value(None, bytes(old))])
+    assert backend.batch_get_v1(_keys(1, "v"), torch.arange(12 * PAGE, 13 * PAGE), _extra([])) == [False]
+    assert torch.equal(_bits(pool.kv_buffer[:, :, 12 * PAGE:13 * PAGE]), _bits(before))
+    assert backend.stats()["verify_failures"] == 2
     backend.close()
 
 

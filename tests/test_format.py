@@ -11,6 +11,7 @@ import xxhash
 from sglang_speckv import codec
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
+from sglang_speckv.kernels import page_hash
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.page_stats import PageStatsPredictor
 
@@ -28,16 +29,25 @@ TINY_META = PageMeta("bf16", (2, 1, 8, 1, 4), position=130)
 
 # encode_pages([tiny_bf16_page()], [TINY_META], PageStatsPredictor(), num_lanes=2)
 GOLDEN_CODED = (
-    "53504b56010002000301010d0300000002000000010000000800000001000000040000008200000002000000"
-    "1800000013000000000000000000000000000000e8867c12d038c494b5a1601796ad6458080000000b000000"
+    "53504b56020002000301010d0300000002000000010000000800000001000000040000008200000002000000"
+    "18000000130000000000000000000000000000006f45c56c0eb0ef0cd8d5154694b123aa080000000b000000"
     "183f9dbf1c40003c5c3fdbbf5d4080bca7abb1a4a5abb2a453dfc2e047ce0200dac33ab25091a4f9fab7d0ed"
     "72bd7863b712e4eaa60e81fcf4fa66de99a50e01bca939addb7140471e93f9d42b8c3efefb4af82cedcbc3dc"
     "bce6cf3e9afdb27234b6c32c"
 )
 # encode_pages of an 8-byte fp8 page that does not compress: stored RAW
 GOLDEN_RAW = (
-    "53504b56010001000101010d0300000002000000010000000200000001000000020000000000000000000000"
-    "000000000000000000000000000000000000000072738251525dd2fcbad587aa3ce2dc6301f37a80005cc129"
+    "53504b56020001000101010d0300000002000000010000000200000001000000020000000000000000000000"
+    "00000000000000000000000000000000000000002dd2bb2c62fec168667486a9b368345701f37a80005cc129"
+)
+# The same page as GOLDEN_CODED, written by format version 1 (raw_xxh64 at offset 64): the
+# stream is the same, the version and both checksums differ. Refused: UnsupportedVersion.
+GOLDEN_V1_CODED = (
+    "53504b56010002000301010d0300000002000000010000000800000001000000040000008200000002000000"
+    "1800000013000000000000000000000000000000e8867c12d038c494b5a1601796ad6458080000000b000000"
+    "183f9dbf1c40003c5c3fdbbf5d4080bca7abb1a4a5abb2a453dfc2e047ce0200dac33ab25091a4f9fab7d0ed"
+    "72bd7863b712e4eaa60e81fcf4fa66de99a50e01bca939addb7140471e93f9d42b8c3efefb4af82cedcbc3dc"
+    "bce6cf3e9afdb27234b6c32c"
 )
 
 
@@ -84,6 +94,14 @@ def test_golden_raw_bytes():
     assert error is None and torch.equal(page.view(torch.uint8), golden_raw_page())
 
 
+def test_version_1_blobs_are_refused():
+    v1 = bytes.fromhex(GOLDEN_V1_CODED)
+    with pytest.raises(fmt.UnsupportedVersion, match="version 1"):
+        fmt.parse_blob(v1)
+    page, error = decode_one(v1)
+    assert page is None and isinstance(error, fmt.UnsupportedVersion)
+
+
 def test_header_round_trip_and_offsets():
     blob = coded_blob()
     parsed = fmt.parse_blob(blob)
@@ -92,10 +110,10 @@ def test_header_round_trip_and_offsets():
     assert h.num_lanes == 2 and parsed.lane_words.sum() == h.stream_words
     assert h.side_bytes == len(parsed.side) == 3 * 8 and h.flags == fmt.FLAG_HAS_SIDE
     # FORMAT.md offsets
-    assert blob[:4] == b"SPKV" and struct.unpack_from("<H", blob, 4)[0] == 1
+    assert blob[:4] == b"SPKV" and struct.unpack_from("<H", blob, 4)[0] == fmt.VERSION == 2
     assert struct.unpack_from("<5I", blob, 16) == (2, 1, 8, 1, 4)
     assert struct.unpack_from("<I", blob, 36)[0] == 130
-    assert struct.unpack_from("<Q", blob, 64)[0] == xxhash.xxh64_intdigest(tiny_bf16_page().view(torch.uint8).numpy().tobytes())
+    assert struct.unpack_from("<Q", blob, 64)[0] == page_hash.reference(tiny_bf16_page())
     assert len(blob) == fmt.HEADER_SIZE + 4 * h.num_lanes + h.side_bytes + 4 * h.stream_words
 
 
@@ -128,7 +146,8 @@ def test_every_single_bit_flip_is_rejected():
     "changes,error",
     [
         ({"magic": b"SPKX"}, fmt.BadMagic),
-        ({"version": 2}, fmt.UnsupportedVersion),
+        ({"version": 1}, fmt.UnsupportedVersion),
+        ({"version": 3}, fmt.UnsupportedVersion),
         ({"version": 0}, fmt.UnsupportedVersion),
         ({"flags": fmt.FLAG_HAS_SIDE | 1 << 5}, fmt.BadHeader),
         ({"flags": 0}, fmt.BadHeader),  # HAS_SIDE missing though side_bytes > 0
@@ -202,7 +221,7 @@ def test_a_tiny_stream_claiming_a_huge_page_is_refused():
     parse_blob (the stream cannot hold that many symbols), before any allocation."""
     shape = (2, 32, 8192, 8, 128)  # 2^29 bf16 scalars = MAX_PAGE_BYTES
     header = fmt.BlobHeader(
-        dtype="bf16", layout="mha", shape=shape, predictor_id=PREDICTOR.id, fingerprint=0, raw_xxh64=0,
+        dtype="bf16", layout="mha", shape=shape, predictor_id=PREDICTOR.id, fingerprint=0, raw_hash=0,
         w_wide=13, kappa=3, num_lanes=1, side_bytes=6, stream_words=2,
     )  # fmt: skip
     blob = fmt.pack_blob(header, np.array([2], np.uint32), bytes(6), bytes(8))

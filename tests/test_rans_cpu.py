@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import page_hash
 from sglang_speckv.kernels import rans_cpu as rc
 from sglang_speckv.kernels import rans_reference as rr
 
@@ -234,8 +235,8 @@ def test_argument_errors():
 
 
 def test_build_failure_falls_back_to_reference(monkeypatch, caplog):
-    """A failing build (no compiler, say) logs one warning naming the reason; encode, cdf
-    and decode then run the reference and give its results."""
+    """A failing build (no compiler, say) logs one warning naming the reason; encode, cdf,
+    decode and the page hash then run the reference and give its results."""
 
     def broken_build():
         raise RuntimeError("Error building extension: c++: not found")
@@ -249,8 +250,10 @@ def test_build_failure_falls_back_to_reference(monkeypatch, caplog):
         words, lane_words = rc.encode(cum, freq, 8)
         dec = rc.Decoder(words, lane_words, 500, "fp8_e4m3")
         got = dec.decode(*params)
+        digest = rc.page_hash(keys.to(torch.uint8))
         assert not rc.available()
     assert torch.equal(words, rr.encode(cum, freq, 8)[0]) and torch.equal(got, keys) and bool(dec.finish().all())
+    assert digest == page_hash.reference(keys.to(torch.uint8))
     warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
     assert len(warnings) == 1 and "c++: not found" in warnings[0].getMessage()
 
@@ -279,7 +282,7 @@ def test_concurrent_first_use_builds_once(monkeypatch):
 
 def test_results_do_not_depend_on_thread_count():
     keys, params, cum, freq = adversarial_page("bf16", 3, 5000, seed=9)
-    results = []
+    results, hashes = [], []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -287,6 +290,8 @@ def test_results_do_not_depend_on_thread_count():
             words, lane_words = rc.encode(cum, freq, 70)
             dec = rc.Decoder(words, lane_words, 5000, "bf16")
             results.append((rc.cdf(keys, *params, "bf16"), words, lane_words, dec.decode(*params), dec.finish()))
+            hashes.append(rc.page_hash(cum.repeat(4, 1)))  # 480 KB: 4 chunks of the C++ loop
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert hashes[0] == hashes[1] == page_hash.reference(cum.repeat(4, 1))

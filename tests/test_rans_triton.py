@@ -295,7 +295,7 @@ def test_corrupt_streams_decode_like_reference():
         verdict = dec.finish()
         assert torch.equal(verdict, dec_ref.finish()), name
         # rANS alone may accept a corrupt stream (it is a bijection: a flipped bit can decode
-        # to other keys that end at L); the blob's xxh64 of the decoded page catches those.
+        # to other keys that end at L); the blob's page hash of the decoded page catches those.
         assert not verdict.all() or not torch.equal(got, keys), f"{name}: went unnoticed"
 
 

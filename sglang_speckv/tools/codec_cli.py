@@ -207,7 +207,7 @@ def decompress(src: str, dst: str, calib: str | None = None) -> str:
     raw_bytes = sum(h.page_bytes for h in headers)
     return (
         f"{src} -> {dst}: k, v {list(kv.shape[1:])} {first.dtype} from {len(blobs)} pages: "
-        f"{raw_bytes / seconds / 1e6:.1f} MB/s, verified (xxh64)"
+        f"{raw_bytes / seconds / 1e6:.1f} MB/s, verified (page hash)"
     )
 
 
