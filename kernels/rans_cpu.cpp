@@ -274,6 +274,9 @@ torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const to
 // (3) every lane emits its key and renormalises, vectorised again. Only the guess is float
 // arithmetic, and it only decides where the exact integer search starts.
 constexpr int64_t LANE_BLOCK = 64;
+// Guess passes, as rans_reference's _guess_and_check: the second corrects the floor's +k in
+// C(k) = k + ... with the first guess in place of the key of mu (3% faster here, vectorised).
+constexpr int GUESS_PASSES = 2;
 
 // One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
 // symbols [first, first + n) of each of P pages. params(i, mu_q, e, r, inv) gives symbol
@@ -349,9 +352,8 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
 
         // Pass 1: the guess and (C(guess), C(guess + 1)). The guess is the reference's: G^-1
-        // of (slot - k) through the quantile table, with the key of mu in place of k. (The
-        // reference then guesses again with the first guess as k; here that second pass
-        // costs more time than the extra C evaluations it saves.)
+        // of (slot - k) through the quantile table, with the key of mu in place of k, then
+        // again with the first guess as k.
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) {
           int64_t mu_q, e, r, inv;  // inv = 2^32 // r
@@ -359,11 +361,13 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
           const int64_t slot = x[j] & (M - 1);
           const double mu_f = double(mu_q) * pow2(e - F);
           const double sig_f = double(r) * pow2(e - R - T_BITS);
-          const int64_t key_of_mu = mdl.dtype.nearest_key(mu_f);
-          const double u = double(std::clamp<int64_t>(slot - key_of_mu, 0, floor_free)) * cell_scale;
-          const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
-          const double t = qt[cell] + (qt[cell + 1] - qt[cell]) * (u - double(cell));
-          const int64_t k = std::clamp<int64_t>(mdl.dtype.nearest_key(mu_f + sig_f * t), 0, mdl.dtype.top - 1);
+          int64_t k = mdl.dtype.nearest_key(mu_f);
+          for (int pass = 0; pass < GUESS_PASSES; ++pass) {
+            const double u = double(std::clamp<int64_t>(slot - k, 0, floor_free)) * cell_scale;
+            const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
+            const double t = qt[cell] + (qt[cell + 1] - qt[cell]) * (u - double(cell));
+            k = std::clamp<int64_t>(mdl.dtype.nearest_key(mu_f + sig_f * t), 0, mdl.dtype.top - 1);
+          }
           key[j] = k;
           mdl.cdf_pair(k, 2 * mu_q, F - e, inv, c_lo[j], c_hi[j]);
         }
