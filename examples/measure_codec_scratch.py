@@ -1,28 +1,68 @@
-"""Peak RSS growth of codec.encode_pages / decode_pages over one batch of four 2 MiB bf16
-pages (page_stats), in a fresh process: python examples/measure_codec_scratch.py encode|decode"""
-import resource, sys, torch
+"""Peak memory of codec.encode_pages / decode_pages above what they are given, for one batch
+of four 2 MiB bf16 pages (page_stats, or a calibrated predictor's rows), on the CPU:
+
+    python examples/measure_codec_scratch.py encode|decode [--pages 4] [--tokens 16]
+
+Method (Linux): free memory is handed back to the OS (malloc_trim), the kernel's peak RSS
+counter is reset (``echo 5 > /proc/self/clear_refs``), the call runs, and the scratch is
+the peak RSS (VmHWM) minus the RSS before the call. The pages, blobs and output pages
+exist before the call and are not counted.
+"""
+import argparse
+import ctypes
+import re
+from pathlib import Path
+
+import torch
+
 from sglang_speckv import codec
-from sglang_speckv.kernels import rans_cpu, entropy_model as em, rans_reference as ref
+from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import rans_cpu
+from sglang_speckv.kernels import rans_reference as ref
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.page_stats import PageStatsPredictor
-rans_cpu.extension(); em.phi_table(); ref._quantile_table(13, 3); rans_cpu.value_of_bits("bf16")
-torch.manual_seed(0)
-P = 4
-pages = [(torch.randn(2, 32, 16, 8, 128) * 0.5).to(torch.bfloat16) for _ in range(P)]  # 4 MiB each
-metas = [PageMeta("bf16", tuple(p.shape)) for p in pages]
-raw = sum(p.numel() * 2 for p in pages)
-pred = PageStatsPredictor()
-small = [pages[0][:, :, :1].contiguous()]
-codec.decode_pages(codec.encode_pages(small, [PageMeta("bf16", tuple(small[0].shape))], pred), pred)  # warm paths
-blobs = codec.encode_pages(pages, metas, pred) if sys.argv[1] == "decode" else None
-out = [torch.empty_like(p) for p in pages]
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-# touch a buffer as large as anything above so that the peak is set before measuring
-filler = torch.ones(raw // 4 * 3, dtype=torch.float32); del filler
-r0 = rss()
-if sys.argv[1] == "encode":
-    codec.encode_pages(pages, metas, pred)
-else:
-    codec.decode_pages(blobs, pred, metas=metas, out=out)
-print(f"{sys.argv[1]}: batch {raw / 1e6:.1f} MB raw, peak RSS growth {(rss() - r0) / 1e6:.1f} MB = {(rss() - r0) / raw:.2f}x"
-      " (beyond a 3x-the-batch buffer touched before; add 3x if growth > 0)")
+
+
+def status(field: str) -> int:
+    """A VmRSS / VmHWM field of /proc/self/status, in bytes."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+def reset_peak() -> int:
+    """Return freed memory to the OS, reset the peak RSS to the current RSS, return it."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return status("VmRSS")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("encode", "decode"))
+    parser.add_argument("--pages", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the thread pool's per-thread arenas would blur small figures
+    rans_cpu.extension(), em.phi_table(), ref._quantile_table(13, 3), rans_cpu.value_of_bits("bf16")
+    torch.manual_seed(0)
+    shape = (2, 32, args.tokens, 8, 128)  # [kv, layers, tokens, heads, dim]
+    pages = [(torch.randn(shape) * 0.5).to(torch.bfloat16) for _ in range(args.pages)]
+    metas = [PageMeta("bf16", shape) for _ in pages]
+    raw = sum(p.numel() * p.element_size() for p in pages)
+    pred = PageStatsPredictor()
+    small = [pages[0][:, :, :1].contiguous()]  # warm every path once (tables, the extension)
+    codec.decode_pages(codec.encode_pages(small, [PageMeta("bf16", tuple(small[0].shape))], pred), pred)
+    blobs = codec.encode_pages(pages, metas, pred) if args.what == "decode" else None
+    out = [torch.zeros_like(p) for p in pages]  # touched: their memory is not scratch
+    before = reset_peak()
+    if args.what == "encode":
+        codec.encode_pages(pages, metas, pred)
+    else:
+        codec.decode_pages(blobs, pred, metas=metas, out=out)
+    scratch = status("VmHWM") - before
+    print(f"{args.what}: batch of {len(pages)} pages, {raw / 1e6:.1f} MB raw bf16, page_stats: "
+          f"peak scratch {scratch / 1e6:.1f} MB = {scratch / raw:.2f}x the batch")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ encode and after decode: a GPU page is never copied to the host to be checked.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import defaultdict
 from collections.abc import Sequence
@@ -136,6 +137,47 @@ def _checked_prediction(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: s
     return mu, sigma
 
 
+def _checked_rows(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
+    """predict_rows' (mu, sigma), checked: float32, [rows >= 1, ...], n symbols. A tensor of
+    one row is flattened (a view when it is contiguous) so that any range of it is a view."""
+    out = []
+    for t in pred:
+        if t.dtype != torch.float32 or t.dim() < 1 or t.shape[0] < 1 or t.numel() != n:
+            raise ValueError(f"{name}: predict_rows must return float32 [rows, ...] of {n} values, got {t.dtype} {tuple(t.shape)}")
+        out.append(t.reshape(-1) if t.shape[0] == 1 else t)
+    return tuple(out)
+
+
+# A stage is decoded in chunks whose (mu, sigma) rows take at most this share of the pages'
+# raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16 page, 8x an fp8 one).
+PARAMS_SHARE = 0.25
+
+
+def _chunks(preds, n: int, page_bytes: int) -> list[tuple[int, int]]:
+    """Ranges [c0, c1) of a stage's n symbols, each ending on a row of every page's
+    prediction (so _flat_range is a view plus a copy of the range), each as long as
+    PARAMS_SHARE of a page's raw bytes allows, and at least one row."""
+    row = 1
+    for mu, sigma in preds:
+        for t in (mu, sigma):
+            if t.dim() > 1:
+                row = math.lcm(row, t[0].numel())
+    if row > n or n % row:
+        row = n
+    target = max(1, int(page_bytes * PARAMS_SHARE) // 8)  # symbols whose mu + sigma fit the share
+    step = max(row, target // row * row)
+    return [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
+
+
+def _flat_range(t: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+    """Symbols [c0, c1) of a prediction [rows, ...] (C order): rows sliced (a view), then
+    flattened (a copy of the range only, for broadcast rows). 1-D: a view."""
+    if t.dim() == 1:
+        return t[c0:c1]
+    row = t[0].numel()
+    return t[c0 // row : c1 // row].reshape(-1)
+
+
 # ---- Encode -----------------------------------------------------------------------------
 
 
@@ -156,8 +198,11 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes):
     side = predictor.side_info(page.to(torch.float32), meta)
     stages = _checked_stages(predictor, meta)
     # What the decoder will know at stage s: the values of stages < s, NaN elsewhere. One
-    # tensor, filled in as the stages go (no copy of the page per stage).
-    seen = torch.full(meta.shape, float("nan"), dtype=torch.float32, device=page.device)
+    # tensor, filled in as the stages go (no copy of the page per stage); with one stage, a
+    # broadcast NaN.
+    seen = torch.full((), float("nan"), dtype=torch.float32, device=page.device).expand(meta.shape)
+    if len(stages) > 2:
+        seen = seen.clone()
     mus, sigmas = [], []
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
         mu, sigma = _checked_prediction(predictor.predict(meta, side, seen, s), b - a, predictor.name)
@@ -334,37 +379,39 @@ def _words(members, device: torch.device) -> torch.Tensor:
 
 
 def _decode_group(members, stages, predictor, device, pages, errors, out) -> None:
-    """Decode pages of one shape/dtype/lane count together, stage by stage."""
+    """Decode pages of one shape/dtype/lane count together, stage by stage, and each stage
+    a chunk of rows at a time (see _chunks)."""
     header0 = members[0][1].header
     numel, shape, dtype = header0.numel, header0.shape, header0.dtype
     lane_words = torch.from_numpy(np.stack([p.lane_words for _, p, _ in members]).astype(np.int64)).to(device)
     decoder = _coder(device).Decoder(_words(members, device), lane_words, numel, dtype, header0.w_wide, header0.kappa)
     bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)  # [P, numel]
     # The values decoded so far feed later stages' predictions; with one stage there are
-    # none, and every page's prediction sees the same all-NaN page.
+    # none, and every page's prediction sees the same all-NaN page (one broadcast scalar).
     single = len(stages) == 2
-    values = torch.full((1 if single else len(members), numel), float("nan"), dtype=torch.float32, device=device)
+    nan = torch.full((), float("nan"), dtype=torch.float32, device=device)
+    values = None if single else nan.expand(len(members), numel).clone()  # [P, numel]
     failed: dict[int, fmt.BlobError] = {}
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        rows = None  # [P, b - a] float32 (mu, sigma); one page's own tensors when P == 1
+        preds = []  # per page (mu, sigma) [rows, ...], possibly broadcast views
         for j, (_, parsed, meta) in enumerate(members):
+            page_values = nan.expand(shape) if single else values[j].view(shape)
             try:
-                pred = predictor.predict(meta, parsed.side, values[0 if single else j].view(shape), s)
-                mu_j, sigma_j = _checked_prediction(pred, b - a, predictor.name)
+                preds.append(_checked_rows(predictor.predict_rows(meta, parsed.side, page_values, s), b - a, predictor.name))
             except (ValueError, RuntimeError) as err:  # bad side info: this page only
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
-                mu_j = torch.zeros(b - a, dtype=torch.float32, device=device)
-                sigma_j = torch.ones(b - a, dtype=torch.float32, device=device)
+                zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(b - a) for v in (0.0, 1.0))
+                preds.append((zero, one))
+        for c0, c1 in _chunks(preds, b - a, numel * bits.element_size()):
             if len(members) == 1:
-                rows = (mu_j.to(device).contiguous()[None], sigma_j.to(device).contiguous()[None])
-                continue
-            if rows is None:
-                rows = tuple(torch.empty((len(members), b - a), dtype=torch.float32, device=device) for _ in range(2))
-            rows[0][j], rows[1][j] = mu_j, sigma_j
-        mu, sigma = rows
-        del rows
-        decoder.decode_values(mu, sigma, bits, None if single or b == numel else values)
-        del mu, sigma
+                mu, sigma = (_flat_range(t, c0, c1).to(device).contiguous()[None] for t in preds[0])
+            else:  # [P, c1 - c0]
+                mu, sigma = (torch.empty((len(members), c1 - c0), dtype=torch.float32, device=device) for _ in range(2))
+                for j, (mu_j, sigma_j) in enumerate(preds):
+                    mu[j], sigma[j] = _flat_range(mu_j, c0, c1), _flat_range(sigma_j, c0, c1)
+            decoder.decode_values(mu, sigma, bits, None if b == numel else values)
+            del mu, sigma
+        del preds
     del values
     ok = decoder.finish().tolist()
     torch_dtype = em.TORCH_DTYPES[dtype]

@@ -91,3 +91,14 @@ class Predictor(ABC):
         ``values``: float32 tensor of the canonical shape holding the page's values as
         decoded so far (exact conversion of the stored dtype; NaN where not yet decoded).
         """
+
+    def predict_rows(
+        self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict``'s (mu, sigma) as float32 tensors [rows, ...] whose C-order flattening
+        is the stage's symbols, and which may be broadcast views (stride 0). The decoder
+        materialises them a few rows at a time, so a predictor whose parameters repeat
+        (page_stats: one per channel, the same for every token) costs no scratch per
+        symbol. Default: ``predict``'s 1-D tensors as one row."""
+        mu, sigma = self.predict(meta, side, values, stage)
+        return mu[None], sigma[None]

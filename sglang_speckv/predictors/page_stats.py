@@ -81,14 +81,22 @@ class PageStatsPredictor(Predictor):
     def predict(
         self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, sigma = self.predict_rows(meta, side, values, stage)
+        return mu.reshape(-1), sigma.reshape(-1)
+
+    def predict_rows(
+        self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [kv * layers, tokens, heads * dim]: the channels' (mu, sigma) broadcast over
+        the tokens (stride 0), nothing per symbol."""
         channels = _channels(meta)
         if len(side) != 3 * channels:
             raise ValueError(f"page_stats side info of {len(side)} bytes, expected {3 * channels}")
         means = np.frombuffer(side, dtype="<i2", count=channels).astype(np.int16)
         codes = np.frombuffer(side, dtype=np.uint8, offset=2 * channels)
         kv, layers, tokens, heads, dim = meta.shape
-        shape = (kv, layers, 1, heads, dim)
+        shape = (kv * layers, 1, heads * dim)
         mu = torch.from_numpy(means).view(torch.bfloat16).to(torch.float32).view(shape)
         sigma = sigma_from_codes(torch.from_numpy(codes.copy())).view(shape)
-        full = (kv, layers, tokens, heads, dim)
-        return mu.expand(full).reshape(-1).to(values.device), sigma.expand(full).reshape(-1).to(values.device)
+        rows = (kv * layers, tokens, heads * dim)  # [kv * layers, tokens, heads * dim]
+        return mu.to(values.device).expand(rows), sigma.to(values.device).expand(rows)
