@@ -503,22 +503,57 @@ void check_f32(const torch::Tensor& t, const char* name) {
               " must be a contiguous float32 CPU tensor");
 }
 
-// quantize_params + cdf + encode in one pass: bits (storage patterns, int16 or uint8) and
-// float32 mu, sigma, all [P, N]. Same bytes as rans_reference.encode of entropy_model.cdf.
-// Returns (words int32 [W] holding the u32 words, lane_words int64 [P, NL]).
-std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const torch::Tensor& mu, const torch::Tensor& sigma,
-                                         int64_t num_lanes, const torch::Tensor& phi, int64_t w_wide, int64_t kappa,
-                                         int64_t bits, int64_t man_bits, int64_t bias, bool fn_nan) {
+// One page's mu or sigma as rows (sglang_speckv/codec.py, Predictor.predict_rows): a float32
+// view [R, T, C] with any strides (0 where a parameter repeats, e.g. page_stats' per-channel
+// values over the tokens); element i of the page's flat order is at
+// p[(i / (T C)) sR + (i / C % T) sT + (i % C) sC].
+struct Rows {
+  const float* p;
+  int64_t T, C, sR, sT, sC;
+
+  explicit Rows(const torch::Tensor& t) {
+    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.device().is_cpu() && t.dim() == 3,
+                "parameter rows must be float32 [R, T, C] CPU tensors");
+    p = t.data_ptr<float>();
+    T = t.size(1), C = t.size(2), sR = t.stride(0), sT = t.stride(1), sC = t.stride(2);
+  }
+
+  // offsets of elements i0, i0 + 1, ..., i0 + n - 1, stepped through (r, t, c)
+  inline void offsets(int64_t i0, int64_t n, int64_t* out) const {
+    int64_t c = i0 % C, t = i0 / C % T;
+    int64_t off = (i0 / (C * T)) * sR + t * sT + c * sC;
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = off;
+      off += sC;
+      if (++c == C) {
+        c = 0, off += sT - C * sC;
+        if (++t == T) t = 0, off += sR - T * sT;
+      }
+    }
+  }
+};
+
+// quantize_params + cdf + encode in one pass: bits (storage patterns, int16 or uint8) [P, N],
+// and each page's float32 mu and sigma as Rows ([R, T, C] views of N elements). Same bytes
+// as rans_reference.encode_values. Returns (words int32 [W] holding the u32 words,
+// lane_words int64 [P, NL]).
+std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std::vector<torch::Tensor>& mu,
+                                         const std::vector<torch::Tensor>& sigma, int64_t num_lanes,
+                                         const torch::Tensor& phi, int64_t w_wide, int64_t kappa, int64_t bits,
+                                         int64_t man_bits, int64_t bias, bool fn_nan) {
   const Bits pattern(bits_t);
-  check_f32(mu, "mu");
-  check_f32(sigma, "sigma");
   check_int64(phi, "phi");
-  TORCH_CHECK(bits_t.dim() == 2 && mu.sizes() == bits_t.sizes() && sigma.sizes() == bits_t.sizes() && num_lanes >= 1,
-              "bits, mu and sigma must be [P, N] alike; num_lanes >= 1");
+  TORCH_CHECK(bits_t.dim() == 2 && int64_t(mu.size()) == bits_t.size(0) && int64_t(sigma.size()) == bits_t.size(0) &&
+                  num_lanes >= 1,
+              "bits [P, N], P mu and P sigma rows; num_lanes >= 1");
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
   const int64_t num_pages = bits_t.size(0), n = bits_t.size(1);
-  const float* mu_p = mu.data_ptr<float>();
-  const float* sigma_p = sigma.data_ptr<float>();
+  std::vector<Rows> mu_rows, sigma_rows;
+  for (int64_t page = 0; page < num_pages; ++page) {
+    TORCH_CHECK(mu[page].numel() == n && sigma[page].numel() == n, "each page's mu and sigma rows hold N values");
+    mu_rows.emplace_back(mu[page]);
+    sigma_rows.emplace_back(sigma[page]);
+  }
   const int64_t steps = (n + num_lanes - 1) / num_lanes;
   const int64_t lanes = num_pages * num_lanes;
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
@@ -532,10 +567,10 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const torc
       // Locals, not loads through the closures, in the vectorised loop.
       const Model mdl = model;
       const auto* pat = patterns;
-      const float *mus = mu_p, *sigmas = sigma_p;
       const int64_t sign = sign_bit, all_ones = ones;
-      // block slot j holds lane l0 + j: its state, and this step's C(k) and f(k)
-      int64_t x[LANE_BLOCK], cum[LANE_BLOCK], freq[LANE_BLOCK];
+      // block slot j holds lane l0 + j: its state, this step's C(k) and f(k), and where its
+      // symbol's mu and sigma are
+      int64_t x[LANE_BLOCK], cum[LANE_BLOCK], freq[LANE_BLOCK], mu_off[LANE_BLOCK], sigma_off[LANE_BLOCK];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t page = b / blocks_per_page;
         const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
@@ -547,14 +582,17 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const torc
         }
         for (int64_t s = steps - 1; s >= 0; --s) {  // in reverse (warning 1 of the reference)
           const int64_t j_hi = std::min(l1, n - s * num_lanes) - l0;
-          const int64_t i0 = page * n + l0 + s * num_lanes;  // slot j codes symbol i0 + j
+          const int64_t first = l0 + s * num_lanes, i0 = page * n + first;  // slot j: symbol i0 + j
+          mu_rows[page].offsets(first, j_hi, mu_off);
+          sigma_rows[page].offsets(first, j_hi, sigma_off);
+          const float *mus = mu_rows[page].p, *sigmas = sigma_rows[page].p;
           // The model at every lane's symbol: independent across lanes, branch-free (vectorised).
 #pragma omp simd
           for (int64_t j = 0; j < j_hi; ++j) {
             const int64_t u = pat[i0 + j];
             const int64_t k = (u & sign) ? u ^ all_ones : u | sign;  // keys_from_bits
             int64_t mu_q, e, r, c1;
-            quantize(mus[i0 + j], sigmas[i0 + j], mu_q, e, r);
+            quantize(mus[mu_off[j]], sigmas[sigma_off[j]], mu_q, e, r);
             mdl.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), cum[j], c1);
             freq[j] = c1 - cum[j];
           }

@@ -38,6 +38,7 @@ import logging
 import platform
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -236,8 +237,8 @@ def value_of_bits(dtype: str) -> torch.Tensor:
 
 def encode_values(
     bits: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
+    mu: torch.Tensor | Sequence[torch.Tensor],
+    sigma: torch.Tensor | Sequence[torch.Tensor],
     dtype: str,
     num_lanes: int,
     w_wide: int = em.W_WIDE,
@@ -245,25 +246,37 @@ def encode_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rans_reference.encode_values in one C++ pass per symbol (quantize_params, both C
     values, the rANS step; no int64 [N] arrays), same bytes. bits: storage patterns (int16
-    for 16-bit dtypes, else uint8), mu, sigma float32, all [P, N] or [N]. Returns (words
-    int32 [W] holding the u32 words, lane_words int64 [P, NL])."""
+    for 16-bit dtypes, else uint8) [P, N] or [N]; mu, sigma float32 [P, N] or [N], or one
+    tensor per page whose C-order flattening is its N values (Predictor.predict_rows: rows,
+    possibly broadcast views), read in place. Returns (words int32 [W] holding the u32
+    words, lane_words int64 [P, NL])."""
     ext = extension()
     if ext is None:
         return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa)
     em.check_mixture(w_wide, kappa)
     b = em.symbol_bits(dtype)
-    bits, mu, sigma = ref._as_batch(bits), ref._as_batch(mu), ref._as_batch(sigma)
+    bits = ref._as_batch(bits)
     if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
         raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, got {bits.dtype}")
-    if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or not (bits.shape == mu.shape == sigma.shape):
-        raise ValueError("mu and sigma must be float32 tensors shaped like bits")
+    mu, sigma = _rows(mu, bits.shape), _rows(sigma, bits.shape)
     if num_lanes < 1:
         raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
-    _check_cpu(bits, mu, sigma)
+    _check_cpu(bits, *mu, *sigma)
     return tuple(ext.encode_values(
-        bits.contiguous(), mu.contiguous(), sigma.contiguous(), num_lanes, em.phi_table(), w_wide, kappa,
-        *em.DTYPE_SPECS[dtype],
+        bits.contiguous(), mu, sigma, num_lanes, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype],
     ))  # fmt: skip
+
+
+def _rows(params: torch.Tensor | Sequence[torch.Tensor], shape: torch.Size) -> list[torch.Tensor]:
+    """encode_values' mu or sigma as the C++ reads them: per page, a float32 view [R, T, C]
+    of its N values (no copy for [N], [R, X] or [R, T, C] tensors of any strides)."""
+    pages, n = shape
+    if isinstance(params, torch.Tensor):
+        params = list(ref._as_batch(params))
+    if len(params) != pages or any(t.dtype != torch.float32 or t.numel() != n for t in params):
+        raise ValueError("mu and sigma must be float32, [P, N] like bits or one tensor of N values per page")
+    shaped = {1: lambda t: t.view(1, 1, -1), 2: lambda t: t.unsqueeze(1), 3: lambda t: t}
+    return [shaped[t.dim()](t) if t.dim() in shaped else t.reshape(t.shape[0], 1, -1) for t in params]
 
 
 class Decoder(ref.Decoder):

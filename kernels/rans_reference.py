@@ -42,6 +42,7 @@ Run ``python -m sglang_speckv.kernels.rans_reference`` for the self-check and it
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -76,6 +77,15 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     if t.dim() != 2:
         raise ValueError(f"expected [N] or [P, N], got shape {tuple(t.shape)}")
     return t
+
+
+def _params_batch(t: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """encode_values' mu or sigma: [N], [P, N], or one tensor per page of any shape whose
+    C-order flattening is the page's N values (Predictor.predict_rows, possibly broadcast
+    views) -> [P, N]. (rans_cpu reads per-page rows in place; this materialises them.)"""
+    if isinstance(t, torch.Tensor):
+        return _as_batch(t)
+    return torch.stack([page.reshape(-1) for page in t])
 
 
 def _to_grid(t: torch.Tensor, first: int, num_lanes: int, fill: int) -> torch.Tensor:
@@ -170,10 +180,11 @@ def encode_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The value-level encoder (what rans_cpu and rans_triton fuse, same bytes): storage
     patterns ``bits`` (int16 for 16-bit dtypes, else uint8) and float32 (mu, sigma), all
-    [P, N] (or [N]) -> quantize_params -> cdf -> encode. Returns (words int32 [W] holding
+    [P, N] (or [N]; mu and sigma may also be one tensor per page, see _params_batch) ->
+    quantize_params -> cdf -> encode. Returns (words int32 [W] holding
     the u32 words, lane_words [P, NL])."""
     keys = em.keys_from_bits(em.storage_bits(_as_batch(bits)), dtype)
-    mu_q, e, r = em.quantize_params(_as_batch(mu), _as_batch(sigma))
+    mu_q, e, r = em.quantize_params(_params_batch(mu), _params_batch(sigma))
     cum = em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
     freq = em.cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum
     del keys, mu_q, e, r

@@ -568,7 +568,7 @@ def encode_values(
     """
     em.check_mixture(w_wide, kappa)
     b = em.symbol_bits(dtype)  # a clear error for an unknown dtype name
-    bits, mu, sigma = ref._as_batch(bits), ref._as_batch(mu), ref._as_batch(sigma)
+    bits, mu, sigma = ref._as_batch(bits), ref._params_batch(mu), ref._params_batch(sigma)
     if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
         raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, got {bits.dtype}")
     if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or not (bits.shape == mu.shape == sigma.shape):

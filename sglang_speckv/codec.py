@@ -13,10 +13,14 @@ into the batch's pages): the predictor sees the values decoded so far (NaN elsew
 exactly as the encoder showed them to it.
 
 Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (config
-field ``coding_batch_bytes``; one page at least); a batch's scratch is its pages' float32
-(mu, sigma) and float32 values, about 6x its raw bytes for 16-bit dtypes (12x for fp8),
-plus the coded words (and on the GPU the encoder's int32 scratch, 4 B per symbol). Nothing
-int64 per symbol is allocated, on the CPU or the GPU.
+field ``coding_batch_bytes``; one page at least). Predictions come as rows
+(``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
+channel). Decoding materialises them a chunk of rows at a time (``PARAMS_SHARE``); the C++
+encoder reads them in place, the Triton and reference encoders as [P, N] float32. Beyond
+that: the storage patterns of the batch, the coded words, float32 values for predictors
+with several stages, and on the GPU the encoder's int32 scratch (4 B per symbol). Nothing
+int64 per symbol is allocated, on the CPU or the GPU. Figures: docs/BENCHMARKS.md
+"Codec scratch".
 
 Pages are tensors of the canonical shape (predictors/base.py) in their storage dtype
 (bfloat16, float16, float8_e4m3fn, float8_e5m2, or uint8 holding fp8 with the meta saying
@@ -191,8 +195,10 @@ class _Coded:
 
 
 def _prepare(page, meta, predictor, w_wide, kappa, lanes):
-    """Side info, bit patterns ([numel], int16 / uint8) and float32 (mu, sigma) ([numel],
-    stage by stage) of one page: (_Coded, bits, mu, sigma)."""
+    """Side info, bit patterns ([numel], int16 / uint8) and float32 (mu, sigma) of one page:
+    (_Coded, bits, mu, sigma). mu and sigma are predict_rows' rows for a one-stage predictor
+    (possibly broadcast views, read in place by the C++ coder), else the stages' 1-D
+    predictions concatenated."""
     page = _storage_view(page, meta)
     bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
     side = predictor.side_info(page.to(torch.float32), meta)
@@ -201,15 +207,18 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes):
     # tensor, filled in as the stages go (no copy of the page per stage); with one stage, a
     # broadcast NaN.
     seen = torch.full((), float("nan"), dtype=torch.float32, device=page.device).expand(meta.shape)
-    if len(stages) > 2:
+    if len(stages) == 2:
+        mu, sigma = _checked_rows(predictor.predict_rows(meta, side, seen, 0), meta.numel, predictor.name)
+    else:
         seen = seen.clone()
-    mus, sigmas = [], []
-    for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        mu, sigma = _checked_prediction(predictor.predict(meta, side, seen, s), b - a, predictor.name)
-        mus.append(mu)
-        sigmas.append(sigma)
-        if b < meta.numel:
-            seen.view(-1)[a:b] = bits[a:b].view(page.dtype).to(torch.float32)
+        mus, sigmas = [], []
+        for s, (a, b) in enumerate(zip(stages, stages[1:])):
+            mu, sigma = _checked_prediction(predictor.predict(meta, side, seen, s), b - a, predictor.name)
+            mus.append(mu)
+            sigmas.append(sigma)
+            if b < meta.numel:
+                seen.view(-1)[a:b] = bits[a:b].view(page.dtype).to(torch.float32)
+        mu, sigma = torch.cat(mus), torch.cat(sigmas)
     del seen
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
@@ -217,8 +226,6 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes):
         raw_hash=page_hash(page), position=meta.position, w_wide=w_wide,
         kappa=kappa, num_lanes=lanes, side_bytes=len(side),
     )  # fmt: skip
-    mu = mus[0].contiguous() if len(mus) == 1 else torch.cat(mus)
-    sigma = sigmas[0].contiguous() if len(sigmas) == 1 else torch.cat(sigmas)
     return _Coded(header, side, page), bits, mu, sigma
 
 
@@ -250,25 +257,28 @@ def encode_pages(
 
 
 def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[bytes]:
-    # One coder call per (size, lanes, device): its loop steps serve every page at once. The
-    # group's rows are allocated once and each page's prediction written straight into them.
+    # One coder call per (size, lanes, device): its loop steps serve every page at once.
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (page, meta) in enumerate(zip(pages, metas)):
         lanes = min(num_lanes or default_lanes(meta.numel), meta.numel)
         groups[(meta.numel, lanes, page.device, meta.dtype)].append(i)
     blobs: list[bytes] = [b""] * len(pages)
     for (numel, lanes, device, dtype), members in groups.items():
-        if len(members) == 1:  # the page's own tensors, no copy
-            c, bits, mu, sigma = _prepare(pages[members[0]], metas[members[0]], predictor, w_wide, kappa, lanes)
-            coded, bits, mu, sigma = [c], bits[None], mu[None], sigma[None]
-        else:  # rows [P, numel], each page's written as soon as it is predicted
-            bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)
-            mu = torch.empty((len(members), numel), dtype=torch.float32, device=device)
-            sigma = torch.empty_like(mu)
-            coded = []
-            for j, i in enumerate(members):
-                c, bits[j], mu[j], sigma[j] = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes)
-                coded.append(c)
+        # (mu, sigma) per page, as the predictor gave them; the storage patterns as [P, numel]
+        # rows (the page's own tensor when P == 1)
+        coded, mu, sigma = [], [], []
+        bits = None
+        for j, i in enumerate(members):
+            c, bits_j, mu_j, sigma_j = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes)
+            if len(members) == 1:
+                bits = bits_j[None]
+            else:
+                if bits is None:
+                    bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)
+                bits[j] = bits_j
+            coded.append(c)
+            mu.append(mu_j)
+            sigma.append(sigma_j)
         words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa)
         del bits, mu, sigma
         lane_words = lane_words.cpu().numpy()  # [P, NL]
