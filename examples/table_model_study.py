@@ -297,7 +297,7 @@ def variants(args, w_wide: int, kappa: int) -> list[dict]:
                 dict(a, name=f"C-bound = {a['name']} + B true grid", kind="Ctrue", tables=None)]
     parts = [a_variant(s_bits, args.bs_c, geo=True) for s_bits in range(args.s_max + 1)]
     n, nbytes = b_bytes(tb, 0)
-    out.append(dict(name=f"A-adaptive (new): A-geo S = clamp(log2(sigma / ulp(abs(mu) + 2 sigma)) - 1, 0, {args.s_max}), B below sigma = ulp(mu)",
+    out.append(dict(name=f"A-adaptive (new): A-geo S = clamp(log2(sigma / ulp(abs(mu) + 2 sigma)) - {args.guard}, 0, {args.s_max}), B below sigma = ulp(mu)",
                     kind="Aad", parts=parts, tables=(sum(a["tables"][0] for a in parts) + n, sum(a["tables"][1] for a in parts) + nbytes)))
     return out
 
@@ -322,14 +322,19 @@ def evaluate(data, dtype: str, args, variants_) -> dict:
             elif v["kind"] == "Btrue":
                 bits, esc = true_b
             elif v["kind"] == "Aad":
-                t = torch.floor(torch.log2(s["sigma_hat"] / s["ulp_edge"])).to(torch.int64) - 1
+                t = torch.floor(torch.log2(s["sigma_hat"] / s["ulp_edge"])).to(torch.int64) - args.guard
                 pick = t.clamp(0, len(v["parts"]) - 1)
                 use_b = s["sigma_hat"] < s["ulp"]
                 bits, esc = plain_b
+                excess = bits + torch.where(esc, s["exact"], torch.zeros_like(bits)) - s["exact"]
+                split = a.setdefault("split", {})  # regime -> [symbols, excess bits]
+                split["B"] = [x + y for x, y in zip(split.get("B", [0, 0.0]), [int(use_b.sum()), float(excess[use_b].sum())])]
                 for i, part in enumerate(v["parts"]):
                     mine = (pick == i) & ~use_b
                     pb, pe = bits_a(s, part["edges"], em.F - part["s"], part["freq"], part["bs"], args.p2, args.pt)
                     bits, esc = torch.where(mine, pb, bits), torch.where(mine, pe, esc)
+                    excess = pb + torch.where(pe, s["exact"], torch.zeros_like(pb)) - s["exact"]
+                    split[f"S={i}"] = [x + y for x, y in zip(split.get(f"S={i}", [0, 0.0]), [int(mine.sum()), float(excess[mine].sum())])]
                     sub_a = sub[mine[sub]]
                     if len(sub_a):
                         a["empty"].append((empty_mass(s, sub_a, part["edges"], part["s"], part["freq"], part["bs"], args.pt) * len(sub_a), len(sub_a)))
@@ -360,7 +365,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens")
     ap.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens for `context` (4 sequences)")
-    ap.add_argument("--scalars", type=int, default=1_000_000, help="random held-out scalars evaluated per row")
+    ap.add_argument("--scalars", type=int, default=3_000_000, help="random held-out scalars evaluated per row")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp8_e4m3"])
     ap.add_argument("--pt", type=int, default=15, help="table probability bits")
     ap.add_argument("--p2", type=int, default=16, help="A's level-2 grid bits per cell")
@@ -368,6 +373,7 @@ def main() -> None:
     ap.add_argument("--bs", type=int, nargs="+", default=[2, 3, 4], help="A's sigma-bucket bits (S in 2..4; others: --bs-c)")
     ap.add_argument("--bs-c", type=int, default=3, help="Bs of the hybrids C, A-geo and A-adaptive")
     ap.add_argument("--s-geo", type=int, nargs="*", default=[1, 2], help="S of the A-geo rows")
+    ap.add_argument("--guard", type=int, default=1, help="A-adaptive: S = log2(sigma / ulp(abs(mu) + 2 sigma)) - guard")
     ap.add_argument("--s-max", type=int, default=2, help="A-adaptive's largest S")
     ap.add_argument("--window", type=int, default=16, help="A and B cover +-window sigmas (A: J = window 2^(S+1))")
     ap.add_argument("--b-lb1", type=int, default=16, help="B's tables cover sigma/ulp up to 2^(b_lb1 / 4) (clamped above)")
@@ -384,7 +390,7 @@ def main() -> None:
         data = real_kv(args)
         if args.cache:
             torch.save(data, args.cache)
-    rows = []
+    rows, notes = [], []
     for (dtype, pred), d in data.items():
         if args.scalars < len(d[0]):  # a random subset of the scalars, the same for every row
             keep = torch.randperm(len(d[0]), generator=torch.Generator().manual_seed(0))[: args.scalars].sort().values
@@ -399,6 +405,9 @@ def main() -> None:
             share = f"{100 * a['a']:.1f}%" if v["kind"] in ("C", "Ctrue", "Aad") else ""
             rows.append(f"| {dtype} | {pred} (w {d[3]}, k {d[4]}) | {v['name']} | {a['exact']:.4f} | {100 * (a['exact'] / base - 1):+.2f}% | "
                         f"{a['raw']:.4f} | {100 * a['esc']:.3f}% | {empty} | {share} | {tables} |")
+        split = next(acc[v["name"]]["split"] for v in vs if v["kind"] == "Aad")
+        notes.append(f"- {dtype}, {pred}: A-adaptive by regime (share of symbols, bits over EXACT per symbol of the regime): " + ", ".join(
+            f"{k} {100 * c / len(d[0]):.1f}% {x / max(c, 1):+.4f}" for k, (c, x) in split.items()))
         print(f"[{dtype}, {pred}] done at {time.perf_counter() - t0:.0f} s", flush=True)
     n = min(args.scalars, len(next(iter(data.values()))[0]))
     print(f"\nSmolLM2-135M KV, {n} random scalars per row of {args.tokens} held-out tokens; ideal code lengths, PT={args.pt}, "
@@ -407,6 +416,7 @@ def main() -> None:
     print("| KV dtype | predictor (mixture) | model | bits/scalar (esc exact) | vs EXACT | bits (esc raw) | escape rate | empty-cell mass | A share | tables x bytes |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    print("\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":
