@@ -21,7 +21,15 @@ Variants (sigma_q = r 2^(e-R) and mu_q from entropy_model.quantize_params):
      a canonical evenly spaced grid (binade crossings ignored; "B, true grid" puts the same
      bucketed Gaussian on the real keys to price that).
   C  hybrid: A where sigma >= 2^S ulp(mu), else B (tables of both ship).
+  A-geo       A with cells 8u wide beyond +-FINE sigmas (few entries for the wide tail).
+  C-bound     C with "B, true grid": per symbol, not a table; what format-aware key tables
+              could reach at best.
+  A-adaptive  (this study's proposal) per symbol S = clamp(floor(log2(sigma / ulp at
+              |mu| + 2 sigma)) - guard, 0, s_max) with A-geo's tables, B where sigma < ulp(mu);
+              its second row shapes level 2 by the mixture over 2^l2 sub-cells per cell
+              (a table per cell) instead of uniform in value.
 Escapes: the escape entry, then today's exact model ("esc exact") or B raw bits ("esc raw").
+Each row sees the same --scalars random held-out scalars of its KV dtype.
 """
 
 from __future__ import annotations
@@ -112,13 +120,22 @@ def quantize_table(p: torch.Tensor, pt: int, valid: torch.Tensor | None = None) 
     return f.scatter_add(1, f.argmax(dim=1, keepdim=True), (1 << pt) - f.sum(dim=1, keepdim=True))
 
 
-def table_a(edges: torch.Tensor, s: int, bs: int, w_wide: int, kappa: int, pt: int) -> torch.Tensor:
-    """[2^bs, cells + 1] frequencies of the cells [edges[i], edges[i+1]) (units of u, relative to
-    mu) and, last, the escape, for sigma bucket b: sigma/u = 2^s (1 + (b + 1/2) / 2^bs)."""
+def table_a(edges: torch.Tensor, s: int, bs: int, w_wide: int, kappa: int, pt: int, p2: int, l2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A's tables for sigma bucket b (sigma/u = 2^s (1 + (b + 1/2) / 2^bs)): level 1 [2^bs,
+    cells + 1], the cells [edges[i], edges[i+1]) (units of u, relative to mu) then the escape,
+    out of 2^pt; level 2 [2^bs, cells, 2^l2], the cell's 2^l2 equal sub-cells out of 2^p2
+    (l2 = 0: uniform in value over the cell)."""
     ratio = 2.0**s * (1 + (torch.arange(1 << bs, dtype=torch.float64) + 0.5) / (1 << bs))
     g = mixture_cdf(edges.to(torch.float64)[None, :] / ratio[:, None], w_wide, kappa)
     cells = g[:, 1:] - g[:, :-1]
-    return quantize_table(torch.cat([cells, 1 - cells.sum(dim=1, keepdim=True)], dim=1), pt)
+    level1 = quantize_table(torch.cat([cells, 1 - cells.sum(dim=1, keepdim=True)], dim=1), pt)
+    e = edges.to(torch.float64)
+    x = e[:-1, None] + (e[1:] - e[:-1])[:, None] * torch.arange((1 << l2) + 1, dtype=torch.float64) / (1 << l2)
+    g = mixture_cdf(x[None] / ratio[:, None, None], w_wide, kappa)  # [2^bs, cells, 2^l2 + 1]
+    sub = g[..., 1:] - g[..., :-1]
+    total = sub.sum(dim=-1, keepdim=True)
+    sub = torch.where(total > 0, sub / total, torch.full_like(sub, 1.0 / (1 << l2)))
+    return level1, quantize_table(sub.reshape(-1, 1 << l2), p2).reshape(sub.shape)
 
 
 def table_b(lb: torch.Tensor, q: torch.Tensor, dmax: int, w_wide: int, kappa: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,11 +190,13 @@ def symbols(stored, mu, sigma, dtype, w_wide, kappa) -> dict:
     return s
 
 
-def bits_a(s: dict, edges: torch.Tensor, sh: int, freq: torch.Tensor, bs: int, p2: int, pt: int):
+def bits_a(s: dict, edges: torch.Tensor, sh: int, freq: torch.Tensor, sub: torch.Tensor, bs: int, p2: int, pt: int):
     """(bits without the escape's payload [N] float64, escaped [N] bool) of variant A with cell
-    edges (units of u = 2^sh delta, relative to mu) and level-1 table freq [2^bs, cells + 1]."""
+    edges (units of u = 2^sh delta, relative to mu) and table_a's tables (freq, sub). Level 2:
+    the cell's 2^p2 counts are spread over its sub-cells by ``sub`` and uniformly inside each;
+    a key takes the counts of the part of the cell nearer to it than to the cell's other keys."""
     ed = edges << sh  # units of delta
-    cells = len(edges) - 1
+    cells, l2 = len(edges) - 1, sub.shape[-1].bit_length() - 1
 
     def cell(x):  # cell index of a value (units of delta, relative to mu); -1 or cells: outside
         return torch.searchsorted(ed, x, right=True) - 1
@@ -185,17 +204,20 @@ def bits_a(s: dict, edges: torch.Tensor, sh: int, freq: torch.Tensor, bs: int, p
     c = cell(s["x0"])
     inside = (c >= 0) & (c < cells)
     cc = c.clamp(0, cells - 1)
+    b = (s["r"] >> (em.R - bs)) - (1 << bs)
     a0, a1 = 2 * ed[cc], 2 * ed[cc + 1]  # the cell in units of delta / 2
     lo = torch.where(cell(s["xm"]) == c, s["xm"] + s["x0"], a0)  # the key's share of the cell
     hi = torch.where(cell(s["xp"]) == c, s["x0"] + s["xp"], a1)
-    p = (torch.log2((a1 - a0).to(torch.float64)).round().to(torch.int64) - p2).clamp_min(0)  # grid step 2^p
-    one = torch.ones_like(p)
-    count = ((hi - a0 + (one << p) - 1) >> p) - ((lo - a0 + (one << p) - 1) >> p)
-    grid = torch.log2((a1 - a0).to(torch.float64)) - p.to(torch.float64)  # log2 steps per cell
-    b = (s["r"] >> (em.R - bs)) - (1 << bs)
-    f1 = freq[b, cc].to(torch.float64)
+    sub_shift = torch.log2((a1 - a0).to(torch.float64)).round().to(torch.int64) - l2  # sub-cell width 2^shift
+    cum = torch.cat([torch.zeros_like(sub[..., :1]), sub.cumsum(dim=-1)], dim=-1)
+
+    def counts_below(y):  # level-2 counts of the cell's first y half-units (integer, exact)
+        i = (y >> sub_shift).clamp(max=(1 << l2) - 1)
+        return cum[b, cc, i] + ((sub[b, cc, i] * (y - (i << sub_shift))) >> sub_shift)
+
+    count = counts_below(hi - a0) - counts_below(lo - a0)
     esc = ~inside | (count <= 0)
-    coded = pt - torch.log2(f1) + grid - torch.log2(count.clamp_min(1).to(torch.float64))
+    coded = pt - torch.log2(freq[b, cc].to(torch.float64)) + p2 - torch.log2(count.clamp_min(1).to(torch.float64))
     return torch.where(esc, pt - torch.log2(freq[b, -1].to(torch.float64)), coded), esc
 
 
@@ -276,12 +298,13 @@ def variants(args, w_wide: int, kappa: int) -> list[dict]:
     out.append(dict(name=f"B alone (sigma/ulp >= 2^{args.b_lb1 / 4:g} clamped)", kind="B", tb=tb, tables=(n, nbytes)))
     out.append(dict(name="B, true grid (binade crossings priced)", kind="Btrue", tb=tb, tables=None))
 
-    def a_variant(s_bits, bs, geo):
+    def a_variant(s_bits, bs, geo, l2=0):
         j = args.window << (s_bits + 1)
         edges = geo_edges(s_bits, args.fine, args.window_geo) if geo else torch.arange(-j, j + 1)
-        freq = table_a(edges, s_bits, bs, w_wide, kappa, pt)
+        freq, sub = table_a(edges, s_bits, bs, w_wide, kappa, pt, args.p2, l2)
         label = f"{'A-geo' if geo else 'A'} S={s_bits} Bs={bs}"
-        return dict(name=label, kind="A", edges=edges, s=s_bits, bs=bs, freq=freq, tables=((1 << bs), (1 << bs) * freq.shape[1] * 2))
+        nbytes = 2 * (freq.numel() + (sub.numel() if l2 else 0))  # 16-bit entries
+        return dict(name=label, kind="A", edges=edges, s=s_bits, bs=bs, freq=freq, sub=sub, tables=((1 << bs) * (2 if l2 else 1), nbytes))
 
     for s_bits in args.s:
         for bs in args.bs if s_bits in (2, 3, 4) else [args.bs_c]:
@@ -295,10 +318,11 @@ def variants(args, w_wide: int, kappa: int) -> list[dict]:
         n, nbytes = b_bytes(tb, 4 * s_bits)
         out += [a, dict(a, name=f"C = {a['name']} + B", kind="C", tables=(a["tables"][0] + n, a["tables"][1] + nbytes)),
                 dict(a, name=f"C-bound = {a['name']} + B true grid", kind="Ctrue", tables=None)]
-    parts = [a_variant(s_bits, args.bs_c, geo=True) for s_bits in range(args.s_max + 1)]
     n, nbytes = b_bytes(tb, 0)
-    out.append(dict(name=f"A-adaptive (new): A-geo S = clamp(log2(sigma / ulp(abs(mu) + 2 sigma)) - {args.guard}, 0, {args.s_max}), B below sigma = ulp(mu)",
-                    kind="Aad", parts=parts, tables=(sum(a["tables"][0] for a in parts) + n, sum(a["tables"][1] for a in parts) + nbytes)))
+    for l2 in (0, args.l2):
+        parts = [a_variant(s_bits, args.bs_c, geo=True, l2=l2) for s_bits in range(args.s_max + 1)]
+        out.append(dict(name=f"A-adaptive (new), guard {args.guard}, S <= {args.s_max}" + (f", level 2 in {1 << l2} sub-cells" if l2 else ""),
+                        kind="Aad", parts=parts, tables=(sum(a["tables"][0] for a in parts) + n, sum(a["tables"][1] for a in parts) + nbytes)))
     return out
 
 
@@ -331,7 +355,7 @@ def evaluate(data, dtype: str, args, variants_) -> dict:
                 split["B"] = [x + y for x, y in zip(split.get("B", [0, 0.0]), [int(use_b.sum()), float(excess[use_b].sum())])]
                 for i, part in enumerate(v["parts"]):
                     mine = (pick == i) & ~use_b
-                    pb, pe = bits_a(s, part["edges"], em.F - part["s"], part["freq"], part["bs"], args.p2, args.pt)
+                    pb, pe = bits_a(s, part["edges"], em.F - part["s"], part["freq"], part["sub"], part["bs"], args.p2, args.pt)
                     bits, esc = torch.where(mine, pb, bits), torch.where(mine, pe, esc)
                     excess = pb + torch.where(pe, s["exact"], torch.zeros_like(pb)) - s["exact"]
                     split[f"S={i}"] = [x + y for x, y in zip(split.get(f"S={i}", [0, 0.0]), [int(mine.sum()), float(excess[mine].sum())])]
@@ -340,7 +364,7 @@ def evaluate(data, dtype: str, args, variants_) -> dict:
                         a["empty"].append((empty_mass(s, sub_a, part["edges"], part["s"], part["freq"], part["bs"], args.pt) * len(sub_a), len(sub_a)))
                 a["a"] += int((~use_b).sum())
             else:
-                bits, esc = bits_a(s, v["edges"], em.F - v["s"], v["freq"], v["bs"], args.p2, args.pt)
+                bits, esc = bits_a(s, v["edges"], em.F - v["s"], v["freq"], v["sub"], v["bs"], args.p2, args.pt)
                 use_a = torch.ones_like(esc)
                 if v["kind"] in ("C", "Ctrue"):
                     use_a = s["sigma_hat"] >= 2.0 ** v["s"] * s["ulp"]
@@ -374,6 +398,7 @@ def main() -> None:
     ap.add_argument("--bs-c", type=int, default=3, help="Bs of the hybrids C, A-geo and A-adaptive")
     ap.add_argument("--s-geo", type=int, nargs="*", default=[1, 2], help="S of the A-geo rows")
     ap.add_argument("--guard", type=int, default=1, help="A-adaptive: S = log2(sigma / ulp(abs(mu) + 2 sigma)) - guard")
+    ap.add_argument("--l2", type=int, default=2, help="A-adaptive's second row: level 2 shaped over 2^l2 sub-cells per cell")
     ap.add_argument("--s-max", type=int, default=2, help="A-adaptive's largest S")
     ap.add_argument("--window", type=int, default=16, help="A and B cover +-window sigmas (A: J = window 2^(S+1))")
     ap.add_argument("--b-lb1", type=int, default=16, help="B's tables cover sigma/ulp up to 2^(b_lb1 / 4) (clamped above)")
@@ -405,15 +430,15 @@ def main() -> None:
             share = f"{100 * a['a']:.1f}%" if v["kind"] in ("C", "Ctrue", "Aad") else ""
             rows.append(f"| {dtype} | {pred} (w {d[3]}, k {d[4]}) | {v['name']} | {a['exact']:.4f} | {100 * (a['exact'] / base - 1):+.2f}% | "
                         f"{a['raw']:.4f} | {100 * a['esc']:.3f}% | {empty} | {share} | {tables} |")
-        split = next(acc[v["name"]]["split"] for v in vs if v["kind"] == "Aad")
-        notes.append(f"- {dtype}, {pred}: A-adaptive by regime (share of symbols, bits over EXACT per symbol of the regime): " + ", ".join(
-            f"{k} {100 * c / len(d[0]):.1f}% {x / max(c, 1):+.4f}" for k, (c, x) in split.items()))
+        for v in (v for v in vs if v["kind"] == "Aad"):  # regime: (share of symbols, bits over EXACT per symbol of the regime)
+            notes.append(f"- {dtype}, {pred}, {v['name']}: " + ", ".join(
+                f"{k} {100 * c / len(d[0]):.1f}% {x / max(c, 1):+.4f}" for k, (c, x) in acc[v["name"]]["split"].items()))
         print(f"[{dtype}, {pred}] done at {time.perf_counter() - t0:.0f} s", flush=True)
     n = min(args.scalars, len(next(iter(data.values()))[0]))
     print(f"\nSmolLM2-135M KV, {n} random scalars per row of {args.tokens} held-out tokens; ideal code lengths, PT={args.pt}, "
           f"P2={args.p2}, window +-{args.window} sigma; machine: {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {time.perf_counter() - t0:.0f} s\n")
-    print("| KV dtype | predictor (mixture) | model | bits/scalar (esc exact) | vs EXACT | bits (esc raw) | escape rate | empty-cell mass | A share | tables x bytes |")
+    print("| KV dtype | predictor (mixture) | model | bits/scalar (esc exact) | vs EXACT | bits (esc raw) | escape rate | empty-cell mass | A share | tables = bytes |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\n" + "\n".join(notes))
