@@ -29,7 +29,7 @@ Variants (sigma_q = r 2^(e-R) and mu_q from entropy_model.quantize_params):
               its second row shapes level 2 by the mixture over 2^l2 sub-cells per cell
               (a table per cell) instead of uniform in value.
 Escapes: the escape entry, then today's exact model ("esc exact") or B raw bits ("esc raw").
-Each row sees the same --scalars random held-out scalars of its KV dtype.
+The rows of one (dtype, predictor) see the same --scalars random held-out scalars.
 """
 
 from __future__ import annotations
