@@ -138,19 +138,6 @@ def table_a(edges: torch.Tensor, s: int, bs: int, w_wide: int, kappa: int, pt: i
     return level1, quantize_table(sub.reshape(-1, 1 << l2), p2).reshape(sub.shape)
 
 
-def table_b(lb: torch.Tensor, q: torch.Tensor, dmax: int, w_wide: int, kappa: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities of key offsets d in [-dmax, dmax] on the canonical grid (keys 1 ulp apart)
-    and of the escape, for sigma/ulp = 2^((lb + 1/2) / 4) and mu (q + 1/2) / 4 ulp above its
-    lower neighbouring key: ([T, 2 dmax + 1], [T]) for T = len(lb) tables."""
-    ratio = 2.0 ** ((lb.to(torch.float64) + 0.5) / 4)
-    t = (q.to(torch.float64) + 0.5) / 4
-    off = torch.where(t < 0.5, t, t - 1)  # mu relative to its nearest key, in ulps
-    d = torch.arange(-dmax, dmax + 2, dtype=torch.float64) - 0.5  # boundaries
-    g = mixture_cdf((d[None, :] - off[:, None]) / ratio[:, None], w_wide, kappa)
-    cells = g[:, 1:] - g[:, :-1]
-    return cells, 1 - cells.sum(dim=1)
-
-
 # ---- per-symbol quantities -----------------------------------------------------------------
 
 
@@ -249,13 +236,18 @@ def bits_b(s: dict, tb: dict, pt: int, true_grid: bool = False):
 
 
 def tables_b(w_wide: int, kappa: int, window: float, pt: int, lb0: int = -16, lb1: int = 16) -> dict:
-    """B's tables for sigma/ulp buckets lb in [lb0, lb1) (quarter octaves; clamped outside) x 4
-    mu quarters; bucket lb covers +-window sigmas: D = ceil(window 2^((lb + 1) / 4))."""
+    """B's tables for sigma/ulp buckets lb in [lb0, lb1) (quarter octaves, sigma/ulp taken as
+    2^((lb + 1/2) / 4); clamped outside) x 4 quarters of mu's position between its keys; key
+    offsets on the canonical grid (keys 1 ulp apart) within +-D = ceil(window 2^((lb + 1) / 4))."""
     lb = torch.arange(lb0, lb1).repeat_interleave(4)
-    q = torch.arange(4).repeat(lb1 - lb0)
+    t = (torch.arange(4).repeat(lb1 - lb0).to(torch.float64) + 0.5) / 4  # mu, ulps above its lower key
+    off = torch.where(t < 0.5, t, t - 1)  # mu relative to its nearest key, in ulps
     d = torch.ceil(window * 2.0 ** ((lb.to(torch.float64) + 1) / 4)).to(torch.int64)
     dmax = int(d.max())
-    cells, _ = table_b(lb, q, dmax, w_wide, kappa)
+    ratio = 2.0 ** ((lb.to(torch.float64) + 0.5) / 4)  # the bucket's sigma/ulp
+    edges = torch.arange(-dmax, dmax + 2, dtype=torch.float64) - 0.5  # key boundaries, canonical grid
+    g = mixture_cdf((edges[None, :] - off[:, None]) / ratio[:, None], w_wide, kappa)
+    cells = g[:, 1:] - g[:, :-1]
     valid = torch.arange(-dmax, dmax + 1).abs()[None, :] <= d[:, None]
     cells = torch.where(valid, cells, torch.zeros_like(cells))
     p = torch.cat([cells, (1 - cells.sum(dim=1)).clamp_min(0)[:, None]], dim=1)
