@@ -199,7 +199,7 @@ def bits_a(s: dict, edges: torch.Tensor, sh: int, freq: torch.Tensor, sub: torch
     cum = torch.cat([torch.zeros_like(sub[..., :1]), sub.cumsum(dim=-1)], dim=-1)
 
     def counts_below(y):  # level-2 counts of the cell's first y half-units (integer, exact)
-        i = (y >> sub_shift).clamp(max=(1 << l2) - 1)
+        i = (y >> sub_shift).clamp(0, (1 << l2) - 1)  # (escaped keys: any index, result unused)
         return cum[b, cc, i] + ((sub[b, cc, i] * (y - (i << sub_shift))) >> sub_shift)
 
     count = counts_below(hi - a0) - counts_below(lo - a0)
@@ -230,9 +230,9 @@ def bits_b(s: dict, tb: dict, pt: int, true_grid: bool = False):
 
     p = boundary(s["keys"] + 1) - boundary(s["keys"])
     p_esc = 1 - (boundary(s["nearest"] + dl + 1) - boundary(s["nearest"] - dl))
-    f = (p * 2.0**pt).round().clamp_min(1)
-    f_esc = (p_esc * 2.0**pt).round().clamp_min(1)
-    return torch.where(esc, pt - torch.log2(f_esc), pt - torch.log2(f)), esc
+    floor = 2.0**-pt  # each of the 2 D + 2 entries gets >= 2^-pt, and they still sum to 1
+    keep = 1 - (2 * dl + 2).to(torch.float64) * floor
+    return torch.where(esc, -torch.log2(keep * p_esc + floor), -torch.log2(keep * p + floor)), esc
 
 
 def tables_b(w_wide: int, kappa: int, window: float, pt: int, lb0: int = -16, lb1: int = 16) -> dict:
@@ -318,12 +318,36 @@ def variants(args, w_wide: int, kappa: int) -> list[dict]:
     return out
 
 
+def variant_bits(s: dict, v: dict, args, plain_b, true_b):
+    """(bits without the escape's payload, escaped, regime) of variant v on symbols s; regime
+    [N]: the S of the A tables that coded the symbol, -1 where B did."""
+    minus_one = torch.full_like(s["keys"], -1)
+    if v["kind"] in ("B", "Btrue"):
+        return (*(plain_b if v["kind"] == "B" else true_b), minus_one)
+    if v["kind"] == "Aad":
+        t = torch.floor(torch.log2(s["sigma_hat"] / s["ulp_edge"])).to(torch.int64) - args.guard
+        regime = torch.where(s["sigma_hat"] < s["ulp"], minus_one, t.clamp(0, len(v["parts"]) - 1))
+        bits, esc = plain_b
+        for part in v["parts"]:
+            pb, pe = bits_a(s, part["edges"], em.F - part["s"], part["freq"], part["sub"], part["bs"], args.p2, args.pt)
+            mine = regime == part["s"]
+            bits, esc = torch.where(mine, pb, bits), torch.where(mine, pe, esc)
+        return bits, esc, regime
+    bits, esc = bits_a(s, v["edges"], em.F - v["s"], v["freq"], v["sub"], v["bs"], args.p2, args.pt)
+    regime = torch.full_like(minus_one, v["s"])
+    if v["kind"] in ("C", "Ctrue"):
+        use_a = s["sigma_hat"] >= 2.0 ** v["s"] * s["ulp"]
+        b = plain_b if v["kind"] == "C" else true_b
+        bits, esc, regime = torch.where(use_a, bits, b[0]), torch.where(use_a, esc, b[1]), torch.where(use_a, regime, minus_one)
+    return bits, esc, regime
+
+
 def evaluate(data, dtype: str, args, variants_) -> dict:
     """{variant name: mean bits/scalar with either escape payload, escape rate, A's share,
-    empty-cell mass} over all scalars of one (dtype, predictor)."""
+    empty-cell mass, A-adaptive's split by regime} over all scalars of one (dtype, predictor)."""
     stored, mu, sigma, w_wide, kappa = data
     raw, n = em.symbol_bits(dtype), len(stored)
-    acc = {v: dict(exact=0.0, raw=0.0, esc=0, a=0, empty=[]) for v in ["EXACT"] + [v["name"] for v in variants_]}
+    acc = {v: dict(exact=0.0, raw=0.0, esc=0, a=0, empty=[], split={}) for v in ["EXACT"] + [v["name"] for v in variants_]}
     tb = next(v["tb"] for v in variants_ if v["kind"] == "B")
     for start in range(0, n, CHUNK):
         s = symbols(*(t[start : start + CHUNK] for t in (stored, mu, sigma)), dtype, w_wide, kappa)
@@ -333,40 +357,19 @@ def evaluate(data, dtype: str, args, variants_) -> dict:
         plain_b, true_b = bits_b(s, tb, args.pt), bits_b(s, tb, args.pt, true_grid=True)
         for v in variants_:
             a = acc[v["name"]]
-            if v["kind"] == "B":
-                bits, esc = plain_b
-            elif v["kind"] == "Btrue":
-                bits, esc = true_b
-            elif v["kind"] == "Aad":
-                t = torch.floor(torch.log2(s["sigma_hat"] / s["ulp_edge"])).to(torch.int64) - args.guard
-                pick = t.clamp(0, len(v["parts"]) - 1)
-                use_b = s["sigma_hat"] < s["ulp"]
-                bits, esc = plain_b
-                excess = bits + torch.where(esc, s["exact"], torch.zeros_like(bits)) - s["exact"]
-                split = a.setdefault("split", {})  # regime -> [symbols, excess bits]
-                split["B"] = [x + y for x, y in zip(split.get("B", [0, 0.0]), [int(use_b.sum()), float(excess[use_b].sum())])]
-                for i, part in enumerate(v["parts"]):
-                    mine = (pick == i) & ~use_b
-                    pb, pe = bits_a(s, part["edges"], em.F - part["s"], part["freq"], part["sub"], part["bs"], args.p2, args.pt)
-                    bits, esc = torch.where(mine, pb, bits), torch.where(mine, pe, esc)
-                    excess = pb + torch.where(pe, s["exact"], torch.zeros_like(pb)) - s["exact"]
-                    split[f"S={i}"] = [x + y for x, y in zip(split.get(f"S={i}", [0, 0.0]), [int(mine.sum()), float(excess[mine].sum())])]
-                    sub_a = sub[mine[sub]]
-                    if len(sub_a):
-                        a["empty"].append((empty_mass(s, sub_a, part["edges"], part["s"], part["freq"], part["bs"], args.pt) * len(sub_a), len(sub_a)))
-                a["a"] += int((~use_b).sum())
-            else:
-                bits, esc = bits_a(s, v["edges"], em.F - v["s"], v["freq"], v["sub"], v["bs"], args.p2, args.pt)
-                use_a = torch.ones_like(esc)
-                if v["kind"] in ("C", "Ctrue"):
-                    use_a = s["sigma_hat"] >= 2.0 ** v["s"] * s["ulp"]
-                    b = plain_b if v["kind"] == "C" else true_b
-                    bits, esc = torch.where(use_a, bits, b[0]), torch.where(use_a, esc, b[1])
-                    a["a"] += int(use_a.sum())
-                sub_a = sub[use_a[sub]]
-                if len(sub_a):  # weighted by the number of A symbols sampled
-                    a["empty"].append((empty_mass(s, sub_a, v["edges"], v["s"], v["freq"], v["bs"], args.pt) * len(sub_a), len(sub_a)))
-            a["exact"] += float((bits + torch.where(esc, s["exact"], torch.zeros_like(bits))).sum())
+            bits, esc, regime = variant_bits(s, v, args, plain_b, true_b)
+            total = bits + torch.where(esc, s["exact"], torch.zeros_like(bits))
+            for part in v.get("parts", [v] if "edges" in v else []):  # A tables: their empty cells
+                sub_a = sub[regime[sub] == part["s"]]
+                if len(sub_a):  # weighted by the number of symbols sampled
+                    a["empty"].append((empty_mass(s, sub_a, part["edges"], part["s"], part["freq"], part["bs"], args.pt) * len(sub_a), len(sub_a)))
+            if v["kind"] == "Aad":  # regime -> [symbols, bits over EXACT]
+                for r in [-1] + [part["s"] for part in v["parts"]]:
+                    mine, key = regime == r, "B" if r < 0 else f"S={r}"
+                    old = a["split"].get(key, [0, 0.0])
+                    a["split"][key] = [old[0] + int(mine.sum()), old[1] + float((total - s["exact"])[mine].sum())]
+            a["a"] += int((regime >= 0).sum())
+            a["exact"] += float(total.sum())
             a["raw"] += float((bits + raw * esc).sum())
             a["esc"] += int(esc.sum())
         print(f"  [{dtype}] {min(start + CHUNK, n)}/{n} scalars", flush=True)
@@ -375,6 +378,32 @@ def evaluate(data, dtype: str, args, variants_) -> dict:
         a.update(exact=a["exact"] / n, raw=a["raw"] / n, esc=a["esc"] / n, a=a["a"] / n,
                  empty=sum(m for m, _ in a["empty"]) / w if w else None)
     return acc
+
+
+def kraft_check(data, dtype: str, args, variants_, symbols_: int = 4) -> float:
+    """For a few of the scalars' (mu, sigma): every variant's sum over ALL keys of 2^-bits
+    (escapes included) must be <= 1, i.e. its tables are a code. Returns the smallest sum."""
+    _, mu, sigma, w_wide, kappa = data
+    nk = 1 << em.symbol_bits(dtype)
+    pick = torch.randperm(len(mu), generator=torch.Generator().manual_seed(1))[:symbols_]
+    keys = torch.arange(nk).repeat(symbols_)
+    pattern = em.bits_from_keys(keys, dtype)
+    stored = pattern.to(torch.uint8).view(torch.float8_e4m3fn) if nk == 256 else pattern.to(torch.int16).view(torch.bfloat16)
+    s = symbols(stored, mu[pick].repeat_interleave(nk), sigma[pick].repeat_interleave(nk), dtype, w_wide, kappa)
+    tb = next(v["tb"] for v in variants_ if v["kind"] == "B")
+    plain_b, true_b = bits_b(s, tb, args.pt), bits_b(s, tb, args.pt, true_grid=True)
+    low = 1.0
+    for v in [dict(name="EXACT", kind="EXACT")] + variants_:
+        if v["kind"] == "EXACT":
+            total = s["exact"]
+        else:
+            bits, esc, _ = variant_bits(s, v, args, plain_b, true_b)
+            total = bits + torch.where(esc, s["exact"], torch.zeros_like(bits))
+        kraft = torch.exp2(-total).view(symbols_, nk).sum(dim=1)
+        if float(kraft.max()) > 1 + 1e-9:
+            raise AssertionError(f"{v['name']}: sum of 2^-bits over all keys is {float(kraft.max())} > 1")
+        low = min(low, float(kraft.min()))
+    return low
 
 
 def main() -> None:
@@ -413,6 +442,8 @@ def main() -> None:
             keep = torch.randperm(len(d[0]), generator=torch.Generator().manual_seed(0))[: args.scalars].sort().values
             d = (d[0][keep], d[1][keep], d[2][keep], d[3], d[4])
         vs = variants(args, d[3], d[4])
+        low = kraft_check(d, dtype, args, vs)
+        print(f"  [{dtype}, {pred}] Kraft check: every variant's 2^-bits over all keys sums to <= 1 (smallest sum {low:.3f})", flush=True)
         acc = evaluate(d, dtype, args, vs)
         base = acc["EXACT"]["exact"]
         for v in [dict(name="EXACT", kind="", tables=None)] + vs:
