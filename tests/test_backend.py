@@ -376,7 +376,8 @@ def test_a_failing_predictor_is_a_failed_write_not_an_exception(tmp_path, caplog
     def broken(*args, **kwargs):
         raise RuntimeError("predictor bug")
 
-    backend.coder.default.predict = broken  # fault injection on the real predictor object
+    # fault injection on the real predictor object (the codec asks for predict_rows)
+    backend.coder.default.predict = backend.coder.default.predict_rows = broken
     with caplog.at_level("WARNING"):
         assert backend.batch_set_v1(_keys(2, "u"), torch.arange(0, 2 * PAGE), _extra([])) == [False, False]
         assert backend.batch_set_v1(_keys(1, "v"), torch.arange(0, PAGE), _extra([])) == [False]
@@ -384,7 +385,7 @@ def test_a_failing_predictor_is_a_failed_write_not_an_exception(tmp_path, caplog
     stats = backend.stats()
     assert (stats["encode_failures"], stats["pages_written"]) == (3, 0)
     assert backend.batch_exists(_keys(2, "u"), _extra([])) == 0
-    del backend.coder.default.predict  # the class's own method again
+    del backend.coder.default.predict, backend.coder.default.predict_rows  # the class's own methods again
     assert backend.batch_set_v1(_keys(2, "u"), torch.arange(0, 2 * PAGE), _extra([])) == [True, True]
     assert backend.batch_get_v1(_keys(2, "u"), torch.arange(4 * PAGE, 6 * PAGE), _extra([])) == [True, True]
     assert torch.equal(_bits(backend.geometry.page(pool.kv_buffer, 5 * PAGE)), _bits(written[1]))
