@@ -486,7 +486,7 @@ struct InverseTable {
 };
 const InverseTable INVERSE;
 
-// The storage pattern of element i of a [P, N] int16 (16-bit dtypes) or uint8 tensor.
+// A [P, N] tensor of storage patterns, int16 (16-bit dtypes) or uint8: the pointer of its width.
 struct Bits {
   const uint8_t* p8 = nullptr;
   const int16_t* p16 = nullptr;
@@ -495,7 +495,6 @@ struct Bits {
                 "bits must be a contiguous int16 or uint8 CPU tensor");
     if (t.dtype() == torch::kInt16) p16 = t.data_ptr<int16_t>(); else p8 = t.data_ptr<uint8_t>();
   }
-  inline int64_t operator[](int64_t i) const { return p16 ? int64_t(uint16_t(p16[i])) : int64_t(p8[i]); }
 };
 
 void check_f32(const torch::Tensor& t, const char* name) {

@@ -275,8 +275,8 @@ def _rows(params: torch.Tensor | Sequence[torch.Tensor], shape: torch.Size) -> l
         params = list(ref._as_batch(params))
     if len(params) != pages or any(t.dtype != torch.float32 or t.numel() != n for t in params):
         raise ValueError("mu and sigma must be float32, [P, N] like bits or one tensor of N values per page")
-    shaped = {1: lambda t: t.view(1, 1, -1), 2: lambda t: t.unsqueeze(1), 3: lambda t: t}
-    return [shaped[t.dim()](t) if t.dim() in shaped else t.reshape(t.shape[0], 1, -1) for t in params]
+    # [N] -> [1, 1, N] and [R, X] -> [R, 1, X] (views); [R, T, C] as it is; deeper: [R, 1, rest]
+    return [t if t.dim() == 3 else t.reshape(t.shape[0] if t.dim() > 1 else 1, 1, -1) for t in params]
 
 
 class Decoder(ref.Decoder):

@@ -133,14 +133,6 @@ def _checked_stages(predictor: Predictor, meta: PageMeta) -> list[int]:
     return stages
 
 
-def _checked_prediction(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
-    mu, sigma = pred
-    for t in (mu, sigma):
-        if t.dtype != torch.float32 or t.shape != (n,):
-            raise ValueError(f"{name}: predict must return float32 [{n}], got {t.dtype} {tuple(t.shape)}")
-    return mu, sigma
-
-
 def _checked_rows(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
     """predict_rows' (mu, sigma), checked: float32, [rows >= 1, ...], n symbols. A tensor of
     one row is flattened (a view when it is contiguous) so that any range of it is a view."""
@@ -207,19 +199,18 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes):
     # tensor, filled in as the stages go (no copy of the page per stage); with one stage, a
     # broadcast NaN.
     seen = torch.full((), float("nan"), dtype=torch.float32, device=page.device).expand(meta.shape)
-    if len(stages) == 2:
-        mu, sigma = _checked_rows(predictor.predict_rows(meta, side, seen, 0), meta.numel, predictor.name)
-    else:
+    if len(stages) > 2:
         seen = seen.clone()
-        mus, sigmas = [], []
-        for s, (a, b) in enumerate(zip(stages, stages[1:])):
-            mu, sigma = _checked_prediction(predictor.predict(meta, side, seen, s), b - a, predictor.name)
-            mus.append(mu)
-            sigmas.append(sigma)
-            if b < meta.numel:
-                seen.view(-1)[a:b] = bits[a:b].view(page.dtype).to(torch.float32)
-        mu, sigma = torch.cat(mus), torch.cat(sigmas)
+    mus, sigmas = [], []
+    for s, (a, b) in enumerate(zip(stages, stages[1:])):
+        mu, sigma = _checked_rows(predictor.predict_rows(meta, side, seen, s), b - a, predictor.name)
+        mus.append(mu)
+        sigmas.append(sigma)
+        if b < meta.numel:
+            seen.view(-1)[a:b] = bits[a:b].view(page.dtype).to(torch.float32)
     del seen
+    if len(mus) > 1:  # per-stage rows, flattened into one [numel]
+        mu, sigma = torch.cat([m.reshape(-1) for m in mus]), torch.cat([m.reshape(-1) for m in sigmas])
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
@@ -267,20 +258,17 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[byt
         # (mu, sigma) per page, as the predictor gave them; the storage patterns as [P, numel]
         # rows (the page's own tensor when P == 1)
         coded, mu, sigma = [], [], []
-        bits = None
+        rows = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device) if len(members) > 1 else None
         for j, i in enumerate(members):
             c, bits_j, mu_j, sigma_j = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes)
-            if len(members) == 1:
-                bits = bits_j[None]
-            else:
-                if bits is None:
-                    bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)
-                bits[j] = bits_j
+            if rows is not None:
+                rows[j] = bits_j
             coded.append(c)
             mu.append(mu_j)
             sigma.append(sigma_j)
+        bits = rows if rows is not None else bits_j[None]
         words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa)
-        del bits, mu, sigma
+        del rows, bits, mu, sigma
         lane_words = lane_words.cpu().numpy()  # [P, NL]
         words = words.cpu().numpy().astype("<u4", copy=False)  # int32 -> the same u32 patterns
         ends = np.cumsum(lane_words.sum(axis=1))
