@@ -129,3 +129,28 @@ def test_names_the_backend_reads():
     assert callable(get_model)
     assert {"prefetch_pgs", "backup_pgs", "prefetch_bandwidth", "backup_bandwidth"} <= set(
         StorageMetrics.__dataclass_fields__)
+
+
+def test_cpu_stand_in_never_shadows_a_real_sgl_kernel(tmp_path):
+    """The CPU stand-in ships inside sglang_speckv (cpu_compat/shim), never as a top-level
+    sgl_kernel, and goes on sys.path only when no sgl_kernel is importable: with one
+    installed (a package on sys.path here, standing for SGLang's CUDA build), the shim stays
+    off and `import sgl_kernel` gets the installed one."""
+    real = tmp_path / "sgl_kernel"
+    real.mkdir()
+    (real / "__init__.py").write_text("REAL = True\n")
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.find_spec('sgl_kernel')\n"
+        "assert spec is None or 'sglang_speckv' not in str(spec.origin), spec.origin\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from sglang_speckv.sglang import cpu_compat\n"
+        "assert cpu_compat.install_sgl_kernel_shim() is False\n"
+        "assert str(cpu_compat.SHIM_DIR) not in sys.path\n"
+        "import sgl_kernel\n"
+        "assert sgl_kernel.REAL and not hasattr(sgl_kernel, 'IS_SPECKV_CPU_STANDIN')\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
