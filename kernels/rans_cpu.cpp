@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 
 namespace {
@@ -532,24 +533,30 @@ struct Rows {
   }
 };
 
-// quantize_params + cdf + encode in one pass: bits (storage patterns, int16 or uint8) [P, N],
-// and each page's float32 mu and sigma as Rows ([R, T, C] views of N elements). Same bytes
-// as rans_reference.encode_values. Returns (words int32 [W] holding the u32 words,
-// lane_words int64 [P, NL]).
-std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std::vector<torch::Tensor>& mu,
+// quantize_params + cdf + encode in one pass: each page's storage patterns (int16 or uint8,
+// contiguous [N], read in place) and its float32 mu and sigma as Rows ([R, T, C] views of N
+// elements). Same bytes as rans_reference.encode_values. Returns (words int32 [W] holding
+// the u32 words, lane_words int64 [P, NL]).
+std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_pages, const std::vector<torch::Tensor>& mu,
                                          const std::vector<torch::Tensor>& sigma, int64_t num_lanes,
                                          const torch::Tensor& phi, int64_t w_wide, int64_t kappa, int64_t bits,
                                          int64_t man_bits, int64_t bias, bool fn_nan) {
-  const Bits pattern(bits_t);
   check_int64(phi, "phi");
-  TORCH_CHECK(bits_t.dim() == 2 && int64_t(mu.size()) == bits_t.size(0) && int64_t(sigma.size()) == bits_t.size(0) &&
-                  num_lanes >= 1,
-              "bits [P, N], P mu and P sigma rows; num_lanes >= 1");
+  const int64_t num_pages = int64_t(bits_pages.size());
+  TORCH_CHECK(num_pages >= 1 && int64_t(mu.size()) == num_pages && int64_t(sigma.size()) == num_pages && num_lanes >= 1,
+              "P pages of bits, P mu and P sigma rows; num_lanes >= 1");
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
-  const int64_t num_pages = bits_t.size(0), n = bits_t.size(1);
+  const int64_t n = bits_pages[0].numel();
+  std::vector<const uint16_t*> pages16;
+  std::vector<const uint8_t*> pages8;
   std::vector<Rows> mu_rows, sigma_rows;
   for (int64_t page = 0; page < num_pages; ++page) {
-    TORCH_CHECK(mu[page].numel() == n && sigma[page].numel() == n, "each page's mu and sigma rows hold N values");
+    const Bits pattern(bits_pages[page]);
+    TORCH_CHECK(bits_pages[page].dim() == 1 && bits_pages[page].numel() == n && mu[page].numel() == n &&
+                    sigma[page].numel() == n && bool(pattern.p16) == (bits == 16),
+                "each page's bits ([N], int16 for 16-bit dtypes, else uint8), mu and sigma rows hold N values");
+    pages16.push_back(reinterpret_cast<const uint16_t*>(pattern.p16));
+    pages8.push_back(pattern.p8);
     mu_rows.emplace_back(mu[page]);
     sigma_rows.emplace_back(sigma[page]);
   }
@@ -557,15 +564,20 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
   const int64_t lanes = num_pages * num_lanes;
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
-  // each lane's words in the order emitted (the reverse of decode order)
-  std::vector<std::vector<uint32_t>> streams(lanes);
-  // patterns: uint16_t or uint8_t [P, N] (one instantiation per width, so the inner loop has
-  // no branch on it)
-  auto encode_blocks = [&](const auto* patterns) {
+  // Each lane's words in the order emitted (the reverse of decode order), in its own region of
+  // one scratch buffer: at most one word per step plus the 2-word flush. Left uninitialised,
+  // so only the pages the words touch become resident (~bits per symbol / 8 B per symbol),
+  // and freed in one piece.
+  const int64_t stride = steps + 2;
+  std::unique_ptr<uint32_t[]> scratch(new uint32_t[size_t(lanes * stride)]);
+  std::vector<int64_t> emitted(lanes, 0);
+  // patterns: per page, uint16_t or uint8_t [N] (one instantiation per width, so the inner
+  // loop has no branch on it)
+  auto encode_blocks = [&](const auto& patterns) {
     at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
       // Locals, not loads through the closures, in the vectorised loop.
       const Model mdl = model;
-      const auto* pat = patterns;
+      const auto* const* pat_pages = patterns.data();
       const int64_t sign = sign_bit, all_ones = ones;
       // block slot j holds lane l0 + j: its state, this step's C(k) and f(k), and where its
       // symbol's mu and sigma are
@@ -577,18 +589,18 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
         const int64_t g0 = page * num_lanes + l0;
         for (int64_t l = l0; l < l1; ++l) {
           x[l - l0] = RANS_L;
-          streams[g0 + l - l0].reserve(size_t(steps / 2 + 4));
         }
         for (int64_t s = steps - 1; s >= 0; --s) {  // in reverse (warning 1 of the reference)
           const int64_t j_hi = std::min(l1, n - s * num_lanes) - l0;
-          const int64_t first = l0 + s * num_lanes, i0 = page * n + first;  // slot j: symbol i0 + j
+          const int64_t first = l0 + s * num_lanes;  // slot j: symbol first + j of the page
+          const auto* pat = pat_pages[page] + first;
           mu_rows[page].offsets(first, j_hi, mu_off);
           sigma_rows[page].offsets(first, j_hi, sigma_off);
           const float *mus = mu_rows[page].p, *sigmas = sigma_rows[page].p;
           // The model at every lane's symbol: independent across lanes, branch-free (vectorised).
 #pragma omp simd
           for (int64_t j = 0; j < j_hi; ++j) {
-            const int64_t u = pat[i0 + j];
+            const int64_t u = pat[j];
             const int64_t k = (u & sign) ? u ^ all_ones : u | sign;  // keys_from_bits
             int64_t mu_q, e, r, c1;
             quantize(mus[mu_off[j]], sigmas[sigma_off[j]], mu_q, e, r);
@@ -598,7 +610,7 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
           for (int64_t j = 0; j < j_hi; ++j) {  // the rANS step (a word out, then the division)
             int64_t& xl = x[j];
             if (xl > (((freq[j] - 1) << ENC_SHIFT) | ((int64_t(1) << ENC_SHIFT) - 1))) {
-              streams[g0 + j].push_back(uint32_t(xl & WORD_MASK));
+              scratch[(g0 + j) * stride + emitted[g0 + j]++] = uint32_t(xl & WORD_MASK);
               xl >>= WORD_BITS;
             }
             const int64_t qt = xl / freq[j];
@@ -606,26 +618,28 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
           }
         }
         for (int64_t l = l0; l < l1; ++l) {  // flush: low word first in decode order
-          streams[g0 + l - l0].push_back(uint32_t(x[l - l0] >> WORD_BITS));
-          streams[g0 + l - l0].push_back(uint32_t(x[l - l0] & WORD_MASK));
+          uint32_t* out = &scratch[(g0 + l - l0) * stride + emitted[g0 + l - l0]];
+          out[0] = uint32_t(x[l - l0] >> WORD_BITS);
+          out[1] = uint32_t(x[l - l0] & WORD_MASK);
+          emitted[g0 + l - l0] += 2;
         }
       }
     });
   };
-  if (pattern.p16) {
-    encode_blocks(reinterpret_cast<const uint16_t*>(pattern.p16));
+  if (bits == 16) {
+    encode_blocks(pages16);
   } else {
-    encode_blocks(pattern.p8);
+    encode_blocks(pages8);
   }
   auto lane_words = torch::empty({num_pages, num_lanes}, torch::kInt64);
   int64_t* count_p = lane_words.data_ptr<int64_t>();
   int64_t total = 0;
-  for (int64_t g = 0; g < lanes; ++g) total += (count_p[g] = int64_t(streams[g].size()));
+  for (int64_t g = 0; g < lanes; ++g) total += (count_p[g] = emitted[g]);
   auto words = torch::empty({total}, torch::kInt32);
   uint32_t* words_p = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
   for (int64_t g = 0; g < lanes; ++g) {
-    words_p = std::reverse_copy(streams[g].begin(), streams[g].end(), words_p);
-    std::vector<uint32_t>().swap(streams[g]);
+    const uint32_t* lane = &scratch[g * stride];
+    words_p = std::reverse_copy(lane, lane + emitted[g], words_p);
   }
   return {words, lane_words};
 }

@@ -236,7 +236,7 @@ def value_of_bits(dtype: str) -> torch.Tensor:
 
 
 def encode_values(
-    bits: torch.Tensor,
+    bits: torch.Tensor | Sequence[torch.Tensor],
     mu: torch.Tensor | Sequence[torch.Tensor],
     sigma: torch.Tensor | Sequence[torch.Tensor],
     dtype: str,
@@ -246,24 +246,27 @@ def encode_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rans_reference.encode_values in one C++ pass per symbol (quantize_params, both C
     values, the rANS step; no int64 [N] arrays), same bytes. bits: storage patterns (int16
-    for 16-bit dtypes, else uint8) [P, N] or [N]; mu, sigma float32 [P, N] or [N], or one
-    tensor per page whose C-order flattening is its N values (Predictor.predict_rows: rows,
-    possibly broadcast views), read in place. Returns (words int32 [W] holding the u32
-    words, lane_words int64 [P, NL])."""
+    for 16-bit dtypes, else uint8) [P, N] or [N], or one contiguous [N] tensor per page,
+    read in place; mu, sigma float32 [P, N] or [N], or one tensor per page whose C-order
+    flattening is its N values (Predictor.predict_rows: rows, possibly broadcast views),
+    read in place. Returns (words int32 [W] holding the u32 words, lane_words int64
+    [P, NL])."""
     ext = extension()
     if ext is None:
         return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa)
     em.check_mixture(w_wide, kappa)
     b = em.symbol_bits(dtype)
-    bits = ref._as_batch(bits)
-    if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
-        raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, got {bits.dtype}")
-    mu, sigma = _rows(mu, bits.shape), _rows(sigma, bits.shape)
+    pages = list(ref._as_batch(bits)) if isinstance(bits, torch.Tensor) else list(bits)  # [N] each
+    want = torch.int16 if b == 16 else torch.uint8
+    if not pages or any(p.dtype != want or p.dim() != 1 or p.numel() != pages[0].numel() for p in pages):
+        raise ValueError(f"{dtype} bits must be {want}, [P, N] or one [N] tensor per page")
+    shape = torch.Size((len(pages), pages[0].numel()))
+    mu, sigma = _rows(mu, shape), _rows(sigma, shape)
     if num_lanes < 1:
         raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
-    _check_cpu(bits, *mu, *sigma)
+    _check_cpu(*pages, *mu, *sigma)
     return tuple(ext.encode_values(
-        bits.contiguous(), mu, sigma, num_lanes, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype],
+        [p.contiguous() for p in pages], mu, sigma, num_lanes, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype],
     ))  # fmt: skip
 
 

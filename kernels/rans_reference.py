@@ -80,9 +80,10 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
 
 
 def _params_batch(t: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """encode_values' mu or sigma: [N], [P, N], or one tensor per page of any shape whose
-    C-order flattening is the page's N values (Predictor.predict_rows, possibly broadcast
-    views) -> [P, N]. (rans_cpu reads per-page rows in place; this materialises them.)"""
+    """encode_values' bits, mu or sigma: [N], [P, N], or one tensor per page of any shape
+    whose C-order flattening is the page's N values (Predictor.predict_rows, possibly
+    broadcast views) -> [P, N]. (rans_cpu reads per-page tensors in place; this
+    materialises them.)"""
     if isinstance(t, torch.Tensor):
         return _as_batch(t)
     return torch.stack([page.reshape(-1) for page in t])
@@ -180,10 +181,10 @@ def encode_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The value-level encoder (what rans_cpu and rans_triton fuse, same bytes): storage
     patterns ``bits`` (int16 for 16-bit dtypes, else uint8) and float32 (mu, sigma), all
-    [P, N] (or [N]; mu and sigma may also be one tensor per page, see _params_batch) ->
+    [P, N] (or [N], or one tensor per page: see _params_batch) ->
     quantize_params -> cdf -> encode. Returns (words int32 [W] holding
     the u32 words, lane_words [P, NL])."""
-    keys = em.keys_from_bits(em.storage_bits(_as_batch(bits)), dtype)
+    keys = em.keys_from_bits(em.storage_bits(_params_batch(bits)), dtype)
     mu_q, e, r = em.quantize_params(_params_batch(mu), _params_batch(sigma))
     cum = em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
     freq = em.cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum

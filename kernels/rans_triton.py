@@ -555,7 +555,7 @@ def encode_values(
     and C(k + 1), the rANS step; rans_cpu.encode_values on the CPU), same bytes.
 
     bits: storage patterns (int16 for 16-bit dtypes, else uint8), mu, sigma: float32, all
-    [P, N] or [N] on one device. Returns (words int32 [W] holding the u32 words, lane by
+    [P, N] or [N] (or one tensor per page, stacked here) on one device. Returns (words int32 [W] holding the u32 words, lane by
     lane, page by page; lane_words int64 [P, NL]). One host sync (the total size).
 
     Device memory it allocates, per symbol of the batch (S = cdiv(N, NL) steps per lane):
@@ -568,7 +568,7 @@ def encode_values(
     """
     em.check_mixture(w_wide, kappa)
     b = em.symbol_bits(dtype)  # a clear error for an unknown dtype name
-    bits, mu, sigma = ref._as_batch(bits), ref._params_batch(mu), ref._params_batch(sigma)
+    bits, mu, sigma = ref._params_batch(bits), ref._params_batch(mu), ref._params_batch(sigma)
     if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
         raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, got {bits.dtype}")
     if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or not (bits.shape == mu.shape == sigma.shape):

@@ -16,8 +16,9 @@ Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
 (``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
 channel). Decoding materialises them a chunk of rows at a time (``PARAMS_SHARE``); the C++
-encoder reads them in place, the Triton and reference encoders as [P, N] float32. Beyond
-that: the storage patterns of the batch, the coded words, float32 values for predictors
+encoder reads them, and each page's storage patterns, in place; the Triton and reference
+encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
+patterns of the batch, the coded words, float32 values for predictors
 with several stages, and on the GPU the encoder's int32 scratch (4 B per symbol). Nothing
 int64 per symbol is allocated, on the CPU or the GPU. Figures: docs/BENCHMARKS.md
 "Codec scratch".
@@ -193,7 +194,7 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes):
     predictions concatenated."""
     page = _storage_view(page, meta)
     bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
-    side = predictor.side_info(page.to(torch.float32), meta)
+    side = predictor.side_info(page, meta)  # the page as stored: no float32 copy of it
     stages = _checked_stages(predictor, meta)
     # What the decoder will know at stage s: the values of stages < s, NaN elsewhere. One
     # tensor, filled in as the stages go (no copy of the page per stage); with one stage, a
@@ -255,22 +256,19 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[byt
         groups[(meta.numel, lanes, page.device, meta.dtype)].append(i)
     blobs: list[bytes] = [b""] * len(pages)
     for (numel, lanes, device, dtype), members in groups.items():
-        # (mu, sigma) per page, as the predictor gave them; the storage patterns as [P, numel]
-        # rows (the page's own tensor when P == 1)
-        coded, mu, sigma = [], [], []
-        rows = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device) if len(members) > 1 else None
-        for j, i in enumerate(members):
-            c, bits_j, mu_j, sigma_j = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes)
-            if rows is not None:
-                rows[j] = bits_j
+        # per page: its storage patterns ([numel], the page's own memory when contiguous) and
+        # (mu, sigma) as the predictor gave them; the C++ coder reads them all in place
+        coded, bits, mu, sigma = [], [], [], []
+        for i in members:
+            c, bits_i, mu_i, sigma_i = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes)
             coded.append(c)
-            mu.append(mu_j)
-            sigma.append(sigma_j)
-        bits = rows if rows is not None else bits_j[None]
+            bits.append(bits_i)
+            mu.append(mu_i)
+            sigma.append(sigma_i)
         words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa)
-        del rows, bits, mu, sigma
+        del bits, mu, sigma
         lane_words = lane_words.cpu().numpy()  # [P, NL]
-        words = words.cpu().numpy().astype("<u4", copy=False)  # int32 -> the same u32 patterns
+        words = words.cpu().numpy().view("<u4")  # int32 -> the same u32 patterns, no copy
         ends = np.cumsum(lane_words.sum(axis=1))
         for j, i in enumerate(members):
             stream = words[ends[j] - lane_words[j].sum() : ends[j]]

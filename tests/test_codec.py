@@ -323,6 +323,9 @@ def test_page_stats_side_info():
     values = page.to(torch.float32)
     side = PAGE_STATS.side_info(values, meta)
     assert len(side) == 3 * 2 * 3 * 2 * 16
+    # the codec hands over the page as stored (no float32 copy): the same bytes, any strides
+    assert PAGE_STATS.side_info(page, meta) == side
+    assert PAGE_STATS.side_info(page.transpose(2, 4).contiguous().transpose(2, 4), meta) == side
     mu, sigma = PAGE_STATS.predict(meta, side, values, 0)
     channel_mean = values.mean(dim=2, keepdim=True).expand(shape).reshape(-1)
     channel_rms = (values - mu.view(shape)).square().mean(dim=2, keepdim=True).sqrt().expand(shape).reshape(-1)

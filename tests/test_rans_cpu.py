@@ -98,6 +98,12 @@ def test_value_level_coder_bit_identical(dtype):
     for encode_values in (rr.encode_values, rc.encode_values):
         got, got_lanes = encode_values(bits, mu, sigma, dtype, num_lanes)
         assert got.dtype == torch.int32 and torch.equal(got, rr.as_u32(words)) and torch.equal(got_lanes, lane_words)
+        # one tensor per page (the codec's call: each page's own memory, read in place)
+        pages = [bits[i].clone() for i in range(len(bits))]
+        got, got_lanes = encode_values(pages, list(mu), list(sigma), dtype, num_lanes)
+        assert torch.equal(got, rr.as_u32(words)) and torch.equal(got_lanes, lane_words)
+    with pytest.raises(ValueError, match="one \\[N\\] tensor per page"):
+        rc.encode_values([bits[0], bits[1][:-1]], mu[:2], sigma[:2], dtype, num_lanes)
     out, ok = decode_values_both(rr.as_u32(words), lane_words, n, dtype, mu, sigma, cuts=(5, 1000, 1001))
     assert bool(ok.all()) and torch.equal(out, bits)
 

@@ -75,7 +75,9 @@ class Predictor(ABC):
         of ``dtype`` and canonical ``shape``. Called once at start-up, not per page."""
 
     def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
-        """Bytes the encoder sends in the blob for this page (e.g. page statistics)."""
+        """Bytes the encoder sends in the blob for this page (e.g. page statistics). values:
+        the page [2, layers, tokens, heads, dim] in its storage dtype (bf16, fp16, fp8) as
+        the codec hands it (no float32 copy of the page), or float32; any strides."""
         return b""
 
     def stages(self, meta: PageMeta) -> list[int]:

@@ -53,16 +53,16 @@ class PageStatsPredictor(Predictor):
     name = "page_stats"
 
     def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
-        """values: float32 [2, layers, tokens, heads, dim] (may hold NaN/inf: ignored).
-        Computed on the host in numpy (single-threaded: no thread-pool barriers per small
-        op), one (kv, layer) block at a time: float64 scratch of a block."""
-        host = values.detach().cpu().numpy()
-        kv, layers = host.shape[:2]
-        mean_q = np.empty((kv * layers,) + host.shape[3:], dtype=np.float32)  # bf16-exact
+        """values: [2, layers, tokens, heads, dim], the page in its storage dtype or float32
+        (may hold NaN/inf: ignored), any device. Computed on the host in numpy
+        (single-threaded: no thread-pool barriers per small op), one (kv, layer) block at a
+        time: float64 scratch of a block, no copy of the page."""
+        kv, layers = values.shape[:2]
+        mean_q = np.empty((kv * layers,) + tuple(values.shape[3:]), dtype=np.float32)  # bf16-exact
         sigma = np.empty(mean_q.shape, dtype=np.float64)
         for b in range(kv * layers):
-            with np.errstate(invalid="ignore"):  # NaN payloads of any kind (ignored below)
-                x = host[b // layers, b % layers].astype(np.float64)  # [T, H, D]: sums over axis 0
+            # [T, H, D]: sums over axis 0; exact from any storage dtype (NaN payloads ignored below)
+            x = values[b // layers, b % layers].detach().to("cpu", torch.float64).numpy()
             finite = np.isfinite(x)
             count = np.maximum(finite.sum(axis=0), 1)
             x[~finite] = 0.0
