@@ -555,8 +555,9 @@ def encode_values(
     and C(k + 1), the rANS step; rans_cpu.encode_values on the CPU), same bytes.
 
     bits: storage patterns (int16 for 16-bit dtypes, else uint8), mu, sigma: float32, all
-    [P, N] or [N] (or one tensor per page, stacked here) on one device. Returns (words int32 [W] holding the u32 words, lane by
-    lane, page by page; lane_words int64 [P, NL]). One host sync (the total size).
+    [P, N] or [N] (or one tensor per page, stacked here) on one device. Returns (words int32
+    [W] holding the u32 words, lane by lane, page by page; lane_words int64 [P, NL]). One
+    host sync (the total size).
 
     Device memory it allocates, per symbol of the batch (S = cdiv(N, NL) steps per lane):
     the scratch, int32 [P * NL * (S + 2)], 4 B per symbol plus 8 B per lane (a lane emits
