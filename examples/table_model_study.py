@@ -282,6 +282,74 @@ def geo_edges(s_bits: int, fine: int, window: int, coarse: int = 8) -> torch.Ten
     return torch.cat([torch.arange(-jw, -jf, coarse), torch.arange(-jf, jf), torch.arange(jf, jw + 1, coarse)])
 
 
+def tables_t2(w_wide: int, kappa: int, pt: int, ts: int, tb: int, tj: int, fb: int) -> torch.Tensor:
+    """T2's level-1 rows, int64 [2^tb, 2^fb, 2 tj + 2]: for sigma bucket b and mu's position
+    in its cell (bucket f of frac(mu / u), centre (f + 1/2) / 2^fb), cells c in [-tj, tj) of
+    the absolute lattice (cell floor(mu / u) + c), then the escape; built in integers from the
+    coder's own mixture (entropy_model.phi), each entry >= 1 (as the coder would ship it)."""
+    b = torch.arange(1 << tb, dtype=torch.int64)[:, None, None]
+    f = torch.arange(1 << fb, dtype=torch.int64)[None, :, None]
+    c = torch.arange(-tj, tj + 1, dtype=torch.int64)[None, None, :]
+    # the edge c - (f + 1/2) / 2^fb (units of u) over the bucket's centre sigma / u, in units of sigma / 2^T_BITS
+    num = ((c << (fb + 1)) - 2 * f - 1) << (em.T_BITS + tb + 1 - ts)
+    t = torch.div(num, ((1 << (tb + 1)) + 2 * b + 1) << (fb + 1), rounding_mode="floor")
+    phi = em.phi_table()
+    g = (em.W_TOTAL - w_wide) * em.phi(t, phi) + w_wide * em.phi(t >> kappa, phi)
+    i = torch.arange(2 * tj + 1, dtype=torch.int64)
+    cum = i + (((g - g[..., :1]) * ((1 << pt) - 2 * tj - 1)) >> 32)
+    return torch.cat([cum, torch.full((1 << tb, 1 << fb, 1), 1 << pt, dtype=torch.int64)], dim=-1)
+
+
+def bits_t2(s: dict, dtype: str, cum1: torch.Tensor, args, dense_log: int):
+    """(bits without the escape's payload, escaped, regime) of T2, the aligned lattice of
+    docs/DESIGN.md "Next: an aligned lattice": level 1 = the key's absolute cell (rows by
+    sigma bucket and mu's position in its cell); level 2 = L2 = log2(u / ulp) raw bits in a
+    cell off zero, or, in the two cells at zero (magnitude < u), the key's share of 2^P2
+    points (first points of a magnitude are ceil(|value| 2^P2 / u)). Escape (level-1 ESC, then
+    the exact model): inf / NaN, cells beyond +-tj, cells narrower than the key spacing, zero-
+    cell keys without a point. Symbols that are not dense (fewer than 2^dense_log keys per
+    cell at |mu| + 2 sigma): the exact model alone (regime -1)."""
+    ts, tb, tj, fb, p2 = args.t2_ts, 3, 64, args.t2_fb, args.p2
+    keys, mu_q, e, r = s["keys"], s["mu_q"], s["e"], s["r"]
+    nbits, mbits, bias, _ = em.DTYPE_SPECS[dtype]
+    sig_t, ex_t, sgn_t = em.key_fields(dtype, "cpu")
+    sig, ex, sgn = em.lookup(sig_t, keys), em.lookup(ex_t, keys), em.lookup(sgn_t, keys)
+    finite = ex != em.SATURATE_EX
+    sh = ex - (e - ts)  # the key's ulp over u, as a power of two
+    mag_u = torch.where(sh >= 0, sig << sh.clamp(0, 40), sig >> (-sh).clamp(0, 62))  # floor(|value| / u)
+    m = torch.where(sgn < 0, -1 - mag_u, mag_u)
+    c = m - (mu_q >> (em.F - ts))
+    frac = (mu_q >> (em.F - ts - fb)) & ((1 << fb) - 1)
+    b = (r >> (em.R - tb)) - (1 << tb)
+    flat = cum1.reshape(-1)
+    row = (b * (1 << fb) + frac) * cum1.shape[-1]  # where the symbol's row starts in flat
+    idx = row + (c + tj).clamp(0, 2 * tj)
+    f1 = em.lookup(flat, idx + 1) - em.lookup(flat, idx)
+    f_esc = (1 << args.pt) - em.lookup(flat, row + 2 * tj)
+    # level 2
+    raw = (-sh).clamp(min=0).to(torch.float64)  # L2 raw bits in a cell off zero
+    # zero cells: the key's points (magnitude pattern + 1 = the next larger magnitude)
+    mag_pat = em.bits_from_keys(keys, dtype) & ((1 << (nbits - 1)) - 1)
+    nxt = em.keys_from_bits((mag_pat + 1).clamp(max=(1 << (nbits - 1)) - 1), dtype)
+    sig2, ex2 = em.lookup(sig_t, nxt), em.lookup(ex_t, nxt)
+
+    def first(sg, x):  # ceil(sg 2^x / w), w = u / 2^p2
+        k = x - (e - ts - p2)
+        return torch.where(k >= 0, sg << k.clamp(0, 40), -((-sg) >> (-k).clamp(0, 62)))
+
+    cnt = first(sig2, ex2) - first(sig, ex)
+    zero = mag_u == 0
+    esc = ~finite | (c < -tj) | (c >= tj) | (sh > 0) | (zero & (cnt <= 0))
+    bits2 = torch.where(zero, p2 - torch.log2(cnt.clamp(min=1).to(torch.float64)), raw)
+    coded = args.pt - torch.log2(f1.clamp(min=1).to(torch.float64)) + bits2
+    escaped = args.pt - torch.log2(f_esc.to(torch.float64))
+    v = mu_q.abs() + (r << (em.F - em.R + 1))  # the dense rule of T1 (table_model.dense)
+    lv = torch.frexp(v.to(torch.float64))[1].to(torch.int64) - 1
+    dense = torch.maximum(lv, (1 - bias) + em.F - e) - mbits <= em.F - ts - dense_log
+    bits = torch.where(dense, torch.where(esc, escaped, coded), s["exact"])
+    return bits, dense & esc, torch.where(dense, torch.zeros_like(keys), torch.full_like(keys, -1))
+
+
 def variants(args, w_wide: int, kappa: int) -> list[dict]:
     """Every variant's tables and description, for one mixture."""
     out, pt = [], args.pt
@@ -315,6 +383,10 @@ def variants(args, w_wide: int, kappa: int) -> list[dict]:
         parts = [a_variant(s_bits, args.bs_c, geo=True, l2=l2) for s_bits in range(args.s_max + 1)]
         out.append(dict(name=f"A-adaptive (new), guard {args.guard}, S <= {args.s_max}" + (f", level 2 in {1 << l2} sub-cells" if l2 else ""),
                         kind="Aad", parts=parts, tables=(sum(a["tables"][0] for a in parts) + n, sum(a["tables"][1] for a in parts) + nbytes)))
+    cum1 = tables_t2(w_wide, kappa, pt, args.t2_ts, 3, 64, args.t2_fb)
+    for dense_log in args.t2_dense:
+        out.append(dict(name=f"T2 aligned (proposal), TS={args.t2_ts}, 8 x {1 << args.t2_fb} rows, dense >= {1 << dense_log} keys/cell",
+                        kind="T2", cum1=cum1, dense_log=dense_log, tables=(cum1.shape[0] * cum1.shape[1], 2 * cum1.numel())))
     return out
 
 
@@ -322,6 +394,8 @@ def variant_bits(s: dict, v: dict, args, plain_b, true_b):
     """(bits without the escape's payload, escaped, regime) of variant v on symbols s; regime
     [N]: the S of the A tables that coded the symbol, -1 where B did."""
     minus_one = torch.full_like(s["keys"], -1)
+    if v["kind"] == "T2":
+        return bits_t2(s, args.dtype_now, v["cum1"], args, v["dense_log"])
     if v["kind"] in ("B", "Btrue"):
         return (*(plain_b if v["kind"] == "B" else true_b), minus_one)
     if v["kind"] == "Aad":
@@ -426,6 +500,9 @@ def main() -> None:
     ap.add_argument("--fine", type=int, default=6, help="A-geo: cells of width u within +-fine sigmas")
     ap.add_argument("--window-geo", type=int, default=32, help="A-geo: cells of 8u out to +-window-geo sigmas")
     ap.add_argument("--empty-sample", type=int, default=2000, help="symbols sampled for the empty-cell mass")
+    ap.add_argument("--t2-ts", type=int, default=1, help="T2's lattice: u = 2^(e - TS)")
+    ap.add_argument("--t2-fb", type=int, default=4, help="T2's rows per sigma bucket: 2^fb positions of mu in its cell")
+    ap.add_argument("--t2-dense", type=int, nargs="+", default=[3, 0], help="T2's dense rule(s): >= 2^d keys per cell")
     ap.add_argument("--cache", help="torch file holding the KV and predictions (made if missing)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -438,6 +515,7 @@ def main() -> None:
             torch.save(data, args.cache)
     rows, notes = [], []
     for (dtype, pred), d in data.items():
+        args.dtype_now = dtype  # T2 reads the key fields of the dtype
         if args.scalars < len(d[0]):  # a random subset of the scalars, the same for every row
             keep = torch.randperm(len(d[0]), generator=torch.Generator().manual_seed(0))[: args.scalars].sort().values
             d = (d[0][keep], d[1][keep], d[2][keep], d[3], d[4])
@@ -450,7 +528,7 @@ def main() -> None:
             a = acc[v["name"]]
             tables = "" if v["kind"] == "" else "per symbol" if v["tables"] is None else f"{v['tables'][0]} = {v['tables'][1] / 1024:.1f} KiB"
             empty = "" if a["empty"] is None else f"{100 * a['empty']:.3f}%"
-            share = f"{100 * a['a']:.1f}%" if v["kind"] in ("C", "Ctrue", "Aad") else ""
+            share = f"{100 * a['a']:.1f}%" if v["kind"] in ("C", "Ctrue", "Aad", "T2") else ""
             rows.append(f"| {dtype} | {pred} (w {d[3]}, k {d[4]}) | {v['name']} | {a['exact']:.4f} | {100 * (a['exact'] / base - 1):+.2f}% | "
                         f"{a['raw']:.4f} | {100 * a['esc']:.3f}% | {empty} | {share} | {tables} |")
         for v in (v for v in vs if v["kind"] == "Aad"):  # regime: (share of symbols, bits over EXACT per symbol of the regime)
