@@ -28,6 +28,10 @@ Variants (sigma_q = r 2^(e-R) and mu_q from entropy_model.quantize_params):
               |mu| + 2 sigma)) - guard, 0, s_max) with A-geo's tables, B where sigma < ulp(mu);
               its second row shapes level 2 by the mixture over 2^l2 sub-cells per cell
               (a table per cell) instead of uniform in value.
+  T2          (docs/DESIGN.md "Next: an aligned lattice") cells aligned to multiples of u,
+              rows per (sigma bucket, mu's position in its cell), level 2 = L2 raw bits off
+              zero and points in the two cells at zero, the dense rule (--t2-dense) else
+              the exact model; its "A share" column is the share the table codes.
 Escapes: the escape entry, then today's exact model ("esc exact") or B raw bits ("esc raw").
 The rows of one (dtype, predictor) see the same --scalars random held-out scalars.
 """
