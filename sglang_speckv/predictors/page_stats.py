@@ -56,13 +56,15 @@ class PageStatsPredictor(Predictor):
         """values: [2, layers, tokens, heads, dim], the page in its storage dtype or float32
         (may hold NaN/inf: ignored), any device. Computed on the host in numpy
         (single-threaded: no thread-pool barriers per small op), one (kv, layer) block at a
-        time: float64 scratch of a block, no copy of the page."""
+        time: one transfer of the page as stored (none for a CPU page), float64 scratch of
+        a block."""
+        values = values.detach().cpu()
         kv, layers = values.shape[:2]
         mean_q = np.empty((kv * layers,) + tuple(values.shape[3:]), dtype=np.float32)  # bf16-exact
         sigma = np.empty(mean_q.shape, dtype=np.float64)
         for b in range(kv * layers):
             # [T, H, D]: sums over axis 0; exact from any storage dtype (NaN payloads ignored below)
-            x = values[b // layers, b % layers].detach().to("cpu", torch.float64).numpy()
+            x = values[b // layers, b % layers].to(torch.float64).numpy()
             finite = np.isfinite(x)
             count = np.maximum(finite.sum(axis=0), 1)
             x[~finite] = 0.0
