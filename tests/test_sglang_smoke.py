@@ -98,6 +98,12 @@ def test_storage_interface_facts():
     assert 'extra_config.get("interface_v1", 0)' in source
 
 
+def run_fresh(code: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process with SGLang's CPU engine selected."""
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_plugin_loads_and_registers_in_a_fresh_process():
     """Run load() the way SGLang does (its own process) and parse a server command line
     that names the speckv backend."""
@@ -110,8 +116,7 @@ def test_plugin_loads_and_registers_in_a_fresh_process():
         "assert F._registry['speckv']['class_name'] == 'SpecKVStorage'\n"
         "import sgl_kernel; print('shim', getattr(sgl_kernel, 'IS_SPECKV_CPU_STANDIN', False))\n"
     )
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = run_fresh(code, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "shim True" in out.stdout
 
@@ -151,6 +156,5 @@ def test_cpu_stand_in_never_shadows_a_real_sgl_kernel(tmp_path):
         "assert sgl_kernel.REAL and not hasattr(sgl_kernel, 'IS_SPECKV_CPU_STANDIN')\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = run_fresh(code, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-4000:]
