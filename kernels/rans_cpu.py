@@ -47,6 +47,7 @@ import torch
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import page_hash as ph
 from sglang_speckv.kernels import rans_reference as ref
+from sglang_speckv.kernels import table_model as tm
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def _macros() -> list[str]:
         "T_SHIFT": em.T_SHIFT, "INTERP_BITS": em.INTERP_BITS, "W_TOTAL": em.W_TOTAL,
         "RANS_L": ref.RANS_L, "WORD_BITS": ref.WORD_BITS, "ENC_SHIFT": ref.ENC_SHIFT,
         "QUANTILE_BITS": ref.QUANTILE_BITS,
+        "TB": tm.TB, "TJ": tm.TJ, "NCELL": tm.NCELL, "PT": tm.PT, "P2": tm.P2, "W_SHIFT": tm.W_SHIFT,
+        "TSAT": tm.TSAT,
     }  # fmt: skip
     floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex
     return [f"-DSPECKV_{name}={value}LL" for name, value in constants.items()] + [
@@ -235,6 +238,21 @@ def value_of_bits(dtype: str) -> torch.Tensor:
     return raw.view(em.TORCH_DTYPES[dtype]).to(torch.float32)
 
 
+def _level1(model: str, dtype: str, w_wide: int, kappa: int) -> torch.Tensor | None:
+    """The C++ coder's model argument: table_model.level1_table for ``model="table"``
+    (16-bit dtypes only), None for ``"exact"``; ValueError for anything else."""
+    if model not in MODELS:
+        raise ValueError(f"unknown coder model {model!r}; expected one of {MODELS}")
+    if model == "exact":
+        return None
+    if em.symbol_bits(dtype) != 16:
+        raise ValueError(f"the table model codes 16-bit dtypes (bf16, fp16) only, not {dtype}: use model='exact'")
+    return tm.level1_table(w_wide, kappa)
+
+
+MODELS = ("exact", "table")  # entropy_model's C(k) / table_model's two-level lattice
+
+
 def encode_values(
     bits: torch.Tensor,
     mu: torch.Tensor | Sequence[torch.Tensor],
@@ -243,17 +261,20 @@ def encode_values(
     num_lanes: int,
     w_wide: int = em.W_WIDE,
     kappa: int = em.KAPPA,
+    model: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rans_reference.encode_values in one C++ pass per symbol (quantize_params, both C
-    values, the rANS step; no int64 [N] arrays), same bytes. bits: storage patterns (int16
-    for 16-bit dtypes, else uint8) [P, N] or [N]; mu, sigma float32 [P, N] or [N], or one
-    tensor per page whose C-order flattening is its N values (Predictor.predict_rows: rows,
-    possibly broadcast views), read in place. Returns (words int32 [W] holding the u32
+    """rans_reference.encode_values in one C++ pass per symbol (quantize_params, the model
+    -- both C values, or the table model's two steps -- and the rANS steps; no int64 [N]
+    arrays), same bytes. bits: storage patterns (int16 for 16-bit dtypes, else uint8) [P, N]
+    or [N]; mu, sigma float32 [P, N] or [N], or one tensor per page whose C-order flattening
+    is its N values (Predictor.predict_rows: rows, possibly broadcast views), read in place.
+    model: "exact" or "table" (16-bit dtypes). Returns (words int32 [W] holding the u32
     words, lane_words int64 [P, NL])."""
     ext = extension()
     if ext is None:
-        return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa)
+        return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa, model=model)
     em.check_mixture(w_wide, kappa)
+    cum1 = _level1(model, dtype, w_wide, kappa)
     b = em.symbol_bits(dtype)
     bits = ref._as_batch(bits)
     if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
@@ -263,7 +284,7 @@ def encode_values(
         raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
     _check_cpu(bits, *mu, *sigma)
     return tuple(ext.encode_values(
-        bits.contiguous(), mu, sigma, num_lanes, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype],
+        bits.contiguous(), mu, sigma, num_lanes, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype], cum1,
     ))  # fmt: skip
 
 
@@ -283,12 +304,30 @@ class Decoder(ref.Decoder):
     """rans_reference.Decoder with its per-stage loop in C++ (same keys, same verdict).
 
     Construction (stream validation, initial states x and word pointers ptr, int64
-    [P * NL]) and ``finish()`` are the reference's own code.
+    [P * NL]) and ``finish()`` are the reference's own code. ``model="table"`` decodes
+    the table model with ``decode_values`` (``decode``, the integer level, is the exact
+    model's only).
     """
+
+    def __init__(
+        self,
+        words: torch.Tensor,
+        lane_words: torch.Tensor,
+        num_symbols: int,
+        dtype: str,
+        w_wide: int = em.W_WIDE,
+        kappa: int = em.KAPPA,
+        model: str = "exact",
+    ):
+        self.cum1 = _level1(model, dtype, w_wide, kappa)  # validates model first
+        super().__init__(words, lane_words, num_symbols, dtype, w_wide, kappa)
+        self.model = model
 
     def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page,
         given their quantised parameters (int64, from quantize_params)."""
+        if self.model != "exact":
+            raise NotImplementedError("the table model decodes with decode_values only")
         ext = extension()
         if ext is None:
             return super().decode(mu_q, e, r)
@@ -319,11 +358,15 @@ class Decoder(ref.Decoder):
             raise ValueError(f"out_bits must be [{self.num_pages}, {self.num_symbols}], got {tuple(out_bits.shape)}")
         _check_cpu(self.words, mu, sigma, out_bits)
         self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
+        # the table model's lanes that met a point no key owns (a corrupt stream)
+        bad = None if self.cum1 is None else torch.zeros(self.x.shape, dtype=torch.uint8)
         ext.decode_values(
             self.words.contiguous(), self.x, self.ptr, mu.contiguous(), sigma.contiguous(), self.num_lanes,
             self.position, out_bits, out_values, value_of_bits(self.dtype), em.phi_table(), self.quantiles,
-            self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype],
+            self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype], self.cum1, bad,
         )  # fmt: skip
+        if bad is not None:
+            self.ok &= ~bad.view(self.num_pages, self.num_lanes).bool().any(dim=1)
         self.position += n
 
 
