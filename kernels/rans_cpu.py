@@ -239,18 +239,10 @@ def value_of_bits(dtype: str) -> torch.Tensor:
 
 
 def _level1(model: str, dtype: str, w_wide: int, kappa: int) -> torch.Tensor | None:
-    """The C++ coder's model argument: table_model.level1_table for ``model="table"``
-    (16-bit dtypes only), None for ``"exact"``; ValueError for anything else."""
-    if model not in MODELS:
-        raise ValueError(f"unknown coder model {model!r}; expected one of {MODELS}")
-    if model == "exact":
-        return None
-    if em.symbol_bits(dtype) != 16:
-        raise ValueError(f"the table model codes 16-bit dtypes (bf16, fp16) only, not {dtype}: use model='exact'")
-    return tm.level1_table(w_wide, kappa)
-
-
-MODELS = ("exact", "table")  # entropy_model's C(k) / table_model's two-level lattice
+    """The C++ coder's model argument: table_model.level1_table for the table model, None
+    for the exact model; ValueError for an unknown model or one that cannot code dtype."""
+    tm.check_model(model, dtype)
+    return tm.level1_table(w_wide, kappa) if model == tm.MODEL_TABLE else None
 
 
 def encode_values(
@@ -261,7 +253,7 @@ def encode_values(
     num_lanes: int,
     w_wide: int = em.W_WIDE,
     kappa: int = em.KAPPA,
-    model: str = "exact",
+    model: str = tm.MODEL_EXACT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rans_reference.encode_values in one C++ pass per symbol (quantize_params, the model
     -- both C values, or the table model's two steps -- and the rANS steps; no int64 [N]
@@ -305,8 +297,8 @@ class Decoder(ref.Decoder):
 
     Construction (stream validation, initial states x and word pointers ptr, int64
     [P * NL]) and ``finish()`` are the reference's own code. ``model="table"`` decodes
-    the table model with ``decode_values`` (``decode``, the integer level, is the exact
-    model's only).
+    the table model (in C++ with ``decode_values``; ``decode``, the integer level, runs the
+    reference's for it).
     """
 
     def __init__(
@@ -317,19 +309,17 @@ class Decoder(ref.Decoder):
         dtype: str,
         w_wide: int = em.W_WIDE,
         kappa: int = em.KAPPA,
-        model: str = "exact",
+        model: str = tm.MODEL_EXACT,
     ):
-        self.cum1 = _level1(model, dtype, w_wide, kappa)  # validates model first
-        super().__init__(words, lane_words, num_symbols, dtype, w_wide, kappa)
-        self.model = model
+        super().__init__(words, lane_words, num_symbols, dtype, w_wide, kappa, model)
+        self.cum1 = _level1(model, dtype, w_wide, kappa)
 
     def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page,
-        given their quantised parameters (int64, from quantize_params)."""
-        if self.model != "exact":
-            raise NotImplementedError("the table model decodes with decode_values only")
+        given their quantised parameters (int64, from quantize_params). The table model's
+        integer level runs the reference (the codec decodes with decode_values)."""
         ext = extension()
-        if ext is None:
+        if ext is None or self.model != tm.MODEL_EXACT:
             return super().decode(mu_q, e, r)
         squeeze = mu_q.dim() == 1
         (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
@@ -366,7 +356,7 @@ class Decoder(ref.Decoder):
             self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype], self.cum1, bad,
         )  # fmt: skip
         if bad is not None:
-            self.ok &= ~bad.view(self.num_pages, self.num_lanes).bool().any(dim=1)
+            self.lane_ok &= bad == 0
         self.position += n
 
 
