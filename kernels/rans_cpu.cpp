@@ -615,9 +615,23 @@ inline int64_t first_point(const Dtype& dtype, int64_t k, int64_t mu_q, int64_t 
   return -((mu_q - dtype.threshold(k, off)) >> W_SHIFT);
 }
 
-// The level-1 row of a sigma bucket: CUM1[b] with b = (r >> (R - TB)) - 2^TB.
-inline const int64_t* level1_row(const int64_t* cum1, int64_t r) {
-  return cum1 + ((r >> (R - TB)) - (int64_t(1) << TB)) * ROW;
+// Where the level-1 row of r's sigma bucket starts in CUM1 (an index, not a pointer: table
+// reads as base + per-lane index vectorise to gathers): row b = (r >> (R - TB)) - 2^TB.
+inline int64_t level1_row(int64_t r) { return ((r >> (R - TB)) - (int64_t(1) << TB)) * ROW; }
+
+// The level-1 entry i of the row at cum1 + row with row[i] <= slot < row[i + 1] (row[0] = 0
+// <= slot < row[NCELL + 1] = 2^PT), i >= i0: a bisection with strides STRIDE, STRIDE / 2, ...,
+// 1 (from 2^floor(log2 NCELL): they reach NCELL), unrolled at compile time and branch-free so
+// that the loop over lanes around it vectorises; strides past the row read its last entry,
+// never <= slot.
+template <int64_t STRIDE>
+inline int64_t level1_entry(const int64_t* cum1, int64_t row, int64_t slot, int64_t i0) {
+  if constexpr (STRIDE == 0) {
+    return i0;
+  } else {
+    const int64_t t = std::min<int64_t>(i0 + STRIDE, NCELL + 1);
+    return level1_entry<STRIDE / 2>(cum1, row, slot, cum1[row + t] <= slot ? t : i0);
+  }
 }
 
 void check_level1(const torch::Tensor& cum1) {
@@ -720,10 +734,9 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
             const int64_t cell = qk >> P2, cs = cell * (int64_t(1) << P2);
             const bool esc = (cell < -TJ) | (cell >= TJ) | (qb <= qk);
             const int64_t c2 = qa < cs ? 0 : qk - cs;  // the cell's first key also takes the points before it
-            const int64_t* row = level1_row(c1p, r);
-            const int64_t i1 = esc ? NCELL : cell + TJ;
-            cum[j] = row[i1];
-            freq[j] = row[i1 + 1] - row[i1];
+            const int64_t i1 = level1_row(r) + (esc ? NCELL : cell + TJ);
+            cum[j] = c1p[i1];
+            freq[j] = c1p[i1 + 1] - c1p[i1];
             cum2[j] = c2;
             freq2[j] = std::min<int64_t>(qb, cs + (int64_t(1) << P2)) - cs - c2;
             escape[j] = esc;
@@ -782,7 +795,6 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
   const int64_t step_begin = first / num_lanes, step_end = (first + n + num_lanes - 1) / num_lanes;
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
   constexpr int64_t CELL_POINTS = int64_t(1) << P2;
-  constexpr int64_t L1_TOP = int64_t(1) << floor_log2(NCELL);  // the bisection's first stride
 
   at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
     // Locals, not loads through the closure, in the vectorised loops.
@@ -814,19 +826,16 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
         for (int64_t j = j_lo; j < j_hi; ++j) {
           int64_t mu_q, e, r;
           quantize(mus[i0 + j], sigmas[i0 + j], mu_q, e, r);
-          const int64_t* row = level1_row(c1p, r);
-          // level 1: the entry i with row[i] <= slot1 < row[i + 1] (row[0] = 0, row[NCELL + 1]
-          // = 2^PT > slot1), then the step
+          // level 1: the entry i with row[i] <= slot1 < row[i + 1], then the step
+          const int64_t row = level1_row(r);
           const int64_t slot1 = x[j] & ((int64_t(1) << PT) - 1);
-          int64_t i = 0;
-          for (int64_t stride = L1_TOP; stride >= 1; stride >>= 1) {
-            const int64_t t = std::min<int64_t>(i + stride, NCELL + 1);
-            i = row[t] <= slot1 ? t : i;
-          }
-          const int64_t c1 = row[i], f1 = row[i + 1] - c1;
+          const int64_t i = level1_entry<int64_t(1) << floor_log2(NCELL)>(c1p, row, slot1, 0);
+          const int64_t c1 = c1p[row + i], f1 = c1p[row + i + 1] - c1;
           int64_t x1 = f1 * (x[j] >> PT) + slot1 - c1;  // < 2^63 for any state: no wrap
           const bool refill1 = x1 < RANS_L;
-          x1 = refill1 ? int64_t(uint64_t(x1) << WORD_BITS) | int64_t(wp[std::min(ptr[j], last_word)]) : x1;
+          // (words read unconditionally, then selected: a conditional gather does not vectorise)
+          const int64_t word1 = int64_t(wp[std::min(ptr[j], last_word)]);
+          x1 = refill1 ? int64_t(uint64_t(x1) << WORD_BITS) | word1 : x1;
           const int64_t p1 = ptr[j] + refill1;
           // level 2: the key of point (cs + slot2) is the truncation of its value, or the first
           // key starting in the cell if that key starts before it
@@ -846,7 +855,8 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           f2 = valid ? f2 : 1;
           int64_t x2 = f2 * (x1 >> P2) + slot2 - c2;  // < 2^63: no wrap
           const bool refill2 = x2 < RANS_L;
-          x2 = refill2 ? int64_t(uint64_t(x2) << WORD_BITS) | int64_t(wp[std::min(p1, last_word)]) : x2;
+          const int64_t word2 = int64_t(wp[std::min(p1, last_word)]);
+          x2 = refill2 ? int64_t(uint64_t(x2) << WORD_BITS) | word2 : x2;
           x[j] = esc ? x1 : x2;
           ptr[j] = esc ? p1 : p1 + refill2;
           bad[j] |= !(valid | esc);
