@@ -596,17 +596,36 @@ struct Rows {
   }
 };
 
-// One rANS encoder step of scale 2^shift (DESIGN.md "rANS with mixed scales"; shift 28 for
-// the exact model, 15 and 16 for the table model's two levels): a word out if x >= freq <<
-// (63 - shift), then x = ((x // freq) << shift) + x % freq + cum. 1 <= freq <= 2^shift.
-inline void put(int64_t& x, int64_t cum, int64_t freq, int64_t shift, std::vector<uint32_t>& out) {
-  const int64_t room = ENC_SHIFT + PROB_BITS - shift;  // 63 - shift: x_max = freq << room
-  if (x > (((freq - 1) << room) | ((int64_t(1) << room) - 1))) {  // x >= x_max, which may not fit
-    out.push_back(uint32_t(x & WORD_MASK));
-    x >>= WORD_BITS;
+// One rANS encoder step of scale 2^shift[j] for block slots j in [0, n) (DESIGN.md "rANS with
+// mixed scales"; shift 28 for the exact model, 15 and 16 for the table model's two levels;
+// 1 <= freq <= 2^shift): a word out if x >= freq << (63 - shift) (word[j], else -1), then
+// x = ((x // freq) << shift) + x % freq + cum. Vectorised: the quotient is estimated in
+// float64 and corrected to the exact one (below x < freq << (63 - shift), so x // freq <
+// 2^48 and the estimate is off by at most one).
+inline void put_block(int64_t* x, const int64_t* cum, const int64_t* freq, const int64_t* shift, int64_t n,
+                      int64_t* word) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t f = freq[j];
+    int64_t xl = x[j];
+    const bool emit = (xl >> (ENC_SHIFT + PROB_BITS - shift[j])) >= f;  // x >= f << (63 - shift)
+    word[j] = emit ? xl & WORD_MASK : -1;
+    xl = emit ? xl >> WORD_BITS : xl;
+    int64_t q = int64_t(double(xl) / double(f));
+    int64_t rem = int64_t(uint64_t(xl) - uint64_t(q) * uint64_t(f));  // in [-f, 2f): may wrap, not overflow
+    q = rem < 0 ? q - 1 : q;
+    rem = rem < 0 ? rem + f : rem;
+    q = rem >= f ? q + 1 : q;
+    rem = rem >= f ? rem - f : rem;
+    x[j] = (q << shift[j]) + rem + cum[j];
   }
-  const int64_t q = x / freq;  // x >= 0, freq >= 1: truncation == floor
-  x = (q << shift) + (x - q * freq) + cum;
+}
+
+// The words put_block emitted, appended to their lanes' streams (streams[j] is slot j's).
+inline void push_words(const int64_t* word, int64_t n, std::vector<uint32_t>* streams) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (word[j] >= 0) streams[j].push_back(uint32_t(word[j]));
+  }
 }
 
 // table_model.first_point: q(k) = ceil((T(k) - mu_q) / W), the index relative to mu of the
@@ -690,6 +709,9 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
       int64_t x[LANE_BLOCK], cum[LANE_BLOCK], freq[LANE_BLOCK], mu_off[LANE_BLOCK], sigma_off[LANE_BLOCK];
       int64_t cum2[LANE_BLOCK], freq2[LANE_BLOCK], escape[LANE_BLOCK], key[LANE_BLOCK], mu_qs[LANE_BLOCK],
           es[LANE_BLOCK], rs[LANE_BLOCK];
+      // each step's scale bits and emitted words (-1: none)
+      int64_t shift[LANE_BLOCK], shift2[LANE_BLOCK], word[LANE_BLOCK], word2[LANE_BLOCK];
+      std::fill(shift, shift + LANE_BLOCK, c1p ? PT : PROB_BITS);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t page = b / blocks_per_page;
         const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
@@ -716,7 +738,8 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
               mdl.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), cum[j], c1);
               freq[j] = c1 - cum[j];
             }
-            for (int64_t j = 0; j < j_hi; ++j) put(x[j], cum[j], freq[j], PROB_BITS, streams[g0 + j]);
+            put_block(x, cum, freq, shift, j_hi, word);
+            push_words(word, j_hi, &streams[g0]);
             continue;
           }
           // The table model (DESIGN.md "Encoding key k"): the cell of key k's first point, the
@@ -740,6 +763,7 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
             cum2[j] = c2;
             freq2[j] = std::min<int64_t>(qb, cs + (int64_t(1) << P2)) - cs - c2;
             escape[j] = esc;
+            shift2[j] = esc ? PROB_BITS : P2;
             key[j] = k, mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           }
           for (int64_t j = 0; j < j_hi; ++j) {  // an escape's level 2: the exact model's step
@@ -748,9 +772,11 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
             mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), cum2[j], c1);
             freq2[j] = c1 - cum2[j];
           }
-          for (int64_t j = 0; j < j_hi; ++j) {  // level 2, then level 1 (decode order reversed)
-            put(x[j], cum2[j], freq2[j], escape[j] ? PROB_BITS : P2, streams[g0 + j]);
-            put(x[j], cum[j], freq[j], PT, streams[g0 + j]);
+          put_block(x, cum2, freq2, shift2, j_hi, word2);  // level 2, then level 1 (decode order reversed)
+          put_block(x, cum, freq, shift, j_hi, word);
+          for (int64_t j = 0; j < j_hi; ++j) {
+            if (word2[j] >= 0) streams[g0 + j].push_back(uint32_t(word2[j]));
+            if (word[j] >= 0) streams[g0 + j].push_back(uint32_t(word[j]));
           }
         }
         for (int64_t l = l0; l < l1; ++l) {  // flush: low word first in decode order
