@@ -416,6 +416,26 @@ def _self_check() -> None:
         )
         if not (same and round_trip):
             raise SystemExit(1)
+    # The value-level path the codec calls, both models on the same pages (the table model's
+    # first page against the reference encoder; the reference decoder would take minutes).
+    bits = values.view(torch.int16)
+    num_lanes = ref.default_lanes(n)
+    print(f"  value level, {num_lanes} lanes/page (encode_values, Decoder.decode_values):")
+    for model in tm.MODELS:
+        (words, lane_words), t_enc = timed(lambda: encode_values(bits, mu, sigma, dtype, num_lanes, model=model))
+        dec = Decoder(words, lane_words, n, dtype, model=model)
+        out = torch.empty_like(bits)
+        _, t_dec = timed(lambda: dec.decode_values(mu, sigma, out))
+        first_page = ref.encode_values(bits[:1], mu[:1], sigma[:1], dtype, num_lanes, model=model)[0]
+        same = torch.equal(words[: int(lane_words[0].sum())], first_page)
+        round_trip = torch.equal(out, bits) and bool(dec.finish().all())
+        print(
+            f"    {model:5s} model: {words.numel() * 32 / bits.numel():.4f} bits/symbol; "
+            f"encode {t_enc / bits.numel() * 1e9:5.1f} ns/symbol, decode {t_dec / bits.numel() * 1e9:5.1f} ns/symbol; "
+            f"first page == reference: {same}; round trip: {'OK' if round_trip else 'FAILED'}"
+        )
+        if not (same and round_trip):
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":
