@@ -352,6 +352,10 @@ class Decoder:
         step's grids (exact model's invariants and guide, then mu_q, e, r). Returns
         (key, x, ptr, ok)."""
         mu_q, e, r = g[6:]
+        table = tm.dense(mu_q, e, r, self.dtype)
+        slot_x = x & (em.M - 1)  # the exact model's step, for the symbols not in the table
+        k_x, c_lo, c_hi = self._guess_and_check(slot_x, g[:3], g[3:6])
+        x_x, ptr_x = self._pop(x, ptr, slot_x, c_lo, c_hi - c_lo, em.PROB_BITS)
         slot1 = x & ((1 << tm.PT) - 1)
         entry, c1, f1 = tm.decode_cell(slot1, r, cum1)
         x, ptr = self._pop(x, ptr, slot1, c1, f1, tm.PT)
@@ -365,7 +369,7 @@ class Decoder:
             for full, part in zip((k, cum, freq, slot, scale, ok), (k_e, c_lo, c_hi - c_lo, slot_e, em.PROB_BITS, True)):
                 full[esc] = part
         x, ptr = self._pop(x, ptr, slot, cum, freq, scale)
-        return k, x, ptr, ok
+        return (torch.where(table, k, k_x), torch.where(table, x, x_x), torch.where(table, ptr, ptr_x), ok | ~table)
 
     def _stage(self, params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[list[torch.Tensor], int]:
         """The one argument check of a decoder stage, shared by the three coders: the

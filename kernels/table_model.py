@@ -51,6 +51,11 @@ P2 = 16  # lattice points per cell
 CELL_SHIFT = em.F - TS  # a cell is U = 2^19 units of delta = 2^(e - F)
 W_SHIFT = CELL_SHIFT - P2  # points are W = 2^3 units of delta apart
 TSAT = 1 << 52  # thresholds saturate here: beyond any point (|mu_q| <= 2^50, cells < 2^23 W)
+# A symbol takes the table only where the dtype's keys are dense on the lattice: at least
+# 2^DENSE_LOG keys per cell at |mu| + 2 sigma. Where they are sparser (sharp predictors,
+# |mu| >> sigma) cells go empty and the lattice wastes their mass (+1% to +500% per symbol
+# at 1-4 keys per cell); those symbols keep the exact model's one step.
+DENSE_LOG = 3
 assert W_SHIFT >= 0
 
 
@@ -79,6 +84,16 @@ def level1_table(w_wide: int, kappa: int) -> torch.Tensor:
     i = torch.arange(NCELL + 1, dtype=torch.int64)[None, :]
     cum = i + (((g - g[:, :1]) * ((1 << PT) - NCELL - 1)) >> 32)
     return torch.cat([cum, torch.full((1 << TB, 1), 1 << PT, dtype=torch.int64)], dim=1)
+
+
+def dense(mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor, dtype: str) -> torch.Tensor:
+    """bool: the symbol is coded by the table (else by the exact model alone): the key spacing
+    at |mu| + 2 sigma, 2^ls units of delta, is at most a cell over 2^DENSE_LOG."""
+    _, mbits, bias, _ = em.DTYPE_SPECS[dtype]
+    v = mu_q.abs() + (r << (em.F - em.R + 1))  # |mu| + 2 sigma in delta, in [2^21, 2^51)
+    lv = ((v.to(torch.float64).view(torch.int64) >> 52) & 0x7FF) - 1023  # floor(log2 v), exact
+    ls = torch.maximum(lv, (1 - bias) + em.F - e) - mbits  # below the smallest normal: subnormal spacing
+    return ls <= CELL_SHIFT - DENSE_LOG
 
 
 def bucket(r: torch.Tensor) -> torch.Tensor:
@@ -141,7 +156,9 @@ def symbol_steps(
     keys: torch.Tensor, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor, dtype: str, w_wide: int, kappa: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cum, freq, scale) int64 [..., 2] of every symbol's two steps in decode order (level 1,
-    then the point or, after ESC, the exact model's step); shapes of keys (broadcast)."""
+    then the point or, after ESC, the exact model's step; a symbol that is not ``dense``: the
+    exact model's step, then the identity step (0, 2^PT) of scale PT, which codes nothing);
+    shapes of keys (broadcast)."""
     check_model(MODEL_TABLE, dtype)
     keys, mu_q, e, r = torch.broadcast_tensors(keys, mu_q, e, r)
     cum1 = level1_table(w_wide, kappa).to(keys.device).reshape(-1)
@@ -160,7 +177,13 @@ def symbol_steps(
     c2 = torch.where(esc, c_exact, cum2)
     f2 = torch.where(esc, f_exact, cnt)
     s2 = torch.where(esc, torch.full_like(j, em.PROB_BITS), torch.full_like(j, P2))
-    return torch.stack([c1, c2], -1), torch.stack([f1, f2], -1), torch.stack([torch.full_like(j, PT), s2], -1)
+    cum = torch.stack([c1, c2], -1)
+    freq = torch.stack([f1, f2], -1)
+    scale = torch.stack([torch.full_like(j, PT), s2], -1)
+    exact = (torch.stack([c_exact, torch.zeros_like(j)], -1), torch.stack([f_exact, torch.full_like(j, 1 << PT)], -1),
+             torch.stack([torch.full_like(j, em.PROB_BITS), torch.full_like(j, PT)], -1))  # fmt: skip
+    table = dense(mu_q, e, r, dtype)[..., None]
+    return tuple(torch.where(table, t, x) for t, x in zip((cum, freq, scale), exact))
 
 
 def ideal_bits(keys, mu_q, e, r, dtype: str, w_wide: int, kappa: int) -> torch.Tensor:

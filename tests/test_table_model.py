@@ -51,6 +51,25 @@ def test_every_key_codable_and_probabilities_sum_to_at_most_one(dtype):
         assert float(p.sum()) <= 1 + 1e-12, (mu, sigma, float(p.sum()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_means_enough_keys_per_cell(dtype):
+    """dense() against a float count of the dtype's keys in a cell (u = 2^(e - TS)) at
+    |mu| + 2 sigma: at least 2^DENSE_LOG keys per cell, or not dense (away from the edge
+    case where the count is exactly a power of two)."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(20000, generator=g) * 10.0 ** torch.randint(-6, 6, (20000,), generator=g)
+    sigma = torch.rand(20000, generator=g) * 10.0 ** torch.randint(-8, 4, (20000,), generator=g) + 1e-30
+    mu_q, e, r = em.quantize_params(mu, sigma)
+    _, mbits, bias, _ = em.DTYPE_SPECS[dtype]
+    edge = (mu_q.abs().double() + r.double() * 2.0 ** (em.F - em.R + 1)) * 2.0 ** (e - em.F).double()
+    spacing = 2.0 ** (torch.floor(torch.log2(edge)).clamp(min=1 - bias) - mbits)
+    keys_per_cell = 2.0 ** (e - tm.TS).double() / spacing
+    got = tm.dense(mu_q, e, r, dtype)
+    clear = (torch.log2(keys_per_cell) - tm.DENSE_LOG).abs() > 1e-9
+    assert torch.equal(got[clear], (keys_per_cell >= 2**tm.DENSE_LOG)[clear])
+    assert 0.2 < float(got.float().mean()) < 0.8
+
+
 def hostile_page(num_pages, n, dtype, seed):
     """Gaussian values around (mu, sigma), plus every kind of pattern and parameter the coder
     must survive: random patterns (NaN payloads, inf, -0, subnormals), values far out (escapes),
@@ -83,6 +102,8 @@ def test_table_model_is_not_the_exact_model_and_is_pinned():
     """The two models give different streams; the table model's stream of a fixed page is
     pinned (a change to any table, map or step order changes it: a new blob version)."""
     bits, mu, sigma = hostile_page(1, 2000, "bf16", seed=5)
+    dense = tm.dense(*em.quantize_params(mu, sigma), "bf16")
+    assert 0.5 < float(dense.float().mean()) < 1  # both regimes are pinned
     exact, _ = rr.encode_values(bits, mu, sigma, "bf16", 8)
     table, lane_words = rr.encode_values(bits, mu, sigma, "bf16", 8, model=tm.MODEL_TABLE)
     assert not torch.equal(exact, table)
@@ -90,7 +111,7 @@ def test_table_model_is_not_the_exact_model_and_is_pinned():
     assert digest == GOLDEN_TABLE_STREAM, digest
 
 
-GOLDEN_TABLE_STREAM = "1901aaef7fab3f05"
+GOLDEN_TABLE_STREAM = "3c8f0b73f0fb83ed"
 
 
 def test_corrupt_table_streams_fail_finish():
