@@ -64,6 +64,8 @@ constexpr int64_t PT = SPECKV_PT;          // level-1 probability bits
 constexpr int64_t P2 = SPECKV_P2;          // points per cell: 2^P2 (level-2 probability bits)
 constexpr int64_t W_SHIFT = SPECKV_W_SHIFT;  // point spacing 2^W_SHIFT in units of delta
 constexpr int64_t TSAT = SPECKV_TSAT;      // thresholds saturate at +-TSAT
+constexpr int64_t CELL_SHIFT = SPECKV_CELL_SHIFT;  // a cell is 2^CELL_SHIFT units of delta
+constexpr int64_t DENSE_LOG = SPECKV_DENSE_LOG;    // the table needs >= 2^DENSE_LOG keys per cell
 
 constexpr int64_t floor_log2(int64_t v) { return v <= 1 ? 0 : 1 + floor_log2(v >> 1); }
 constexpr int64_t TSAT_SHIFT = floor_log2(TSAT);  // sig << TSAT_SHIFT >= TSAT for any sig >= 1
@@ -628,6 +630,17 @@ inline void push_words(const int64_t* word, int64_t n, std::vector<uint32_t>* st
   }
 }
 
+// table_model.dense: the symbol takes the table (else the exact model's one step alone): the
+// key spacing at |mu| + 2 sigma, 2^ls units of delta, is at most a cell over 2^DENSE_LOG.
+inline bool dense(const Dtype& dtype, int64_t mu_q, int64_t e, int64_t r) {
+  const double v = double(std::abs(mu_q) + (r << (F - R + 1)));  // |mu| + 2 sigma in delta, in [2^21, 2^51): exact
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const int64_t lv = int64_t(u >> 52) - 1023;  // floor(log2 v)
+  const int64_t ls = std::max<int64_t>(lv, 1 - dtype.bias + F - e) - dtype.man_bits;  // subnormal spacing below
+  return ls <= CELL_SHIFT - DENSE_LOG;
+}
+
 // table_model.first_point: q(k) = ceil((T(k) - mu_q) / W), the index relative to mu of the
 // first lattice point that truncates to a key >= k (k in [-1, 2^B]).
 inline int64_t first_point(const Dtype& dtype, int64_t k, int64_t mu_q, int64_t off) {
@@ -705,9 +718,10 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
       const int64_t sign = sign_bit, all_ones = ones;
       // block slot j holds lane l0 + j: its state, this step's (cum, freq) (the exact model's,
       // or the table model's level 1), and where its symbol's mu and sigma are; the table
-      // model's level 2 (cum2, freq2), whether it escapes, and an escape's key and parameters
+      // model's level 2 (cum2, freq2), whether that is the exact model's step (after ESC, or
+      // alone for a symbol that is not dense), and the key and parameters that step needs
       int64_t x[LANE_BLOCK], cum[LANE_BLOCK], freq[LANE_BLOCK], mu_off[LANE_BLOCK], sigma_off[LANE_BLOCK];
-      int64_t cum2[LANE_BLOCK], freq2[LANE_BLOCK], escape[LANE_BLOCK], key[LANE_BLOCK], mu_qs[LANE_BLOCK],
+      int64_t cum2[LANE_BLOCK], freq2[LANE_BLOCK], exact[LANE_BLOCK], key[LANE_BLOCK], mu_qs[LANE_BLOCK],
           es[LANE_BLOCK], rs[LANE_BLOCK];
       // each step's scale bits and emitted words (-1: none)
       int64_t shift[LANE_BLOCK], shift2[LANE_BLOCK], word[LANE_BLOCK], word2[LANE_BLOCK];
@@ -743,7 +757,9 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
             continue;
           }
           // The table model (DESIGN.md "Encoding key k"): the cell of key k's first point, the
-          // key's points in it, or the escape; vectorised like the exact model above.
+          // key's points in it, or the escape (then the exact model's step); a symbol that is
+          // not dense is the exact model's step alone (level 1 the identity step (0, 2^PT),
+          // which emits nothing). Vectorised like the exact model above.
 #pragma omp simd
           for (int64_t j = 0; j < j_hi; ++j) {
             const int64_t u = pat[i0 + j];
@@ -757,17 +773,18 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
             const int64_t cell = qk >> P2, cs = cell * (int64_t(1) << P2);
             const bool esc = (cell < -TJ) | (cell >= TJ) | (qb <= qk);
             const int64_t c2 = qa < cs ? 0 : qk - cs;  // the cell's first key also takes the points before it
+            const bool table = dense(mdl.dtype, mu_q, e, r);
             const int64_t i1 = level1_row(r) + (esc ? NCELL : cell + TJ);
-            cum[j] = c1p[i1];
-            freq[j] = c1p[i1 + 1] - c1p[i1];
+            cum[j] = table ? c1p[i1] : 0;
+            freq[j] = table ? c1p[i1 + 1] - c1p[i1] : int64_t(1) << PT;
             cum2[j] = c2;
             freq2[j] = std::min<int64_t>(qb, cs + (int64_t(1) << P2)) - cs - c2;
-            escape[j] = esc;
-            shift2[j] = esc ? PROB_BITS : P2;
+            exact[j] = esc | !table;  // the exact model's step at level 2
+            shift2[j] = (esc | !table) ? PROB_BITS : P2;
             key[j] = k, mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           }
-          for (int64_t j = 0; j < j_hi; ++j) {  // an escape's level 2: the exact model's step
-            if (!escape[j]) continue;
+          for (int64_t j = 0; j < j_hi; ++j) {  // the exact model's step, after ESC or alone
+            if (!exact[j]) continue;
             int64_t c1;
             mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), cum2[j], c1);
             freq2[j] = c1 - cum2[j];
@@ -808,7 +825,7 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
 // of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key) takes each key. Per
 // step, (1) every lane's quantize_params, level-1 entry (a branch-free bisection of its
 // bucket's row), rANS step, and for a cell the point's key by truncation and its level-2 step,
-// vectorised; (2) the escaped lanes (a few in 10^4) take the exact model's step one by one
+// vectorised; (2) the lanes that escaped or are not dense take the exact model's step one by one
 // (guess and check, as decode_stage); (3) emit, vectorised. x, ptr: int64 [P * NL] lane
 // states and next-word indices, bad: uint8 [P * NL] lanes that met a point no key owns (a
 // corrupt stream; the step then uses (slot, 1) and the lane goes on), all updated in place.
@@ -830,8 +847,8 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
     const uint32_t* wp = words_p;
     const float *mus = mu_p, *sigmas = sigma_p;
     // block slot j holds lane l0 + j: its state, next word and verdict, this step's key, whether
-    // it escaped, and the quantised parameters an escape needs
-    int64_t x[LANE_BLOCK], ptr[LANE_BLOCK], bad[LANE_BLOCK], key[LANE_BLOCK], escape[LANE_BLOCK];
+    // takes the exact model's step (ESC, or not dense), and the quantised parameters it needs
+    int64_t x[LANE_BLOCK], ptr[LANE_BLOCK], bad[LANE_BLOCK], key[LANE_BLOCK], exact[LANE_BLOCK];
     int64_t mu_qs[LANE_BLOCK], es[LANE_BLOCK], rs[LANE_BLOCK];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t page = b / blocks_per_page;
@@ -883,16 +900,19 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           const bool refill2 = x2 < RANS_L;
           const int64_t word2 = int64_t(wp[std::min(p1, last_word)]);
           x2 = refill2 ? int64_t(uint64_t(x2) << WORD_BITS) | word2 : x2;
-          x[j] = esc ? x1 : x2;
-          ptr[j] = esc ? p1 : p1 + refill2;
-          bad[j] |= !(valid | esc);
+          // a symbol that is not dense is the exact model's step alone (level 1 is the
+          // identity step, which reads nothing)
+          const bool table = dense(dt, mu_q, e, r);
+          x[j] = table ? (esc ? x1 : x2) : x[j];
+          ptr[j] = table ? (esc ? p1 : p1 + refill2) : ptr[j];
+          bad[j] |= table & !(valid | esc);
           key[j] = kt + later;
-          escape[j] = esc;
+          exact[j] = esc | !table;
           mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
         }
-        // Pass 2: an escape's level 2 is the exact model's step (guess, check, search on a miss).
+        // Pass 2: the exact model's step (guess, check, search on a miss), after ESC or alone.
         for (int64_t j = j_lo; j < j_hi; ++j) {
-          if (!escape[j]) continue;
+          if (!exact[j]) continue;
           const int64_t slot = x[j] & (M - 1), two_mu_q = 2 * mu_qs[j], off = F - es[j], inv = INVERSE(rs[j]);
           int64_t k = guess_key(dt, q, slot, mu_qs[j], es[j], rs[j]), c_lo, c_hi;
           model.cdf_pair(k, two_mu_q, off, inv, c_lo, c_hi);

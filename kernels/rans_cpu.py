@@ -75,7 +75,7 @@ def _macros() -> list[str]:
         "RANS_L": ref.RANS_L, "WORD_BITS": ref.WORD_BITS, "ENC_SHIFT": ref.ENC_SHIFT,
         "QUANTILE_BITS": ref.QUANTILE_BITS,
         "TB": tm.TB, "TJ": tm.TJ, "NCELL": tm.NCELL, "PT": tm.PT, "P2": tm.P2, "W_SHIFT": tm.W_SHIFT,
-        "TSAT": tm.TSAT,
+        "TSAT": tm.TSAT, "CELL_SHIFT": tm.CELL_SHIFT, "DENSE_LOG": tm.DENSE_LOG,
     }  # fmt: skip
     floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex
     return [f"-DSPECKV_{name}={value}LL" for name, value in constants.items()] + [

@@ -122,12 +122,13 @@ def test_value_level_corrupt_streams_same_verdict(dtype):
 
 TABLE = tm.MODEL_TABLE
 # (mu, sigma) scenes for the table model's edges: mu saturated with a tiny sigma, sigma beyond
-# SIGMA_MAX, the largest values (for fp16 a cell from mu holds the largest finite value and
-# points beyond 2^16, which truncate to it), subnormals (keys without a point), a sigma far
-# below mu's spacing, and an ordinary one; each with values at Z sigma from mu: in a cell,
-# beyond the +-TJ cells (escapes), far out.
-SCENES = [(1e30, 1e-30), (3.389e38, 1e37), (-3.38e38, 1e37), (0.0, 1e-40), (1e-39, 1e-41), (65500.0, 300.0),
-          (-65400.0, 30.0), (0.0, 3e-8), (2.0, 1e-3), (0.0, 1.0)]  # fmt: skip
+# SIGMA_MAX, the largest values (for fp16 cell 0 from mu holds the largest finite value and
+# points beyond 2^16, which truncate to it; the cells above belong to no key), subnormals (too sparse for the table, and dense
+# enough for it: bf16 at 3e-39, fp16 at 1e-6), a sigma far below mu's spacing (not dense),
+# and an ordinary one; each with values at Z sigma from mu: in a cell, beyond the +-TJ cells
+# (escapes), far out.
+SCENES = [(1e30, 1e-30), (3.389e38, 1e37), (-3.38e38, 1e37), (0.0, 1e-40), (1e-39, 3e-39), (65500.0, 1100.0),
+          (-65400.0, 30.0), (0.0, 1e-6), (2.0, 1e-3), (0.0, 1.0)]  # fmt: skip
 Z = [0.0, 0.4, 0.9, -0.9, 5.0, -3.0, 20.0, -40.0, 1000.0, -1e6]
 
 
@@ -190,11 +191,12 @@ def test_table_model_gaussian_pages_bit_identical(dtype, w_wide, kappa):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_table_model_corrupt_streams_same_verdict(dtype):
+@pytest.mark.parametrize("inputs", [table_inputs, gaussian_inputs])
+def test_table_model_corrupt_streams_same_verdict(dtype, inputs):
     """Flipped bits, truncated and shifted lanes, random words, no words: the same states,
     lane verdicts (points no key owns) and page verdicts as the reference; never a crash."""
     n, num_lanes = 600, 30
-    keys, mu, sigma = table_inputs(dtype, 2, n, seed=7)
+    keys, mu, sigma = inputs(dtype, 2, n, seed=7)
     words, lane_words = rc.encode_values(storage_bits_of(keys, dtype), mu, sigma, dtype, num_lanes, model=TABLE)
     g = torch.Generator().manual_seed(8)
     for _ in range(8):
@@ -211,9 +213,12 @@ def test_table_model_corrupt_streams_same_verdict(dtype):
     assert not bool(decode_values_both(words[:-1], short, n, dtype, mu, sigma, model=TABLE)[1][1])
     noise = rr.as_u32(torch.randint(0, 1 << 32, words.shape, generator=g))
     assert not bool(decode_values_both(noise, lane_words, n, dtype, mu, sigma, model=TABLE)[1].any())
-    dec = rc.Decoder(noise, lane_words, n, dtype, model=TABLE)
-    dec.decode_values(mu, sigma, torch.zeros((2, n), dtype=torch.int16))
-    assert not bool(dec.lane_ok.all())  # the guard against points no key owns fired
+    if dtype == "fp16":  # cells beyond fp16's largest value belong to no key: the guard fires
+        near_max = (torch.full((2, n), 65500.0), torch.full((2, n), 1100.0))
+        _, ok = decode_values_both(noise, lane_words, n, dtype, *near_max, model=TABLE)
+        dec = rc.Decoder(noise, lane_words, n, dtype, model=TABLE)
+        dec.decode_values(*near_max, torch.zeros((2, n), dtype=torch.int16))
+        assert not bool(ok.any()) and not bool(dec.lane_ok.all())
     empty = torch.zeros((2, num_lanes), dtype=torch.int64)  # no words at all
     assert not bool(decode_values_both(torch.zeros(0, dtype=torch.int32), empty, n, dtype, mu, sigma, model=TABLE)[1].any())
 
