@@ -1,9 +1,9 @@
 // Interleaved rANS64 on the CPU: the C++ twin of kernels/rans_reference.py (same bytes,
 // same keys, same verdicts). Built on first use by kernels/rans_cpu.py with
 // torch.utils.cpp_extension.load; every constant of the coder arrives as a -D macro
-// generated from entropy_model.py / rans_reference.py (SPECKV_*), the dtype's fields
-// (entropy_model.DTYPE_SPECS) and the tables (PHI, the decoder's quantiles) as arguments, so
-// nothing here repeats a number.
+// generated from entropy_model.py / rans_reference.py / table_model.py (SPECKV_*), the
+// dtype's fields (entropy_model.DTYPE_SPECS) and the tables (PHI, the decoder's quantiles,
+// the table model's level-1 rows) as arguments, so nothing here repeats a number.
 //
 // Lanes are independent coders, so the work is split over lanes with at::parallel_for (a
 // lane's result does not depend on which thread ran it, so neither do the bytes): a thread
@@ -11,9 +11,15 @@
 // is lane g % NL of page g / NL; its step j is symbol g % NL + j * NL of that page
 // (DESIGN.md "Lanes").
 //
+// Two entropy models: the exact model (entropy_model.py: C(k), one 28-bit step per symbol)
+// and the table model (table_model.py, 16-bit dtypes: a level-1 cell and a point, two steps,
+// or the exact model's step where the table does not apply); its level-1 table arrives as a
+// tensor from table_model.level1_table.
+//
 // Within a step the model's work for the block's lanes (quantize_params, the guess, C at two
-// keys) is independent across lanes, so it is written branch-free (selects, & instead of &&,
-// clamps by value) in loops under `#pragma omp simd`: with -march=native the compiler turns
+// keys; the table model's thresholds, level-1 search and truncation) is independent across
+// lanes, so it is written branch-free (selects, & instead of &&, clamps by value, loads
+// outside selects) in loops under `#pragma omp simd`: with -march=native the compiler turns
 // them into AVX-512 (or AVX2) code with gathers for the table reads. Integer operations give
 // the same integers in any lane width, and the float64 steps are the same IEEE operations
 // (-ffp-contract=off: no FMA), so the bytes do not depend on the vector width or the CPU
@@ -358,7 +364,7 @@ inline int64_t guess_key(const Dtype& dtype, const double* q, int64_t slot, int6
 // C(lo + 1)): gallop from it to a bracket C(lo) <= slot < C(hi), then bisect to hi = lo + 1.
 // C is strictly increasing with C(0) = 0 <= slot < M = C(2^B), so the key is the unique lo
 // whatever the guess.
-void search_key(const Model& model, int64_t two_mu_q, int64_t off, int64_t inv, int64_t slot, int64_t& lo, int64_t& c_lo,
+static void search_key(const Model& model, int64_t two_mu_q, int64_t off, int64_t inv, int64_t slot, int64_t& lo, int64_t& c_lo,
             int64_t& c_hi) {
   int64_t hi = lo + 1;
   if (c_lo > slot) {  // the key is below the guess
@@ -823,10 +829,10 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
 
 // One decoder stage of the table model (DESIGN.md "Decoding"): symbols [first, first + n)
 // of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key) takes each key. Per
-// step, (1) every lane's quantize_params, level-1 entry (a branch-free bisection of its
-// bucket's row), rANS step, and for a cell the point's key by truncation and its level-2 step,
-// vectorised; (2) the lanes that escaped or are not dense take the exact model's step one by one
-// (guess and check, as decode_stage); (3) emit, vectorised. x, ptr: int64 [P * NL] lane
+// step, (1) every lane's quantize_params, whether it is dense, level-1 entry (a branch-free
+// bisection of its bucket's row), rANS step, and for a cell the point's key by truncation and
+// its level-2 step, vectorised; (2) the lanes that escaped or are not dense take the exact
+// model's step one by one (guess and check, as decode_stage); (3) emit. x, ptr: int64 [P * NL] lane
 // states and next-word indices, bad: uint8 [P * NL] lanes that met a point no key owns (a
 // corrupt stream; the step then uses (slot, 1) and the lane goes on), all updated in place.
 template <class EmitFn>

@@ -13,9 +13,13 @@ Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by
 
 * ``cdf(keys, mu_q, e, r, dtype, w_wide, kappa)``: ``entropy_model.cdf``, same integers.
 * ``encode(cum, freq, num_lanes) -> (words, lane_words)``.
-* ``Decoder(words, lane_words, num_symbols, dtype, w_wide, kappa)`` with staged
+* ``Decoder(words, lane_words, num_symbols, dtype, w_wide, kappa, model)`` with staged
   ``decode(mu_q, e, r) -> keys`` and ``finish() -> ok [P]``; construction (stream
   validation, initial states) and ``finish`` are the reference's own code.
+* The value level the codec uses: ``encode_values(bits, mu, sigma, dtype, num_lanes,
+  w_wide, kappa, model)`` and ``Decoder.decode_values``, for both entropy models
+  (``model``: "exact", entropy_model's C(k), or "table", table_model's two-level lattice
+  for 16-bit dtypes; its level-1 table comes from table_model.level1_table).
 * ``page_hash(page)``: kernels/page_hash.py's page hash (the blob's ``raw_hash``), same u64
   as ``page_hash.reference``.
 
