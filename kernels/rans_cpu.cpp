@@ -729,8 +729,8 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
       int64_t x[LANE_BLOCK], cum[LANE_BLOCK], freq[LANE_BLOCK], mu_off[LANE_BLOCK], sigma_off[LANE_BLOCK];
       int64_t cum2[LANE_BLOCK], freq2[LANE_BLOCK], exact[LANE_BLOCK], key[LANE_BLOCK], mu_qs[LANE_BLOCK],
           es[LANE_BLOCK], rs[LANE_BLOCK];
-      // each step's scale bits and emitted words (-1: none)
-      int64_t shift[LANE_BLOCK], shift2[LANE_BLOCK], word[LANE_BLOCK], word2[LANE_BLOCK];
+      // each step's scale bits and emitted words (-1: none); the slots taking the exact model's step
+      int64_t shift[LANE_BLOCK], shift2[LANE_BLOCK], word[LANE_BLOCK], word2[LANE_BLOCK], list[LANE_BLOCK];
       std::fill(shift, shift + LANE_BLOCK, c1p ? PT : PROB_BITS);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t page = b / blocks_per_page;
@@ -789,11 +789,18 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
             shift2[j] = (esc | !table) ? PROB_BITS : P2;
             key[j] = k, mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           }
-          for (int64_t j = 0; j < j_hi; ++j) {  // the exact model's step, after ESC or alone
-            if (!exact[j]) continue;
-            int64_t c1;
-            mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), cum2[j], c1);
-            freq2[j] = c1 - cum2[j];
+          int64_t m = 0;  // the exact model's step, after ESC or alone: listed, then vectorised
+          for (int64_t j = 0; j < j_hi; ++j) {
+            list[m] = j;
+            m += exact[j] != 0;
+          }
+#pragma omp simd
+          for (int64_t t = 0; t < m; ++t) {
+            const int64_t j = list[t];
+            int64_t c0, c1;
+            mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c0, c1);
+            cum2[j] = c0;
+            freq2[j] = c1 - c0;
           }
           put_block(x, cum2, freq2, shift2, j_hi, word2);  // level 2, then level 1 (decode order reversed)
           put_block(x, cum, freq, shift, j_hi, word);
@@ -829,12 +836,14 @@ std::vector<torch::Tensor> encode_values(const torch::Tensor& bits_t, const std:
 
 // One decoder stage of the table model (DESIGN.md "Decoding"): symbols [first, first + n)
 // of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key) takes each key. Per
-// step, (1) every lane's quantize_params, whether it is dense, level-1 entry (a branch-free
-// bisection of its bucket's row), rANS step, and for a cell the point's key by truncation and
-// its level-2 step, vectorised; (2) the lanes that escaped or are not dense take the exact
-// model's step one by one (guess and check, as decode_stage); (3) emit. x, ptr: int64 [P * NL] lane
-// states and next-word indices, bad: uint8 [P * NL] lanes that met a point no key owns (a
-// corrupt stream; the step then uses (slot, 1) and the lane goes on), all updated in place.
+// step, (1) every lane's quantize_params and whether it is dense; (2) unless no lane is,
+// the level-1 entry (a branch-free bisection of the bucket's row), rANS step, and for a cell
+// the point's key by truncation and its level-2 step; (3) over a list of the lanes that
+// escaped or are not dense, the exact model's step (guess and check, as decode_stage); (4)
+// emit. All vectorised but the exact model's misses. x, ptr:
+// int64 [P * NL] lane states and next-word indices, bad: uint8 [P * NL] lanes that met a
+// point no key owns (a corrupt stream; the step then uses (slot, 1) and the lane goes on),
+// all updated in place.
 template <class EmitFn>
 void decode_stage_table(const Model& model, const int64_t* cum1, const double* q, const uint32_t* words_p,
                         int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p, const float* mu_p,
@@ -847,8 +856,10 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
 
   at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
     // Locals, not loads through the closure, in the vectorised loops.
+    const Model mdl = model;
     const Dtype dt = model.dtype;
     const EmitFn out = emit;
+    const double* qt = q;
     const int64_t* c1p = cum1;
     const uint32_t* wp = words_p;
     const float *mus = mu_p, *sigmas = sigma_p;
@@ -856,6 +867,8 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
     // takes the exact model's step (ESC, or not dense), and the quantised parameters it needs
     int64_t x[LANE_BLOCK], ptr[LANE_BLOCK], bad[LANE_BLOCK], key[LANE_BLOCK], exact[LANE_BLOCK];
     int64_t mu_qs[LANE_BLOCK], es[LANE_BLOCK], rs[LANE_BLOCK];
+    // the exact model's step: which slots take it, and C at their guess pair
+    int64_t list[LANE_BLOCK], c_lo[LANE_BLOCK], c_hi[LANE_BLOCK];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t page = b / blocks_per_page;
       const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
@@ -870,13 +883,25 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
         const int64_t j_lo = std::max(l0, -base) - l0, j_hi = std::min(l1, n - base) - l0;
         const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
 
-        // Pass 1: level 1, then a cell's level 2 (computed for an escape too, and discarded).
+        // Pass 1: the parameters, and whether the symbol takes the table (dense) or the exact
+        // model's step alone (level 1 is then the identity step, which reads nothing).
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) {
           int64_t mu_q, e, r;
           quantize(mus[i0 + j], sigmas[i0 + j], mu_q, e, r);
+          mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
+          exact[j] = !dense(dt, mu_q, e, r);
+        }
+        int64_t m = 0;  // dense lanes (with sharp predictors there may be none)
+        for (int64_t j = j_lo; j < j_hi; ++j) m += exact[j] == 0;
+        // Pass 2: level 1, then a cell's level 2, for every lane (a select keeps the lanes that
+        // are not dense as they are; an escape's level 2 is discarded). Over all lanes, not a
+        // list of the dense ones: their gathers and scatters cost more than the idle lanes.
+#pragma omp simd
+        for (int64_t j = m ? j_lo : j_hi; j < j_hi; ++j) {
+          const int64_t mu_q = mu_qs[j], e = es[j];
           // level 1: the entry i with row[i] <= slot1 < row[i + 1], then the step
-          const int64_t row = level1_row(r);
+          const int64_t row = level1_row(rs[j]);
           const int64_t slot1 = x[j] & ((int64_t(1) << PT) - 1);
           const int64_t i = level1_entry<int64_t(1) << floor_log2(NCELL)>(c1p, row, slot1, 0);
           const int64_t c1 = c1p[row + i], f1 = c1p[row + i + 1] - c1;
@@ -906,30 +931,44 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           const bool refill2 = x2 < RANS_L;
           const int64_t word2 = int64_t(wp[std::min(p1, last_word)]);
           x2 = refill2 ? int64_t(uint64_t(x2) << WORD_BITS) | word2 : x2;
-          // a symbol that is not dense is the exact model's step alone (level 1 is the
-          // identity step, which reads nothing)
-          const bool table = dense(dt, mu_q, e, r);
+          const bool table = exact[j] == 0;
           x[j] = table ? (esc ? x1 : x2) : x[j];
           ptr[j] = table ? (esc ? p1 : p1 + refill2) : ptr[j];
           bad[j] |= table & !(valid | esc);
           key[j] = kt + later;
           exact[j] = esc | !table;
-          mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
         }
-        // Pass 2: the exact model's step (guess, check, search on a miss), after ESC or alone.
+        // Pass 3: the exact model's step, after ESC or alone, for the lanes listed so that
+        // their guess and C pair vectorise as in decode_stage; the misses search one by one;
+        // then the rANS step, vectorised again.
+        m = 0;
         for (int64_t j = j_lo; j < j_hi; ++j) {
-          if (!exact[j]) continue;
-          const int64_t slot = x[j] & (M - 1), two_mu_q = 2 * mu_qs[j], off = F - es[j], inv = INVERSE(rs[j]);
-          int64_t k = guess_key(dt, q, slot, mu_qs[j], es[j], rs[j]), c_lo, c_hi;
-          model.cdf_pair(k, two_mu_q, off, inv, c_lo, c_hi);
-          if (c_lo > slot || c_hi <= slot) search_key(model, two_mu_q, off, inv, slot, k, c_lo, c_hi);
-          const int64_t x_new = wrap_add(wrap_mul(c_hi - c_lo, x[j] >> PROB_BITS), slot - c_lo);
-          const bool refill = x_new < RANS_L;
-          x[j] = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | int64_t(wp[std::min(ptr[j], last_word)]) : x_new;
-          ptr[j] += refill;
-          key[j] = k;
+          list[m] = j;
+          m += exact[j] != 0;
         }
-        // Pass 3: emit.
+#pragma omp simd
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t j = list[t];
+          const int64_t k = guess_key(dt, qt, x[j] & (M - 1), mu_qs[j], es[j], rs[j]);
+          key[j] = k;
+          mdl.cdf_pair(k, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c_lo[t], c_hi[t]);
+        }
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t j = list[t], slot = x[j] & (M - 1);
+          if (c_lo[t] > slot || c_hi[t] <= slot) {
+            search_key(mdl, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), slot, key[j], c_lo[t], c_hi[t]);
+          }
+        }
+#pragma omp simd
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t j = list[t];
+          const int64_t x_new = wrap_add(wrap_mul(c_hi[t] - c_lo[t], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[t]);
+          const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
+          const bool refill = x_new < RANS_L;
+          x[j] = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
+          ptr[j] += refill;
+        }
+        // Pass 4: emit.
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) out(page, col0 + j, key[j]);
       }
