@@ -892,13 +892,9 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           exact[j] = !dense(dt, mu_q, e, r);
         }
-        int64_t m = 0;  // dense lanes (with sharp predictors there may be none)
-        for (int64_t j = j_lo; j < j_hi; ++j) m += exact[j] == 0;
-        // Pass 2: level 1, then a cell's level 2, for every lane (a select keeps the lanes that
-        // are not dense as they are; an escape's level 2 is discarded). Over all lanes, not a
-        // list of the dense ones: their gathers and scatters cost more than the idle lanes.
-#pragma omp simd
-        for (int64_t j = m ? j_lo : j_hi; j < j_hi; ++j) {
+        // Pass 2: level 1, then a cell's level 2 (an escape's level 2 is discarded) of lane j;
+        // a lane that is not dense keeps its state (a select).
+        const auto table_lane = [&](int64_t j) __attribute__((always_inline)) {  // inlined: its loops vectorise
           const int64_t mu_q = mu_qs[j], e = es[j];
           // level 1: the entry i with row[i] <= slot1 < row[i + 1], then the step
           const int64_t row = level1_row(rs[j]);
@@ -937,6 +933,20 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           bad[j] |= table & !(valid | esc);
           key[j] = kt + later;
           exact[j] = esc | !table;
+        };
+        // Over all lanes when many are dense (contiguous loads and stores), else over a list
+        // of the dense ones (a sharp predictor's pages: most symbols are not dense).
+        int64_t m = 0;
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          list[m] = j;
+          m += exact[j] == 0;
+        }
+        if (4 * m > j_hi - j_lo) {
+#pragma omp simd
+          for (int64_t j = j_lo; j < j_hi; ++j) table_lane(j);
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < m; ++t) table_lane(list[t]);
         }
         // Pass 3: the exact model's step, after ESC or alone, for the lanes listed so that
         // their guess and C pair vectorise as in decode_stage; the misses search one by one;
