@@ -29,6 +29,7 @@ from sglang_speckv.kernels import entropy_model as em  # noqa: E402
 from sglang_speckv.kernels import rans_cpu as rc  # noqa: E402
 from sglang_speckv.kernels import rans_reference as ref  # noqa: E402
 from sglang_speckv.kernels import rans_triton as rt  # noqa: E402
+from sglang_speckv.kernels import table_model as tm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not isinstance(rt._cdf_kernel, InterpretedFunction):
@@ -415,6 +416,70 @@ def test_value_level_corrupt_streams_decode_like_cpp_and_reference():
         assert not results[0][1].all() or not torch.equal(results[0][0], bits), f"{name}: went unnoticed"
 
 
+# ---- The table model (blob format 3; 16-bit dtypes) ----------------------------------------
+
+
+def make_table_pages(dtype: str, n: int, seed: int):
+    """(bits, mu, sigma) [3, n] on the CPU for the table model: make_value_pages' two hostile
+    pages (garbage and edge (mu, sigma), special patterns, a third random bits: escapes),
+    and a page far from zero (|mu| >> sigma: keys that fill whole cells, freq = 2^P2, and
+    empty cells around them; every third sigma tiny: keys with no point)."""
+    bits, mu, sigma = make_value_pages(dtype, 2, n, seed)
+    gen = torch.Generator().manual_seed(seed)
+    far_mu = (torch.rand(1, n, generator=gen) * 2 - 1) * 2000.0
+    far_sigma = torch.rand(1, n, generator=gen) * 0.5 + 0.01
+    far_sigma[:, ::3] = 1e-3
+    far = (far_mu + far_sigma * torch.randn(1, n, generator=gen)).to(em.TORCH_DTYPES[dtype]).view(torch.int16)
+    return torch.cat([bits, far]), torch.cat([mu, far_mu]), torch.cat([sigma, far_sigma])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_table_model_matches_reference(dtype):
+    """encode_values(model="table") writes the reference's words and lane table on hostile
+    pages that take every path of the model (cells, ESC with the exact model's step, a key
+    filling a whole cell, keys taking the points of a cell before them); the staged
+    decode_values gives the patterns and exact float32 values back with clean verdicts."""
+    n, num_lanes = 120, 8  # 15 symbols per lane, 30 rANS steps
+    bits, mu, sigma = make_table_pages(dtype, n, seed=8)
+    keys = em.keys_from_bits(em.storage_bits(bits), dtype)
+    _, freq, scale = tm.symbol_steps(keys, *em.quantize_params(mu, sigma), dtype, em.W_WIDE, em.KAPPA)
+    escaped = scale[..., 1] == em.PROB_BITS
+    assert escaped.any() and not escaped.all() and (freq[..., 1] == 1 << tm.P2).any()
+    words, lane_words = rt.encode_values(bits.to(DEVICE), mu.to(DEVICE), sigma.to(DEVICE), dtype, num_lanes,
+                                         model="table")
+    words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
+    assert words.dtype == torch.int32 and torch.equal(words.cpu(), words_ref)
+    assert torch.equal(lane_words.cpu(), lanes_ref)
+
+    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)  # NaN payloads kept
+    dec = rt.Decoder(words, lane_words, n, dtype, model="table")
+    got_bits, got_values = decode_values_staged(dec, mu.to(DEVICE), sigma.to(DEVICE), [37, 37, 38], bits.to(DEVICE))
+    assert dec.finish().tolist() == [True, True, True]
+    assert torch.equal(got_bits.cpu(), bits) and torch.equal(got_values.cpu().view(torch.int32), values)
+
+
+def test_table_model_corrupt_streams_decode_like_reference():
+    """Corrupt table-model streams: the Triton decoder gives the reference's patterns and
+    verdicts; random words reach the impossible-point guard (a lane marked bad)."""
+    dtype, n, num_lanes = "bf16", 48, 8
+    bits, mu, sigma = make_value_pages(dtype, 2, n, seed=9)
+    words, lane_words = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
+    guarded = False
+    for name, bad_words, bad_lanes in _corruptions(words.to(torch.int64) & 0xFFFFFFFF, lane_words):
+        bad_words = ref.as_u32(bad_words)
+        results = []
+        for coder, device in ((rt, DEVICE), (ref, "cpu")):
+            dec = coder.Decoder(bad_words.to(device), bad_lanes.to(device), n, dtype, model="table")
+            got_bits, _ = decode_values_staged(dec, mu.to(device), sigma.to(device), [20], bits.to(device))
+            results.append((got_bits.cpu(), dec.finish().cpu(), dec.lane_ok.cpu()))
+        (got_bits, verdict, lane_ok), (want_bits, want_verdict, want_lane_ok) = results
+        assert torch.equal(got_bits, want_bits) and torch.equal(verdict, want_verdict), name
+        assert torch.equal(lane_ok, want_lane_ok), name
+        assert not verdict.all() or not torch.equal(got_bits, bits), f"{name}: went unnoticed"
+        guarded |= not bool(lane_ok.all())
+    assert guarded, "no corrupt stream reached the impossible-point guard"
+
+
 # ---- Launchers ------------------------------------------------------------------------------
 
 
@@ -452,7 +517,15 @@ def test_value_level_launchers_reject_bad_arguments():
         rt.encode_values(bits, mu.double(), sigma, "bf16", 4)
     with pytest.raises(ValueError, match="num_lanes"):
         rt.encode_values(bits, mu, sigma, "bf16", 0)
+    with pytest.raises(ValueError, match="unknown entropy model"):
+        rt.encode_values(bits, mu, sigma, "bf16", 4, model="tables")
+    with pytest.raises(ValueError, match="16-bit dtypes only"):
+        rt.encode_values(bits.to(torch.uint8), mu, sigma, "fp8_e4m3", 4, model="table")
     words, lane_words = rt.encode_values(bits, mu, sigma, "bf16", 4)
+    with pytest.raises(ValueError, match="unknown entropy model"):
+        rt.Decoder(words, lane_words, 16, "bf16", model="tables")
+    with pytest.raises(NotImplementedError, match="decode_values"):
+        rt.Decoder(words, lane_words, 16, "bf16", model="table").decode(*em.quantize_params(mu, sigma))
     dec = rt.Decoder(words, lane_words, 16, "bf16")
     with pytest.raises(ValueError, match="out_bits must be"):
         dec.decode_values(mu, sigma, bits.to(torch.uint8))
@@ -484,18 +557,22 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
                (rt._decode_values_kernel, {**decode, "WRITE_VALUES": True})]
     if dtype == "bf16":  # the encoder does not depend on the dtype; the probe counts (tests) neither
         kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS}),
-                    (rt._decode_kernel, {**decode, "COUNT_PROBES": True})]
+                    (rt._decode_kernel, {**decode, "COUNT_PROBES": True}),
+                    (rt._encode_table_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}),  # the table model: 16-bit only
+                    (rt._decode_table_kernel, {**decode, "WRITE_VALUES": True})]
     for fn, block in kernels:
         consts = {k: v for k, v in {**spec, **block}.items() if k in fn.arg_names}
-        values = fn in (rt._encode_values_kernel, rt._decode_values_kernel)
+        values = fn in (rt._encode_values_kernel, rt._decode_values_kernel, rt._encode_table_kernel,
+                        rt._decode_table_kernel)
         bits = "*i16" if spec["BITS"] == 16 else "*u8"
         types = {"q_ptr": "*fp32", "probes_ptr": "*i32", "bits_ptr": bits, "out_bits_ptr": bits,
                  "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "value_of_bits_ptr": "*fp32", "out_values_ptr": "*fp32",
+                 "cum1_ptr": "*i32", "lane_ok_ptr": "*u8",
                  **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
         # as the launchers run them
-        warps = rt.DECODE_WARPS if fn in (rt._decode_kernel, rt._decode_values_kernel) else 4
+        warps = rt.DECODE_WARPS if fn in (rt._decode_kernel, rt._decode_values_kernel, rt._decode_table_kernel) else 4
         kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": warps})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -513,7 +590,7 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" ok") == 11, done.stdout
+    assert done.stdout.count(" ok") == 13, done.stdout
 
 
 @pytest.mark.gpu
