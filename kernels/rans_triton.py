@@ -156,16 +156,22 @@ _NUM_CELLS = tl.constexpr(1 << ref.QUANTILE_BITS)  # cells of the guess's quanti
 # The table model's constants (table_model.py; docs/DESIGN.md "The table model").
 _TJ = tl.constexpr(tm.TJ)
 _ESC = tl.constexpr(tm.ESC)
-_ROW = tl.constexpr(tm.NCELL + 2)  # entries of a level-1 row (CUM1[b])
-_ROW_PROBES = tl.constexpr(tm.NCELL.bit_length())  # 8: probes 2^7, ..., 1 reach every entry in [0, NCELL]
-_ROW_FIRST_PROBE = tl.constexpr(1 << (tm.NCELL.bit_length() - 1))  # 2^7
+# A level-1 row (CUM1[b], NCELL + 2 entries) as the kernels read it: padded with 2^PT to
+# ROW = 2^8 entries, so that the search's probes (i + 2^7, ..., i + 1 < 2^8) need no clamp.
+ROW_PROBES = tm.NCELL.bit_length()  # 8: probes 2^7, ..., 1 reach every entry in [0, NCELL]
+ROW = 1 << ROW_PROBES
+_ROW = tl.constexpr(ROW)
+_ROW_PROBES = tl.constexpr(ROW_PROBES)
+_ROW_FIRST_PROBE = tl.constexpr(ROW >> 1)
 _PT = tl.constexpr(tm.PT)
 _PT_MASK = tl.constexpr((1 << tm.PT) - 1)
 _P2 = tl.constexpr(tm.P2)
 _P2_MASK = tl.constexpr((1 << tm.P2) - 1)
 _CELL = tl.constexpr(1 << tm.P2)  # points per cell
 _W_SHIFT = tl.constexpr(tm.W_SHIFT)
-_TSAT = tl.constexpr(tm.TSAT)
+_Q_CLAMP = tl.constexpr(1 << 30)  # first points are clamped here (see "The table model" below)
+_W = tl.constexpr(1 << tm.W_SHIFT)  # lattice points are W units of delta apart
+_E_MAX = tl.constexpr(int(em.SIGMA_MAX).bit_length() - 1)  # the largest e of quantize_params (60)
 _BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.bucket: b = (r >> (R - TB)) - 2^TB
 _NUM_BUCKETS = tl.constexpr(1 << tm.TB)
 
@@ -367,41 +373,58 @@ def _pattern_of_key(key, BITS: tl.constexpr):
 
 # ---- The table model, as @triton.jit helpers (mirror table_model.py) ----------------------
 #
-# docs/DESIGN.md "The table model" is the specification. Keys, exponents and level-1 entries
-# are int32; thresholds T(k), first points q(k) and the point n are int64 (|T| <= 2^52).
+# docs/DESIGN.md "The table model" is the specification. Keys, exponents, level-1 entries and
+# first points are int32; thresholds T(k) and the point n are int64 (|T| < 2^63).
+#
+# First points are clamped: q(k) is only ever compared with a cell's bounds, cs and
+# cs + 2^P2 with |cs| <= TJ 2^P2 = 2^22, or shifted down to its cell and compared with
+# +-TJ, so clamping q to +-Q_CLAMP = +-2^30 changes no decision and no (cum, freq) that is
+# coded (a clamped q lies far outside every cell, on the same side), and lets the rest run
+# in int32. For the same reason T is not saturated at +-TSAT: a saturated T gives
+# |q| > 2^48, clamped like the unsaturated one. The decoder measures q from its point
+# instead of from mu (below), which keeps the same decisions in int32 there too.
 
 
 @triton.jit
-def _threshold(k, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """T(k) = table_model.thresholds for int32 keys k in [-1, 2^B] and int32 e: a point n
-    (units of delta) maps to a key >= k iff n >= T(k). int64 in [-TSAT, TSAT]. The value that
-    sets it is key k's (k >= k0, the key of +0: ceil) or key k - 1's (k < k0: floor + 1),
-    +-sig * 2^s units of delta, read from the key's bits as in _value_units."""
+def _first_point(k, base, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, ENDS: tl.constexpr):
+    """clamp(ceil((T(k) - base) / W), +-Q_CLAMP), int32, for int32 keys k in [0, 2^B) (with
+    ENDS: [-1, 2^B]), int64 base, int32 e. With base = mu_q it is q(k) (table_model.first_point);
+    with base = a point n = mu_q + c W it is q(k) - c.
+
+    T(k) (table_model.thresholds): a point n maps to a key >= k iff n >= T(k). It is set by
+    key k's value (k >= k0, the key of +0: its ceiling) or key k - 1's (k < k0: its floor
+    + 1), +-sig * 2^s units of delta read from the key's bits as in _value_units; keys past
+    the ends, inf and NaN give +-TSAT, here the clamp. No overflow: |T| < 2^63 - 2^52
+    (sig < 2^11, s clamped at 52) and |base| < 2^51. Where inf and NaN are so large that
+    their sig * 2^s with s clamped at 52 is past the clamp for every e (bf16: s >= 81, sig
+    >= 2^7), the explicit test is left out (a constexpr decides)."""
     EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
     TOP: tl.constexpr = 1 << (BITS - 1)  # k0
     ONES: tl.constexpr = (1 << BITS) - 1
+    SPECIAL_S: tl.constexpr = (1 << EXP_BITS) - 1 - BIAS - MAN_BITS + _F - _E_MAX  # s of inf / NaN, at least
+    SPECIAL_SATURATES: tl.constexpr = SPECIAL_S >= 52
     neg = k < TOP
-    m = tl.minimum(tl.maximum(tl.where(neg, k - 1, k), 0), ONES)  # the key whose value sets T
+    m = tl.where(neg, k - 1, k) & ONES  # the key whose value sets T (k = -1, 2^B: overridden)
     bits = tl.where((m & TOP) != 0, m ^ TOP, m ^ ONES)  # entropy_model.bits_from_keys
     biased = (bits >> MAN_BITS) & ((1 << EXP_BITS) - 1)
-    special = biased == (1 << EXP_BITS) - 1  # inf / NaN (16-bit dtypes: IEEE-like)
     sig = (bits & ((1 << MAN_BITS) - 1)) + ((biased != 0).to(tl.int32) << MAN_BITS)  # < 2^11
     s = tl.maximum(biased, 1) - BIAS - MAN_BITS + _F - e  # |value(m)| = sig * 2^s units of delta
-    # floor(-sig * 2^s): -(sig << s) for s >= 0 (< 2^63 with s <= 52); an arithmetic >> for
-    # s < 0, in int32 (-sig >= -2^11: >> 31 gives what the reference's >> 62 gives)
+    # floor(-sig * 2^s): -(sig << s) for s >= 0 (exact up to s = 52: every value that large
+    # is past the clamp anyway); an arithmetic >> for s < 0, in int32 (-sig >= -2^11, so
+    # >> 31 gives what the reference's >> 62 gives)
     up = sig.to(tl.int64) << tl.minimum(tl.maximum(s, 0), 52)
     down = (-sig) >> tl.minimum(tl.maximum(-s, 0), 31)
     low = tl.where(s >= 0, -up, down.to(tl.int64))
-    t = tl.where(neg, tl.maximum(low + 1, -_TSAT), tl.minimum(-low, _TSAT))  # floor + 1 | ceil
-    t = tl.where(special | (k > ONES), _TSAT, t)
-    return tl.where(neg & (special | (k <= 0)), -_TSAT, t)
-
-
-@triton.jit
-def _first_point(k, mu_q, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """q(k) = table_model.first_point = ceil((T(k) - mu_q) / W): the first lattice point
-    (relative to mu) that maps to a key >= k; int64. int32 k, e; int64 mu_q."""
-    return -((mu_q - _threshold(k, e, BITS, MAN_BITS, BIAS)) >> _W_SHIFT)
+    # T(k) + W - 1: floor(value(k - 1)) + 1, or ceil(value(k)); then ceil((T - base) / W)
+    t = tl.where(neg, low + _W, (_W - 1) - low)
+    q = tl.minimum(tl.maximum((t - base) >> _W_SHIFT, -_Q_CLAMP), _Q_CLAMP).to(tl.int32)
+    if not SPECIAL_SATURATES:
+        special = biased == (1 << EXP_BITS) - 1  # inf / NaN (16-bit dtypes: IEEE-like)
+        q = tl.where(special, tl.where(neg, -_Q_CLAMP, _Q_CLAMP), q)  # T = -+TSAT
+    if ENDS:
+        q = tl.where(k > ONES, _Q_CLAMP, q)  # T(2^B) = +TSAT
+        q = tl.where(k <= 0, -_Q_CLAMP, q)  # T(-1) = T(0) = -TSAT
+    return q
 
 
 @triton.jit
@@ -430,15 +453,15 @@ def _trunc_key(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.conste
 
 @triton.jit
 def _level1_entry(slot1, row_ptr):
-    """table_model.decode_cell: the entry i in [0, NCELL] of a level-1 row (int32 CUM1[b],
-    NCELL + 2 entries from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and
+    """table_model.decode_cell: the entry i in [0, NCELL] of a level-1 row (int32 CUM1[b]
+    padded to ROW entries, from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and
     (CUM1[i], CUM1[i + 1] - CUM1[i]). A branch-free binary search: probes i + 2^7, ..., i + 1
-    (an index past the row reads its last entry, 2^PT > slot1: never taken); CUM1[0] = 0."""
+    (padding entries are 2^PT > slot1: never taken); CUM1[0] = 0."""
     entry = tl.zeros_like(slot1)
     cum = tl.zeros_like(slot1)
     for level in tl.static_range(_ROW_PROBES):
         cand = entry + (_ROW_FIRST_PROBE >> level)
-        c = tl.load(row_ptr + tl.minimum(cand, _ROW - 1))
+        c = tl.load(row_ptr + cand)
         take = c <= slot1
         entry = tl.where(take, cand, entry)
         cum = tl.where(take, c, cum)
@@ -448,23 +471,26 @@ def _level1_entry(slot1, row_ptr):
 @triton.jit
 def _decode_point(entry, slot2, mu_q, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     """table_model.decode_point: level 2 of a lane whose level-1 entry is a cell (ESC lanes
-    get garbage, replaced by the caller): (key int32, cum2, cnt int64, valid). The point
-    cs + slot2 of cell j = entry - TJ truncates to k'; if k' started in an earlier cell the
-    point belongs to k = k' + 1. q is evaluated at three keys: k', k' + 1 and k' - 1 or
-    k' + 2 (whichever of q(k - 1), q(k + 1) is not among the first two). Where the stream
-    cannot be valid (a corrupt one), (cum2, cnt) = (slot2, 1) keeps the state in range."""
+    get garbage, replaced by the caller): (key, cum2, cnt, valid), int32. The point
+    p = cs + slot2 of cell j = entry - TJ (cs = j 2^P2) truncates to k'; if k' started in an
+    earlier cell the point belongs to k = k' + 1. q is evaluated at three keys: k', k' + 1
+    and k' - 1 or k' + 2 (whichever of q(k - 1), q(k + 1) is not among the first two), each
+    as d(k) = q(k) - p (_first_point from the point n; clamped, which keeps every decision:
+    q(k) < cs iff d(k) < -slot2, q(k) - cs = d(k) + slot2). Where the stream cannot be
+    valid (a corrupt one), (cum2, cnt) = (slot2, 1) keeps the state in range."""
     cs = (entry - _TJ) << _P2  # the cell's first point, relative to mu
-    kp = _trunc_key(mu_q + ((cs + slot2).to(tl.int64) << _W_SHIFT), e, BITS, MAN_BITS, BIAS)
-    qp = _first_point(kp, mu_q, e, BITS, MAN_BITS, BIAS)
-    q1 = _first_point(kp + 1, mu_q, e, BITS, MAN_BITS, BIAS)
-    before = qp < cs  # k' started in an earlier cell
-    q3 = _first_point(tl.where(before, kp + 2, kp - 1), mu_q, e, BITS, MAN_BITS, BIAS)
-    qa = tl.where(before, qp, q3)  # q(k - 1)
-    qk = tl.where(before, q1, qp)  # q(k)
-    qb = tl.where(before, q3, q1)  # q(k + 1)
-    cum2 = tl.where(qa < cs, 0, qk - cs)
-    cnt = tl.minimum(qb, cs + _CELL) - cs - cum2
-    valid = (qk < cs + _CELL) & (cnt >= 1) & (cum2 <= slot2) & (slot2 < cum2 + cnt)
+    n = mu_q + ((cs + slot2).to(tl.int64) << _W_SHIFT)  # the point, units of delta from 0
+    kp = _trunc_key(n, e, BITS, MAN_BITS, BIAS)
+    dp = _first_point(kp, n, e, BITS, MAN_BITS, BIAS, False)
+    d1 = _first_point(kp + 1, n, e, BITS, MAN_BITS, BIAS, False)
+    before = dp < -slot2  # q(k') < cs: k' started in an earlier cell
+    d3 = _first_point(tl.where(before, kp + 2, kp - 1), n, e, BITS, MAN_BITS, BIAS, False)
+    da = tl.where(before, dp, d3)  # q(k - 1) - p
+    dk = tl.where(before, d1, dp)  # q(k) - p
+    db = tl.where(before, d3, d1)  # q(k + 1) - p
+    cum2 = tl.where(da < -slot2, 0, dk + slot2)  # 0 if q(k - 1) < cs, else q(k) - cs
+    cnt = tl.minimum(db + slot2, _CELL) - cum2  # min(q(k + 1), cs + 2^P2) - cs - cum2
+    valid = (dk + slot2 < _CELL) & (cnt >= 1) & (cum2 <= slot2) & (slot2 < cum2 + cnt)
     return kp + before.to(tl.int32), tl.where(valid, cum2, slot2), tl.where(valid, cnt, 1), valid
 
 
@@ -581,8 +607,8 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch
                          BLOCK_LANES: tl.constexpr):
     """_encode_values_kernel under the table model (table_model.symbol_steps, then the
     reference's encode with two steps per symbol): bits int16 [P, N] storage patterns, mu,
-    sigma float32 [P, N]; cum1 int32 [2^TB * (NCELL + 2)] (table_model.level1_table, row by
-    row); scratch int32 [lanes * (2 S + 2)] (a lane emits at most one word per step, two per
+    sigma float32 [P, N]; cum1 int32 [2^TB * ROW] (table_model.level1_table, rows padded to ROW
+    entries: _level1_table); scratch int32 [lanes * (2 S + 2)] (a lane emits at most one word per step, two per
     symbol), begin int64 [lanes]. Per symbol, walking backwards: the point (or, for ESC, the
     exact model's C(k), C(k + 1) at scale 28), then the cell."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
@@ -602,9 +628,9 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch
         sigma = tl.load(sigma_ptr + offs_sym, mask=active, other=1.0)
         mu_q, e, r = _quantize(mu, sigma)
         key = _key_of_pattern(pattern, BITS)
-        qa = _first_point(key - 1, mu_q, e, BITS, MAN_BITS, BIAS)
-        qk = _first_point(key, mu_q, e, BITS, MAN_BITS, BIAS)
-        qb = _first_point(key + 1, mu_q, e, BITS, MAN_BITS, BIAS)
+        qa = _first_point(key - 1, mu_q, e, BITS, MAN_BITS, BIAS, True)  # int32, clamped (see _first_point)
+        qk = _first_point(key, mu_q, e, BITS, MAN_BITS, BIAS, True)
+        qb = _first_point(key + 1, mu_q, e, BITS, MAN_BITS, BIAS, True)
         j = qk >> _P2  # the cell of the key's first point
         cs = j << _P2
         esc = (j < -_TJ) | (j >= _TJ) | (qb <= qk)  # off the lattice, or no point maps to the key
@@ -613,11 +639,12 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch
         if tl.max((active & esc).to(tl.int32), axis=0) > 0:  # rare: the exact model's step
             c_lo, c_hi = _cdf_pair(key, 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa,
                                    BITS, MAN_BITS, BIAS, FN_NAN)
-            cum = tl.where(esc, c_lo.to(tl.int64), cum)
-            freq = tl.where(esc, (c_hi - c_lo).to(tl.int64), freq)
-        x, ptr = _rans_push(x, ptr, cum, freq, tl.where(esc, _PROB_BITS, _P2), active, scratch_ptr)
+            cum = tl.where(esc, c_lo, cum)
+            freq = tl.where(esc, c_hi - c_lo, freq)
+        x, ptr = _rans_push(x, ptr, cum.to(tl.int64), freq.to(tl.int64), tl.where(esc, _PROB_BITS, _P2), active,
+                            scratch_ptr)
         row_ptr = cum1_ptr + ((r >> _BUCKET_SHIFT).to(tl.int32) - _NUM_BUCKETS) * _ROW
-        entry = tl.where(esc, _ESC, (j + _TJ).to(tl.int32))
+        entry = tl.where(esc, _ESC, j + _TJ)
         c1 = tl.load(row_ptr + entry, mask=active, other=0)
         f1 = tl.load(row_ptr + entry + 1, mask=active, other=1) - c1
         x, ptr = _rans_push(x, ptr, c1.to(tl.int64), f1.to(tl.int64), _PT, active, scratch_ptr)
@@ -719,9 +746,12 @@ def _compact(scratch, begin, region, num_pages, num_lanes):
 
 @functools.lru_cache(maxsize=8)
 def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
-    """table_model.level1_table on ``device`` as int32 [2^TB * (NCELL + 2)], row by row
-    (entries <= 2^PT; the kernels read it, they never build it)."""
-    return tm.level1_table(w_wide, kappa).to(device=device, dtype=torch.int32).reshape(-1)
+    """table_model.level1_table on ``device`` as int32 [2^TB * ROW], row by row, each row
+    padded with 2^PT to ROW entries (entries <= 2^PT; the kernels read it, never build it)."""
+    table = tm.level1_table(w_wide, kappa).to(torch.int32)  # [2^TB, NCELL + 2]
+    padded = torch.full((table.shape[0], ROW), 1 << tm.PT, dtype=torch.int32)
+    padded[:, : table.shape[1]] = table
+    return padded.reshape(-1).to(device)
 
 
 def encode_values(
@@ -1000,7 +1030,7 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, q_ptr,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                          GALLOP_ROUNDS: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
-    per symbol the cell (a search in the bucket's row of cum1, int32 [2^TB * (NCELL + 2)]),
+    per symbol the cell (a search in the bucket's row of cum1, int32 [2^TB * ROW], _level1_table),
     then the point (the truncation map, no search) or, after ESC, the exact model's step
     (_find_key, in a branch taken when any lane of the program escaped). lane_ok uint8
     [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode an
@@ -1036,8 +1066,8 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, q_ptr,
             key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, r, active & esc, phi_ptr, q_ptr, w_wide, kappa,
                                                 BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
             key = tl.where(esc, key_e, key)
-            cum = tl.where(esc, c_lo.to(tl.int64), cum)
-            freq = tl.where(esc, (c_hi - c_lo).to(tl.int64), freq)
+            cum = tl.where(esc, c_lo, cum)
+            freq = tl.where(esc, c_hi - c_lo, freq)
             slot = tl.where(esc, slot_e, slot)
             scale = tl.where(esc, _PROB_BITS, scale)
         pattern = _pattern_of_key(key, BITS)  # [0, 2^B): the cast keeps its B bits

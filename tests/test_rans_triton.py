@@ -433,6 +433,69 @@ def make_table_pages(dtype: str, n: int, seed: int):
     return torch.cat([bits, far]), torch.cat([mu, far_mu]), torch.cat([sigma, far_sigma])
 
 
+@triton.jit
+def _first_point_test_kernel(keys_ptr, mu_q_ptr, e_ptr, out_ptr, n,
+                             BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    k = tl.load(keys_ptr + offs, mask=mask, other=0).to(tl.int32)
+    e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
+    q = rt._first_point(k, tl.load(mu_q_ptr + offs, mask=mask, other=0), e, BITS, MAN_BITS, BIAS, True)
+    tl.store(out_ptr + offs, q.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _point_test_kernel(entry_ptr, slot_ptr, mu_q_ptr, e_ptr, out_ptr, n,
+                       BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    entry = tl.load(entry_ptr + offs, mask=mask, other=0).to(tl.int32)
+    slot = tl.load(slot_ptr + offs, mask=mask, other=0).to(tl.int32)
+    e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
+    key, cum, cnt, valid = rt._decode_point(entry, slot, tl.load(mu_q_ptr + offs, mask=mask, other=0), e,
+                                            BITS, MAN_BITS, BIAS)
+    tl.store(out_ptr + offs, key.to(tl.int64), mask=mask)
+    tl.store(out_ptr + n + offs, cum.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 2 * n + offs, cnt.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 3 * n + offs, valid.to(tl.int64), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_table_model_maps_match_reference(dtype):
+    """The kernels' first point (every key in [-1, 2^B], clamped to +-2^30 as the kernels
+    keep it) and level-2 decode (the truncation map, random cells and points, both valid
+    and impossible ones) equal table_model.first_point / decode_point, under parameters at
+    quantize_params' edges (huge and tiny sigma, mu far from zero, garbage)."""
+    b, man_bits, bias, _ = em.DTYPE_SPECS[dtype]
+    spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias)
+    mu = torch.tensor(GARBAGE_MU + EDGE_MU + [0.0, 1.0, -3.0, 1000.0])
+    sigma = torch.tensor(GARBAGE_SIGMA + EDGE_SIGMA + [1e-4, 0.02, 5.0, 0.25])
+    mu_q, e, _ = em.quantize_params(mu, sigma)
+    keys = torch.arange(-1, (1 << b) + 1)
+    for i in range(0, len(mu), 4):  # 4 parameter sets x every key per launch
+        kk, mm, ee = (t.reshape(-1).contiguous() for t in torch.broadcast_tensors(keys, mu_q[i : i + 4, None],
+                                                                                  e[i : i + 4, None]))
+        got = torch.empty_like(kk, device=DEVICE)
+        _first_point_test_kernel[(triton.cdiv(kk.numel(), 1 << 16),)](
+            kk.to(DEVICE), mm.to(DEVICE), ee.to(DEVICE), got, kk.numel(), **spec, BLOCK=1 << 16)
+        want = tm.first_point(kk, mm, ee, dtype).clamp(-(1 << 30), 1 << 30)
+        assert torch.equal(got.cpu(), want), (dtype, i)
+
+    gen = torch.Generator().manual_seed(10)
+    n = 1 << 14
+    pick = torch.randint(0, len(mu), (n,), generator=gen)
+    entry = torch.randint(0, tm.NCELL, (n,), generator=gen)
+    entry[: n // 2] = torch.randint(tm.TJ - 8, tm.TJ + 8, (n // 2,), generator=gen)  # the cells mass is in
+    slot = torch.randint(0, 1 << tm.P2, (n,), generator=gen)
+    got = torch.empty(4 * n, dtype=torch.int64, device=DEVICE)
+    _point_test_kernel[(triton.cdiv(n, 1 << 14),)](
+        entry.to(DEVICE), slot.to(DEVICE), mu_q[pick].to(DEVICE), e[pick].to(DEVICE), got, n, **spec, BLOCK=1 << 14)
+    want = tm.decode_point(entry, slot, mu_q[pick], e[pick], dtype)
+    for name, g, w in zip(("key", "cum2", "cnt", "valid"), got.cpu().view(4, n), want):
+        assert torch.equal(g, w.to(torch.int64)), name
+    assert want[3].any() and not want[3].all()
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_table_model_matches_reference(dtype):
     """encode_values(model="table") writes the reference's words and lane table on hostile
