@@ -1,0 +1,146 @@
+"""The table model (kernels/table_model.py, docs/DESIGN.md "The table model"): its tables
+and maps hold their contracts on every key, and the torch reference coder round-trips every
+bit pattern under it (the C++ and Triton coders are compared with it byte for byte in
+test_rans_cpu.py and test_rans_triton.py)."""
+
+import pytest
+import torch
+import xxhash
+
+from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import rans_reference as rr
+from sglang_speckv.kernels import table_model as tm
+
+DTYPES = ["bf16", "fp16"]
+
+
+@pytest.mark.parametrize("w_wide,kappa", [(13, 3), (0, 0), (255, 7)])
+def test_level1_rows_are_codes(w_wide, kappa):
+    cum1 = tm.level1_table(w_wide, kappa)
+    assert cum1.shape == (1 << tm.TB, tm.NCELL + 2) and cum1.dtype == torch.int64
+    assert bool((cum1[:, 0] == 0).all()) and bool((cum1[:, -1] == 1 << tm.PT).all())
+    assert bool((cum1[:, 1:] > cum1[:, :-1]).all())  # every entry, ESC included, has freq >= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("e", [-60, -25, -1, 0, 7, 60])
+def test_trunc_key_is_the_largest_key_at_or_below_a_point(dtype, e):
+    keys = torch.arange(-1, (1 << 16) + 1)
+    t = tm.thresholds(keys, torch.tensor(e), dtype)
+    assert bool((t[1:] >= t[:-1]).all())  # non-decreasing
+    near = t[t.abs() < 1 << 50]
+    g = torch.Generator().manual_seed(e + 100)
+    wide = (torch.randn(4000, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(0, 50, (4000,), generator=g)).to(torch.int64)
+    n = torch.cat([near, near - 1, near + 1, wide, torch.tensor([0, 1, -1, (1 << 51) - 1, 1 - (1 << 51)])])
+    got = tm.trunc_key(n, torch.full_like(n, e), dtype)
+    want = torch.searchsorted(t, n, right=True) - 2  # keys[i] = i - 1
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_key_codable_and_probabilities_sum_to_at_most_one(dtype):
+    """For a few (mu, sigma), hostile ones included, all 2^16 keys: freq >= 1, cum + freq
+    within the scale, and the probabilities of all keys sum to <= 1 (a code)."""
+    params = [(0.0, 1.0), (3.5, 0.01), (-1e-3, 2e-5), (60000.0, 1.0), (float("nan"), float("inf")), (1e30, 0.0), (0.0, 1e-30)]
+    keys = torch.arange(1 << 16)
+    for mu, sigma in params:
+        mu_q, e, r = em.quantize_params(torch.tensor([mu]), torch.tensor([sigma]))
+        cum, freq, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, 13, 3)
+        assert bool((freq >= 1).all()) and bool((cum >= 0).all()) and bool((cum + freq <= 1 << scale).all())
+        p = torch.exp2(-(scale - torch.log2(freq.to(torch.float64))).sum(-1))
+        assert float(p.sum()) <= 1 + 1e-12, (mu, sigma, float(p.sum()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_means_enough_keys_per_cell(dtype):
+    """dense() against a float count of the dtype's keys in a cell (u = 2^(e - TS)) at
+    |mu| + 2 sigma: at least 2^DENSE_LOG keys per cell, or not dense (away from the edge
+    case where the count is exactly a power of two)."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(20000, generator=g) * 10.0 ** torch.randint(-6, 6, (20000,), generator=g)
+    sigma = torch.rand(20000, generator=g) * 10.0 ** torch.randint(-8, 4, (20000,), generator=g) + 1e-30
+    mu_q, e, r = em.quantize_params(mu, sigma)
+    _, mbits, bias, _ = em.DTYPE_SPECS[dtype]
+    edge = (mu_q.abs().double() + r.double() * 2.0 ** (em.F - em.R + 1)) * 2.0 ** (e - em.F).double()
+    spacing = 2.0 ** (torch.floor(torch.log2(edge)).clamp(min=1 - bias) - mbits)
+    keys_per_cell = 2.0 ** (e - tm.TS).double() / spacing
+    got = tm.dense(mu_q, e, r, dtype)
+    clear = (torch.log2(keys_per_cell) - tm.DENSE_LOG).abs() > 1e-9
+    assert torch.equal(got[clear], (keys_per_cell >= 2**tm.DENSE_LOG)[clear])
+    assert 0.2 < float(got.float().mean()) < 0.8
+
+
+def hostile_page(num_pages, n, dtype, seed):
+    """Gaussian values around (mu, sigma), plus every kind of pattern and parameter the coder
+    must survive: random patterns (NaN payloads, inf, -0, subnormals), values far out (escapes),
+    garbage (mu, sigma)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(num_pages, n, generator=g) * 4
+    sigma = torch.rand(num_pages, n, generator=g) + 0.01
+    bits = (mu + sigma * torch.randn(num_pages, n, generator=g)).to(em.TORCH_DTYPES[dtype]).view(torch.int16)
+    bits[:, ::7] = torch.randint(-(1 << 15), 1 << 15, bits[:, ::7].shape, generator=g, dtype=torch.int16)
+    bits[:, 1::11] = torch.tensor([0x0000, -0x8000, 0x7F80, -0x80, 0x0001, -0x7FFF, 0x7FC1, 0x7BFF], dtype=torch.int16).repeat(n)[: bits[:, 1::11].shape[1]]
+    sigma[:, 2::13] = torch.tensor([0.0, float("nan"), float("inf"), -1.0, 1e-45, 3e38, 1e-30]).repeat(n)[: sigma[:, 2::13].shape[1]]
+    mu[:, 3::17] = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e38, -7e4]).repeat(n)[: mu[:, 3::17].shape[1]]
+    return bits, mu, sigma
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_pages,n,num_lanes", [(1, 1, 1), (2, 777, 5), (3, 3000, 64)])
+def test_reference_round_trip_every_pattern(dtype, num_pages, n, num_lanes):
+    bits, mu, sigma = hostile_page(num_pages, n, dtype, seed=n)
+    words, lane_words = rr.encode_values(bits, mu, sigma, dtype, num_lanes, model=tm.MODEL_TABLE)
+    dec = rr.Decoder(words, lane_words, n, dtype, model=tm.MODEL_TABLE)
+    out = torch.zeros_like(bits)
+    cut = n // 3 + 1  # two stages, cut mid-step
+    dec.decode_values(mu[:, :cut].contiguous(), sigma[:, :cut].contiguous(), out)
+    dec.decode_values(mu[:, cut:].contiguous(), sigma[:, cut:].contiguous(), out)
+    assert bool(dec.finish().all()) and torch.equal(out, bits)
+
+
+def test_table_model_is_not_the_exact_model_and_is_pinned():
+    """The two models give different streams; the table model's stream of a fixed page is
+    pinned (a change to any table, map or step order changes it: a new blob version)."""
+    bits, mu, sigma = hostile_page(1, 2000, "bf16", seed=5)
+    dense = tm.dense(*em.quantize_params(mu, sigma), "bf16")
+    assert 0.5 < float(dense.float().mean()) < 1  # both regimes are pinned
+    exact, _ = rr.encode_values(bits, mu, sigma, "bf16", 8)
+    table, lane_words = rr.encode_values(bits, mu, sigma, "bf16", 8, model=tm.MODEL_TABLE)
+    assert not torch.equal(exact, table)
+    digest = xxhash.xxh64_hexdigest(table.numpy().tobytes() + lane_words.numpy().tobytes())
+    assert digest == GOLDEN_TABLE_STREAM, digest
+
+
+GOLDEN_TABLE_STREAM = "3c8f0b73f0fb83ed"
+
+
+def test_corrupt_table_streams_fail_finish():
+    """As for the exact model (test_rans_reference): a flipped bit fails finish() or, rarely,
+    decodes to other symbols (the codec's page hash catches those); never a crash, and the
+    other page is untouched."""
+    bits, mu, sigma = hostile_page(2, 1500, "bf16", seed=9)
+    words, lane_words = rr.encode_values(bits, mu, sigma, "bf16", 4, model=tm.MODEL_TABLE)
+    g = torch.Generator().manual_seed(0)
+    flagged = 0
+    for _ in range(12):
+        bad = words.clone()
+        i = int(torch.randint(0, int(lane_words[0].sum()), (1,), generator=g))  # in page 0's streams
+        bad[i] ^= 1 << int(torch.randint(0, 32, (1,), generator=g))
+        dec = rr.Decoder(bad, lane_words, 1500, "bf16", model=tm.MODEL_TABLE)
+        out = torch.zeros_like(bits)
+        dec.decode_values(mu, sigma, out)
+        ok = dec.finish()
+        assert bool(ok[1]) and torch.equal(out[1], bits[1])
+        assert not bool(ok[0]) or not torch.equal(out[0], bits[0])
+        flagged += not bool(ok[0])
+    assert flagged >= 9
+
+
+def test_model_argument_errors():
+    bits, mu, sigma = hostile_page(1, 10, "bf16", seed=1)
+    with pytest.raises(ValueError, match="unknown entropy model"):
+        rr.encode_values(bits, mu, sigma, "bf16", 1, model="tables")
+    with pytest.raises(ValueError, match="16-bit"):
+        rr.encode_values(bits.to(torch.uint8), mu, sigma, "fp8_e4m3", 1, model=tm.MODEL_TABLE)
+    with pytest.raises(ValueError, match="16-bit"):
+        rr.Decoder(torch.zeros(2, dtype=torch.int32), torch.tensor([[2]]), 1, "fp8_e5m2", model=tm.MODEL_TABLE)
