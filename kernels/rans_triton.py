@@ -172,6 +172,8 @@ _W_SHIFT = tl.constexpr(tm.W_SHIFT)
 _Q_CLAMP = tl.constexpr(1 << 30)  # first points are clamped here (see "The table model" below)
 _W = tl.constexpr(1 << tm.W_SHIFT)  # lattice points are W units of delta apart
 _E_MAX = tl.constexpr(int(em.SIGMA_MAX).bit_length() - 1)  # the largest e of quantize_params (60)
+_DENSE_MAX = tl.constexpr(tm.CELL_SHIFT - tm.DENSE_LOG)  # table_model.dense: log2 key spacing <= this
+_SIGMA2_SHIFT = tl.constexpr(em.F - em.R + 1)  # r << this = 2 sigma in units of delta
 _BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.bucket: b = (r >> (R - TB)) - 2^TB
 _NUM_BUCKETS = tl.constexpr(1 << tm.TB)
 
@@ -383,6 +385,20 @@ def _pattern_of_key(key, BITS: tl.constexpr):
 # in int32. For the same reason T is not saturated at +-TSAT: a saturated T gives
 # |q| > 2^48, clamped like the unsaturated one. The decoder measures q from its point
 # instead of from mu (below), which keeps the same decisions in int32 there too.
+
+
+@triton.jit
+def _dense(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.dense: the symbol is coded by the table (else by the exact model's one
+    step): the key spacing at |mu| + 2 sigma, 2^ls units of delta, is at most a cell over
+    2^DENSE_LOG. int64 mu_q, r; int32 e. floor(log2 v) is the exponent of float64(v)
+    (v < 2^51: exact)."""
+    v = tl.abs(mu_q) + (r << _SIGMA2_SHIFT)  # |mu| + 2 sigma in delta, in [2^21, 2^51)
+    lv = (v.to(tl.float64).to(tl.int64, bitcast=True) >> 52).to(tl.int32) - 1023
+    # log2 of the key spacing there, max(lv, EMIN + F - e) - MB (below the smallest normal:
+    # the subnormal spacing), with e moved out of the max
+    ls = tl.maximum(lv + e, 1 - BIAS + _F) - e - MAN_BITS
+    return ls <= _DENSE_MAX
 
 
 @triton.jit
@@ -634,20 +650,24 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch
         j = qk >> _P2  # the cell of the key's first point
         cs = j << _P2
         esc = (j < -_TJ) | (j >= _TJ) | (qb <= qk)  # off the lattice, or no point maps to the key
+        table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+        exact = esc | ~table  # the exact model's step: after ESC, or alone
         cum = tl.where(qa < cs, 0, qk - cs)  # the first key of a cell takes the points before it
-        freq = tl.where(esc, 1, tl.minimum(qb, cs + _CELL) - cs - cum)  # ESC: replaced below
-        if tl.max((active & esc).to(tl.int32), axis=0) > 0:  # rare: the exact model's step
+        freq = tl.where(exact, 1, tl.minimum(qb, cs + _CELL) - cs - cum)  # exact: replaced below
+        if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
             c_lo, c_hi = _cdf_pair(key, 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa,
                                    BITS, MAN_BITS, BIAS, FN_NAN)
-            cum = tl.where(esc, c_lo, cum)
-            freq = tl.where(esc, c_hi - c_lo, freq)
-        x, ptr = _rans_push(x, ptr, cum.to(tl.int64), freq.to(tl.int64), tl.where(esc, _PROB_BITS, _P2), active,
+            cum = tl.where(exact, c_lo, cum)
+            freq = tl.where(exact, c_hi - c_lo, freq)
+        # a symbol that is not dense: its exact step, then the reference's identity step
+        # (0, 2^PT), which emits nothing and leaves x as it is, so it is skipped here
+        x, ptr = _rans_push(x, ptr, cum.to(tl.int64), freq.to(tl.int64), tl.where(exact, _PROB_BITS, _P2), active,
                             scratch_ptr)
         row_ptr = cum1_ptr + ((r >> _BUCKET_SHIFT).to(tl.int32) - _NUM_BUCKETS) * _ROW
-        entry = tl.where(esc, _ESC, j + _TJ)
-        c1 = tl.load(row_ptr + entry, mask=active, other=0)
-        f1 = tl.load(row_ptr + entry + 1, mask=active, other=1) - c1
-        x, ptr = _rans_push(x, ptr, c1.to(tl.int64), f1.to(tl.int64), _PT, active, scratch_ptr)
+        entry = tl.where(esc, _ESC, j + _TJ)  # in [0, NCELL]
+        c1 = tl.load(row_ptr + entry, mask=active & table, other=0)
+        f1 = tl.load(row_ptr + entry + 1, mask=active & table, other=1) - c1
+        x, ptr = _rans_push(x, ptr, c1.to(tl.int64), f1.to(tl.int64), _PT, active & table, scratch_ptr)
     _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
 
 
@@ -1050,26 +1070,29 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, q_ptr,
         mu = tl.load(mu_ptr + offs_page + offs_sym, mask=active, other=0.0)
         sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=active, other=1.0)
         mu_q, e, r = _quantize(mu, sigma)
-        # level 1: the cell or ESC, scale PT
+        table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+        # level 1 of a dense symbol: the cell or ESC, scale PT
         row_ptr = cum1_ptr + ((r >> _BUCKET_SHIFT).to(tl.int32) - _NUM_BUCKETS) * _ROW
         slot = (x & _PT_MASK).to(tl.int32)
         entry, c1, f1 = _level1_entry(slot, row_ptr)
-        x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active, words_ptr, num_words)
-        # level 2: the point, scale P2, or after ESC the exact model's step, scale PROB_BITS
-        esc = entry == _ESC
+        x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active & table, words_ptr, num_words)
+        # level 2: the point, scale P2; or the exact model's step, scale PROB_BITS, after ESC
+        # and for a symbol that is not dense (its one step: the reference's identity step
+        # after it reads nothing and leaves x as it is)
+        exact = ~table | (entry == _ESC)
         slot = (x & _P2_MASK).to(tl.int32)
         key, cum, freq, valid = _decode_point(entry, slot, mu_q, e, BITS, MAN_BITS, BIAS)
-        bad = bad | (active & ~esc & ~valid)
+        bad = bad | (active & ~exact & ~valid)
         scale = tl.full([BLOCK_LANES], _P2, tl.int32)
-        if tl.max((active & esc).to(tl.int32), axis=0) > 0:  # rare: some lane escaped
+        if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
             slot_e = (x & (_M - 1)).to(tl.int32)
-            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, r, active & esc, phi_ptr, q_ptr, w_wide, kappa,
+            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, r, active & exact, phi_ptr, q_ptr, w_wide, kappa,
                                                 BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
-            key = tl.where(esc, key_e, key)
-            cum = tl.where(esc, c_lo, cum)
-            freq = tl.where(esc, c_hi - c_lo, freq)
-            slot = tl.where(esc, slot_e, slot)
-            scale = tl.where(esc, _PROB_BITS, scale)
+            key = tl.where(exact, key_e, key)
+            cum = tl.where(exact, c_lo, cum)
+            freq = tl.where(exact, c_hi - c_lo, freq)
+            slot = tl.where(exact, slot_e, slot)
+            scale = tl.where(exact, _PROB_BITS, scale)
         pattern = _pattern_of_key(key, BITS)  # [0, 2^B): the cast keeps its B bits
         tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
         if WRITE_VALUES:

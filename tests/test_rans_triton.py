@@ -420,17 +420,19 @@ def test_value_level_corrupt_streams_decode_like_cpp_and_reference():
 
 
 def make_table_pages(dtype: str, n: int, seed: int):
-    """(bits, mu, sigma) [3, n] on the CPU for the table model: make_value_pages' two hostile
-    pages (garbage and edge (mu, sigma), special patterns, a third random bits: escapes),
-    and a page far from zero (|mu| >> sigma: keys that fill whole cells, freq = 2^P2, and
-    empty cells around them; every third sigma tiny: keys with no point)."""
-    bits, mu, sigma = make_value_pages(dtype, 2, n, seed)
+    """(bits, mu, sigma) [3, n] on the CPU for the table model: make_value_pages' hostile
+    page (garbage and edge (mu, sigma), special patterns, a third random bits: escapes); a
+    page drawn around (mu, sigma), dense on the lattice (its cells and points); and one
+    whose odd symbols have |mu| >> sigma (not dense: the exact model's one step) between
+    dense ones."""
+    bits, mu, sigma = make_value_pages(dtype, 1, n, seed)
     gen = torch.Generator().manual_seed(seed)
-    far_mu = (torch.rand(1, n, generator=gen) * 2 - 1) * 2000.0
-    far_sigma = torch.rand(1, n, generator=gen) * 0.5 + 0.01
-    far_sigma[:, ::3] = 1e-3
-    far = (far_mu + far_sigma * torch.randn(1, n, generator=gen)).to(em.TORCH_DTYPES[dtype]).view(torch.int16)
-    return torch.cat([bits, far]), torch.cat([mu, far_mu]), torch.cat([sigma, far_sigma])
+    mu2 = torch.randn(2, n, generator=gen)
+    sigma2 = torch.rand(2, n, generator=gen) + 0.05
+    mu2[1, 1::2] = (torch.rand(n // 2, generator=gen) * 2 - 1) * 2000.0
+    sigma2[1, 1::2] *= 0.1
+    drawn = (mu2 + sigma2 * torch.randn(2, n, generator=gen)).to(em.TORCH_DTYPES[dtype]).view(torch.int16)
+    return torch.cat([bits, drawn]), torch.cat([mu, mu2]), torch.cat([sigma, sigma2])
 
 
 @triton.jit
@@ -498,16 +500,19 @@ def test_table_model_maps_match_reference(dtype):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_table_model_matches_reference(dtype):
-    """encode_values(model="table") writes the reference's words and lane table on hostile
-    pages that take every path of the model (cells, ESC with the exact model's step, a key
-    filling a whole cell, keys taking the points of a cell before them); the staged
-    decode_values gives the patterns and exact float32 values back with clean verdicts."""
+    """encode_values(model="table") writes the reference's words and lane table on pages
+    that take every path of the model (cells and points, keys taking the points of a cell
+    before them, ESC with the exact model's step, symbols that are not dense, dense and not
+    dense lanes in one program); the staged decode_values gives the patterns and exact
+    float32 values back with clean verdicts."""
     n, num_lanes = 120, 8  # 15 symbols per lane, 30 rANS steps
     bits, mu, sigma = make_table_pages(dtype, n, seed=8)
     keys = em.keys_from_bits(em.storage_bits(bits), dtype)
-    _, freq, scale = tm.symbol_steps(keys, *em.quantize_params(mu, sigma), dtype, em.W_WIDE, em.KAPPA)
-    escaped = scale[..., 1] == em.PROB_BITS
-    assert escaped.any() and not escaped.all() and (freq[..., 1] == 1 << tm.P2).any()
+    mu_q, e, r = em.quantize_params(mu, sigma)
+    cum, _, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, em.W_WIDE, em.KAPPA)
+    dense, point = tm.dense(mu_q, e, r, dtype), scale[..., 1] == tm.P2
+    assert (dense & ~point).sum() >= 10 and (~dense).sum() >= 10  # escapes, the exact model alone
+    assert (point & (cum[..., 1] > 0)).sum() >= 10 and (point & (cum[..., 1] == 0)).any()  # mid-cell, first
     words, lane_words = rt.encode_values(bits.to(DEVICE), mu.to(DEVICE), sigma.to(DEVICE), dtype, num_lanes,
                                          model="table")
     words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
@@ -522,12 +527,11 @@ def test_table_model_matches_reference(dtype):
 
 
 def test_table_model_corrupt_streams_decode_like_reference():
-    """Corrupt table-model streams: the Triton decoder gives the reference's patterns and
-    verdicts; random words reach the impossible-point guard (a lane marked bad)."""
+    """Corrupt table-model streams: the Triton decoder gives the reference's patterns, lane
+    verdicts and page verdicts."""
     dtype, n, num_lanes = "bf16", 48, 8
-    bits, mu, sigma = make_value_pages(dtype, 2, n, seed=9)
+    bits, mu, sigma = make_table_pages(dtype, n, seed=9)
     words, lane_words = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
-    guarded = False
     for name, bad_words, bad_lanes in _corruptions(words.to(torch.int64) & 0xFFFFFFFF, lane_words):
         bad_words = ref.as_u32(bad_words)
         results = []
@@ -539,8 +543,27 @@ def test_table_model_corrupt_streams_decode_like_reference():
         assert torch.equal(got_bits, want_bits) and torch.equal(verdict, want_verdict), name
         assert torch.equal(lane_ok, want_lane_ok), name
         assert not verdict.all() or not torch.equal(got_bits, bits), f"{name}: went unnoticed"
-        guarded |= not bool(lane_ok.all())
-    assert guarded, "no corrupt stream reached the impossible-point guard"
+
+
+def test_table_model_impossible_point_fails_the_page():
+    """A point no encoder writes clears its lane's verdict, as in the reference. Dense bf16
+    symbols cannot reach one (a key filling a whole cell lies beyond the lattice); fp16 with
+    a sigma so large that the lattice reaches past 65504 can: there the largest finite key
+    fills the cells beyond it, and random words land in them."""
+    dtype, n, num_lanes = "fp16", 32, 4
+    gen = torch.Generator().manual_seed(12)
+    mu, sigma = torch.zeros(1, n), torch.full((1, n), 1e4)
+    bits = (sigma * torch.randn(1, n, generator=gen)).to(torch.float16).view(torch.int16)
+    _, lane_words = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
+    words = ref.as_u32(torch.randint(0, 1 << 32, (int(lane_words.sum()),), generator=gen))
+    results = []
+    for coder, device in ((rt, DEVICE), (ref, "cpu")):
+        dec = coder.Decoder(words.to(device), lane_words.to(device), n, dtype, model="table")
+        got_bits, _ = decode_values_staged(dec, mu.to(device), sigma.to(device), [10], bits.to(device))
+        results.append((got_bits.cpu(), dec.finish().cpu(), dec.lane_ok.cpu()))
+    (got_bits, verdict, lane_ok), (want_bits, want_verdict, want_lane_ok) = results
+    assert torch.equal(got_bits, want_bits) and torch.equal(lane_ok, want_lane_ok)
+    assert not lane_ok.all() and verdict.tolist() == want_verdict.tolist() == [False]
 
 
 # ---- Launchers ------------------------------------------------------------------------------
