@@ -277,15 +277,16 @@ def probe_stats(rt, values, mu, sigma, dtype: str, groups: tuple[int, ...]) -> d
 
 
 def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float]:
-    """The table model's escape rate on one page and P(a program of ``size`` lanes has an
-    escaped lane at a step), from table_model.symbol_steps (torch; lanes g .. g + size - 1
-    at one step hold consecutive symbols)."""
+    """The table model's rate of exact-model steps on one page (ESC, or a symbol that is not
+    dense) and P(a program of ``size`` lanes has such a lane at a step), from
+    table_model.symbol_steps (torch; lanes g .. g + size - 1 at one step hold consecutive
+    symbols)."""
     from sglang_speckv.kernels import entropy_model as em
     from sglang_speckv.kernels import table_model as tm
 
     keys = em.keys_from_bits(em.storage_bits(values), dtype)
     _, _, scale = tm.symbol_steps(keys, *em.quantize_params(mu, sigma), dtype, em.W_WIDE, em.KAPPA)
-    escaped = scale[0, :, 1] == em.PROB_BITS  # [n]
+    escaped = (scale[0] == em.PROB_BITS).any(-1)  # [n]: ESC (level 2) or not dense (level 1)
     m = escaped.numel() // size * size
     return float(escaped.double().mean()), float(escaped[:m].view(-1, size).any(1).double().mean())
 
@@ -368,13 +369,13 @@ def main() -> None:
 
     if table_rows:
         print("\nThe table model (docs/DESIGN.md \"The table model\"; _decode_table_kernel, value-level), "
-              "SASS instructions of its step loop: hit path (no lane of the program escaped) / escape path "
-              "(the exact model's step for the escaped lanes, their guesses hitting): "
+              "SASS instructions of its step loop: hit path (no lane of the program takes the exact model's "
+              "step) / escape path (it does, for ESC or a symbol that is not dense, its guesses hitting): "
               + ", ".join(f"{d} {c['hit path']} / {c['escape']}" for d, c in table_now.items()))
-        print("\nESTIMATE (no GPU): escapes from table_model.symbol_steps, instr/symbol = hit path + "
-              "P(block escapes) x escape path (an escaped lane's missed guess adds the exact kernel's "
-              "fallback: not counted); the exact model's value-level kernel beside it:\n")
-        print("| data | dtype | escape rate | lanes per block | P(block escapes) | instr/symbol | est. GB/s "
+        print("\nESTIMATE (no GPU): exact-model steps (ESC or not dense) from table_model.symbol_steps, "
+              "instr/symbol = hit path + P(block escapes) x escape path (a missed guess there adds the "
+              "exact kernel's fallback: not counted); the exact model's value-level kernel beside it:\n")
+        print("| data | dtype | exact-step rate | lanes per block | P(block escapes) | instr/symbol | est. GB/s "
               "| exact value-level instr/symbol | est. GB/s |")
         print("|---|---|---|---|---|---|---|---|---|")
         print("\n".join(table_rows))

@@ -3,20 +3,24 @@
 It must produce the SAME BYTES as the torch reference (``rans_reference.encode``) and decode
 the same keys with the same verdict (``rans_reference.Decoder``), on every input; the tests
 (tests/test_rans_triton.py) compare the two bit for bit, under TRITON_INTERPRET=1 on CPU and
-natively on CUDA. The coder math is docs/DESIGN.md "The coder"; every constant is imported
-from entropy_model.py / rans_reference.py, none is repeated here.
+natively on CUDA. The coder math is docs/DESIGN.md "The coder" (the table model: "The
+table model"); every constant is imported from entropy_model.py / rans_reference.py /
+table_model.py, none is repeated here.
 
 Interface (identical to the reference's and rans_cpu's, so sglang_speckv/codec.py can
 dispatch by device). What the codec calls, one kernel each (quantize_params, C and the rANS
 step fused per symbol, as rans_cpu.cpp ``encode_values`` / ``decode_values`` do on the CPU;
 nothing int64 per symbol on the device):
 
-* ``encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa) -> (words, lane_words)``:
-  storage patterns (int16 for 16-bit dtypes, uint8 for fp8) and float32 (mu, sigma), all
-  [P, N]; words int32 holding the u32 words, lane_words int64 [P, NL].
-* ``Decoder(...).decode_values(mu, sigma, out_bits, out_values=None)``: the next n symbols
-  of every page from float32 (mu, sigma) [P, n] into columns [position, position + n) of
-  out_bits [P, N] (storage patterns) and optionally out_values [P, N] (float32).
+* ``encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa, model) -> (words,
+  lane_words)``: storage patterns (int16 for 16-bit dtypes, uint8 for fp8) and float32
+  (mu, sigma), all [P, N]; words int32 holding the u32 words, lane_words int64 [P, NL].
+  ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
+  dtypes: table_model, a cell and a point, two steps per symbol; _encode_table_kernel).
+* ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, out_values=None)``: the next
+  n symbols of every page from float32 (mu, sigma) [P, n] into columns
+  [position, position + n) of out_bits [P, N] (storage patterns) and optionally out_values
+  [P, N] (float32); the table model through _decode_table_kernel.
 
 The integer-level interface (tests, examples/estimate_sm90.py):
 
@@ -28,6 +32,7 @@ The integer-level interface (tests, examples/estimate_sm90.py):
   ``decode(mu_q, e, r) -> keys`` and ``finish() -> ok [P]``. It inherits construction
   (stream validation, initial states) and ``finish`` from the reference Decoder: only the
   per-stage loop runs on the GPU. Both decode methods read int32 (u32) or int64 words.
+  ``decode`` is the exact model's only (the table model raises NotImplementedError).
 
 quantize_params in a kernel (``_quantize``, the port of rans_cpu.cpp ``quantize``) uses only
 exact float64 operations, so the integers (mu_q, e, r) that reach the bitstream are the
@@ -89,12 +94,20 @@ has its table:
   Its scratch writes are scattered (one region per lane); a step-major scratch would
   coalesce them if the encoder ever shows up in a profile.
 
+* The table model (DESIGN.md "The table model", "On the GPU"): per symbol quantize_params,
+  the dense test, the level-1 search (8 probes in a padded int32 row), the level-1 rANS
+  step, the truncation map and three first points (int32, clamped), the point's rANS step;
+  the exact model's step in a branch taken when any lane of the program escaped or is not
+  dense. Its hit path compiles to ~475 SASS instructions (bf16) against ~483 for the exact
+  model's value-level kernel: about the same (examples/estimate_sm90.py; docs/BENCHMARKS.md
+  "Coder on GPU" has the breakdown).
+
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
 
 * ``encode_values``: the scratch, int32 [P * NL * (S + 2)] (4 B per symbol: a lane emits at
   most one word per step, since after an emission x < 2^31 <= freq << 35, plus its 2-word
-  final state), the words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per
+  final state; the table model's two steps per symbol: [P * NL * (2 S + 2)], 8 B), the words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per
   lane (begin, counts, dest). The route through the reference's wrapper it replaces held
   int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
   peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
