@@ -1221,8 +1221,9 @@ class Decoder(ref.Decoder):
 
 
 def _self_check() -> None:
-    """Random pages through the value-level path (what the codec runs): Triton bytes ==
-    reference bytes, staged decode_values == the pages' patterns and values, timings."""
+    """Random pages through the value-level path (what the codec runs), both entropy models
+    for bf16: Triton bytes == reference bytes, staged decode_values == the pages' patterns
+    and values, timings."""
     import time
 
     if torch.cuda.is_available():
@@ -1234,7 +1235,7 @@ def _self_check() -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: timings mean nothing)"
     torch.manual_seed(0)
     em.phi_table(device)  # built once, outside the timings
-    for dtype in ("bf16", "fp8_e4m3"):
+    for dtype, model in (("bf16", tm.MODEL_EXACT), ("bf16", tm.MODEL_TABLE), ("fp8_e4m3", tm.MODEL_EXACT)):
         scale = 1.0 if dtype == "bf16" else 16.0
         mu = torch.randn(num_pages, n, device=device) * scale
         sigma = (torch.rand(num_pages, n, device=device) + 0.1) * scale
@@ -1255,22 +1256,23 @@ def _self_check() -> None:
             return out, time.perf_counter() - t0
 
         def decode(decoder_cls, words, lane_words):
-            dec = decoder_cls(words, lane_words, n, dtype)
+            dec = decoder_cls(words, lane_words, n, dtype, model=model)
             out_bits, out_values = torch.empty_like(bits), torch.empty(bits.shape, device=device)
             cut = n // 3  # two stages, cut mid-step
             dec.decode_values(mu[:, :cut], sigma[:, :cut], out_bits, out_values)
             dec.decode_values(mu[:, cut:], sigma[:, cut:], out_bits, out_values)
             return out_bits, out_values, dec.finish()
 
-        (words_ref, lanes_ref), t_enc_ref = timed(lambda: ref.encode_values(bits, mu, sigma, dtype, num_lanes))
-        (words, lane_words), t_enc = timed(lambda: encode_values(bits, mu, sigma, dtype, num_lanes))
+        (words_ref, lanes_ref), t_enc_ref = timed(lambda: ref.encode_values(bits, mu, sigma, dtype, num_lanes,
+                                                                            model=model))
+        (words, lane_words), t_enc = timed(lambda: encode_values(bits, mu, sigma, dtype, num_lanes, model=model))
         (got, got_values, ok), t_dec = timed(lambda: decode(Decoder, words, lane_words))
         (got_ref, _, ok_ref), t_dec_ref = timed(lambda: decode(ref.Decoder, words, lane_words))
         same = torch.equal(words, words_ref) and torch.equal(lane_words, lanes_ref)
         round_trip = (torch.equal(got, bits) and torch.equal(got_ref, bits) and bool(ok.all()) and bool(ok_ref.all())
                       and torch.equal(got_values, values.to(torch.float32)))
         print(
-            f"{dtype} on {where}: {num_pages} pages x {n} symbols, {num_lanes} lanes: "
+            f"{dtype}, {model} model, on {where}: {num_pages} pages x {n} symbols, {num_lanes} lanes: "
             f"{words.numel() * 32 / bits.numel():.4f} bits/symbol; bytes == reference: {same}; "
             f"round trip: {'OK' if round_trip else 'FAILED'}\n"
             f"  encode_values {raw_mb / t_enc:.4g} MB/s (torch reference {raw_mb / t_enc_ref:.4g} MB/s), "

@@ -529,7 +529,7 @@ def test_table_model_matches_reference(dtype):
 def test_table_model_corrupt_streams_decode_like_reference():
     """Corrupt table-model streams: the Triton decoder gives the reference's patterns, lane
     verdicts and page verdicts."""
-    dtype, n, num_lanes = "bf16", 48, 8
+    dtype, n, num_lanes = "bf16", 32, 8
     bits, mu, sigma = make_table_pages(dtype, n, seed=9)
     words, lane_words = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
     for name, bad_words, bad_lanes in _corruptions(words.to(torch.int64) & 0xFFFFFFFF, lane_words):
