@@ -699,6 +699,24 @@ def test_gpu_value_level_large_pages(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_table_model_large_pages(dtype):
+    """The table model compiled on CUDA, 4 pages of 2^16 symbols, 256 lanes: words equal to
+    the torch reference's on the CPU (cross-device determinism), staged decode_values gives
+    the patterns and values back."""
+    bits, mu, sigma = make_value_pages(dtype, 4, 1 << 16, seed=7)
+    words, lane_words = rt.encode_values(bits.cuda(), mu.cuda(), sigma.cuda(), dtype, 256, model="table")
+    words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, 256, model="table")
+    assert torch.equal(words.cpu(), words_ref) and torch.equal(lane_words.cpu(), lanes_ref)
+    dec = rt.Decoder(words, lane_words, bits.shape[1], dtype, model="table")
+    got_bits, got_values = decode_values_staged(dec, mu.cuda(), sigma.cuda(), [1000, 40000], bits.cuda())
+    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)
+    assert dec.finish().all() and torch.equal(got_bits.cpu(), bits)
+    assert torch.equal(got_values.cpu().view(torch.int32), values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_large_pages(dtype):
     """Compiled kernels on CUDA, 8 pages of 2^16 symbols, 256 lanes: bytes equal to the
