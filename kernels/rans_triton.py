@@ -107,8 +107,9 @@ per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) step
 
 * ``encode_values``: the scratch, int32 [P * NL * (S + 2)] (4 B per symbol: a lane emits at
   most one word per step, since after an emission x < 2^31 <= freq << 35, plus its 2-word
-  final state; the table model's two steps per symbol: [P * NL * (2 S + 2)], 8 B), the words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per
-  lane (begin, counts, dest). The route through the reference's wrapper it replaces held
+  final state; the table model's two steps per symbol: [P * NL * (2 S + 2)], 8 B), the
+  words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per lane (begin,
+  counts, dest). The route through the reference's wrapper it replaces held
   int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
   peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
   words.
@@ -548,7 +549,7 @@ def _rans_push(x, ptr, cum, freq, scale, active, scratch_ptr):
     for the exact model, PT, P2 or PROB_BITS for the table model's steps): emit a word below
     scratch[ptr] if x >= x_max = freq << (63 - s), then x = (x // freq << s) + x % freq + cum.
     int64 x, ptr (the lane's next free word + 1), cum, freq; s an int or an int tensor <= 31.
-    x_max is 2^63 where freq = 2^s (a key that fills a whole cell), so the test is the
+    x_max is 2^63 where freq = 2^s (a step of probability one), so the test is the
     reference's x > x_max - 1 = ((freq - 1) << (63 - s)) | (2^(63 - s) - 1), which fits
     int64. The word is stored in scratch's element type (int64, or int32 holding the u32
     word: a truncation of x & (2^32 - 1))."""
@@ -636,10 +637,11 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch
                          BLOCK_LANES: tl.constexpr):
     """_encode_values_kernel under the table model (table_model.symbol_steps, then the
     reference's encode with two steps per symbol): bits int16 [P, N] storage patterns, mu,
-    sigma float32 [P, N]; cum1 int32 [2^TB * ROW] (table_model.level1_table, rows padded to ROW
-    entries: _level1_table); scratch int32 [lanes * (2 S + 2)] (a lane emits at most one word per step, two per
-    symbol), begin int64 [lanes]. Per symbol, walking backwards: the point (or, for ESC, the
-    exact model's C(k), C(k + 1) at scale 28), then the cell."""
+    sigma float32 [P, N]; cum1 int32 [2^TB * ROW] (table_model.level1_table, rows padded to
+    ROW entries: _level1_table); scratch int32 [lanes * (2 S + 2)] (a lane emits at most one
+    word per step, two per symbol), begin int64 [lanes]. Per symbol, walking backwards: the
+    point (or, after ESC, the exact model's C(k), C(k + 1) at scale 28), then the cell; a
+    symbol that is not dense: the exact model's step alone."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
