@@ -325,6 +325,7 @@ def linear_macs(pred: LinearGaussianPredictor) -> int:
 
 
 def run_frontier(args) -> str:
+    from sglang_speckv.codec import model_for
     from sglang_speckv.tools.prepare_model import prepare_model
     from sglang_speckv.tools import model_predictors as mp
 
@@ -378,8 +379,8 @@ def run_frontier(args) -> str:
         def add(name, bits, compute, note="", speed=("", "", "")):
             """bits: [2 (coded, exact), 2, L] (block_bits), or [2, L] for the zstd rows."""
             exact = None
-            if bits.dim() == 3:
-                bits, exact = bits[0], float(bits[1].mean())
+            if bits.dim() == 3:  # (the exact model's column only where the codec uses another)
+                bits, exact = bits[0], float(bits[1].mean()) if model_for(kv_dtype) != "exact" else None
             per_layer[(kv_dtype, name)] = bits
             k_bits, v_bits = float(bits[0].mean()), float(bits[1].mean())
             both = (k_bits + v_bits) / 2
