@@ -51,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = (12e12, 16e12)  # thread-instructions per second on an H100 (see the docstring)
 WARP = 32
+TABLE_DTYPES = ("bf16", "fp16")  # what the table model codes
 
 
 def load_module(name: str, path: Path):
@@ -70,17 +71,19 @@ TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
 CALLEE = re.compile(r"CALL\.\S+\s+`?\(?([\w$.]+)\)?")
 
 
-def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False) -> str:
+def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False, table: bool = False) -> str:
     """SASS of rt's decode kernel for sm_90 (compiled here, no device), COUNT_PROBES off,
     ``lanes`` per program of ``warps`` warps; with ``values``, of its value-level decode
-    kernel instead (what the codec runs: quantize_params fused, float32 values written)."""
+    kernel instead (what the codec runs: quantize_params fused, float32 values written);
+    with ``table``, of its table-model decode kernel (value-level too)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from sglang_speckv.kernels import entropy_model as em
 
-    fn = rt._decode_values_kernel if values else rt._decode_kernel
+    fn = rt._decode_table_kernel if table else rt._decode_values_kernel if values else rt._decode_kernel
+    values = values or table
     consts = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
     consts.update(BLOCK_LANES=lanes, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False,
                   WRITE_VALUES=True)
@@ -89,7 +92,7 @@ def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False) -> str
     if values:
         bits = "*i16" if em.symbol_bits(dtype) == 16 else "*u8"
         types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", value_of_bits_ptr="*fp32",
-                     out_bits_ptr=bits, out_values_ptr="*fp32")
+                     out_bits_ptr=bits, out_values_ptr="*fp32", cum1_ptr="*i32", lane_ok_ptr="*u8")
     sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
            for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
@@ -101,8 +104,9 @@ def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False) -> str
         return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def loop_costs(sass: str) -> dict[str, int]:
-    """Instruction counts of the step loop's paths (see the module docstring)."""
+def _parse(sass: str):
+    """(instructions [(address, text)], labels {name: address}, count(lo, hi): instructions
+    with lo <= address <= hi, a CALL counting its subroutine, branches [(address, target)])."""
     instrs, labels, pending = [], {}, []
     for line in sass.splitlines():
         if m := LABEL.match(line):
@@ -118,7 +122,7 @@ def loop_costs(sass: str) -> dict[str, int]:
             body = [t for a, t in instrs if a >= start]
             subroutine[name] = next(i for i, t in enumerate(body) if t.startswith("RET")) + 1
 
-    def count(lo: int, hi: int) -> int:  # instructions with lo <= addr <= hi, CALLs included
+    def count(lo: int, hi: int) -> int:
         total = 0
         for a, t in instrs:
             if lo <= a <= hi:
@@ -126,10 +130,22 @@ def loop_costs(sass: str) -> dict[str, int]:
         return total
 
     branches = [(a, labels[m.group(1)]) for a, t in instrs if (m := TARGET.search(t))]
+    return count, branches
+
+
+def _step_loop(branches):
+    """The step loop (the longest back edge) and the forward branches inside it."""
     back = [(t, a) for a, t in branches if t < a]
-    start, end = max(back, key=lambda b: b[1] - b[0])  # the step loop
-    inner = sorted((t, a) for t, a in back if start < t and a < end)
+    start, end = max(back, key=lambda b: b[1] - b[0])
     forward = [(a, t) for a, t in branches if start < a < end and t > a]
+    return start, end, back, forward
+
+
+def loop_costs(sass: str) -> dict[str, int]:
+    """Instruction counts of the step loop's paths (see the module docstring)."""
+    count, branches = _parse(sass)
+    start, end, back, forward = _step_loop(branches)
+    inner = sorted((t, a) for t, a in back if start < t and a < end)
     body = count(start, end)
     if not inner:
         return {"per symbol": body}
@@ -140,6 +156,20 @@ def loop_costs(sass: str) -> dict[str, int]:
     rounds = [count(t, a) for t, a in inner]
     return {"hit path": body - region, "fallback entry": region - sum(rounds),
             "gallop round": rounds[0], "bisection round": rounds[-1]}
+
+
+def table_loop_costs(sass: str) -> dict[str, int]:
+    """The table-model decode kernel's step loop: the hit path (no lane of the program
+    escaped: two rANS steps, the level-1 search, the truncation map and three first points)
+    and the escape branch's path when the exact model's guess hits for every escaped lane
+    (the branch less the search's fallback, which is the exact kernel's, rounds and all)."""
+    count, branches = _parse(sass)
+    start, end, _, forward = _step_loop(branches)
+    skip, skip_to = max(forward, key=lambda b: b[1] - b[0])  # the `if` around the escape
+    region = count(skip + 1, skip_to - 1)
+    nested = [(a, t) for a, t in forward if skip < a and t < skip_to]
+    fb_skip, fb_to = max(nested, key=lambda b: b[1] - b[0])  # the exact search's fallback
+    return {"hit path": count(start, end) - region, "escape": region - count(fb_skip + 1, fb_to - 1)}
 
 
 def triton_version() -> str:
@@ -156,6 +186,8 @@ def sass_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
     warps = warps or now.DECODE_WARPS
     costs = {"now": {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps)) for dtype in dtypes}, "baseline": None}
     costs["values"] = {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps, values=True)) for dtype in dtypes}
+    costs["table"] = {dtype: table_loop_costs(sass_of(now, dtype, warps, WARP * warps, table=True))
+                      for dtype in dtypes if dtype in TABLE_DTYPES}
     costs.update(block_lanes=WARP * warps, gallop_rounds=now.GALLOP_ROUNDS, triton=triton_version())
     if baseline != "none":
         shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{baseline}:kernels/rans_triton.py"],
@@ -244,6 +276,21 @@ def probe_stats(rt, values, mu, sigma, dtype: str, groups: tuple[int, ...]) -> d
     return out
 
 
+def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float]:
+    """The table model's rate of exact-model steps on one page (ESC, or a symbol that is not
+    dense) and P(a program of ``size`` lanes has such a lane at a step), from
+    table_model.symbol_steps (torch; lanes g .. g + size - 1 at one step hold consecutive
+    symbols)."""
+    from sglang_speckv.kernels import entropy_model as em
+    from sglang_speckv.kernels import table_model as tm
+
+    keys = em.keys_from_bits(em.storage_bits(values), dtype)
+    _, _, scale = tm.symbol_steps(keys, *em.quantize_params(mu, sigma), dtype, em.W_WIDE, em.KAPPA)
+    escaped = (scale[0] == em.PROB_BITS).any(-1)  # [n]: ESC (level 2) or not dense (level 1)
+    m = escaped.numel() // size * size
+    return float(escaped.double().mean()), float(escaped[:m].view(-1, size).any(1).double().mean())
+
+
 # ---- 3. The estimate ----------------------------------------------------------------------
 
 
@@ -273,8 +320,9 @@ def main() -> None:
     dtypes = list(dict.fromkeys(dtype for _, dtype, *_ in sources))
 
     costs = instruction_costs(args.baseline, args.warps, dtypes)
-    base, now, values_now = costs["baseline"], costs["now"], costs["values"]
+    base, now, values_now, table_now = costs["baseline"], costs["now"], costs["values"], costs["table"]
     groups = (costs["block_lanes"],)
+    table_rows = []
 
     def per_symbol_base(dtype: str) -> str:
         return str(base[dtype]["per symbol"]) if base else "-"
@@ -312,7 +360,25 @@ def main() -> None:
             print(f"| {name} | {dtype} | {stats['miss']:.5f} | {size} | {p:.4f} | {gallop:.3f} | {bisect:.3f} "
                   f"| {instr:.0f} | {gbs(instr)} | {instr_v:.0f} | {gbs(instr_v)} | {per_symbol_base(dtype)} "
                   f"| {gbs_base} |")
+            if dtype in table_now:
+                q, esc = escape_stats(values, mu, sigma, dtype, size)
+                instr_t = table_now[dtype]["hit path"] + esc * table_now[dtype]["escape"]
+                table_rows.append(f"| {name} | {dtype} | {q:.5f} | {size} | {esc:.4f} | {instr_t:.0f} "
+                                  f"| {gbs(instr_t)} | {instr_v:.0f} | {gbs(instr_v)} |")
         sys.stdout.flush()
+
+    if table_rows:
+        print("\nThe table model (docs/DESIGN.md \"The table model\"; _decode_table_kernel, value-level), "
+              "SASS instructions of its step loop: hit path (no lane of the program takes the exact model's "
+              "step) / escape path (it does, for ESC or a symbol that is not dense, its guesses hitting): "
+              + ", ".join(f"{d} {c['hit path']} / {c['escape']}" for d, c in table_now.items()))
+        print("\nESTIMATE (no GPU): exact-model steps (ESC or not dense) from table_model.symbol_steps, "
+              "instr/symbol = hit path + P(block escapes) x escape path (a missed guess there adds the "
+              "exact kernel's fallback: not counted); the exact model's value-level kernel beside it:\n")
+        print("| data | dtype | exact-step rate | lanes per block | P(block escapes) | instr/symbol | est. GB/s "
+              "| exact value-level instr/symbol | est. GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(table_rows))
 
 if __name__ == "__main__":
     main()

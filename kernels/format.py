@@ -24,19 +24,21 @@ import numpy as np
 import xxhash
 
 from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import table_model as tm
 
 MAGIC = b"SPKV"
-# The one place the blob format version is written. 2: raw_hash is the page hash
-# (kernels/page_hash.py); version 1 recorded an xxh64 of the page there, and is refused.
-VERSION = 2
+# The one place the blob format version is written. 3: the `model` byte (the table model,
+# kernels/table_model.py, codes 16-bit pages); 2: raw_hash is the page hash
+# (kernels/page_hash.py). Versions 1 and 2 are refused.
+VERSION = 3
 
-# Header: magic, version, flags, dtype, layout, predictor id, w_wide, kappa, 3 reserved
-# bytes (zero), shape (5 x u32), position, num_lanes, side_bytes, stream_words, reserved u32,
+# Header: magic, version, flags, dtype, layout, predictor id, w_wide, kappa, model, 2
+# reserved bytes (zero), shape (5 x u32), position, num_lanes, side_bytes, stream_words, reserved u32,
 # fingerprint, raw_hash, header_xxh64. docs/FORMAT.md has the offsets.
-HEADER = struct.Struct("<4sHHBBBBB3s5IIIIII QQQ")
+HEADER = struct.Struct("<4sHHBBBBBB2s5IIIIII QQQ")
 FIELDS = (
     "magic", "version", "flags", "dtype", "layout", "predictor_id", "w_wide", "kappa",
-    "reserved3", "shape0", "shape1", "shape2", "shape3", "shape4", "position", "num_lanes",
+    "model", "reserved2", "shape0", "shape1", "shape2", "shape3", "shape4", "position", "num_lanes",
     "side_bytes", "stream_words", "reserved", "fingerprint", "raw_hash", "header_xxh64",
 )  # fmt: skip
 HEADER_SIZE = HEADER.size  # 80
@@ -54,6 +56,9 @@ DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 # kv_heads, head_dim]; MLA [1, layers, tokens, 1, latent_dim].
 LAYOUT_CODES = {"mha": 1, "mla": 2}
 LAYOUT_NAMES = {code: name for name, code in LAYOUT_CODES.items()}
+# The entropy model that coded the stream (kernels/table_model.py MODELS).
+MODEL_CODES = {tm.MODEL_EXACT: 0, tm.MODEL_TABLE: 1}
+MODEL_NAMES = {code: name for name, code in MODEL_CODES.items()}
 
 # The largest page a blob may describe: 1 GiB of raw KV. A real page is a few MB (e.g. 80
 # layers x 64 tokens x 8 heads x 128 x 2 x 2 bytes = 21 MB); the bound keeps a lying shape
@@ -124,6 +129,7 @@ class BlobHeader:
     w_wide: int = 0
     kappa: int = 0
     num_lanes: int = 0
+    model: str = tm.MODEL_EXACT  # key of MODEL_CODES
     side_bytes: int = 0
     stream_words: int = 0
     version: int = VERSION
@@ -223,7 +229,7 @@ def _fields(h: BlobHeader) -> tuple:
     """BlobHeader -> HEADER values, without the trailing checksum."""
     return (
         MAGIC, h.version, h.flags, DTYPE_CODES[h.dtype], LAYOUT_CODES[h.layout], h.predictor_id,
-        h.w_wide, h.kappa, bytes(3), *h.shape, h.position, h.num_lanes, h.side_bytes, h.stream_words, 0,
+        h.w_wide, h.kappa, MODEL_CODES[h.model], bytes(2), *h.shape, h.position, h.num_lanes, h.side_bytes, h.stream_words, 0,
         h.fingerprint, h.raw_hash,
     )  # fmt: skip
 
@@ -234,13 +240,16 @@ def _header_from_fields(f: dict) -> BlobHeader:
         raise BadHeader(f"unknown dtype code {f['dtype']}")
     if f["layout"] not in LAYOUT_NAMES:
         raise BadHeader(f"unknown layout code {f['layout']}")
-    if f["reserved"] or f["reserved3"] != bytes(3):
+    if f["model"] not in MODEL_NAMES:
+        raise BadHeader(f"unknown entropy model code {f['model']}")
+    if f["reserved"] or f["reserved2"] != bytes(2):
         raise BadHeader("reserved header bytes are not zero")
     header = BlobHeader(
         dtype=DTYPE_NAMES[f["dtype"]], layout=LAYOUT_NAMES[f["layout"]],
         shape=tuple(f[f"shape{i}"] for i in range(5)), predictor_id=f["predictor_id"],
         fingerprint=f["fingerprint"], raw_hash=f["raw_hash"], position=f["position"],
         flags=f["flags"], w_wide=f["w_wide"], kappa=f["kappa"], num_lanes=f["num_lanes"],
+        model=MODEL_NAMES[f["model"]],
         side_bytes=f["side_bytes"], stream_words=f["stream_words"], version=f["version"],
     )  # fmt: skip
     try:
@@ -265,6 +274,7 @@ def _validate(h: BlobHeader) -> None:
     if h.page_bytes > MAX_PAGE_BYTES:
         raise ValueError(f"page of {h.page_bytes} bytes exceeds the {MAX_PAGE_BYTES}-byte limit")
     em.check_mixture(h.w_wide, h.kappa)
+    tm.check_model(h.model, h.dtype)  # the table model codes 16-bit dtypes only
     if not 0 <= h.predictor_id <= 255:
         raise ValueError(f"predictor id {h.predictor_id} is not a u8")
     if h.raw:

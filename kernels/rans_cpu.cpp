@@ -1,9 +1,9 @@
 // Interleaved rANS64 on the CPU: the C++ twin of kernels/rans_reference.py (same bytes,
 // same keys, same verdicts). Built on first use by kernels/rans_cpu.py with
 // torch.utils.cpp_extension.load; every constant of the coder arrives as a -D macro
-// generated from entropy_model.py / rans_reference.py (SPECKV_*), the dtype's fields
-// (entropy_model.DTYPE_SPECS) and the tables (PHI, the decoder's quantiles) as arguments, so
-// nothing here repeats a number.
+// generated from entropy_model.py / rans_reference.py / table_model.py (SPECKV_*), the
+// dtype's fields (entropy_model.DTYPE_SPECS) and the tables (PHI, the decoder's quantiles,
+// the table model's level-1 rows) as arguments, so nothing here repeats a number.
 //
 // Lanes are independent coders, so the work is split over lanes with at::parallel_for (a
 // lane's result does not depend on which thread ran it, so neither do the bytes): a thread
@@ -11,9 +11,15 @@
 // is lane g % NL of page g / NL; its step j is symbol g % NL + j * NL of that page
 // (DESIGN.md "Lanes").
 //
+// Two entropy models: the exact model (entropy_model.py: C(k), one 28-bit step per symbol)
+// and the table model (table_model.py, 16-bit dtypes: a level-1 cell and a point, two steps,
+// or the exact model's step where the table does not apply); its level-1 table arrives as a
+// tensor from table_model.level1_table.
+//
 // Within a step the model's work for the block's lanes (quantize_params, the guess, C at two
-// keys) is independent across lanes, so it is written branch-free (selects, & instead of &&,
-// clamps by value) in loops under `#pragma omp simd`: with -march=native the compiler turns
+// keys; the table model's thresholds, level-1 search and truncation) is independent across
+// lanes, so it is written branch-free (selects, & instead of &&, clamps by value, loads
+// outside selects) in loops under `#pragma omp simd`: with -march=native the compiler turns
 // them into AVX-512 (or AVX2) code with gathers for the table reads. Integer operations give
 // the same integers in any lane width, and the float64 steps are the same IEEE operations
 // (-ffp-contract=off: no FMA), so the bytes do not depend on the vector width or the CPU
@@ -56,9 +62,32 @@ constexpr int64_t QUANTILE_BITS = SPECKV_QUANTILE_BITS;
 constexpr double SIGMA_MIN = SPECKV_SIGMA_MIN;
 constexpr double SIGMA_MAX = SPECKV_SIGMA_MAX;
 constexpr double MU_INF = SPECKV_MU_INF;
+// The table model (kernels/table_model.py; DESIGN.md "The table model")
+constexpr int64_t TB = SPECKV_TB;          // sigma buckets: the top TB bits of r below its leading one
+constexpr int64_t TJ = SPECKV_TJ;          // cells on each side of mu
+constexpr int64_t NCELL = SPECKV_NCELL;    // 2 TJ; entry NCELL of a level-1 row is the escape
+constexpr int64_t ROW = NCELL + 2;         // a level-1 row: NCELL + 1 entries' CUM1 and 2^PT
+constexpr int64_t PT = SPECKV_PT;          // level-1 probability bits
+constexpr int64_t P2 = SPECKV_P2;          // points per cell: 2^P2 (level-2 probability bits)
+constexpr int64_t W_SHIFT = SPECKV_W_SHIFT;  // point spacing 2^W_SHIFT in units of delta
+constexpr int64_t TSAT = SPECKV_TSAT;      // thresholds saturate at +-TSAT
+constexpr int64_t CELL_SHIFT = SPECKV_CELL_SHIFT;  // a cell is 2^CELL_SHIFT units of delta
+constexpr int64_t DENSE_LOG = SPECKV_DENSE_LOG;    // the table needs >= 2^DENSE_LOG keys per cell
+
+constexpr int64_t floor_log2(int64_t v) { return v <= 1 ? 0 : 1 + floor_log2(v >> 1); }
+constexpr int64_t TSAT_SHIFT = floor_log2(TSAT);  // sig << TSAT_SHIFT >= TSAT for any sig >= 1
+static_assert(int64_t(1) << TSAT_SHIFT == TSAT && TSAT_SHIFT + 11 <= 63, "TSAT must be a power of two and sig (< 2^11) << TSAT_SHIFT fit");
 
 inline int64_t wrap_add(int64_t a, int64_t b) { return int64_t(uint64_t(a) + uint64_t(b)); }
 inline int64_t wrap_mul(int64_t a, int64_t b) { return int64_t(uint64_t(a) * uint64_t(b)); }
+
+// 2^n as float64 from its bits (exact), n clamped to the normal range.
+inline double pow2(int64_t n) {
+  const uint64_t u = uint64_t(std::clamp<int64_t>(n, -1022, 1023) + 1023) << 52;
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}
 
 // A storage dtype (entropy_model.DTYPE_SPECS: bits B, mantissa bits, exponent bias,
 // e4m3fn-style NaN only), with the masks its fields need.
@@ -118,15 +147,48 @@ struct Dtype {
     const int64_t sign_bit = top >> 1;
     return (u >> 63) ? (pattern | sign_bit) ^ (top - 1) : pattern | sign_bit;  // keys_from_bits
   }
-};
 
-// 2^n as float64 from its bits (exact), n clamped to the normal range.
-inline double pow2(int64_t n) {
-  const uint64_t u = uint64_t(std::clamp<int64_t>(n, -1022, 1023) + 1023) << 52;
-  double d;
-  std::memcpy(&d, &u, sizeof d);
-  return d;
-}
+  // table_model.thresholds: T(k) for k in [-1, 2^B] with off = F - e, the smallest point n
+  // (units of delta from 0) that truncates to a key >= k. Key k (k >= 2^(B-1)) or key k - 1
+  // (below) bounds it: V = value * 2^off = -+sig * 2^s, s = ex + off. Branch-free.
+  inline int64_t threshold(int64_t k, int64_t off) const {
+    const int64_t sign_bit = top >> 1;
+    const bool upper = k >= sign_bit;
+    const int64_t kk = upper ? k : k - 1;
+    const int64_t kc = std::clamp<int64_t>(kk, 0, top - 1);
+    const int64_t pattern = (kc & sign_bit) ? kc ^ sign_bit : kc ^ (top - 1);  // bits_from_keys
+    const int64_t biased = (pattern >> man_bits) & exp_ones;
+    const int64_t mant = pattern & man_mask;
+    const bool special = (biased == exp_ones) & ((mant | nan_mant_ones) == man_mask);  // inf/NaN
+    const int64_t sig = mant + (int64_t(biased != 0) << man_bits);  // < 2^11
+    const int64_t s = std::max<int64_t>(biased, 1) - bias - man_bits + off;
+    const int64_t up = std::clamp<int64_t>(s, 0, TSAT_SHIFT);
+    const int64_t down = std::clamp<int64_t>(-s, 0, 62);
+    const int64_t low = (-(sig << up)) >> down;  // floor(-sig 2^s), arithmetic shift
+    const int64_t t_upper = ((kk >= top) | special) ? TSAT : std::min<int64_t>(-low, TSAT);  // ceil(V(k))
+    const int64_t t_lower = ((kk < 0) | special) ? -TSAT : std::max<int64_t>(low + 1, -TSAT);  // floor(V(k-1)) + 1
+    return upper ? t_upper : t_lower;
+  }
+
+  // table_model.trunc_key: the key of n * 2^(e - F) truncated toward zero to the dtype (the
+  // largest finite magnitude beyond it; a negative value truncating to zero is -0). |n| <
+  // 2^51, so the float64 product is exact; then integer operations on its bits. 16-bit
+  // (IEEE-like) dtypes only. Branch-free, every shift count clamped into range.
+  inline int64_t trunc_key(int64_t n, int64_t e) const {
+    const double v = double(n) * pow2(e - F);
+    uint64_t u;
+    std::memcpy(&u, &v, sizeof u);
+    const int64_t ex = int64_t(u >> 52 & 0x7FF) - 1023;
+    const int64_t m = int64_t(u & ((uint64_t(1) << 52) - 1));
+    const int64_t emin = 1 - bias, emax = exp_ones - 1 - bias;
+    const int64_t normal = (std::clamp<int64_t>(ex + bias, 0, exp_ones) << man_bits) | (m >> (52 - man_bits));
+    const int64_t sub = (m | (int64_t(1) << 52)) >> std::clamp<int64_t>(52 - man_bits + emin - ex, 0, 63);
+    int64_t pattern = ex > emax ? max_pattern : (ex >= emin ? normal : sub);
+    pattern |= int64_t(u >> 63) * (top >> 1);  // the sign of n
+    const int64_t sign_bit = top >> 1;
+    return (pattern & sign_bit) ? pattern ^ (top - 1) : pattern | sign_bit;  // keys_from_bits
+  }
+};
 
 // entropy_model.cdf for one symbol given its invariants (entropy_model.prepare: 2 mu_q,
 // off = F - e, inv = 2^32 // r).
@@ -279,6 +341,59 @@ constexpr int64_t LANE_BLOCK = 64;
 // C(k) = k + ... with the first guess in place of the key of mu (3% faster here, vectorised).
 constexpr int GUESS_PASSES = 2;
 
+// The exact model's guess (rans_reference's _guess_and_check): the key whose value is mu +
+// sigma G^-1(slot - k) through the quantile table q, with the key of mu in place of k, then
+// again with the first guess as k. Float arithmetic: it only decides where the exact search
+// starts. Branch-free (called in vectorised loops).
+inline int64_t guess_key(const Dtype& dtype, const double* q, int64_t slot, int64_t mu_q, int64_t e, int64_t r) {
+  const int64_t floor_free = M - dtype.top;  // counts the Gaussian mixture is spread over
+  const int64_t num_cells = int64_t(1) << QUANTILE_BITS;
+  const double cell_scale = double(num_cells) / double(floor_free);
+  const double mu_f = double(mu_q) * pow2(e - F);
+  const double sig_f = double(r) * pow2(e - R - T_BITS);
+  int64_t k = dtype.nearest_key(mu_f);
+  for (int pass = 0; pass < GUESS_PASSES; ++pass) {
+    const double u = double(std::clamp<int64_t>(slot - k, 0, floor_free)) * cell_scale;
+    const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
+    const double t = q[cell] + (q[cell + 1] - q[cell]) * (u - double(cell));
+    k = std::clamp<int64_t>(dtype.nearest_key(mu_f + sig_f * t), 0, dtype.top - 1);
+  }
+  return k;
+}
+
+// For a lane whose slot missed the guess pair [lo, hi = lo + 1) (c_lo = C(lo), c_hi =
+// C(lo + 1)): gallop from it to a bracket C(lo) <= slot < C(hi), then bisect to hi = lo + 1.
+// C is strictly increasing with C(0) = 0 <= slot < M = C(2^B), so the key is the unique lo
+// whatever the guess.
+static void search_key(const Model& model, int64_t two_mu_q, int64_t off, int64_t inv, int64_t slot, int64_t& lo, int64_t& c_lo,
+            int64_t& c_hi) {
+  int64_t hi = lo + 1;
+  if (c_lo > slot) {  // the key is below the guess
+    for (int64_t stride = 1;; stride <<= 1) {
+      hi = lo, c_hi = c_lo;
+      lo = std::max<int64_t>(hi - stride, 0);
+      c_lo = model.cdf(lo, two_mu_q, off, inv);
+      if (c_lo <= slot) break;
+    }
+  } else {  // the key is above the guess
+    for (int64_t stride = 1;; stride <<= 1) {
+      lo = hi, c_lo = c_hi;
+      hi = std::min(lo + stride, model.dtype.top);
+      c_hi = model.cdf(hi, two_mu_q, off, inv);
+      if (c_hi > slot) break;
+    }
+  }
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const int64_t c = model.cdf(mid, two_mu_q, off, inv);
+    if (c <= slot) {
+      lo = mid, c_lo = c;
+    } else {
+      hi = mid, c_hi = c;
+    }
+  }
+}
+
 // One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
 // symbols [first, first + n) of each of P pages. params(i, mu_q, e, r, inv) gives symbol
 // i's (of the stage's [P, n]) quantised parameters and 2^32 // r, emit(i, page, col, key)
@@ -288,47 +403,9 @@ template <class Word, class ParamFn, class EmitFn>
 void decode_stage(const Model& model, const double* q, const Word* words_p, int64_t num_words, int64_t* x_p,
                   int64_t* ptr_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first, ParamFn params,
                   EmitFn emit) {
-  const Dtype& dtype = model.dtype;
   const int64_t last_word = num_words - 1;
-  const int64_t floor_free = M - dtype.top;  // counts the Gaussian mixture is spread over
-  const int64_t num_cells = int64_t(1) << QUANTILE_BITS;
-  const double cell_scale = double(num_cells) / double(floor_free);
   const int64_t step_begin = first / num_lanes, step_end = (first + n + num_lanes - 1) / num_lanes;
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
-
-  // Pass 2, for a lane whose slot missed the guess pair [lo, hi = lo + 1): gallop from it to
-  // a bracket C(lo) <= slot < C(hi), then bisect to hi = lo + 1. C is strictly increasing
-  // with C(0) = 0 <= slot < M = C(2^B), so the key is the unique lo whatever the guess.
-  auto search = [&](int64_t i, int64_t slot, int64_t& lo, int64_t& c_lo, int64_t& c_hi) {
-    int64_t mu_q, e, r, inv;
-    params(i, mu_q, e, r, inv);
-    const int64_t two_mu_q = 2 * mu_q, off = F - e;
-    int64_t hi = lo + 1;
-    if (c_lo > slot) {  // the key is below the guess
-      for (int64_t stride = 1;; stride <<= 1) {
-        hi = lo, c_hi = c_lo;
-        lo = std::max<int64_t>(hi - stride, 0);
-        c_lo = model.cdf(lo, two_mu_q, off, inv);
-        if (c_lo <= slot) break;
-      }
-    } else {  // the key is above the guess
-      for (int64_t stride = 1;; stride <<= 1) {
-        lo = hi, c_lo = c_hi;
-        hi = std::min(lo + stride, dtype.top);
-        c_hi = model.cdf(hi, two_mu_q, off, inv);
-        if (c_hi > slot) break;
-      }
-    }
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      const int64_t c = model.cdf(mid, two_mu_q, off, inv);
-      if (c <= slot) {
-        lo = mid, c_lo = c;
-      } else {
-        hi = mid, c_hi = c;
-      }
-    }
-  };
 
   at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
     // Locals, not loads through the closure, in the vectorised loops.
@@ -359,23 +436,18 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         for (int64_t j = j_lo; j < j_hi; ++j) {
           int64_t mu_q, e, r, inv;  // inv = 2^32 // r
           prm(i0 + j, mu_q, e, r, inv);
-          const int64_t slot = x[j] & (M - 1);
-          const double mu_f = double(mu_q) * pow2(e - F);
-          const double sig_f = double(r) * pow2(e - R - T_BITS);
-          int64_t k = mdl.dtype.nearest_key(mu_f);
-          for (int pass = 0; pass < GUESS_PASSES; ++pass) {
-            const double u = double(std::clamp<int64_t>(slot - k, 0, floor_free)) * cell_scale;
-            const int64_t cell = std::min<int64_t>(int64_t(u), num_cells - 1);
-            const double t = qt[cell] + (qt[cell + 1] - qt[cell]) * (u - double(cell));
-            k = std::clamp<int64_t>(mdl.dtype.nearest_key(mu_f + sig_f * t), 0, mdl.dtype.top - 1);
-          }
+          const int64_t k = guess_key(mdl.dtype, qt, x[j] & (M - 1), mu_q, e, r);
           key[j] = k;
           mdl.cdf_pair(k, 2 * mu_q, F - e, inv, c_lo[j], c_hi[j]);
         }
         // Pass 2: the misses (a few percent of symbols) search.
         for (int64_t j = j_lo; j < j_hi; ++j) {
           const int64_t slot = x[j] & (M - 1);
-          if (c_lo[j] > slot || c_hi[j] <= slot) search(i0 + j, slot, key[j], c_lo[j], c_hi[j]);
+          if (c_lo[j] > slot || c_hi[j] <= slot) {
+            int64_t mu_q, e, r, inv;
+            params(i0 + j, mu_q, e, r, inv);
+            search_key(model, 2 * mu_q, F - e, inv, slot, key[j], c_lo[j], c_hi[j]);
+          }
         }
         // Pass 3: emit; x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell
         // below L. A read past the lane's words reads words[min(ptr, W - 1)] like the
@@ -533,18 +605,102 @@ struct Rows {
   }
 };
 
-// quantize_params + cdf + encode in one pass: each page's storage patterns (int16 or uint8,
-// contiguous [N], read in place) and its float32 mu and sigma as Rows ([R, T, C] views of N
-// elements). Same bytes as rans_reference.encode_values. Returns (words int32 [W] holding
-// the u32 words, lane_words int64 [P, NL]).
+// One rANS encoder step of scale 2^shift[j] for block slots j in [0, n) (DESIGN.md "rANS with
+// mixed scales"; shift 28 for the exact model, 15 and 16 for the table model's two levels;
+// 1 <= freq <= 2^shift): a word out if x >= freq << (63 - shift) (word[j], else -1), then
+// x = ((x // freq) << shift) + x % freq + cum. Vectorised: the quotient is estimated in
+// float64 and corrected to the exact one (below x < freq << (63 - shift), so x // freq <
+// 2^48 and the estimate is off by at most one).
+inline void put_block(int64_t* x, const int64_t* cum, const int64_t* freq, const int64_t* shift, int64_t n,
+                      int64_t* word) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t f = freq[j];
+    int64_t xl = x[j];
+    const bool emit = (xl >> (ENC_SHIFT + PROB_BITS - shift[j])) >= f;  // x >= f << (63 - shift)
+    word[j] = emit ? xl & WORD_MASK : -1;
+    xl = emit ? xl >> WORD_BITS : xl;
+    int64_t q = int64_t(double(xl) / double(f));
+    int64_t rem = int64_t(uint64_t(xl) - uint64_t(q) * uint64_t(f));  // in [-f, 2f): may wrap, not overflow
+    q = rem < 0 ? q - 1 : q;
+    rem = rem < 0 ? rem + f : rem;
+    q = rem >= f ? q + 1 : q;
+    rem = rem >= f ? rem - f : rem;
+    x[j] = (q << shift[j]) + rem + cum[j];
+  }
+}
+
+// The words put_block emitted, appended to their lanes' regions of the scratch (slot j is lane
+// g0 + j; region g at scratch + g * stride, emitted[g] words so far).
+inline void push_words(const int64_t* word, int64_t n, uint32_t* scratch, int64_t stride, int64_t* emitted,
+                       int64_t g0) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (word[j] >= 0) scratch[(g0 + j) * stride + emitted[g0 + j]++] = uint32_t(word[j]);
+  }
+}
+
+// table_model.dense: the symbol takes the table (else the exact model's one step alone): the
+// key spacing at |mu| + 2 sigma, 2^ls units of delta, is at most a cell over 2^DENSE_LOG.
+inline bool dense(const Dtype& dtype, int64_t mu_q, int64_t e, int64_t r) {
+  const double v = double(std::abs(mu_q) + (r << (F - R + 1)));  // |mu| + 2 sigma in delta, in [2^21, 2^51): exact
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const int64_t lv = int64_t(u >> 52) - 1023;  // floor(log2 v)
+  const int64_t ls = std::max<int64_t>(lv, 1 - dtype.bias + F - e) - dtype.man_bits;  // subnormal spacing below
+  return ls <= CELL_SHIFT - DENSE_LOG;
+}
+
+// table_model.first_point: q(k) = ceil((T(k) - mu_q) / W), the index relative to mu of the
+// first lattice point that truncates to a key >= k (k in [-1, 2^B]).
+inline int64_t first_point(const Dtype& dtype, int64_t k, int64_t mu_q, int64_t off) {
+  return -((mu_q - dtype.threshold(k, off)) >> W_SHIFT);
+}
+
+// Where the level-1 row of r's sigma bucket starts in CUM1 (an index, not a pointer: table
+// reads as base + per-lane index vectorise to gathers): row b = (r >> (R - TB)) - 2^TB.
+inline int64_t level1_row(int64_t r) { return ((r >> (R - TB)) - (int64_t(1) << TB)) * ROW; }
+
+// The level-1 entry i of the row at cum1 + row with row[i] <= slot < row[i + 1] (row[0] = 0
+// <= slot < row[NCELL + 1] = 2^PT), i >= i0: a bisection with strides STRIDE, STRIDE / 2, ...,
+// 1 (from 2^floor(log2 NCELL): they reach NCELL), unrolled at compile time and branch-free so
+// that the loop over lanes around it vectorises; strides past the row read its last entry,
+// never <= slot.
+template <int64_t STRIDE>
+inline int64_t level1_entry(const int64_t* cum1, int64_t row, int64_t slot, int64_t i0) {
+  if constexpr (STRIDE == 0) {
+    return i0;
+  } else {
+    const int64_t t = std::min<int64_t>(i0 + STRIDE, NCELL + 1);
+    return level1_entry<STRIDE / 2>(cum1, row, slot, cum1[row + t] <= slot ? t : i0);
+  }
+}
+
+void check_level1(const torch::Tensor& cum1) {
+  check_int64(cum1, "cum1");
+  TORCH_CHECK(cum1.dim() == 2 && cum1.size(0) == (int64_t(1) << TB) && cum1.size(1) == ROW,
+              "cum1 must be table_model.level1_table: int64 [2^TB, NCELL + 2]");
+}
+
+// quantize_params + the model + encode in one pass: each page's storage patterns (int16 or
+// uint8, contiguous [N], read in place) and its float32 mu and sigma as Rows ([R, T, C] views
+// of N elements). With cum1 (table_model.level1_table; 16-bit dtypes) the table model, else
+// the exact model. Same bytes as rans_reference.encode_values. Returns (words int32 [W]
+// holding the u32 words, lane_words int64 [P, NL]).
 std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_pages, const std::vector<torch::Tensor>& mu,
                                          const std::vector<torch::Tensor>& sigma, int64_t num_lanes,
                                          const torch::Tensor& phi, int64_t w_wide, int64_t kappa, int64_t bits,
-                                         int64_t man_bits, int64_t bias, bool fn_nan) {
+                                         int64_t man_bits, int64_t bias, bool fn_nan,
+                                         const c10::optional<torch::Tensor>& cum1) {
   check_int64(phi, "phi");
   const int64_t num_pages = int64_t(bits_pages.size());
   TORCH_CHECK(num_pages >= 1 && int64_t(mu.size()) == num_pages && int64_t(sigma.size()) == num_pages && num_lanes >= 1,
               "P pages of bits, P mu and P sigma rows; num_lanes >= 1");
+  const int64_t* cum1_p = nullptr;  // the table model's level-1 rows, or none: the exact model
+  if (cum1.has_value()) {
+    check_level1(*cum1);
+    TORCH_CHECK(bits == 16 && !fn_nan, "the table model codes 16-bit dtypes only");
+    cum1_p = cum1->data_ptr<int64_t>();
+  }
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
   const int64_t n = bits_pages[0].numel();
   std::vector<const uint16_t*> pages16;
@@ -553,7 +709,7 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
   for (int64_t page = 0; page < num_pages; ++page) {
     const Bits pattern(bits_pages[page]);
     TORCH_CHECK(bits_pages[page].dim() == 1 && bits_pages[page].numel() == n && mu[page].numel() == n &&
-                    sigma[page].numel() == n && bool(pattern.p16) == (bits == 16),
+                    sigma[page].numel() == n && (bits_pages[page].dtype() == torch::kInt16) == (bits == 16),
                 "each page's bits ([N], int16 for 16-bit dtypes, else uint8), mu and sigma rows hold N values");
     pages16.push_back(reinterpret_cast<const uint16_t*>(pattern.p16));
     pages8.push_back(pattern.p8);
@@ -565,23 +721,32 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
   // Each lane's words in the order emitted (the reverse of decode order), in its own region of
-  // one scratch buffer: at most one word per step plus the 2-word flush. Left uninitialised,
+  // one scratch buffer: at most one word per step (two steps per symbol in the table model)
+  // plus the 2-word flush. Left uninitialised,
   // so only the pages the words touch become resident (~bits per symbol / 8 B per symbol),
   // and freed in one piece.
-  const int64_t stride = steps + 2;
+  const int64_t stride = (cum1_p ? 2 * steps : steps) + 2;
   std::unique_ptr<uint32_t[]> scratch(new uint32_t[size_t(lanes * stride)]);
   std::vector<int64_t> emitted(lanes, 0);
   // patterns: per page, uint16_t or uint8_t [N] (one instantiation per width, so the inner
   // loop has no branch on it)
   auto encode_blocks = [&](const auto& patterns) {
     at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
-      // Locals, not loads through the closures, in the vectorised loop.
+      // Locals, not loads through the closures, in the vectorised loops.
       const Model mdl = model;
       const auto* const* pat_pages = patterns.data();
+      const int64_t* c1p = cum1_p;
       const int64_t sign = sign_bit, all_ones = ones;
-      // block slot j holds lane l0 + j: its state, this step's C(k) and f(k), and where its
-      // symbol's mu and sigma are
+      // block slot j holds lane l0 + j: its state, this step's (cum, freq) (the exact model's,
+      // or the table model's level 1), and where its symbol's mu and sigma are; the table
+      // model's level 2 (cum2, freq2), whether that is the exact model's step (after ESC, or
+      // alone for a symbol that is not dense), and the key and parameters that step needs
       int64_t x[LANE_BLOCK], cum[LANE_BLOCK], freq[LANE_BLOCK], mu_off[LANE_BLOCK], sigma_off[LANE_BLOCK];
+      int64_t cum2[LANE_BLOCK], freq2[LANE_BLOCK], exact[LANE_BLOCK], key[LANE_BLOCK], mu_qs[LANE_BLOCK],
+          es[LANE_BLOCK], rs[LANE_BLOCK];
+      // each step's scale bits and emitted words (-1: none); the slots taking the exact model's step
+      int64_t shift[LANE_BLOCK], shift2[LANE_BLOCK], word[LANE_BLOCK], word2[LANE_BLOCK], list[LANE_BLOCK];
+      std::fill(shift, shift + LANE_BLOCK, c1p ? PT : PROB_BITS);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t page = b / blocks_per_page;
         const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
@@ -597,25 +762,65 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
           mu_rows[page].offsets(first, j_hi, mu_off);
           sigma_rows[page].offsets(first, j_hi, sigma_off);
           const float *mus = mu_rows[page].p, *sigmas = sigma_rows[page].p;
-          // The model at every lane's symbol: independent across lanes, branch-free (vectorised).
+          if (!c1p) {
+            // The model at every lane's symbol: independent across lanes, branch-free (vectorised).
+#pragma omp simd
+            for (int64_t j = 0; j < j_hi; ++j) {
+              const int64_t u = pat[j];
+              const int64_t k = (u & sign) ? u ^ all_ones : u | sign;  // keys_from_bits
+              int64_t mu_q, e, r, c1;
+              quantize(mus[mu_off[j]], sigmas[sigma_off[j]], mu_q, e, r);
+              mdl.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), cum[j], c1);
+              freq[j] = c1 - cum[j];
+            }
+            put_block(x, cum, freq, shift, j_hi, word);
+            push_words(word, j_hi, scratch.get(), stride, emitted.data(), g0);
+            continue;
+          }
+          // The table model (DESIGN.md "Encoding key k"): the cell of key k's first point, the
+          // key's points in it, or the escape (then the exact model's step); a symbol that is
+          // not dense is the exact model's step alone (level 1 the identity step (0, 2^PT),
+          // which emits nothing). Vectorised like the exact model above.
 #pragma omp simd
           for (int64_t j = 0; j < j_hi; ++j) {
             const int64_t u = pat[j];
             const int64_t k = (u & sign) ? u ^ all_ones : u | sign;  // keys_from_bits
-            int64_t mu_q, e, r, c1;
+            int64_t mu_q, e, r;
             quantize(mus[mu_off[j]], sigmas[sigma_off[j]], mu_q, e, r);
-            mdl.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), cum[j], c1);
-            freq[j] = c1 - cum[j];
+            const int64_t off = F - e;
+            const int64_t qa = first_point(mdl.dtype, k - 1, mu_q, off);
+            const int64_t qk = first_point(mdl.dtype, k, mu_q, off);
+            const int64_t qb = first_point(mdl.dtype, k + 1, mu_q, off);
+            const int64_t cell = qk >> P2, cs = cell * (int64_t(1) << P2);
+            const bool esc = (cell < -TJ) | (cell >= TJ) | (qb <= qk);
+            const int64_t c2 = qa < cs ? 0 : qk - cs;  // the cell's first key also takes the points before it
+            const bool table = dense(mdl.dtype, mu_q, e, r);
+            const int64_t i1 = level1_row(r) + (esc ? NCELL : cell + TJ);
+            cum[j] = table ? c1p[i1] : 0;
+            freq[j] = table ? c1p[i1 + 1] - c1p[i1] : int64_t(1) << PT;
+            cum2[j] = c2;
+            freq2[j] = std::min<int64_t>(qb, cs + (int64_t(1) << P2)) - cs - c2;
+            exact[j] = esc | !table;  // the exact model's step at level 2
+            shift2[j] = (esc | !table) ? PROB_BITS : P2;
+            key[j] = k, mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           }
-          for (int64_t j = 0; j < j_hi; ++j) {  // the rANS step (a word out, then the division)
-            int64_t& xl = x[j];
-            if (xl > (((freq[j] - 1) << ENC_SHIFT) | ((int64_t(1) << ENC_SHIFT) - 1))) {
-              scratch[(g0 + j) * stride + emitted[g0 + j]++] = uint32_t(xl & WORD_MASK);
-              xl >>= WORD_BITS;
-            }
-            const int64_t qt = xl / freq[j];
-            xl = (qt << PROB_BITS) + (xl - qt * freq[j]) + cum[j];
+          int64_t m = 0;  // the exact model's step, after ESC or alone: listed, then vectorised
+          for (int64_t j = 0; j < j_hi; ++j) {
+            list[m] = j;
+            m += exact[j] != 0;
           }
+#pragma omp simd
+          for (int64_t t = 0; t < m; ++t) {
+            const int64_t j = list[t];
+            int64_t c0, c1;
+            mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c0, c1);
+            cum2[j] = c0;
+            freq2[j] = c1 - c0;
+          }
+          put_block(x, cum2, freq2, shift2, j_hi, word2);  // level 2, then level 1 (decode order reversed)
+          put_block(x, cum, freq, shift, j_hi, word);
+          push_words(word2, j_hi, scratch.get(), stride, emitted.data(), g0);
+          push_words(word, j_hi, scratch.get(), stride, emitted.data(), g0);
         }
         for (int64_t l = l0; l < l1; ++l) {  // flush: low word first in decode order
           uint32_t* out = &scratch[(g0 + l - l0) * stride + emitted[g0 + l - l0]];
@@ -644,6 +849,161 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
   return {words, lane_words};
 }
 
+// One decoder stage of the table model (DESIGN.md "Decoding"): symbols [first, first + n)
+// of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key) takes each key. Per
+// step, (1) every lane's quantize_params and whether it is dense; (2) unless no lane is,
+// the level-1 entry (a branch-free bisection of the bucket's row), rANS step, and for a cell
+// the point's key by truncation and its level-2 step; (3) over a list of the lanes that
+// escaped or are not dense, the exact model's step (guess and check, as decode_stage); (4)
+// emit. All vectorised but the exact model's misses. x, ptr:
+// int64 [P * NL] lane states and next-word indices, bad: uint8 [P * NL] lanes that met a
+// point no key owns (a corrupt stream; the step then uses (slot, 1) and the lane goes on),
+// all updated in place.
+template <class EmitFn>
+void decode_stage_table(const Model& model, const int64_t* cum1, const double* q, const uint32_t* words_p,
+                        int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p, const float* mu_p,
+                        const float* sigma_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first,
+                        EmitFn emit) {
+  const int64_t last_word = num_words - 1;
+  const int64_t step_begin = first / num_lanes, step_end = (first + n + num_lanes - 1) / num_lanes;
+  const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
+  constexpr int64_t CELL_POINTS = int64_t(1) << P2;
+
+  at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
+    // Locals, not loads through the closure, in the vectorised loops.
+    const Model mdl = model;
+    const Dtype dt = model.dtype;
+    const EmitFn out = emit;
+    const double* qt = q;
+    const int64_t* c1p = cum1;
+    const uint32_t* wp = words_p;
+    const float *mus = mu_p, *sigmas = sigma_p;
+    // block slot j holds lane l0 + j: its state, next word and verdict, this step's key, whether
+    // takes the exact model's step (ESC, or not dense), and the quantised parameters it needs
+    int64_t x[LANE_BLOCK], ptr[LANE_BLOCK], bad[LANE_BLOCK], key[LANE_BLOCK], exact[LANE_BLOCK];
+    int64_t mu_qs[LANE_BLOCK], es[LANE_BLOCK], rs[LANE_BLOCK];
+    // the exact model's step: which slots take it, and C at their guess pair
+    int64_t list[LANE_BLOCK], c_lo[LANE_BLOCK], c_hi[LANE_BLOCK];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t page = b / blocks_per_page;
+      const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
+      const int64_t l1 = std::min(l0 + LANE_BLOCK, num_lanes);
+      const int64_t g0 = page * num_lanes + l0;  // the block's first lane in the batch
+      std::copy(x_p + g0, x_p + g0 + (l1 - l0), x);
+      std::copy(ptr_p + g0, ptr_p + g0 + (l1 - l0), ptr);
+      std::copy(bad_p + g0, bad_p + g0 + (l1 - l0), bad);
+      for (int64_t step = step_begin; step < step_end; ++step) {
+        // lane l holds stage symbol l + step * NL - first; idle outside [0, n) (ragged ends)
+        const int64_t base = step * num_lanes - first;
+        const int64_t j_lo = std::max(l0, -base) - l0, j_hi = std::min(l1, n - base) - l0;
+        const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
+
+        // Pass 1: the parameters, and whether the symbol takes the table (dense) or the exact
+        // model's step alone (level 1 is then the identity step, which reads nothing).
+#pragma omp simd
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          int64_t mu_q, e, r;
+          quantize(mus[i0 + j], sigmas[i0 + j], mu_q, e, r);
+          mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
+          exact[j] = !dense(dt, mu_q, e, r);
+        }
+        // Pass 2: level 1, then a cell's level 2 (an escape's level 2 is discarded) of lane j;
+        // a lane that is not dense keeps its state (a select).
+        const auto table_lane = [&](int64_t j) __attribute__((always_inline)) {  // inlined: its loops vectorise
+          const int64_t mu_q = mu_qs[j], e = es[j];
+          // level 1: the entry i with row[i] <= slot1 < row[i + 1], then the step
+          const int64_t row = level1_row(rs[j]);
+          const int64_t slot1 = x[j] & ((int64_t(1) << PT) - 1);
+          const int64_t i = level1_entry<int64_t(1) << floor_log2(NCELL)>(c1p, row, slot1, 0);
+          const int64_t c1 = c1p[row + i], f1 = c1p[row + i + 1] - c1;
+          int64_t x1 = f1 * (x[j] >> PT) + slot1 - c1;  // < 2^63 for any state: no wrap
+          const bool refill1 = x1 < RANS_L;
+          // (words read unconditionally, then selected: a conditional gather does not vectorise)
+          const int64_t word1 = int64_t(wp[std::min(ptr[j], last_word)]);
+          x1 = refill1 ? int64_t(uint64_t(x1) << WORD_BITS) | word1 : x1;
+          const int64_t p1 = ptr[j] + refill1;
+          // level 2: the key of point (cs + slot2) is the truncation of its value, or the first
+          // key starting in the cell if that key starts before it
+          const bool esc = i == NCELL;
+          const int64_t cs = (i - TJ) * CELL_POINTS;
+          const int64_t slot2 = x1 & (CELL_POINTS - 1);
+          const int64_t off = F - e;
+          const int64_t kt = dt.trunc_key(mu_q + (cs + slot2) * (int64_t(1) << W_SHIFT), e);
+          const int64_t q_m = first_point(dt, kt - 1, mu_q, off), q_0 = first_point(dt, kt, mu_q, off);
+          const int64_t q_1 = first_point(dt, kt + 1, mu_q, off), q_2 = first_point(dt, kt + 2, mu_q, off);
+          const bool later = q_0 < cs;  // kt starts before the cell: the point is k = kt + 1's
+          const int64_t q_prev = later ? q_0 : q_m, q_k = later ? q_1 : q_0, q_next = later ? q_2 : q_1;
+          int64_t c2 = q_prev < cs ? 0 : q_k - cs;
+          int64_t f2 = std::min<int64_t>(q_next, cs + CELL_POINTS) - cs - c2;
+          const bool valid = (q_k < cs + CELL_POINTS) & (f2 >= 1) & (c2 <= slot2) & (slot2 < c2 + f2);
+          c2 = valid ? c2 : slot2;
+          f2 = valid ? f2 : 1;
+          int64_t x2 = f2 * (x1 >> P2) + slot2 - c2;  // < 2^63: no wrap
+          const bool refill2 = x2 < RANS_L;
+          const int64_t word2 = int64_t(wp[std::min(p1, last_word)]);
+          x2 = refill2 ? int64_t(uint64_t(x2) << WORD_BITS) | word2 : x2;
+          const bool table = exact[j] == 0;
+          x[j] = table ? (esc ? x1 : x2) : x[j];
+          ptr[j] = table ? (esc ? p1 : p1 + refill2) : ptr[j];
+          bad[j] |= table & !(valid | esc);
+          key[j] = kt + later;
+          exact[j] = esc | !table;
+        };
+        // Over all lanes when many are dense (contiguous loads and stores), else over a list
+        // of the dense ones (a sharp predictor's pages: most symbols are not dense).
+        int64_t m = 0;
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          list[m] = j;
+          m += exact[j] == 0;
+        }
+        if (4 * m > j_hi - j_lo) {
+#pragma omp simd
+          for (int64_t j = j_lo; j < j_hi; ++j) table_lane(j);
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < m; ++t) table_lane(list[t]);
+        }
+        // Pass 3: the exact model's step, after ESC or alone, for the lanes listed so that
+        // their guess and C pair vectorise as in decode_stage; the misses search one by one;
+        // then the rANS step, vectorised again.
+        m = 0;
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          list[m] = j;
+          m += exact[j] != 0;
+        }
+#pragma omp simd
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t j = list[t];
+          const int64_t k = guess_key(dt, qt, x[j] & (M - 1), mu_qs[j], es[j], rs[j]);
+          key[j] = k;
+          mdl.cdf_pair(k, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c_lo[t], c_hi[t]);
+        }
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t j = list[t], slot = x[j] & (M - 1);
+          if (c_lo[t] > slot || c_hi[t] <= slot) {
+            search_key(mdl, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), slot, key[j], c_lo[t], c_hi[t]);
+          }
+        }
+#pragma omp simd
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t j = list[t];
+          const int64_t x_new = wrap_add(wrap_mul(c_hi[t] - c_lo[t], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[t]);
+          const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
+          const bool refill = x_new < RANS_L;
+          x[j] = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
+          ptr[j] += refill;
+        }
+        // Pass 4: emit.
+#pragma omp simd
+        for (int64_t j = j_lo; j < j_hi; ++j) out(page, col0 + j, key[j]);
+      }
+      std::copy(x, x + (l1 - l0), x_p + g0);
+      std::copy(ptr, ptr + (l1 - l0), ptr_p + g0);
+      for (int64_t j = 0; j < l1 - l0; ++j) bad_p[g0 + j] = uint8_t(bad[j] != 0);
+    }
+  });
+}
+
 // One decoder stage from float32 (mu, sigma) [P, n]: the keys go straight back to storage
 // patterns in out_bits [P, N] (int16 or uint8, columns first .. first + n) and, when
 // out_values is defined, to float32 values there ([P, N]; value_of_bits [2^B] float32 maps
@@ -652,7 +1012,8 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
                    const torch::Tensor& sigma, int64_t num_lanes, int64_t first, torch::Tensor out_bits,
                    c10::optional<torch::Tensor> out_values, const torch::Tensor& value_of_bits, const torch::Tensor& phi,
                    const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa, int64_t bits, int64_t man_bits,
-                   int64_t bias, bool fn_nan) {
+                   int64_t bias, bool fn_nan, const c10::optional<torch::Tensor>& cum1,
+                   c10::optional<torch::Tensor> bad) {
   TORCH_CHECK(words.dtype() == torch::kInt32 && words.is_contiguous() && words.numel() >= 1, "words: int32 [W >= 1]");
   for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x_t, &ptr_t, &phi}) {
     check_int64(*t, "decode argument");
@@ -679,19 +1040,31 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   int16_t* out16 = const_cast<int16_t*>(out_pattern.p16);
   uint8_t* out8 = const_cast<uint8_t*>(out_pattern.p8);
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
+  const auto emit = [=](int64_t page, int64_t col, int64_t k) {
+    const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
+    const int64_t j = page * total + first + col;
+    if (out16) out16[j] = int16_t(uint16_t(u)); else out8[j] = uint8_t(u);
+    if (values_p) values_p[j] = value_p[u];
+  };
+  const uint32_t* words_p = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  if (cum1.has_value()) {  // the table model
+    check_level1(*cum1);
+    TORCH_CHECK(bits == 16 && !fn_nan, "the table model codes 16-bit dtypes only");
+    TORCH_CHECK(bad.has_value() && bad->dtype() == torch::kUInt8 && bad->is_contiguous() && bad->numel() == x_t.numel(),
+                "the table model's decoder needs bad: uint8 [P * NL], contiguous");
+    decode_stage_table(model, cum1->data_ptr<int64_t>(), quantiles.data_ptr<double>(), words_p, words.numel(),
+                       x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), bad->data_ptr<uint8_t>(), mu_p, sigma_p,
+                       num_pages, n, num_lanes, first, emit);
+    return;
+  }
   decode_stage(
-      model, quantiles.data_ptr<double>(), reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
-      words.numel(), x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), num_pages, n, num_lanes, first,
+      model, quantiles.data_ptr<double>(), words_p, words.numel(), x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(),
+      num_pages, n, num_lanes, first,
       [=](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
         quantize(mu_p[i], sigma_p[i], m, ee, rr);
         inv = INVERSE(rr);
       },
-      [=](int64_t, int64_t page, int64_t col, int64_t k) {
-        const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
-        const int64_t j = page * total + first + col;
-        if (out16) out16[j] = int16_t(uint16_t(u)); else out8[j] = uint8_t(u);
-        if (values_p) values_p[j] = value_p[u];
-      });
+      [=](int64_t, int64_t page, int64_t col, int64_t k) { emit(page, col, k); });
 }
 
 // kernels/page_hash.py's page hash of a page's bytes (uint8 [n], contiguous): the sum mod

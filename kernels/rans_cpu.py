@@ -13,9 +13,13 @@ Interface (identical to the reference, so sglang_speckv/codec.py can dispatch by
 
 * ``cdf(keys, mu_q, e, r, dtype, w_wide, kappa)``: ``entropy_model.cdf``, same integers.
 * ``encode(cum, freq, num_lanes) -> (words, lane_words)``.
-* ``Decoder(words, lane_words, num_symbols, dtype, w_wide, kappa)`` with staged
+* ``Decoder(words, lane_words, num_symbols, dtype, w_wide, kappa, model)`` with staged
   ``decode(mu_q, e, r) -> keys`` and ``finish() -> ok [P]``; construction (stream
   validation, initial states) and ``finish`` are the reference's own code.
+* The value level the codec uses: ``encode_values(bits, mu, sigma, dtype, num_lanes,
+  w_wide, kappa, model)`` and ``Decoder.decode_values``, for both entropy models
+  (``model``: "exact", entropy_model's C(k), or "table", table_model's two-level lattice
+  for 16-bit dtypes; its level-1 table comes from table_model.level1_table).
 * ``page_hash(page)``: kernels/page_hash.py's page hash (the blob's ``raw_hash``), same u64
   as ``page_hash.reference``.
 
@@ -47,6 +51,7 @@ import torch
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import page_hash as ph
 from sglang_speckv.kernels import rans_reference as ref
+from sglang_speckv.kernels import table_model as tm
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,8 @@ def _macros() -> list[str]:
         "T_SHIFT": em.T_SHIFT, "INTERP_BITS": em.INTERP_BITS, "W_TOTAL": em.W_TOTAL,
         "RANS_L": ref.RANS_L, "WORD_BITS": ref.WORD_BITS, "ENC_SHIFT": ref.ENC_SHIFT,
         "QUANTILE_BITS": ref.QUANTILE_BITS,
+        "TB": tm.TB, "TJ": tm.TJ, "NCELL": tm.NCELL, "PT": tm.PT, "P2": tm.P2, "W_SHIFT": tm.W_SHIFT,
+        "TSAT": tm.TSAT, "CELL_SHIFT": tm.CELL_SHIFT, "DENSE_LOG": tm.DENSE_LOG,
     }  # fmt: skip
     floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex
     return [f"-DSPECKV_{name}={value}LL" for name, value in constants.items()] + [
@@ -235,6 +242,13 @@ def value_of_bits(dtype: str) -> torch.Tensor:
     return raw.view(em.TORCH_DTYPES[dtype]).to(torch.float32)
 
 
+def _level1(model: str, dtype: str, w_wide: int, kappa: int) -> torch.Tensor | None:
+    """The C++ coder's model argument: table_model.level1_table for the table model, None
+    for the exact model; ValueError for an unknown model or one that cannot code dtype."""
+    tm.check_model(model, dtype)
+    return tm.level1_table(w_wide, kappa) if model == tm.MODEL_TABLE else None
+
+
 def encode_values(
     bits: torch.Tensor | Sequence[torch.Tensor],
     mu: torch.Tensor | Sequence[torch.Tensor],
@@ -243,18 +257,21 @@ def encode_values(
     num_lanes: int,
     w_wide: int = em.W_WIDE,
     kappa: int = em.KAPPA,
+    model: str = tm.MODEL_EXACT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rans_reference.encode_values in one C++ pass per symbol (quantize_params, both C
-    values, the rANS step; no int64 [N] arrays), same bytes. bits: storage patterns (int16
-    for 16-bit dtypes, else uint8) [P, N] or [N], or one contiguous [N] tensor per page,
-    read in place; mu, sigma float32 [P, N] or [N], or one tensor per page whose C-order
-    flattening is its N values (Predictor.predict_rows: rows, possibly broadcast views),
-    read in place. Returns (words int32 [W] holding the u32 words, lane_words int64
-    [P, NL])."""
+    """rans_reference.encode_values in one C++ pass per symbol (quantize_params, the model
+    -- both C values, or the table model's two steps -- and the rANS steps; no int64 [N]
+    arrays), same bytes. bits: storage patterns (int16 for 16-bit dtypes, else uint8) [P, N]
+    or [N], or one contiguous [N] tensor per page, read in place; mu, sigma float32 [P, N]
+    or [N], or one tensor per page whose C-order flattening is its N values
+    (Predictor.predict_rows: rows, possibly broadcast views), read in place. model: "exact"
+    or "table" (16-bit dtypes). Returns (words int32 [W] holding the u32 words, lane_words
+    int64 [P, NL])."""
     ext = extension()
     if ext is None:
-        return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa)
+        return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa, model=model)
     em.check_mixture(w_wide, kappa)
+    cum1 = _level1(model, dtype, w_wide, kappa)
     b = em.symbol_bits(dtype)
     pages = list(ref._as_batch(bits)) if isinstance(bits, torch.Tensor) else list(bits)  # [N] each
     want = torch.int16 if b == 16 else torch.uint8
@@ -266,7 +283,7 @@ def encode_values(
         raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
     _check_cpu(*pages, *mu, *sigma)
     return tuple(ext.encode_values(
-        [p.contiguous() for p in pages], mu, sigma, num_lanes, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype],
+        [p.contiguous() for p in pages], mu, sigma, num_lanes, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype], cum1,
     ))  # fmt: skip
 
 
@@ -286,14 +303,30 @@ class Decoder(ref.Decoder):
     """rans_reference.Decoder with its per-stage loop in C++ (same keys, same verdict).
 
     Construction (stream validation, initial states x and word pointers ptr, int64
-    [P * NL]) and ``finish()`` are the reference's own code.
+    [P * NL]) and ``finish()`` are the reference's own code. ``model="table"`` decodes
+    the table model (in C++ with ``decode_values``; ``decode``, the integer level, runs the
+    reference's for it).
     """
+
+    def __init__(
+        self,
+        words: torch.Tensor,
+        lane_words: torch.Tensor,
+        num_symbols: int,
+        dtype: str,
+        w_wide: int = em.W_WIDE,
+        kappa: int = em.KAPPA,
+        model: str = tm.MODEL_EXACT,
+    ):
+        super().__init__(words, lane_words, num_symbols, dtype, w_wide, kappa, model)
+        self.cum1 = _level1(model, dtype, w_wide, kappa)
 
     def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page,
-        given their quantised parameters (int64, from quantize_params)."""
+        given their quantised parameters (int64, from quantize_params). The table model's
+        integer level runs the reference (the codec decodes with decode_values)."""
         ext = extension()
-        if ext is None:
+        if ext is None or self.model != tm.MODEL_EXACT:
             return super().decode(mu_q, e, r)
         squeeze = mu_q.dim() == 1
         (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
@@ -322,11 +355,15 @@ class Decoder(ref.Decoder):
             raise ValueError(f"out_bits must be [{self.num_pages}, {self.num_symbols}], got {tuple(out_bits.shape)}")
         _check_cpu(self.words, mu, sigma, out_bits)
         self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
+        # the table model's lanes that met a point no key owns (a corrupt stream)
+        bad = None if self.cum1 is None else torch.zeros(self.x.shape, dtype=torch.uint8)
         ext.decode_values(
             self.words.contiguous(), self.x, self.ptr, mu.contiguous(), sigma.contiguous(), self.num_lanes,
             self.position, out_bits, out_values, value_of_bits(self.dtype), em.phi_table(), self.quantiles,
-            self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype],
+            self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype], self.cum1, bad,
         )  # fmt: skip
+        if bad is not None:
+            self.lane_ok &= bad == 0
         self.position += n
 
 
@@ -386,6 +423,40 @@ def _self_check() -> None:
         )
         if not (same and round_trip):
             raise SystemExit(1)
+    # The value-level path the codec calls, both models on the same pages (the table model's
+    # first page against the reference encoder; the reference decoder would take minutes),
+    # and on pages of a sharp predictor (sigma / 50: most symbols not dense, so the table
+    # model codes them with the exact model's step). Best of 3 in CPU time of the process:
+    # steadier than wall time on a shared machine.
+    num_lanes = ref.default_lanes(n)
+    tm.level1_table(em.W_WIDE, em.KAPPA), value_of_bits(dtype)  # not timed
+    print(f"  value level, {num_lanes} lanes/page (encode_values, Decoder.decode_values), CPU time, best of 3:")
+    for label, shrink in (("sigma as above", 1.0), ("sigma / 50", 50.0)):
+        page_sigma = sigma / shrink
+        page_bits = (mu + page_sigma * torch.randn(num_pages, n)).to(em.TORCH_DTYPES[dtype]).view(torch.int16)
+        dense = float(tm.dense(*em.quantize_params(mu, page_sigma), dtype).double().mean())
+        print(f"    {label} ({dense:.1%} of the symbols dense):")
+        for model in tm.MODELS:
+            t_enc = t_dec = float("inf")
+            for _ in range(3):
+                t = time.process_time()
+                words, lane_words = encode_values(page_bits, mu, page_sigma, dtype, num_lanes, model=model)
+                t_enc = min(t_enc, time.process_time() - t)
+                dec = Decoder(words, lane_words, n, dtype, model=model)
+                out = torch.empty_like(page_bits)
+                t = time.process_time()
+                dec.decode_values(mu, page_sigma, out)
+                t_dec = min(t_dec, time.process_time() - t)
+            first_page = ref.encode_values(page_bits[:1], mu[:1], page_sigma[:1], dtype, num_lanes, model=model)[0]
+            same = torch.equal(words[: int(lane_words[0].sum())], first_page)
+            round_trip = torch.equal(out, page_bits) and bool(dec.finish().all())
+            print(
+                f"      {model:5s} model: {words.numel() * 32 / out.numel():.4f} bits/symbol; "
+                f"encode {t_enc / out.numel() * 1e9:5.1f} ns/symbol, decode {t_dec / out.numel() * 1e9:5.1f} ns/symbol; "
+                f"first page == reference: {same}; round trip: {'OK' if round_trip else 'FAILED'}"
+            )
+            if not (same and round_trip):
+                raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from collections.abc import Sequence
 import torch
 
 from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import table_model as tm
 
 RANS_L = 1 << 31  # lower bound of the normalised state interval [L, 2^63)
 WORD_BITS = 32  # the coder emits and reads 32-bit words
@@ -110,24 +111,39 @@ def _from_grid(grid: torch.Tensor, first: int, n: int, num_pages: int) -> torch.
     return flat[:, lead : lead + n]
 
 
-def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(
+    cum: torch.Tensor, freq: torch.Tensor, num_lanes: int, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """rANS-encode P pages of N symbols each with ``num_lanes`` lanes per page.
 
-    cum, freq: int64 [N] or [P, N], 0 <= cum, 1 <= freq, cum + freq <= M.
+    cum, freq: int64 [N] or [P, N] (one step per symbol, out of M = 2^PROB_BITS), or
+    [P, N, S] with ``scale`` [P, N, S] (S steps per symbol in decode order, step t out of
+    2^scale[..., t], scale <= 31: the table model's two steps); 0 <= cum, 1 <= freq,
+    cum + freq <= 2^scale.
     Returns (words, lane_words): words int64 [W] with values in [0, 2^32), every lane's
     stream in decode order, lane after lane, page after page; lane_words int64 [P, NL] with
     sum == W. Every lane has at least its 2 flush words (also a lane with no symbols).
     """
-    cum, freq = _as_batch(cum), _as_batch(freq)
-    if cum.shape != freq.shape or cum.dtype != torch.int64 or freq.dtype != torch.int64:
-        raise ValueError("cum and freq must be int64 tensors of the same shape")
+    if scale is None:
+        cum, freq = _as_batch(cum)[..., None], _as_batch(freq)[..., None]
+        scale = torch.full_like(cum, em.PROB_BITS)
+    if not (cum.shape == freq.shape == scale.shape and cum.dim() == 3):
+        raise ValueError("cum, freq (and scale) must have one shape: [N], [P, N] or [P, N, steps]")
+    if any(t.dtype != torch.int64 for t in (cum, freq, scale)):
+        raise ValueError("cum, freq and scale must be int64 tensors")
     if num_lanes < 1:
         raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
-    num_pages = cum.shape[0]
-    # Everything per-symbol happens here, before the loop: [steps, P * NL] grids.
-    cum_g = _to_grid(cum, 0, num_lanes, 0)
-    freq_g = _to_grid(freq, 0, num_lanes, em.M)  # (0, M) pads are identity steps
-    x_lim_g = ((freq_g - 1) << ENC_SHIFT) | ((1 << ENC_SHIFT) - 1)  # x_max - 1, fits int64
+    num_pages, _, per_symbol = cum.shape
+
+    # Everything per-symbol happens here, before the loop: [steps, P * NL] grids, a
+    # symbol's steps consecutive. (0, M) at scale PROB_BITS pads: identity steps.
+    def grid(t, fill):
+        levels = [_to_grid(t[..., i], 0, num_lanes, fill) for i in range(per_symbol)]
+        return torch.stack(levels, dim=1).flatten(0, 1)  # [symbol steps * S, lanes]
+
+    cum_g, freq_g, scale_g = grid(cum, 0), grid(freq, em.M), grid(scale, em.PROB_BITS)
+    enc_shift = WORD_BITS + 31 - scale_g  # x_max = freq << (63 - scale)
+    x_lim_g = ((freq_g - 1) << enc_shift) | ((1 << enc_shift) - 1)  # x_max - 1, fits int64
     steps, lanes = cum_g.shape
     out = torch.empty((steps, lanes), dtype=torch.int64, device=cum.device)
     emitted = torch.empty((steps, lanes), dtype=torch.bool, device=cum.device)
@@ -139,7 +155,7 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
         emitted[s] = emit
         x = torch.where(emit, x >> WORD_BITS, x)
         q = torch.div(x, freq_g[s], rounding_mode="floor")
-        x = (q << em.PROB_BITS) + (x - q * freq_g[s]) + cum_g[s]
+        x = (q << scale_g[s]) + (x - q * freq_g[s]) + cum_g[s]
 
     # Each lane's stream in decode order: flush (low, high), then emitted words by step.
     flush = torch.stack([x & WORD_MASK, x >> WORD_BITS], dim=1)  # [lanes, 2]
@@ -178,18 +194,24 @@ def encode_values(
     num_lanes: int,
     w_wide: int = em.W_WIDE,
     kappa: int = em.KAPPA,
+    model: str = tm.MODEL_EXACT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The value-level encoder (what rans_cpu and rans_triton fuse, same bytes): storage
     patterns ``bits`` (int16 for 16-bit dtypes, else uint8) and float32 (mu, sigma), all
-    [P, N] (or [N], or one tensor per page: see _params_batch) ->
-    quantize_params -> cdf -> encode. Returns (words int32 [W] holding
-    the u32 words, lane_words [P, NL])."""
+    [P, N] (or [N], or one tensor per page: see _params_batch) -> quantize_params -> the
+    model's steps (``model``: "exact", entropy_model.cdf, one step per symbol; "table",
+    table_model.symbol_steps, two) -> encode. Returns (words int32 [W] holding the u32 words,
+    lane_words [P, NL])."""
+    tm.check_model(model, dtype)
     keys = em.keys_from_bits(em.storage_bits(_params_batch(bits)), dtype)
     mu_q, e, r = em.quantize_params(_params_batch(mu), _params_batch(sigma))
-    cum = em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
-    freq = em.cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum
+    if model == tm.MODEL_TABLE:
+        cum, freq, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, w_wide, kappa)
+    else:
+        cum = em.cdf(keys, mu_q, e, r, dtype, w_wide, kappa)
+        freq, scale = em.cdf(keys + 1, mu_q, e, r, dtype, w_wide, kappa) - cum, None
     del keys, mu_q, e, r
-    words, lane_words = encode(cum, freq, num_lanes)
+    words, lane_words = encode(cum, freq, num_lanes, scale)
     return as_u32(words), lane_words
 
 
@@ -236,9 +258,11 @@ class Decoder:
         dtype: str,
         w_wide: int = em.W_WIDE,
         kappa: int = em.KAPPA,
+        model: str = tm.MODEL_EXACT,
     ):
         """words: int64 [W] in [0, 2^32) (lane streams, concatenated as ``encode`` returns
-        them); lane_words: int64 [P, NL] (sum == W); num_symbols: N per page."""
+        them); lane_words: int64 [P, NL] (sum == W); num_symbols: N per page; model: the
+        entropy model that coded them (table_model.MODELS)."""
         lane_words = _as_batch(lane_words)
         if words.dtype not in (torch.int64, torch.int32) or lane_words.dtype != torch.int64:
             raise ValueError("words must be int64 (or int32 holding u32 words) and lane_words int64")
@@ -249,7 +273,8 @@ class Decoder:
         em.check_mixture(w_wide, kappa)
         if em.symbol_bits(dtype) % SEARCH_BITS:
             raise ValueError(f"{dtype}: symbol bits must be a multiple of SEARCH_BITS={SEARCH_BITS}")
-        self.dtype, self.w_wide, self.kappa = dtype, w_wide, kappa
+        tm.check_model(model, dtype)
+        self.dtype, self.w_wide, self.kappa, self.model = dtype, w_wide, kappa, model
         self.quantiles = _quantile_table(w_wide, kappa).to(words.device)
         self.offsets = torch.arange(-WINDOW, WINDOW + 2, device=words.device)  # [2W + 2]
         self.position = 0  # symbols of each page decoded so far
@@ -266,6 +291,7 @@ class Decoder:
         self.ok = valid.view(self.num_pages, self.num_lanes).all(dim=1)  # [P]
         self.x = torch.where(valid, x, torch.full_like(x, RANS_L))  # keeps arithmetic in range
         self.ptr = starts + 2
+        self.lane_ok = torch.ones_like(valid)  # False once a lane decoded an impossible step
 
     def _search(self, slot, two_mu_q, off, inv):
         """Exact k-ary search: the key k with C(k) <= slot < C(k+1), and (C(k), C(k+1)).
@@ -313,6 +339,37 @@ class Decoder:
                 full[miss] = part
         return k, c_lo, c_hi
 
+    def _pop(self, x, ptr, slot, cum, freq, scale):
+        """One rANS decode step of every lane (slot = x & (2^scale - 1)), then at most one
+        word shifted in: (x, ptr). Reads past a lane's words are caught in finish()."""
+        x = freq * (x >> scale) + slot - cum
+        need = x < RANS_L
+        w = _word(self.words, ptr.clamp(max=self.words.numel() - 1))
+        return torch.where(need, (x << WORD_BITS) | w, x), ptr + need
+
+    def _table_symbol(self, x, ptr, g, cum1):
+        """One symbol of every lane under the table model (docs/DESIGN.md "The table
+        model"): the cell (or ESC), then the offset, the zero cell's point or the exact
+        model's step. g: the step's grids (exact model's invariants and guide, then mu_q, e,
+        r). Returns (key, x, ptr, ok)."""
+        mu_q, e, r = g[6:]
+        table = tm.dense(mu_q, e, r, self.dtype)
+        slot_x = x & (em.M - 1)  # the exact model's step, for the symbols not in the table
+        k_x, c_lo, c_hi = self._guess_and_check(slot_x, g[:3], g[3:6])
+        x_x, ptr_x = self._pop(x, ptr, slot_x, c_lo, c_hi - c_lo, em.PROB_BITS)
+        slot1 = x & ((1 << tm.PT) - 1)
+        entry, c1, f1 = tm.decode_cell(slot1, tm.row_index(mu_q, r), cum1)
+        x, ptr = self._pop(x, ptr, slot1, c1, f1, tm.PT)
+        k, slot, cum, freq, scale, ok = tm.decode_level2(entry, x, mu_q, e, self.dtype)
+        esc = (entry == tm.ESC).nonzero().squeeze(1)
+        if esc.numel():  # the exact model's step for the escaped lanes
+            slot_e = x[esc] & (em.M - 1)
+            k_e, c_lo, c_hi = self._guess_and_check(slot_e, [p[esc] for p in g[:3]], [p[esc] for p in g[3:6]])
+            for full, part in zip((k, cum, freq, slot, scale, ok), (k_e, c_lo, c_hi - c_lo, slot_e, em.PROB_BITS, True)):
+                full[esc] = part
+        x, ptr = self._pop(x, ptr, slot, cum, freq, scale)
+        return (torch.where(table, k, k_x), torch.where(table, x, x_x), torch.where(table, ptr, ptr_x), ok | ~table)
+
     def _stage(self, params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[list[torch.Tensor], int]:
         """The one argument check of a decoder stage, shared by the three coders: the
         stage's parameters ([P, n] or [n], all of ``dtype`` and one shape) as [P, n]
@@ -346,27 +403,32 @@ class Decoder:
             _to_grid(sig_f, first, nl, 1),
             _to_grid(_nearest_key(mu_f, self.dtype), first, nl, 0),
         ]
+        if self.model == tm.MODEL_TABLE:
+            grids += [_to_grid(mu_q, first, nl, 0), _to_grid(e, first, nl, 0), _to_grid(r, first, nl, 1 << em.R)]
+            cum1 = tm.level1_table(self.w_wide, self.kappa).to(mu_q.device)
         steps = grids[0].shape[0]
         # Which (step, lane) cells hold a symbol of this stage: [steps, NL] -> lanes.
         cell = torch.arange(steps * nl, device=mu_q.device).view(-1, nl) + (first - first % nl)
         active_g = ((cell >= first) & (cell < first + n)).repeat(1, self.num_pages)
         keys_g = torch.empty_like(grids[0])
-        last_word = self.words.numel() - 1
-        x, ptr = self.x, self.ptr
+        x, ptr, lane_ok = self.x, self.ptr, self.lane_ok
         for s in range(steps):
-            slot = x & (em.M - 1)
-            k, c_lo, c_hi = self._guess_and_check(slot, [g[s] for g in grids[:3]], [g[s] for g in grids[3:]])
-            x_new = (c_hi - c_lo) * (x >> em.PROB_BITS) + slot - c_lo
-            need = x_new < RANS_L
-            w = _word(self.words, ptr.clamp(max=last_word))  # reads past a lane are caught in finish
-            x_new = torch.where(need, (x_new << WORD_BITS) | w, x_new)
-            ptr_new = ptr + need
+            g = [grid[s] for grid in grids]
+            if self.model == tm.MODEL_TABLE:
+                k, x_new, ptr_new, ok = self._table_symbol(x, ptr, g, cum1)
+            else:
+                slot = x & (em.M - 1)
+                k, c_lo, c_hi = self._guess_and_check(slot, g[:3], g[3:6])
+                x_new, ptr_new = self._pop(x, ptr, slot, c_lo, c_hi - c_lo, em.PROB_BITS)
+                ok = lane_ok
             if s == 0 or s == steps - 1:  # only the ends of a stage are ragged
                 act = active_g[s]
                 x_new = torch.where(act, x_new, x)
                 ptr_new = torch.where(act, ptr_new, ptr)
-            x, ptr = x_new, ptr_new
+                ok = ok | ~act
+            x, ptr, lane_ok = x_new, ptr_new, lane_ok & ok
             keys_g[s] = k
+        self.lane_ok = lane_ok
         self.x, self.ptr = x, ptr
         self.position += n
         keys = _from_grid(keys_g, first, n, self.num_pages)
@@ -392,7 +454,7 @@ class Decoder:
         its words and returned to RANS_L. False means a corrupt or foreign stream."""
         if self.position != self.num_symbols:
             raise ValueError(f"finish() after {self.position} of {self.num_symbols} symbols")
-        lane_ok = (self.x == RANS_L) & (self.ptr == self.end)
+        lane_ok = (self.x == RANS_L) & (self.ptr == self.end) & self.lane_ok
         return self.ok & lane_ok.view(self.num_pages, self.num_lanes).all(dim=1)
 
 

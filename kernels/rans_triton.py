@@ -3,20 +3,24 @@
 It must produce the SAME BYTES as the torch reference (``rans_reference.encode``) and decode
 the same keys with the same verdict (``rans_reference.Decoder``), on every input; the tests
 (tests/test_rans_triton.py) compare the two bit for bit, under TRITON_INTERPRET=1 on CPU and
-natively on CUDA. The coder math is docs/DESIGN.md "The coder"; every constant is imported
-from entropy_model.py / rans_reference.py, none is repeated here.
+natively on CUDA. The coder math is docs/DESIGN.md "The coder" (the table model: "The
+table model"); every constant is imported from entropy_model.py / rans_reference.py /
+table_model.py, none is repeated here.
 
 Interface (identical to the reference's and rans_cpu's, so sglang_speckv/codec.py can
 dispatch by device). What the codec calls, one kernel each (quantize_params, C and the rANS
 step fused per symbol, as rans_cpu.cpp ``encode_values`` / ``decode_values`` do on the CPU;
 nothing int64 per symbol on the device):
 
-* ``encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa) -> (words, lane_words)``:
-  storage patterns (int16 for 16-bit dtypes, uint8 for fp8) and float32 (mu, sigma), all
-  [P, N]; words int32 holding the u32 words, lane_words int64 [P, NL].
-* ``Decoder(...).decode_values(mu, sigma, out_bits, out_values=None)``: the next n symbols
-  of every page from float32 (mu, sigma) [P, n] into columns [position, position + n) of
-  out_bits [P, N] (storage patterns) and optionally out_values [P, N] (float32).
+* ``encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa, model) -> (words,
+  lane_words)``: storage patterns (int16 for 16-bit dtypes, uint8 for fp8) and float32
+  (mu, sigma), all [P, N]; words int32 holding the u32 words, lane_words int64 [P, NL].
+  ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
+  dtypes: table_model, a cell and a point, two steps per symbol; _encode_table_kernel).
+* ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, out_values=None)``: the next
+  n symbols of every page from float32 (mu, sigma) [P, n] into columns
+  [position, position + n) of out_bits [P, N] (storage patterns) and optionally out_values
+  [P, N] (float32); the table model through _decode_table_kernel.
 
 The integer-level interface (tests, examples/estimate_sm90.py):
 
@@ -28,6 +32,7 @@ The integer-level interface (tests, examples/estimate_sm90.py):
   ``decode(mu_q, e, r) -> keys`` and ``finish() -> ok [P]``. It inherits construction
   (stream validation, initial states) and ``finish`` from the reference Decoder: only the
   per-stage loop runs on the GPU. Both decode methods read int32 (u32) or int64 words.
+  ``decode`` is the exact model's only (the table model raises NotImplementedError).
 
 quantize_params in a kernel (``_quantize``, the port of rans_cpu.cpp ``quantize``) uses only
 exact float64 operations, so the integers (mu_q, e, r) that reach the bitstream are the
@@ -89,13 +94,22 @@ has its table:
   Its scratch writes are scattered (one region per lane); a step-major scratch would
   coalesce them if the encoder ever shows up in a profile.
 
+* The table model (DESIGN.md "The table model", "On the GPU"): per symbol quantize_params,
+  the dense test, the level-1 search (8 probes in a padded int32 row), the level-1 rANS
+  step, the truncation map and three first points (int32, clamped), the point's rANS step;
+  the exact model's step in a branch taken when any lane of the program escaped or is not
+  dense. Its hit path compiles to ~475 SASS instructions (bf16) against ~483 for the exact
+  model's value-level kernel: about the same (examples/estimate_sm90.py; docs/BENCHMARKS.md
+  "Coder on GPU" has the breakdown).
+
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
 
 * ``encode_values``: the scratch, int32 [P * NL * (S + 2)] (4 B per symbol: a lane emits at
   most one word per step, since after an emission x < 2^31 <= freq << 35, plus its 2-word
-  final state), the words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per
-  lane (begin, counts, dest). The route through the reference's wrapper it replaces held
+  final state; the table model's two steps per symbol: [P * NL * (2 S + 2)], 8 B), the
+  words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per lane (begin,
+  counts, dest). The route through the reference's wrapper it replaces held
   int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
   peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
   words.
@@ -121,6 +135,7 @@ import triton.language as tl
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import rans_cpu as rc
 from sglang_speckv.kernels import rans_reference as ref
+from sglang_speckv.kernels import table_model as tm
 
 # The reference's constants, wrapped so that @triton.jit code may read them as globals.
 _PROB_BITS = tl.constexpr(em.PROB_BITS)
@@ -152,6 +167,29 @@ _X_MAX_F = tl.constexpr(float(em.X_MAX))  # 2^50
 _TWO_R = tl.constexpr(float(1 << em.R))  # 2^R
 _TWO52 = tl.constexpr(2.0**52)  # round-half-even by addition (see _round_half_even)
 _NUM_CELLS = tl.constexpr(1 << ref.QUANTILE_BITS)  # cells of the guess's quantile table
+# The table model's constants (table_model.py; docs/DESIGN.md "The table model").
+_TJ = tl.constexpr(tm.TJ)
+_ESC = tl.constexpr(tm.ESC)
+# A level-1 row (CUM1[b], NCELL + 2 entries) as the kernels read it: padded with 2^PT to
+# ROW = 2^8 entries, so that the search's probes (i + 2^7, ..., i + 1 < 2^8) need no clamp.
+ROW_PROBES = tm.NCELL.bit_length()  # 8: probes 2^7, ..., 1 reach every entry in [0, NCELL]
+ROW = 1 << ROW_PROBES
+_ROW = tl.constexpr(ROW)
+_ROW_PROBES = tl.constexpr(ROW_PROBES)
+_ROW_FIRST_PROBE = tl.constexpr(ROW >> 1)
+_PT = tl.constexpr(tm.PT)
+_PT_MASK = tl.constexpr((1 << tm.PT) - 1)
+_P2 = tl.constexpr(tm.P2)
+_P2_MASK = tl.constexpr((1 << tm.P2) - 1)
+_CELL = tl.constexpr(1 << tm.P2)  # points per cell
+_W_SHIFT = tl.constexpr(tm.W_SHIFT)
+_Q_CLAMP = tl.constexpr(1 << 30)  # first points are clamped here (see "The table model" below)
+_W = tl.constexpr(1 << tm.W_SHIFT)  # lattice points are W units of delta apart
+_E_MAX = tl.constexpr(int(em.SIGMA_MAX).bit_length() - 1)  # the largest e of quantize_params (60)
+_DENSE_MAX = tl.constexpr(tm.CELL_SHIFT - tm.DENSE_LOG)  # table_model.dense: log2 key spacing <= this
+_SIGMA2_SHIFT = tl.constexpr(em.F - em.R + 1)  # r << this = 2 sigma in units of delta
+_BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.bucket: b = (r >> (R - TB)) - 2^TB
+_NUM_BUCKETS = tl.constexpr(1 << tm.TB)
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
 BLOCK_LANES = 128
@@ -349,6 +387,143 @@ def _pattern_of_key(key, BITS: tl.constexpr):
     return tl.where((key & TOP) != 0, key ^ TOP, key ^ ONES)
 
 
+# ---- The table model, as @triton.jit helpers (mirror table_model.py) ----------------------
+#
+# docs/DESIGN.md "The table model" is the specification. Keys, exponents, level-1 entries and
+# first points are int32; thresholds T(k) and the point n are int64 (|T| < 2^63).
+#
+# First points are clamped: q(k) is only ever compared with a cell's bounds, cs and
+# cs + 2^P2 with |cs| <= TJ 2^P2 = 2^22, or shifted down to its cell and compared with
+# +-TJ, so clamping q to +-Q_CLAMP = +-2^30 changes no decision and no (cum, freq) that is
+# coded (a clamped q lies far outside every cell, on the same side), and lets the rest run
+# in int32. For the same reason T is not saturated at +-TSAT: a saturated T gives
+# |q| > 2^48, clamped like the unsaturated one. The decoder measures q from its point
+# instead of from mu (below), which keeps the same decisions in int32 there too.
+
+
+@triton.jit
+def _dense(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.dense: the symbol is coded by the table (else by the exact model's one
+    step): the key spacing at |mu| + 2 sigma, 2^ls units of delta, is at most a cell over
+    2^DENSE_LOG. int64 mu_q, r; int32 e. floor(log2 v) is the exponent of float64(v)
+    (v < 2^51: exact)."""
+    v = tl.abs(mu_q) + (r << _SIGMA2_SHIFT)  # |mu| + 2 sigma in delta, in [2^21, 2^51)
+    lv = (v.to(tl.float64).to(tl.int64, bitcast=True) >> 52).to(tl.int32) - 1023
+    # log2 of the key spacing there, max(lv, EMIN + F - e) - MB (below the smallest normal:
+    # the subnormal spacing), with e moved out of the max
+    ls = tl.maximum(lv + e, 1 - BIAS + _F) - e - MAN_BITS
+    return ls <= _DENSE_MAX
+
+
+@triton.jit
+def _first_point(k, base, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, ENDS: tl.constexpr):
+    """clamp(ceil((T(k) - base) / W), +-Q_CLAMP), int32, for int32 keys k in [0, 2^B) (with
+    ENDS: [-1, 2^B]), int64 base, int32 e. With base = mu_q it is q(k) (table_model.first_point);
+    with base = a point n = mu_q + c W it is q(k) - c.
+
+    T(k) (table_model.thresholds): a point n maps to a key >= k iff n >= T(k). It is set by
+    key k's value (k >= k0, the key of +0: its ceiling) or key k - 1's (k < k0: its floor
+    + 1), +-sig * 2^s units of delta read from the key's bits as in _value_units; keys past
+    the ends, inf and NaN give +-TSAT, here the clamp. No overflow: |T| < 2^63 - 2^52
+    (sig < 2^11, s clamped at 52) and |base| < 2^51. Where inf and NaN are so large that
+    their sig * 2^s with s clamped at 52 is past the clamp for every e (bf16: s >= 81, sig
+    >= 2^7), the explicit test is left out (a constexpr decides)."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    TOP: tl.constexpr = 1 << (BITS - 1)  # k0
+    ONES: tl.constexpr = (1 << BITS) - 1
+    SPECIAL_S: tl.constexpr = (1 << EXP_BITS) - 1 - BIAS - MAN_BITS + _F - _E_MAX  # s of inf / NaN, at least
+    SPECIAL_SATURATES: tl.constexpr = SPECIAL_S >= 52
+    neg = k < TOP
+    m = tl.where(neg, k - 1, k) & ONES  # the key whose value sets T (k = -1, 2^B: overridden)
+    bits = tl.where((m & TOP) != 0, m ^ TOP, m ^ ONES)  # entropy_model.bits_from_keys
+    biased = (bits >> MAN_BITS) & ((1 << EXP_BITS) - 1)
+    sig = (bits & ((1 << MAN_BITS) - 1)) + ((biased != 0).to(tl.int32) << MAN_BITS)  # < 2^11
+    s = tl.maximum(biased, 1) - BIAS - MAN_BITS + _F - e  # |value(m)| = sig * 2^s units of delta
+    # floor(-sig * 2^s): -(sig << s) for s >= 0 (exact up to s = 52: every value that large
+    # is past the clamp anyway); an arithmetic >> for s < 0, in int32 (-sig >= -2^11, so
+    # >> 31 gives what the reference's >> 62 gives)
+    up = sig.to(tl.int64) << tl.minimum(tl.maximum(s, 0), 52)
+    down = (-sig) >> tl.minimum(tl.maximum(-s, 0), 31)
+    low = tl.where(s >= 0, -up, down.to(tl.int64))
+    # T(k) + W - 1: floor(value(k - 1)) + 1, or ceil(value(k)); then ceil((T - base) / W)
+    t = tl.where(neg, low + _W, (_W - 1) - low)
+    q = tl.minimum(tl.maximum((t - base) >> _W_SHIFT, -_Q_CLAMP), _Q_CLAMP).to(tl.int32)
+    if not SPECIAL_SATURATES:
+        special = biased == (1 << EXP_BITS) - 1  # inf / NaN (16-bit dtypes: IEEE-like)
+        q = tl.where(special, tl.where(neg, -_Q_CLAMP, _Q_CLAMP), q)  # T = -+TSAT
+    if ENDS:
+        q = tl.where(k > ONES, _Q_CLAMP, q)  # T(2^B) = +TSAT
+        q = tl.where(k <= 0, -_Q_CLAMP, q)  # T(-1) = T(0) = -TSAT
+    return q
+
+
+@triton.jit
+def _trunc_key(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.trunc_key: the key (int32) of n * 2^(e - F) truncated toward zero to the
+    dtype (the largest finite magnitude beyond it; n = 0 -> +0). int64 n with |n| < 2^51:
+    float64(|n|) is exact and scaling it by 2^(e - F) (a normal result) only adds e - F to
+    its exponent, so the bits are read from float64(|n|) with that exponent: the same
+    integers as the reference's float64 product, without a multiply. MAN_BITS mantissa bits
+    of the dtype; the rest in int32."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    EMIN: tl.constexpr = 1 - BIAS
+    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS
+    MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)
+    u = tl.abs(n).to(tl.float64).to(tl.int64, bitcast=True)  # sign bit 0
+    big_e = (u >> 52).to(tl.int32) - 1023 + e - _F  # the exponent of |n| * 2^(e - F)
+    frac = (u >> (52 - MAN_BITS)).to(tl.int32) & ((1 << MAN_BITS) - 1)  # its top MAN_BITS
+    normal = ((big_e + BIAS) << MAN_BITS) | frac
+    # subnormal: 1.frac >> (EMIN - E), which is (m | 2^52) >> (52 - MB + EMIN - E) in two steps
+    sub = (frac | (1 << MAN_BITS)) >> tl.minimum(tl.maximum(EMIN - big_e, 0), 31)
+    mag = tl.where(big_e >= EMIN, normal, sub)
+    mag = tl.where(big_e > EMAX, MAX_MAG, mag)
+    mag = tl.where(n == 0, 0, mag)
+    return _key_of_pattern(mag | ((n < 0).to(tl.int32) << (BITS - 1)), BITS)
+
+
+@triton.jit
+def _level1_entry(slot1, row_ptr):
+    """table_model.decode_cell: the entry i in [0, NCELL] of a level-1 row (int32 CUM1[b]
+    padded to ROW entries, from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and
+    (CUM1[i], CUM1[i + 1] - CUM1[i]). A branch-free binary search: probes i + 2^7, ..., i + 1
+    (padding entries are 2^PT > slot1: never taken); CUM1[0] = 0."""
+    entry = tl.zeros_like(slot1)
+    cum = tl.zeros_like(slot1)
+    for level in tl.static_range(_ROW_PROBES):
+        cand = entry + (_ROW_FIRST_PROBE >> level)
+        c = tl.load(row_ptr + cand)
+        take = c <= slot1
+        entry = tl.where(take, cand, entry)
+        cum = tl.where(take, c, cum)
+    return entry, cum, tl.load(row_ptr + entry + 1) - cum
+
+
+@triton.jit
+def _decode_point(entry, slot2, mu_q, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.decode_point: level 2 of a lane whose level-1 entry is a cell (ESC lanes
+    get garbage, replaced by the caller): (key, cum2, cnt, valid), int32. The point
+    p = cs + slot2 of cell j = entry - TJ (cs = j 2^P2) truncates to k'; if k' started in an
+    earlier cell the point belongs to k = k' + 1. q is evaluated at three keys: k', k' + 1
+    and k' - 1 or k' + 2 (whichever of q(k - 1), q(k + 1) is not among the first two), each
+    as d(k) = q(k) - p (_first_point from the point n; clamped, which keeps every decision:
+    q(k) < cs iff d(k) < -slot2, q(k) - cs = d(k) + slot2). Where the stream cannot be
+    valid (a corrupt one), (cum2, cnt) = (slot2, 1) keeps the state in range."""
+    cs = (entry - _TJ) << _P2  # the cell's first point, relative to mu
+    n = mu_q + ((cs + slot2).to(tl.int64) << _W_SHIFT)  # the point, units of delta from 0
+    kp = _trunc_key(n, e, BITS, MAN_BITS, BIAS)
+    dp = _first_point(kp, n, e, BITS, MAN_BITS, BIAS, False)
+    d1 = _first_point(kp + 1, n, e, BITS, MAN_BITS, BIAS, False)
+    before = dp < -slot2  # q(k') < cs: k' started in an earlier cell
+    d3 = _first_point(tl.where(before, kp + 2, kp - 1), n, e, BITS, MAN_BITS, BIAS, False)
+    da = tl.where(before, dp, d3)  # q(k - 1) - p
+    dk = tl.where(before, d1, dp)  # q(k) - p
+    db = tl.where(before, d3, d1)  # q(k + 1) - p
+    cum2 = tl.where(da < -slot2, 0, dk + slot2)  # 0 if q(k - 1) < cs, else q(k) - cs
+    cnt = tl.minimum(db + slot2, _CELL) - cum2  # min(q(k + 1), cs + 2^P2) - cs - cum2
+    valid = (dk + slot2 < _CELL) & (cnt >= 1) & (cum2 <= slot2) & (slot2 < cum2 + cnt)
+    return kp + before.to(tl.int32), tl.where(valid, cum2, slot2), tl.where(valid, cnt, 1), valid
+
+
 @triton.jit
 def _cdf_kernel(keys_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, out_ptr,
                 num_elems, w_wide, kappa,
@@ -369,17 +544,23 @@ def _cdf_kernel(keys_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, out_ptr,
 
 
 @triton.jit
-def _rans_push(x, ptr, cum, freq, active, scratch_ptr):
-    """One encoder step of the active lanes (rans_reference.encode): emit a word below
-    scratch[ptr] if x >= freq << 35, then x = (x // freq << 28) + x % freq + cum. int64 x,
-    ptr (the lane's next free word + 1), cum, freq; the word is stored in scratch's element
-    type (int64, or int32 holding the u32 word: a truncation of x & (2^32 - 1))."""
-    emit = active & (x >= (freq << _ENC_SHIFT))  # freq <= M - 2^B: no overflow
+def _rans_push(x, ptr, cum, freq, scale, active, scratch_ptr):
+    """One encoder step of the active lanes at scale s (rans_reference.encode; s = PROB_BITS
+    for the exact model, PT, P2 or PROB_BITS for the table model's steps): emit a word below
+    scratch[ptr] if x >= x_max = freq << (63 - s), then x = (x // freq << s) + x % freq + cum.
+    int64 x, ptr (the lane's next free word + 1), cum, freq; s an int or an int tensor <= 31.
+    x_max is 2^63 where freq = 2^s (a step of probability one), so the test is the
+    reference's x > x_max - 1 = ((freq - 1) << (63 - s)) | (2^(63 - s) - 1), which fits
+    int64. The word is stored in scratch's element type (int64, or int32 holding the u32
+    word: a truncation of x & (2^32 - 1))."""
+    shift = _WORD_BITS + 31 - scale  # x_max = freq << shift; ENC_SHIFT for s = PROB_BITS
+    ones = (tl.full(x.shape, 1, tl.int64) << shift) - 1
+    emit = active & (x > (((freq - 1) << shift) | ones))
     ptr = tl.where(emit, ptr - 1, ptr)
     tl.store(scratch_ptr + ptr, (x & _WORD_MASK).to(scratch_ptr.dtype.element_ty), mask=emit)
     x_norm = tl.where(emit, x >> _WORD_BITS, x)
     q = x_norm // freq  # x >= 0 and freq >= 1: truncation == floor
-    x = tl.where(active, (q << _PROB_BITS) + (x_norm - q * freq) + cum, x)
+    x = tl.where(active, (q << scale) + (x_norm - q * freq) + cum, x)
     return x, ptr
 
 
@@ -412,7 +593,7 @@ def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
         active = lane_mask & (offs_sym < num_symbols)  # a lane's ragged last step is idle
         cum = tl.load(cum_ptr + offs_page + offs_sym, mask=active, other=0)
         freq = tl.load(freq_ptr + offs_page + offs_sym, mask=active, other=1)
-        x, ptr = _rans_push(x, ptr, cum, freq, active, scratch_ptr)
+        x, ptr = _rans_push(x, ptr, cum, freq, _PROB_BITS, active, scratch_ptr)
     _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
 
 
@@ -445,7 +626,63 @@ def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, scratch_ptr, beg
         mu_q, e, r = _quantize(mu, sigma)
         c_lo, c_hi = _cdf_pair(_key_of_pattern(pattern, BITS), 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa,
                                BITS, MAN_BITS, BIAS, FN_NAN)
-        x, ptr = _rans_push(x, ptr, c_lo.to(tl.int64), (c_hi - c_lo).to(tl.int64), active, scratch_ptr)
+        x, ptr = _rans_push(x, ptr, c_lo.to(tl.int64), (c_hi - c_lo).to(tl.int64), _PROB_BITS, active, scratch_ptr)
+    _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
+
+
+@triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_symbols", "num_steps", "w_wide", "kappa"])
+def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch_ptr, begin_ptr,
+                         num_lanes, lanes_per_page, num_symbols, num_steps, w_wide, kappa,
+                         BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
+                         BLOCK_LANES: tl.constexpr):
+    """_encode_values_kernel under the table model (table_model.symbol_steps, then the
+    reference's encode with two steps per symbol): bits int16 [P, N] storage patterns, mu,
+    sigma float32 [P, N]; cum1 int32 [2^TB * ROW] (table_model.level1_table, rows padded to
+    ROW entries: _level1_table); scratch int32 [lanes * (2 S + 2)] (a lane emits at most one
+    word per step, two per symbol), begin int64 [lanes]. Per symbol, walking backwards: the
+    point (or, after ESC, the exact model's C(k), C(k + 1) at scale 28), then the cell; a
+    symbol that is not dense: the exact model's step alone."""
+    offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
+    lane_mask = offs_lane < num_lanes
+    page = offs_lane // lanes_per_page
+    lane = offs_lane % lanes_per_page
+    offs_page = page * num_symbols
+    ptr = (offs_lane + 1) * (2 * num_steps + 2)
+    x = tl.full([BLOCK_LANES], _RANS_L, tl.int64)
+    for s in range(0, num_steps):
+        step = num_steps - 1 - s
+        offs_sym = offs_page + lane + step * lanes_per_page
+        active = lane_mask & (lane + step * lanes_per_page < num_symbols)
+        # int16 loads sign-extend: the mask keeps the pattern's B bits
+        pattern = tl.load(bits_ptr + offs_sym, mask=active, other=0).to(tl.int32) & ((1 << BITS) - 1)
+        mu = tl.load(mu_ptr + offs_sym, mask=active, other=0.0)
+        sigma = tl.load(sigma_ptr + offs_sym, mask=active, other=1.0)
+        mu_q, e, r = _quantize(mu, sigma)
+        key = _key_of_pattern(pattern, BITS)
+        qa = _first_point(key - 1, mu_q, e, BITS, MAN_BITS, BIAS, True)  # int32, clamped (see _first_point)
+        qk = _first_point(key, mu_q, e, BITS, MAN_BITS, BIAS, True)
+        qb = _first_point(key + 1, mu_q, e, BITS, MAN_BITS, BIAS, True)
+        j = qk >> _P2  # the cell of the key's first point
+        cs = j << _P2
+        esc = (j < -_TJ) | (j >= _TJ) | (qb <= qk)  # off the lattice, or no point maps to the key
+        table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+        exact = esc | ~table  # the exact model's step: after ESC, or alone
+        cum = tl.where(qa < cs, 0, qk - cs)  # the first key of a cell takes the points before it
+        freq = tl.where(exact, 1, tl.minimum(qb, cs + _CELL) - cs - cum)  # exact: replaced below
+        if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
+            c_lo, c_hi = _cdf_pair(key, 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa,
+                                   BITS, MAN_BITS, BIAS, FN_NAN)
+            cum = tl.where(exact, c_lo, cum)
+            freq = tl.where(exact, c_hi - c_lo, freq)
+        # a symbol that is not dense: its exact step, then the reference's identity step
+        # (0, 2^PT), which emits nothing and leaves x as it is, so it is skipped here
+        x, ptr = _rans_push(x, ptr, cum.to(tl.int64), freq.to(tl.int64), tl.where(exact, _PROB_BITS, _P2), active,
+                            scratch_ptr)
+        row_ptr = cum1_ptr + ((r >> _BUCKET_SHIFT).to(tl.int32) - _NUM_BUCKETS) * _ROW
+        entry = tl.where(esc, _ESC, j + _TJ)  # in [0, NCELL]
+        c1 = tl.load(row_ptr + entry, mask=active & table, other=0)
+        f1 = tl.load(row_ptr + entry + 1, mask=active & table, other=1) - c1
+        x, ptr = _rans_push(x, ptr, c1.to(tl.int64), f1.to(tl.int64), _PT, active & table, scratch_ptr)
     _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
 
 
@@ -526,20 +763,30 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     _encode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
         cum, freq, scratch, begin, lanes, num_lanes, num_symbols, num_steps, BLOCK_LANES=BLOCK_LANES,
     )
-    return _compact(scratch, begin, num_steps, num_pages, num_lanes)
+    return _compact(scratch, begin, num_steps + 2, num_pages, num_lanes)
 
 
-def _compact(scratch, begin, num_steps, num_pages, num_lanes):
-    """The lanes' streams from their scratch regions of num_steps + 2 words (ending at each
+def _compact(scratch, begin, region, num_pages, num_lanes):
+    """The lanes' streams from their scratch regions of ``region`` words each (ending at each
     region's end, starting at begin [lanes]), concatenated: (words [W] of scratch's dtype,
     lane_words int64 [P, NL]). One host sync (the total size)."""
     lanes = num_pages * num_lanes
-    end = torch.arange(1, lanes + 1, dtype=torch.int64, device=scratch.device) * (num_steps + 2)
+    end = torch.arange(1, lanes + 1, dtype=torch.int64, device=scratch.device) * region
     counts = end - begin  # [lanes]
     dest = torch.cumsum(counts, 0) - counts  # exclusive scan: where each lane's stream goes
     words = torch.empty(int(counts.sum()), dtype=scratch.dtype, device=scratch.device)
     _compact_kernel[(lanes,)](scratch, begin, counts, dest, words, BLOCK=BLOCK_ELEMS)
     return words, counts.view(num_pages, num_lanes)
+
+
+@functools.lru_cache(maxsize=8)
+def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
+    """table_model.level1_table on ``device`` as int32 [2^TB * ROW], row by row, each row
+    padded with 2^PT to ROW entries (entries <= 2^PT; the kernels read it, never build it)."""
+    table = tm.level1_table(w_wide, kappa).to(torch.int32)  # [2^TB, NCELL + 2]
+    padded = torch.full((table.shape[0], ROW), 1 << tm.PT, dtype=torch.int32)
+    padded[:, : table.shape[1]] = table
+    return padded.reshape(-1).to(device)
 
 
 def encode_values(
@@ -550,25 +797,30 @@ def encode_values(
     num_lanes: int,
     w_wide: int = em.W_WIDE,
     kappa: int = em.KAPPA,
+    model: str = tm.MODEL_EXACT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rans_reference.encode_values in one kernel pass per symbol (quantize_params, C(k)
-    and C(k + 1), the rANS step; rans_cpu.encode_values on the CPU), same bytes.
+    """rans_reference.encode_values in one kernel pass per symbol (quantize_params, the
+    model's steps, the rANS steps; rans_cpu.encode_values on the CPU), same bytes.
 
     bits: storage patterns (int16 for 16-bit dtypes, else uint8), mu, sigma: float32, all
-    [P, N] or [N] (or one tensor per page, stacked here) on one device. Returns (words int32
-    [W] holding the u32 words, lane by lane, page by page; lane_words int64 [P, NL]). One
-    host sync (the total size).
+    [P, N] or [N] (or one tensor per page, stacked here) on one device; ``model``: "exact"
+    (C(k) and C(k + 1), one step per symbol) or "table" (16-bit dtypes:
+    table_model.symbol_steps, two steps per symbol). Returns (words int32 [W] holding the
+    u32 words, lane by lane, page by page; lane_words int64 [P, NL]). One host sync (the
+    total size).
 
-    Device memory it allocates, per symbol of the batch (S = cdiv(N, NL) steps per lane):
-    the scratch, int32 [P * NL * (S + 2)], 4 B per symbol plus 8 B per lane (a lane emits
-    at most one word per step: after one emission x < 2^31 <= freq << 35, and 2 words of
-    final state), and the words, 4 B per word (~bits per symbol / 8 B per symbol), plus
-    3 x 8 B per lane (begin, counts, dest): ~4 B per symbol beyond the words, where the
-    route through the reference's wrapper (quantize_params, two cdf calls, encode) held
-    ~100 B per symbol of int64 arrays at its peak.
+    Device memory it allocates, per symbol of the batch (S = cdiv(N, NL) symbols per lane):
+    the scratch, int32 [P * NL * (S + 2)] for the exact model, [P * NL * (2 S + 2)] for the
+    table model (a lane emits at most one word per step: after one emission
+    x < 2^31 <= freq << (63 - scale); plus 2 words of final state), i.e. 4 B resp. 8 B per
+    symbol plus 8 B per lane, and the words, 4 B per word (~bits per symbol / 8 B per
+    symbol), plus 3 x 8 B per lane (begin, counts, dest), where the route through the
+    reference's wrapper (quantize_params, two cdf calls, encode) held ~100 B per symbol of
+    int64 arrays at its peak.
     """
     em.check_mixture(w_wide, kappa)
     b = em.symbol_bits(dtype)  # a clear error for an unknown dtype name
+    tm.check_model(model, dtype)
     bits, mu, sigma = ref._params_batch(bits), ref._params_batch(mu), ref._params_batch(sigma)
     if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
         raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, got {bits.dtype}")
@@ -579,17 +831,26 @@ def encode_values(
     _check_device(bits, mu, sigma)
     bits, mu, sigma = bits.contiguous(), mu.contiguous(), sigma.contiguous()
     num_pages, num_symbols = bits.shape
-    num_steps = triton.cdiv(num_symbols, num_lanes)
+    num_steps = triton.cdiv(num_symbols, num_lanes)  # symbols per lane
     lanes = num_pages * num_lanes
-    # [lanes, num_steps + 2] u32 words: one word per step at most plus the 2-word flush
-    scratch = torch.empty(lanes * (num_steps + 2), dtype=torch.int32, device=bits.device)
+    # [lanes, region] u32 words: one word per rANS step at most plus the 2-word flush
+    region = (2 if model == tm.MODEL_TABLE else 1) * num_steps + 2
+    scratch = torch.empty(lanes * region, dtype=torch.int32, device=bits.device)
     begin = torch.empty(lanes, dtype=torch.int64, device=bits.device)
     _, man_bits, bias, fn_nan = em.DTYPE_SPECS[dtype]
-    _encode_values_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
-        bits, mu, sigma, em.phi_table(bits.device), scratch, begin, lanes, num_lanes, num_symbols, num_steps,
-        w_wide, kappa, BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK_LANES=BLOCK_LANES,
-    )
-    return _compact(scratch, begin, num_steps, num_pages, num_lanes)
+    spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK_LANES=BLOCK_LANES)
+    grid = (triton.cdiv(lanes, BLOCK_LANES),)
+    if model == tm.MODEL_TABLE:
+        _encode_table_kernel[grid](
+            bits, mu, sigma, _level1_table(w_wide, kappa, bits.device), em.phi_table(bits.device), scratch, begin,
+            lanes, num_lanes, num_symbols, num_steps, w_wide, kappa, **spec,
+        )
+    else:
+        _encode_values_kernel[grid](
+            bits, mu, sigma, em.phi_table(bits.device), scratch, begin, lanes, num_lanes, num_symbols, num_steps,
+            w_wide, kappa, **spec,
+        )
+    return _compact(scratch, begin, region, num_pages, num_lanes)
 
 
 # ---- Decoder ------------------------------------------------------------------------------
@@ -708,12 +969,13 @@ def _find_key(slot, mu_q, e, r, active, phi_ptr, q_ptr, w_wide, kappa,
 
 
 @triton.jit
-def _rans_pop(x, wptr, slot, c_lo, c_hi, active, words_ptr, num_words):
-    """The decoder's state update of the active lanes: x' = freq * (x >> 28) + slot - C(k),
-    and one word shifted in if x' < L. Words are int64 in [0, 2^32) or int32 holding u32
+def _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words):
+    """The decoder's state update of the active lanes at scale s (an int or an int tensor):
+    x' = freq * (x >> s) + slot - cum with slot = x & (2^s - 1), and one word shifted in if
+    x' < L (rans_reference.Decoder._pop). Words are int64 in [0, 2^32) or int32 holding u32
     words (the & restores the u32 value after the sign-extending widening). A read past the
     lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it."""
-    x_new = (c_hi - c_lo).to(tl.int64) * (x >> _PROB_BITS) + (slot - c_lo)
+    x_new = freq.to(tl.int64) * (x >> scale) + (slot - cum)
     need = x_new < _RANS_L
     w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0).to(tl.int64) & _WORD_MASK
     x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
@@ -752,7 +1014,7 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, q_ptr, keys_ptr, 
         if COUNT_PROBES:
             tl.store(probes_ptr + offs_page + offs_sym, gallops, mask=active)
             tl.store(probes_ptr + stride_probes + offs_page + offs_sym, bisects, mask=active)
-        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi, active, words_ptr, num_words)
+        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
@@ -791,9 +1053,71 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, value_of
         if WRITE_VALUES:
             value = tl.load(value_of_bits_ptr + pattern, mask=active, other=0.0)
             tl.store(out_values_ptr + offs_out_page + offs_sym, value, mask=active)
-        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi, active, words_ptr, num_words)
+        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
+
+
+@triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
+                               "w_wide", "kappa"])  # fmt: skip
+def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, q_ptr, value_of_bits_ptr,
+                         out_bits_ptr, out_values_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
+                         num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
+                         BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
+                         GALLOP_ROUNDS: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_LANES: tl.constexpr):
+    """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
+    per symbol the cell (a search in the bucket's row of cum1, int32 [2^TB * ROW], _level1_table),
+    then the point (the truncation map, no search) or, after ESC, the exact model's step
+    (_find_key, in a branch taken when any lane of the program escaped). lane_ok uint8
+    [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode an
+    impossible point (a corrupt stream). Other arguments as _decode_values_kernel's."""
+    offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
+    lane_mask = offs_lane < num_lanes
+    page = offs_lane // lanes_per_page
+    lane = offs_lane % lanes_per_page
+    offs_page = page * count  # the page's first (mu, sigma) of this stage
+    offs_out_page = page * stride_out + first  # its first output column of this stage
+    x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
+    wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0)
+    bad = offs_lane < 0  # [BLOCK_LANES] False
+    for step in range(first // lanes_per_page, tl.cdiv(first + count, lanes_per_page)):
+        offs_sym = lane + step * lanes_per_page - first  # symbol index within the stage
+        active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
+        mu = tl.load(mu_ptr + offs_page + offs_sym, mask=active, other=0.0)
+        sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=active, other=1.0)
+        mu_q, e, r = _quantize(mu, sigma)
+        table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+        # level 1 of a dense symbol: the cell or ESC, scale PT
+        row_ptr = cum1_ptr + ((r >> _BUCKET_SHIFT).to(tl.int32) - _NUM_BUCKETS) * _ROW
+        slot = (x & _PT_MASK).to(tl.int32)
+        entry, c1, f1 = _level1_entry(slot, row_ptr)
+        x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active & table, words_ptr, num_words)
+        # level 2: the point, scale P2; or the exact model's step, scale PROB_BITS, after ESC
+        # and for a symbol that is not dense (its one step: the reference's identity step
+        # after it reads nothing and leaves x as it is)
+        exact = ~table | (entry == _ESC)
+        slot = (x & _P2_MASK).to(tl.int32)
+        key, cum, freq, valid = _decode_point(entry, slot, mu_q, e, BITS, MAN_BITS, BIAS)
+        bad = bad | (active & ~exact & ~valid)
+        scale = tl.full([BLOCK_LANES], _P2, tl.int32)
+        if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
+            slot_e = (x & (_M - 1)).to(tl.int32)
+            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, r, active & exact, phi_ptr, q_ptr, w_wide, kappa,
+                                                BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
+            key = tl.where(exact, key_e, key)
+            cum = tl.where(exact, c_lo, cum)
+            freq = tl.where(exact, c_hi - c_lo, freq)
+            slot = tl.where(exact, slot_e, slot)
+            scale = tl.where(exact, _PROB_BITS, scale)
+        pattern = _pattern_of_key(key, BITS)  # [0, 2^B): the cast keeps its B bits
+        tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
+        if WRITE_VALUES:
+            value = tl.load(value_of_bits_ptr + pattern, mask=active, other=0.0)
+            tl.store(out_values_ptr + offs_out_page + offs_sym, value, mask=active)
+        x, wptr = _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words)
+    tl.store(x_ptr + offs_lane, x, mask=lane_mask)
+    tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
+    tl.store(lane_ok_ptr + offs_lane, tl.zeros([BLOCK_LANES], tl.uint8), mask=lane_mask & bad)
 
 
 @functools.cache
@@ -807,9 +1131,11 @@ class Decoder(ref.Decoder):
     """rans_reference.Decoder with its per-stage loop on the GPU (same keys, same verdict).
 
     Construction (stream validation, initial states x and word pointers ptr, both int64
-    [P * NL] on the words' device, the guess's quantile table) and ``finish()`` are the
-    reference's own code. Words may be int32 holding the u32 words (what encode_values
-    returns and the codec passes; 4 B per word) or int64 in [0, 2^32).
+    [P * NL] on the words' device, the per-lane verdict lane_ok, the guess's quantile
+    table; ``model``, "exact" or "table") and ``finish()`` are the reference's own code.
+    Words may be int32 holding the u32 words (what encode_values returns and the codec
+    passes; 4 B per word) or int64 in [0, 2^32). The table model decodes through
+    ``decode_values`` only.
     """
 
     def __init__(self, *args, **kwargs):
@@ -823,6 +1149,8 @@ class Decoder(ref.Decoder):
         given their quantised parameters (int64, from quantize_params). ``probes``, if given
         (int32 [2, P, n] on the same device), receives each symbol's C evaluations beyond the
         guess's two: [0] galloping, [1] bisecting (tests and examples/estimate_sm90.py)."""
+        if self.model != tm.MODEL_EXACT:
+            raise NotImplementedError("the Triton decoder runs the table model in decode_values only")
         squeeze = mu_q.dim() == 1
         (mu_q, e, r), n = self._stage((mu_q, e, r), torch.int64)
         _check_device(self.words, mu_q, e, r)
@@ -871,13 +1199,24 @@ class Decoder(ref.Decoder):
         if n:
             self.words = self.words.contiguous()
             self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
-            _decode_values_kernel[(triton.cdiv(lanes, DECODE_LANES),)](
-                self.words, mu, sigma, em.phi_table(mu.device), self.quantiles_f32, _value_table(self.dtype, mu.device),
-                out_bits, out_values, self.x, self.ptr, lanes, self.num_lanes, self.words.numel(), self.position, n,
-                self.num_symbols, self.w_wide, self.kappa, BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan,
-                GALLOP_ROUNDS=GALLOP_ROUNDS, WRITE_VALUES=out_values is not None, BLOCK_LANES=DECODE_LANES,
-                num_warps=DECODE_WARPS,
-            )
+            grid = (triton.cdiv(lanes, DECODE_LANES),)
+            spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, GALLOP_ROUNDS=GALLOP_ROUNDS,
+                        WRITE_VALUES=out_values is not None, BLOCK_LANES=DECODE_LANES, num_warps=DECODE_WARPS)
+            sizes = (lanes, self.num_lanes, self.words.numel(), self.position, n, self.num_symbols, self.w_wide,
+                     self.kappa)
+            values = _value_table(self.dtype, mu.device)
+            if self.model == tm.MODEL_TABLE:
+                self.lane_ok = self.lane_ok.contiguous()  # cleared in place (as uint8) for impossible points
+                _decode_table_kernel[grid](
+                    self.words, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
+                    self.quantiles_f32, values, out_bits, out_values, self.x, self.ptr,
+                    self.lane_ok.view(torch.uint8), *sizes, **spec,
+                )
+            else:
+                _decode_values_kernel[grid](
+                    self.words, mu, sigma, em.phi_table(mu.device), self.quantiles_f32, values,
+                    out_bits, out_values, self.x, self.ptr, *sizes, **spec,
+                )
         self.position += n
 
 
@@ -885,8 +1224,9 @@ class Decoder(ref.Decoder):
 
 
 def _self_check() -> None:
-    """Random pages through the value-level path (what the codec runs): Triton bytes ==
-    reference bytes, staged decode_values == the pages' patterns and values, timings."""
+    """Random pages through the value-level path (what the codec runs), both entropy models
+    for bf16: Triton bytes == reference bytes, staged decode_values == the pages' patterns
+    and values, timings."""
     import time
 
     if torch.cuda.is_available():
@@ -898,7 +1238,7 @@ def _self_check() -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: timings mean nothing)"
     torch.manual_seed(0)
     em.phi_table(device)  # built once, outside the timings
-    for dtype in ("bf16", "fp8_e4m3"):
+    for dtype, model in (("bf16", tm.MODEL_EXACT), ("bf16", tm.MODEL_TABLE), ("fp8_e4m3", tm.MODEL_EXACT)):
         scale = 1.0 if dtype == "bf16" else 16.0
         mu = torch.randn(num_pages, n, device=device) * scale
         sigma = (torch.rand(num_pages, n, device=device) + 0.1) * scale
@@ -919,22 +1259,23 @@ def _self_check() -> None:
             return out, time.perf_counter() - t0
 
         def decode(decoder_cls, words, lane_words):
-            dec = decoder_cls(words, lane_words, n, dtype)
+            dec = decoder_cls(words, lane_words, n, dtype, model=model)
             out_bits, out_values = torch.empty_like(bits), torch.empty(bits.shape, device=device)
             cut = n // 3  # two stages, cut mid-step
             dec.decode_values(mu[:, :cut], sigma[:, :cut], out_bits, out_values)
             dec.decode_values(mu[:, cut:], sigma[:, cut:], out_bits, out_values)
             return out_bits, out_values, dec.finish()
 
-        (words_ref, lanes_ref), t_enc_ref = timed(lambda: ref.encode_values(bits, mu, sigma, dtype, num_lanes))
-        (words, lane_words), t_enc = timed(lambda: encode_values(bits, mu, sigma, dtype, num_lanes))
+        (words_ref, lanes_ref), t_enc_ref = timed(lambda: ref.encode_values(bits, mu, sigma, dtype, num_lanes,
+                                                                            model=model))
+        (words, lane_words), t_enc = timed(lambda: encode_values(bits, mu, sigma, dtype, num_lanes, model=model))
         (got, got_values, ok), t_dec = timed(lambda: decode(Decoder, words, lane_words))
         (got_ref, _, ok_ref), t_dec_ref = timed(lambda: decode(ref.Decoder, words, lane_words))
         same = torch.equal(words, words_ref) and torch.equal(lane_words, lanes_ref)
         round_trip = (torch.equal(got, bits) and torch.equal(got_ref, bits) and bool(ok.all()) and bool(ok_ref.all())
                       and torch.equal(got_values, values.to(torch.float32)))
         print(
-            f"{dtype} on {where}: {num_pages} pages x {n} symbols, {num_lanes} lanes: "
+            f"{dtype}, {model} model, on {where}: {num_pages} pages x {n} symbols, {num_lanes} lanes: "
             f"{words.numel() * 32 / bits.numel():.4f} bits/symbol; bytes == reference: {same}; "
             f"round trip: {'OK' if round_trip else 'FAILED'}\n"
             f"  encode_values {raw_mb / t_enc:.4g} MB/s (torch reference {raw_mb / t_enc_ref:.4g} MB/s), "

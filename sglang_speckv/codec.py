@@ -4,8 +4,9 @@
     pages, errors = decode_pages(blobs, predictor)         # a status per page
 
 Encoding a page: the predictor gives float32 (mu, sigma) stage by stage, and the coder's
-value-level entry point (``encode_values``: quantize_params, the integer CDF and the rANS
-step per symbol) writes the lane streams from the page's bit patterns; all pages with the
+value-level entry point (``encode_values``: quantize_params, the entropy model's integer
+steps (``model_for``: the table model for 16-bit dtypes, the exact model for fp8) and the
+rANS steps) writes the lane streams from the page's bit patterns; all pages with the
 same size and lane count share one coder call, so one loop step of the coder serves the
 whole batch. A page that coding would not shrink is stored raw (FLAG_RAW). Decoding runs
 the same stages (``Decoder.decode_values`` writes bit patterns and float values straight
@@ -49,6 +50,7 @@ import torch
 
 from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import format as fmt
+from sglang_speckv.kernels import table_model as tm
 from sglang_speckv.kernels.page_hash import page_hash
 from sglang_speckv.kernels import rans_cpu
 from sglang_speckv.kernels.rans_reference import MAX_LANES, SYMBOLS_PER_LANE, default_lanes  # noqa: F401 (re-exported)
@@ -63,6 +65,13 @@ def max_compressed_size(meta: PageMeta) -> int:
     """The largest blob ``encode_pages`` can return for this page: a RAW blob (header plus
     the page bytes), since a coded blob is only kept when it is smaller than that."""
     return fmt.HEADER_SIZE + meta.numel * em.symbol_bits(meta.dtype) // 8
+
+
+def model_for(dtype: str) -> str:
+    """The entropy model a page of ``dtype`` is coded with: the table model for 16-bit
+    dtypes (a decoder without search, docs/DESIGN.md "The table model"), the exact model for
+    fp8 (too few keys for a value lattice)."""
+    return tm.MODEL_TABLE if em.symbol_bits(dtype) == 16 else tm.MODEL_EXACT
 
 
 def _coder(device: torch.device) -> ModuleType:
@@ -216,7 +225,7 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes):
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
         raw_hash=page_hash(page), position=meta.position, w_wide=w_wide,
-        kappa=kappa, num_lanes=lanes, side_bytes=len(side),
+        kappa=kappa, num_lanes=lanes, side_bytes=len(side), model=model_for(meta.dtype),
     )  # fmt: skip
     return _Coded(header, side, page), bits, mu, sigma
 
@@ -265,7 +274,7 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[byt
             bits.append(bits_i)
             mu.append(mu_i)
             sigma.append(sigma_i)
-        words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa)
+        words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa, model_for(dtype))
         del bits, mu, sigma
         lane_words = lane_words.cpu().numpy()  # [P, NL]
         words = words.cpu().numpy().view("<u4")  # int32 -> the same u32 patterns, no copy
@@ -325,7 +334,7 @@ def decode_pages(
                 pages[i] = _finish_page(_page_from_raw(parsed, meta), parsed.header, out, i)
             else:
                 h = parsed.header
-                key = (h.dtype, h.shape, h.num_lanes, h.w_wide, h.kappa, tuple(_checked_stages(predictor, meta)))
+                key = (h.dtype, h.shape, h.num_lanes, h.w_wide, h.kappa, h.model, tuple(_checked_stages(predictor, meta)))
                 groups[key].append((i, parsed, meta))
         except fmt.BlobError as err:
             errors[i] = err
@@ -333,7 +342,7 @@ def decode_pages(
             errors[i] = fmt.BadHeader(str(err))
     for key, members in groups.items():
         for run in batches([meta for _, _, meta in members], budget):
-            _decode_group([members[j] for j in run], key[5], predictor, device, pages, errors, out)
+            _decode_group([members[j] for j in run], key[-1], predictor, device, pages, errors, out)
     return pages, errors
 
 
@@ -380,7 +389,9 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
     header0 = members[0][1].header
     numel, shape, dtype = header0.numel, header0.shape, header0.dtype
     lane_words = torch.from_numpy(np.stack([p.lane_words for _, p, _ in members]).astype(np.int64)).to(device)
-    decoder = _coder(device).Decoder(_words(members, device), lane_words, numel, dtype, header0.w_wide, header0.kappa)
+    decoder = _coder(device).Decoder(
+        _words(members, device), lane_words, numel, dtype, header0.w_wide, header0.kappa, header0.model
+    )
     bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)  # [P, numel]
     # The values decoded so far feed later stages' predictions; with one stage there are
     # none, and every page's prediction sees the same all-NaN page (one broadcast scalar).

@@ -27,21 +27,31 @@ def tiny_bf16_page():
 
 TINY_META = PageMeta("bf16", (2, 1, 8, 1, 4), position=130)
 
-# encode_pages([tiny_bf16_page()], [TINY_META], PageStatsPredictor(), num_lanes=2)
+# encode_pages([tiny_bf16_page()], [TINY_META], PageStatsPredictor(), num_lanes=2): format
+# version 3, `model` byte (offset 13) = 1, the table model
 GOLDEN_CODED = (
+    "53504b56030002000301010d0301000002000000010000000800000001000000040000008200000002000000"
+    "18000000120000000000000000000000000000006f45c56c0eb0ef0cc2be494c6bd0d28c080000000a000000"
+    "183f9dbf1c40003c5c3fdbbf5d4080bca7abb1a4a5abb2a4d6073248789a0200770e04b188101e4c530e0be9"
+    "72bd7863b712e4eaa60e81fcf1ef2c1d49869100f2c7ecd4a72f3345319e4c16a09329de3e7ccade1d7f7b1e"
+    "00802d8bd440a916"
+)
+# encode_pages of an 8-byte fp8 page that does not compress: stored RAW
+GOLDEN_RAW = (
+    "53504b56030001000101010d0300000002000000010000000200000001000000020000000000000000000000"
+    "00000000000000000000000000000000000000002dd2bb2c62fec16848ee4c0b0feaa9f801f37a80005cc129"
+)
+# The same bf16 page written by format version 2 (the exact model; no model byte).
+# Refused: UnsupportedVersion.
+GOLDEN_V2_CODED = (
     "53504b56020002000301010d0300000002000000010000000800000001000000040000008200000002000000"
     "18000000130000000000000000000000000000006f45c56c0eb0ef0cd8d5154694b123aa080000000b000000"
     "183f9dbf1c40003c5c3fdbbf5d4080bca7abb1a4a5abb2a453dfc2e047ce0200dac33ab25091a4f9fab7d0ed"
     "72bd7863b712e4eaa60e81fcf4fa66de99a50e01bca939addb7140471e93f9d42b8c3efefb4af82cedcbc3dc"
     "bce6cf3e9afdb27234b6c32c"
 )
-# encode_pages of an 8-byte fp8 page that does not compress: stored RAW
-GOLDEN_RAW = (
-    "53504b56020001000101010d0300000002000000010000000200000001000000020000000000000000000000"
-    "00000000000000000000000000000000000000002dd2bb2c62fec168667486a9b368345701f37a80005cc129"
-)
-# The same page as GOLDEN_CODED, written by format version 1 (raw_xxh64 at offset 64): the
-# stream is the same, the version and both checksums differ. Refused: UnsupportedVersion.
+# The same page written by format version 1 (raw_xxh64 at offset 64; the stream is that of
+# version 2, the version and both checksums differ). Refused: UnsupportedVersion.
 GOLDEN_V1_CODED = (
     "53504b56010002000301010d0300000002000000010000000800000001000000040000008200000002000000"
     "1800000013000000000000000000000000000000e8867c12d038c494b5a1601796ad6458080000000b000000"
@@ -94,11 +104,12 @@ def test_golden_raw_bytes():
     assert error is None and torch.equal(page.view(torch.uint8), golden_raw_page())
 
 
-def test_version_1_blobs_are_refused():
-    v1 = bytes.fromhex(GOLDEN_V1_CODED)
-    with pytest.raises(fmt.UnsupportedVersion, match="version 1"):
-        fmt.parse_blob(v1)
-    page, error = decode_one(v1)
+@pytest.mark.parametrize("version,golden", [(1, GOLDEN_V1_CODED), (2, GOLDEN_V2_CODED)])
+def test_old_version_blobs_are_refused(version, golden):
+    old = bytes.fromhex(golden)
+    with pytest.raises(fmt.UnsupportedVersion, match=f"version {version}"):
+        fmt.parse_blob(old)
+    page, error = decode_one(old)
     assert page is None and isinstance(error, fmt.UnsupportedVersion)
 
 
@@ -110,7 +121,8 @@ def test_header_round_trip_and_offsets():
     assert h.num_lanes == 2 and parsed.lane_words.sum() == h.stream_words
     assert h.side_bytes == len(parsed.side) == 3 * 8 and h.flags == fmt.FLAG_HAS_SIDE
     # FORMAT.md offsets
-    assert blob[:4] == b"SPKV" and struct.unpack_from("<H", blob, 4)[0] == fmt.VERSION == 2
+    assert blob[:4] == b"SPKV" and struct.unpack_from("<H", blob, 4)[0] == fmt.VERSION == 3
+    assert blob[13] == fmt.MODEL_CODES["table"] and fmt.parse_blob(blob).header.model == "table"
     assert struct.unpack_from("<5I", blob, 16) == (2, 1, 8, 1, 4)
     assert struct.unpack_from("<I", blob, 36)[0] == 130
     assert struct.unpack_from("<Q", blob, 64)[0] == page_hash.reference(tiny_bf16_page())
@@ -147,7 +159,8 @@ def test_every_single_bit_flip_is_rejected():
     [
         ({"magic": b"SPKX"}, fmt.BadMagic),
         ({"version": 1}, fmt.UnsupportedVersion),
-        ({"version": 3}, fmt.UnsupportedVersion),
+        ({"version": 2}, fmt.UnsupportedVersion),
+        ({"version": 4}, fmt.UnsupportedVersion),
         ({"version": 0}, fmt.UnsupportedVersion),
         ({"flags": fmt.FLAG_HAS_SIDE | 1 << 5}, fmt.BadHeader),
         ({"flags": 0}, fmt.BadHeader),  # HAS_SIDE missing though side_bytes > 0
@@ -156,7 +169,8 @@ def test_every_single_bit_flip_is_rejected():
         ({"layout": 2}, fmt.BadHeader),  # MLA code on an MHA shape
         ({"layout": 7}, fmt.BadHeader),
         ({"reserved": 1}, fmt.BadHeader),
-        ({"reserved3": b"\0\1\0"}, fmt.BadHeader),
+        ({"reserved2": b"\0\1"}, fmt.BadHeader),
+        ({"model": 2}, fmt.BadHeader),  # no such entropy model
         ({"kappa": 8}, fmt.BadHeader),
         ({"shape2": 0}, fmt.BadHeader),
         ({"shape2": 1 << 31, "shape4": 1 << 31}, fmt.BadHeader),  # a lying size: 2^63 scalars

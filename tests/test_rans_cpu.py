@@ -15,6 +15,7 @@ from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels import page_hash
 from sglang_speckv.kernels import rans_cpu as rc
 from sglang_speckv.kernels import rans_reference as rr
+from sglang_speckv.kernels import table_model as tm
 
 DTYPES = ["bf16", "fp16", "fp8_e4m3", "fp8_e5m2"]
 
@@ -68,21 +69,21 @@ def storage_bits_of(keys, dtype):
     return rr.storage_from_keys(keys, dtype).view(torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)
 
 
-def decode_values_both(words32, lane_words, n, dtype, mu, sigma, cuts=()):
+def decode_values_both(words32, lane_words, n, dtype, mu, sigma, cuts=(), **coding):
     """decode_values with both coders in the same stages: same patterns, values, states and
-    verdict. Returns (bits, ok)."""
+    verdict. coding: w_wide, kappa, model. Returns (bits, ok)."""
     bounds = [0, *cuts, n]
     outs = []
     for cls in (rr.Decoder, rc.Decoder):
-        dec = cls(words32, lane_words, n, dtype)
+        dec = cls(words32, lane_words, n, dtype, **coding)
         bits = torch.zeros((mu.shape[0], n), dtype=torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)
         values = torch.zeros(mu.shape)
         for a, b in zip(bounds, bounds[1:]):
-            dec.decode_values(mu[:, a:b], sigma[:, a:b], bits, values)
-        outs.append((bits, values.view(torch.int32), dec.x.clone(), dec.ptr.clone(), dec.finish()))
+            dec.decode_values(mu[:, a:b].contiguous(), sigma[:, a:b].contiguous(), bits, values)
+        outs.append((bits, values.view(torch.int32), dec.x.clone(), dec.ptr.clone(), dec.lane_ok.clone(), dec.finish()))
     for got_ref, got in zip(*outs):
         assert torch.equal(got, got_ref)
-    return outs[1][0], outs[1][4]
+    return outs[1][0], outs[1][5]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -121,6 +122,127 @@ def test_value_level_corrupt_streams_same_verdict(dtype):
         decode_values_both(bad, lane_words, n, dtype, mu, sigma)
     noise = rr.as_u32(torch.randint(0, 1 << 32, words.shape, generator=g))
     assert not bool(decode_values_both(noise, lane_words, n, dtype, mu, sigma)[1].any())
+
+
+# ---- The table model (kernels/table_model.py): the reference's bytes, patterns and verdicts ----
+
+TABLE = tm.MODEL_TABLE
+# (mu, sigma) scenes for the table model's edges: mu saturated with a tiny sigma, sigma beyond
+# SIGMA_MAX, the largest values (for fp16 cell 0 from mu holds the largest finite value and
+# points beyond 2^16, which truncate to it; the cells above belong to no key), subnormals (too sparse for the table, and dense
+# enough for it: bf16 at 3e-39, fp16 at 1e-6), a sigma far below mu's spacing (not dense),
+# and an ordinary one; each with values at Z sigma from mu: in a cell, beyond the +-TJ cells
+# (escapes), far out.
+SCENES = [(1e30, 1e-30), (3.389e38, 1e37), (-3.38e38, 1e37), (0.0, 1e-40), (1e-39, 3e-39), (65500.0, 1100.0),
+          (-65400.0, 30.0), (0.0, 1e-6), (2.0, 1e-3), (0.0, 1.0)]  # fmt: skip
+Z = [0.0, 0.4, 0.9, -0.9, 5.0, -3.0, 20.0, -40.0, 1000.0, -1e6]
+
+
+def table_inputs(dtype, num_pages, n, seed):
+    """adversarial_inputs (every kind of pattern, garbage mu and sigma), with every 7th
+    symbol from one of the SCENES at one of the Z offsets."""
+    keys, mu, sigma = adversarial_inputs(dtype, num_pages, n, seed)
+    i = torch.arange(mu[:, 4::7].shape[1])
+    scene = torch.tensor(SCENES)[i % len(SCENES)]
+    z = torch.tensor(Z)[i // len(SCENES) % len(Z)]
+    mu[:, 4::7], sigma[:, 4::7] = scene[:, 0], scene[:, 1]
+    values = (scene[:, 0] + scene[:, 1] * z).to(em.TORCH_DTYPES[dtype])
+    keys[:, 4::7] = em.keys_from_bits(em.storage_bits(values), dtype)
+    return keys, mu, sigma
+
+
+def gaussian_inputs(dtype, num_pages, n, seed):
+    """(keys, mu, sigma) of values drawn around (mu, sigma): the table model's cells."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(num_pages, n, generator=g) * 4
+    sigma = torch.rand(num_pages, n, generator=g) * 2 + 0.01
+    values = (mu + sigma * torch.randn(num_pages, n, generator=g)).to(em.TORCH_DTYPES[dtype])
+    return em.keys_from_bits(em.storage_bits(values), dtype), mu, sigma
+
+
+def table_both(dtype, keys, mu, sigma, num_lanes, cuts=(), **mixture):
+    """Encode with both coders under the table model (same words and lane table), decode
+    with both in the given stages (same patterns, values, states, verdicts: each decoder
+    reads the other's words). Returns (bits, words, lane_words, ok)."""
+    bits = storage_bits_of(keys, dtype)
+    words_ref, lanes_ref = rr.encode_values(bits, mu, sigma, dtype, num_lanes, model=TABLE, **mixture)
+    words, lane_words = rc.encode_values(bits, mu, sigma, dtype, num_lanes, model=TABLE, **mixture)
+    assert words.dtype == torch.int32 and torch.equal(words, words_ref) and torch.equal(lane_words, lanes_ref)
+    out, ok = decode_values_both(words, lane_words, keys.shape[1], dtype, mu, sigma, cuts, model=TABLE, **mixture)
+    return bits, out, words, lane_words, ok
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "num_pages,n,num_lanes,cuts",
+    [(1, 1, 1, ()), (2, 10, 3, (4,)), (3, 3001, 17, (5, 1000, 1001)), (2, 999, 1000, (500,)), (2, 0, 4, ()),
+     (1, 700, 64, (1, 63, 64, 64, 129))],
+)  # fmt: skip
+def test_table_model_hostile_pages_bit_identical(dtype, num_pages, n, num_lanes, cuts):
+    """NaN payloads, +-inf, -0, subnormals, the largest values, escapes, garbage (mu,
+    sigma); ragged lanes, more lanes than symbols, empty pages, stages cut mid-step."""
+    keys, mu, sigma = table_inputs(dtype, num_pages, n, seed=n + num_lanes)
+    bits, out, _, _, ok = table_both(dtype, keys, mu, sigma, num_lanes, cuts)
+    assert bool(ok.all()) and torch.equal(out, bits)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("w_wide,kappa", [(em.W_WIDE, em.KAPPA), (0, 0), (255, em.KAPPA_MAX)])
+def test_table_model_gaussian_pages_bit_identical(dtype, w_wide, kappa):
+    keys, mu, sigma = gaussian_inputs(dtype, 2, 4000, seed=w_wide + kappa)
+    bits, out, words, _, ok = table_both(dtype, keys, mu, sigma, 32, (1234,), w_wide=w_wide, kappa=kappa)
+    assert bool(ok.all()) and torch.equal(out, bits)
+    exact, _ = rc.encode_values(bits, mu, sigma, dtype, 32, w_wide, kappa)
+    assert not torch.equal(words, exact)  # the model argument reaches the C++
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("inputs", [table_inputs, gaussian_inputs])
+def test_table_model_corrupt_streams_same_verdict(dtype, inputs):
+    """Flipped bits, truncated and shifted lanes, random words, no words: the same states,
+    lane verdicts (points no key owns) and page verdicts as the reference; never a crash."""
+    n, num_lanes = 600, 30
+    keys, mu, sigma = inputs(dtype, 2, n, seed=7)
+    words, lane_words = rc.encode_values(storage_bits_of(keys, dtype), mu, sigma, dtype, num_lanes, model=TABLE)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(8):
+        bad = words.clone()
+        i = int(torch.randint(0, words.numel(), (1,), generator=g))
+        bad[i] ^= 1 << int(torch.randint(0, 32, (1,), generator=g))
+        decode_values_both(bad, lane_words, n, dtype, mu, sigma, (n // 2,), model=TABLE)
+    shifted = lane_words.clone()
+    shifted[0, 0] += 1
+    shifted[0, 1] -= 1
+    assert not bool(decode_values_both(words, shifted, n, dtype, mu, sigma, model=TABLE)[1][0])
+    short = lane_words.clone()
+    short[1, -1] -= 1  # the last lane's last word missing: reads past the stream's end
+    assert not bool(decode_values_both(words[:-1], short, n, dtype, mu, sigma, model=TABLE)[1][1])
+    noise = rr.as_u32(torch.randint(0, 1 << 32, words.shape, generator=g))
+    assert not bool(decode_values_both(noise, lane_words, n, dtype, mu, sigma, model=TABLE)[1].any())
+    if dtype == "fp16":  # cells beyond fp16's largest value belong to no key: the guard fires
+        near_max = (torch.full((2, n), 65500.0), torch.full((2, n), 1100.0))
+        _, ok = decode_values_both(noise, lane_words, n, dtype, *near_max, model=TABLE)
+        dec = rc.Decoder(noise, lane_words, n, dtype, model=TABLE)
+        dec.decode_values(*near_max, torch.zeros((2, n), dtype=torch.int16))
+        assert not bool(ok.any()) and not bool(dec.lane_ok.all())
+    empty = torch.zeros((2, num_lanes), dtype=torch.int64)  # no words at all
+    assert not bool(decode_values_both(torch.zeros(0, dtype=torch.int32), empty, n, dtype, mu, sigma, model=TABLE)[1].any())
+
+
+def test_table_model_arguments():
+    """Unknown models and 8-bit dtypes are refused; the integer-level decode of a table
+    stream (the reference's) returns its keys."""
+    keys, mu, sigma = table_inputs("bf16", 1, 50, seed=3)
+    bits = storage_bits_of(keys, "bf16")
+    with pytest.raises(ValueError, match="unknown entropy model"):
+        rc.encode_values(bits, mu, sigma, "bf16", 2, model="tables")
+    with pytest.raises(ValueError, match="16-bit"):
+        rc.encode_values(bits.to(torch.uint8), mu, sigma, "fp8_e4m3", 2, model=TABLE)
+    words, lane_words = rc.encode_values(bits, mu, sigma, "bf16", 2, model=TABLE)
+    with pytest.raises(ValueError, match="unknown entropy model"):
+        rc.Decoder(words, lane_words, 50, "bf16", model="tables")
+    dec = rc.Decoder(words, lane_words, 50, "bf16", model=TABLE)
+    assert torch.equal(dec.decode(*params_for(mu, sigma)), keys) and bool(dec.finish().all())
 
 
 def decode_both(words, lane_words, n, dtype, params, cuts=()):
@@ -257,8 +379,16 @@ def test_build_failure_falls_back_to_reference(monkeypatch, caplog):
         dec = rc.Decoder(words, lane_words, 500, "fp8_e4m3")
         got = dec.decode(*params)
         digest = rc.page_hash(keys.to(torch.uint8))
+        keys16, mu, sigma = table_inputs("bf16", 2, 300, seed=8)
+        bits16 = storage_bits_of(keys16, "bf16")
+        table_words, table_lanes = rc.encode_values(bits16, mu, sigma, "bf16", 8, model=TABLE)
+        table_dec = rc.Decoder(table_words, table_lanes, 300, "bf16", model=TABLE)
+        table_out = torch.zeros_like(bits16)
+        table_dec.decode_values(mu, sigma, table_out)
         assert not rc.available()
     assert torch.equal(words, rr.encode(cum, freq, 8)[0]) and torch.equal(got, keys) and bool(dec.finish().all())
+    assert torch.equal(table_words, rr.encode_values(bits16, mu, sigma, "bf16", 8, model=TABLE)[0])
+    assert torch.equal(table_out, bits16) and bool(table_dec.finish().all())
     assert digest == page_hash.reference(keys.to(torch.uint8))
     warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
     assert len(warnings) == 1 and "c++: not found" in warnings[0].getMessage()
@@ -288,6 +418,8 @@ def test_concurrent_first_use_builds_once(monkeypatch):
 
 def test_results_do_not_depend_on_thread_count():
     keys, params, cum, freq = adversarial_page("bf16", 3, 5000, seed=9)
+    table_keys, mu, sigma = table_inputs("bf16", 3, 5000, seed=9)
+    bits = storage_bits_of(table_keys, "bf16")
     results, hashes = [], []
     before = torch.get_num_threads()
     try:
@@ -296,6 +428,11 @@ def test_results_do_not_depend_on_thread_count():
             words, lane_words = rc.encode(cum, freq, 70)
             dec = rc.Decoder(words, lane_words, 5000, "bf16")
             results.append((rc.cdf(keys, *params, "bf16"), words, lane_words, dec.decode(*params), dec.finish()))
+            table_words, table_lanes = rc.encode_values(bits, mu, sigma, "bf16", 70, model=TABLE)
+            table_dec = rc.Decoder(table_words, table_lanes, 5000, "bf16", model=TABLE)
+            out = torch.zeros_like(bits)
+            table_dec.decode_values(mu, sigma, out)
+            results[-1] += (table_words, table_lanes, out, table_dec.x, table_dec.finish())
             hashes.append(rc.page_hash(cum.repeat(4, 1)))  # 480 KB: 4 chunks of the C++ loop
     finally:
         torch.set_num_threads(before)

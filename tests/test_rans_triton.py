@@ -29,6 +29,7 @@ from sglang_speckv.kernels import entropy_model as em  # noqa: E402
 from sglang_speckv.kernels import rans_cpu as rc  # noqa: E402
 from sglang_speckv.kernels import rans_reference as ref  # noqa: E402
 from sglang_speckv.kernels import rans_triton as rt  # noqa: E402
+from sglang_speckv.kernels import table_model as tm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not isinstance(rt._cdf_kernel, InterpretedFunction):
@@ -415,6 +416,156 @@ def test_value_level_corrupt_streams_decode_like_cpp_and_reference():
         assert not results[0][1].all() or not torch.equal(results[0][0], bits), f"{name}: went unnoticed"
 
 
+# ---- The table model (blob format 3; 16-bit dtypes) ----------------------------------------
+
+
+def make_table_pages(dtype: str, n: int, seed: int):
+    """(bits, mu, sigma) [3, n] on the CPU for the table model: make_value_pages' hostile
+    page (garbage and edge (mu, sigma), special patterns, a third random bits: escapes); a
+    page drawn around (mu, sigma), dense on the lattice (its cells and points); and one
+    whose odd symbols have |mu| >> sigma (not dense: the exact model's one step) between
+    dense ones."""
+    bits, mu, sigma = make_value_pages(dtype, 1, n, seed)
+    gen = torch.Generator().manual_seed(seed)
+    mu2 = torch.randn(2, n, generator=gen)
+    sigma2 = torch.rand(2, n, generator=gen) + 0.05
+    mu2[1, 1::2] = (torch.rand(n // 2, generator=gen) * 2 - 1) * 2000.0
+    sigma2[1, 1::2] *= 0.1
+    drawn = (mu2 + sigma2 * torch.randn(2, n, generator=gen)).to(em.TORCH_DTYPES[dtype]).view(torch.int16)
+    return torch.cat([bits, drawn]), torch.cat([mu, mu2]), torch.cat([sigma, sigma2])
+
+
+@triton.jit
+def _first_point_test_kernel(keys_ptr, mu_q_ptr, e_ptr, out_ptr, n,
+                             BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    k = tl.load(keys_ptr + offs, mask=mask, other=0).to(tl.int32)
+    e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
+    q = rt._first_point(k, tl.load(mu_q_ptr + offs, mask=mask, other=0), e, BITS, MAN_BITS, BIAS, True)
+    tl.store(out_ptr + offs, q.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _point_test_kernel(entry_ptr, slot_ptr, mu_q_ptr, e_ptr, out_ptr, n,
+                       BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    entry = tl.load(entry_ptr + offs, mask=mask, other=0).to(tl.int32)
+    slot = tl.load(slot_ptr + offs, mask=mask, other=0).to(tl.int32)
+    e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
+    key, cum, cnt, valid = rt._decode_point(entry, slot, tl.load(mu_q_ptr + offs, mask=mask, other=0), e,
+                                            BITS, MAN_BITS, BIAS)
+    tl.store(out_ptr + offs, key.to(tl.int64), mask=mask)
+    tl.store(out_ptr + n + offs, cum.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 2 * n + offs, cnt.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 3 * n + offs, valid.to(tl.int64), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_table_model_maps_match_reference(dtype):
+    """The kernels' first point (every key in [-1, 2^B], clamped to +-2^30 as the kernels
+    keep it) and level-2 decode (the truncation map, random cells and points, both valid
+    and impossible ones) equal table_model.first_point / decode_point, under parameters at
+    quantize_params' edges (huge and tiny sigma, mu far from zero, garbage)."""
+    b, man_bits, bias, _ = em.DTYPE_SPECS[dtype]
+    spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias)
+    mu = torch.tensor(GARBAGE_MU + EDGE_MU + [0.0, 1.0, -3.0, 1000.0])
+    sigma = torch.tensor(GARBAGE_SIGMA + EDGE_SIGMA + [1e-4, 0.02, 5.0, 0.25])
+    mu_q, e, _ = em.quantize_params(mu, sigma)
+    keys = torch.arange(-1, (1 << b) + 1)
+    for i in range(0, len(mu), 4):  # 4 parameter sets x every key per launch
+        kk, mm, ee = (t.reshape(-1).contiguous() for t in torch.broadcast_tensors(keys, mu_q[i : i + 4, None],
+                                                                                  e[i : i + 4, None]))
+        got = torch.empty_like(kk, device=DEVICE)
+        _first_point_test_kernel[(triton.cdiv(kk.numel(), 1 << 16),)](
+            kk.to(DEVICE), mm.to(DEVICE), ee.to(DEVICE), got, kk.numel(), **spec, BLOCK=1 << 16)
+        want = tm.first_point(kk, mm, ee, dtype).clamp(-(1 << 30), 1 << 30)
+        assert torch.equal(got.cpu(), want), (dtype, i)
+
+    gen = torch.Generator().manual_seed(10)
+    n = 1 << 14
+    pick = torch.randint(0, len(mu), (n,), generator=gen)
+    entry = torch.randint(0, tm.NCELL, (n,), generator=gen)
+    entry[: n // 2] = torch.randint(tm.TJ - 8, tm.TJ + 8, (n // 2,), generator=gen)  # the cells mass is in
+    slot = torch.randint(0, 1 << tm.P2, (n,), generator=gen)
+    got = torch.empty(4 * n, dtype=torch.int64, device=DEVICE)
+    _point_test_kernel[(triton.cdiv(n, 1 << 14),)](
+        entry.to(DEVICE), slot.to(DEVICE), mu_q[pick].to(DEVICE), e[pick].to(DEVICE), got, n, **spec, BLOCK=1 << 14)
+    want = tm.decode_point(entry, slot, mu_q[pick], e[pick], dtype)
+    for name, g, w in zip(("key", "cum2", "cnt", "valid"), got.cpu().view(4, n), want):
+        assert torch.equal(g, w.to(torch.int64)), name
+    assert want[3].any() and not want[3].all()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_table_model_matches_reference(dtype):
+    """encode_values(model="table") writes the reference's words and lane table on pages
+    that take every path of the model (cells and points, keys taking the points of a cell
+    before them, ESC with the exact model's step, symbols that are not dense, dense and not
+    dense lanes in one program); the staged decode_values gives the patterns and exact
+    float32 values back with clean verdicts."""
+    n, num_lanes = 120, 8  # 15 symbols per lane, 30 rANS steps
+    bits, mu, sigma = make_table_pages(dtype, n, seed=8)
+    keys = em.keys_from_bits(em.storage_bits(bits), dtype)
+    mu_q, e, r = em.quantize_params(mu, sigma)
+    cum, _, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, em.W_WIDE, em.KAPPA)
+    dense, point = tm.dense(mu_q, e, r, dtype), scale[..., 1] == tm.P2
+    assert (dense & ~point).sum() >= 10 and (~dense).sum() >= 10  # escapes, the exact model alone
+    assert (point & (cum[..., 1] > 0)).sum() >= 10 and (point & (cum[..., 1] == 0)).any()  # mid-cell, first
+    words, lane_words = rt.encode_values(bits.to(DEVICE), mu.to(DEVICE), sigma.to(DEVICE), dtype, num_lanes,
+                                         model="table")
+    words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
+    assert words.dtype == torch.int32 and torch.equal(words.cpu(), words_ref)
+    assert torch.equal(lane_words.cpu(), lanes_ref)
+
+    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)  # NaN payloads kept
+    dec = rt.Decoder(words, lane_words, n, dtype, model="table")
+    got_bits, got_values = decode_values_staged(dec, mu.to(DEVICE), sigma.to(DEVICE), [37, 37, 38], bits.to(DEVICE))
+    assert dec.finish().tolist() == [True, True, True]
+    assert torch.equal(got_bits.cpu(), bits) and torch.equal(got_values.cpu().view(torch.int32), values)
+
+
+def test_table_model_corrupt_streams_decode_like_reference():
+    """Corrupt table-model streams: the Triton decoder gives the reference's patterns, lane
+    verdicts and page verdicts."""
+    dtype, n, num_lanes = "bf16", 32, 8
+    bits, mu, sigma = make_table_pages(dtype, n, seed=9)
+    words, lane_words = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
+    for name, bad_words, bad_lanes in _corruptions(words.to(torch.int64) & 0xFFFFFFFF, lane_words):
+        bad_words = ref.as_u32(bad_words)
+        results = []
+        for coder, device in ((rt, DEVICE), (ref, "cpu")):
+            dec = coder.Decoder(bad_words.to(device), bad_lanes.to(device), n, dtype, model="table")
+            got_bits, _ = decode_values_staged(dec, mu.to(device), sigma.to(device), [20], bits.to(device))
+            results.append((got_bits.cpu(), dec.finish().cpu(), dec.lane_ok.cpu()))
+        (got_bits, verdict, lane_ok), (want_bits, want_verdict, want_lane_ok) = results
+        assert torch.equal(got_bits, want_bits) and torch.equal(verdict, want_verdict), name
+        assert torch.equal(lane_ok, want_lane_ok), name
+        assert not verdict.all() or not torch.equal(got_bits, bits), f"{name}: went unnoticed"
+
+
+def test_table_model_impossible_point_fails_the_page():
+    """A point no encoder writes clears its lane's verdict, as in the reference. Dense bf16
+    symbols cannot reach one (a key filling a whole cell lies beyond the lattice); fp16 with
+    a sigma so large that the lattice reaches past 65504 can: there the largest finite key
+    fills the cells beyond it, and random words land in them."""
+    dtype, n, num_lanes = "fp16", 32, 4
+    gen = torch.Generator().manual_seed(12)
+    mu, sigma = torch.zeros(1, n), torch.full((1, n), 1e4)
+    bits = (sigma * torch.randn(1, n, generator=gen)).to(torch.float16).view(torch.int16)
+    _, lane_words = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
+    words = ref.as_u32(torch.randint(0, 1 << 32, (int(lane_words.sum()),), generator=gen))
+    results = []
+    for coder, device in ((rt, DEVICE), (ref, "cpu")):
+        dec = coder.Decoder(words.to(device), lane_words.to(device), n, dtype, model="table")
+        got_bits, _ = decode_values_staged(dec, mu.to(device), sigma.to(device), [10], bits.to(device))
+        results.append((got_bits.cpu(), dec.finish().cpu(), dec.lane_ok.cpu()))
+    (got_bits, verdict, lane_ok), (want_bits, want_verdict, want_lane_ok) = results
+    assert torch.equal(got_bits, want_bits) and torch.equal(lane_ok, want_lane_ok)
+    assert not lane_ok.all() and verdict.tolist() == want_verdict.tolist() == [False]
+
+
 # ---- Launchers ------------------------------------------------------------------------------
 
 
@@ -452,7 +603,15 @@ def test_value_level_launchers_reject_bad_arguments():
         rt.encode_values(bits, mu.double(), sigma, "bf16", 4)
     with pytest.raises(ValueError, match="num_lanes"):
         rt.encode_values(bits, mu, sigma, "bf16", 0)
+    with pytest.raises(ValueError, match="unknown entropy model"):
+        rt.encode_values(bits, mu, sigma, "bf16", 4, model="tables")
+    with pytest.raises(ValueError, match="16-bit dtypes only"):
+        rt.encode_values(bits.to(torch.uint8), mu, sigma, "fp8_e4m3", 4, model="table")
     words, lane_words = rt.encode_values(bits, mu, sigma, "bf16", 4)
+    with pytest.raises(ValueError, match="unknown entropy model"):
+        rt.Decoder(words, lane_words, 16, "bf16", model="tables")
+    with pytest.raises(NotImplementedError, match="decode_values"):
+        rt.Decoder(words, lane_words, 16, "bf16", model="table").decode(*em.quantize_params(mu, sigma))
     dec = rt.Decoder(words, lane_words, 16, "bf16")
     with pytest.raises(ValueError, match="out_bits must be"):
         dec.decode_values(mu, sigma, bits.to(torch.uint8))
@@ -484,18 +643,22 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
                (rt._decode_values_kernel, {**decode, "WRITE_VALUES": True})]
     if dtype == "bf16":  # the encoder does not depend on the dtype; the probe counts (tests) neither
         kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS}),
-                    (rt._decode_kernel, {**decode, "COUNT_PROBES": True})]
+                    (rt._decode_kernel, {**decode, "COUNT_PROBES": True}),
+                    (rt._encode_table_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}),  # the table model: 16-bit only
+                    (rt._decode_table_kernel, {**decode, "WRITE_VALUES": True})]
     for fn, block in kernels:
         consts = {k: v for k, v in {**spec, **block}.items() if k in fn.arg_names}
-        values = fn in (rt._encode_values_kernel, rt._decode_values_kernel)
+        values = fn in (rt._encode_values_kernel, rt._decode_values_kernel, rt._encode_table_kernel,
+                        rt._decode_table_kernel)
         bits = "*i16" if spec["BITS"] == 16 else "*u8"
         types = {"q_ptr": "*fp32", "probes_ptr": "*i32", "bits_ptr": bits, "out_bits_ptr": bits,
                  "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "value_of_bits_ptr": "*fp32", "out_values_ptr": "*fp32",
+                 "cum1_ptr": "*i32", "lane_ok_ptr": "*u8",
                  **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
         # as the launchers run them
-        warps = rt.DECODE_WARPS if fn in (rt._decode_kernel, rt._decode_values_kernel) else 4
+        warps = rt.DECODE_WARPS if fn in (rt._decode_kernel, rt._decode_values_kernel, rt._decode_table_kernel) else 4
         kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": warps})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -513,7 +676,7 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" ok") == 11, done.stdout
+    assert done.stdout.count(" ok") == 13, done.stdout
 
 
 @pytest.mark.gpu
@@ -528,6 +691,24 @@ def test_gpu_value_level_large_pages(dtype):
     words_cpp, lanes_cpp = rc.encode_values(bits, mu, sigma, dtype, 256)
     assert torch.equal(words.cpu(), words_cpp) and torch.equal(lane_words.cpu(), lanes_cpp)
     dec = rt.Decoder(words, lane_words, bits.shape[1], dtype)
+    got_bits, got_values = decode_values_staged(dec, mu.cuda(), sigma.cuda(), [1000, 40000], bits.cuda())
+    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)
+    assert dec.finish().all() and torch.equal(got_bits.cpu(), bits)
+    assert torch.equal(got_values.cpu().view(torch.int32), values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_table_model_large_pages(dtype):
+    """The table model compiled on CUDA, 4 pages of 2^16 symbols, 256 lanes: words equal to
+    the torch reference's on the CPU (cross-device determinism), staged decode_values gives
+    the patterns and values back."""
+    bits, mu, sigma = make_value_pages(dtype, 4, 1 << 16, seed=7)
+    words, lane_words = rt.encode_values(bits.cuda(), mu.cuda(), sigma.cuda(), dtype, 256, model="table")
+    words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, 256, model="table")
+    assert torch.equal(words.cpu(), words_ref) and torch.equal(lane_words.cpu(), lanes_ref)
+    dec = rt.Decoder(words, lane_words, bits.shape[1], dtype, model="table")
     got_bits, got_values = decode_values_staged(dec, mu.cuda(), sigma.cuda(), [1000, 40000], bits.cuda())
     values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)
     assert dec.finish().all() and torch.equal(got_bits.cpu(), bits)

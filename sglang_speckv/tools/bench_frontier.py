@@ -8,8 +8,10 @@ What one run does (all in this process, on the CPU):
    KV, plus two ablations of ``context`` (plain Gaussian; Gaussian + fitted wide
    component) to show what each part of the residual model buys; fits the model
    predictors' residuals; then measures every predictor on the held-out KV.
-3. Bits are the coder's ideal code length under its integer model (calibrate.scalar_bits,
-   = entropy_model.ideal_bits per scalar); real blobs add only lane overhead, which the
+3. Bits are the coder's ideal code length under the integer model the codec uses for the
+   dtype (calibrate.scalar_bits; codec.model_for: the table model for bf16, the exact model
+   for fp8), with the exact model's bits beside them for bf16 (what the table model costs);
+   real blobs add only lane overhead, which the
    speed columns show: ``--speed-pages`` pages of 16 tokens are encoded and decoded with
    the real codec (sglang_speckv/codec.py, CPU), checked bit-exact, and their actual
    bits/scalar printed beside the ideal.
@@ -56,13 +58,21 @@ MODEL_SCHEMES = (("int8", 0), ("fp8", 0), ("int8_w", 0), ("fp8_w", 0), ("int4", 
 
 
 def block_bits(stored: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, kv_dtype: str, w_wide: int, kappa: int) -> torch.Tensor:
-    """Mean bits per scalar of each (kv, layer) block: float64 [2, layers]. All tensors are
-    [2, layers, tokens, heads, dim]; mu and sigma float32."""
-    out = torch.zeros(stored.shape[:2], dtype=torch.float64)
+    """Mean bits per scalar of each (kv, layer) block under the entropy model the codec
+    uses for ``kv_dtype`` (codec.model_for) and under the exact model: float64 [2 (coded,
+    exact), 2, layers] (the two are one model for fp8). All tensors are [2, layers, tokens,
+    heads, dim]; mu and sigma float32."""
+    from sglang_speckv.codec import model_for
+
+    models = [model_for(kv_dtype), "exact"]
+    out = torch.zeros((2, *stored.shape[:2]), dtype=torch.float64)
     for kv in range(stored.shape[0]):
         for layer in range(stored.shape[1]):
-            b = cal.scalar_bits(stored[kv, layer], mu[kv, layer], sigma[kv, layer], kv_dtype, w_wide, kappa)
-            out[kv, layer] = b.mean()
+            for i, model in enumerate(models[: 1 + (models[0] != models[1])]):
+                b = cal.scalar_bits(stored[kv, layer], mu[kv, layer], sigma[kv, layer], kv_dtype, w_wide, kappa, model)
+                out[i, kv, layer] = b.mean()
+    if models[0] == models[1]:
+        out[1] = out[0]
     return out
 
 
@@ -82,13 +92,13 @@ def predict_page(pred, page: torch.Tensor, position: int = 0) -> tuple[torch.Ten
 
 
 def page_stats_bits(page: torch.Tensor, kv_dtype: str) -> torch.Tensor:
-    """[2, L] bits per scalar of the self-contained page_stats predictor on PAGE_STATS_TOKENS
-    pages, its side info spread over the scalars of each page."""
+    """[2 (coded, exact), 2, L] bits per scalar of the self-contained page_stats predictor on
+    PAGE_STATS_TOKENS pages, its side info spread over the scalars of each page."""
     from sglang_speckv.kernels import entropy_model as em
     from sglang_speckv.predictors.page_stats import PageStatsPredictor
 
     pred = PageStatsPredictor()
-    total, side_bits, n = torch.zeros(page.shape[:2], dtype=torch.float64), 0.0, 0
+    total, side_bits, n = torch.zeros((2, *page.shape[:2]), dtype=torch.float64), 0.0, 0
     for start in range(0, page.shape[2] - PAGE_STATS_TOKENS + 1, PAGE_STATS_TOKENS):
         p = page[:, :, start : start + PAGE_STATS_TOKENS].contiguous()
         meta = PageMeta(kv_dtype, tuple(p.shape), start)
@@ -137,7 +147,7 @@ def codec_speed(pred, page: torch.Tensor, pages: int) -> tuple[float, float, flo
     ideal = 0.0
     for p, m in zip(cut, metas):
         mu, sigma = predict_page(pred, p, m.position)
-        ideal += float(cal.scalar_bits(p, mu, sigma, m.dtype, pred.w_wide, pred.kappa).sum())
+        ideal += float(cal.scalar_bits(p, mu, sigma, m.dtype, pred.w_wide, pred.kappa, codec.model_for(m.dtype)).sum())
     return nbytes / (t1 - t0) / 1e6, nbytes / (t2 - t1) / 1e6, 8 * sum(len(b) for b in blobs) / n, ideal / n
 
 
@@ -220,7 +230,7 @@ def model_estimates(model, cal_chunks, probe_chunks, ids_held, cal_real, probe_r
 
 
 def model_bits(est: ModelEstimate, stored_cal: torch.Tensor, stored_held: torch.Tensor, kv_dtype: str, scale) -> torch.Tensor:
-    """[2, L] bits of a model predictor on the held-out KV: mu = its KV in the stored
+    """[2 (coded, exact), 2, L] bits of a model predictor on the held-out KV: mu = its KV in the stored
     domain, sigma = RMS residual per (kv, layer, channel) on the calibration chunks (floored
     like calibrate.py), mixture fitted there too."""
     div = torch.ones(2, stored_cal.shape[1], dtype=torch.float64) if scale is None else scale.to(torch.float64)
@@ -246,7 +256,7 @@ def model_bits(est: ModelEstimate, stored_cal: torch.Tensor, stored_held: torch.
 
 
 def serving_model_rows(model_path: str, model, ids: torch.Tensor, held: torch.Tensor, pages: int, queries: list[str]):
-    """For each ``model:`` spec query: (name, bits [2, L] ideal, MAC compute, note, speed)
+    """For each ``model:`` spec query: (name, bits [2, 2, L] ideal (block_bits), MAC compute, note, speed)
     measured on the first ``pages`` pages of PAGE_TOKENS tokens of ``held`` (bf16 [2, L, T,
     H, D], the target's KV of ``ids``): real blobs encoded and decoded bit-exact (the decode
     with an empty chunk cache, as in a fresh process), and the predictor's model run timed
@@ -295,7 +305,7 @@ def serving_model_rows(model_path: str, model, ids: torch.Tensor, held: torch.Te
         compute = 1.0 if scheme == "none" else (exact * macs["layer"] + (rest * macs["layer"] + macs["kv_proj"]) * COST_PER_MAC[scheme]) / macs["prefill"]
         nbytes = sum(p.numel() * 2 for p in cut)
         actual = 8 * sum(len(b) for b in blobs) / sum(p.numel() for p in cut)
-        ideal = float(bits.mean())
+        ideal = float(bits[0].mean())
         note = (f"serving path `model:CKPT{'?' + query if query else ''}`: fp32 on the CPU, {pred.spec.threads} thread(s), "
                 f"chunked prefill of every token before the page; model run {run_s:.2f} s for {n_tok} tokens = "
                 f"{run_s / prefill_s:.1f}x the target's bf16 prefill ({prefill_s:.2f} s, {torch.get_num_threads()} threads); "
@@ -315,6 +325,7 @@ def linear_macs(pred: LinearGaussianPredictor) -> int:
 
 
 def run_frontier(args) -> str:
+    from sglang_speckv.codec import model_for
     from sglang_speckv.tools.prepare_model import prepare_model
     from sglang_speckv.tools import model_predictors as mp
 
@@ -366,11 +377,16 @@ def run_frontier(args) -> str:
             print(f"[{kv_dtype}] calibrated in {time.perf_counter() - t0:.0f} s: {calib.mixture}", flush=True)
 
         def add(name, bits, compute, note="", speed=("", "", "")):
+            """bits: [2 (coded, exact), 2, L] (block_bits), or [2, L] for the zstd rows."""
+            exact = None
+            if bits.dim() == 3:  # (the exact model's column only where the codec uses another)
+                bits, exact = bits[0], float(bits[1].mean()) if model_for(kv_dtype) != "exact" else None
             per_layer[(kv_dtype, name)] = bits
             k_bits, v_bits = float(bits[0].mean()), float(bits[1].mean())
             both = (k_bits + v_bits) / 2
-            rows.append((name, kv_dtype, k_bits, v_bits, both, RAW_BITS[kv_dtype] / both, compute, *speed, note))
-            print(f"  {name:<22} K {k_bits:6.3f}  V {v_bits:6.3f}  K+V {both:6.3f}", flush=True)
+            vs = "" if exact is None else f"{exact:.3f} ({100 * (both / exact - 1):+.2f}%)"
+            rows.append((name, kv_dtype, k_bits, v_bits, both, vs, RAW_BITS[kv_dtype] / both, compute, *speed, note))
+            print(f"  {name:<22} K {k_bits:6.3f}  V {v_bits:6.3f}  K+V {both:6.3f}  exact model {vs}", flush=True)
 
         raw = torch.full((2, layout["layers"]), float(RAW_BITS[kv_dtype]), dtype=torch.float64)
         zk, zv = zstd_bits(held, split_bytes=False)
@@ -415,13 +431,14 @@ def _table(rows, n_cal: int, n_held: int, args) -> str:
     cpu = platform.processor() or platform.machine()
     head = (
         f"{args.model_name} KV, held-out {n_held} tokens (calibration: {n_cal} other tokens); "
-        f"bits per scalar = the coder's ideal code length; machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
-        "| predictor | KV dtype | K bits | V bits | K+V bits | ratio vs raw | compute (x prefill) | enc MB/s | dec MB/s | blob bits (ideal) | notes |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        f"bits per scalar = the coder's ideal code length (bf16: the table model; fp8: the exact model); machine: {cpu}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
+        "| predictor | KV dtype | K bits | V bits | K+V bits | K+V, exact model (coded vs exact) | ratio vs raw | compute (x prefill) | enc MB/s | dec MB/s | blob bits (ideal) | notes |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {n} | {d} | {k:.3f} | {v:.3f} | {b:.3f} | {r:.2f}x | {c:.4f} | {e} | {dd} | {a} | {note} |"
-        for n, d, k, v, b, r, c, e, dd, a, note in rows
+        f"| {n} | {d} | {k:.3f} | {v:.3f} | {b:.3f} | {x} | {r:.2f}x | {c:.4f} | {e} | {dd} | {a} | {note} |"
+        for n, d, k, v, b, x, r, c, e, dd, a, note in rows
     ]
     notes = (
         "\n\nenc/dec MB/s and blob bits: the real codec on this CPU (sglang_speckv/codec.py: C++ rANS, predictor in torch) on the first "
@@ -457,7 +474,7 @@ def _plot(rows, per_layer, path: Path) -> None:
             ax.set_ylabel("bits / scalar")
             ax.grid(alpha=0.3)
         ax = axes[i][2]
-        for n, dd, _, _, both, _, compute, _, _, _, note in rows:
+        for n, dd, _, _, both, _, _, compute, _, _, _, note in rows:
             if dd == d and "ablation" not in note:
                 x = max(compute, 1e-4)
                 ax.scatter([x], [both], color=colors(names.index(n) % 20))

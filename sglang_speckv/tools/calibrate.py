@@ -30,6 +30,7 @@ import math
 import torch
 
 from sglang_speckv.kernels import entropy_model as em
+from sglang_speckv.kernels import table_model as tm
 from sglang_speckv.predictors.calibration import (
     BIAS_BITS,
     COEF_BITS,
@@ -69,11 +70,16 @@ def to_pages(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack([k, v]).permute(0, 1, 3, 2, 4).contiguous()
 
 
-def scalar_bits(stored: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, kv_dtype: str, w_wide: int, kappa: int) -> torch.Tensor:
+def scalar_bits(
+    stored: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, kv_dtype: str, w_wide: int, kappa: int, model: str = "exact"
+) -> torch.Tensor:
     """float64 bits (-log2 f/M) the coder spends on each scalar of ``stored`` (bf16 or fp8
-    tensor) under (mu, sigma) float32 of the same shape: the integer model, exactly."""
+    tensor) under (mu, sigma) float32 of the same shape: the integer model, exactly.
+    ``model``: "exact" (entropy_model, what calibration fits) or "table" (table_model)."""
     keys = em.keys_from_bits(em.storage_bits(stored), kv_dtype)
     mu_q, e, r = em.quantize_params(mu, sigma)
+    if model == tm.MODEL_TABLE:
+        return tm.ideal_bits(keys, mu_q, e, r, kv_dtype, w_wide, kappa)
     freq = em.cdf(keys + 1, mu_q, e, r, kv_dtype, w_wide, kappa) - em.cdf(keys, mu_q, e, r, kv_dtype, w_wide, kappa)
     return em.PROB_BITS - torch.log2(freq.to(torch.float64))
 
