@@ -196,7 +196,7 @@ class _Coded:
     page: torch.Tensor  # the page in its storage dtype (any strides; read only for RAW blobs)
 
 
-def _prepare(page, meta, predictor, w_wide, kappa, lanes):
+def _prepare(page, meta, predictor, w_wide, kappa, lanes, model):
     """Side info, bit patterns ([numel], int16 / uint8) and float32 (mu, sigma) of one page:
     (_Coded, bits, mu, sigma). mu and sigma are predict_rows' rows for a one-stage predictor
     (possibly broadcast views, read in place by the C++ coder), else the stages' 1-D
@@ -225,7 +225,7 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes):
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
         raw_hash=page_hash(page), position=meta.position, w_wide=w_wide,
-        kappa=kappa, num_lanes=lanes, side_bytes=len(side), model=model_for(meta.dtype),
+        kappa=kappa, num_lanes=lanes, side_bytes=len(side), model=model,
     )  # fmt: skip
     return _Coded(header, side, page), bits, mu, sigma
 
@@ -257,41 +257,54 @@ def encode_pages(
     return blobs
 
 
-def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes) -> list[bytes]:
+def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None) -> list[bytes]:
+    """Blobs of pages in one batch, each with ``model`` (default: model_for its dtype)."""
     # One coder call per (size, lanes, device): its loop steps serve every page at once.
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (page, meta) in enumerate(zip(pages, metas)):
         lanes = min(num_lanes or default_lanes(meta.numel), meta.numel)
         groups[(meta.numel, lanes, page.device, meta.dtype)].append(i)
     blobs: list[bytes] = [b""] * len(pages)
+    retry: list[int] = []
     for (numel, lanes, device, dtype), members in groups.items():
+        m = model or model_for(dtype)
         # per page: its storage patterns ([numel], the page's own memory when contiguous) and
         # (mu, sigma) as the predictor gave them; the C++ coder reads them all in place
         coded, bits, mu, sigma = [], [], [], []
         for i in members:
-            c, bits_i, mu_i, sigma_i = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes)
+            c, bits_i, mu_i, sigma_i = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, m)
             coded.append(c)
             bits.append(bits_i)
             mu.append(mu_i)
             sigma.append(sigma_i)
-        words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa, model_for(dtype))
+        words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa, m)
         del bits, mu, sigma
         lane_words = lane_words.cpu().numpy()  # [P, NL]
         words = words.cpu().numpy().view("<u4")  # int32 -> the same u32 patterns, no copy
         ends = np.cumsum(lane_words.sum(axis=1))
         for j, i in enumerate(members):
             stream = words[ends[j] - lane_words[j].sum() : ends[j]]
-            blobs[i] = _pack(coded[j], lane_words[j], stream)
+            blobs[i], raw = _pack(coded[j], lane_words[j], stream)
+            if raw and m == tm.MODEL_TABLE:
+                retry.append(i)
+    # A page the table model could not shrink (mostly escapes: every bit pattern, garbage
+    # parameters) gets the exact model's try before it is stored raw.
+    if retry:
+        again = _encode_batch([pages[i] for i in retry], [metas[i] for i in retry], predictor, w_wide, kappa,
+                              num_lanes, tm.MODEL_EXACT)  # fmt: skip
+        for i, blob in zip(retry, again):
+            blobs[i] = blob
     return blobs
 
 
-def _pack(c: _Coded, lane_words: np.ndarray, stream: np.ndarray) -> bytes:
-    """The coded blob, or the RAW one when coding did not make the page smaller."""
+def _pack(c: _Coded, lane_words: np.ndarray, stream: np.ndarray) -> tuple[bytes, bool]:
+    """(the coded blob, False), or (the RAW one, True) when coding did not make the page
+    smaller."""
     header = replace(c.header, stream_words=int(stream.size))
     if header.blob_size >= fmt.HEADER_SIZE + c.header.page_bytes:
         raw = replace(c.header, flags=fmt.FLAG_RAW, num_lanes=0, side_bytes=0, stream_words=0)
-        return fmt.pack_blob(raw, np.zeros(0, np.uint32), b"", _page_bytes(c.page))
-    return fmt.pack_blob(header, lane_words, c.side, memoryview(stream).cast("B"))
+        return fmt.pack_blob(raw, np.zeros(0, np.uint32), b"", _page_bytes(c.page)), True
+    return fmt.pack_blob(header, lane_words, c.side, memoryview(stream).cast("B")), False
 
 
 # ---- Decode -----------------------------------------------------------------------------
