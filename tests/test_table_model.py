@@ -154,7 +154,7 @@ def test_corrupt_table_streams_fail_finish():
     decodes to other symbols (the codec's page hash catches those); never a crash, and the
     other page is untouched."""
     bits, mu, sigma = hostile_page(2, 1500, "bf16", seed=9)
-    words, lane_words = rr.encode_values(bits, mu, sigma, "bf16", 4, model=tm.MODEL_TABLE)
+    words, lane_words = rr.encode_values(bits, mu, sigma, "bf16", 32, model=tm.MODEL_TABLE)
     g = torch.Generator().manual_seed(0)
     flagged = 0
     for _ in range(12):
