@@ -77,9 +77,10 @@ def _macros() -> list[str]:
         "X_SHIFT_MAX": em.X_SHIFT_MAX, "DIFF_MAX": em.DIFF_MAX, "T_MAX": em.T_MAX,
         "T_SHIFT": em.T_SHIFT, "INTERP_BITS": em.INTERP_BITS, "W_TOTAL": em.W_TOTAL,
         "RANS_L": ref.RANS_L, "WORD_BITS": ref.WORD_BITS, "ENC_SHIFT": ref.ENC_SHIFT,
-        "QUANTILE_BITS": ref.QUANTILE_BITS,
-        "TB": tm.TB, "TJ": tm.TJ, "NCELL": tm.NCELL, "PT": tm.PT, "P2": tm.P2, "W_SHIFT": tm.W_SHIFT,
-        "TSAT": tm.TSAT, "CELL_SHIFT": tm.CELL_SHIFT, "DENSE_LOG": tm.DENSE_LOG,
+        "QUANTILE_BITS": ref.QUANTILE_BITS, "SATURATE_EX": em.SATURATE_EX,
+        "TS": tm.TS, "CELL_SHIFT": tm.CELL_SHIFT, "TB": tm.TB, "FB": tm.FB, "TJ": tm.TJ, "NCELL": tm.NCELL,
+        "ESC": tm.ESC, "ROW": tm.ROW, "ROWS": tm.ROWS, "PT": tm.PT, "P2": tm.P2, "DENSE_LOG": tm.DENSE_LOG,
+        "MAG_SHIFT_MAX": tm.MAG_SHIFT_MAX,
     }  # fmt: skip
     floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex
     return [f"-DSPECKV_{name}={value}LL" for name, value in constants.items()] + [
