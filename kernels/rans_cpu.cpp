@@ -92,6 +92,10 @@ inline double pow2(int64_t n) {
   return d;
 }
 
+// 2^n as int64 for n in [0, 62], by way of the float64 2^n: no shift of a constant by a
+// per-lane count, which gcc's vectoriser cannot do.
+inline int64_t pow2_int(int64_t n) { return int64_t(pow2(n)); }
+
 // A storage dtype (entropy_model.DTYPE_SPECS: bits B, mantissa bits, exponent bias,
 // e4m3fn-style NaN only), with the masks its fields need.
 struct Dtype {
@@ -153,13 +157,15 @@ struct Dtype {
 
   // The fields of a magnitude pattern mp (sign bit clear) as entropy_model._key_fields_cpu
   // tabulates them: its value is sig 2^ex; inf and NaN get sig 1, ex SATURATE_EX.
-  // Branch-free.
-  inline void magnitude_fields(int64_t mp, int64_t& sig, int64_t& ex) const {
+  // Returns whether it is finite (for the callers' escapes: a test of ex == SATURATE_EX
+  // there stops gcc's vectoriser). Branch-free.
+  inline bool magnitude_fields(int64_t mp, int64_t& sig, int64_t& ex) const {
     const int64_t biased = (mp >> man_bits) & exp_ones;
     const int64_t mant = mp & man_mask;
     const bool special = (biased == exp_ones) & ((mant | nan_mant_ones) == man_mask);  // inf/NaN
     sig = special ? 1 : mant + (int64_t(biased != 0) << man_bits);  // < 2^11
     ex = special ? SATURATE_EX : std::max<int64_t>(biased, 1) - bias - man_bits;
+    return !special;
   }
 
   // table_model.trunc_magnitude: the magnitude pattern of the largest finite value <= n u /
@@ -656,8 +662,7 @@ inline void zero_points(const Dtype& dtype, int64_t mp, int64_t e, int64_t& firs
   const int64_t top_mag = dtype.top >> 1;  // magnitude patterns are below 2^(B - 1)
   int64_t sig, ex, next_sig, next_ex;
   dtype.magnitude_fields(mp, sig, ex);
-  dtype.magnitude_fields(std::min(mp + 1, top_mag - 1), next_sig, next_ex);
-  const bool next_finite = (next_ex != SATURATE_EX) & (mp + 1 < top_mag);
+  const bool next_finite = dtype.magnitude_fields(std::min(mp + 1, top_mag - 1), next_sig, next_ex) & (mp + 1 < top_mag);
   first = first_point(sig, ex, e);
   const int64_t next = std::min<int64_t>(first_point(next_sig, next_ex, e), int64_t(1) << P2);
   count = (next_finite ? next : int64_t(1) << P2) - first;
@@ -804,7 +809,7 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
             // sh = log2(ulp / u), the cell m (-1 - magnitude for negative patterns)
             const int64_t mp = u & (sign - 1);
             int64_t sig, ex;
-            mdl.dtype.magnitude_fields(mp, sig, ex);
+            const bool finite = mdl.dtype.magnitude_fields(mp, sig, ex);
             const int64_t sh = ex - (e - TS);
             const int64_t mag_up = sig << std::clamp<int64_t>(sh, 0, MAG_SHIFT_MAX);
             const int64_t mag_down = sig >> std::clamp<int64_t>(-sh, 0, 63);
@@ -813,7 +818,9 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
             const bool zero = mag == 0;  // m in {0, -1}
             int64_t first, count;
             zero_points(mdl.dtype, mp, e, first, count);
-            const bool esc = (ex == SATURATE_EX) | (c < -TJ) | (c >= TJ) | (zero ? count <= 0 : sh > 0);
+            // escapes: inf and NaN, cells beyond +-TJ, zero-cell keys without a point, cells off
+            // zero narrower than the key spacing (& and |, not a select of bools: that vectorises)
+            const bool esc = !finite | (c < -TJ) | (c >= TJ) | (zero & (count <= 0)) | (!zero & (sh > 0));
             const bool table = dense(mdl.dtype, mu_q, e, r);
             const int64_t i1 = level1_row(mu_q, r) + (esc ? ESC : c + TJ);
             cum[j] = table ? c1p[i1] : 0;
@@ -821,7 +828,7 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
             const int64_t l2 = std::clamp<int64_t>(-sh, 0, PT);  // the offset's bits (off zero, no escape)
             const int64_t off = sig - ((sig >> l2) << l2);  // sig's low l2 bits
             cum2[j] = zero ? first : off << (PT - l2);
-            freq2[j] = zero ? count : (int64_t(1) << PT) >> l2;
+            freq2[j] = zero ? count : pow2_int(PT - l2);
             exact[j] = esc | !table;  // the exact model's step at level 2
             shift2[j] = (esc | !table) ? PROB_BITS : (zero ? P2 : PT);
             key[j] = k, mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
@@ -977,7 +984,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           // the level-2 step: (first, count) of scale P2 at zero, (off << (PT - L2), 2^(PT - L2))
           // of scale PT off zero, the identity (0, 2^PT) of scale PT where not ok
           const int64_t c2 = ok ? (zero ? first : off << (PT - l2)) : 0;
-          const int64_t f2 = ok ? (zero ? count : (int64_t(1) << PT) >> l2) : int64_t(1) << PT;
+          const int64_t f2 = ok ? (zero ? count : pow2_int(PT - l2)) : int64_t(1) << PT;
           const bool at_p2 = ok & zero;
           const int64_t slot2 = at_p2 ? slot_z : slot_o;
           const int64_t xs = at_p2 ? x1 >> P2 : x1 >> PT;
