@@ -833,18 +833,26 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
             shift2[j] = (esc | !table) ? PROB_BITS : (zero ? P2 : PT);
             key[j] = k, mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           }
-          int64_t m = 0;  // the exact model's step, after ESC or alone: listed, then vectorised
+          // The exact model's step, after ESC or alone: over all lanes when many take it (a
+          // sharp predictor's pages; contiguous, the others' results discarded), else over a
+          // list of them; vectorised either way.
+          const auto exact_pair = [&](int64_t j) __attribute__((always_inline)) {
+            int64_t c0, c1;
+            mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c0, c1);
+            cum2[j] = exact[j] ? c0 : cum2[j];
+            freq2[j] = exact[j] ? c1 - c0 : freq2[j];
+          };
+          int64_t m = 0;
           for (int64_t j = 0; j < j_hi; ++j) {
             list[m] = j;
             m += exact[j] != 0;
           }
+          if (2 * m > j_hi) {
 #pragma omp simd
-          for (int64_t t = 0; t < m; ++t) {
-            const int64_t j = list[t];
-            int64_t c0, c1;
-            mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c0, c1);
-            cum2[j] = c0;
-            freq2[j] = c1 - c0;
+            for (int64_t j = 0; j < j_hi; ++j) exact_pair(j);
+          } else {
+#pragma omp simd
+            for (int64_t t = 0; t < m; ++t) exact_pair(list[t]);
           }
           put_block(x, cum2, freq2, shift2, j_hi, word2);  // level 2, then level 1 (decode order reversed)
           put_block(x, cum, freq, shift, j_hi, word);
@@ -1013,35 +1021,49 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
 #pragma omp simd
           for (int64_t t = 0; t < m; ++t) table_lane(list[t]);
         }
-        // Pass 3: the exact model's step, after ESC or alone, for the lanes listed so that
-        // their guess and C pair vectorise as in decode_stage; the misses search one by one;
-        // then the rANS step, vectorised again.
+        // Pass 3: the exact model's step, after ESC or alone (exact[j]): the guess and C pair,
+        // vectorised as in decode_stage, over all lanes when many take it (a sharp predictor's
+        // pages: contiguous loads and stores, the others' results discarded), else over a list
+        // of them; the misses search one by one; then the rANS step, vectorised again.
+        const auto exact_guess = [&](int64_t j) __attribute__((always_inline)) {
+          const int64_t k = guess_key(dt, qt, x[j] & (M - 1), mu_qs[j], es[j], rs[j]);
+          key[j] = exact[j] ? k : key[j];
+          mdl.cdf_pair(k, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c_lo[j], c_hi[j]);
+        };
+        const auto exact_step = [&](int64_t j) __attribute__((always_inline)) {
+          const int64_t x_new = wrap_add(wrap_mul(c_hi[j] - c_lo[j], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[j]);
+          const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
+          const bool refill = x_new < RANS_L;
+          const int64_t x_step = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
+          const bool take = exact[j] != 0;
+          x[j] = take ? x_step : x[j];
+          ptr[j] += take & refill;
+        };
         m = 0;
         for (int64_t j = j_lo; j < j_hi; ++j) {
           list[m] = j;
           m += exact[j] != 0;
         }
+        const bool all_lanes = 2 * m > j_hi - j_lo;
+        if (all_lanes) {
 #pragma omp simd
-        for (int64_t t = 0; t < m; ++t) {
-          const int64_t j = list[t];
-          const int64_t k = guess_key(dt, qt, x[j] & (M - 1), mu_qs[j], es[j], rs[j]);
-          key[j] = k;
-          mdl.cdf_pair(k, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c_lo[t], c_hi[t]);
+          for (int64_t j = j_lo; j < j_hi; ++j) exact_guess(j);
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < m; ++t) exact_guess(list[t]);
         }
         for (int64_t t = 0; t < m; ++t) {
           const int64_t j = list[t], slot = x[j] & (M - 1);
-          if (c_lo[t] > slot || c_hi[t] <= slot) {
-            search_key(mdl, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), slot, key[j], c_lo[t], c_hi[t]);
+          if (c_lo[j] > slot || c_hi[j] <= slot) {
+            search_key(mdl, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), slot, key[j], c_lo[j], c_hi[j]);
           }
         }
+        if (all_lanes) {
 #pragma omp simd
-        for (int64_t t = 0; t < m; ++t) {
-          const int64_t j = list[t];
-          const int64_t x_new = wrap_add(wrap_mul(c_hi[t] - c_lo[t], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[t]);
-          const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
-          const bool refill = x_new < RANS_L;
-          x[j] = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
-          ptr[j] += refill;
+          for (int64_t j = j_lo; j < j_hi; ++j) exact_step(j);
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < m; ++t) exact_step(list[t]);
         }
         // Pass 4: emit.
 #pragma omp simd
