@@ -12,12 +12,15 @@
 // (DESIGN.md "Lanes").
 //
 // Two entropy models: the exact model (entropy_model.py: C(k), one 28-bit step per symbol)
-// and the table model (table_model.py, 16-bit dtypes: a level-1 cell and a point, two steps,
-// or the exact model's step where the table does not apply); its level-1 table arrives as a
-// tensor from table_model.level1_table.
+// and the table model (table_model.py, whose docstring specifies it; 16-bit dtypes): two
+// steps per symbol, the key's cell on a lattice aligned to multiples of u = 2^(e - TS)
+// relative to mu's cell (a level-1 table row, or ESC), then the key within the cell (raw
+// offset bits off zero, a zero cell's points, or after ESC the exact model's step); a
+// symbol that is not dense takes the exact model's step alone. Its level-1 table arrives as
+// a tensor from table_model.level1_table.
 //
 // Within a step the model's work for the block's lanes (quantize_params, the guess, C at two
-// keys; the table model's thresholds, level-1 search and truncation) is independent across
+// keys; the table model's cells, level-1 search, offsets and zero-cell truncation) is independent across
 // lanes, so it is written branch-free (selects, & instead of &&, clamps by value, loads
 // outside selects) in loops under `#pragma omp simd`: with -march=native the compiler turns
 // them into AVX-512 (or AVX2) code with gathers for the table reads. Integer operations give
@@ -601,8 +604,8 @@ struct Rows {
   }
 };
 
-// One rANS encoder step of scale 2^shift[j] for block slots j in [0, n) (DESIGN.md "rANS with
-// mixed scales"; shift 28 for the exact model, 15 and 16 for the table model's two levels;
+// One rANS encoder step of scale 2^shift[j] for block slots j in [0, n) (rans_reference.encode's
+// scale; shift 28 for the exact model, 15 (level 1, offsets) and 16 (zero cells) for the table model;
 // 1 <= freq <= 2^shift): a word out if x >= freq << (63 - shift) (word[j], else -1), then
 // x = ((x // freq) << shift) + x % freq + cum. Vectorised: the quotient is estimated in
 // float64 and corrected to the exact one (below x < freq << (63 - shift), so x // freq <
@@ -886,16 +889,16 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
   return {words, lane_words};
 }
 
-// One decoder stage of the table model (DESIGN.md "Decoding"): symbols [first, first + n)
-// of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key) takes each key. Per
-// step, (1) every lane's quantize_params and whether it is dense; (2) unless no lane is,
-// the level-1 entry (a branch-free bisection of the bucket's row), rANS step, and for a cell
-// the point's key by truncation and its level-2 step; (3) over a list of the lanes that
-// escaped or are not dense, the exact model's step (guess and check, as decode_stage); (4)
-// emit. All vectorised but the exact model's misses. x, ptr:
-// int64 [P * NL] lane states and next-word indices, bad: uint8 [P * NL] lanes that met a
-// point no key owns (a corrupt stream; the step then uses (slot, 1) and the lane goes on),
-// all updated in place.
+// One decoder stage of the table model (rans_reference.Decoder._table_symbol): symbols
+// [first, first + n) of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key)
+// takes each key. Per step, (1) every lane's quantize_params and whether it is dense; (2)
+// for the dense lanes the level-1 entry (a branch-free bisection of the row), rANS step, and
+// for a cell its key and level-2 step (table_model.decode_level2: off zero a shift and a
+// mask, at zero a truncation); (3) for the lanes that escaped or are not dense, the exact
+// model's step (guess and check, as decode_stage); (4) emit. All vectorised but the exact
+// model's misses. x, ptr: int64 [P * NL] lane states and next-word indices, bad: uint8
+// [P * NL] lanes that decoded a cell holding no key (decode_level2's ok false: a corrupt
+// stream; the step is then the identity (0, 2^PT) and the lane goes on), all updated in place.
 template <class EmitFn>
 void decode_stage_table(const Model& model, const int64_t* cum1, const double* q, const uint32_t* words_p,
                         int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p, const float* mu_p,
@@ -936,7 +939,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
         const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
 
         // Pass 1: the parameters, and whether the symbol takes the table (dense) or the exact
-        // model's step alone (level 1 is then the identity step, which reads nothing).
+        // model's step alone (its second step, the identity, reads nothing).
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) {
           int64_t mu_q, e, r;
