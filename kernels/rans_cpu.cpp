@@ -800,8 +800,9 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
           // to mu's, c = m - floor(mu / u), or ESC; level 2 the offset in a cell off zero (the
           // significand's low L2 bits: a step of scale PT, frequency 2^(PT - L2)), the key's
           // points in a zero cell (scale P2), or after ESC the exact model's step. A symbol
-          // that is not dense is the exact model's step alone (level 1 then the identity step
-          // (0, 2^PT), which emits nothing). Vectorised like the exact model above.
+          // that is not dense is the exact model's step alone: its second step, the identity
+          // (0, 2^PT), leaves the state as it is and emits nothing, so it takes level 1's slot
+          // here (same bytes). Vectorised like the exact model above.
 #pragma omp simd
           for (int64_t j = 0; j < j_hi; ++j) {
             const int64_t u = pat[j];
