@@ -12,12 +12,15 @@
 // (DESIGN.md "Lanes").
 //
 // Two entropy models: the exact model (entropy_model.py: C(k), one 28-bit step per symbol)
-// and the table model (table_model.py, 16-bit dtypes: a level-1 cell and a point, two steps,
-// or the exact model's step where the table does not apply); its level-1 table arrives as a
-// tensor from table_model.level1_table.
+// and the table model (table_model.py, whose docstring specifies it; 16-bit dtypes): two
+// steps per symbol, the key's cell on a lattice aligned to multiples of u = 2^(e - TS)
+// relative to mu's cell (a level-1 table row, or ESC), then the key within the cell (raw
+// offset bits off zero, a zero cell's points, or after ESC the exact model's step); a
+// symbol that is not dense takes the exact model's step alone. Its level-1 table arrives as
+// a tensor from table_model.level1_table.
 //
 // Within a step the model's work for the block's lanes (quantize_params, the guess, C at two
-// keys; the table model's thresholds, level-1 search and truncation) is independent across
+// keys; the table model's cells, level-1 search, offsets and zero-cell truncation) is independent across
 // lanes, so it is written branch-free (selects, & instead of &&, clamps by value, loads
 // outside selects) in loops under `#pragma omp simd`: with -march=native the compiler turns
 // them into AVX-512 (or AVX2) code with gathers for the table reads. Integer operations give
@@ -62,21 +65,24 @@ constexpr int64_t QUANTILE_BITS = SPECKV_QUANTILE_BITS;
 constexpr double SIGMA_MIN = SPECKV_SIGMA_MIN;
 constexpr double SIGMA_MAX = SPECKV_SIGMA_MAX;
 constexpr double MU_INF = SPECKV_MU_INF;
-// The table model (kernels/table_model.py; DESIGN.md "The table model")
+constexpr int64_t SATURATE_EX = SPECKV_SATURATE_EX;  // entropy_model's exponent of inf and NaN keys
+// The table model (kernels/table_model.py, whose docstring specifies it)
+constexpr int64_t TS = SPECKV_TS;          // cells u = 2^(e - TS) wide
+constexpr int64_t CELL_SHIFT = SPECKV_CELL_SHIFT;  // a cell is 2^CELL_SHIFT units of delta (F - TS)
 constexpr int64_t TB = SPECKV_TB;          // sigma buckets: the top TB bits of r below its leading one
-constexpr int64_t TJ = SPECKV_TJ;          // cells on each side of mu
-constexpr int64_t NCELL = SPECKV_NCELL;    // 2 TJ; entry NCELL of a level-1 row is the escape
-constexpr int64_t ROW = NCELL + 2;         // a level-1 row: NCELL + 1 entries' CUM1 and 2^PT
-constexpr int64_t PT = SPECKV_PT;          // level-1 probability bits
-constexpr int64_t P2 = SPECKV_P2;          // points per cell: 2^P2 (level-2 probability bits)
-constexpr int64_t W_SHIFT = SPECKV_W_SHIFT;  // point spacing 2^W_SHIFT in units of delta
-constexpr int64_t TSAT = SPECKV_TSAT;      // thresholds saturate at +-TSAT
-constexpr int64_t CELL_SHIFT = SPECKV_CELL_SHIFT;  // a cell is 2^CELL_SHIFT units of delta
+constexpr int64_t FB = SPECKV_FB;          // rows per bucket: mu's position in its cell in 2^FB steps
+constexpr int64_t TJ = SPECKV_TJ;          // cells on each side of mu's
+constexpr int64_t NCELL = SPECKV_NCELL;    // 2 TJ
+constexpr int64_t ESC = SPECKV_ESC;        // the escape entry of a level-1 row (NCELL)
+constexpr int64_t ROW = SPECKV_ROW;        // a level-1 row: NCELL + 1 entries' CUM1 and 2^PT
+constexpr int64_t ROWS = SPECKV_ROWS;      // 2^(TB + FB) rows
+constexpr int64_t PT = SPECKV_PT;          // level-1 probability bits; the scale of an offset step
+constexpr int64_t P2 = SPECKV_P2;          // points of a zero cell: 2^P2 (its step's scale)
 constexpr int64_t DENSE_LOG = SPECKV_DENSE_LOG;    // the table needs >= 2^DENSE_LOG keys per cell
+constexpr int64_t MAG_SHIFT_MAX = SPECKV_MAG_SHIFT_MAX;  // a magnitude in cells saturates at 2^MAG_SHIFT_MAX
 
 constexpr int64_t floor_log2(int64_t v) { return v <= 1 ? 0 : 1 + floor_log2(v >> 1); }
-constexpr int64_t TSAT_SHIFT = floor_log2(TSAT);  // sig << TSAT_SHIFT >= TSAT for any sig >= 1
-static_assert(int64_t(1) << TSAT_SHIFT == TSAT && TSAT_SHIFT + 11 <= 63, "TSAT must be a power of two and sig (< 2^11) << TSAT_SHIFT fit");
+static_assert(MAG_SHIFT_MAX + 11 <= 63, "sig (< 2^11) << MAG_SHIFT_MAX must fit int64");
 
 inline int64_t wrap_add(int64_t a, int64_t b) { return int64_t(uint64_t(a) + uint64_t(b)); }
 inline int64_t wrap_mul(int64_t a, int64_t b) { return int64_t(uint64_t(a) * uint64_t(b)); }
@@ -88,6 +94,10 @@ inline double pow2(int64_t n) {
   std::memcpy(&d, &u, sizeof d);
   return d;
 }
+
+// 2^n as int64 for n in [0, 62], by way of the float64 2^n: no shift of a constant by a
+// per-lane count, which gcc's vectoriser cannot do.
+inline int64_t pow2_int(int64_t n) { return int64_t(pow2(n)); }
 
 // A storage dtype (entropy_model.DTYPE_SPECS: bits B, mantissa bits, exponent bias,
 // e4m3fn-style NaN only), with the masks its fields need.
@@ -148,45 +158,34 @@ struct Dtype {
     return (u >> 63) ? (pattern | sign_bit) ^ (top - 1) : pattern | sign_bit;  // keys_from_bits
   }
 
-  // table_model.thresholds: T(k) for k in [-1, 2^B] with off = F - e, the smallest point n
-  // (units of delta from 0) that truncates to a key >= k. Key k (k >= 2^(B-1)) or key k - 1
-  // (below) bounds it: V = value * 2^off = -+sig * 2^s, s = ex + off. Branch-free.
-  inline int64_t threshold(int64_t k, int64_t off) const {
-    const int64_t sign_bit = top >> 1;
-    const bool upper = k >= sign_bit;
-    const int64_t kk = upper ? k : k - 1;
-    const int64_t kc = std::clamp<int64_t>(kk, 0, top - 1);
-    const int64_t pattern = (kc & sign_bit) ? kc ^ sign_bit : kc ^ (top - 1);  // bits_from_keys
-    const int64_t biased = (pattern >> man_bits) & exp_ones;
-    const int64_t mant = pattern & man_mask;
+  // The fields of a magnitude pattern mp (sign bit clear) as entropy_model._key_fields_cpu
+  // tabulates them: its value is sig 2^ex; inf and NaN get sig 1, ex SATURATE_EX.
+  // Returns whether it is finite (for the callers' escapes: a test of ex == SATURATE_EX
+  // there stops gcc's vectoriser). Branch-free.
+  inline bool magnitude_fields(int64_t mp, int64_t& sig, int64_t& ex) const {
+    const int64_t biased = (mp >> man_bits) & exp_ones;
+    const int64_t mant = mp & man_mask;
     const bool special = (biased == exp_ones) & ((mant | nan_mant_ones) == man_mask);  // inf/NaN
-    const int64_t sig = mant + (int64_t(biased != 0) << man_bits);  // < 2^11
-    const int64_t s = std::max<int64_t>(biased, 1) - bias - man_bits + off;
-    const int64_t up = std::clamp<int64_t>(s, 0, TSAT_SHIFT);
-    const int64_t down = std::clamp<int64_t>(-s, 0, 62);
-    const int64_t low = (-(sig << up)) >> down;  // floor(-sig 2^s), arithmetic shift
-    const int64_t t_upper = ((kk >= top) | special) ? TSAT : std::min<int64_t>(-low, TSAT);  // ceil(V(k))
-    const int64_t t_lower = ((kk < 0) | special) ? -TSAT : std::max<int64_t>(low + 1, -TSAT);  // floor(V(k-1)) + 1
-    return upper ? t_upper : t_lower;
+    sig = special ? 1 : mant + (int64_t(biased != 0) << man_bits);  // < 2^11
+    ex = special ? SATURATE_EX : std::max<int64_t>(biased, 1) - bias - man_bits;
+    return !special;
   }
 
-  // table_model.trunc_key: the key of n * 2^(e - F) truncated toward zero to the dtype (the
-  // largest finite magnitude beyond it; a negative value truncating to zero is -0). |n| <
-  // 2^51, so the float64 product is exact; then integer operations on its bits. 16-bit
+  // table_model.trunc_magnitude: the magnitude pattern of the largest finite value <= n u /
+  // 2^P2 (u = 2^(e - TS), 0 <= n < 2^P2, so the float64 n 2^(e - TS - P2) is exact), by
+  // integer operations on its bits; beyond the largest finite value, that value. 16-bit
   // (IEEE-like) dtypes only. Branch-free, every shift count clamped into range.
-  inline int64_t trunc_key(int64_t n, int64_t e) const {
-    const double v = double(n) * pow2(e - F);
+  inline int64_t trunc_magnitude(int64_t n, int64_t e) const {
+    const double v = double(n) * pow2(e - TS - P2);
     uint64_t u;
     std::memcpy(&u, &v, sizeof u);
-    const int64_t ex = int64_t(u >> 52 & 0x7FF) - 1023;
-    const int64_t m = int64_t(u & ((uint64_t(1) << 52) - 1));
+    const int64_t big_e = int64_t(u >> 52 & 0x7FF) - 1023;
+    const int64_t mant = int64_t(u & ((uint64_t(1) << 52) - 1));
     const int64_t emin = 1 - bias, emax = exp_ones - 1 - bias;
-    const int64_t normal = (std::clamp<int64_t>(ex + bias, 0, exp_ones) << man_bits) | (m >> (52 - man_bits));
-    const int64_t sub = (m | (int64_t(1) << 52)) >> std::clamp<int64_t>(52 - man_bits + emin - ex, 0, 63);
-    int64_t pattern = ex > emax ? max_pattern : (ex >= emin ? normal : sub);
-    pattern |= int64_t(u >> 63) * (top >> 1);  // the sign of n
-    const int64_t sign_bit = top >> 1;
-    return (pattern & sign_bit) ? pattern ^ (top - 1) : pattern | sign_bit;  // keys_from_bits
+    const int64_t normal = (std::max<int64_t>(big_e + bias, 0) << man_bits) | (mant >> (52 - man_bits));
+    const int64_t sub = (mant | (int64_t(1) << 52)) >> std::clamp<int64_t>(52 - man_bits + emin - big_e, 0, 63);
+    const int64_t mag = big_e > emax ? max_pattern : (big_e >= emin ? normal : sub);
+    return n == 0 ? 0 : mag;
   }
 };
 
@@ -605,8 +604,8 @@ struct Rows {
   }
 };
 
-// One rANS encoder step of scale 2^shift[j] for block slots j in [0, n) (DESIGN.md "rANS with
-// mixed scales"; shift 28 for the exact model, 15 and 16 for the table model's two levels;
+// One rANS encoder step of scale 2^shift[j] for block slots j in [0, n) (rans_reference.encode's
+// scale; shift 28 for the exact model, 15 (level 1, offsets) and 16 (zero cells) for the table model;
 // 1 <= freq <= 2^shift): a word out if x >= freq << (63 - shift) (word[j], else -1), then
 // x = ((x // freq) << shift) + x % freq + cum. Vectorised: the quotient is estimated in
 // float64 and corrected to the exact one (below x < freq << (63 - shift), so x // freq <
@@ -650,15 +649,35 @@ inline bool dense(const Dtype& dtype, int64_t mu_q, int64_t e, int64_t r) {
   return ls <= CELL_SHIFT - DENSE_LOG;
 }
 
-// table_model.first_point: q(k) = ceil((T(k) - mu_q) / W), the index relative to mu of the
-// first lattice point that truncates to a key >= k (k in [-1, 2^B]).
-inline int64_t first_point(const Dtype& dtype, int64_t k, int64_t mu_q, int64_t off) {
-  return -((mu_q - dtype.threshold(k, off)) >> W_SHIFT);
+// table_model._first_point: ceil(sig 2^ex 2^P2 / u), the first zero-cell point of a
+// magnitude sig 2^ex (exact for values < 2u; sig < 2^11). Branch-free.
+inline int64_t first_point(int64_t sig, int64_t ex, int64_t e) {
+  const int64_t s = ex - (e - TS - P2);
+  const int64_t up = sig << std::clamp<int64_t>(s, 0, MAG_SHIFT_MAX);
+  const int64_t down = -((-sig) >> std::clamp<int64_t>(-s, 0, 63));  // a ceiling: arithmetic shift
+  return s >= 0 ? up : down;
 }
 
-// Where the level-1 row of r's sigma bucket starts in CUM1 (an index, not a pointer: table
-// reads as base + per-lane index vectorise to gathers): row b = (r >> (R - TB)) - 2^TB.
-inline int64_t level1_row(int64_t r) { return ((r >> (R - TB)) - (int64_t(1) << TB)) * ROW; }
+// table_model.zero_points for a magnitude pattern mp: (first, count) of its points in a zero
+// cell, [first, first + count) of [0, 2^P2): from its first point to the next larger
+// magnitude's (clipped to 2^P2; 2^P2 past the largest finite one). count <= 0: no point.
+inline void zero_points(const Dtype& dtype, int64_t mp, int64_t e, int64_t& first, int64_t& count) {
+  const int64_t top_mag = dtype.top >> 1;  // magnitude patterns are below 2^(B - 1)
+  int64_t sig, ex, next_sig, next_ex;
+  dtype.magnitude_fields(mp, sig, ex);
+  const bool next_finite = dtype.magnitude_fields(std::min(mp + 1, top_mag - 1), next_sig, next_ex) & (mp + 1 < top_mag);
+  first = first_point(sig, ex, e);
+  const int64_t next = std::min<int64_t>(first_point(next_sig, next_ex, e), int64_t(1) << P2);
+  count = (next_finite ? next : int64_t(1) << P2) - first;
+}
+
+// table_model.row_index as an index into CUM1 (an index, not a pointer: table reads as base
+// + per-lane index vectorise to gathers): where the row of the symbol's sigma bucket b (r's
+// TB bits below its leading one) and mu's position in its cell (FB bits) starts.
+inline int64_t level1_row(int64_t mu_q, int64_t r) {
+  const int64_t b = (r >> (R - TB)) - (int64_t(1) << TB);
+  return ((b << FB) | ((mu_q >> (CELL_SHIFT - FB)) & ((int64_t(1) << FB) - 1))) * ROW;
+}
 
 // The level-1 entry i of the row at cum1 + row with row[i] <= slot < row[i + 1] (row[0] = 0
 // <= slot < row[NCELL + 1] = 2^PT), i >= i0: a bisection with strides STRIDE, STRIDE / 2, ...,
@@ -677,8 +696,8 @@ inline int64_t level1_entry(const int64_t* cum1, int64_t row, int64_t slot, int6
 
 void check_level1(const torch::Tensor& cum1) {
   check_int64(cum1, "cum1");
-  TORCH_CHECK(cum1.dim() == 2 && cum1.size(0) == (int64_t(1) << TB) && cum1.size(1) == ROW,
-              "cum1 must be table_model.level1_table: int64 [2^TB, NCELL + 2]");
+  TORCH_CHECK(cum1.dim() == 2 && cum1.size(0) == ROWS && cum1.size(1) == ROW,
+              "cum1 must be table_model.level1_table: int64 [ROWS, ROW]");
 }
 
 // quantize_params + the model + encode in one pass: each page's storage patterns (int16 or
@@ -777,45 +796,67 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
             push_words(word, j_hi, scratch.get(), stride, emitted.data(), g0);
             continue;
           }
-          // The table model (DESIGN.md "Encoding key k"): the cell of key k's first point, the
-          // key's points in it, or the escape (then the exact model's step); a symbol that is
-          // not dense is the exact model's step alone (level 1 the identity step (0, 2^PT),
-          // which emits nothing). Vectorised like the exact model above.
+          // The table model (table_model.symbol_steps): level 1 codes the key's cell relative
+          // to mu's, c = m - floor(mu / u), or ESC; level 2 the offset in a cell off zero (the
+          // significand's low L2 bits: a step of scale PT, frequency 2^(PT - L2)), the key's
+          // points in a zero cell (scale P2), or after ESC the exact model's step. A symbol
+          // that is not dense is the exact model's step alone: its second step, the identity
+          // (0, 2^PT), leaves the state as it is and emits nothing, so it takes level 1's slot
+          // here (same bytes). Vectorised like the exact model above.
 #pragma omp simd
           for (int64_t j = 0; j < j_hi; ++j) {
             const int64_t u = pat[j];
             const int64_t k = (u & sign) ? u ^ all_ones : u | sign;  // keys_from_bits
             int64_t mu_q, e, r;
             quantize(mus[mu_off[j]], sigmas[sigma_off[j]], mu_q, e, r);
-            const int64_t off = F - e;
-            const int64_t qa = first_point(mdl.dtype, k - 1, mu_q, off);
-            const int64_t qk = first_point(mdl.dtype, k, mu_q, off);
-            const int64_t qb = first_point(mdl.dtype, k + 1, mu_q, off);
-            const int64_t cell = qk >> P2, cs = cell * (int64_t(1) << P2);
-            const bool esc = (cell < -TJ) | (cell >= TJ) | (qb <= qk);
-            const int64_t c2 = qa < cs ? 0 : qk - cs;  // the cell's first key also takes the points before it
+            // cell_of: the magnitude in cells floor(|x| / u) (saturated: c is then far out),
+            // sh = log2(ulp / u), the cell m (-1 - magnitude for negative patterns)
+            const int64_t mp = u & (sign - 1);
+            int64_t sig, ex;
+            const bool finite = mdl.dtype.magnitude_fields(mp, sig, ex);
+            const int64_t sh = ex - (e - TS);
+            const int64_t mag_up = sig << std::clamp<int64_t>(sh, 0, MAG_SHIFT_MAX);
+            const int64_t mag_down = sig >> std::clamp<int64_t>(-sh, 0, 63);
+            const int64_t mag = sh >= 0 ? mag_up : mag_down;
+            const int64_t c = ((u & sign) ? -1 - mag : mag) - (mu_q >> CELL_SHIFT);
+            const bool zero = mag == 0;  // m in {0, -1}
+            int64_t first, count;
+            zero_points(mdl.dtype, mp, e, first, count);
+            // escapes: inf and NaN, cells beyond +-TJ, zero-cell keys without a point, cells off
+            // zero narrower than the key spacing (& and |, not a select of bools: that vectorises)
+            const bool esc = !finite | (c < -TJ) | (c >= TJ) | (zero & (count <= 0)) | (!zero & (sh > 0));
             const bool table = dense(mdl.dtype, mu_q, e, r);
-            const int64_t i1 = level1_row(r) + (esc ? NCELL : cell + TJ);
+            const int64_t i1 = level1_row(mu_q, r) + (esc ? ESC : c + TJ);
             cum[j] = table ? c1p[i1] : 0;
             freq[j] = table ? c1p[i1 + 1] - c1p[i1] : int64_t(1) << PT;
-            cum2[j] = c2;
-            freq2[j] = std::min<int64_t>(qb, cs + (int64_t(1) << P2)) - cs - c2;
+            const int64_t l2 = std::clamp<int64_t>(-sh, 0, PT);  // the offset's bits (off zero, no escape)
+            const int64_t off = sig - ((sig >> l2) << l2);  // sig's low l2 bits
+            cum2[j] = zero ? first : off << (PT - l2);
+            freq2[j] = zero ? count : pow2_int(PT - l2);
             exact[j] = esc | !table;  // the exact model's step at level 2
-            shift2[j] = (esc | !table) ? PROB_BITS : P2;
+            shift2[j] = (esc | !table) ? PROB_BITS : (zero ? P2 : PT);
             key[j] = k, mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           }
-          int64_t m = 0;  // the exact model's step, after ESC or alone: listed, then vectorised
+          // The exact model's step, after ESC or alone: over all lanes when many take it (a
+          // sharp predictor's pages; contiguous, the others' results discarded), else over a
+          // list of them; vectorised either way.
+          const auto exact_pair = [&](int64_t j) __attribute__((always_inline)) {
+            int64_t c0, c1;
+            mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c0, c1);
+            cum2[j] = exact[j] ? c0 : cum2[j];
+            freq2[j] = exact[j] ? c1 - c0 : freq2[j];
+          };
+          int64_t m = 0;
           for (int64_t j = 0; j < j_hi; ++j) {
             list[m] = j;
             m += exact[j] != 0;
           }
+          if (2 * m > j_hi) {
 #pragma omp simd
-          for (int64_t t = 0; t < m; ++t) {
-            const int64_t j = list[t];
-            int64_t c0, c1;
-            mdl.cdf_pair(key[j], 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c0, c1);
-            cum2[j] = c0;
-            freq2[j] = c1 - c0;
+            for (int64_t j = 0; j < j_hi; ++j) exact_pair(j);
+          } else {
+#pragma omp simd
+            for (int64_t t = 0; t < m; ++t) exact_pair(list[t]);
           }
           put_block(x, cum2, freq2, shift2, j_hi, word2);  // level 2, then level 1 (decode order reversed)
           put_block(x, cum, freq, shift, j_hi, word);
@@ -849,16 +890,16 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
   return {words, lane_words};
 }
 
-// One decoder stage of the table model (DESIGN.md "Decoding"): symbols [first, first + n)
-// of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key) takes each key. Per
-// step, (1) every lane's quantize_params and whether it is dense; (2) unless no lane is,
-// the level-1 entry (a branch-free bisection of the bucket's row), rANS step, and for a cell
-// the point's key by truncation and its level-2 step; (3) over a list of the lanes that
-// escaped or are not dense, the exact model's step (guess and check, as decode_stage); (4)
-// emit. All vectorised but the exact model's misses. x, ptr:
-// int64 [P * NL] lane states and next-word indices, bad: uint8 [P * NL] lanes that met a
-// point no key owns (a corrupt stream; the step then uses (slot, 1) and the lane goes on),
-// all updated in place.
+// One decoder stage of the table model (rans_reference.Decoder._table_symbol): symbols
+// [first, first + n) of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key)
+// takes each key. Per step, (1) every lane's quantize_params and whether it is dense; (2)
+// for the dense lanes the level-1 entry (a branch-free bisection of the row), rANS step, and
+// for a cell its key and level-2 step (table_model.decode_level2: off zero a shift and a
+// mask, at zero a truncation); (3) for the lanes that escaped or are not dense, the exact
+// model's step (guess and check, as decode_stage); (4) emit. All vectorised but the exact
+// model's misses. x, ptr: int64 [P * NL] lane states and next-word indices, bad: uint8
+// [P * NL] lanes that decoded a cell holding no key (decode_level2's ok false: a corrupt
+// stream; the step is then the identity (0, 2^PT) and the lane goes on), all updated in place.
 template <class EmitFn>
 void decode_stage_table(const Model& model, const int64_t* cum1, const double* q, const uint32_t* words_p,
                         int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p, const float* mu_p,
@@ -867,12 +908,12 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
   const int64_t last_word = num_words - 1;
   const int64_t step_begin = first / num_lanes, step_end = (first + n + num_lanes - 1) / num_lanes;
   const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
-  constexpr int64_t CELL_POINTS = int64_t(1) << P2;
 
   at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
     // Locals, not loads through the closure, in the vectorised loops.
     const Model mdl = model;
     const Dtype dt = model.dtype;
+    const int64_t sign_bit = dt.top >> 1, ones = dt.top - 1;
     const EmitFn out = emit;
     const double* qt = q;
     const int64_t* c1p = cum1;
@@ -899,7 +940,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
         const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
 
         // Pass 1: the parameters, and whether the symbol takes the table (dense) or the exact
-        // model's step alone (level 1 is then the identity step, which reads nothing).
+        // model's step alone (its second step, the identity, reads nothing).
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) {
           int64_t mu_q, e, r;
@@ -912,7 +953,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
         const auto table_lane = [&](int64_t j) __attribute__((always_inline)) {  // inlined: its loops vectorise
           const int64_t mu_q = mu_qs[j], e = es[j];
           // level 1: the entry i with row[i] <= slot1 < row[i + 1], then the step
-          const int64_t row = level1_row(rs[j]);
+          const int64_t row = level1_row(mu_q, rs[j]);
           const int64_t slot1 = x[j] & ((int64_t(1) << PT) - 1);
           const int64_t i = level1_entry<int64_t(1) << floor_log2(NCELL)>(c1p, row, slot1, 0);
           const int64_t c1 = c1p[row + i], f1 = c1p[row + i + 1] - c1;
@@ -922,31 +963,52 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           const int64_t word1 = int64_t(wp[std::min(ptr[j], last_word)]);
           x1 = refill1 ? int64_t(uint64_t(x1) << WORD_BITS) | word1 : x1;
           const int64_t p1 = ptr[j] + refill1;
-          // level 2: the key of point (cs + slot2) is the truncation of its value, or the first
-          // key starting in the cell if that key starts before it
-          const bool esc = i == NCELL;
-          const int64_t cs = (i - TJ) * CELL_POINTS;
-          const int64_t slot2 = x1 & (CELL_POINTS - 1);
-          const int64_t off = F - e;
-          const int64_t kt = dt.trunc_key(mu_q + (cs + slot2) * (int64_t(1) << W_SHIFT), e);
-          const int64_t q_m = first_point(dt, kt - 1, mu_q, off), q_0 = first_point(dt, kt, mu_q, off);
-          const int64_t q_1 = first_point(dt, kt + 1, mu_q, off), q_2 = first_point(dt, kt + 2, mu_q, off);
-          const bool later = q_0 < cs;  // kt starts before the cell: the point is k = kt + 1's
-          const int64_t q_prev = later ? q_0 : q_m, q_k = later ? q_1 : q_0, q_next = later ? q_2 : q_1;
-          int64_t c2 = q_prev < cs ? 0 : q_k - cs;
-          int64_t f2 = std::min<int64_t>(q_next, cs + CELL_POINTS) - cs - c2;
-          const bool valid = (q_k < cs + CELL_POINTS) & (f2 >= 1) & (c2 <= slot2) & (slot2 < c2 + f2);
-          c2 = valid ? c2 : slot2;
-          f2 = valid ? f2 : 1;
-          int64_t x2 = f2 * (x1 >> P2) + slot2 - c2;  // < 2^63: no wrap
+          // level 2 (table_model.decode_level2; garbage after ESC, replaced in pass 3): the
+          // cell m and its magnitude in cells
+          const bool esc = i == ESC;
+          const int64_t m = i - TJ + (mu_q >> CELL_SHIFT);
+          const bool neg = m < 0;
+          const int64_t mag = neg ? -1 - m : m;
+          const bool zero = mag == 0;
+          // a zero cell: the point's magnitude by truncation, and that magnitude's points
+          const int64_t slot_z = x1 & ((int64_t(1) << P2) - 1);
+          const int64_t pat_z = dt.trunc_magnitude(slot_z, e);
+          int64_t first, count;
+          zero_points(dt, pat_z, e, first, count);
+          // off zero: the cell's binade j2 = floor(log2 mag) + e - TS (exact: mag < 2^53), its
+          // ulp 2^ex, and L2 = log2(u / ulp) raw bits of offset: the key's significand is
+          // (mag << L2) | off. A cell narrower than the ulp or beyond the largest finite
+          // binade holds no key: not ok (a corrupt stream), the identity step
+          const double mag_f = double(std::max<int64_t>(mag, 1));
+          uint64_t mag_bits;
+          std::memcpy(&mag_bits, &mag_f, sizeof mag_bits);
+          const int64_t j2 = int64_t(mag_bits >> 52) - 1023 + e - TS;
+          const int64_t ex = std::max<int64_t>(j2 - dt.man_bits, 1 - dt.bias - dt.man_bits);
+          const int64_t l2_raw = (e - TS) - ex;
+          const bool ok = zero | ((l2_raw >= 0) & (j2 <= dt.exp_ones - 1 - dt.bias));
+          const int64_t l2 = std::clamp<int64_t>(l2_raw, 0, PT);
+          const int64_t slot_o = x1 & ((int64_t(1) << PT) - 1);
+          const int64_t off = slot_o >> (PT - l2);
+          const int64_t sig = (std::min<int64_t>(mag, int64_t(1) << 20) << l2) | off;
+          const int64_t biased = sig >= (int64_t(1) << dt.man_bits) ? ex + dt.bias + dt.man_bits : 0;
+          const int64_t pat_o = (std::clamp<int64_t>(biased, 0, dt.exp_ones) << dt.man_bits) | (sig & dt.man_mask);
+          const int64_t pattern = (zero ? pat_z : pat_o) | (neg ? sign_bit : 0);
+          // the level-2 step: (first, count) of scale P2 at zero, (off << (PT - L2), 2^(PT - L2))
+          // of scale PT off zero, the identity (0, 2^PT) of scale PT where not ok
+          const int64_t c2 = ok ? (zero ? first : off << (PT - l2)) : 0;
+          const int64_t f2 = ok ? (zero ? count : pow2_int(PT - l2)) : int64_t(1) << PT;
+          const bool at_p2 = ok & zero;
+          const int64_t slot2 = at_p2 ? slot_z : slot_o;
+          const int64_t xs = at_p2 ? x1 >> P2 : x1 >> PT;
+          int64_t x2 = wrap_add(wrap_mul(f2, xs), slot2 - c2);  // < 2^63 on any stream, as the reference's
           const bool refill2 = x2 < RANS_L;
           const int64_t word2 = int64_t(wp[std::min(p1, last_word)]);
           x2 = refill2 ? int64_t(uint64_t(x2) << WORD_BITS) | word2 : x2;
           const bool table = exact[j] == 0;
           x[j] = table ? (esc ? x1 : x2) : x[j];
           ptr[j] = table ? (esc ? p1 : p1 + refill2) : ptr[j];
-          bad[j] |= table & !(valid | esc);
-          key[j] = kt + later;
+          bad[j] |= table & !(ok | esc);
+          key[j] = neg ? pattern ^ ones : pattern | sign_bit;  // keys_from_bits
           exact[j] = esc | !table;
         };
         // Over all lanes when many are dense (contiguous loads and stores), else over a list
@@ -963,35 +1025,49 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
 #pragma omp simd
           for (int64_t t = 0; t < m; ++t) table_lane(list[t]);
         }
-        // Pass 3: the exact model's step, after ESC or alone, for the lanes listed so that
-        // their guess and C pair vectorise as in decode_stage; the misses search one by one;
-        // then the rANS step, vectorised again.
+        // Pass 3: the exact model's step, after ESC or alone (exact[j]): the guess and C pair,
+        // vectorised as in decode_stage, over all lanes when many take it (a sharp predictor's
+        // pages: contiguous loads and stores, the others' results discarded), else over a list
+        // of them; the misses search one by one; then the rANS step, vectorised again.
+        const auto exact_guess = [&](int64_t j) __attribute__((always_inline)) {
+          const int64_t k = guess_key(dt, qt, x[j] & (M - 1), mu_qs[j], es[j], rs[j]);
+          key[j] = exact[j] ? k : key[j];
+          mdl.cdf_pair(k, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c_lo[j], c_hi[j]);
+        };
+        const auto exact_step = [&](int64_t j) __attribute__((always_inline)) {
+          const int64_t x_new = wrap_add(wrap_mul(c_hi[j] - c_lo[j], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[j]);
+          const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
+          const bool refill = x_new < RANS_L;
+          const int64_t x_step = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
+          const bool take = exact[j] != 0;
+          x[j] = take ? x_step : x[j];
+          ptr[j] += take & refill;
+        };
         m = 0;
         for (int64_t j = j_lo; j < j_hi; ++j) {
           list[m] = j;
           m += exact[j] != 0;
         }
+        const bool all_lanes = 2 * m > j_hi - j_lo;
+        if (all_lanes) {
 #pragma omp simd
-        for (int64_t t = 0; t < m; ++t) {
-          const int64_t j = list[t];
-          const int64_t k = guess_key(dt, qt, x[j] & (M - 1), mu_qs[j], es[j], rs[j]);
-          key[j] = k;
-          mdl.cdf_pair(k, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), c_lo[t], c_hi[t]);
+          for (int64_t j = j_lo; j < j_hi; ++j) exact_guess(j);
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < m; ++t) exact_guess(list[t]);
         }
         for (int64_t t = 0; t < m; ++t) {
           const int64_t j = list[t], slot = x[j] & (M - 1);
-          if (c_lo[t] > slot || c_hi[t] <= slot) {
-            search_key(mdl, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), slot, key[j], c_lo[t], c_hi[t]);
+          if (c_lo[j] > slot || c_hi[j] <= slot) {
+            search_key(mdl, 2 * mu_qs[j], F - es[j], INVERSE(rs[j]), slot, key[j], c_lo[j], c_hi[j]);
           }
         }
+        if (all_lanes) {
 #pragma omp simd
-        for (int64_t t = 0; t < m; ++t) {
-          const int64_t j = list[t];
-          const int64_t x_new = wrap_add(wrap_mul(c_hi[t] - c_lo[t], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[t]);
-          const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
-          const bool refill = x_new < RANS_L;
-          x[j] = refill ? int64_t(uint64_t(x_new) << WORD_BITS) | word : x_new;
-          ptr[j] += refill;
+          for (int64_t j = j_lo; j < j_hi; ++j) exact_step(j);
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < m; ++t) exact_step(list[t]);
         }
         // Pass 4: emit.
 #pragma omp simd

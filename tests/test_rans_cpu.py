@@ -128,11 +128,12 @@ def test_value_level_corrupt_streams_same_verdict(dtype):
 
 TABLE = tm.MODEL_TABLE
 # (mu, sigma) scenes for the table model's edges: mu saturated with a tiny sigma, sigma beyond
-# SIGMA_MAX, the largest values (for fp16 cell 0 from mu holds the largest finite value and
-# points beyond 2^16, which truncate to it; the cells above belong to no key), subnormals (too sparse for the table, and dense
-# enough for it: bf16 at 3e-39, fp16 at 1e-6), a sigma far below mu's spacing (not dense),
-# and an ordinary one; each with values at Z sigma from mu: in a cell, beyond the +-TJ cells
-# (escapes), far out.
+# SIGMA_MAX (the garbage sigmas of adversarial_inputs add zero cells whose points truncate
+# beyond the largest finite value), the largest values (for fp16 the cells above its largest
+# binade belong to no key), subnormals (too sparse for the table, and dense enough for it:
+# bf16 at 3e-39, fp16 at 1e-6), a sigma far below mu's spacing (not dense), and an ordinary
+# one; each with values at Z sigma from mu: in a cell, beyond the +-TJ cells (escapes), far
+# out.
 SCENES = [(1e30, 1e-30), (3.389e38, 1e37), (-3.38e38, 1e37), (0.0, 1e-40), (1e-39, 3e-39), (65500.0, 1100.0),
           (-65400.0, 30.0), (0.0, 1e-6), (2.0, 1e-3), (0.0, 1.0)]  # fmt: skip
 Z = [0.0, 0.4, 0.9, -0.9, 5.0, -3.0, 20.0, -40.0, 1000.0, -1e6]
@@ -200,7 +201,7 @@ def test_table_model_gaussian_pages_bit_identical(dtype, w_wide, kappa):
 @pytest.mark.parametrize("inputs", [table_inputs, gaussian_inputs])
 def test_table_model_corrupt_streams_same_verdict(dtype, inputs):
     """Flipped bits, truncated and shifted lanes, random words, no words: the same states,
-    lane verdicts (points no key owns) and page verdicts as the reference; never a crash."""
+    lane verdicts (cells that hold no key) and page verdicts as the reference; never a crash."""
     n, num_lanes = 600, 30
     keys, mu, sigma = inputs(dtype, 2, n, seed=7)
     words, lane_words = rc.encode_values(storage_bits_of(keys, dtype), mu, sigma, dtype, num_lanes, model=TABLE)
