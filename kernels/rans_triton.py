@@ -16,7 +16,8 @@ nothing int64 per symbol on the device):
   lane_words)``: storage patterns (int16 for 16-bit dtypes, uint8 for fp8) and float32
   (mu, sigma), all [P, N]; words int32 holding the u32 words, lane_words int64 [P, NL].
   ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
-  dtypes: table_model, a cell and a point, two steps per symbol; _encode_table_kernel).
+  dtypes: table_model's aligned lattice, a cell and its offset or zero-cell point, two
+  steps per symbol; _encode_table_kernel).
 * ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, out_values=None)``: the next
   n symbols of every page from float32 (mu, sigma) [P, n] into columns
   [position, position + n) of out_bits [P, N] (storage patterns) and optionally out_values
@@ -94,13 +95,16 @@ has its table:
   Its scratch writes are scattered (one region per lane); a step-major scratch would
   coalesce them if the encoder ever shows up in a profile.
 
-* The table model (DESIGN.md "The table model", "On the GPU"): per symbol quantize_params,
-  the dense test, the level-1 search (8 probes in a padded int32 row), the level-1 rANS
-  step, the truncation map and three first points (int32, clamped), the point's rANS step;
-  the exact model's step in a branch taken when any lane of the program escaped or is not
-  dense. Its hit path compiles to ~475 SASS instructions (bf16) against ~483 for the exact
-  model's value-level kernel: about the same (examples/estimate_sm90.py; docs/BENCHMARKS.md
-  "Coder on GPU" has the breakdown).
+* The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
+  quantize_params, the dense test, the level-1 search (ESC's entry, then 7 probes bisecting
+  the 128 cells of the symbol's int32 row), the level-1 rANS step, level 2 (off zero the
+  cell's binade and the offset's L2 raw bits; in a zero cell a float truncation of the
+  point and its first points: int32, no search), the level-2 rANS step; the exact model's
+  step in a branch taken when any lane of the program escaped or is not dense. Its hit
+  path compiles to 363 SASS instructions (bf16; 364 fp16) against 483 (504) for the exact
+  model's value-level kernel: quantize_params 75, the dense test 15, level 1 66, level 2
+  87, the two rANS steps 61, loads, stores and the vote 59 (examples/estimate_sm90.py
+  splits them by source line; docs/BENCHMARKS.md "Table model T2" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -173,7 +177,7 @@ _CELL_SHIFT = tl.constexpr(tm.CELL_SHIFT)  # a cell is u = 2^CELL_SHIFT units of
 _TJ = tl.constexpr(tm.TJ)
 _NCELL = tl.constexpr(tm.NCELL)
 _ESC = tl.constexpr(tm.ESC)
-_ROW = tl.constexpr(tm.ROW)  # entries of a level-1 row (the kernels read CUM1 unpadded)
+_ROW = tl.constexpr(tm.ROW)  # entries of a level-1 row (NCELL + 2)
 # The level-1 search bisects the NCELL cells (a power of two) in log2(NCELL) probes after
 # probing ESC's entry: no probe reads past entry NCELL, and the last read is NCELL + 1.
 CELL_PROBES = tm.NCELL.bit_length() - 1  # 7

@@ -422,7 +422,7 @@ def test_value_level_corrupt_streams_decode_like_cpp_and_reference():
 def make_table_pages(dtype: str, n: int, seed: int):
     """(bits, mu, sigma) [3, n] on the CPU for the table model: make_value_pages' hostile
     page (garbage and edge (mu, sigma), special patterns, a third random bits: escapes); a
-    page drawn around (mu, sigma), dense on the lattice (its cells and points); and one
+    page drawn around (mu, sigma), dense on the lattice (cells off zero, zero-cell points); and one
     whose odd symbols have |mu| >> sigma (not dense: the exact model's one step) between
     dense ones."""
     bits, mu, sigma = make_value_pages(dtype, 1, n, seed)
@@ -522,24 +522,25 @@ def test_table_model_maps_match_reference(dtype):
         assert torch.equal(g, w.to(torch.int64)), name
     ok, zero = want[-1], want[-2] == tm.P2
     assert zero.sum() > 1000 and (ok & ~zero).sum() > 1000
-    assert (dtype == "bf16") == bool(ok.all())  # dense bf16 cells are always possible (see below)
+    # dense bf16 cells are always possible (test_table_model_impossible_cell_fails_the_page)
+    assert (dtype == "bf16") == bool(ok.all())
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_table_model_matches_reference(dtype):
     """encode_values(model="table") writes the reference's words and lane table on pages
-    that take every path of the model (cells and points, keys taking the points of a cell
-    before them, ESC with the exact model's step, symbols that are not dense, dense and not
-    dense lanes in one program); the staged decode_values gives the patterns and exact
-    float32 values back with clean verdicts."""
+    that take every path of the model (cells off zero and their offset bits, zero-cell
+    points, ESC with the exact model's step, symbols that are not dense, dense and not dense
+    lanes in one program); the staged decode_values gives the patterns and exact float32
+    values back with clean verdicts."""
     n, num_lanes = 120, 8  # 15 symbols per lane, 30 rANS steps
     bits, mu, sigma = make_table_pages(dtype, n, seed=8)
     keys = em.keys_from_bits(em.storage_bits(bits), dtype)
     mu_q, e, r = em.quantize_params(mu, sigma)
-    cum, _, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, em.W_WIDE, em.KAPPA)
-    dense, point = tm.dense(mu_q, e, r, dtype), scale[..., 1] == tm.P2
-    assert (dense & ~point).sum() >= 10 and (~dense).sum() >= 10  # escapes, the exact model alone
-    assert (point & (cum[..., 1] > 0)).sum() >= 10 and (point & (cum[..., 1] == 0)).any()  # mid-cell, first
+    _, _, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, em.W_WIDE, em.KAPPA)
+    dense, level2 = tm.dense(mu_q, e, r, dtype), scale[..., 1]
+    assert (~dense).sum() >= 10 and (dense & (level2 == em.PROB_BITS)).sum() >= 10  # the exact model alone, ESC
+    assert (dense & (level2 == tm.PT)).sum() >= 10 and (dense & (level2 == tm.P2)).sum() >= 10  # offsets, points
     words, lane_words = rt.encode_values(bits.to(DEVICE), mu.to(DEVICE), sigma.to(DEVICE), dtype, num_lanes,
                                          model="table")
     words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
@@ -572,11 +573,12 @@ def test_table_model_corrupt_streams_decode_like_reference():
         assert not verdict.all() or not torch.equal(got_bits, bits), f"{name}: went unnoticed"
 
 
-def test_table_model_impossible_point_fails_the_page():
-    """A point no encoder writes clears its lane's verdict, as in the reference. Dense bf16
-    symbols cannot reach one (a key filling a whole cell lies beyond the lattice); fp16 with
-    a sigma so large that the lattice reaches past 65504 can: there the largest finite key
-    fills the cells beyond it, and random words land in them."""
+def test_table_model_impossible_cell_fails_the_page():
+    """A cell no encoder writes (off zero, beyond the largest finite binade or narrower than
+    the key spacing) clears its lane's verdict, as in the reference. Dense bf16 symbols
+    cannot reach one (their cells lie within 2^7 u of zero, inside bf16's finite binades and
+    at least one key wide); fp16 with a sigma so large that the lattice reaches past 65504
+    can: random words land in the cells beyond it."""
     dtype, n, num_lanes = "fp16", 32, 4
     gen = torch.Generator().manual_seed(12)
     mu, sigma = torch.zeros(1, n), torch.full((1, n), 1e4)
