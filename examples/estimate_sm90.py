@@ -13,7 +13,11 @@
    a shallow clone), compiled the same way as it was launched (4 warps, 128 lanes): its
    step loop is straight-line code, so its count is per symbol. The value-level decode
    kernel (what the codec runs: the same search with quantize_params fused) is compiled
-   too; its hit path gets its own column and estimate.
+   too; its hit path gets its own column and estimate. So is the table model's
+   (``_decode_table_kernel``, 16-bit dtypes): its hit path and its escape branch. Each SASS
+   instruction's source line (nvdisasm -g) splits the value-level hit paths into parts by
+   the @triton.jit helper it comes from (quantize_params, the level-1 search, level 2, the
+   guess, C, the rANS steps: ``hit_path_parts``).
 2. Probes. How often guesses miss and how many C evaluations a miss costs are counted by
    the kernel itself (Decoder.decode(..., probes=...)) under TRITON_INTERPRET=1 on CPU:
    synthetic pages whose values are drawn from the model's own (mu, sigma) (as
