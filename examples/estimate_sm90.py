@@ -13,7 +13,11 @@
    a shallow clone), compiled the same way as it was launched (4 warps, 128 lanes): its
    step loop is straight-line code, so its count is per symbol. The value-level decode
    kernel (what the codec runs: the same search with quantize_params fused) is compiled
-   too; its hit path gets its own column and estimate.
+   too; its hit path gets its own column and estimate. So is the table model's
+   (``_decode_table_kernel``, 16-bit dtypes): its hit path and its escape branch. Each SASS
+   instruction's source line (nvdisasm -g) splits the value-level hit paths into parts by
+   the @triton.jit helper it comes from (quantize_params, the level-1 search, level 2, the
+   guess, C, the rANS steps: ``hit_path_parts``).
 2. Probes. How often guesses miss and how many C evaluations a miss costs are counted by
    the kernel itself (Decoder.decode(..., probes=...)) under TRITON_INTERPRET=1 on CPU:
    synthetic pages whose values are drawn from the model's own (mu, sigma) (as
@@ -101,7 +105,8 @@ def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False, table:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        # -g: each instruction's source line (Triton compiles with line info), for hit_path_parts
+        return subprocess.run([str(nvdisasm), "-c", "-g", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def _parse(sass: str):
@@ -159,10 +164,11 @@ def loop_costs(sass: str) -> dict[str, int]:
 
 
 def table_loop_costs(sass: str) -> dict[str, int]:
-    """The table-model decode kernel's step loop: the hit path (no lane of the program
-    escaped: two rANS steps, the level-1 search, the truncation map and three first points)
-    and the escape branch's path when the exact model's guess hits for every escaped lane
-    (the branch less the search's fallback, which is the exact kernel's, rounds and all)."""
+    """The table-model decode kernel's step loop: the hit path (no lane of the program takes
+    the exact model's step: quantize_params, the dense test, the level-1 search, level 2 (the
+    offset's raw bits or a zero cell's point), two rANS steps) and the escape branch's path
+    when the exact model's guess hits for every lane that takes it (the branch less the
+    search's fallback, which is the exact kernel's, rounds and all)."""
     count, branches = _parse(sass)
     start, end, _, forward = _step_loop(branches)
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])  # the `if` around the escape
@@ -170,6 +176,54 @@ def table_loop_costs(sass: str) -> dict[str, int]:
     nested = [(a, t) for a, t in forward if skip < a and t < skip_to]
     fb_skip, fb_to = max(nested, key=lambda b: b[1] - b[0])  # the exact search's fallback
     return {"hit path": count(start, end) - region, "escape": region - count(fb_skip + 1, fb_to - 1)}
+
+
+# The parts of a value-level hit path, by the @triton.jit helpers its instructions come from
+# (nvdisasm -g names the innermost source line; an instruction of the kernel's own line goes
+# to the first helper that line calls, else to "loads, stores, loop, vote").
+PARTS = {
+    "quantize_params": ("_quantize", "_round_half_even", "_pow2_f64"),
+    "dense test": ("_dense",),
+    "level-1 search (row, 8 probes)": ("_row_index", "_level1_entry"),
+    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_mu_cell", "_trunc_magnitude", "_zero_points",
+                                               "_ceil_shift", "_magnitude_fields"),
+    "guess": ("_guess_key", "_nearest_key", "_pow2"),
+    "C(guess), C(guess + 1)": ("_cdf_pair", "_cdf_from_boundary", "_cdf", "_value_units", "_phi", "_inverse"),
+    "guess check, vote": ("_find_key",),
+    "rANS state updates": ("_rans_pop",),
+}
+LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+CALL = re.compile(r"\b(_\w+)\(")
+
+
+def hit_path_parts(rt, sass: str, kernel: str) -> dict[str, int]:
+    """The hit path of a value-level decode kernel (the step loop less its largest forward
+    branch: the search's fallback, or the table kernel's escape) split into PARTS by source
+    line: an ESTIMATE of what each part costs (the compiler interleaves and shares
+    instructions between parts; a CALL counts its subroutine as in loop_costs)."""
+    import inspect
+
+    source = Path(inspect.getsourcefile(rt._decode_kernel.fn)).read_text().splitlines()
+    helpers = {}  # source line -> the @triton.jit function it belongs to
+    for name, obj in vars(rt).items():
+        if inspect.isfunction(getattr(obj, "fn", None)):
+            lines, first = inspect.getsourcelines(obj.fn)
+            helpers.update({first + i: name for i in range(len(lines))})
+    part_of = {h: part for part, names in PARTS.items() for h in names}
+    count, branches = _parse(sass)
+    start, end, _, forward = _step_loop(branches)
+    skip, skip_to = max(forward, key=lambda b: b[1] - b[0])
+    parts = dict.fromkeys([*PARTS, "loads, stores, loop, vote"], 0)
+    line = 0
+    for text in sass.splitlines():
+        if m := LINE.search(text):
+            line = int(m.group(2)) if m.group(1).endswith("rans_triton.py") else line  # triton's own: the caller's
+        elif (m := INSTR.search(text)) and start <= (a := int(m.group(1), 16)) <= end and not skip < a < skip_to:
+            name = helpers.get(line, "")
+            if name == kernel:
+                name = next(iter(CALL.findall(source[line - 1])), "")
+            parts[part_of.get(name, "loads, stores, loop, vote")] += count(a, a)
+    return {k: v for k, v in parts.items() if v}
 
 
 def triton_version() -> str:
@@ -186,8 +240,14 @@ def sass_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
     warps = warps or now.DECODE_WARPS
     costs = {"now": {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps)) for dtype in dtypes}, "baseline": None}
     costs["values"] = {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps, values=True)) for dtype in dtypes}
-    costs["table"] = {dtype: table_loop_costs(sass_of(now, dtype, warps, WARP * warps, table=True))
-                      for dtype in dtypes if dtype in TABLE_DTYPES}
+    costs["table"], costs["parts"] = {}, {}
+    for dtype in dtypes:
+        values_sass = sass_of(now, dtype, warps, WARP * warps, values=True)
+        costs["parts"][dtype] = {"exact": hit_path_parts(now, values_sass, "_decode_values_kernel")}
+        if dtype in TABLE_DTYPES:
+            table_sass = sass_of(now, dtype, warps, WARP * warps, table=True)
+            costs["table"][dtype] = table_loop_costs(table_sass)
+            costs["parts"][dtype]["table"] = hit_path_parts(now, table_sass, "_decode_table_kernel")
     costs.update(block_lanes=WARP * warps, gallop_rounds=now.GALLOP_ROUNDS, triton=triton_version())
     if baseline != "none":
         shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{baseline}:kernels/rans_triton.py"],
@@ -338,6 +398,17 @@ def main() -> None:
               f"{c['gallop round']} | {c['bisection round']} | {values_now[dtype]['hit path']} |")
     print("\n(The value-level kernel shares the search (_find_key) and adds quantize_params and the "
           "value written to its hit path; only that is shown.)")
+    columns = [(dtype, model) for dtype in dtypes for model in ("exact", "table") if model in costs["parts"][dtype]]
+    names = list(dict.fromkeys(k for d, m in columns for k in costs["parts"][d][m]))
+    print("\nThe value-level hit paths by part (hit_path_parts: each SASS instruction's source line, its "
+          "@triton.jit helper; the compiler interleaves and shares work between parts, so the split is "
+          "approximate; the table model's hit path: no lane of the program takes the exact model's step):\n")
+    print("| part | " + " | ".join(f"{d} {'T2 table' if m == 'table' else 'exact'} model" for d, m in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for part in [*names, "total"]:
+        cells = [costs["parts"][d][m].get(part, 0) if part != "total" else sum(costs["parts"][d][m].values())
+                 for d, m in columns]
+        print(f"| {part} | " + " | ".join(str(c) if c else "" for c in cells) + " |")
 
     print("\nESTIMATE (no GPU): probes counted by the kernel under TRITON_INTERPRET=1, instructions from "
           "the sm_90 SASS above, GB/s of raw KV at 12-16 T thread-instructions/s:\n")
@@ -368,7 +439,7 @@ def main() -> None:
         sys.stdout.flush()
 
     if table_rows:
-        print("\nThe table model (docs/DESIGN.md \"The table model\"; _decode_table_kernel, value-level), "
+        print("\nThe table model T2 (kernels/table_model.py; _decode_table_kernel, value-level), "
               "SASS instructions of its step loop: hit path (no lane of the program takes the exact model's "
               "step) / escape path (it does, for ESC or a symbol that is not dense, its guesses hitting): "
               + ", ".join(f"{d} {c['hit path']} / {c['escape']}" for d, c in table_now.items()))

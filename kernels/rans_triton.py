@@ -16,7 +16,8 @@ nothing int64 per symbol on the device):
   lane_words)``: storage patterns (int16 for 16-bit dtypes, uint8 for fp8) and float32
   (mu, sigma), all [P, N]; words int32 holding the u32 words, lane_words int64 [P, NL].
   ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
-  dtypes: table_model, a cell and a point, two steps per symbol; _encode_table_kernel).
+  dtypes: table_model's aligned lattice, a cell and its offset or zero-cell point, two
+  steps per symbol; _encode_table_kernel).
 * ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, out_values=None)``: the next
   n symbols of every page from float32 (mu, sigma) [P, n] into columns
   [position, position + n) of out_bits [P, N] (storage patterns) and optionally out_values
@@ -94,13 +95,16 @@ has its table:
   Its scratch writes are scattered (one region per lane); a step-major scratch would
   coalesce them if the encoder ever shows up in a profile.
 
-* The table model (DESIGN.md "The table model", "On the GPU"): per symbol quantize_params,
-  the dense test, the level-1 search (8 probes in a padded int32 row), the level-1 rANS
-  step, the truncation map and three first points (int32, clamped), the point's rANS step;
-  the exact model's step in a branch taken when any lane of the program escaped or is not
-  dense. Its hit path compiles to ~475 SASS instructions (bf16) against ~483 for the exact
-  model's value-level kernel: about the same (examples/estimate_sm90.py; docs/BENCHMARKS.md
-  "Coder on GPU" has the breakdown).
+* The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
+  quantize_params, the dense test, the level-1 search (ESC's entry, then 7 probes bisecting
+  the 128 cells of the symbol's int32 row), the level-1 rANS step, level 2 (off zero the
+  cell's binade and the offset's L2 raw bits; in a zero cell a float truncation of the
+  point and its first points: int32, no search), the level-2 rANS step; the exact model's
+  step in a branch taken when any lane of the program escaped or is not dense. Its hit
+  path compiles to 363 SASS instructions (bf16; 364 fp16) against 483 (504) for the exact
+  model's value-level kernel: quantize_params 75, the dense test 15, level 1 66, level 2
+  87, the two rANS steps 61, loads, stores and the vote 59 (examples/estimate_sm90.py
+  splits them by source line; docs/BENCHMARKS.md "Table model T2" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -168,28 +172,32 @@ _TWO_R = tl.constexpr(float(1 << em.R))  # 2^R
 _TWO52 = tl.constexpr(2.0**52)  # round-half-even by addition (see _round_half_even)
 _NUM_CELLS = tl.constexpr(1 << ref.QUANTILE_BITS)  # cells of the guess's quantile table
 # The table model's constants (table_model.py; docs/DESIGN.md "The table model").
+_TS = tl.constexpr(tm.TS)
+_CELL_SHIFT = tl.constexpr(tm.CELL_SHIFT)  # a cell is u = 2^CELL_SHIFT units of delta
 _TJ = tl.constexpr(tm.TJ)
+_NCELL = tl.constexpr(tm.NCELL)
 _ESC = tl.constexpr(tm.ESC)
-# A level-1 row (CUM1[b], NCELL + 2 entries) as the kernels read it: padded with 2^PT to
-# ROW = 2^8 entries, so that the search's probes (i + 2^7, ..., i + 1 < 2^8) need no clamp.
-ROW_PROBES = tm.NCELL.bit_length()  # 8: probes 2^7, ..., 1 reach every entry in [0, NCELL]
-ROW = 1 << ROW_PROBES
-_ROW = tl.constexpr(ROW)
-_ROW_PROBES = tl.constexpr(ROW_PROBES)
-_ROW_FIRST_PROBE = tl.constexpr(ROW >> 1)
+_ROW = tl.constexpr(tm.ROW)  # entries of a level-1 row (NCELL + 2)
+# The level-1 search bisects the NCELL cells (a power of two) in log2(NCELL) probes after
+# probing ESC's entry: no probe reads past entry NCELL, and the last read is NCELL + 1.
+CELL_PROBES = tm.NCELL.bit_length() - 1  # 7
+_CELL_PROBES = tl.constexpr(CELL_PROBES)
+_FB = tl.constexpr(tm.FB)
+_FB_MASK = tl.constexpr((1 << tm.FB) - 1)
 _PT = tl.constexpr(tm.PT)
 _PT_MASK = tl.constexpr((1 << tm.PT) - 1)
+_PT_ONE = tl.constexpr(1 << tm.PT)  # probability one at scale PT (the identity step's freq)
 _P2 = tl.constexpr(tm.P2)
 _P2_MASK = tl.constexpr((1 << tm.P2) - 1)
-_CELL = tl.constexpr(1 << tm.P2)  # points per cell
-_W_SHIFT = tl.constexpr(tm.W_SHIFT)
-_Q_CLAMP = tl.constexpr(1 << 30)  # first points are clamped here (see "The table model" below)
-_W = tl.constexpr(1 << tm.W_SHIFT)  # lattice points are W units of delta apart
-_E_MAX = tl.constexpr(int(em.SIGMA_MAX).bit_length() - 1)  # the largest e of quantize_params (60)
+_POINTS = tl.constexpr(1 << tm.P2)  # points of a zero cell
 _DENSE_MAX = tl.constexpr(tm.CELL_SHIFT - tm.DENSE_LOG)  # table_model.dense: log2 key spacing <= this
 _SIGMA2_SHIFT = tl.constexpr(em.F - em.R + 1)  # r << this = 2 sigma in units of delta
-_BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.bucket: b = (r >> (R - TB)) - 2^TB
+_BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.row_index: b = (r >> (R - TB)) - 2^TB
 _NUM_BUCKETS = tl.constexpr(1 << tm.TB)
+# A key's magnitude in cells saturates at sig << MAG_SAT (>= 2^16) in int32 where the
+# reference's saturates at sig << MAG_SHIFT_MAX in int64: both are far beyond every cell a
+# dense symbol codes (see "The table model" below), so both escape.
+_MAG_SAT = tl.constexpr(16)
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
 BLOCK_LANES = 128
@@ -387,18 +395,20 @@ def _pattern_of_key(key, BITS: tl.constexpr):
     return tl.where((key & TOP) != 0, key ^ TOP, key ^ ONES)
 
 
-# ---- The table model, as @triton.jit helpers (mirror table_model.py) ----------------------
+# ---- The table model T2, as @triton.jit helpers (mirror table_model.py) -------------------
 #
-# docs/DESIGN.md "The table model" is the specification. Keys, exponents, level-1 entries and
-# first points are int32; thresholds T(k) and the point n are int64 (|T| < 2^63).
+# table_model.py's docstring (docs/DESIGN.md "The table model") is the specification: cells
+# of width u = 2^(e - TS) at absolute multiples of u, level 1 the cell relative to mu's,
+# level 2 a cell's offset as raw bits (off zero) or a point of the two zero cells.
 #
-# First points are clamped: q(k) is only ever compared with a cell's bounds, cs and
-# cs + 2^P2 with |cs| <= TJ 2^P2 = 2^22, or shifted down to its cell and compared with
-# +-TJ, so clamping q to +-Q_CLAMP = +-2^30 changes no decision and no (cum, freq) that is
-# coded (a clamped q lies far outside every cell, on the same side), and lets the rest run
-# in int32. For the same reason T is not saturated at +-TSAT: a saturated T gives
-# |q| > 2^48, clamped like the unsaturated one. The decoder measures q from its point
-# instead of from mu (below), which keeps the same decisions in int32 there too.
+# Everything here is int32. A dense symbol (table_model.dense) has |mu| + 2 sigma <
+# 2^(CELL_SHIFT - DENSE_LOG + MB + 1) units of delta, so mu's cell floor(mu / u) (``mq``)
+# lies in [-2^(MB - 2), 2^(MB - 2)] and every cell it codes, m = c + mq with c in [-TJ, TJ),
+# has |m| < 2^9 (fp16: 64 + 256). The kernels hold mq in int32 for dense symbols only (0 for
+# the others, whose table steps are never coded: the exact model's step replaces them), so
+# the reference's int64 clamps there (MAG_SHIFT_MAX, mag <= 2^20 in decode_level2) never
+# bite, and magnitudes that saturate here (sig << MAG_SAT >= 2^16) are beyond +-TJ cells of
+# mq exactly where the reference's are.
 
 
 @triton.jit
@@ -416,112 +426,163 @@ def _dense(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _first_point(k, base, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, ENDS: tl.constexpr):
-    """clamp(ceil((T(k) - base) / W), +-Q_CLAMP), int32, for int32 keys k in [0, 2^B) (with
-    ENDS: [-1, 2^B]), int64 base, int32 e. With base = mu_q it is q(k) (table_model.first_point);
-    with base = a point n = mu_q + c W it is q(k) - c.
-
-    T(k) (table_model.thresholds): a point n maps to a key >= k iff n >= T(k). It is set by
-    key k's value (k >= k0, the key of +0: its ceiling) or key k - 1's (k < k0: its floor
-    + 1), +-sig * 2^s units of delta read from the key's bits as in _value_units; keys past
-    the ends, inf and NaN give +-TSAT, here the clamp. No overflow: |T| < 2^63 - 2^52
-    (sig < 2^11, s clamped at 52) and |base| < 2^51. Where inf and NaN are so large that
-    their sig * 2^s with s clamped at 52 is past the clamp for every e (bf16: s >= 81, sig
-    >= 2^7), the explicit test is left out (a constexpr decides)."""
-    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
-    TOP: tl.constexpr = 1 << (BITS - 1)  # k0
-    ONES: tl.constexpr = (1 << BITS) - 1
-    SPECIAL_S: tl.constexpr = (1 << EXP_BITS) - 1 - BIAS - MAN_BITS + _F - _E_MAX  # s of inf / NaN, at least
-    SPECIAL_SATURATES: tl.constexpr = SPECIAL_S >= 52
-    neg = k < TOP
-    m = tl.where(neg, k - 1, k) & ONES  # the key whose value sets T (k = -1, 2^B: overridden)
-    bits = tl.where((m & TOP) != 0, m ^ TOP, m ^ ONES)  # entropy_model.bits_from_keys
-    biased = (bits >> MAN_BITS) & ((1 << EXP_BITS) - 1)
-    sig = (bits & ((1 << MAN_BITS) - 1)) + ((biased != 0).to(tl.int32) << MAN_BITS)  # < 2^11
-    s = tl.maximum(biased, 1) - BIAS - MAN_BITS + _F - e  # |value(m)| = sig * 2^s units of delta
-    # floor(-sig * 2^s): -(sig << s) for s >= 0 (exact up to s = 52: every value that large
-    # is past the clamp anyway); an arithmetic >> for s < 0, in int32 (-sig >= -2^11, so
-    # >> 31 gives what the reference's >> 62 gives)
-    up = sig.to(tl.int64) << tl.minimum(tl.maximum(s, 0), 52)
-    down = (-sig) >> tl.minimum(tl.maximum(-s, 0), 31)
-    low = tl.where(s >= 0, -up, down.to(tl.int64))
-    # T(k) + W - 1: floor(value(k - 1)) + 1, or ceil(value(k)); then ceil((T - base) / W)
-    t = tl.where(neg, low + _W, (_W - 1) - low)
-    q = tl.minimum(tl.maximum((t - base) >> _W_SHIFT, -_Q_CLAMP), _Q_CLAMP).to(tl.int32)
-    if not SPECIAL_SATURATES:
-        special = biased == (1 << EXP_BITS) - 1  # inf / NaN (16-bit dtypes: IEEE-like)
-        q = tl.where(special, tl.where(neg, -_Q_CLAMP, _Q_CLAMP), q)  # T = -+TSAT
-    if ENDS:
-        q = tl.where(k > ONES, _Q_CLAMP, q)  # T(2^B) = +TSAT
-        q = tl.where(k <= 0, -_Q_CLAMP, q)  # T(-1) = T(0) = -TSAT
-    return q
+def _mu_cell(mu_q, table):
+    """floor(mu / u) = mu_q >> CELL_SHIFT as int32 where ``table`` (a dense symbol: exact,
+    see above), 0 elsewhere."""
+    return tl.where(table, (mu_q >> _CELL_SHIFT).to(tl.int32), 0)
 
 
 @triton.jit
-def _trunc_key(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """table_model.trunc_key: the key (int32) of n * 2^(e - F) truncated toward zero to the
-    dtype (the largest finite magnitude beyond it; n = 0 -> +0). int64 n with |n| < 2^51:
-    float64(|n|) is exact and scaling it by 2^(e - F) (a normal result) only adds e - F to
-    its exponent, so the bits are read from float64(|n|) with that exponent: the same
-    integers as the reference's float64 product, without a multiply. MAN_BITS mantissa bits
-    of the dtype; the rest in int32."""
+def _row_index(mu_q, r):
+    """table_model.row_index, int32: (sigma bucket << FB) | mu's position in its cell (bits
+    CELL_SHIFT - FB .. CELL_SHIFT - 1 of mu_q, all in its low 32 bits). int64 mu_q, r."""
+    b = (r.to(tl.int32) >> _BUCKET_SHIFT) - _NUM_BUCKETS  # r in [2^R, 2^(R+1))
+    return (b << _FB) | ((mu_q.to(tl.int32) >> (_CELL_SHIFT - _FB)) & _FB_MASK)
+
+
+@triton.jit
+def _magnitude_fields(mag, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """(sig, ex) of int32 magnitude patterns (sign bit clear): the value sig * 2^ex, as
+    entropy_model.key_fields for finite ones (inf and NaN get their bits' fields here)."""
+    biased = mag >> MAN_BITS
+    sig = (mag & ((1 << MAN_BITS) - 1)) + ((biased != 0).to(tl.int32) << MAN_BITS)  # < 2^11
+    return sig, tl.maximum(biased, 1) - BIAS - MAN_BITS
+
+
+@triton.jit
+def _ceil_shift(v, s):
+    """ceil(v * 2^s) for int32 v in [0, 2^12) and any int32 s, the left shift saturating at
+    P2 (then v 2^s >= 2^P2 for v >= 1: past every zero-cell point). table_model._first_point
+    shifts left at most MAG_SHIFT_MAX and right at most 63; >> 31 of -v >= -2^12 gives what
+    >> 63 gives."""
+    up = v << tl.minimum(tl.maximum(s, 0), _P2)
+    down = -((-v) >> tl.minimum(tl.maximum(-s, 0), 31))
+    return tl.where(s >= 0, up, down)
+
+
+@triton.jit
+def _zero_points(mag, e, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, MAX_MAG: tl.constexpr):
+    """table_model.zero_points of keys with magnitude pattern ``mag`` in a zero cell (|x| < u;
+    other keys get values that are never coded): (first, count), int32; count <= 0: no point
+    (ESC). The next larger magnitude is (sig + 1) 2^ex, also across a binade edge (2^(MB+1)
+    2^ex = 2^MB 2^(ex+1)), so its first point needs no second decode; past the largest
+    finite magnitude (the next is inf) the points end at 2^P2. For these keys sig 2^s < 2^P2
+    (s < P2): no shift saturates."""
+    sig, ex = _magnitude_fields(mag, MAN_BITS, BIAS)
+    s = ex - e + (_TS + _P2)  # first point = ceil(sig 2^ex 2^P2 / u) = ceil(sig 2^s)
+    first = _ceil_shift(sig, s)
+    nxt = tl.where(mag < MAX_MAG, tl.minimum(_ceil_shift(sig + 1, s), _POINTS), _POINTS)
+    return first, nxt - first
+
+
+@triton.jit
+def _table_steps(pattern, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.symbol_steps of a dense symbol, the exact model's step left to the caller:
+    (entry, cum2, freq2, scale2, esc), int32. int32 storage pattern, mq = _mu_cell, e. The
+    level-1 entry is the cell c = m - mq plus TJ, or ESC (then cum2, freq2 and scale2 are
+    garbage, freq2 possibly <= 0: the caller codes the exact model's step); level 2 is the
+    zero cell's point range at scale P2, or the offset's L2 = -sh raw bits at scale PT."""
+    EXP_ONES: tl.constexpr = (1 << (BITS - 1 - MAN_BITS)) - 1
+    MAX_MAG: tl.constexpr = ((EXP_ONES - 1) << MAN_BITS) | ((1 << MAN_BITS) - 1)  # the largest finite
+    mag_pat = pattern & ((1 << (BITS - 1)) - 1)
+    sig, ex = _magnitude_fields(mag_pat, MAN_BITS, BIAS)
+    sh = ex - e + _TS  # log2(ulp / u) (table_model.cell_of)
+    mag = tl.where(sh >= 0, sig << tl.minimum(tl.maximum(sh, 0), _MAG_SAT),
+                   sig >> tl.minimum(tl.maximum(-sh, 0), 31))  # floor(|x| / u), saturated (see above)
+    c = tl.where((pattern >> (BITS - 1)) != 0, -1 - mag, mag) - mq  # the cell m, relative to mu's
+    zero = mag == 0  # m = 0 or -1
+    first, cnt = _zero_points(mag_pat, e, MAN_BITS, BIAS, MAX_MAG)
+    esc = (mag_pat > MAX_MAG) | (c < -_TJ) | (c >= _TJ) | tl.where(zero, cnt <= 0, sh > 0)
+    # off zero (not escaped: sh <= 0) the offset is sig's low L2 = -sh bits, a step of
+    # 2^(PT - L2) at scale PT: q = PT - L2 (clamped as the reference clamps L2 to [0, PT])
+    q = tl.minimum(tl.maximum(sh + _PT, 0), _PT)
+    cum = tl.where(zero, first, (sig << q) & _PT_MASK)  # offset << (PT - L2)
+    freq = tl.where(zero, cnt, 1 << q)
+    return tl.where(esc, _ESC, c + _TJ), cum, freq, tl.where(zero, _P2, _PT), esc
+
+
+@triton.jit
+def _trunc_magnitude(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.trunc_magnitude: the magnitude pattern (int32) of the largest finite value
+    <= n u / 2^P2 for int32 n in [0, 2^P2). float32(n) is exact and scaling it by
+    2^(e - TS - P2) only adds to its exponent, so the bits are read from float32(n) with that
+    exponent: the same integers as the reference's float64 product, without a multiply (the
+    top MB bits below the leading one are float32's as they are float64's)."""
     EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
     EMIN: tl.constexpr = 1 - BIAS
     EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS
     MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)
-    u = tl.abs(n).to(tl.float64).to(tl.int64, bitcast=True)  # sign bit 0
-    big_e = (u >> 52).to(tl.int32) - 1023 + e - _F  # the exponent of |n| * 2^(e - F)
-    frac = (u >> (52 - MAN_BITS)).to(tl.int32) & ((1 << MAN_BITS) - 1)  # its top MAN_BITS
+    u = n.to(tl.float32).to(tl.int32, bitcast=True)  # sign bit 0
+    big_e = (u >> 23) - 127 + e - (_TS + _P2)  # the exponent of n u / 2^P2
+    frac = (u >> (23 - MAN_BITS)) & ((1 << MAN_BITS) - 1)  # its top MAN_BITS
     normal = ((big_e + BIAS) << MAN_BITS) | frac
     # subnormal: 1.frac >> (EMIN - E), which is (m | 2^52) >> (52 - MB + EMIN - E) in two steps
     sub = (frac | (1 << MAN_BITS)) >> tl.minimum(tl.maximum(EMIN - big_e, 0), 31)
     mag = tl.where(big_e >= EMIN, normal, sub)
     mag = tl.where(big_e > EMAX, MAX_MAG, mag)
-    mag = tl.where(n == 0, 0, mag)
-    return _key_of_pattern(mag | ((n < 0).to(tl.int32) << (BITS - 1)), BITS)
+    return tl.where(n == 0, 0, mag)
 
 
 @triton.jit
 def _level1_entry(slot1, row_ptr):
-    """table_model.decode_cell: the entry i in [0, NCELL] of a level-1 row (int32 CUM1[b]
-    padded to ROW entries, from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and
-    (CUM1[i], CUM1[i + 1] - CUM1[i]). A branch-free binary search: probes i + 2^7, ..., i + 1
-    (padding entries are 2^PT > slot1: never taken); CUM1[0] = 0."""
+    """table_model.decode_cell: the entry i in [0, NCELL] of a level-1 row (int32 CUM1[row],
+    ROW entries from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and (CUM1[i],
+    CUM1[i + 1] - CUM1[i]). Branch-free: ESC's entry is probed first, the cells bisected
+    with probes i + NCELL / 2, ..., i + 1 (CUM1[0] = 0, rows strictly increasing)."""
+    c_esc = tl.load(row_ptr + _ESC)
     entry = tl.zeros_like(slot1)
     cum = tl.zeros_like(slot1)
-    for level in tl.static_range(_ROW_PROBES):
-        cand = entry + (_ROW_FIRST_PROBE >> level)
+    for level in tl.static_range(_CELL_PROBES):
+        cand = entry + ((_NCELL >> 1) >> level)
         c = tl.load(row_ptr + cand)
         take = c <= slot1
         entry = tl.where(take, cand, entry)
         cum = tl.where(take, c, cum)
+    esc = c_esc <= slot1
+    entry = tl.where(esc, _ESC, entry)
+    cum = tl.where(esc, c_esc, cum)
     return entry, cum, tl.load(row_ptr + entry + 1) - cum
 
 
 @triton.jit
-def _decode_point(entry, slot2, mu_q, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """table_model.decode_point: level 2 of a lane whose level-1 entry is a cell (ESC lanes
-    get garbage, replaced by the caller): (key, cum2, cnt, valid), int32. The point
-    p = cs + slot2 of cell j = entry - TJ (cs = j 2^P2) truncates to k'; if k' started in an
-    earlier cell the point belongs to k = k' + 1. q is evaluated at three keys: k', k' + 1
-    and k' - 1 or k' + 2 (whichever of q(k - 1), q(k + 1) is not among the first two), each
-    as d(k) = q(k) - p (_first_point from the point n; clamped, which keeps every decision:
-    q(k) < cs iff d(k) < -slot2, q(k) - cs = d(k) + slot2). Where the stream cannot be
-    valid (a corrupt one), (cum2, cnt) = (slot2, 1) keeps the state in range."""
-    cs = (entry - _TJ) << _P2  # the cell's first point, relative to mu
-    n = mu_q + ((cs + slot2).to(tl.int64) << _W_SHIFT)  # the point, units of delta from 0
-    kp = _trunc_key(n, e, BITS, MAN_BITS, BIAS)
-    dp = _first_point(kp, n, e, BITS, MAN_BITS, BIAS, False)
-    d1 = _first_point(kp + 1, n, e, BITS, MAN_BITS, BIAS, False)
-    before = dp < -slot2  # q(k') < cs: k' started in an earlier cell
-    d3 = _first_point(tl.where(before, kp + 2, kp - 1), n, e, BITS, MAN_BITS, BIAS, False)
-    da = tl.where(before, dp, d3)  # q(k - 1) - p
-    dk = tl.where(before, d1, dp)  # q(k) - p
-    db = tl.where(before, d3, d1)  # q(k + 1) - p
-    cum2 = tl.where(da < -slot2, 0, dk + slot2)  # 0 if q(k - 1) < cs, else q(k) - cs
-    cnt = tl.minimum(db + slot2, _CELL) - cum2  # min(q(k + 1), cs + 2^P2) - cs - cum2
-    valid = (dk + slot2 < _CELL) & (cnt >= 1) & (cum2 <= slot2) & (slot2 < cum2 + cnt)
-    return kp + before.to(tl.int32), tl.where(valid, cum2, slot2), tl.where(valid, cnt, 1), valid
+def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.decode_level2 for a dense lane whose level-1 entry is a cell (ESC lanes
+    get garbage, replaced by the caller): (pattern, slot, cum, freq, scale, ok), int32; the
+    storage pattern instead of the key. x16 = x & (2^P2 - 1), x the state after level 1;
+    mq = _mu_cell. Where ok is False (a cell off zero narrower than the key spacing or beyond
+    the largest finite binade: a corrupt stream) the step is the identity (0, 2^PT) at scale
+    PT, and the pattern the reference's (its clamps of l2 and of the biased exponent; its
+    clamp of the cell's magnitude at 2^20 never bites here: |m| < 2^9)."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    EMIN_EX: tl.constexpr = 1 - BIAS - MAN_BITS  # the exponent of subnormals' (and the first binade's) ulp
+    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
+    MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)
+    m = entry - _TJ + mq
+    neg = m < 0
+    mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
+    zero = mag == 0
+    # the zero cell: the point's magnitude by truncation, then its points
+    pat_z = _trunc_magnitude(x16, e, BITS, MAN_BITS, BIAS)
+    first, cnt = _zero_points(pat_z, e, MAN_BITS, BIAS, MAX_MAG)
+    # off zero: the cell's binade j = floor(log2 mag) + e - TS (exact: mag < 2^9 in float32),
+    # its ulp 2^ex, L2 = log2(u / ulp) raw bits of offset
+    lg = (tl.maximum(mag, 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+    j = lg + e - _TS
+    ex = tl.maximum(j - MAN_BITS, EMIN_EX)
+    ok = zero | ((ex <= e - _TS) & (j <= EMAX))  # L2 = (e - TS) - ex >= 0, a finite binade
+    q = tl.minimum(tl.maximum(ex - e + (_TS + _PT), 0), _PT)  # PT - L2, L2 clamped to [0, PT]
+    slot_o = x16 & _PT_MASK
+    # the significand (|m'| << L2) | offset, the offset the slot's top L2 bits: < 2^24
+    sig = ((mag << _PT) | slot_o) >> q
+    biased = tl.where(sig >= (1 << MAN_BITS), tl.minimum(ex + BIAS + MAN_BITS, (1 << EXP_BITS) - 1), 0)
+    pat_o = (biased << MAN_BITS) | (sig & ((1 << MAN_BITS) - 1))
+    pattern = tl.where(zero, pat_z, pat_o) | (neg.to(tl.int32) << (BITS - 1))
+    slot = tl.where(zero, x16, slot_o)
+    cum = tl.where(zero, first, (slot_o >> q) << q)  # offset << (PT - L2)
+    freq = tl.where(zero, cnt, 1 << q)
+    scale = tl.where(zero, _P2, _PT)
+    return (pattern, tl.where(ok, slot, slot_o), tl.where(ok, cum, 0), tl.where(ok, freq, _PT_ONE),
+            tl.where(ok, scale, _PT), ok)
 
 
 @triton.jit
@@ -637,11 +698,11 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch
                          BLOCK_LANES: tl.constexpr):
     """_encode_values_kernel under the table model (table_model.symbol_steps, then the
     reference's encode with two steps per symbol): bits int16 [P, N] storage patterns, mu,
-    sigma float32 [P, N]; cum1 int32 [2^TB * ROW] (table_model.level1_table, rows padded to
-    ROW entries: _level1_table); scratch int32 [lanes * (2 S + 2)] (a lane emits at most one
-    word per step, two per symbol), begin int64 [lanes]. Per symbol, walking backwards: the
-    point (or, after ESC, the exact model's C(k), C(k + 1) at scale 28), then the cell; a
-    symbol that is not dense: the exact model's step alone."""
+    sigma float32 [P, N]; cum1 int32 [ROWS * ROW] (table_model.level1_table: _level1_table);
+    scratch int32 [lanes * (2 S + 2)] (a lane emits at most one word per step, two per
+    symbol), begin int64 [lanes]. Per symbol, walking backwards: level 2 (the offset's raw
+    bits, the zero cell's points or, after ESC, the exact model's C(k), C(k + 1) at scale
+    28), then the cell; a symbol that is not dense: the exact model's step alone."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
@@ -658,29 +719,21 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch
         mu = tl.load(mu_ptr + offs_sym, mask=active, other=0.0)
         sigma = tl.load(sigma_ptr + offs_sym, mask=active, other=1.0)
         mu_q, e, r = _quantize(mu, sigma)
-        key = _key_of_pattern(pattern, BITS)
-        qa = _first_point(key - 1, mu_q, e, BITS, MAN_BITS, BIAS, True)  # int32, clamped (see _first_point)
-        qk = _first_point(key, mu_q, e, BITS, MAN_BITS, BIAS, True)
-        qb = _first_point(key + 1, mu_q, e, BITS, MAN_BITS, BIAS, True)
-        j = qk >> _P2  # the cell of the key's first point
-        cs = j << _P2
-        esc = (j < -_TJ) | (j >= _TJ) | (qb <= qk)  # off the lattice, or no point maps to the key
         table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+        entry, cum, freq, scale, esc = _table_steps(pattern, _mu_cell(mu_q, table), e, BITS, MAN_BITS, BIAS)
         exact = esc | ~table  # the exact model's step: after ESC, or alone
-        cum = tl.where(qa < cs, 0, qk - cs)  # the first key of a cell takes the points before it
-        freq = tl.where(exact, 1, tl.minimum(qb, cs + _CELL) - cs - cum)  # exact: replaced below
+        freq = tl.where(exact, 1, freq)  # replaced below (an escaped zero-cell key may have none)
         if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
-            c_lo, c_hi = _cdf_pair(key, 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa,
+            c_lo, c_hi = _cdf_pair(_key_of_pattern(pattern, BITS), 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa,
                                    BITS, MAN_BITS, BIAS, FN_NAN)
             cum = tl.where(exact, c_lo, cum)
             freq = tl.where(exact, c_hi - c_lo, freq)
         # a symbol that is not dense: its exact step, then the reference's identity step
         # (0, 2^PT), which emits nothing and leaves x as it is, so it is skipped here
-        x, ptr = _rans_push(x, ptr, cum.to(tl.int64), freq.to(tl.int64), tl.where(exact, _PROB_BITS, _P2), active,
+        x, ptr = _rans_push(x, ptr, cum.to(tl.int64), freq.to(tl.int64), tl.where(exact, _PROB_BITS, scale), active,
                             scratch_ptr)
-        row_ptr = cum1_ptr + ((r >> _BUCKET_SHIFT).to(tl.int32) - _NUM_BUCKETS) * _ROW
-        entry = tl.where(esc, _ESC, j + _TJ)  # in [0, NCELL]
-        c1 = tl.load(row_ptr + entry, mask=active & table, other=0)
+        row_ptr = cum1_ptr + _row_index(mu_q, r) * _ROW
+        c1 = tl.load(row_ptr + entry, mask=active & table, other=0)  # entry in [0, NCELL]
         f1 = tl.load(row_ptr + entry + 1, mask=active & table, other=1) - c1
         x, ptr = _rans_push(x, ptr, c1.to(tl.int64), f1.to(tl.int64), _PT, active & table, scratch_ptr)
     _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
@@ -781,12 +834,9 @@ def _compact(scratch, begin, region, num_pages, num_lanes):
 
 @functools.lru_cache(maxsize=8)
 def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
-    """table_model.level1_table on ``device`` as int32 [2^TB * ROW], row by row, each row
-    padded with 2^PT to ROW entries (entries <= 2^PT; the kernels read it, never build it)."""
-    table = tm.level1_table(w_wide, kappa).to(torch.int32)  # [2^TB, NCELL + 2]
-    padded = torch.full((table.shape[0], ROW), 1 << tm.PT, dtype=torch.int32)
-    padded[:, : table.shape[1]] = table
-    return padded.reshape(-1).to(device)
+    """table_model.level1_table on ``device`` as int32 [ROWS * ROW], row by row (entries
+    <= 2^PT; the kernels read it, never build it)."""
+    return tm.level1_table(w_wide, kappa).to(torch.int32).reshape(-1).to(device)  # [ROWS, ROW] -> flat
 
 
 def encode_values(
@@ -1066,11 +1116,12 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, q_ptr,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                          GALLOP_ROUNDS: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
-    per symbol the cell (a search in the bucket's row of cum1, int32 [2^TB * ROW], _level1_table),
-    then the point (the truncation map, no search) or, after ESC, the exact model's step
-    (_find_key, in a branch taken when any lane of the program escaped). lane_ok uint8
-    [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode an
-    impossible point (a corrupt stream). Other arguments as _decode_values_kernel's."""
+    per symbol the cell (a search in the symbol's row of cum1, int32 [ROWS * ROW],
+    _level1_table), then level 2 (the offset's raw bits, or the zero cell's point: a
+    truncation, no search) or, after ESC and for a symbol that is not dense, the exact
+    model's step (_find_key, in a branch taken when any lane of the program needs it).
+    lane_ok uint8 [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode
+    an impossible cell (a corrupt stream). Other arguments as _decode_values_kernel's."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
@@ -1088,28 +1139,26 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, q_ptr,
         mu_q, e, r = _quantize(mu, sigma)
         table = _dense(mu_q, e, r, MAN_BITS, BIAS)
         # level 1 of a dense symbol: the cell or ESC, scale PT
-        row_ptr = cum1_ptr + ((r >> _BUCKET_SHIFT).to(tl.int32) - _NUM_BUCKETS) * _ROW
         slot = (x & _PT_MASK).to(tl.int32)
-        entry, c1, f1 = _level1_entry(slot, row_ptr)
+        entry, c1, f1 = _level1_entry(slot, cum1_ptr + _row_index(mu_q, r) * _ROW)
         x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active & table, words_ptr, num_words)
-        # level 2: the point, scale P2; or the exact model's step, scale PROB_BITS, after ESC
-        # and for a symbol that is not dense (its one step: the reference's identity step
-        # after it reads nothing and leaves x as it is)
+        # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
+        # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
+        # one step: the reference's identity step after it reads nothing and leaves x as it is)
         exact = ~table | (entry == _ESC)
-        slot = (x & _P2_MASK).to(tl.int32)
-        key, cum, freq, valid = _decode_point(entry, slot, mu_q, e, BITS, MAN_BITS, BIAS)
-        bad = bad | (active & ~exact & ~valid)
-        scale = tl.full([BLOCK_LANES], _P2, tl.int32)
+        pattern, slot, cum, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32),
+                                                             _mu_cell(mu_q, table), e, BITS, MAN_BITS, BIAS)
+        bad = bad | (active & ~exact & ~ok)
         if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
             slot_e = (x & (_M - 1)).to(tl.int32)
             key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, r, active & exact, phi_ptr, q_ptr, w_wide, kappa,
                                                 BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
-            key = tl.where(exact, key_e, key)
+            pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
             cum = tl.where(exact, c_lo, cum)
             freq = tl.where(exact, c_hi - c_lo, freq)
             slot = tl.where(exact, slot_e, slot)
             scale = tl.where(exact, _PROB_BITS, scale)
-        pattern = _pattern_of_key(key, BITS)  # [0, 2^B): the cast keeps its B bits
+        # [0, 2^B): the cast keeps its B bits
         tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
         if WRITE_VALUES:
             value = tl.load(value_of_bits_ptr + pattern, mask=active, other=0.0)

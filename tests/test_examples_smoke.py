@@ -50,7 +50,7 @@ def test_gpu_session_script_parses_and_explains_itself():
 def test_estimate_sm90_smallest_shape():
     """Compiles the decode kernels for sm_90 (no GPU), splits their step loops into paths and
     counts probes with the interpreted kernel on small synthetic pages: the exact model's
-    rows for both dtypes, the table model's for bf16."""
+    rows for both dtypes, the table model's for bf16, the hit paths split by part."""
     out = subprocess.run(
         [sys.executable, str(EXAMPLES / "estimate_sm90.py"), "--symbols", "4096", "--baseline", "none"],
         check=True, capture_output=True, text=True, timeout=600,
@@ -58,3 +58,4 @@ def test_estimate_sm90_smallest_shape():
     rows = [line for line in out.splitlines() if line.startswith("| synthetic Gaussian")]
     assert len(rows) == 3 and "| bf16 | - |" in out and "| fp8_e4m3 | - |" in out, out
     assert "The table model" in out and rows[-1].startswith("| synthetic Gaussian, 4096 symbols | bf16 |"), out
+    assert "| level-1 search (row, 8 probes) |" in out and "| C(guess), C(guess + 1) |" in out, out  # the parts

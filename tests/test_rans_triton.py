@@ -422,7 +422,7 @@ def test_value_level_corrupt_streams_decode_like_cpp_and_reference():
 def make_table_pages(dtype: str, n: int, seed: int):
     """(bits, mu, sigma) [3, n] on the CPU for the table model: make_value_pages' hostile
     page (garbage and edge (mu, sigma), special patterns, a third random bits: escapes); a
-    page drawn around (mu, sigma), dense on the lattice (its cells and points); and one
+    page drawn around (mu, sigma), dense on the lattice (cells off zero, zero-cell points); and one
     whose odd symbols have |mu| >> sigma (not dense: the exact model's one step) between
     dense ones."""
     bits, mu, sigma = make_value_pages(dtype, 1, n, seed)
@@ -436,83 +436,111 @@ def make_table_pages(dtype: str, n: int, seed: int):
 
 
 @triton.jit
-def _first_point_test_kernel(keys_ptr, mu_q_ptr, e_ptr, out_ptr, n,
+def _table_steps_test_kernel(bits_ptr, mu_q_ptr, e_ptr, out_ptr, n,
                              BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    k = tl.load(keys_ptr + offs, mask=mask, other=0).to(tl.int32)
+    pattern = tl.load(bits_ptr + offs, mask=mask, other=0).to(tl.int32)
+    mq = rt._mu_cell(tl.load(mu_q_ptr + offs, mask=mask, other=0), mask)  # dense parameters only
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
-    q = rt._first_point(k, tl.load(mu_q_ptr + offs, mask=mask, other=0), e, BITS, MAN_BITS, BIAS, True)
-    tl.store(out_ptr + offs, q.to(tl.int64), mask=mask)
+    outs = rt._table_steps(pattern, mq, e, BITS, MAN_BITS, BIAS)
+    for i in tl.static_range(4):  # entry, cum2, freq2, scale2
+        tl.store(out_ptr + i * n + offs, outs[i].to(tl.int64), mask=mask)
 
 
 @triton.jit
-def _point_test_kernel(entry_ptr, slot_ptr, mu_q_ptr, e_ptr, out_ptr, n,
-                       BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n,
+                        BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     entry = tl.load(entry_ptr + offs, mask=mask, other=0).to(tl.int32)
-    slot = tl.load(slot_ptr + offs, mask=mask, other=0).to(tl.int32)
+    x16 = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32)
+    mq = rt._mu_cell(tl.load(mu_q_ptr + offs, mask=mask, other=0), mask)  # dense parameters only
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
-    key, cum, cnt, valid = rt._decode_point(entry, slot, tl.load(mu_q_ptr + offs, mask=mask, other=0), e,
-                                            BITS, MAN_BITS, BIAS)
-    tl.store(out_ptr + offs, key.to(tl.int64), mask=mask)
-    tl.store(out_ptr + n + offs, cum.to(tl.int64), mask=mask)
-    tl.store(out_ptr + 2 * n + offs, cnt.to(tl.int64), mask=mask)
-    tl.store(out_ptr + 3 * n + offs, valid.to(tl.int64), mask=mask)
+    outs = rt._decode_level2(entry, x16, mq, e, BITS, MAN_BITS, BIAS)
+    for i in tl.static_range(6):  # pattern, slot, cum, freq, scale, ok
+        tl.store(out_ptr + i * n + offs, outs[i].to(tl.int64), mask=mask)
+
+
+def dense_parameters(dtype):
+    """Quantised (mu_q, e, r) [S] of the garbage, edge and some ordinary (mu, sigma) that are
+    dense for ``dtype``: the table's symbols (the kernels' table helpers hold mu's cell in
+    int32 for those only)."""
+    mu = torch.tensor(GARBAGE_MU + EDGE_MU + [0.0, 3.0, -2.5, 100.0, 0.0, -7e-5, 0.0, 1.0])
+    sigma = torch.tensor(GARBAGE_SIGMA + EDGE_SIGMA + [1e-4, 1.0, 0.3, 2.0, 1e-5, 3e-6, 3e38, 0.02])
+    mu_q, e, r = em.quantize_params(mu, sigma)
+    dense = tm.dense(mu_q, e, r, dtype)
+    cells = {}  # one parameter set per (mu's cell, e): the table steps depend on nothing else but the row
+    for i in dense.nonzero().squeeze(1).tolist():
+        cells.setdefault((int(mu_q[i]) >> tm.CELL_SHIFT, int(e[i])), i)
+    pick = torch.tensor(sorted(cells.values()))
+    assert len(pick) >= 8, len(pick)
+    return mu_q[pick], e[pick], r[pick]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_table_model_maps_match_reference(dtype):
-    """The kernels' first point (every key in [-1, 2^B], clamped to +-2^30 as the kernels
-    keep it) and level-2 decode (the truncation map, random cells and points, both valid
-    and impossible ones) equal table_model.first_point / decode_point, under parameters at
-    quantize_params' edges (huge and tiny sigma, mu far from zero, garbage)."""
+    """The kernels' table-model helpers equal table_model's on dense parameters at
+    quantize_params' edges (huge and tiny sigma, mu far from zero, garbage): the encoder's
+    level-1 entry and level-2 step of EVERY pattern (cells off zero, zero-cell points, ESC:
+    table_model.symbol_steps), and level 2 of the decoder (table_model.decode_level2) at
+    random cells near and far from zero and random states, ok or not (a corrupt stream)."""
     b, man_bits, bias, _ = em.DTYPE_SPECS[dtype]
     spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias)
-    mu = torch.tensor(GARBAGE_MU + EDGE_MU + [0.0, 1.0, -3.0, 1000.0])
-    sigma = torch.tensor(GARBAGE_SIGMA + EDGE_SIGMA + [1e-4, 0.02, 5.0, 0.25])
-    mu_q, e, _ = em.quantize_params(mu, sigma)
-    keys = torch.arange(-1, (1 << b) + 1)
-    for i in range(0, len(mu), 4):  # 4 parameter sets x every key per launch
-        kk, mm, ee = (t.reshape(-1).contiguous() for t in torch.broadcast_tensors(keys, mu_q[i : i + 4, None],
-                                                                                  e[i : i + 4, None]))
-        got = torch.empty_like(kk, device=DEVICE)
-        _first_point_test_kernel[(triton.cdiv(kk.numel(), 1 << 16),)](
-            kk.to(DEVICE), mm.to(DEVICE), ee.to(DEVICE), got, kk.numel(), **spec, BLOCK=1 << 16)
-        want = tm.first_point(kk, mm, ee, dtype).clamp(-(1 << 30), 1 << 30)
-        assert torch.equal(got.cpu(), want), (dtype, i)
+    mu_q, e, r = dense_parameters(dtype)
+    bits = torch.arange(1 << b)
+    pp, mm, ee, rr = (t.reshape(-1).contiguous() for t in torch.broadcast_tensors(bits, mu_q[:, None], e[:, None],
+                                                                                  r[:, None]))
+    n = pp.numel()
+    got = torch.empty(4 * n, dtype=torch.int64, device=DEVICE)
+    _table_steps_test_kernel[(triton.cdiv(n, 1 << b),)](pp.to(DEVICE), mm.to(DEVICE), ee.to(DEVICE), got, n, **spec,
+                                                        BLOCK=1 << b)
+    entry, cum2, freq2, scale2 = got.cpu().view(4, n)
+    cum, freq, scale = tm.symbol_steps(em.keys_from_bits(pp, dtype), mm, ee, rr, dtype, em.W_WIDE, em.KAPPA)
+    esc = scale[:, 1] == em.PROB_BITS
+    assert torch.equal(entry == tm.ESC, esc)
+    cum1 = tm.level1_table(em.W_WIDE, em.KAPPA).reshape(-1)
+    at = tm.row_index(mm, rr) * tm.ROW + entry
+    assert torch.equal(cum1[at], cum[:, 0]) and torch.equal(cum1[at + 1] - cum1[at], freq[:, 0])
+    for name, g, w in zip(("cum2", "freq2", "scale2"), (cum2, freq2, scale2), (cum[:, 1], freq[:, 1], scale[:, 1])):
+        assert torch.equal(g[~esc], w[~esc]), name
+    assert (scale2[~esc] == tm.P2).sum() > 1000 and (scale2[~esc] == tm.PT).sum() > 1000 and esc.sum() > 1000
 
     gen = torch.Generator().manual_seed(10)
     n = 1 << 14
-    pick = torch.randint(0, len(mu), (n,), generator=gen)
+    pick = torch.randint(0, len(mu_q), (n,), generator=gen)
+    mu_q, e = mu_q[pick], e[pick]
     entry = torch.randint(0, tm.NCELL, (n,), generator=gen)
-    entry[: n // 2] = torch.randint(tm.TJ - 8, tm.TJ + 8, (n // 2,), generator=gen)  # the cells mass is in
-    slot = torch.randint(0, 1 << tm.P2, (n,), generator=gen)
-    got = torch.empty(4 * n, dtype=torch.int64, device=DEVICE)
-    _point_test_kernel[(triton.cdiv(n, 1 << 14),)](
-        entry.to(DEVICE), slot.to(DEVICE), mu_q[pick].to(DEVICE), e[pick].to(DEVICE), got, n, **spec, BLOCK=1 << 14)
-    want = tm.decode_point(entry, slot, mu_q[pick], e[pick], dtype)
-    for name, g, w in zip(("key", "cum2", "cnt", "valid"), got.cpu().view(4, n), want):
+    near = tm.TJ - (mu_q >> tm.CELL_SHIFT) + torch.randint(-3, 3, (n,), generator=gen)  # the zero cells and beside
+    entry[: n // 2] = near[: n // 2].clamp(0, tm.NCELL - 1)
+    x = torch.randint(0, 1 << tm.P2, (n,), generator=gen)
+    got = torch.empty(6 * n, dtype=torch.int64, device=DEVICE)
+    _level2_test_kernel[(1,)](entry.to(DEVICE), x.to(DEVICE), mu_q.to(DEVICE), e.to(DEVICE), got, n, **spec, BLOCK=n)
+    key, *want = tm.decode_level2(entry, x, mu_q, e, dtype)
+    want = [em.bits_from_keys(key, dtype), *want]
+    for name, g, w in zip(("pattern", "slot", "cum", "freq", "scale", "ok"), got.cpu().view(6, n), want):
         assert torch.equal(g, w.to(torch.int64)), name
-    assert want[3].any() and not want[3].all()
+    ok, zero = want[-1], want[-2] == tm.P2
+    assert zero.sum() > 1000 and (ok & ~zero).sum() > 1000
+    # dense bf16 cells are always possible (test_table_model_impossible_cell_fails_the_page)
+    assert (dtype == "bf16") == bool(ok.all())
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_table_model_matches_reference(dtype):
     """encode_values(model="table") writes the reference's words and lane table on pages
-    that take every path of the model (cells and points, keys taking the points of a cell
-    before them, ESC with the exact model's step, symbols that are not dense, dense and not
-    dense lanes in one program); the staged decode_values gives the patterns and exact
-    float32 values back with clean verdicts."""
+    that take every path of the model (cells off zero and their offset bits, zero-cell
+    points, ESC with the exact model's step, symbols that are not dense, dense and not dense
+    lanes in one program); the staged decode_values gives the patterns and exact float32
+    values back with clean verdicts."""
     n, num_lanes = 120, 8  # 15 symbols per lane, 30 rANS steps
     bits, mu, sigma = make_table_pages(dtype, n, seed=8)
     keys = em.keys_from_bits(em.storage_bits(bits), dtype)
     mu_q, e, r = em.quantize_params(mu, sigma)
-    cum, _, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, em.W_WIDE, em.KAPPA)
-    dense, point = tm.dense(mu_q, e, r, dtype), scale[..., 1] == tm.P2
-    assert (dense & ~point).sum() >= 10 and (~dense).sum() >= 10  # escapes, the exact model alone
-    assert (point & (cum[..., 1] > 0)).sum() >= 10 and (point & (cum[..., 1] == 0)).any()  # mid-cell, first
+    _, _, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, em.W_WIDE, em.KAPPA)
+    dense, level2 = tm.dense(mu_q, e, r, dtype), scale[..., 1]
+    assert (~dense).sum() >= 10 and (dense & (level2 == em.PROB_BITS)).sum() >= 10  # the exact model alone, ESC
+    assert (dense & (level2 == tm.PT)).sum() >= 10 and (dense & (level2 == tm.P2)).sum() >= 10  # offsets, points
     words, lane_words = rt.encode_values(bits.to(DEVICE), mu.to(DEVICE), sigma.to(DEVICE), dtype, num_lanes,
                                          model="table")
     words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, num_lanes, model="table")
@@ -545,11 +573,12 @@ def test_table_model_corrupt_streams_decode_like_reference():
         assert not verdict.all() or not torch.equal(got_bits, bits), f"{name}: went unnoticed"
 
 
-def test_table_model_impossible_point_fails_the_page():
-    """A point no encoder writes clears its lane's verdict, as in the reference. Dense bf16
-    symbols cannot reach one (a key filling a whole cell lies beyond the lattice); fp16 with
-    a sigma so large that the lattice reaches past 65504 can: there the largest finite key
-    fills the cells beyond it, and random words land in them."""
+def test_table_model_impossible_cell_fails_the_page():
+    """A cell no encoder writes (off zero, beyond the largest finite binade or narrower than
+    the key spacing) clears its lane's verdict, as in the reference. Dense bf16 symbols
+    cannot reach one (their cells lie within 2^7 u of zero, inside bf16's finite binades and
+    at least one key wide); fp16 with a sigma so large that the lattice reaches past 65504
+    can: random words land in the cells beyond it."""
     dtype, n, num_lanes = "fp16", 32, 4
     gen = torch.Generator().manual_seed(12)
     mu, sigma = torch.zeros(1, n), torch.full((1, n), 1e4)
