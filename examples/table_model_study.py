@@ -28,7 +28,7 @@ Variants (sigma_q = r 2^(e-R) and mu_q from entropy_model.quantize_params):
               |mu| + 2 sigma)) - guard, 0, s_max) with A-geo's tables, B where sigma < ulp(mu);
               its second row shapes level 2 by the mixture over 2^l2 sub-cells per cell
               (a table per cell) instead of uniform in value.
-  T2          (docs/DESIGN.md "Next: an aligned lattice") cells aligned to multiples of u,
+  T2          (docs/DESIGN.md "The table model") cells aligned to multiples of u,
               rows per (sigma bucket, mu's position in its cell), level 2 = L2 raw bits off
               zero and points in the two cells at zero, the dense rule (--t2-dense) else
               the exact model; its "A share" column is the share the table codes.
@@ -306,7 +306,7 @@ def tables_t2(w_wide: int, kappa: int, pt: int, ts: int, tb: int, tj: int, fb: i
 
 def bits_t2(s: dict, dtype: str, cum1: torch.Tensor, args, dense_log: int):
     """(bits without the escape's payload, escaped, regime) of T2, the aligned lattice of
-    docs/DESIGN.md "Next: an aligned lattice": level 1 = the key's absolute cell (rows by
+    docs/DESIGN.md "The table model": level 1 = the key's absolute cell (rows by
     sigma bucket and mu's position in its cell); level 2 = L2 = log2(u / ulp) raw bits in a
     cell off zero, or, in the two cells at zero (magnitude < u), the key's share of 2^P2
     points (first points of a magnitude are ceil(|value| 2^P2 / u)). Escape (level-1 ESC, then
