@@ -14,7 +14,7 @@ def test_bench_kernels_smallest_shape():
         [sys.executable, str(EXAMPLES / "bench_kernels.py"), "--pages", "1", "--tokens", "1", "--dtype", "bf16"],
         check=True, capture_output=True, text=True, timeout=600,
     ).stdout
-    assert "| bf16 | 1 |" in out and "FAILED" not in out and out.count("| OK |") == 2
+    assert "| bf16 | table | 1 |" in out and "| bf16 | exact | 1 |" in out and "FAILED" not in out and out.count("| OK |") == 4, out
 
 
 def test_make_dump_writes_a_dump(tmp_path):
