@@ -233,7 +233,8 @@ def hit_path_parts(rt, sass: str, kernel: str) -> dict[str, int]:
     for text in sass.splitlines():
         if m := LINE.search(text):
             line = int(m.group(2)) if m.group(1).endswith("rans_triton.py") else line  # triton's own: the caller's
-        elif (m := INSTR.search(text)) and start <= (a := int(m.group(1), 16)) <= end and not any(lo < a < hi for lo, hi in skips):
+        elif ((m := INSTR.search(text)) and start <= (a := int(m.group(1), 16)) <= end
+              and not any(lo < a < hi for lo, hi in skips)):
             name = helpers.get(line, "")
             if name == kernel:
                 name = next(iter(CALL.findall(source[line - 1])), "")
@@ -480,7 +481,8 @@ def main() -> None:
               "exact kernel's fallback: not counted) + P(block's level 1 falls back) x level-1 fallback; "
               "the exact model's value-level kernel beside it:\n")
         print("| data | dtype | exact-step rate | lanes per block | P(block escapes) | level-1 fallback rate "
-              "| P(block's level 1 falls back) | instr/symbol | est. GB/s | exact value-level instr/symbol | est. GB/s |")
+              "| P(block's level 1 falls back) | instr/symbol | est. GB/s | exact value-level instr/symbol "
+              "| est. GB/s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(table_rows))
 

@@ -917,7 +917,8 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
 // [P * NL] lanes that decoded a cell holding no key (decode_level2's ok false: a corrupt
 // stream; the step is then the identity (0, 2^PT) and the lane goes on), all updated in place.
 template <class EmitFn>
-void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* start1, const double* q, const uint32_t* words_p,
+void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* start1, const double* q,
+                        const uint32_t* words_p,
                         int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p, const float* mu_p,
                         const float* sigma_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first,
                         EmitFn emit) {
@@ -1167,7 +1168,8 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
     TORCH_CHECK(bits == 16 && !fn_nan, "the table model codes 16-bit dtypes only");
     TORCH_CHECK(bad.has_value() && bad->dtype() == torch::kUInt8 && bad->is_contiguous() && bad->numel() == x_t.numel(),
                 "the table model's decoder needs bad: uint8 [P * NL], contiguous");
-    decode_stage_table(model, cum1->data_ptr<int64_t>(), start1->data_ptr<uint8_t>(), quantiles.data_ptr<double>(), words_p, words.numel(),
+    decode_stage_table(model, cum1->data_ptr<int64_t>(), start1->data_ptr<uint8_t>(), quantiles.data_ptr<double>(),
+                       words_p, words.numel(),
                        x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), bad->data_ptr<uint8_t>(), mu_p, sigma_p,
                        num_pages, n, num_lanes, first, emit);
     return;

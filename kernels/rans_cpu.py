@@ -80,7 +80,8 @@ def _macros() -> list[str]:
         "RANS_L": ref.RANS_L, "WORD_BITS": ref.WORD_BITS, "ENC_SHIFT": ref.ENC_SHIFT,
         "QUANTILE_BITS": ref.QUANTILE_BITS, "SATURATE_EX": em.SATURATE_EX,
         "TS": tm.TS, "CELL_SHIFT": tm.CELL_SHIFT, "TB": tm.TB, "FB": tm.FB, "TJ": tm.TJ, "NCELL": tm.NCELL,
-        "ESC": tm.ESC, "ROW": tm.ROW, "START_BITS": tm.START_BITS, "ROWS": tm.ROWS, "PT": tm.PT, "P2": tm.P2, "DENSE_LOG": tm.DENSE_LOG,
+        "ESC": tm.ESC, "ROW": tm.ROW, "START_BITS": tm.START_BITS,
+        "ROWS": tm.ROWS, "PT": tm.PT, "P2": tm.P2, "DENSE_LOG": tm.DENSE_LOG,
         "MAG_SHIFT_MAX": tm.MAG_SHIFT_MAX,
     }  # fmt: skip
     floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex

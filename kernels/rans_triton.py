@@ -96,14 +96,16 @@ has its table:
   coalesce them if the encoder ever shows up in a profile.
 
 * The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
-  quantize_params, the dense test, the level-1 search (ESC's entry, then 7 probes bisecting
-  the 128 cells of the symbol's int32 row), the level-1 rANS step, level 2 (off zero the
+  quantize_params, the dense test, level 1 (one lookup of the entry holding the slot's
+  bucket, table_model.level1_start, and one step; a program with a lane still short of its
+  entry bisects the row instead: 5% of steps on SmolLM2 KV), the level-1 rANS step, level 2 (off zero the
   cell's binade and the offset's L2 raw bits; in a zero cell a float truncation of the
   point and its first points: int32, no search), the level-2 rANS step; the exact model's
   step in a branch taken when any lane of the program escaped or is not dense. Its hit
-  path compiles to 363 SASS instructions (bf16; 364 fp16) against 483 (504) for the exact
-  model's value-level kernel: quantize_params 75, the dense test 15, level 1 66, level 2
-  87, the two rANS steps 61, loads, stores and the vote 59 (examples/estimate_sm90.py
+  path compiles to 335 SASS instructions (bf16; 336 fp16) against 483 (504) for the exact
+  model's value-level kernel: quantize_params 73, the dense test 17, level 1 39 (the
+  bisection fallback 55 more), level 2 89, the two rANS steps 60, loads, stores and the
+  vote 57 (examples/estimate_sm90.py
   splits them by source line; docs/BENCHMARKS.md "Table model T2" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
@@ -178,7 +180,7 @@ _TJ = tl.constexpr(tm.TJ)
 _NCELL = tl.constexpr(tm.NCELL)
 _ESC = tl.constexpr(tm.ESC)
 _ROW = tl.constexpr(tm.ROW)  # entries of a level-1 row (NCELL + 2)
-# The level-1 search bisects the NCELL cells (a power of two) in log2(NCELL) probes after
+# Level 1's fallback bisects the NCELL cells (a power of two) in log2(NCELL) probes after
 # probing ESC's entry: no probe reads past entry NCELL, and the last read is NCELL + 1.
 CELL_PROBES = tm.NCELL.bit_length() - 1  # 7
 _CELL_PROBES = tl.constexpr(CELL_PROBES)
@@ -1152,7 +1154,8 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_
                          GALLOP_ROUNDS: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
     per symbol the cell (a lookup in start, uint8 [ROWS * 2^START_BITS], _level1_start, and
-    a correction in the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then level 2 (the offset's raw bits, or the zero cell's point: a
+    a correction in the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
+    level 2 (the offset's raw bits, or the zero cell's point: a
     truncation, no search) or, after ESC and for a symbol that is not dense, the exact
     model's step (_find_key, in a branch taken when any lane of the program needs it).
     lane_ok uint8 [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode

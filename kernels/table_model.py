@@ -61,7 +61,8 @@ ROWS = 1 << (TB + FB)
 PT = 15  # level-1 probability bits; also the scale of a cell's raw offset step
 # The decoders' level-1 lookup (level1_start): 2^START_BITS buckets of slots per row. At 8
 # bits (32 KiB of uint8) one correction step finishes 99.8% of lanes on SmolLM2 KV under
-# page_stats (a 32-lane program needs more at 4.8% of steps; 12% at 7 bits, 2% at 9).
+# page_stats, and a 32-lane program needs more at 5% of steps (12% at 7 bits, 2% at 9):
+# docs/BENCHMARKS.md "Table model T2".
 START_BITS = 8
 P2 = 16  # points of a zero cell
 # A symbol takes the table only where the dtype's keys are dense on the lattice: at least
