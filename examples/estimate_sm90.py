@@ -163,19 +163,31 @@ def loop_costs(sass: str) -> dict[str, int]:
             "gallop round": rounds[0], "bisection round": rounds[-1]}
 
 
-def table_loop_costs(sass: str) -> dict[str, int]:
-    """The table-model decode kernel's step loop: the hit path (no lane of the program takes
-    the exact model's step: quantize_params, the dense test, the level-1 search, level 2 (the
-    offset's raw bits or a zero cell's point), two rANS steps) and the escape branch's path
-    when the exact model's guess hits for every lane that takes it (the branch less the
-    search's fallback, which is the exact kernel's, rounds and all)."""
+def _table_branches(sass: str):
+    """count, the step loop and the table kernel's two branches in it: the escape's `if`
+    (the largest forward branch) and level 1's bisection fallback (the largest outside it)."""
     count, branches = _parse(sass)
     start, end, _, forward = _step_loop(branches)
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])  # the `if` around the escape
+    outside = [(a, t) for a, t in forward if t <= skip or a >= skip_to]
+    level1 = max(outside, key=lambda b: b[1] - b[0])  # the `if` around level 1's bisection
+    return count, (start, end), (skip, skip_to), level1
+
+
+def table_loop_costs(sass: str) -> dict[str, int]:
+    """The table-model decode kernel's step loop: the hit path (no lane of the program takes
+    the exact model's step, and level 1's lookup and step finish every lane: quantize_params,
+    the dense test, level 1, level 2 (the offset's raw bits or a zero cell's point), two rANS
+    steps), the escape branch's path when the exact model's guess hits for every lane that
+    takes it (the branch less the search's fallback, which is the exact kernel's, rounds and
+    all) and level 1's fallback (the bisection, when a lane is short of its entry)."""
+    count, (start, end), (skip, skip_to), (l1_skip, l1_to) = _table_branches(sass)
     region = count(skip + 1, skip_to - 1)
-    nested = [(a, t) for a, t in forward if skip < a and t < skip_to]
+    level1 = count(l1_skip + 1, l1_to - 1)
+    nested = [(a, t) for a, t in _parse(sass)[1] if skip < a < t < skip_to]
     fb_skip, fb_to = max(nested, key=lambda b: b[1] - b[0])  # the exact search's fallback
-    return {"hit path": count(start, end) - region, "escape": region - count(fb_skip + 1, fb_to - 1)}
+    return {"hit path": count(start, end) - region - level1, "escape": region - count(fb_skip + 1, fb_to - 1),
+            "level-1 fallback": level1}
 
 
 # The parts of a value-level hit path, by the @triton.jit helpers its instructions come from
@@ -184,7 +196,7 @@ def table_loop_costs(sass: str) -> dict[str, int]:
 PARTS = {
     "quantize_params": ("_quantize", "_round_half_even", "_pow2_f64"),
     "dense test": ("_dense",),
-    "level-1 search (row, 8 probes)": ("_row_index", "_level1_entry"),
+    "level 1 (row, lookup, one step)": ("_row_index", "_level1_entry", "_level1_bisect"),
     "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_mu_cell", "_trunc_magnitude", "_zero_points",
                                                "_ceil_shift", "_magnitude_fields"),
     "guess": ("_guess_key", "_nearest_key", "_pow2"),
@@ -213,12 +225,16 @@ def hit_path_parts(rt, sass: str, kernel: str) -> dict[str, int]:
     count, branches = _parse(sass)
     start, end, _, forward = _step_loop(branches)
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])
+    skips = [(skip, skip_to)]
+    if kernel == "_decode_table_kernel":  # and level 1's fallback
+        skips.append(_table_branches(sass)[3])
     parts = dict.fromkeys([*PARTS, "loads, stores, loop, vote"], 0)
     line = 0
     for text in sass.splitlines():
         if m := LINE.search(text):
             line = int(m.group(2)) if m.group(1).endswith("rans_triton.py") else line  # triton's own: the caller's
-        elif (m := INSTR.search(text)) and start <= (a := int(m.group(1), 16)) <= end and not skip < a < skip_to:
+        elif ((m := INSTR.search(text)) and start <= (a := int(m.group(1), 16)) <= end
+              and not any(lo < a < hi for lo, hi in skips)):
             name = helpers.get(line, "")
             if name == kernel:
                 name = next(iter(CALL.findall(source[line - 1])), "")
@@ -336,19 +352,31 @@ def probe_stats(rt, values, mu, sigma, dtype: str, groups: tuple[int, ...]) -> d
     return out
 
 
-def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float]:
+def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float, float, float]:
     """The table model's rate of exact-model steps on one page (ESC, or a symbol that is not
-    dense) and P(a program of ``size`` lanes has such a lane at a step), from
-    table_model.symbol_steps (torch; lanes g .. g + size - 1 at one step hold consecutive
-    symbols)."""
+    dense) and P(a program of ``size`` lanes has such a lane at a step), then the same for
+    level 1's fallback (a dense lane whose slot is past the entry after START's lookup and
+    START_STEPS steps; its slot drawn uniformly from its level-1 step, as a coded state's
+    slot is), from table_model.symbol_steps and level1_start (torch; lanes g .. g + size - 1
+    at one step hold consecutive symbols)."""
     from sglang_speckv.kernels import entropy_model as em
+    from sglang_speckv.kernels import rans_triton as rt
     from sglang_speckv.kernels import table_model as tm
 
     keys = em.keys_from_bits(em.storage_bits(values), dtype)
-    _, _, scale = tm.symbol_steps(keys, *em.quantize_params(mu, sigma), dtype, em.W_WIDE, em.KAPPA)
+    mu_q, e, r = em.quantize_params(mu, sigma)
+    cum, freq, scale = tm.symbol_steps(keys, mu_q, e, r, dtype, em.W_WIDE, em.KAPPA)
     escaped = (scale[0] == em.PROB_BITS).any(-1)  # [n]: ESC (level 2) or not dense (level 1)
+    g = torch.Generator().manual_seed(0)
+    slot = cum[0, :, 0] + (torch.rand(escaped.shape, generator=g, dtype=torch.float64) * freq[0, :, 0]).long()
+    row = tm.row_index(mu_q, r)[0]
+    cum1, start = tm.level1_table(em.W_WIDE, em.KAPPA), tm.level1_start(em.W_WIDE, em.KAPPA).long()
+    entry = start[row, slot.clamp(0, (1 << tm.PT) - 1) >> (tm.PT - tm.START_BITS)]
+    steps = torch.searchsorted(cum1[row], slot[:, None].clamp(0, (1 << tm.PT) - 1), right=True)[:, 0] - 1 - entry
+    short = tm.dense(mu_q, e, r, dtype)[0] & (steps > rt.START_STEPS)
     m = escaped.numel() // size * size
-    return float(escaped.double().mean()), float(escaped[:m].view(-1, size).any(1).double().mean())
+    return (float(escaped.double().mean()), float(escaped[:m].view(-1, size).any(1).double().mean()),
+            float(short.double().mean()), float(short[:m].view(-1, size).any(1).double().mean()))
 
 
 # ---- 3. The estimate ----------------------------------------------------------------------
@@ -432,23 +460,30 @@ def main() -> None:
                   f"| {instr:.0f} | {gbs(instr)} | {instr_v:.0f} | {gbs(instr_v)} | {per_symbol_base(dtype)} "
                   f"| {gbs_base} |")
             if dtype in table_now:
-                q, esc = escape_stats(values, mu, sigma, dtype, size)
-                instr_t = table_now[dtype]["hit path"] + esc * table_now[dtype]["escape"]
-                table_rows.append(f"| {name} | {dtype} | {q:.5f} | {size} | {esc:.4f} | {instr_t:.0f} "
+                q, esc, q1, short = escape_stats(values, mu, sigma, dtype, size)
+                t = table_now[dtype]
+                instr_t = t["hit path"] + esc * t["escape"] + short * t["level-1 fallback"]
+                table_rows.append(f"| {name} | {dtype} | {q:.5f} | {size} | {esc:.4f} | {q1:.5f} | {short:.4f} "
+                                  f"| {instr_t:.0f} "
                                   f"| {gbs(instr_t)} | {instr_v:.0f} | {gbs(instr_v)} |")
         sys.stdout.flush()
 
     if table_rows:
         print("\nThe table model T2 (kernels/table_model.py; _decode_table_kernel, value-level), "
               "SASS instructions of its step loop: hit path (no lane of the program takes the exact model's "
-              "step) / escape path (it does, for ESC or a symbol that is not dense, its guesses hitting): "
-              + ", ".join(f"{d} {c['hit path']} / {c['escape']}" for d, c in table_now.items()))
+              "step, level 1's lookup and step finish every lane) / escape path (it does, for ESC or a symbol "
+              "that is not dense, its guesses hitting) / level-1 fallback (the row's bisection): "
+              + ", ".join(f"{d} {c['hit path']} / {c['escape']} / {c['level-1 fallback']}"
+                          for d, c in table_now.items()))
         print("\nESTIMATE (no GPU): exact-model steps (ESC or not dense) from table_model.symbol_steps, "
+              "level-1 fallbacks from level1_start on slots drawn in each symbol's level-1 step, "
               "instr/symbol = hit path + P(block escapes) x escape path (a missed guess there adds the "
-              "exact kernel's fallback: not counted); the exact model's value-level kernel beside it:\n")
-        print("| data | dtype | exact-step rate | lanes per block | P(block escapes) | instr/symbol | est. GB/s "
-              "| exact value-level instr/symbol | est. GB/s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "exact kernel's fallback: not counted) + P(block's level 1 falls back) x level-1 fallback; "
+              "the exact model's value-level kernel beside it:\n")
+        print("| data | dtype | exact-step rate | lanes per block | P(block escapes) | level-1 fallback rate "
+              "| P(block's level 1 falls back) | instr/symbol | est. GB/s | exact value-level instr/symbol "
+              "| est. GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(table_rows))
 
 if __name__ == "__main__":

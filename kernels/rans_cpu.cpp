@@ -74,6 +74,7 @@ constexpr int64_t FB = SPECKV_FB;          // rows per bucket: mu's position in 
 constexpr int64_t TJ = SPECKV_TJ;          // cells on each side of mu's
 constexpr int64_t NCELL = SPECKV_NCELL;    // 2 TJ
 constexpr int64_t ESC = SPECKV_ESC;        // the escape entry of a level-1 row (NCELL)
+constexpr int64_t START_BITS = SPECKV_START_BITS;  // table_model.level1_start's buckets: 2^START_BITS per row
 constexpr int64_t ROW = SPECKV_ROW;        // a level-1 row: NCELL + 1 entries' CUM1 and 2^PT
 constexpr int64_t ROWS = SPECKV_ROWS;      // 2^(TB + FB) rows
 constexpr int64_t PT = SPECKV_PT;          // level-1 probability bits; the scale of an offset step
@@ -674,10 +675,11 @@ inline void zero_points(const Dtype& dtype, int64_t mp, int64_t e, int64_t& firs
 // table_model.row_index as an index into CUM1 (an index, not a pointer: table reads as base
 // + per-lane index vectorise to gathers): where the row of the symbol's sigma bucket b (r's
 // TB bits below its leading one) and mu's position in its cell (FB bits) starts.
-inline int64_t level1_row(int64_t mu_q, int64_t r) {
+inline int64_t level1_row_number(int64_t mu_q, int64_t r) {
   const int64_t b = (r >> (R - TB)) - (int64_t(1) << TB);
-  return ((b << FB) | ((mu_q >> (CELL_SHIFT - FB)) & ((int64_t(1) << FB) - 1))) * ROW;
+  return (b << FB) | ((mu_q >> (CELL_SHIFT - FB)) & ((int64_t(1) << FB) - 1));
 }
+inline int64_t level1_row(int64_t mu_q, int64_t r) { return level1_row_number(mu_q, r) * ROW; }
 
 // The level-1 entry i of the row at cum1 + row with row[i] <= slot < row[i + 1] (row[0] = 0
 // <= slot < row[NCELL + 1] = 2^PT), i >= i0: a bisection with strides STRIDE, STRIDE / 2, ...,
@@ -692,6 +694,20 @@ inline int64_t level1_entry(const int64_t* cum1, int64_t row, int64_t slot, int6
     const int64_t t = std::min<int64_t>(i0 + STRIDE, NCELL + 1);
     return level1_entry<STRIDE / 2>(cum1, row, slot, cum1[row + t] <= slot ? t : i0);
   }
+}
+
+// The decoders' level-1 lookup (table_model.level1_start, uint8 [ROWS, 2^START_BITS]):
+// START[row][b] is the entry holding slot b << (PT - START_BITS), the first of its bucket.
+// A slot's entry is START[row][slot >> (PT - START_BITS)] plus the entries that start in
+// its bucket at or below it (rows strictly increasing: see level1_start), so stepping
+// forward while row[i + 1] <= slot reaches it; decode_stage_table takes one such step
+// vectorised, and the rare lane still short of it (a bucket of a row's tail) finishes with
+// level1_entry's bisection from there (exact from any i0 at or below the entry).
+constexpr int64_t START_SHIFT = PT - START_BITS;
+void check_start1(const torch::Tensor& start1) {
+  TORCH_CHECK(start1.dtype() == torch::kUInt8 && start1.is_contiguous() && start1.dim() == 2 &&
+                  start1.size(0) == ROWS && start1.size(1) == (int64_t(1) << START_BITS),
+              "start1 must be table_model.level1_start: uint8 [ROWS, 2^START_BITS], contiguous");
 }
 
 void check_level1(const torch::Tensor& cum1) {
@@ -901,7 +917,8 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
 // [P * NL] lanes that decoded a cell holding no key (decode_level2's ok false: a corrupt
 // stream; the step is then the identity (0, 2^PT) and the lane goes on), all updated in place.
 template <class EmitFn>
-void decode_stage_table(const Model& model, const int64_t* cum1, const double* q, const uint32_t* words_p,
+void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* start1, const double* q,
+                        const uint32_t* words_p,
                         int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p, const float* mu_p,
                         const float* sigma_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first,
                         EmitFn emit) {
@@ -917,12 +934,15 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
     const EmitFn out = emit;
     const double* qt = q;
     const int64_t* c1p = cum1;
+    const uint8_t* s1p = start1;
     const uint32_t* wp = words_p;
     const float *mus = mu_p, *sigmas = sigma_p;
     // block slot j holds lane l0 + j: its state, next word and verdict, this step's key, whether
     // takes the exact model's step (ESC, or not dense), and the quantised parameters it needs
     int64_t x[LANE_BLOCK], ptr[LANE_BLOCK], bad[LANE_BLOCK], key[LANE_BLOCK], exact[LANE_BLOCK];
     int64_t mu_qs[LANE_BLOCK], es[LANE_BLOCK], rs[LANE_BLOCK];
+    // level 1's entry, and whether the lookup's one step left it short (see check_start1)
+    int64_t ent[LANE_BLOCK], short1[LANE_BLOCK];
     // the exact model's step: which slots take it, and C at their guess pair
     int64_t list[LANE_BLOCK], c_lo[LANE_BLOCK], c_hi[LANE_BLOCK];
     for (int64_t b = b0; b < b1; ++b) {
@@ -948,6 +968,24 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           exact[j] = !dense(dt, mu_q, e, r);
         }
+        // Pass 1b: level 1's entry of every lane (a lane that is not dense reads a valid row
+        // and discards it): START's lookup and one step, vectorised; the lanes still short of
+        // their entry bisect from there, one by one.
+#pragma omp simd
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          const int64_t row_n = level1_row_number(mu_qs[j], rs[j]), row = row_n * ROW;
+          const int64_t slot1 = x[j] & ((int64_t(1) << PT) - 1);
+          int64_t i = s1p[(row_n << START_BITS) + (slot1 >> START_SHIFT)];
+          i += c1p[row + i + 1] <= slot1;  // i <= NCELL: within the row
+          ent[j] = i;
+          short1[j] = c1p[row + i + 1] <= slot1;
+        }
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          if (short1[j]) {
+            ent[j] = level1_entry<int64_t(1) << floor_log2(NCELL)>(c1p, level1_row(mu_qs[j], rs[j]),
+                                                                  x[j] & ((int64_t(1) << PT) - 1), ent[j]);
+          }
+        }
         // Pass 2: level 1, then a cell's level 2 (an escape's level 2 is discarded) of lane j;
         // a lane that is not dense keeps its state (a select).
         const auto table_lane = [&](int64_t j) __attribute__((always_inline)) {  // inlined: its loops vectorise
@@ -955,7 +993,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const double* q
           // level 1: the entry i with row[i] <= slot1 < row[i + 1], then the step
           const int64_t row = level1_row(mu_q, rs[j]);
           const int64_t slot1 = x[j] & ((int64_t(1) << PT) - 1);
-          const int64_t i = level1_entry<int64_t(1) << floor_log2(NCELL)>(c1p, row, slot1, 0);
+          const int64_t i = ent[j];
           const int64_t c1 = c1p[row + i], f1 = c1p[row + i + 1] - c1;
           int64_t x1 = f1 * (x[j] >> PT) + slot1 - c1;  // < 2^63 for any state: no wrap
           const bool refill1 = x1 < RANS_L;
@@ -1089,7 +1127,7 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
                    c10::optional<torch::Tensor> out_values, const torch::Tensor& value_of_bits, const torch::Tensor& phi,
                    const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa, int64_t bits, int64_t man_bits,
                    int64_t bias, bool fn_nan, const c10::optional<torch::Tensor>& cum1,
-                   c10::optional<torch::Tensor> bad) {
+                   const c10::optional<torch::Tensor>& start1, c10::optional<torch::Tensor> bad) {
   TORCH_CHECK(words.dtype() == torch::kInt32 && words.is_contiguous() && words.numel() >= 1, "words: int32 [W >= 1]");
   for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x_t, &ptr_t, &phi}) {
     check_int64(*t, "decode argument");
@@ -1125,10 +1163,13 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   const uint32_t* words_p = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   if (cum1.has_value()) {  // the table model
     check_level1(*cum1);
+    TORCH_CHECK(start1.has_value(), "the table model's decoder needs start1 (table_model.level1_start)");
+    check_start1(*start1);
     TORCH_CHECK(bits == 16 && !fn_nan, "the table model codes 16-bit dtypes only");
     TORCH_CHECK(bad.has_value() && bad->dtype() == torch::kUInt8 && bad->is_contiguous() && bad->numel() == x_t.numel(),
                 "the table model's decoder needs bad: uint8 [P * NL], contiguous");
-    decode_stage_table(model, cum1->data_ptr<int64_t>(), quantiles.data_ptr<double>(), words_p, words.numel(),
+    decode_stage_table(model, cum1->data_ptr<int64_t>(), start1->data_ptr<uint8_t>(), quantiles.data_ptr<double>(),
+                       words_p, words.numel(),
                        x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), bad->data_ptr<uint8_t>(), mu_p, sigma_p,
                        num_pages, n, num_lanes, first, emit);
     return;

@@ -80,7 +80,8 @@ def _macros() -> list[str]:
         "RANS_L": ref.RANS_L, "WORD_BITS": ref.WORD_BITS, "ENC_SHIFT": ref.ENC_SHIFT,
         "QUANTILE_BITS": ref.QUANTILE_BITS, "SATURATE_EX": em.SATURATE_EX,
         "TS": tm.TS, "CELL_SHIFT": tm.CELL_SHIFT, "TB": tm.TB, "FB": tm.FB, "TJ": tm.TJ, "NCELL": tm.NCELL,
-        "ESC": tm.ESC, "ROW": tm.ROW, "ROWS": tm.ROWS, "PT": tm.PT, "P2": tm.P2, "DENSE_LOG": tm.DENSE_LOG,
+        "ESC": tm.ESC, "ROW": tm.ROW, "START_BITS": tm.START_BITS,
+        "ROWS": tm.ROWS, "PT": tm.PT, "P2": tm.P2, "DENSE_LOG": tm.DENSE_LOG,
         "MAG_SHIFT_MAX": tm.MAG_SHIFT_MAX,
     }  # fmt: skip
     floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex
@@ -322,6 +323,8 @@ class Decoder(ref.Decoder):
     ):
         super().__init__(words, lane_words, num_symbols, dtype, w_wide, kappa, model)
         self.cum1 = _level1(model, dtype, w_wide, kappa)
+        # the level-1 lookup on the slot's top bits (table_model.level1_start), decode only
+        self.start1 = None if self.cum1 is None else tm.level1_start(w_wide, kappa)
 
     def decode(self, mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Keys (int64, [P, n] or [n] like the inputs) of the next n symbols of each page,
@@ -362,7 +365,7 @@ class Decoder(ref.Decoder):
         ext.decode_values(
             self.words.contiguous(), self.x, self.ptr, mu.contiguous(), sigma.contiguous(), self.num_lanes,
             self.position, out_bits, out_values, value_of_bits(self.dtype), em.phi_table(), self.quantiles,
-            self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype], self.cum1, bad,
+            self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype], self.cum1, self.start1, bad,
         )  # fmt: skip
         if bad is not None:
             self.lane_ok &= bad == 0

@@ -96,14 +96,16 @@ has its table:
   coalesce them if the encoder ever shows up in a profile.
 
 * The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
-  quantize_params, the dense test, the level-1 search (ESC's entry, then 7 probes bisecting
-  the 128 cells of the symbol's int32 row), the level-1 rANS step, level 2 (off zero the
+  quantize_params, the dense test, level 1 (one lookup of the entry holding the slot's
+  bucket, table_model.level1_start, and one step; a program with a lane still short of its
+  entry bisects the row instead: 5% of steps on SmolLM2 KV), the level-1 rANS step, level 2 (off zero the
   cell's binade and the offset's L2 raw bits; in a zero cell a float truncation of the
   point and its first points: int32, no search), the level-2 rANS step; the exact model's
   step in a branch taken when any lane of the program escaped or is not dense. Its hit
-  path compiles to 363 SASS instructions (bf16; 364 fp16) against 483 (504) for the exact
-  model's value-level kernel: quantize_params 75, the dense test 15, level 1 66, level 2
-  87, the two rANS steps 61, loads, stores and the vote 59 (examples/estimate_sm90.py
+  path compiles to 335 SASS instructions (bf16; 336 fp16) against 483 (504) for the exact
+  model's value-level kernel: quantize_params 73, the dense test 17, level 1 39 (the
+  bisection fallback 55 more), level 2 89, the two rANS steps 60, loads, stores and the
+  vote 57 (examples/estimate_sm90.py
   splits them by source line; docs/BENCHMARKS.md "Table model T2" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
@@ -178,10 +180,16 @@ _TJ = tl.constexpr(tm.TJ)
 _NCELL = tl.constexpr(tm.NCELL)
 _ESC = tl.constexpr(tm.ESC)
 _ROW = tl.constexpr(tm.ROW)  # entries of a level-1 row (NCELL + 2)
-# The level-1 search bisects the NCELL cells (a power of two) in log2(NCELL) probes after
+# Level 1's fallback bisects the NCELL cells (a power of two) in log2(NCELL) probes after
 # probing ESC's entry: no probe reads past entry NCELL, and the last read is NCELL + 1.
 CELL_PROBES = tm.NCELL.bit_length() - 1  # 7
 _CELL_PROBES = tl.constexpr(CELL_PROBES)
+# The level-1 lookup (table_model.level1_start): 2^START_BITS buckets per row, then
+# START_STEPS correction steps before a program falls back to the bisection.
+_NUM_START = tl.constexpr(1 << tm.START_BITS)
+_START_SHIFT = tl.constexpr(tm.PT - tm.START_BITS)
+START_STEPS = 1
+_START_STEPS = tl.constexpr(START_STEPS)
 _FB = tl.constexpr(tm.FB)
 _FB_MASK = tl.constexpr((1 << tm.FB) - 1)
 _PT = tl.constexpr(tm.PT)
@@ -524,11 +532,11 @@ def _trunc_magnitude(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.
 
 
 @triton.jit
-def _level1_entry(slot1, row_ptr):
+def _level1_bisect(slot1, row_ptr):
     """table_model.decode_cell: the entry i in [0, NCELL] of a level-1 row (int32 CUM1[row],
-    ROW entries from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and (CUM1[i],
-    CUM1[i + 1] - CUM1[i]). Branch-free: ESC's entry is probed first, the cells bisected
-    with probes i + NCELL / 2, ..., i + 1 (CUM1[0] = 0, rows strictly increasing)."""
+    ROW entries from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and CUM1[i].
+    Branch-free: ESC's entry is probed first, the cells bisected with probes i + NCELL / 2,
+    ..., i + 1 (CUM1[0] = 0, rows strictly increasing)."""
     c_esc = tl.load(row_ptr + _ESC)
     entry = tl.zeros_like(slot1)
     cum = tl.zeros_like(slot1)
@@ -539,9 +547,32 @@ def _level1_entry(slot1, row_ptr):
         entry = tl.where(take, cand, entry)
         cum = tl.where(take, c, cum)
     esc = c_esc <= slot1
-    entry = tl.where(esc, _ESC, entry)
-    cum = tl.where(esc, c_esc, cum)
-    return entry, cum, tl.load(row_ptr + entry + 1) - cum
+    return tl.where(esc, _ESC, entry), tl.where(esc, c_esc, cum)
+
+
+@triton.jit
+def _level1_entry(slot1, row, live, cum1_ptr, start_ptr):
+    """table_model.decode_cell: the entry i in [0, NCELL] of level-1 row ``row`` (int32
+    CUM1 from cum1_ptr, _level1_table) with CUM1[i] <= slot1 < CUM1[i + 1], and (CUM1[i],
+    CUM1[i + 1] - CUM1[i]). One lookup: i = START[row][slot1 >> (PT - START_BITS)]
+    (table_model.level1_start: the entry holding the bucket's first slot; uint8 from
+    start_ptr), then START_STEPS predicated steps forward while CUM1[i + 1] <= slot1. Where
+    a ``live`` lane is still short of its entry after them (its bucket holds more entry
+    starts: the rows' tails; 5% of 32-lane steps on SmolLM2 KV), the whole program takes
+    the bisection of the row instead (_level1_bisect), so every lane's entry stays exact."""
+    row_ptr = cum1_ptr + row * _ROW
+    entry = tl.load(start_ptr + row * _NUM_START + (slot1 >> _START_SHIFT)).to(tl.int32)
+    cum = tl.load(row_ptr + entry)
+    for _ in tl.static_range(_START_STEPS):
+        c = tl.load(row_ptr + entry + 1)  # entry <= NCELL: within the row
+        step = c <= slot1
+        entry = tl.where(step, entry + 1, entry)
+        cum = tl.where(step, c, cum)
+    c_next = tl.load(row_ptr + entry + 1)
+    if tl.max((live & (c_next <= slot1)).to(tl.int32), axis=0) > 0:  # rare on real KV
+        entry, cum = _level1_bisect(slot1, row_ptr)
+        c_next = tl.load(row_ptr + entry + 1)
+    return entry, cum, c_next - cum
 
 
 @triton.jit
@@ -839,6 +870,12 @@ def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor
     return tm.level1_table(w_wide, kappa).to(torch.int32).reshape(-1).to(device)  # [ROWS, ROW] -> flat
 
 
+@functools.lru_cache(maxsize=8)
+def _level1_start(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
+    """table_model.level1_start on ``device`` as uint8 [ROWS * 2^START_BITS], row by row."""
+    return tm.level1_start(w_wide, kappa).reshape(-1).to(device)  # [ROWS, 2^START_BITS] -> flat
+
+
 def encode_values(
     bits: torch.Tensor,
     mu: torch.Tensor,
@@ -1110,14 +1147,15 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, value_of
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
                                "w_wide", "kappa"])  # fmt: skip
-def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, q_ptr, value_of_bits_ptr,
+def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr, value_of_bits_ptr,
                          out_bits_ptr, out_values_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
                          num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                          GALLOP_ROUNDS: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
-    per symbol the cell (a search in the symbol's row of cum1, int32 [ROWS * ROW],
-    _level1_table), then level 2 (the offset's raw bits, or the zero cell's point: a
+    per symbol the cell (a lookup in start, uint8 [ROWS * 2^START_BITS], _level1_start, and
+    a correction in the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
+    level 2 (the offset's raw bits, or the zero cell's point: a
     truncation, no search) or, after ESC and for a symbol that is not dense, the exact
     model's step (_find_key, in a branch taken when any lane of the program needs it).
     lane_ok uint8 [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode
@@ -1140,7 +1178,7 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, q_ptr,
         table = _dense(mu_q, e, r, MAN_BITS, BIAS)
         # level 1 of a dense symbol: the cell or ESC, scale PT
         slot = (x & _PT_MASK).to(tl.int32)
-        entry, c1, f1 = _level1_entry(slot, cum1_ptr + _row_index(mu_q, r) * _ROW)
+        entry, c1, f1 = _level1_entry(slot, _row_index(mu_q, r), active & table, cum1_ptr, start_ptr)
         x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active & table, words_ptr, num_words)
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
@@ -1257,7 +1295,8 @@ class Decoder(ref.Decoder):
             if self.model == tm.MODEL_TABLE:
                 self.lane_ok = self.lane_ok.contiguous()  # cleared in place (as uint8) for impossible points
                 _decode_table_kernel[grid](
-                    self.words, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
+                    self.words, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
+                    _level1_start(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
                     self.quantiles_f32, values, out_bits, out_values, self.x, self.ptr,
                     self.lane_ok.view(torch.uint8), *sizes, **spec,
                 )

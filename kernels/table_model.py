@@ -29,7 +29,8 @@ keys closer together than u / 2^P2 (no point of their own). A symbol that is not
 followed by the identity step (0, 2^PT) of scale PT, which codes nothing.
 
 Contract: ``level1_table`` rows are strictly increasing from 0 to 2^PT (every entry has
-frequency >= 1); ``symbol_steps`` frequencies are >= 1 and each step's cum + freq <=
+frequency >= 1); ``level1_start`` is exact (its entry holds its bucket's first slot);
+``symbol_steps`` frequencies are >= 1 and each step's cum + freq <=
 2^scale; within a cell the keys' steps tile [0, 2^scale) (tests check this on every key);
 ``trunc_magnitude(n)`` is the largest finite magnitude whose value is <= n u / 2^P2.
 """
@@ -58,6 +59,11 @@ ESC = NCELL  # the escape entry of a level-1 row
 ROW = NCELL + 2  # cumulative counts per row: the cells, the escape's start, 2^PT
 ROWS = 1 << (TB + FB)
 PT = 15  # level-1 probability bits; also the scale of a cell's raw offset step
+# The decoders' level-1 lookup (level1_start): 2^START_BITS buckets of slots per row. At 8
+# bits (32 KiB of uint8) one correction step finishes 99.8% of lanes on SmolLM2 KV under
+# page_stats, and a 32-lane program needs more at 5% of steps (12% at 7 bits, 2% at 9):
+# docs/BENCHMARKS.md "Table model T2".
+START_BITS = 8
 P2 = 16  # points of a zero cell
 # A symbol takes the table only where the dtype's keys are dense on the lattice: at least
 # 2^DENSE_LOG keys per cell at |mu| + 2 sigma. Where they are sparser (sharp predictors,
@@ -100,6 +106,28 @@ def level1_table(w_wide: int, kappa: int) -> torch.Tensor:
     cum = i + (((g - g[..., :1]) * ((1 << PT) - NCELL - 1)) >> 32)  # each entry >= 1
     cum = torch.cat([cum, torch.full((1 << TB, 1 << FB, 1), 1 << PT, dtype=torch.int64)], dim=-1)
     return cum.reshape(ROWS, ROW)
+
+
+@functools.lru_cache(maxsize=8)
+def level1_start(w_wide: int, kappa: int) -> torch.Tensor:
+    """START: uint8 [ROWS, 2^START_BITS] on the CPU, the decoders' one-lookup level 1 (a
+    decoder-side index of level1_table; the bytes do not depend on it). START[row][b] is the
+    entry i of CUM1 = level1_table(w_wide, kappa) holding the bucket's first slot
+    s0 = b << (PT - START_BITS): CUM1[row][i] <= s0 < CUM1[row][i + 1], i in [0, NCELL].
+
+    Why a short correction finds any slot's entry from it: with CUM1[row] strictly
+    increasing from CUM1[0] = 0 to CUM1[NCELL + 1] = 2^PT, the entry of a slot s is
+    E(s) = #{i in [1, NCELL] : CUM1[i] <= s}, nondecreasing in s. For s in bucket b,
+    E(s) = START[row][b] + #{i : s0 < CUM1[i] <= s}: stepping i forward from START while
+    CUM1[i + 1] <= s reaches E(s), the unique entry, after at most as many steps as entries
+    start inside the bucket (fewer than 2^(PT - START_BITS)). This is the bucketed slot ->
+    symbol lookup of fast rANS decoders (J. Duda, "Asymmetric numeral systems",
+    arXiv:1311.2540, decodes a slot through such a symbol table; here the table is coarse
+    and the correction exact). Built from CUM1 in integers (entries <= NCELL < 2^8)."""
+    cum1 = level1_table(w_wide, kappa)  # [ROWS, ROW]
+    s0 = torch.arange(1 << START_BITS, dtype=torch.int64) << (PT - START_BITS)  # [2^START_BITS]
+    entry = (cum1[:, None, 1 : NCELL + 1] <= s0[None, :, None]).sum(-1)  # E(s0): [ROWS, 2^START_BITS]
+    return entry.to(torch.uint8)
 
 
 def dense(mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor, dtype: str) -> torch.Tensor:

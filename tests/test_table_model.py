@@ -22,6 +22,25 @@ def test_level1_rows_are_codes(w_wide, kappa):
     assert bool((cum1[:, 1:] > cum1[:, :-1]).all())  # every entry, ESC included, has freq >= 1
 
 
+@pytest.mark.parametrize("w_wide,kappa", [(13, 3), (0, 0), (255, 7)])
+def test_level1_start_finds_every_slot_of_every_row(w_wide, kappa):
+    """level1_start's contract, and the decoders' correction from it (step while CUM1[i + 1]
+    <= slot) reaches torch.searchsorted's entry for every slot of every row."""
+    cum1, start = tm.level1_table(w_wide, kappa), tm.level1_start(w_wide, kappa)
+    assert start.shape == (tm.ROWS, 1 << tm.START_BITS) and start.dtype == torch.uint8
+    slots = torch.arange(1 << tm.PT).expand(tm.ROWS, -1)  # [ROWS, 2^PT]
+    want = torch.searchsorted(cum1, slots.contiguous(), right=True) - 1
+    first = slots[:, :: 1 << (tm.PT - tm.START_BITS)]
+    assert torch.equal(start.long(), torch.searchsorted(cum1, first.contiguous(), right=True) - 1)
+    entry = start.long().repeat_interleave(1 << (tm.PT - tm.START_BITS), dim=1).reshape(-1)  # each slot's bucket
+    flat_cum, base, flat_slot = cum1.reshape(-1), (torch.arange(tm.ROWS) * tm.ROW).repeat_interleave(1 << tm.PT), slots.reshape(-1)
+    todo = torch.arange(entry.numel())  # the slots still stepping (few after one step)
+    for _ in range(1 << (tm.PT - tm.START_BITS)):  # at most the entries starting inside a bucket
+        todo = todo[flat_cum[base[todo] + entry[todo] + 1] <= flat_slot[todo]]
+        entry[todo] += 1
+    assert todo.numel() == 0 and torch.equal(entry.view(tm.ROWS, -1), want)
+
+
 def magnitude_values(dtype):
     """float64 value of every magnitude pattern [0, 2^15) (inf and NaN patterns: inf)."""
     pats = torch.arange(1 << 15)
