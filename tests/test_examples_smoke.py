@@ -58,4 +58,4 @@ def test_estimate_sm90_smallest_shape():
     rows = [line for line in out.splitlines() if line.startswith("| synthetic Gaussian")]
     assert len(rows) == 3 and "| bf16 | - |" in out and "| fp8_e4m3 | - |" in out, out
     assert "The table model" in out and rows[-1].startswith("| synthetic Gaussian, 4096 symbols | bf16 |"), out
-    assert "| level-1 search (row, 8 probes) |" in out and "| C(guess), C(guess + 1) |" in out, out  # the parts
+    assert "| level 1 (row, lookup, one step) |" in out and "| C(guess), C(guess + 1) |" in out, out  # the parts
