@@ -42,6 +42,10 @@
 #include <cstring>
 #include <memory>
 #include <stdexcept>
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -630,6 +634,17 @@ inline void put_block(int64_t* x, const int64_t* cum, const int64_t* freq, const
   }
 }
 
+// Hand the whole memory pages inside [begin, end) back to the OS (their contents are not
+// needed again; the range stays allocated and would read as zeros). What keeps the encoder's
+// peak at about one copy of the words while it copies them out of its scratch.
+inline void release_pages(const void* begin, const void* end) {
+#ifdef __linux__
+  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (uintptr_t(begin) + page - 1) & ~(page - 1), hi = uintptr_t(end) & ~(page - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+#endif
+}
+
 // The words put_block emitted, appended to their lanes' regions of the scratch (slot j is lane
 // g0 + j; region g at scratch + g * stride, emitted[g] words so far).
 inline void push_words(const int64_t* word, int64_t n, uint32_t* scratch, int64_t stride, int64_t* emitted,
@@ -759,9 +774,11 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
   // one scratch buffer: at most one word per step (two steps per symbol in the table model)
   // plus the 2-word flush. Left uninitialised,
   // so only the pages the words touch become resident (~bits per symbol / 8 B per symbol),
-  // and freed in one piece.
+  // and released lane by lane as the words are copied out. (Compacting the lanes to the
+  // buffer's front in place instead touches the front regions' unused pages: more memory.)
   const int64_t stride = (cum1_p ? 2 * steps : steps) + 2;
-  std::unique_ptr<uint32_t[]> scratch(new uint32_t[size_t(lanes * stride)]);
+  std::unique_ptr<uint32_t[]> scratch_owner(new uint32_t[size_t(lanes * stride)]);
+  uint32_t* const scratch = scratch_owner.get();
   std::vector<int64_t> emitted(lanes, 0);
   // patterns: per page, uint16_t or uint8_t [N] (one instantiation per width, so the inner
   // loop has no branch on it)
@@ -809,7 +826,7 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
               freq[j] = c1 - cum[j];
             }
             put_block(x, cum, freq, shift, j_hi, word);
-            push_words(word, j_hi, scratch.get(), stride, emitted.data(), g0);
+            push_words(word, j_hi, scratch, stride, emitted.data(), g0);
             continue;
           }
           // The table model (table_model.symbol_steps): level 1 codes the key's cell relative
@@ -876,8 +893,8 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
           }
           put_block(x, cum2, freq2, shift2, j_hi, word2);  // level 2, then level 1 (decode order reversed)
           put_block(x, cum, freq, shift, j_hi, word);
-          push_words(word2, j_hi, scratch.get(), stride, emitted.data(), g0);
-          push_words(word, j_hi, scratch.get(), stride, emitted.data(), g0);
+          push_words(word2, j_hi, scratch, stride, emitted.data(), g0);
+          push_words(word, j_hi, scratch, stride, emitted.data(), g0);
         }
         for (int64_t l = l0; l < l1; ++l) {  // flush: low word first in decode order
           uint32_t* out = &scratch[(g0 + l - l0) * stride + emitted[g0 + l - l0]];
@@ -902,6 +919,7 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
   for (int64_t g = 0; g < lanes; ++g) {
     const uint32_t* lane = &scratch[g * stride];
     words_p = std::reverse_copy(lane, lane + emitted[g], words_p);
+    release_pages(lane, lane + emitted[g]);  // copied out: the words and the scratch are not both held
   }
   return {words, lane_words};
 }
@@ -1119,11 +1137,12 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
 }
 
 // One decoder stage from float32 (mu, sigma) [P, n]: the keys go straight back to storage
-// patterns in out_bits [P, N] (int16 or uint8, columns first .. first + n) and, when
-// out_values is defined, to float32 values there ([P, N]; value_of_bits [2^B] float32 maps
-// a pattern to its exact value). words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
+// patterns in out_bits, P pages of [N] each (contiguous int16 or uint8, each its own memory,
+// e.g. the caller's pages; columns first .. first + n) and, when out_values is defined, to
+// float32 values there ([P, N]; value_of_bits [2^B] float32 maps a pattern to its exact
+// value). words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
 void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu,
-                   const torch::Tensor& sigma, int64_t num_lanes, int64_t first, torch::Tensor out_bits,
+                   const torch::Tensor& sigma, int64_t num_lanes, int64_t first, const std::vector<torch::Tensor>& out_bits,
                    c10::optional<torch::Tensor> out_values, const torch::Tensor& value_of_bits, const torch::Tensor& phi,
                    const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa, int64_t bits, int64_t man_bits,
                    int64_t bias, bool fn_nan, const c10::optional<torch::Tensor>& cum1,
@@ -1136,29 +1155,40 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   check_f32(sigma, "sigma");
   check_f32(value_of_bits, "value_of_bits");
   check_quantiles(quantiles);
-  const Bits out_pattern(out_bits);
-  const int64_t num_pages = mu.size(0), n = mu.size(1), total = out_bits.size(1);
-  TORCH_CHECK(mu.dim() == 2 && sigma.sizes() == mu.sizes() && out_bits.dim() == 2 && out_bits.size(0) == num_pages &&
-                  first >= 0 && first + n <= total && value_of_bits.numel() == (int64_t(1) << bits),
+  TORCH_CHECK(mu.dim() == 2 && sigma.sizes() == mu.sizes() && int64_t(out_bits.size()) == mu.size(0) &&
+                  !out_bits.empty(), "decode_values: mu, sigma [P, n] and P out_bits pages");
+  const int64_t num_pages = mu.size(0), n = mu.size(1), total = out_bits[0].numel();
+  std::vector<int16_t*> out16(num_pages, nullptr);  // page p's patterns: out16[p] or out8[p]
+  std::vector<uint8_t*> out8(num_pages, nullptr);
+  for (int64_t p = 0; p < num_pages; ++p) {
+    const Bits page(out_bits[p]);
+    TORCH_CHECK(out_bits[p].numel() == total && out_bits[p].dtype() == out_bits[0].dtype(),
+                "decode_values: out_bits pages must all be [N] of one dtype");
+    out16[p] = const_cast<int16_t*>(page.p16);
+    out8[p] = const_cast<uint8_t*>(page.p8);
+  }
+  TORCH_CHECK(first >= 0 && first + n <= total && value_of_bits.numel() == (int64_t(1) << bits),
               "decode_values: shapes do not fit");
   float* values_p = nullptr;
   if (out_values.has_value()) {
     check_f32(*out_values, "out_values");
-    TORCH_CHECK(out_values->sizes() == out_bits.sizes(), "out_values must be shaped like out_bits");
+    TORCH_CHECK(out_values->dim() == 2 && out_values->size(0) == num_pages && out_values->size(1) == total,
+                "out_values must be [P, N]");
     values_p = out_values->data_ptr<float>();
   }
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
   const float* mu_p = mu.data_ptr<float>();
   const float* sigma_p = sigma.data_ptr<float>();
   const float* value_p = value_of_bits.data_ptr<float>();
-  int16_t* out16 = const_cast<int16_t*>(out_pattern.p16);
-  uint8_t* out8 = const_cast<uint8_t*>(out_pattern.p8);
+  int16_t* const* out16_p = out16.data();
+  uint8_t* const* out8_p = out8.data();
+  const bool wide = out16[0] != nullptr;
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
   const auto emit = [=](int64_t page, int64_t col, int64_t k) {
     const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
-    const int64_t j = page * total + first + col;
-    if (out16) out16[j] = int16_t(uint16_t(u)); else out8[j] = uint8_t(u);
-    if (values_p) values_p[j] = value_p[u];
+    const int64_t j = first + col;
+    if (wide) out16_p[page][j] = int16_t(uint16_t(u)); else out8_p[page][j] = uint8_t(u);
+    if (values_p) values_p[page * total + j] = value_p[u];
   };
   const uint32_t* words_p = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   if (cum1.has_value()) {  // the table model

@@ -236,13 +236,7 @@ def page_hash(page: torch.Tensor) -> int:
     return digest & ph.MASK64
 
 
-@functools.cache
-def value_of_bits(dtype: str) -> torch.Tensor:
-    """float32 [2^B]: the exact value of every storage pattern of ``dtype``."""
-    b = em.symbol_bits(dtype)
-    patterns = torch.arange(1 << b, dtype=torch.int64)
-    raw = (patterns - ((patterns >> 15) << 16)).to(torch.int16) if b == 16 else patterns.to(torch.uint8)
-    return raw.view(em.TORCH_DTYPES[dtype]).to(torch.float32)
+value_of_bits = ref.value_of_bits  # the decoder's pattern -> float32 value table
 
 
 def _level1(model: str, dtype: str, w_wide: int, kappa: int) -> torch.Tensor | None:
@@ -348,17 +342,21 @@ class Decoder(ref.Decoder):
 
 
     def decode_values(
-        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
+        self,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        out_bits: torch.Tensor | Sequence[torch.Tensor],
+        out_values: torch.Tensor | None = None,
     ) -> None:
         """rans_reference.Decoder.decode_values in C++ (quantize_params, the search and the
-        storage patterns per symbol; no int64 [N] arrays). Needs int32 (u32) words."""
+        storage patterns per symbol; no int64 [N] arrays). Needs int32 (u32) words. out_bits
+        as the reference takes it: [P, N], or P contiguous pages of [N] (e.g. the caller's)."""
         ext = extension()
         if ext is None or self.words.dtype != torch.int32:
             return super().decode_values(mu, sigma, out_bits, out_values)
         (mu, sigma), n = self._stage((mu, sigma), torch.float32)
-        if out_bits.shape != (self.num_pages, self.num_symbols):
-            raise ValueError(f"out_bits must be [{self.num_pages}, {self.num_symbols}], got {tuple(out_bits.shape)}")
-        _check_cpu(self.words, mu, sigma, out_bits)
+        out_bits = ref.page_rows(out_bits, self.num_pages, self.num_symbols)
+        _check_cpu(self.words, mu, sigma, *out_bits)
         self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
         # the table model's lanes that decoded a cell holding no key (a corrupt stream)
         bad = None if self.cum1 is None else torch.zeros(self.x.shape, dtype=torch.uint8)

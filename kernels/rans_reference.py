@@ -176,6 +176,18 @@ def as_u32(words: torch.Tensor) -> torch.Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
+@functools.cache
+def value_of_bits(dtype: str) -> torch.Tensor:
+    """float32 [2^B]: the value of every storage pattern of ``dtype`` (index: the pattern as
+    an unsigned integer), what every decoder hands predictors. One table, converted once:
+    torch's float16 -> float32 conversion keeps a NaN's payload on some code paths and not on
+    others (by length and strides), so converting stage by stage would not be reproducible."""
+    b = em.symbol_bits(dtype)
+    patterns = torch.arange(1 << b, dtype=torch.int64)
+    raw = (patterns - ((patterns >> 15) << 16)).to(torch.int16) if b == 16 else patterns.to(torch.uint8)
+    return raw.view(em.TORCH_DTYPES[dtype]).to(torch.float32)
+
+
 def storage_from_keys(keys: torch.Tensor, dtype: str) -> torch.Tensor:
     """int64 keys -> the same shape in the storage dtype (bit patterns restored)."""
     bits = em.bits_from_keys(keys, dtype)
@@ -239,6 +251,21 @@ def _nearest_key(v: torch.Tensor, dtype: str) -> torch.Tensor:
     top = torch.finfo(torch_dtype).max
     x = v.nan_to_num(0.0).clamp(-top, top).to(torch.float32).to(torch_dtype)
     return em.keys_from_bits(em.storage_bits(x), dtype)
+
+
+def page_rows(out_bits: torch.Tensor | Sequence[torch.Tensor], num_pages: int, num_symbols: int) -> list[torch.Tensor]:
+    """A decoder's output pages as P tensors of [N] storage patterns (int16 or uint8,
+    contiguous, one dtype): the rows of a [P, N] tensor (views), or the P pages given (e.g.
+    the caller's own, decoded into in place). ValueError if they do not fit."""
+    rows = list(out_bits.unbind(0)) if isinstance(out_bits, torch.Tensor) and out_bits.dim() == 2 else list(out_bits)
+    ok = len(rows) == num_pages and all(
+        t.dim() == 1 and t.numel() == num_symbols and t.is_contiguous() and t.dtype in (torch.int16, torch.uint8)
+        and t.dtype == rows[0].dtype for t in rows
+    )  # fmt: skip
+    if not ok:
+        raise ValueError(f"out_bits must be [{num_pages}, {num_symbols}] or {num_pages} contiguous pages of "
+                         f"{num_symbols} int16/uint8 patterns")
+    return rows
 
 
 class Decoder:
@@ -435,19 +462,27 @@ class Decoder:
         return keys[0] if squeeze else keys
 
     def decode_values(
-        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
+        self,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        out_bits: torch.Tensor | Sequence[torch.Tensor],
+        out_values: torch.Tensor | None = None,
     ) -> None:
         """The value-level stage (what rans_cpu and rans_triton fuse): the next n symbols
         of each page from float32 (mu, sigma) [P, n], written as storage patterns into
-        columns [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else
-        uint8) and, if given, as float32 values into out_values [P, N]."""
+        columns [position, position + n) of out_bits (int16 for 16-bit dtypes, else uint8):
+        [P, N], or P contiguous pages of [N] each (see page_rows); and, if given, as float32
+        values into out_values [P, N]."""
         (mu, sigma), _ = self._stage((mu, sigma), torch.float32)
+        rows = page_rows(out_bits, self.num_pages, self.num_symbols)
         first = self.position
         keys = self.decode(*em.quantize_params(mu, sigma))
-        stage = out_bits[:, first : self.position]
-        stage.copy_(storage_from_keys(keys, self.dtype).view(stage.dtype))
+        patterns = storage_from_keys(keys, self.dtype)  # [P, n]
+        for row, page_patterns in zip(rows, patterns):
+            row[first : self.position].copy_(page_patterns.view(row.dtype))
         if out_values is not None:
-            out_values[:, first : self.position] = stage.view(em.TORCH_DTYPES[self.dtype]).to(torch.float32)
+            table = value_of_bits(self.dtype).to(keys.device)
+            out_values[:, first : self.position] = table[em.bits_from_keys(keys, self.dtype)]
 
     def finish(self) -> torch.Tensor:
         """bool [P]: True for pages whose every lane decoded all N symbols, consumed exactly

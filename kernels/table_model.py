@@ -126,8 +126,9 @@ def level1_start(w_wide: int, kappa: int) -> torch.Tensor:
     and the correction exact). Built from CUM1 in integers (entries <= NCELL < 2^8)."""
     cum1 = level1_table(w_wide, kappa)  # [ROWS, ROW]
     s0 = torch.arange(1 << START_BITS, dtype=torch.int64) << (PT - START_BITS)  # [2^START_BITS]
-    entry = (cum1[:, None, 1 : NCELL + 1] <= s0[None, :, None]).sum(-1)  # E(s0): [ROWS, 2^START_BITS]
-    return entry.to(torch.uint8)
+    # E(s0) = the number of CUM1[row][1 .. NCELL] <= s0 (each row strictly increasing)
+    entry = torch.searchsorted(cum1[:, 1 : NCELL + 1].contiguous(), s0.expand(ROWS, -1).contiguous(), right=True)
+    return entry.to(torch.uint8)  # [ROWS, 2^START_BITS]
 
 
 def dense(mu_q: torch.Tensor, e: torch.Tensor, r: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -19,7 +19,8 @@ field ``coding_batch_bytes``; one page at least). Predictions come as rows
 channel). Decoding materialises them a chunk of rows at a time (``PARAMS_SHARE``); the C++
 encoder reads them, and each page's storage patterns, in place; the Triton and reference
 encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
-patterns of the batch, the coded words, float32 values for predictors
+patterns of the batch (none on the CPU when the caller's contiguous ``out`` pages take them
+in place), the coded words, float32 values for predictors
 with several stages, and on the GPU the encoder's int32 scratch (4 B per symbol). Nothing
 int64 per symbol is allocated, on the CPU or the GPU. Figures: docs/BENCHMARKS.md
 "Codec scratch".
@@ -38,6 +39,7 @@ encode and after decode: a GPU page is never copied to the host to be checked.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections import defaultdict
@@ -53,6 +55,7 @@ from sglang_speckv.kernels import format as fmt
 from sglang_speckv.kernels import table_model as tm
 from sglang_speckv.kernels.page_hash import page_hash
 from sglang_speckv.kernels import rans_cpu
+from sglang_speckv.kernels import rans_reference as ref
 from sglang_speckv.kernels.rans_reference import MAX_LANES, SYMBOLS_PER_LANE, default_lanes  # noqa: F401 (re-exported)
 from sglang_speckv import config
 from sglang_speckv.predictors.base import PageMeta, Predictor
@@ -156,7 +159,7 @@ def _checked_rows(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
 
 # A stage is decoded in chunks whose (mu, sigma) rows take at most this share of the pages'
 # raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16 page, 8x an fp8 one).
-PARAMS_SHARE = 0.25
+PARAMS_SHARE = 0.125
 
 
 def _chunks(preds, n: int, page_bytes: int) -> list[tuple[int, int]]:
@@ -196,6 +199,12 @@ class _Coded:
     page: torch.Tensor  # the page in its storage dtype (any strides; read only for RAW blobs)
 
 
+@functools.lru_cache(maxsize=16)
+def _value_table(dtype: str, device: torch.device) -> torch.Tensor:
+    """rans_reference.value_of_bits on ``device``, once per (dtype, device)."""
+    return ref.value_of_bits(dtype).to(device)
+
+
 def _prepare(page, meta, predictor, w_wide, kappa, lanes, model):
     """Side info, bit patterns ([numel], int16 / uint8) and float32 (mu, sigma) of one page:
     (_Coded, bits, mu, sigma). mu and sigma are predict_rows' rows for a one-stage predictor
@@ -216,8 +225,9 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes, model):
         mu, sigma = _checked_rows(predictor.predict_rows(meta, side, seen, s), b - a, predictor.name)
         mus.append(mu)
         sigmas.append(sigma)
-        if b < meta.numel:
-            seen.view(-1)[a:b] = bits[a:b].view(page.dtype).to(torch.float32)
+        if b < meta.numel:  # the decoders' values: one pattern -> value table (NaN payloads too)
+            table = _value_table(meta.dtype, page.device)
+            seen.view(-1)[a:b] = table[bits[a:b].to(torch.int32) & ((1 << em.symbol_bits(meta.dtype)) - 1)]
     del seen
     if len(mus) > 1:  # per-stage rows, flattened into one [numel]
         mu, sigma = torch.cat([m.reshape(-1) for m in mus]), torch.cat([m.reshape(-1) for m in sigmas])
@@ -325,7 +335,9 @@ def decode_pages(
     metas: what the caller expects of each page (dtype, shape, position must match the
     blob; token_ids are passed on to the predictor); default: the blob's own header.
     out: preallocated pages to write into (same shape, any strides; storage dtype, or uint8
-    for fp8). device: where to decode; default the device of ``out``'s first tensor, else
+    for fp8). On the CPU, contiguous ones are decoded into in place: the page of a blob that
+    fails verification may then hold unspecified bytes (the error says the page is not
+    there; never read it). device: where to decode; default the device of ``out``'s first tensor, else
     CPU. batch_bytes: raw bytes decoded at once (default: config coding_batch_bytes).
     """
     n = len(blobs)
@@ -385,7 +397,8 @@ def _finish_page(page: torch.Tensor, header: fmt.BlobHeader, out, i: int) -> tor
     if out is None or out[i] is None:
         return page
     target = out[i]
-    target.view(page.dtype).copy_(page) if target.dtype == torch.uint8 else target.copy_(page)
+    if target.data_ptr() != page.data_ptr():  # not decoded in place
+        target.view(page.dtype).copy_(page) if target.dtype == torch.uint8 else target.copy_(page)
     return target
 
 
@@ -394,6 +407,21 @@ def _words(members, device: torch.device) -> torch.Tensor:
     coders' decode_values read) on ``device``."""
     words = np.concatenate([np.frombuffer(p.payload, dtype="<u4") for _, p, _ in members])
     return torch.from_numpy(words.astype(np.uint32, copy=False).view(np.int32)).to(device)
+
+
+def _targets(members, out, device: torch.device) -> list[torch.Tensor] | None:
+    """The members' own out pages as [numel] storage patterns, when the C++ coder can decode
+    into them in place (CPU, every page given, contiguous): no [P, numel] scratch and no
+    copy. A page that then fails verification leaves its out page holding unspecified
+    bytes (its error says so; callers never read it). None: decode into scratch."""
+    if device.type != "cpu" or out is None:
+        return None
+    targets = []
+    for i, _, meta in members:
+        if out[i] is None or not out[i].is_contiguous() or out[i].device != device:
+            return None
+        targets.append(out[i].view(_bits_dtype(meta.dtype)).reshape(-1))
+    return targets
 
 
 def _decode_group(members, stages, predictor, device, pages, errors, out) -> None:
@@ -405,7 +433,7 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
     decoder = _coder(device).Decoder(
         _words(members, device), lane_words, numel, dtype, header0.w_wide, header0.kappa, header0.model
     )
-    bits = torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)  # [P, numel]
+    bits = _targets(members, out, device) or torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)
     # The values decoded so far feed later stages' predictions; with one stage there are
     # none, and every page's prediction sees the same all-NaN page (one broadcast scalar).
     single = len(stages) == 2
@@ -422,7 +450,7 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
                 zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(b - a) for v in (0.0, 1.0))
                 preds.append((zero, one))
-        for c0, c1 in _chunks(preds, b - a, numel * bits.element_size()):
+        for c0, c1 in _chunks(preds, b - a, numel * em.symbol_bits(dtype) // 8):
             if len(members) == 1:
                 mu, sigma = (_flat_range(t, c0, c1).to(device).contiguous()[None] for t in preds[0])
             else:  # [P, c1 - c0]
@@ -441,7 +469,7 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
                 raise failed[j]
             if not ok[j]:
                 raise fmt.BadStream("a lane's rANS state did not return to its initial value: corrupt stream")
-            page = bits[j].view(torch_dtype).view(meta.shape)
+            page = bits[j].view(torch_dtype).view(meta.shape)  # out[i] itself when decoded in place
             pages[i] = _finish_page(page, parsed.header, out, i)
         except fmt.BlobError as err:
             errors[i] = err

@@ -210,6 +210,32 @@ def test_out_metas_and_device_arguments():
     assert isinstance(errors[0], fmt.BadHeader)
 
 
+def test_cpu_decode_writes_into_contiguous_out_pages_in_place():
+    """Contiguous out pages take the decoded patterns directly (no [P, N] scratch, no copy);
+    strided ones get a copy; a corrupt blob in the batch is an error for its page alone."""
+    shape = (2, 2, 16, 2, 8)
+    pages = [(torch.randn(shape) * (i + 1)).to(torch.bfloat16) for i in range(4)]
+    metas = [PageMeta("bf16", shape) for _ in pages]
+    blobs = codec.encode_pages(pages, metas, PAGE_STATS, num_lanes=4)
+    assert all(not fmt.parse_blob(b).header.raw for b in blobs)
+    bad = bytearray(blobs[1])
+    bad[-1] ^= 0x10
+    strided = torch.empty((2, 2, 2, 16, 8), dtype=torch.bfloat16).transpose(2, 3)  # not contiguous
+    for out in ([torch.empty(shape, dtype=torch.bfloat16) for _ in pages],
+                [torch.empty(shape, dtype=torch.bfloat16), None, strided, torch.empty(shape, dtype=torch.bfloat16)]):
+        got, errors = codec.decode_pages([blobs[0], bytes(bad), blobs[2], blobs[3]], PAGE_STATS, out=out)
+        assert errors[0] is None and errors[2] is None and errors[3] is None
+        assert isinstance(errors[1], (fmt.BadStream, fmt.RawChecksumMismatch)) and got[1] is None
+        for i in (0, 2, 3):
+            assert same_bits(got[i], pages[i])
+            if out[i] is not None:
+                assert got[i] is out[i] and same_bits(out[i], pages[i])
+    # in place: the result is the caller's own memory
+    out = [torch.empty(shape, dtype=torch.bfloat16) for _ in pages]
+    got, errors = codec.decode_pages(blobs, PAGE_STATS, out=out)
+    assert errors == [None] * 4 and all(g.data_ptr() == o.data_ptr() for g, o in zip(got, out))
+
+
 def test_bad_side_info_is_a_per_page_error():
     shape = (2, 1, 8, 1, 8)
     pages = [torch.randn(shape).to(torch.bfloat16) for _ in range(2)]

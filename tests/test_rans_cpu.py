@@ -107,6 +107,15 @@ def test_value_level_coder_bit_identical(dtype):
         rc.encode_values([bits[0], bits[1][:-1]], mu[:2], sigma[:2], dtype, num_lanes)
     out, ok = decode_values_both(rr.as_u32(words), lane_words, n, dtype, mu, sigma, cuts=(5, 1000, 1001))
     assert bool(ok.all()) and torch.equal(out, bits)
+    # into one tensor per page (the codec's call on the caller's own pages), both coders
+    for cls in (rr.Decoder, rc.Decoder):
+        dec = cls(rr.as_u32(words), lane_words, n, dtype)
+        pages = [torch.zeros(n, dtype=bits.dtype) for _ in range(len(bits))]
+        dec.decode_values(mu[:, :1000].contiguous(), sigma[:, :1000].contiguous(), pages)
+        dec.decode_values(mu[:, 1000:].contiguous(), sigma[:, 1000:].contiguous(), pages)
+        assert bool(dec.finish().all()) and torch.equal(torch.stack(pages), bits)
+        with pytest.raises(ValueError, match="contiguous pages"):
+            cls(rr.as_u32(words), lane_words, n, dtype).decode_values(mu, sigma, pages[:-1])
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8_e4m3"])

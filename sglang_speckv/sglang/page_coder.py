@@ -240,7 +240,8 @@ class PageCoder:
     def decode_into(self, keys: list[str], values: list, targets: list[torch.Tensor]) -> int:
         """Decode ``values`` (stored under ``keys``, in chain order) into ``targets``
         (canonical views of host memory), up to the first that fails any check; returns how
-        many pages were filled. A target is written only after its page verified."""
+        many pages were filled. Only the first ``filled`` targets hold verified pages (a
+        target past them may hold unspecified bytes: see _decode)."""
         g = self.geometry
         blobs, metas, predictors = [], [], []
         for key, value in zip(keys, values):
@@ -277,7 +278,10 @@ class PageCoder:
 
     def _decode(self, predictor: Predictor, blobs: list, metas: list[PageMeta],
                 targets: list[torch.Tensor]) -> list[Exception | None]:
-        """The error (or None) per blob; pages are written into ``targets`` only verified."""
+        """The error (or None) per blob. Verified pages are in ``targets``; on the CPU the
+        codec decodes into contiguous targets in place, so a page that fails verification
+        may leave unspecified bytes in its target: it is reported as not read (a miss), and
+        HiCache never reads the host slots of pages not read (it frees them)."""
         try:
             if self.device.type != "cuda":
                 _, errors = codec.decode_pages(blobs, predictor, metas=metas, out=targets, device=self.device,
