@@ -1,7 +1,7 @@
 """Peak memory of codec.encode_pages / decode_pages above what they are given, for one batch
-of four 2 MiB bf16 pages (page_stats, or a calibrated predictor's rows), on the CPU:
+of bf16 pages (page_stats, or a calibrated predictor), on the CPU:
 
-    python examples/measure_codec_scratch.py encode|decode [--pages 4] [--tokens 16]
+    python examples/measure_codec_scratch.py encode|decode [--pages 4] [--tokens 16] [--predictor page_stats]
 
 Method (Linux): free memory is handed back to the OS (malloc_trim), the kernel's peak RSS
 counter is reset (``echo 5 > /proc/self/clear_refs``), the call runs, and the peak is the
@@ -38,11 +38,33 @@ def reset_peak() -> int:
     return status("VmRSS")
 
 
+# static: one stage, per-channel rows (like page_stats); prev_layer: a stage per (kv, layer)
+# block and per-scalar (mu, sigma), computed from the blocks decoded before it
+CALIBRATED = ("static", "prev_layer")
+
+
+def calibrated(name: str, shape: tuple[int, ...]):
+    """A calibrated predictor for pages of ``shape``, fitted on two random pages of a
+    made-up Llama-like layout: its memory use is a real one, its compression is not."""
+    from sglang_speckv.predictors.linear import LinearGaussianPredictor
+    from sglang_speckv.tools import calibrate as cal
+
+    _, layers, tokens, heads, dim = shape
+    inv_freq = [float(torch.tensor(500000.0 ** (-2 * i / dim), dtype=torch.float32)) for i in range(dim // 2)]
+    layout = {"layers": layers, "kv_heads": heads, "head_dim": dim, "max_positions": 8192, "rotary_dim": dim,
+              "rope_inv_freq": [inv_freq], "layer_rope": [0] * layers}  # fmt: skip
+    seqs = [(torch.randn(2, layers, 64, heads, dim) * 0.5).to(torch.bfloat16) for _ in range(2)]
+    calib = cal.calibrate(seqs, model="random", layout=layout, kv_dtype="bf16", names=(name,), progress=False)
+    return LinearGaussianPredictor(calib, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("encode", "decode"))
     parser.add_argument("--pages", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--predictor", default="page_stats", choices=("page_stats", *CALIBRATED),
+                        help="page_stats, or a predictor calibrated on two random pages (memory, not compression)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the thread pool's per-thread arenas would blur small figures
     # one-time tables (the warm-up page below is stored raw, so it would not build the table model's)
@@ -53,7 +75,7 @@ def main() -> None:
     pages = [(torch.randn(shape) * 0.5).to(torch.bfloat16) for _ in range(args.pages)]
     metas = [PageMeta("bf16", shape) for _ in pages]
     raw = sum(p.numel() * p.element_size() for p in pages)
-    pred = PageStatsPredictor()
+    pred = PageStatsPredictor() if args.predictor == "page_stats" else calibrated(args.predictor, shape)
     small = [pages[0][:, :, :1].contiguous()]  # warm every path once (tables, the extension)
     codec.decode_pages(codec.encode_pages(small, [PageMeta("bf16", tuple(small[0].shape))], pred), pred)
     blobs = codec.encode_pages(pages, metas, pred) if args.what == "decode" else None
@@ -66,7 +88,7 @@ def main() -> None:
         returned = 0  # the pages were given (out)
     peak = status("VmHWM") - before
     scratch = peak - returned
-    print(f"{args.what}: batch of {len(pages)} pages, {raw / 1e6:.1f} MB raw bf16, page_stats: "
+    print(f"{args.what}: batch of {len(pages)} pages, {raw / 1e6:.1f} MB raw bf16, {args.predictor}: "
           f"peak {peak / 1e6:.1f} MB = {peak / raw:.2f}x the batch, of which {returned / 1e6:.1f} MB the returned "
           f"blobs; scratch {scratch / 1e6:.1f} MB = {scratch / raw:.2f}x the batch")
 

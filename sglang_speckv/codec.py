@@ -9,9 +9,9 @@ steps (``model_for``: the table model for 16-bit dtypes, the exact model for fp8
 rANS steps) writes the lane streams from the page's bit patterns; all pages with the
 same size and lane count share one coder call, so one loop step of the coder serves the
 whole batch. A page that coding would not shrink is stored raw (FLAG_RAW). Decoding runs
-the same stages (``Decoder.decode_values`` writes bit patterns and float values straight
-into the batch's pages): the predictor sees the values decoded so far (NaN elsewhere),
-exactly as the encoder showed them to it.
+the same stages (``Decoder.decode_values`` writes bit patterns straight into the batch's
+pages): the predictor sees the page decoded so far, in its storage dtype (NaN elsewhere),
+exactly as the encoder showed it.
 
 Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (config
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
@@ -20,8 +20,8 @@ channel). Decoding materialises them a chunk of rows at a time (``PARAMS_SHARE``
 encoder reads them, and each page's storage patterns, in place; the Triton and reference
 encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
 patterns of the batch (none on the CPU when the caller's contiguous ``out`` pages take them
-in place), the coded words, float32 values for predictors
-with several stages, and on the GPU the encoder's int32 scratch (4 B per symbol). Nothing
+in place; a multi-stage predictor reads its values from them), the coded words, and on the
+GPU the encoder's int32 scratch (4 B per symbol). Nothing
 int64 per symbol is allocated, on the CPU or the GPU. Figures: docs/BENCHMARKS.md
 "Codec scratch".
 
@@ -39,7 +39,6 @@ encode and after decode: a GPU page is never copied to the host to be checked.
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 from collections import defaultdict
@@ -55,7 +54,6 @@ from sglang_speckv.kernels import format as fmt
 from sglang_speckv.kernels import table_model as tm
 from sglang_speckv.kernels.page_hash import page_hash
 from sglang_speckv.kernels import rans_cpu
-from sglang_speckv.kernels import rans_reference as ref
 from sglang_speckv.kernels.rans_reference import MAX_LANES, SYMBOLS_PER_LANE, default_lanes  # noqa: F401 (re-exported)
 from sglang_speckv import config
 from sglang_speckv.predictors.base import PageMeta, Predictor
@@ -116,13 +114,17 @@ def _page_bytes(page: torch.Tensor) -> bytes:
     return page.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
+def _raw_bytes(meta: PageMeta) -> int:
+    return meta.numel * em.symbol_bits(meta.dtype) // 8
+
+
 def batches(metas: Sequence[PageMeta | None], batch_bytes: int) -> list[list[int]]:
     """Indices of ``metas`` cut into consecutive runs of at most ``batch_bytes`` raw bytes
     each (a page larger than that is a run of its own). None metas count as empty."""
     runs: list[list[int]] = [[]]
     size = 0
     for i, meta in enumerate(metas):
-        nbytes = 0 if meta is None else meta.numel * em.symbol_bits(meta.dtype) // 8
+        nbytes = 0 if meta is None else _raw_bytes(meta)
         if runs[-1] and size + nbytes > batch_bytes:
             runs.append([])
             size = 0
@@ -160,6 +162,10 @@ def _checked_rows(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
 # A stage is decoded in chunks whose (mu, sigma) rows take at most this share of the pages'
 # raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16 page, 8x an fp8 one).
 PARAMS_SHARE = 0.125
+# The encoder needs each page's (mu, sigma) whole (a lane's rANS steps run backwards over
+# the page); it codes a batch's pages in runs whose materialised (mu, sigma) pass this share
+# of the batch's raw bytes by at most one page's (per-symbol predictions: 4x a bf16 page).
+PARAMS_SHARE_ENCODE = 1.0
 
 
 def _chunks(preds, n: int, page_bytes: int) -> list[tuple[int, int]]:
@@ -199,10 +205,13 @@ class _Coded:
     page: torch.Tensor  # the page in its storage dtype (any strides; read only for RAW blobs)
 
 
-@functools.lru_cache(maxsize=16)
-def _value_table(dtype: str, device: torch.device) -> torch.Tensor:
-    """rans_reference.value_of_bits on ``device``, once per (dtype, device)."""
-    return ref.value_of_bits(dtype).to(device)
+def _nan_page(meta: PageMeta, device: torch.device, materialise: bool) -> torch.Tensor:
+    """The ``values`` a predictor sees before stage 0: the page's shape in its storage dtype,
+    all NaN (every storage dtype has one; torch.full writes the same pattern on both sides).
+    Stages then fill in the stored patterns, so values are exact and NaN payloads kept.
+    Without ``materialise`` (one stage: nothing is ever filled in) a broadcast scalar."""
+    nan = torch.full((), float("nan"), dtype=em.TORCH_DTYPES[meta.dtype], device=device)
+    return nan.expand(meta.shape).clone() if materialise else nan.expand(meta.shape)
 
 
 def _prepare(page, meta, predictor, w_wide, kappa, lanes, model):
@@ -214,23 +223,22 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes, model):
     bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
     side = predictor.side_info(page, meta)  # the page as stored: no float32 copy of it
     stages = _checked_stages(predictor, meta)
-    # What the decoder will know at stage s: the values of stages < s, NaN elsewhere. One
-    # tensor, filled in as the stages go (no copy of the page per stage); with one stage, a
+    # What the decoder will know at stage s: the values of stages < s, NaN elsewhere, in the
+    # storage dtype (_nan_page). One tensor, filled in as the stages go; with one stage, a
     # broadcast NaN.
-    seen = torch.full((), float("nan"), dtype=torch.float32, device=page.device).expand(meta.shape)
-    if len(stages) > 2:
-        seen = seen.clone()
-    mus, sigmas = [], []
+    single = len(stages) == 2
+    seen = _nan_page(meta, page.device, materialise=not single)
+    if not single:  # the stages' rows, flattened into one [numel] each as they come
+        mu, sigma = (torch.empty(meta.numel, dtype=torch.float32, device=page.device) for _ in range(2))
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        mu, sigma = _checked_rows(predictor.predict_rows(meta, side, seen, s), b - a, predictor.name)
-        mus.append(mu)
-        sigmas.append(sigma)
-        if b < meta.numel:  # the decoders' values: one pattern -> value table (NaN payloads too)
-            table = _value_table(meta.dtype, page.device)
-            seen.view(-1)[a:b] = table[bits[a:b].to(torch.int32) & ((1 << em.symbol_bits(meta.dtype)) - 1)]
+        rows = _checked_rows(predictor.predict_rows(meta, side, seen, s), b - a, predictor.name)
+        if single:
+            mu, sigma = rows
+        else:
+            mu[a:b], sigma[a:b] = rows[0].reshape(-1), rows[1].reshape(-1)
+            seen.view(-1)[a:b] = bits[a:b].view(seen.dtype)  # the patterns themselves
+        del rows
     del seen
-    if len(mus) > 1:  # per-stage rows, flattened into one [numel]
-        mu, sigma = torch.cat([m.reshape(-1) for m in mus]), torch.cat([m.reshape(-1) for m in sigmas])
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
@@ -276,27 +284,33 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
         groups[(meta.numel, lanes, page.device, meta.dtype)].append(i)
     blobs: list[bytes] = [b""] * len(pages)
     retry: list[int] = []
+    params_budget = PARAMS_SHARE_ENCODE * sum(_raw_bytes(meta) for meta in metas)
     for (numel, lanes, device, dtype), members in groups.items():
         m = model or model_for(dtype)
         # per page: its storage patterns ([numel], the page's own memory when contiguous) and
-        # (mu, sigma) as the predictor gave them; the C++ coder reads them all in place
-        coded, bits, mu, sigma = [], [], [], []
-        for i in members:
-            c, bits_i, mu_i, sigma_i = _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, m)
-            coded.append(c)
-            bits.append(bits_i)
-            mu.append(mu_i)
-            sigma.append(sigma_i)
-        words, lane_words = _coder(device).encode_values(bits, mu, sigma, dtype, lanes, w_wide, kappa, m)
-        del bits, mu, sigma
-        lane_words = lane_words.cpu().numpy()  # [P, NL]
-        words = words.cpu().numpy().view("<u4")  # int32 -> the same u32 patterns, no copy
-        ends = np.cumsum(lane_words.sum(axis=1))
-        for j, i in enumerate(members):
-            stream = words[ends[j] - lane_words[j].sum() : ends[j]]
-            blobs[i], raw = _pack(coded[j], lane_words[j], stream)
-            if raw and m == tm.MODEL_TABLE:
-                retry.append(i)
+        # (mu, sigma) as the predictor gave them; the C++ coder reads them all in place.
+        # Pages go to the coder together until their materialised (mu, sigma) pass the
+        # budget (per-symbol predictions: 4x a bf16 page), then the next run starts.
+        run, held = [], 0
+        for n, i in enumerate(members):
+            run.append((i, *_prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, m)))
+            held += sum(t.untyped_storage().nbytes() for t in run[-1][3:])
+            if held < params_budget and n + 1 < len(members):
+                continue
+            index, coded, bits, mu, sigma = zip(*run)
+            run, held = [], 0
+            words, lane_words = _coder(device).encode_values(list(bits), list(mu), list(sigma), dtype, lanes,
+                                                             w_wide, kappa, m)  # fmt: skip
+            del bits, mu, sigma
+            lane_words = lane_words.cpu().numpy()  # [P, NL]
+            words = words.cpu().numpy().view("<u4")  # int32 -> the same u32 patterns, no copy
+            ends = np.cumsum(lane_words.sum(axis=1))
+            for j, c in enumerate(coded):
+                stream = words[ends[j] - lane_words[j].sum() : ends[j]]
+                blobs[index[j]], raw = _pack(c, lane_words[j], stream)
+                if raw and m == tm.MODEL_TABLE:
+                    retry.append(index[j])
+            del words, coded
     # A page the table model could not shrink (mostly escapes: every bit pattern, garbage
     # parameters) gets the exact model's try before it is stored raw.
     if retry:
@@ -434,16 +448,19 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
         _words(members, device), lane_words, numel, dtype, header0.w_wide, header0.kappa, header0.model
     )
     bits = _targets(members, out, device) or torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)
-    # The values decoded so far feed later stages' predictions; with one stage there are
-    # none, and every page's prediction sees the same all-NaN page (one broadcast scalar).
+    # The values decoded so far feed later stages' predictions: the decoded patterns
+    # themselves, as the storage dtype, NaN where not yet decoded (the encoder's _nan_page).
+    # With one stage there are none, and every page's prediction sees one broadcast NaN.
     single = len(stages) == 2
-    nan = torch.full((), float("nan"), dtype=torch.float32, device=device)
-    values = None if single else nan.expand(len(members), numel).clone()  # [P, numel]
+    torch_dtype = em.TORCH_DTYPES[dtype]
+    if not single:
+        for page_bits, (_, _, meta) in zip(bits, members):
+            page_bits.view(torch_dtype).view(shape).copy_(_nan_page(meta, device, False))
     failed: dict[int, fmt.BlobError] = {}
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
         preds = []  # per page (mu, sigma) [rows, ...], possibly broadcast views
         for j, (_, parsed, meta) in enumerate(members):
-            page_values = nan.expand(shape) if single else values[j].view(shape)
+            page_values = _nan_page(meta, device, False) if single else bits[j].view(torch_dtype).view(shape)
             try:
                 preds.append(_checked_rows(predictor.predict_rows(meta, parsed.side, page_values, s), b - a, predictor.name))
             except (ValueError, RuntimeError) as err:  # bad side info: this page only
@@ -457,12 +474,10 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
                 mu, sigma = (torch.empty((len(members), c1 - c0), dtype=torch.float32, device=device) for _ in range(2))
                 for j, (mu_j, sigma_j) in enumerate(preds):
                     mu[j], sigma[j] = _flat_range(mu_j, c0, c1), _flat_range(sigma_j, c0, c1)
-            decoder.decode_values(mu, sigma, bits, None if b == numel else values)
+            decoder.decode_values(mu, sigma, bits)
             del mu, sigma
         del preds
-    del values
     ok = decoder.finish().tolist()
-    torch_dtype = em.TORCH_DTYPES[dtype]
     for j, (i, parsed, meta) in enumerate(members):
         try:
             if j in failed:

@@ -155,13 +155,14 @@ class PreviousLayerPredictor(Predictor):
 
     def predict(self, meta, side, values, stage):
         kv, layers = meta.shape[:2]
+        assert values.dtype == em.TORCH_DTYPES[meta.dtype], "the codec shows the page in its storage dtype"
         flat = values.view(kv * layers, -1)  # [stages, per_layer]
         assert bool(torch.isnan(flat[stage:]).all()), "peeked at values not decoded yet"
         assert not bool(torch.isnan(flat[:stage]).any()), "not shown decoded values"
         sigma = torch.full((flat.shape[1],), 0.5)
         if stage % layers == 0:
             return torch.zeros(flat.shape[1]), sigma
-        return flat[stage - 1].clone(), sigma
+        return flat[stage - 1].to(torch.float32), sigma
 
 
 def test_staged_predictor_sees_decoded_values_only():

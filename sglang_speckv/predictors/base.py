@@ -90,8 +90,12 @@ class Predictor(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma), float32, 1-D, for the symbols of ``stage``.
 
-        ``values``: float32 tensor of the canonical shape holding the page's values as
-        decoded so far (exact conversion of the stored dtype; NaN where not yet decoded).
+        ``values``: a tensor of the canonical shape holding the page's values as decoded
+        so far, NaN where not yet decoded. The codec passes the page in its storage dtype
+        (bfloat16, float16, float8_e4m3fn, float8_e5m2: the decoded patterns themselves, no
+        float32 copy of the batch); tools and tests may pass its exact float32 conversion.
+        A predictor converts what it reads (every stored value is exact in float32 and
+        float64), and must give the same (mu, sigma) for both.
         """
 
     def predict_rows(

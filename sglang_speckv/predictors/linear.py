@@ -173,18 +173,33 @@ class LinearGaussianPredictor(Predictor):
         return [i * n for i in range(2 * self._layers + 1)]
 
     def predict(self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int):
+        mu, sigma = self.predict_rows(meta, side, values, stage)
+        return mu.reshape(-1), sigma.reshape(-1)
+
+    def predict_rows(self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int):
+        """Rows [blocks, tokens, heads * dim], float32: one block per stage with sources, all
+        2L blocks in the one stage of a static predictor. Computed a block at a time (float64,
+        rounded once into the rows); static without RoPE is the same for every token, so its
+        rows are per-channel values broadcast over the tokens (stride 0: nothing per symbol)."""
         self._check(meta, values)
-        t = meta.shape[2]
-        positions = torch.arange(meta.position, meta.position + t, dtype=torch.int64)
+        t, c = meta.shape[2], self._heads * self._dim
         params = self.params(values.device)
-        cos_sin = rope_cos_sin(self.calib.rope, positions, self.calib.layout["layer_rope"], values.device)
         targets = [divmod(stage, self._layers)] if self._has_sources() else [(kv, l) for kv in (K, V) for l in range(self._layers)]
-        mus, sigmas = [], []
-        for kv, layer in targets:
-            mu, sigma = self.predict_block(params, values, kv, layer, cos_sin)
-            mus.append(mu.reshape(-1))
-            sigmas.append(sigma.reshape(-1))
-        return torch.cat(mus).to(torch.float32), torch.cat(sigmas).to(torch.float32)
+        if not self._has_sources() and not self.spec.rope:
+            p = [params[key] for key in targets]
+            mu = torch.stack([b["bias"] * b["unit"] for b in p])  # [blocks, C]: what mean() gives every token
+            sigma = torch.stack([(b["sigma"] * b["sigma_scale"]).reshape(-1) for b in p])
+            shape = (len(targets), t, c)
+            return mu.to(torch.float32)[:, None].expand(shape), sigma.to(torch.float32)[:, None].expand(shape)
+        positions = torch.arange(meta.position, meta.position + t, dtype=torch.int64)
+        cos_sin = rope_cos_sin(self.calib.rope, positions, self.calib.layout["layer_rope"], values.device)
+        mu = torch.empty((len(targets), t, c), dtype=torch.float32, device=values.device)
+        sigma = torch.empty_like(mu)
+        for i, (kv, layer) in enumerate(targets):
+            block_mu, block_sigma = self.predict_block(params, values, kv, layer, cos_sin)  # float64 [T, H, D]
+            mu[i] = block_mu.reshape(t, c)  # rounded to float32 once
+            sigma[i] = block_sigma.reshape(t, c)
+        return mu, sigma
 
     # ---- internals --------------------------------------------------------------------
 
