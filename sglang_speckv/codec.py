@@ -166,6 +166,11 @@ PARAMS_SHARE = 0.125
 # the page); it codes a batch's pages in runs whose materialised (mu, sigma) pass this share
 # of the batch's raw bytes by at most one page's (per-symbol predictions: 4x a bf16 page).
 PARAMS_SHARE_ENCODE = 1.0
+# Bytes per symbol an encoder materialises itself, counted against the same budget: the
+# Triton encoder stacks float32 (mu, sigma) ([P, N] each) and holds an int32 scratch of up to
+# two words per step (table model); the C++ encoder reads everything in place and hands its
+# scratch back as it goes.
+ENCODER_BYTES = {"cuda": 16}
 
 
 def _chunks(preds, n: int, page_bytes: int) -> list[tuple[int, int]]:
@@ -294,7 +299,7 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
         run, held = [], 0
         for n, i in enumerate(members):
             run.append((i, *_prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, m)))
-            held += sum(t.untyped_storage().nbytes() for t in run[-1][3:])
+            held += sum(t.untyped_storage().nbytes() for t in run[-1][3:]) + ENCODER_BYTES.get(device.type, 0) * numel
             if held < params_budget and n + 1 < len(members):
                 continue
             index, coded, bits, mu, sigma = zip(*run)

@@ -237,6 +237,33 @@ def test_cpu_decode_writes_into_contiguous_out_pages_in_place():
     assert errors == [None] * 4 and all(g.data_ptr() == o.data_ptr() for g, o in zip(got, out))
 
 
+def test_encoder_runs_keep_per_symbol_predictions_within_the_batch(monkeypatch):
+    """A predictor with per-symbol (mu, sigma) (4x a bf16 page in float32) has its pages coded
+    a run at a time, so that only about the batch's raw bytes of them exist at once;
+    page_stats' per-channel rows (broadcast views) go to the coder in one call. Same bytes."""
+    shape = (2, 2, 16, 2, 8)
+    pages = [(torch.randn(shape) * (i + 1)).to(torch.bfloat16) for i in range(4)]
+    metas = [PageMeta("bf16", shape) for _ in pages]
+    n = metas[0].numel
+    per_symbol = KnownPredictor(torch.zeros(n), torch.ones(n))
+    calls = []
+    real = codec.rans_cpu.encode_values
+
+    def counting(bits, *args, **kwargs):
+        calls.append(len(bits))
+        return real(bits, *args, **kwargs)
+
+    monkeypatch.setattr(codec.rans_cpu, "encode_values", counting)
+    one_run = codec.encode_pages(pages, metas, per_symbol, batch_bytes=1 << 30)  # budget: 4 pages' raw bytes
+    assert calls == [1, 1, 1, 1]  # each page's (mu, sigma) alone is 4x a page: a run each
+    calls.clear()
+    codec.encode_pages(pages, metas, PAGE_STATS)
+    assert calls == [4]
+    monkeypatch.setattr(codec, "PARAMS_SHARE_ENCODE", 1e9)  # no budget: the same bytes from one call
+    calls.clear()
+    assert codec.encode_pages(pages, metas, per_symbol) == one_run and calls == [4]
+
+
 def test_bad_side_info_is_a_per_page_error():
     shape = (2, 1, 8, 1, 8)
     pages = [torch.randn(shape).to(torch.bfloat16) for _ in range(2)]
