@@ -78,7 +78,7 @@ CALLEE = re.compile(r"CALL\.\S+\s+`?\(?([\w$.]+)\)?")
 def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False, table: bool = False) -> str:
     """SASS of rt's decode kernel for sm_90 (compiled here, no device), COUNT_PROBES off,
     ``lanes`` per program of ``warps`` warps; with ``values``, of its value-level decode
-    kernel instead (what the codec runs: quantize_params fused, float32 values written);
+    kernel instead (what the codec runs: quantize_params fused, storage patterns written);
     with ``table``, of its table-model decode kernel (value-level too)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -89,14 +89,13 @@ def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False, table:
     fn = rt._decode_table_kernel if table else rt._decode_values_kernel if values else rt._decode_kernel
     values = values or table
     consts = dict(zip(("BITS", "MAN_BITS", "BIAS", "FN_NAN"), em.DTYPE_SPECS[dtype]))
-    consts.update(BLOCK_LANES=lanes, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False,
-                  WRITE_VALUES=True)
+    consts.update(BLOCK_LANES=lanes, GALLOP_ROUNDS=getattr(rt, "GALLOP_ROUNDS", 0), COUNT_PROBES=False)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
     if values:
         bits = "*i16" if em.symbol_bits(dtype) == 16 else "*u8"
-        types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", value_of_bits_ptr="*fp32",
-                     out_bits_ptr=bits, out_values_ptr="*fp32", cum1_ptr="*i32", lane_ok_ptr="*u8")
+        types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", out_bits_ptr=bits, cum1_ptr="*i32",
+                     lane_ok_ptr="*u8")
     sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
            for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),

@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the thread pool's per-thread arenas would blur small figures
     # one-time tables (the warm-up page below is stored raw, so it would not build the table model's)
-    rans_cpu.extension(), em.phi_table(), ref._quantile_table(em.W_WIDE, em.KAPPA), rans_cpu.value_of_bits("bf16")
+    rans_cpu.extension(), em.phi_table(), ref._quantile_table(em.W_WIDE, em.KAPPA)
     tm.level1_table(em.W_WIDE, em.KAPPA), tm.level1_start(em.W_WIDE, em.KAPPA)
     torch.manual_seed(0)
     shape = (2, 32, args.tokens, 8, 128)  # [kv, layers, tokens, heads, dim]

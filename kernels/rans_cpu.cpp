@@ -1137,13 +1137,12 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
 }
 
 // One decoder stage from float32 (mu, sigma) [P, n]: the keys go straight back to storage
-// patterns in out_bits, P pages of [N] each (contiguous int16 or uint8, each its own memory,
-// e.g. the caller's pages; columns first .. first + n) and, when out_values is defined, to
-// float32 values there ([P, N]; value_of_bits [2^B] float32 maps a pattern to its exact
-// value). words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
+// patterns in out_bits, P pages of [N] each (contiguous int16 for 16-bit dtypes, uint8 for
+// 8-bit ones, each its own memory, e.g. the caller's pages; columns first .. first + n).
+// words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
 void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu,
                    const torch::Tensor& sigma, int64_t num_lanes, int64_t first, const std::vector<torch::Tensor>& out_bits,
-                   c10::optional<torch::Tensor> out_values, const torch::Tensor& value_of_bits, const torch::Tensor& phi,
+                   const torch::Tensor& phi,
                    const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa, int64_t bits, int64_t man_bits,
                    int64_t bias, bool fn_nan, const c10::optional<torch::Tensor>& cum1,
                    const c10::optional<torch::Tensor>& start1, c10::optional<torch::Tensor> bad) {
@@ -1153,7 +1152,6 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   }
   check_f32(mu, "mu");
   check_f32(sigma, "sigma");
-  check_f32(value_of_bits, "value_of_bits");
   check_quantiles(quantiles);
   TORCH_CHECK(mu.dim() == 2 && sigma.sizes() == mu.sizes() && int64_t(out_bits.size()) == mu.size(0) &&
                   !out_bits.empty(), "decode_values: mu, sigma [P, n] and P out_bits pages");
@@ -1167,28 +1165,19 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
     out16[p] = const_cast<int16_t*>(page.p16);
     out8[p] = const_cast<uint8_t*>(page.p8);
   }
-  TORCH_CHECK(first >= 0 && first + n <= total && value_of_bits.numel() == (int64_t(1) << bits),
-              "decode_values: shapes do not fit");
-  float* values_p = nullptr;
-  if (out_values.has_value()) {
-    check_f32(*out_values, "out_values");
-    TORCH_CHECK(out_values->dim() == 2 && out_values->size(0) == num_pages && out_values->size(1) == total,
-                "out_values must be [P, N]");
-    values_p = out_values->data_ptr<float>();
-  }
+  TORCH_CHECK(first >= 0 && first + n <= total, "decode_values: shapes do not fit");
+  const bool wide = out_bits[0].dtype() == torch::kInt16;  // (an empty page's pointer is null)
+  TORCH_CHECK(wide == (bits == 16), "decode_values: out_bits must be int16 for 16-bit dtypes, uint8 for 8-bit ones");
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
   const float* mu_p = mu.data_ptr<float>();
   const float* sigma_p = sigma.data_ptr<float>();
-  const float* value_p = value_of_bits.data_ptr<float>();
   int16_t* const* out16_p = out16.data();
   uint8_t* const* out8_p = out8.data();
-  const bool wide = out16[0] != nullptr;
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
   const auto emit = [=](int64_t page, int64_t col, int64_t k) {
     const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
     const int64_t j = first + col;
     if (wide) out16_p[page][j] = int16_t(uint16_t(u)); else out8_p[page][j] = uint8_t(u);
-    if (values_p) values_p[page * total + j] = value_p[u];
   };
   const uint32_t* words_p = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   if (cum1.has_value()) {  // the table model
@@ -1259,6 +1248,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cdf", &cdf, "entropy_model.cdf on the CPU");
   m.def("decode", &decode, "one stage of rans_reference.Decoder.decode on the CPU");
   m.def("encode_values", &encode_values, "quantize_params + cdf + encode from float32 (mu, sigma) and storage bits");
-  m.def("decode_values", &decode_values, "one decoder stage from float32 (mu, sigma) into storage bits and values");
+  m.def("decode_values", &decode_values, "one decoder stage from float32 (mu, sigma) into storage bits");
   m.def("page_hash", &page_hash, "kernels/page_hash.py's page hash of a page's bytes (int64 bits of the u64)");
 }

@@ -38,7 +38,6 @@ the reference.
 
 from __future__ import annotations
 
-import functools
 import logging
 import platform
 import threading
@@ -236,9 +235,6 @@ def page_hash(page: torch.Tensor) -> int:
     return digest & ph.MASK64
 
 
-value_of_bits = ref.value_of_bits  # the decoder's pattern -> float32 value table
-
-
 def _level1(model: str, dtype: str, w_wide: int, kappa: int) -> torch.Tensor | None:
     """The C++ coder's model argument: table_model.level1_table for the table model, None
     for the exact model; ValueError for an unknown model or one that cannot code dtype."""
@@ -346,14 +342,13 @@ class Decoder(ref.Decoder):
         mu: torch.Tensor,
         sigma: torch.Tensor,
         out_bits: torch.Tensor | Sequence[torch.Tensor],
-        out_values: torch.Tensor | None = None,
     ) -> None:
         """rans_reference.Decoder.decode_values in C++ (quantize_params, the search and the
         storage patterns per symbol; no int64 [N] arrays). Needs int32 (u32) words. out_bits
         as the reference takes it: [P, N], or P contiguous pages of [N] (e.g. the caller's)."""
         ext = extension()
         if ext is None or self.words.dtype != torch.int32:
-            return super().decode_values(mu, sigma, out_bits, out_values)
+            return super().decode_values(mu, sigma, out_bits)
         (mu, sigma), n = self._stage((mu, sigma), torch.float32)
         out_bits = ref.page_rows(out_bits, self.num_pages, self.num_symbols)
         _check_cpu(self.words, mu, sigma, *out_bits)
@@ -362,7 +357,7 @@ class Decoder(ref.Decoder):
         bad = None if self.cum1 is None else torch.zeros(self.x.shape, dtype=torch.uint8)
         ext.decode_values(
             self.words.contiguous(), self.x, self.ptr, mu.contiguous(), sigma.contiguous(), self.num_lanes,
-            self.position, out_bits, out_values, value_of_bits(self.dtype), em.phi_table(), self.quantiles,
+            self.position, out_bits, em.phi_table(), self.quantiles,
             self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype], self.cum1, self.start1, bad,
         )  # fmt: skip
         if bad is not None:
@@ -432,7 +427,7 @@ def _self_check() -> None:
     # model codes them with the exact model's step). Best of 5 in CPU time of the process,
     # the two models' runs interleaved: steadier than wall time on a shared machine.
     num_lanes, repeats = ref.default_lanes(n), 5
-    tm.level1_table(em.W_WIDE, em.KAPPA), value_of_bits(dtype)  # not timed
+    tm.level1_table(em.W_WIDE, em.KAPPA)  # not timed
     print(f"  value level, {num_lanes} lanes/page (encode_values, Decoder.decode_values), CPU time, best of {repeats}:")
     for label, shrink in (("sigma as above", 1.0), ("sigma / 50", 50.0)):
         page_sigma = sigma / shrink

@@ -176,18 +176,6 @@ def as_u32(words: torch.Tensor) -> torch.Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
-@functools.cache
-def value_of_bits(dtype: str) -> torch.Tensor:
-    """float32 [2^B]: the value of every storage pattern of ``dtype`` (index: the pattern as
-    an unsigned integer), what every decoder hands predictors. One table, converted once:
-    torch's float16 -> float32 conversion keeps a NaN's payload on some code paths and not on
-    others (by length and strides), so converting stage by stage would not be reproducible."""
-    b = em.symbol_bits(dtype)
-    patterns = torch.arange(1 << b, dtype=torch.int64)
-    raw = (patterns - ((patterns >> 15) << 16)).to(torch.int16) if b == 16 else patterns.to(torch.uint8)
-    return raw.view(em.TORCH_DTYPES[dtype]).to(torch.float32)
-
-
 def storage_from_keys(keys: torch.Tensor, dtype: str) -> torch.Tensor:
     """int64 keys -> the same shape in the storage dtype (bit patterns restored)."""
     bits = em.bits_from_keys(keys, dtype)
@@ -466,13 +454,11 @@ class Decoder:
         mu: torch.Tensor,
         sigma: torch.Tensor,
         out_bits: torch.Tensor | Sequence[torch.Tensor],
-        out_values: torch.Tensor | None = None,
     ) -> None:
         """The value-level stage (what rans_cpu and rans_triton fuse): the next n symbols
         of each page from float32 (mu, sigma) [P, n], written as storage patterns into
         columns [position, position + n) of out_bits (int16 for 16-bit dtypes, else uint8):
-        [P, N], or P contiguous pages of [N] each (see page_rows); and, if given, as float32
-        values into out_values [P, N]."""
+        [P, N], or P contiguous pages of [N] each (see page_rows)."""
         (mu, sigma), _ = self._stage((mu, sigma), torch.float32)
         rows = page_rows(out_bits, self.num_pages, self.num_symbols)
         first = self.position
@@ -480,9 +466,6 @@ class Decoder:
         patterns = storage_from_keys(keys, self.dtype)  # [P, n]
         for row, page_patterns in zip(rows, patterns):
             row[first : self.position].copy_(page_patterns.view(row.dtype))
-        if out_values is not None:
-            table = value_of_bits(self.dtype).to(keys.device)
-            out_values[:, first : self.position] = table[em.bits_from_keys(keys, self.dtype)]
 
     def finish(self) -> torch.Tensor:
         """bool [P]: True for pages whose every lane decoded all N symbols, consumed exactly

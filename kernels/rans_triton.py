@@ -18,10 +18,9 @@ nothing int64 per symbol on the device):
   ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
   dtypes: table_model's aligned lattice, a cell and its offset or zero-cell point, two
   steps per symbol; _encode_table_kernel).
-* ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, out_values=None)``: the next
-  n symbols of every page from float32 (mu, sigma) [P, n] into columns
-  [position, position + n) of out_bits [P, N] (storage patterns) and optionally out_values
-  [P, N] (float32); the table model through _decode_table_kernel.
+* ``Decoder(..., model=...).decode_values(mu, sigma, out_bits)``: the next n symbols of
+  every page from float32 (mu, sigma) [P, n] into columns [position, position + n) of
+  out_bits [P, N] (storage patterns); the table model through _decode_table_kernel.
 
 The integer-level interface (tests, examples/estimate_sm90.py):
 
@@ -119,10 +118,9 @@ per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) step
   int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
   peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
   words.
-* ``Decoder.decode_values``: nothing per symbol (the inputs (mu, sigma) and outputs
-  (patterns, values) are the caller's; the 2^B-entry float32 value table once per dtype and
-  device), words 4 B each. The old route held int64 mu_q, e, r and keys and the int64
-  temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
+* ``Decoder.decode_values``: nothing per symbol (the inputs (mu, sigma) and the output
+  patterns are the caller's), words 4 B each. The old route held int64 mu_q, e, r and keys
+  and the int64 temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
   quantize_params), and the codec widened the words to int64 (4 -> 8 B per word, with a
   transient int64 copy).
 
@@ -139,7 +137,6 @@ import triton
 import triton.language as tl
 
 from sglang_speckv.kernels import entropy_model as em
-from sglang_speckv.kernels import rans_cpu as rc
 from sglang_speckv.kernels import rans_reference as ref
 from sglang_speckv.kernels import table_model as tm
 
@@ -1108,16 +1105,14 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, q_ptr, keys_ptr, 
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
                                "w_wide", "kappa"])  # fmt: skip
-def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, value_of_bits_ptr,
-                          out_bits_ptr, out_values_ptr, x_ptr, wptr_ptr,
+def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, out_bits_ptr, x_ptr, wptr_ptr,
                           num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
                           BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
-                          GALLOP_ROUNDS: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_LANES: tl.constexpr):
+                          GALLOP_ROUNDS: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_kernel with quantize_params fused and the keys written back as storage
     patterns (rans_cpu.cpp decode_values): mu, sigma float32 [P, count]; out_bits int16
-    (16-bit dtypes) or uint8 [P, stride_out], columns [first, first + count) written; with
-    WRITE_VALUES, out_values float32 [P, stride_out] too, from value_of_bits float32 [2^B]
-    (each pattern's exact value). words int32 (u32) or int64 [num_words]; x, wptr as there."""
+    (16-bit dtypes) or uint8 [P, stride_out], columns [first, first + count) written.
+    words int32 (u32) or int64 [num_words]; x, wptr as there."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
@@ -1137,9 +1132,6 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, value_of
                                           BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
         pattern = _pattern_of_key(key, BITS)  # [0, 2^B): the cast keeps its B bits
         tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
-        if WRITE_VALUES:
-            value = tl.load(value_of_bits_ptr + pattern, mask=active, other=0.0)
-            tl.store(out_values_ptr + offs_out_page + offs_sym, value, mask=active)
         x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
@@ -1147,11 +1139,11 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, value_of
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
                                "w_wide", "kappa"])  # fmt: skip
-def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr, value_of_bits_ptr,
-                         out_bits_ptr, out_values_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
+def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr,
+                         out_bits_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
                          num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
-                         GALLOP_ROUNDS: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_LANES: tl.constexpr):
+                         GALLOP_ROUNDS: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
     per symbol the cell (a lookup in start, uint8 [ROWS * 2^START_BITS], _level1_start, and
     a correction in the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
@@ -1198,20 +1190,10 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_
             scale = tl.where(exact, _PROB_BITS, scale)
         # [0, 2^B): the cast keeps its B bits
         tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
-        if WRITE_VALUES:
-            value = tl.load(value_of_bits_ptr + pattern, mask=active, other=0.0)
-            tl.store(out_values_ptr + offs_out_page + offs_sym, value, mask=active)
         x, wptr = _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
     tl.store(lane_ok_ptr + offs_lane, tl.zeros([BLOCK_LANES], tl.uint8), mask=lane_mask & bad)
-
-
-@functools.cache
-def _value_table(dtype: str, device: torch.device) -> torch.Tensor:
-    """float32 [2^B] on ``device``: each storage pattern's exact value (rans_cpu.value_of_bits;
-    256 KiB for 16-bit dtypes, 1 KiB for fp8), built once per dtype and device."""
-    return rc.value_of_bits(dtype).to(device)
 
 
 class Decoder(ref.Decoder):
@@ -1261,15 +1243,12 @@ class Decoder(ref.Decoder):
         self.position += n
         return keys[0] if squeeze else keys
 
-    def decode_values(
-        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, out_values: torch.Tensor | None = None
-    ) -> None:
+    def decode_values(self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor) -> None:
         """rans_reference.Decoder.decode_values in one kernel (quantize_params, the search, the
         storage patterns per symbol; rans_cpu's on the CPU): the next n symbols of each page
         from float32 (mu, sigma) [P, n] (or [n]), written as storage patterns into columns
         [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8;
-        contiguous) and, if given, as float32 values into out_values [P, N]. It allocates
-        nothing per symbol on the device (the 2^B-entry value table once per dtype)."""
+        contiguous). It allocates nothing per symbol on the device."""
         (mu, sigma), n = self._stage((mu, sigma), torch.float32)
         b, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
         want = torch.int16 if b == 16 else torch.uint8
@@ -1277,10 +1256,7 @@ class Decoder(ref.Decoder):
         if out_bits.shape != shape or out_bits.dtype != want or not out_bits.is_contiguous():
             raise ValueError(f"out_bits must be a contiguous {want} tensor of shape {shape}, "
                              f"got {out_bits.dtype} {tuple(out_bits.shape)}")
-        if out_values is not None and (out_values.shape != shape or out_values.dtype != torch.float32
-                                       or not out_values.is_contiguous()):
-            raise ValueError(f"out_values must be a contiguous float32 tensor of shape {shape}")
-        _check_device(self.words, mu, sigma, out_bits, *([] if out_values is None else [out_values]))
+        _check_device(self.words, mu, sigma, out_bits)
         mu, sigma = mu.contiguous(), sigma.contiguous()
         lanes = self.num_pages * self.num_lanes
         if n:
@@ -1288,22 +1264,21 @@ class Decoder(ref.Decoder):
             self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
             grid = (triton.cdiv(lanes, DECODE_LANES),)
             spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, GALLOP_ROUNDS=GALLOP_ROUNDS,
-                        WRITE_VALUES=out_values is not None, BLOCK_LANES=DECODE_LANES, num_warps=DECODE_WARPS)
+                        BLOCK_LANES=DECODE_LANES, num_warps=DECODE_WARPS)
             sizes = (lanes, self.num_lanes, self.words.numel(), self.position, n, self.num_symbols, self.w_wide,
                      self.kappa)
-            values = _value_table(self.dtype, mu.device)
             if self.model == tm.MODEL_TABLE:
                 self.lane_ok = self.lane_ok.contiguous()  # cleared in place (as uint8) for impossible points
                 _decode_table_kernel[grid](
                     self.words, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
                     _level1_start(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
-                    self.quantiles_f32, values, out_bits, out_values, self.x, self.ptr,
+                    self.quantiles_f32, out_bits, self.x, self.ptr,
                     self.lane_ok.view(torch.uint8), *sizes, **spec,
                 )
             else:
                 _decode_values_kernel[grid](
-                    self.words, mu, sigma, em.phi_table(mu.device), self.quantiles_f32, values,
-                    out_bits, out_values, self.x, self.ptr, *sizes, **spec,
+                    self.words, mu, sigma, em.phi_table(mu.device), self.quantiles_f32, out_bits, self.x,
+                    self.ptr, *sizes, **spec,
                 )
         self.position += n
 
@@ -1313,8 +1288,8 @@ class Decoder(ref.Decoder):
 
 def _self_check() -> None:
     """Random pages through the value-level path (what the codec runs), both entropy models
-    for bf16: Triton bytes == reference bytes, staged decode_values == the pages' patterns
-    and values, timings."""
+    for bf16: Triton bytes == reference bytes, staged decode_values == the pages' patterns,
+    timings."""
     import time
 
     if torch.cuda.is_available():
@@ -1332,7 +1307,6 @@ def _self_check() -> None:
         sigma = (torch.rand(num_pages, n, device=device) + 0.1) * scale
         values = (mu + sigma * torch.randn(num_pages, n, device=device)).to(em.TORCH_DTYPES[dtype])
         bits = values.view(torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)  # [P, N]
-        _value_table(dtype, torch.device(device))  # built once, outside the timings
         raw_mb = values.numel() * values.element_size() / 1e6
 
         def timed(fn):
@@ -1348,20 +1322,19 @@ def _self_check() -> None:
 
         def decode(decoder_cls, words, lane_words):
             dec = decoder_cls(words, lane_words, n, dtype, model=model)
-            out_bits, out_values = torch.empty_like(bits), torch.empty(bits.shape, device=device)
+            out_bits = torch.empty_like(bits)
             cut = n // 3  # two stages, cut mid-step
-            dec.decode_values(mu[:, :cut], sigma[:, :cut], out_bits, out_values)
-            dec.decode_values(mu[:, cut:], sigma[:, cut:], out_bits, out_values)
-            return out_bits, out_values, dec.finish()
+            dec.decode_values(mu[:, :cut], sigma[:, :cut], out_bits)
+            dec.decode_values(mu[:, cut:], sigma[:, cut:], out_bits)
+            return out_bits, dec.finish()
 
         (words_ref, lanes_ref), t_enc_ref = timed(lambda: ref.encode_values(bits, mu, sigma, dtype, num_lanes,
                                                                             model=model))
         (words, lane_words), t_enc = timed(lambda: encode_values(bits, mu, sigma, dtype, num_lanes, model=model))
-        (got, got_values, ok), t_dec = timed(lambda: decode(Decoder, words, lane_words))
-        (got_ref, _, ok_ref), t_dec_ref = timed(lambda: decode(ref.Decoder, words, lane_words))
+        (got, ok), t_dec = timed(lambda: decode(Decoder, words, lane_words))
+        (got_ref, ok_ref), t_dec_ref = timed(lambda: decode(ref.Decoder, words, lane_words))
         same = torch.equal(words, words_ref) and torch.equal(lane_words, lanes_ref)
-        round_trip = (torch.equal(got, bits) and torch.equal(got_ref, bits) and bool(ok.all()) and bool(ok_ref.all())
-                      and torch.equal(got_values, values.to(torch.float32)))
+        round_trip = torch.equal(got, bits) and torch.equal(got_ref, bits) and bool(ok.all()) and bool(ok_ref.all())
         print(
             f"{dtype}, {model} model, on {where}: {num_pages} pages x {n} symbols, {num_lanes} lanes: "
             f"{words.numel() * 32 / bits.numel():.4f} bits/symbol; bytes == reference: {same}; "

@@ -70,26 +70,25 @@ def storage_bits_of(keys, dtype):
 
 
 def decode_values_both(words32, lane_words, n, dtype, mu, sigma, cuts=(), **coding):
-    """decode_values with both coders in the same stages: same patterns, values, states and
-    verdict. coding: w_wide, kappa, model. Returns (bits, ok)."""
+    """decode_values with both coders in the same stages: same patterns, states and verdict.
+    coding: w_wide, kappa, model. Returns (bits, ok)."""
     bounds = [0, *cuts, n]
     outs = []
     for cls in (rr.Decoder, rc.Decoder):
         dec = cls(words32, lane_words, n, dtype, **coding)
         bits = torch.zeros((mu.shape[0], n), dtype=torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8)
-        values = torch.zeros(mu.shape)
         for a, b in zip(bounds, bounds[1:]):
-            dec.decode_values(mu[:, a:b].contiguous(), sigma[:, a:b].contiguous(), bits, values)
-        outs.append((bits, values.view(torch.int32), dec.x.clone(), dec.ptr.clone(), dec.lane_ok.clone(), dec.finish()))
+            dec.decode_values(mu[:, a:b].contiguous(), sigma[:, a:b].contiguous(), bits)
+        outs.append((bits, dec.x.clone(), dec.ptr.clone(), dec.lane_ok.clone(), dec.finish()))
     for got_ref, got in zip(*outs):
         assert torch.equal(got, got_ref)
-    return outs[1][0], outs[1][5]
+    return outs[1][0], outs[1][4]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_value_level_coder_bit_identical(dtype):
     """encode_values (quantize_params, C and the rANS step fused in C++) writes the bytes of
-    the reference's integer path; decode_values returns every pattern and its exact value."""
+    the reference's integer path; decode_values returns every pattern."""
     n, num_lanes = 3001, 17
     keys, mu, sigma = adversarial_inputs(dtype, 3, n, seed=11)
     bits = storage_bits_of(keys, dtype)
@@ -116,6 +115,9 @@ def test_value_level_coder_bit_identical(dtype):
         assert bool(dec.finish().all()) and torch.equal(torch.stack(pages), bits)
         with pytest.raises(ValueError, match="contiguous pages"):
             cls(rr.as_u32(words), lane_words, n, dtype).decode_values(mu, sigma, pages[:-1])
+    wrong_width = [torch.zeros(n, dtype=torch.uint8 if bits.dtype == torch.int16 else torch.int16) for _ in bits]
+    with pytest.raises(RuntimeError, match="out_bits must be int16 for 16-bit dtypes"):
+        rc.Decoder(rr.as_u32(words), lane_words, n, dtype).decode_values(mu, sigma, wrong_width)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8_e4m3"])

@@ -328,13 +328,12 @@ def make_value_pages(dtype: str, num_pages: int, n: int, seed: int):
 
 
 def decode_values_staged(decoder, mu, sigma, cuts, like):
-    """Decode with stage boundaries ``cuts`` into fresh (bits, values) shaped like ``like``."""
+    """Decode with stage boundaries ``cuts`` into fresh patterns shaped like ``like``."""
     out_bits = torch.zeros_like(like)
-    out_values = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
     bounds = [0, *cuts, mu.shape[-1]]
     for a, b in zip(bounds[:-1], bounds[1:]):
-        decoder.decode_values(mu[:, a:b], sigma[:, a:b], out_bits, out_values)
-    return out_bits, out_values
+        decoder.decode_values(mu[:, a:b], sigma[:, a:b], out_bits)
+    return out_bits
 
 
 @triton.jit
@@ -375,7 +374,7 @@ def test_value_level_matches_cpp_and_reference(dtype):
     """encode_values and Decoder.decode_values (the codec's entry points), Triton vs C++ vs
     torch reference on hostile pages: identical words (int32 holding u32) and lane tables;
     staged decode (cuts mid-step, an empty stage) of the Triton words by all three gives the
-    patterns and the exact float32 values back, with clean verdicts."""
+    patterns back, with clean verdicts."""
     num_pages, n, num_lanes = 2, 200, 16  # 12.5 steps per lane: a ragged last step
     bits, mu, sigma = make_value_pages(dtype, num_pages, n, seed=4)
     words, lane_words = rt.encode_values(bits.to(DEVICE), mu.to(DEVICE), sigma.to(DEVICE), dtype, num_lanes)
@@ -385,17 +384,16 @@ def test_value_level_matches_cpp_and_reference(dtype):
     assert torch.equal(words.cpu(), words_ref) and torch.equal(lane_words.cpu(), lanes_ref)
     assert torch.equal(words_cpp, words_ref) and torch.equal(lanes_cpp, lanes_ref)
 
-    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)  # NaN payloads kept
     cuts = [37, 37, 120]
     dec = rt.Decoder(words, lane_words, n, dtype)
-    got_bits, got_values = decode_values_staged(dec, mu.to(DEVICE), sigma.to(DEVICE), cuts, bits.to(DEVICE))
+    got_bits = decode_values_staged(dec, mu.to(DEVICE), sigma.to(DEVICE), cuts, bits.to(DEVICE))
     assert dec.finish().tolist() == [True, True]
-    assert torch.equal(got_bits.cpu(), bits) and torch.equal(got_values.cpu().view(torch.int32), values)
+    assert torch.equal(got_bits.cpu(), bits)
     for coder in (rc, ref):
         dec = coder.Decoder(words.cpu(), lane_words.cpu(), n, dtype)
-        got_bits, got_values = decode_values_staged(dec, mu, sigma, cuts, bits)
+        got_bits = decode_values_staged(dec, mu, sigma, cuts, bits)
         assert dec.finish().tolist() == [True, True]
-        assert torch.equal(got_bits, bits) and torch.equal(got_values.view(torch.int32), values), coder.__name__
+        assert torch.equal(got_bits, bits), coder.__name__
 
 
 def test_value_level_corrupt_streams_decode_like_cpp_and_reference():
@@ -409,7 +407,7 @@ def test_value_level_corrupt_streams_decode_like_cpp_and_reference():
         results = []
         for coder, device in ((rt, DEVICE), (rc, "cpu"), (ref, "cpu")):
             dec = coder.Decoder(bad_words.to(device), bad_lanes.to(device), n, dtype)
-            got_bits, _ = decode_values_staged(dec, mu.to(device), sigma.to(device), [40], bits.to(device))
+            got_bits = decode_values_staged(dec, mu.to(device), sigma.to(device), [40], bits.to(device))
             results.append((got_bits.cpu(), dec.finish().cpu()))
         for got_bits, verdict in results[1:]:
             assert torch.equal(got_bits, results[0][0]) and torch.equal(verdict, results[0][1]), name
@@ -531,8 +529,8 @@ def test_table_model_matches_reference(dtype):
     """encode_values(model="table") writes the reference's words and lane table on pages
     that take every path of the model (cells off zero and their offset bits, zero-cell
     points, ESC with the exact model's step, symbols that are not dense, dense and not dense
-    lanes in one program); the staged decode_values gives the patterns and exact float32
-    values back with clean verdicts."""
+    lanes in one program); the staged decode_values gives the patterns back with clean
+    verdicts."""
     n, num_lanes = 120, 8  # 15 symbols per lane, 30 rANS steps
     bits, mu, sigma = make_table_pages(dtype, n, seed=8)
     keys = em.keys_from_bits(em.storage_bits(bits), dtype)
@@ -547,11 +545,10 @@ def test_table_model_matches_reference(dtype):
     assert words.dtype == torch.int32 and torch.equal(words.cpu(), words_ref)
     assert torch.equal(lane_words.cpu(), lanes_ref)
 
-    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)  # NaN payloads kept
     dec = rt.Decoder(words, lane_words, n, dtype, model="table")
-    got_bits, got_values = decode_values_staged(dec, mu.to(DEVICE), sigma.to(DEVICE), [37, 37, 38], bits.to(DEVICE))
+    got_bits = decode_values_staged(dec, mu.to(DEVICE), sigma.to(DEVICE), [37, 37, 38], bits.to(DEVICE))
     assert dec.finish().tolist() == [True, True, True]
-    assert torch.equal(got_bits.cpu(), bits) and torch.equal(got_values.cpu().view(torch.int32), values)
+    assert torch.equal(got_bits.cpu(), bits)
 
 
 def test_table_model_corrupt_streams_decode_like_reference():
@@ -565,7 +562,7 @@ def test_table_model_corrupt_streams_decode_like_reference():
         results = []
         for coder, device in ((rt, DEVICE), (ref, "cpu")):
             dec = coder.Decoder(bad_words.to(device), bad_lanes.to(device), n, dtype, model="table")
-            got_bits, _ = decode_values_staged(dec, mu.to(device), sigma.to(device), [20], bits.to(device))
+            got_bits = decode_values_staged(dec, mu.to(device), sigma.to(device), [20], bits.to(device))
             results.append((got_bits.cpu(), dec.finish().cpu(), dec.lane_ok.cpu()))
         (got_bits, verdict, lane_ok), (want_bits, want_verdict, want_lane_ok) = results
         assert torch.equal(got_bits, want_bits) and torch.equal(verdict, want_verdict), name
@@ -588,7 +585,7 @@ def test_table_model_impossible_cell_fails_the_page():
     results = []
     for coder, device in ((rt, DEVICE), (ref, "cpu")):
         dec = coder.Decoder(words.to(device), lane_words.to(device), n, dtype, model="table")
-        got_bits, _ = decode_values_staged(dec, mu.to(device), sigma.to(device), [10], bits.to(device))
+        got_bits = decode_values_staged(dec, mu.to(device), sigma.to(device), [10], bits.to(device))
         results.append((got_bits.cpu(), dec.finish().cpu(), dec.lane_ok.cpu()))
     (got_bits, verdict, lane_ok), (want_bits, want_verdict, want_lane_ok) = results
     assert torch.equal(got_bits, want_bits) and torch.equal(lane_ok, want_lane_ok)
@@ -644,8 +641,6 @@ def test_value_level_launchers_reject_bad_arguments():
     dec = rt.Decoder(words, lane_words, 16, "bf16")
     with pytest.raises(ValueError, match="out_bits must be"):
         dec.decode_values(mu, sigma, bits.to(torch.uint8))
-    with pytest.raises(ValueError, match="out_values must be"):
-        dec.decode_values(mu, sigma, bits.clone(), torch.zeros(1, 8, device=DEVICE))
     with pytest.raises(ValueError, match="float32"):
         dec.decode_values(mu.double(), sigma.double(), bits.clone())
 
@@ -657,7 +652,7 @@ def test_value_level_launchers_reject_bad_arguments():
 # unsupported ops, register spills would surface only on a GPU machine otherwise. Runs in a
 # subprocess because this process has TRITON_INTERPRET=1. Pointer arguments (``*_ptr``) are
 # int64 tensors (the decoder's quantiles float32, its probe counts int32; the value-level
-# kernels' storage patterns int16 / uint8, mu, sigma and values float32, words int32),
+# kernels' storage patterns int16 / uint8, mu and sigma float32, words int32),
 # UPPER_CASE ones constexprs, the rest int32 scalars.
 _COMPILE_SCRIPT = """
 import os, subprocess, tempfile, triton
@@ -669,20 +664,19 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
     decode = {"BLOCK_LANES": rt.DECODE_LANES, "GALLOP_ROUNDS": rt.GALLOP_ROUNDS, "COUNT_PROBES": False}
     kernels = [(rt._cdf_kernel, {"BLOCK": rt.BLOCK_ELEMS}), (rt._decode_kernel, decode),
                (rt._encode_values_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}),
-               (rt._decode_values_kernel, {**decode, "WRITE_VALUES": True})]
+               (rt._decode_values_kernel, decode)]
     if dtype == "bf16":  # the encoder does not depend on the dtype; the probe counts (tests) neither
         kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS}),
                     (rt._decode_kernel, {**decode, "COUNT_PROBES": True}),
                     (rt._encode_table_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}),  # the table model: 16-bit only
-                    (rt._decode_table_kernel, {**decode, "WRITE_VALUES": True})]
+                    (rt._decode_table_kernel, decode)]
     for fn, block in kernels:
         consts = {k: v for k, v in {**spec, **block}.items() if k in fn.arg_names}
         values = fn in (rt._encode_values_kernel, rt._decode_values_kernel, rt._encode_table_kernel,
                         rt._decode_table_kernel)
         bits = "*i16" if spec["BITS"] == 16 else "*u8"
         types = {"q_ptr": "*fp32", "probes_ptr": "*i32", "bits_ptr": bits, "out_bits_ptr": bits,
-                 "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "value_of_bits_ptr": "*fp32", "out_values_ptr": "*fp32",
-                 "cum1_ptr": "*i32", "lane_ok_ptr": "*u8",
+                 "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "cum1_ptr": "*i32", "lane_ok_ptr": "*u8",
                  **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
@@ -714,16 +708,14 @@ def test_kernels_compile_for_sm90_without_spills():
 def test_gpu_value_level_large_pages(dtype):
     """The codec's entry points compiled on CUDA, 4 pages of 2^16 symbols, 256 lanes: words
     equal to the C++ coder's on the CPU (cross-device determinism), staged decode_values
-    gives the patterns and values back."""
+    gives the patterns back."""
     bits, mu, sigma = make_value_pages(dtype, 4, 1 << 16, seed=6)
     words, lane_words = rt.encode_values(bits.cuda(), mu.cuda(), sigma.cuda(), dtype, 256)
     words_cpp, lanes_cpp = rc.encode_values(bits, mu, sigma, dtype, 256)
     assert torch.equal(words.cpu(), words_cpp) and torch.equal(lane_words.cpu(), lanes_cpp)
     dec = rt.Decoder(words, lane_words, bits.shape[1], dtype)
-    got_bits, got_values = decode_values_staged(dec, mu.cuda(), sigma.cuda(), [1000, 40000], bits.cuda())
-    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)
+    got_bits = decode_values_staged(dec, mu.cuda(), sigma.cuda(), [1000, 40000], bits.cuda())
     assert dec.finish().all() and torch.equal(got_bits.cpu(), bits)
-    assert torch.equal(got_values.cpu().view(torch.int32), values)
 
 
 @pytest.mark.gpu
@@ -732,16 +724,14 @@ def test_gpu_value_level_large_pages(dtype):
 def test_gpu_table_model_large_pages(dtype):
     """The table model compiled on CUDA, 4 pages of 2^16 symbols, 256 lanes: words equal to
     the torch reference's on the CPU (cross-device determinism), staged decode_values gives
-    the patterns and values back."""
+    the patterns back."""
     bits, mu, sigma = make_value_pages(dtype, 4, 1 << 16, seed=7)
     words, lane_words = rt.encode_values(bits.cuda(), mu.cuda(), sigma.cuda(), dtype, 256, model="table")
     words_ref, lanes_ref = ref.encode_values(bits, mu, sigma, dtype, 256, model="table")
     assert torch.equal(words.cpu(), words_ref) and torch.equal(lane_words.cpu(), lanes_ref)
     dec = rt.Decoder(words, lane_words, bits.shape[1], dtype, model="table")
-    got_bits, got_values = decode_values_staged(dec, mu.cuda(), sigma.cuda(), [1000, 40000], bits.cuda())
-    values = bits.view(em.TORCH_DTYPES[dtype]).to(torch.float32).view(torch.int32)
+    got_bits = decode_values_staged(dec, mu.cuda(), sigma.cuda(), [1000, 40000], bits.cuda())
     assert dec.finish().all() and torch.equal(got_bits.cpu(), bits)
-    assert torch.equal(got_values.cpu().view(torch.int32), values)
 
 
 @pytest.mark.gpu
