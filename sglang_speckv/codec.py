@@ -300,22 +300,9 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
         for n, i in enumerate(members):
             run.append((i, *_prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, m)))
             held += sum(t.untyped_storage().nbytes() for t in run[-1][3:]) + ENCODER_BYTES.get(device.type, 0) * numel
-            if held < params_budget and n + 1 < len(members):
-                continue
-            index, coded, bits, mu, sigma = zip(*run)
-            run, held = [], 0
-            words, lane_words = _coder(device).encode_values(list(bits), list(mu), list(sigma), dtype, lanes,
-                                                             w_wide, kappa, m)  # fmt: skip
-            del bits, mu, sigma
-            lane_words = lane_words.cpu().numpy()  # [P, NL]
-            words = words.cpu().numpy().view("<u4")  # int32 -> the same u32 patterns, no copy
-            ends = np.cumsum(lane_words.sum(axis=1))
-            for j, c in enumerate(coded):
-                stream = words[ends[j] - lane_words[j].sum() : ends[j]]
-                blobs[index[j]], raw = _pack(c, lane_words[j], stream)
-                if raw and m == tm.MODEL_TABLE:
-                    retry.append(index[j])
-            del words, coded
+            if held >= params_budget or n + 1 == len(members):
+                retry += _code_run(run, device, dtype, lanes, w_wide, kappa, m, blobs)
+                held = 0
     # A page the table model could not shrink (mostly escapes: every bit pattern, garbage
     # parameters) gets the exact model's try before it is stored raw.
     if retry:
@@ -324,6 +311,27 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
         for i, blob in zip(retry, again):
             blobs[i] = blob
     return blobs
+
+
+def _code_run(run: list, device, dtype, lanes, w_wide, kappa, model, blobs: list[bytes]) -> list[int]:
+    """One coder call for ``run`` ((index, _Coded, bits, mu, sigma) per page; emptied, so that
+    the predictions are freed as soon as the coder is done): blobs[index] for each page.
+    Returns the indices whose page the table model left raw (worth the exact model's try)."""
+    index, coded, bits, mu, sigma = zip(*run)
+    run.clear()
+    words, lane_words = _coder(device).encode_values(list(bits), list(mu), list(sigma), dtype, lanes, w_wide, kappa,
+                                                     model)  # fmt: skip
+    del bits, mu, sigma
+    lane_words = lane_words.cpu().numpy()  # [P, NL]
+    words = words.cpu().numpy().view("<u4")  # int32 -> the same u32 patterns, no copy
+    ends = np.cumsum(lane_words.sum(axis=1))
+    retry = []
+    for j, c in enumerate(coded):
+        stream = words[ends[j] - lane_words[j].sum() : ends[j]]
+        blobs[index[j]], raw = _pack(c, lane_words[j], stream)
+        if raw and model == tm.MODEL_TABLE:
+            retry.append(index[j])
+    return retry
 
 
 def _pack(c: _Coded, lane_words: np.ndarray, stream: np.ndarray) -> tuple[bytes, bool]:
