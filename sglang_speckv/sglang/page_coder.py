@@ -39,6 +39,8 @@ from sglang_speckv.sglang.geometry import PageGeometry
 
 logger = logging.getLogger(__name__)
 
+WARM_UP_TOKENS = 64  # the start-up warm-up page has at least this many tokens (_warm_up)
+
 
 class PageCoder:
     """Pages of one geometry <-> stored values (codec.pack_value: token ids + blob)."""
@@ -88,11 +90,21 @@ class PageCoder:
         kernels: page_stats stands in for all. A failure is logged; pages then fail as they
         would have anyway (per page, never into SGLang)."""
         t0 = time.perf_counter()
-        page = torch.zeros(self.geometry.shape, dtype=em.TORCH_DTYPES[self.geometry.dtype], device=self.device)
-        meta = PageMeta(self.geometry.dtype, tuple(self.geometry.shape), 0)
+        # KV-like values (a page of zeros is stored raw in bf16: it would warm nothing up),
+        # and at least 64 tokens so that page_stats' side info is worth coding; the kernels
+        # do not depend on the token count.
+        shape = list(self.geometry.shape)
+        shape[2] = max(shape[2], WARM_UP_TOKENS)
+        values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        page = values.to(em.TORCH_DTYPES[self.geometry.dtype]).to(self.device)
+        meta = PageMeta(self.geometry.dtype, tuple(shape), 0)
         predictor = self.predictors[PAGE_STATS]
         try:
-            _, errors = codec.decode_pages(codec.encode_pages([page], [meta], predictor), predictor, device=self.device)
+            (blob,) = codec.encode_pages([page], [meta], predictor)
+            header = parse_blob(blob).header
+            if header.raw or header.model != codec.model_for(meta.dtype):
+                raise RuntimeError(f"the warm-up page was not coded by the {codec.model_for(meta.dtype)} model")
+            _, errors = codec.decode_pages([blob], predictor, device=self.device)
             if errors[0] is not None:
                 raise errors[0]
         except Exception as e:  # noqa: BLE001 - start-up goes on; coding failures are per page
