@@ -503,6 +503,33 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
             errors[i] = err
 
 
+# ---- Start-up ---------------------------------------------------------------------------
+
+WARM_UP_TOKENS = 64  # the warm-up page has at least this many tokens
+
+
+def warm_up(dtype: str, shape: Sequence[int], device: torch.device | str, predictor: Predictor) -> None:
+    """Code and decode one page of Gaussian values of ``dtype`` and the canonical ``shape``
+    (at least WARM_UP_TOKENS tokens, so that side info is worth coding) on ``device``, so
+    that the coder is compiled or loaded now (Triton kernels on CUDA: tens of seconds the
+    first time; the C++ coder on the CPU), not by the first write or restore. The kernels
+    do not depend on the token count. RuntimeError if the page was not coded by
+    ``model_for(dtype)`` (a page of zeros is stored raw in bf16: it would warm nothing up)
+    or did not decode."""
+    shape = list(shape)
+    shape[2] = max(shape[2], WARM_UP_TOKENS)
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    page = values.to(em.TORCH_DTYPES[dtype]).to(device)
+    meta = PageMeta(dtype, tuple(shape), 0)
+    (blob,) = encode_pages([page], [meta], predictor)
+    header = fmt.parse_blob(blob).header
+    if header.raw or header.model != model_for(dtype):
+        raise RuntimeError(f"the warm-up page was not coded by the {model_for(dtype)} model")
+    _, (error,) = decode_pages([blob], predictor, device=device)
+    if error is not None:
+        raise error
+
+
 # ---- The stored value: token ids + blob (docs/FORMAT.md "Stored value") -------------------
 
 VALUE_MAGIC = b"SKVT"

@@ -38,6 +38,7 @@ def test_bench_restore_smallest_shape(kv_dtype):
     ).stdout
     assert f"KV stored as {kv_dtype}" in out
     assert "| restore, page_stats |" in out and "| restore, static |" in out and "| raw copy" in out
+    assert "| start-up warm-up" in out and "| first restore after start-up, page_stats |" in out
 
 
 def test_gpu_session_script_parses_and_explains_itself():

@@ -31,15 +31,12 @@ import torch
 
 from sglang_speckv import codec
 from sglang_speckv.config import LIVE, ConfigError
-from sglang_speckv.kernels import entropy_model as em
 from sglang_speckv.kernels.format import BlobError, parse_blob
 from sglang_speckv.predictors import PAGE_STATS, PredictorSpecError, predictor_from_spec
 from sglang_speckv.predictors.base import PageMeta, Predictor
 from sglang_speckv.sglang.geometry import PageGeometry
 
 logger = logging.getLogger(__name__)
-
-WARM_UP_TOKENS = 64  # the start-up warm-up page has at least this many tokens (_warm_up)
 
 
 class PageCoder:
@@ -84,29 +81,13 @@ class PageCoder:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Code and decode one page of zeros now, so that the coder is compiled or loaded
-        (Triton kernels on CUDA: tens of seconds the first time; the C++ coder on the CPU) at
-        start-up, not by the first write or restore. Every predictor runs the same coder
-        kernels: page_stats stands in for all. A failure is logged; pages then fail as they
-        would have anyway (per page, never into SGLang)."""
+        """codec.warm_up on the pool's page shape and device, so that the coder is compiled
+        or loaded at start-up, not by the first write or restore. Every predictor runs the
+        same coder kernels: page_stats stands in for all. A failure is logged; pages then
+        fail as they would have anyway (per page, never into SGLang)."""
         t0 = time.perf_counter()
-        # KV-like values (a page of zeros is stored raw in bf16: it would warm nothing up),
-        # and at least 64 tokens so that page_stats' side info is worth coding; the kernels
-        # do not depend on the token count.
-        shape = list(self.geometry.shape)
-        shape[2] = max(shape[2], WARM_UP_TOKENS)
-        values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        page = values.to(em.TORCH_DTYPES[self.geometry.dtype]).to(self.device)
-        meta = PageMeta(self.geometry.dtype, tuple(shape), 0)
-        predictor = self.predictors[PAGE_STATS]
         try:
-            (blob,) = codec.encode_pages([page], [meta], predictor)
-            header = parse_blob(blob).header
-            if header.raw or header.model != codec.model_for(meta.dtype):
-                raise RuntimeError(f"the warm-up page was not coded by the {codec.model_for(meta.dtype)} model")
-            _, errors = codec.decode_pages([blob], predictor, device=self.device)
-            if errors[0] is not None:
-                raise errors[0]
+            codec.warm_up(self.geometry.dtype, self.geometry.shape, self.device, self.predictors[PAGE_STATS])
         except Exception as e:  # noqa: BLE001 - start-up goes on; coding failures are per page
             logger.warning("speckv: coder warm-up on %s failed (%s: %s); pages may fail to code",
                            self.device, type(e).__name__, e)
