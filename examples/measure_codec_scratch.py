@@ -17,10 +17,6 @@ from pathlib import Path
 import torch
 
 from sglang_speckv import codec
-from sglang_speckv.kernels import entropy_model as em
-from sglang_speckv.kernels import rans_cpu
-from sglang_speckv.kernels import rans_reference as ref
-from sglang_speckv.kernels import table_model as tm
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.page_stats import PageStatsPredictor
 
@@ -67,16 +63,14 @@ def main() -> None:
                         help="page_stats, or a predictor calibrated on two random pages (memory, not compression)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the thread pool's per-thread arenas would blur small figures
-    # one-time tables (the warm-up page below is stored raw, so it would not build the table model's)
-    rans_cpu.extension(), em.phi_table(), ref._quantile_table(em.W_WIDE, em.KAPPA)
-    tm.level1_table(em.W_WIDE, em.KAPPA), tm.level1_start(em.W_WIDE, em.KAPPA)
     torch.manual_seed(0)
     shape = (2, 32, args.tokens, 8, 128)  # [kv, layers, tokens, heads, dim]
+    codec.warm_up("bf16", shape, "cpu", PageStatsPredictor())  # the coder and its one-time tables, as a server's start-up
     pages = [(torch.randn(shape) * 0.5).to(torch.bfloat16) for _ in range(args.pages)]
     metas = [PageMeta("bf16", shape) for _ in pages]
     raw = sum(p.numel() * p.element_size() for p in pages)
     pred = PageStatsPredictor() if args.predictor == "page_stats" else calibrated(args.predictor, shape)
-    small = [pages[0][:, :, :1].contiguous()]  # warm every path once (tables, the extension)
+    small = [pages[0][:, :, :1].contiguous()]  # and the predictor's own one-time state
     codec.decode_pages(codec.encode_pages(small, [PageMeta("bf16", tuple(small[0].shape))], pred), pred)
     blobs = codec.encode_pages(pages, metas, pred) if args.what == "decode" else None
     out = [torch.zeros_like(p) for p in pages]  # touched: their memory is not scratch

@@ -65,7 +65,7 @@ class BadSide(fmt.BlobError):
 def max_compressed_size(meta: PageMeta) -> int:
     """The largest blob ``encode_pages`` can return for this page: a RAW blob (header plus
     the page bytes), since a coded blob is only kept when it is smaller than that."""
-    return fmt.HEADER_SIZE + meta.numel * em.symbol_bits(meta.dtype) // 8
+    return fmt.HEADER_SIZE + _raw_bytes(meta)
 
 
 def model_for(dtype: str) -> str:
@@ -241,7 +241,8 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes, model):
             mu, sigma = rows
         else:
             mu[a:b], sigma[a:b] = rows[0].reshape(-1), rows[1].reshape(-1)
-            seen.view(-1)[a:b] = bits[a:b].view(seen.dtype)  # the patterns themselves
+            if b < meta.numel:  # later stages see these patterns themselves
+                seen.view(-1)[a:b] = bits[a:b].view(seen.dtype)
         del rows
     del seen
     header = fmt.BlobHeader(
