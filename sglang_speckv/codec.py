@@ -510,18 +510,33 @@ WARM_UP_TOKENS = 64  # the warm-up page has at least this many tokens
 
 
 def warm_up(dtype: str, shape: Sequence[int], device: torch.device | str, predictor: Predictor) -> None:
-    """Code and decode one page of Gaussian values of ``dtype`` and the canonical ``shape``
-    (at least WARM_UP_TOKENS tokens, so that side info is worth coding) on ``device``, so
-    that the coder is compiled or loaded now (Triton kernels on CUDA: tens of seconds the
-    first time; the C++ coder on the CPU), not by the first write or restore. The kernels
-    do not depend on the token count. RuntimeError if the page was not coded by
-    ``model_for(dtype)`` (a page of zeros is stored raw in bf16: it would warm nothing up)
-    or did not decode."""
+    """Code and decode one page of ``dtype`` and the canonical ``shape`` (at least
+    WARM_UP_TOKENS tokens, so that side info is worth coding) on ``device`` with
+    ``predictor``, so that what a restore runs is compiled, loaded or built now, not by the
+    first write or restore: the coder (Triton kernels on CUDA: tens of seconds the first
+    time; the C++ coder on the CPU), the tables of the predictor's mixture, and the
+    predictor's own parameters on the device. The page is drawn from the predictor itself,
+    stage by stage (mu + sigma z, z standard normal, side info from a Gaussian page), so
+    that a calibrated predictor codes it as it codes KV. The kernels do not depend on the
+    token count. RuntimeError if the page was not coded by ``model_for(dtype)`` (a page of
+    zeros is stored raw in bf16: it would warm nothing up) or did not decode; ValueError if
+    the predictor cannot code such a page without token ids (``can_code``)."""
     shape = list(shape)
     shape[2] = max(shape[2], WARM_UP_TOKENS)
-    values = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    page = values.to(em.TORCH_DTYPES[dtype]).to(device)
     meta = PageMeta(dtype, tuple(shape), 0)
+    why = predictor.can_code(meta)
+    if why is not None:
+        raise ValueError(f"{predictor.name} cannot code a page without token ids ({why})")
+    torch_dtype = em.TORCH_DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(shape, generator=gen).to(torch_dtype).to(device)
+    side = predictor.side_info(gaussian, meta)
+    page = _nan_page(meta, gaussian.device, materialise=True)
+    stages = _checked_stages(predictor, meta)
+    for s, (a, b) in enumerate(zip(stages, stages[1:])):
+        mu, sigma = (t.reshape(-1) for t in predictor.predict_rows(meta, side, page, s))
+        z = torch.randn(b - a, generator=gen).to(mu.device)
+        page.view(-1)[a:b] = (mu + sigma * z).to(torch_dtype)
     (blob,) = encode_pages([page], [meta], predictor)
     header = fmt.parse_blob(blob).header
     if header.raw or header.model != model_for(dtype):

@@ -43,4 +43,36 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(monkeypatch, caplog):
     coder = PageCoder("page_stats", [], 1 << 20)
     with caplog.at_level("WARNING", logger="sglang_speckv.sglang.page_coder"):
         coder.open(GEOMETRY, torch.device("cpu"))
-    assert any("warm-up on cpu failed (RuntimeError: no kernels today)" in r.getMessage() for r in caplog.records)
+    assert any("warm-up with predictor page_stats on cpu failed (RuntimeError: no kernels today)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_open_warms_up_every_predictor_that_codes_without_tokens(tmp_path, monkeypatch, caplog):
+    """A calibrated predictor's first restore must not pay for its mixture's tables or its
+    parameters on the device: open() codes and decodes a page drawn from each configured
+    predictor (a random Gaussian page could be stored raw under a calibrated predictor's
+    narrow sigmas), after page_stats."""
+    from sglang_speckv.tools import calibrate as cal
+
+    shape = GEOMETRY.shape
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(shape[0], shape[1], 1, *shape[3:], generator=g) * 3
+    seqs = [(mu + 0.01 * torch.randn(shape[0], shape[1], 16, *shape[3:], generator=g)).to(torch.bfloat16) for _ in range(2)]
+    layout = {"layers": shape[1], "kv_heads": shape[3], "head_dim": shape[4], "max_positions": 4096, "rotary_dim": shape[4],
+              "rope_inv_freq": [[1.0] * (shape[4] // 2)], "layer_rope": [0] * shape[1]}
+    path = tmp_path / "calib.safetensors"
+    cal.calibrate(seqs, model="m", layout=layout, kv_dtype="bf16", names=("static",), progress=False).save(path)
+    warmed = []
+    real = codec.decode_pages
+
+    def spy(b, predictor, *args, **kwargs):
+        warmed.append((predictor.name, parse_blob(b[0]).header))
+        return real(b, predictor, *args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode_pages", spy)
+    coder = PageCoder(f"{path}:static", [], 1 << 20)
+    with caplog.at_level("INFO", logger="sglang_speckv.sglang.page_coder"):
+        coder.open(GEOMETRY, torch.device("cpu"))
+    assert [name for name, _ in warmed] == ["page_stats", coder.default.name]
+    assert all(not h.raw and h.model == codec.model_for("bf16") for _, h in warmed)
+    assert any("warmed up: page_stats, " + coder.default.name in r.getMessage() for r in caplog.records)

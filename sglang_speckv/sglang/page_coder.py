@@ -81,19 +81,30 @@ class PageCoder:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """codec.warm_up on the pool's page shape and device, so that the coder is compiled
-        or loaded at start-up, not by the first write or restore. Every predictor runs the
-        same coder kernels: page_stats stands in for all. A failure is logged; pages then
-        fail as they would have anyway (per page, never into SGLang)."""
+        """codec.warm_up on the pool's page shape and device, so that a restore's first run
+        costs what its hundredth does: page_stats first (it compiles or loads the coder,
+        which every predictor shares), then each other predictor that can code a page
+        without token ids (its mixture's tables and its parameters on the device; a model
+        predictor, which needs token ids, warms up with its first page). A failure is
+        logged; pages then fail as they would have anyway (per page, never into SGLang)."""
         t0 = time.perf_counter()
-        try:
-            codec.warm_up(self.geometry.dtype, self.geometry.shape, self.device, self.predictors[PAGE_STATS])
-        except Exception as e:  # noqa: BLE001 - start-up goes on; coding failures are per page
-            logger.warning("speckv: coder warm-up on %s failed (%s: %s); pages may fail to code",
-                           self.device, type(e).__name__, e)
-            return
-        logger.info("speckv: coder ready on %s after %.1f s (compiled or loaded at start-up)",
-                    self.device, time.perf_counter() - t0)
+        warmed = []
+        live = self._live_predictor
+        predictors = dict.fromkeys([self.predictors[PAGE_STATS], *self.predictors.values(), *([live] if live else [])])
+        for predictor in predictors:
+            try:
+                codec.warm_up(self.geometry.dtype, self.geometry.shape, self.device, predictor)
+            except ValueError as e:  # needs token ids: nothing to warm up without them
+                logger.info("speckv: no start-up warm-up for predictor %s: %s", predictor.name, e)
+                continue
+            except Exception as e:  # noqa: BLE001 - start-up goes on; coding failures are per page
+                logger.warning("speckv: coder warm-up with predictor %s on %s failed (%s: %s); pages may fail "
+                               "to code", predictor.name, self.device, type(e).__name__, e)
+                continue
+            warmed.append(predictor.name)
+        if warmed:
+            logger.info("speckv: coder ready on %s after %.1f s (compiled or loaded at start-up; warmed up: %s)",
+                        self.device, time.perf_counter() - t0, ", ".join(warmed))
 
     def identity(self) -> str:
         """The configured predictors' ids and fingerprints (for the store's namespace), in a
