@@ -399,9 +399,11 @@ static void search_key(const Model& model, int64_t two_mu_q, int64_t off, int64_
 }
 
 // One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
-// symbols [first, first + n) of each of P pages. params(i, mu_q, e, r, inv) gives symbol
-// i's (of the stage's [P, n]) quantised parameters and 2^32 // r, emit(i, page, col, key)
-// takes its key. x, ptr: int64 [P * NL] lane states and next-word indices, updated in place;
+// symbols [first, first + n) of each of P pages. params (IntParams or RowParams below; each
+// parallel task works on its own copy) gives the quantised parameters and 2^32 // r:
+// params.step(page, col0, j_lo, j_hi) before a step of the lanes' block, then params(j, mu_q,
+// e, r, inv) for block slot j in [j_lo, j_hi), the stage's column col0 + j of the page.
+// emit(i, page, col, key) takes the key of symbol i = page n + col of the stage's [P, n]. x, ptr: int64 [P * NL] lane states and next-word indices, updated in place;
 // words_p: W >= 1 words (int64 or uint32 values in [0, 2^32)).
 template <class Word, class ParamFn, class EmitFn>
 void decode_stage(const Model& model, const double* q, const Word* words_p, int64_t num_words, int64_t* x_p,
@@ -414,7 +416,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
   at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
     // Locals, not loads through the closure, in the vectorised loops.
     const Model mdl = model;
-    const ParamFn prm = params;
+    ParamFn prm = params;
     const EmitFn out = emit;
     const double* qt = q;
     const Word* wp = words_p;
@@ -432,6 +434,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         const int64_t base = step * num_lanes - first;
         const int64_t j_lo = std::max(l0, -base) - l0, j_hi = std::min(l1, n - base) - l0;
         const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
+        prm.step(page, col0, j_lo, j_hi);
 
         // Pass 1: the guess and (C(guess), C(guess + 1)). The guess is the reference's: G^-1
         // of (slot - k) through the quantile table, with the key of mu in place of k, then
@@ -439,7 +442,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) {
           int64_t mu_q, e, r, inv;  // inv = 2^32 // r
-          prm(i0 + j, mu_q, e, r, inv);
+          prm(j, mu_q, e, r, inv);
           const int64_t k = guess_key(mdl.dtype, qt, x[j] & (M - 1), mu_q, e, r);
           key[j] = k;
           mdl.cdf_pair(k, 2 * mu_q, F - e, inv, c_lo[j], c_hi[j]);
@@ -449,7 +452,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
           const int64_t slot = x[j] & (M - 1);
           if (c_lo[j] > slot || c_hi[j] <= slot) {
             int64_t mu_q, e, r, inv;
-            params(i0 + j, mu_q, e, r, inv);
+            prm(j, mu_q, e, r, inv);
             search_key(model, 2 * mu_q, F - e, inv, slot, key[j], c_lo[j], c_hi[j]);
           }
         }
@@ -478,6 +481,17 @@ void check_quantiles(const torch::Tensor& quantiles) {
               "quantiles must be rans_reference._quantile_table");
 }
 
+// decode_stage's parameters from int64 (mu_q, e, r) [P, n] (quantize_params' output).
+struct IntParams {
+  const int64_t *mu_q, *e, *r;
+  int64_t n, base = 0;  // the stage's symbols per page; the step's symbol at block slot 0
+  inline void step(int64_t page, int64_t col0, int64_t, int64_t) { base = page * n + col0; }
+  inline void operator()(int64_t j, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) const {
+    m = mu_q[base + j], ee = e[base + j], rr = r[base + j];
+    inv = (int64_t(1) << 32) / rr;
+  }
+};
+
 // One stage of rans_reference.Decoder.decode: symbols [first, first + n) of every page.
 // mu_q, e, r: int64 [P, n]; x, ptr: int64 [P * NL] lane states and next-word indices,
 // updated in place; words: int64 [W >= 1]. Returns keys int64 [P, n].
@@ -500,11 +514,7 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
   decode_stage(
       model, quantiles.data_ptr<double>(), words.data_ptr<int64_t>(), words.numel(), x_t.data_ptr<int64_t>(),
       ptr_t.data_ptr<int64_t>(), mu_q.size(0), mu_q.size(1), num_lanes, first,
-      [=](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
-        m = mu_p[i], ee = e_p[i], rr = r_p[i];
-        inv = (int64_t(1) << 32) / rr;
-      },
-      [=](int64_t i, int64_t, int64_t, int64_t k) { keys_p[i] = k; });
+      IntParams{mu_p, e_p, r_p, mu_q.size(1)}, [=](int64_t i, int64_t, int64_t, int64_t k) { keys_p[i] = k; });
   return keys;
 }
 
@@ -574,11 +584,6 @@ struct Bits {
   }
 };
 
-void check_f32(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(), name,
-              " must be a contiguous float32 CPU tensor");
-}
-
 // One page's mu or sigma as rows (sglang_speckv/codec.py, Predictor.predict_rows): a float32
 // view [R, T, C] with any strides (0 where a parameter repeats, e.g. page_stats' per-channel
 // values over the tokens); element i of the page's flat order is at
@@ -606,6 +611,23 @@ struct Rows {
         if (++t == T) t = 0, off += sR - T * sT;
       }
     }
+  }
+};
+
+// decode_stage's parameters from each page's float32 mu and sigma Rows (a stage's n symbols,
+// read in place: predict_rows' rows, possibly broadcast views), quantised per symbol.
+struct RowParams {
+  const Rows *mu, *sigma;  // [P] each
+  const float *mp = nullptr, *sp = nullptr;  // the step's page's
+  int64_t mu_off[LANE_BLOCK], sigma_off[LANE_BLOCK];  // block slot j's elements in them
+  inline void step(int64_t page, int64_t col0, int64_t j_lo, int64_t j_hi) {
+    mp = mu[page].p, sp = sigma[page].p;
+    mu[page].offsets(col0 + j_lo, j_hi - j_lo, mu_off + j_lo);
+    sigma[page].offsets(col0 + j_lo, j_hi - j_lo, sigma_off + j_lo);
+  }
+  inline void operator()(int64_t j, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) const {
+    quantize(mp[mu_off[j]], sp[sigma_off[j]], m, ee, rr);
+    inv = INVERSE(rr);
   }
 };
 
@@ -925,8 +947,8 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
 }
 
 // One decoder stage of the table model (rans_reference.Decoder._table_symbol): symbols
-// [first, first + n) of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key)
-// takes each key. Per step, (1) every lane's quantize_params and whether it is dense; (2)
+// [first, first + n) of each of P pages from params (RowParams: float32 mu and sigma, as
+// decode_stage takes them); emit(page, col, key) takes each key. Per step, (1) every lane's quantize_params and whether it is dense; (2)
 // for the dense lanes the level-1 entry (a branch-free bisection of the row), rANS step, and
 // for a cell its key and level-2 step (table_model.decode_level2: off zero a shift and a
 // mask, at zero a truncation); (3) for the lanes that escaped or are not dense, the exact
@@ -936,9 +958,8 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
 // stream; the step is then the identity (0, 2^PT) and the lane goes on), all updated in place.
 template <class EmitFn>
 void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* start1, const double* q,
-                        const uint32_t* words_p,
-                        int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p, const float* mu_p,
-                        const float* sigma_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first,
+                        const uint32_t* words_p, int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p,
+                        const RowParams& params, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first,
                         EmitFn emit) {
   const int64_t last_word = num_words - 1;
   const int64_t step_begin = first / num_lanes, step_end = (first + n + num_lanes - 1) / num_lanes;
@@ -954,7 +975,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
     const int64_t* c1p = cum1;
     const uint8_t* s1p = start1;
     const uint32_t* wp = words_p;
-    const float *mus = mu_p, *sigmas = sigma_p;
+    RowParams prm = params;
     // block slot j holds lane l0 + j: its state, next word and verdict, this step's key, whether
     // takes the exact model's step (ESC, or not dense), and the quantised parameters it needs
     int64_t x[LANE_BLOCK], ptr[LANE_BLOCK], bad[LANE_BLOCK], key[LANE_BLOCK], exact[LANE_BLOCK];
@@ -975,14 +996,15 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
         // lane l holds stage symbol l + step * NL - first; idle outside [0, n) (ragged ends)
         const int64_t base = step * num_lanes - first;
         const int64_t j_lo = std::max(l0, -base) - l0, j_hi = std::min(l1, n - base) - l0;
-        const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
+        const int64_t col0 = base + l0;  // slot j: column col0 + j
+        prm.step(page, col0, j_lo, j_hi);
 
         // Pass 1: the parameters, and whether the symbol takes the table (dense) or the exact
         // model's step alone (its second step, the identity, reads nothing).
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) {
-          int64_t mu_q, e, r;
-          quantize(mus[i0 + j], sigmas[i0 + j], mu_q, e, r);
+          int64_t mu_q, e, r, inv;
+          prm(j, mu_q, e, r, inv);
           mu_qs[j] = mu_q, es[j] = e, rs[j] = r;
           exact[j] = !dense(dt, mu_q, e, r);
         }
@@ -1136,12 +1158,15 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
   });
 }
 
-// One decoder stage from float32 (mu, sigma) [P, n]: the keys go straight back to storage
-// patterns in out_bits, P pages of [N] each (contiguous int16 for 16-bit dtypes, uint8 for
-// 8-bit ones, each its own memory, e.g. the caller's pages; columns first .. first + n).
-// words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
-void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu,
-                   const torch::Tensor& sigma, int64_t num_lanes, int64_t first, const std::vector<torch::Tensor>& out_bits,
+// One decoder stage, symbols first .. first + n of P pages, from each page's float32 mu and
+// sigma as Rows ([R, T, C] views of the stage's n values, any strides: predict_rows' rows,
+// read in place as the encoder reads them): the keys go straight back to storage patterns
+// in out_bits, P pages of [N] each (contiguous int16 for 16-bit dtypes, uint8 for 8-bit
+// ones, each its own memory, e.g. the caller's pages). words: int32 [W >= 1] holding u32
+// words; x, ptr as in decode.
+void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const std::vector<torch::Tensor>& mu,
+                   const std::vector<torch::Tensor>& sigma, int64_t num_lanes, int64_t first,
+                   const std::vector<torch::Tensor>& out_bits,
                    const torch::Tensor& phi,
                    const torch::Tensor& quantiles, int64_t w_wide, int64_t kappa, int64_t bits, int64_t man_bits,
                    int64_t bias, bool fn_nan, const c10::optional<torch::Tensor>& cum1,
@@ -1150,12 +1175,18 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x_t, &ptr_t, &phi}) {
     check_int64(*t, "decode argument");
   }
-  check_f32(mu, "mu");
-  check_f32(sigma, "sigma");
   check_quantiles(quantiles);
-  TORCH_CHECK(mu.dim() == 2 && sigma.sizes() == mu.sizes() && int64_t(out_bits.size()) == mu.size(0) &&
-                  !out_bits.empty(), "decode_values: mu, sigma [P, n] and P out_bits pages");
-  const int64_t num_pages = mu.size(0), n = mu.size(1), total = out_bits[0].numel();
+  const int64_t num_pages = int64_t(out_bits.size());
+  TORCH_CHECK(num_pages >= 1 && int64_t(mu.size()) == num_pages && int64_t(sigma.size()) == num_pages,
+              "decode_values: P mu rows, P sigma rows and P out_bits pages");
+  const int64_t n = mu[0].numel(), total = out_bits[0].numel();
+  std::vector<Rows> mu_rows, sigma_rows;
+  for (int64_t p = 0; p < num_pages; ++p) {
+    TORCH_CHECK(mu[p].numel() == n && sigma[p].numel() == n, "decode_values: every page's mu and sigma hold n values");
+    mu_rows.emplace_back(mu[p]);
+    sigma_rows.emplace_back(sigma[p]);
+  }
+  const RowParams params{mu_rows.data(), sigma_rows.data()};
   std::vector<int16_t*> out16(num_pages, nullptr);  // page p's patterns: out16[p] or out8[p]
   std::vector<uint8_t*> out8(num_pages, nullptr);
   for (int64_t p = 0; p < num_pages; ++p) {
@@ -1169,8 +1200,6 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   const bool wide = out_bits[0].dtype() == torch::kInt16;  // (an empty page's pointer is null)
   TORCH_CHECK(wide == (bits == 16), "decode_values: out_bits must be int16 for 16-bit dtypes, uint8 for 8-bit ones");
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
-  const float* mu_p = mu.data_ptr<float>();
-  const float* sigma_p = sigma.data_ptr<float>();
   int16_t* const* out16_p = out16.data();
   uint8_t* const* out8_p = out8.data();
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
@@ -1189,17 +1218,13 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
                 "the table model's decoder needs bad: uint8 [P * NL], contiguous");
     decode_stage_table(model, cum1->data_ptr<int64_t>(), start1->data_ptr<uint8_t>(), quantiles.data_ptr<double>(),
                        words_p, words.numel(),
-                       x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), bad->data_ptr<uint8_t>(), mu_p, sigma_p,
+                       x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(), bad->data_ptr<uint8_t>(), params,
                        num_pages, n, num_lanes, first, emit);
     return;
   }
   decode_stage(
       model, quantiles.data_ptr<double>(), words_p, words.numel(), x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(),
-      num_pages, n, num_lanes, first,
-      [=](int64_t i, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) {
-        quantize(mu_p[i], sigma_p[i], m, ee, rr);
-        inv = INVERSE(rr);
-      },
+      num_pages, n, num_lanes, first, params,
       [=](int64_t, int64_t page, int64_t col, int64_t k) { emit(page, col, k); });
 }
 

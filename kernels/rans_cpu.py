@@ -281,7 +281,7 @@ def encode_values(
 
 
 def _rows(params: torch.Tensor | Sequence[torch.Tensor], shape: torch.Size) -> list[torch.Tensor]:
-    """encode_values' mu or sigma as the C++ reads them: per page, a float32 view [R, T, C]
+    """encode_values' (or a decoder stage's) mu or sigma as the C++ reads them: per page, a float32 view [R, T, C]
     of its N values (no copy for [N], [R, X] or [R, T, C] tensors of any strides)."""
     pages, n = shape
     if isinstance(params, torch.Tensor):
@@ -339,24 +339,31 @@ class Decoder(ref.Decoder):
 
     def decode_values(
         self,
-        mu: torch.Tensor,
-        sigma: torch.Tensor,
+        mu: torch.Tensor | Sequence[torch.Tensor],
+        sigma: torch.Tensor | Sequence[torch.Tensor],
         out_bits: torch.Tensor | Sequence[torch.Tensor],
     ) -> None:
         """rans_reference.Decoder.decode_values in C++ (quantize_params, the search and the
-        storage patterns per symbol; no int64 [N] arrays). Needs int32 (u32) words. out_bits
-        as the reference takes it: [P, N], or P contiguous pages of [N] (e.g. the caller's)."""
+        storage patterns per symbol; no int64 [N] arrays). Needs int32 (u32) words. mu,
+        sigma: float32 [P, n] or [n], or one tensor per page whose C-order flattening is
+        the stage's n values (Predictor.predict_rows' rows, possibly broadcast views), read
+        in place as encode_values reads them. out_bits as the reference takes it: [P, N],
+        or P contiguous pages of [N] (e.g. the caller's)."""
         ext = extension()
         if ext is None or self.words.dtype != torch.int32:
             return super().decode_values(mu, sigma, out_bits)
-        (mu, sigma), n = self._stage((mu, sigma), torch.float32)
+        n = mu.shape[-1] if isinstance(mu, torch.Tensor) else mu[0].numel()
+        shape = torch.Size((self.num_pages, n))
+        mu, sigma = _rows(mu, shape), _rows(sigma, shape)
+        if self.position + n > self.num_symbols:
+            raise ValueError(f"decode of {n} symbols at position {self.position} does not fit {self.num_symbols}")
         out_bits = ref.page_rows(out_bits, self.num_pages, self.num_symbols)
-        _check_cpu(self.words, mu, sigma, *out_bits)
+        _check_cpu(self.words, *mu, *sigma, *out_bits)
         self.x, self.ptr = self.x.contiguous(), self.ptr.contiguous()  # updated in place
         # the table model's lanes that decoded a cell holding no key (a corrupt stream)
         bad = None if self.cum1 is None else torch.zeros(self.x.shape, dtype=torch.uint8)
         ext.decode_values(
-            self.words.contiguous(), self.x, self.ptr, mu.contiguous(), sigma.contiguous(), self.num_lanes,
+            self.words.contiguous(), self.x, self.ptr, mu, sigma, self.num_lanes,
             self.position, out_bits, em.phi_table(), self.quantiles,
             self.w_wide, self.kappa, *em.DTYPE_SPECS[self.dtype], self.cum1, self.start1, bad,
         )  # fmt: skip

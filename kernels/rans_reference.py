@@ -81,9 +81,9 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
 
 
 def _params_batch(t: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """encode_values' bits, mu or sigma: [N], [P, N], or one tensor per page of any shape
-    whose C-order flattening is the page's N values (Predictor.predict_rows, possibly
-    broadcast views) -> [P, N]. (rans_cpu reads per-page tensors in place; this
+    """encode_values' bits, mu or sigma, or a decoder stage's mu or sigma: [N], [P, N], or
+    one tensor per page of any shape whose C-order flattening is the page's N values
+    (Predictor.predict_rows, possibly broadcast views) -> [P, N]. (rans_cpu reads per-page tensors in place; this
     materialises them.)"""
     if isinstance(t, torch.Tensor):
         return _as_batch(t)
@@ -451,15 +451,17 @@ class Decoder:
 
     def decode_values(
         self,
-        mu: torch.Tensor,
-        sigma: torch.Tensor,
+        mu: torch.Tensor | Sequence[torch.Tensor],
+        sigma: torch.Tensor | Sequence[torch.Tensor],
         out_bits: torch.Tensor | Sequence[torch.Tensor],
     ) -> None:
         """The value-level stage (what rans_cpu and rans_triton fuse): the next n symbols
-        of each page from float32 (mu, sigma) [P, n], written as storage patterns into
-        columns [position, position + n) of out_bits (int16 for 16-bit dtypes, else uint8):
-        [P, N], or P contiguous pages of [N] each (see page_rows)."""
-        (mu, sigma), _ = self._stage((mu, sigma), torch.float32)
+        of each page from float32 (mu, sigma) [P, n] or [n], or one tensor per page whose
+        C-order flattening is its n values (as encode_values takes them; rans_cpu reads
+        those in place), written as storage patterns into columns [position, position + n)
+        of out_bits (int16 for 16-bit dtypes, else uint8): [P, N], or P contiguous pages of
+        [N] each (see page_rows)."""
+        (mu, sigma), _ = self._stage((_params_batch(mu), _params_batch(sigma)), torch.float32)
         rows = page_rows(out_bits, self.num_pages, self.num_symbols)
         first = self.position
         keys = self.decode(*em.quantize_params(mu, sigma))

@@ -16,9 +16,10 @@ exactly as the encoder showed it.
 Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (config
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
 (``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
-channel). Decoding materialises them a chunk of rows at a time (``PARAMS_SHARE``); the C++
-encoder reads them, and each page's storage patterns, in place; the Triton and reference
-encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
+channel). The C++ coder reads them in place, encoding and decoding (and each page's
+storage patterns when encoding); the Triton decoder gets them materialised a chunk of rows
+at a time (``PARAMS_SHARE``), and the Triton and reference encoders stack them ([P, N]
+float32, [P, N] patterns). Beyond that: the decoded storage
 patterns of the batch (none on the CPU when the caller's contiguous ``out`` pages take them
 in place; a multi-stage predictor reads its values from them), the coded words, and on the
 GPU the encoder's int32 scratch (4 B per symbol). Nothing
@@ -453,8 +454,9 @@ def _targets(members, out, device: torch.device) -> list[torch.Tensor] | None:
 
 
 def _decode_group(members, stages, predictor, device, pages, errors, out) -> None:
-    """Decode pages of one shape/dtype/lane count together, stage by stage, and each stage
-    a chunk of rows at a time (see _chunks)."""
+    """Decode pages of one shape/dtype/lane count together, stage by stage: on the CPU each
+    stage in one call that reads the predictor's rows in place, elsewhere a chunk of rows
+    at a time (see _chunks)."""
     header0 = members[0][1].header
     numel, shape, dtype = header0.numel, header0.shape, header0.dtype
     lane_words = torch.from_numpy(np.stack([p.lane_words for _, p, _ in members]).astype(np.int64)).to(device)
@@ -481,6 +483,10 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
                 zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(b - a) for v in (0.0, 1.0))
                 preds.append((zero, one))
+        if device.type == "cpu" and rans_cpu.available():  # the C++ coder reads the rows in place
+            decoder.decode_values([mu for mu, _ in preds], [sigma for _, sigma in preds], bits)
+            del preds
+            continue
         for c0, c1 in _chunks(preds, b - a, numel * em.symbol_bits(dtype) // 8):
             if len(members) == 1:
                 mu, sigma = (_flat_range(t, c0, c1).to(device).contiguous()[None] for t in preds[0])

@@ -120,6 +120,36 @@ def test_value_level_coder_bit_identical(dtype):
         rc.Decoder(rr.as_u32(words), lane_words, n, dtype).decode_values(mu, sigma, wrong_width)
 
 
+@pytest.mark.parametrize("dtype,model", [("bf16", tm.MODEL_TABLE), ("fp8_e4m3", tm.MODEL_EXACT)])
+def test_decode_reads_prediction_rows_in_place(dtype, model):
+    """A decoder stage takes each page's (mu, sigma) as the predictor's rows (broadcast over
+    tokens, as page_stats gives them; strided) and reads them in place, as the encoder does:
+    same patterns and verdicts as from [P, n] tensors, for both models, with stages cut
+    mid-row and mid-step."""
+    g = torch.Generator().manual_seed(5)
+    rows, tokens, channels, num_lanes = 3, 5, 7, 4
+    n = rows * tokens * channels
+    mu = [torch.randn(rows, 1, channels, generator=g).expand(rows, tokens, channels) for _ in range(2)]
+    sigma = [torch.rand(rows, 2 * channels, generator=g)[:, ::2, None].transpose(1, 2).expand(rows, tokens, channels) + 0.1
+             for _ in range(2)]  # fmt: skip
+    values = torch.stack([m + s * torch.randn(m.shape, generator=g) for m, s in zip(mu, sigma)]).reshape(2, n)
+    bits = values.to(em.TORCH_DTYPES[dtype]).view(torch.int16 if dtype == "bf16" else torch.uint8)
+    words, lane_words = rc.encode_values(bits, mu, sigma, dtype, num_lanes, model=model)
+    flat = [torch.stack([t.reshape(-1) for t in ts]) for ts in (mu, sigma)]  # [P, n]
+    for cls in (rr.Decoder, rc.Decoder):
+        dec = cls(words, lane_words, n, dtype, model=model)
+        out = torch.zeros_like(bits)
+        for a, b in ((0, 40), (40, 41), (41, n)):  # a row is 35 symbols, a step 4
+            dec.decode_values([t.reshape(-1)[a:b] for t in mu], [t.reshape(-1)[a:b] for t in sigma], out)
+        assert bool(dec.finish().all()) and torch.equal(out, bits)
+    # rows of a stage: [R, T, C] views starting mid-page, read in place
+    dec = rc.Decoder(words, lane_words, n, dtype, model=model)
+    out = torch.zeros_like(bits)
+    dec.decode_values(flat[0][:, :35], flat[1][:, :35], out)
+    dec.decode_values([t[1:] for t in mu], [t[1:] for t in sigma], out)
+    assert bool(dec.finish().all()) and torch.equal(out, bits)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp8_e4m3"])
 def test_value_level_corrupt_streams_same_verdict(dtype):
     n, num_lanes = 600, 30
