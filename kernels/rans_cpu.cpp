@@ -615,19 +615,32 @@ struct Rows {
 };
 
 // decode_stage's parameters from each page's float32 mu and sigma Rows (a stage's n symbols,
-// read in place: predict_rows' rows, possibly broadcast views), quantised per symbol.
+// read in place: predict_rows' rows, possibly broadcast views), quantised per symbol. A
+// step's block of symbols is consecutive, so step() copies its mu and sigma into contiguous
+// block buffers (a plain copy when the block lies within one row of C, as it mostly does:
+// C is a token's heads x dim) and the vectorised passes read those.
 struct RowParams {
   const Rows *mu, *sigma;  // [P] each
-  const float *mp = nullptr, *sp = nullptr;  // the step's page's
-  int64_t mu_off[LANE_BLOCK], sigma_off[LANE_BLOCK];  // block slot j's elements in them
+  float mu_buf[LANE_BLOCK], sigma_buf[LANE_BLOCK];  // block slot j's mu and sigma
   inline void step(int64_t page, int64_t col0, int64_t j_lo, int64_t j_hi) {
-    mp = mu[page].p, sp = sigma[page].p;
-    mu[page].offsets(col0 + j_lo, j_hi - j_lo, mu_off + j_lo);
-    sigma[page].offsets(col0 + j_lo, j_hi - j_lo, sigma_off + j_lo);
+    gather(mu[page], col0 + j_lo, j_hi - j_lo, mu_buf + j_lo);
+    gather(sigma[page], col0 + j_lo, j_hi - j_lo, sigma_buf + j_lo);
   }
   inline void operator()(int64_t j, int64_t& m, int64_t& ee, int64_t& rr, int64_t& inv) const {
-    quantize(mp[mu_off[j]], sp[sigma_off[j]], m, ee, rr);
+    quantize(mu_buf[j], sigma_buf[j], m, ee, rr);
     inv = INVERSE(rr);
+  }
+  static inline void gather(const Rows& rows, int64_t i0, int64_t count, float* out) {
+    if (count <= 0) return;  // no lane of the block holds a symbol of the stage in this step
+    const int64_t c = i0 % rows.C;
+    if (rows.sC == 1 && c + count <= rows.C) {  // within one row of C: contiguous
+      const float* p = rows.p + (i0 / (rows.C * rows.T)) * rows.sR + (i0 / rows.C % rows.T) * rows.sT + c;
+      std::copy(p, p + count, out);
+      return;
+    }
+    int64_t off[LANE_BLOCK];
+    rows.offsets(i0, count, off);
+    for (int64_t j = 0; j < count; ++j) out[j] = rows.p[off[j]];
   }
 };
 
@@ -753,58 +766,133 @@ void check_level1(const torch::Tensor& cum1) {
               "cum1 must be table_model.level1_table: int64 [ROWS, ROW]");
 }
 
-// quantize_params + the model + encode in one pass: each page's storage patterns (int16 or
-// uint8, contiguous [N], read in place) and its float32 mu and sigma as Rows ([R, T, C] views
-// of N elements). With cum1 (table_model.level1_table; 16-bit dtypes) the table model, else
-// the exact model. Same bytes as rans_reference.encode_values. Returns (words int32 [W]
-// holding the u32 words, lane_words int64 [P, NL]).
-std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_pages, const std::vector<torch::Tensor>& mu,
-                                         const std::vector<torch::Tensor>& sigma, int64_t num_lanes,
-                                         const torch::Tensor& phi, int64_t w_wide, int64_t kappa, int64_t bits,
-                                         int64_t man_bits, int64_t bias, bool fn_nan,
-                                         const c10::optional<torch::Tensor>& cum1) {
-  check_int64(phi, "phi");
-  const int64_t num_pages = int64_t(bits_pages.size());
-  TORCH_CHECK(num_pages >= 1 && int64_t(mu.size()) == num_pages && int64_t(sigma.size()) == num_pages && num_lanes >= 1,
-              "P pages of bits, P mu and P sigma rows; num_lanes >= 1");
-  const int64_t* cum1_p = nullptr;  // the table model's level-1 rows, or none: the exact model
-  if (cum1.has_value()) {
-    check_level1(*cum1);
-    TORCH_CHECK(bits == 16 && !fn_nan, "the table model codes 16-bit dtypes only");
-    cum1_p = cum1->data_ptr<int64_t>();
+// quantize_params + the model + encode, a stage at a time (rans_reference.encode_values'
+// bytes; the chunked encoder): ValueEncoder(bits, ...) holds each page's storage patterns
+// (int16 or uint8, contiguous [N], read in place, kept alive here) and every lane's state;
+// encode(mu, sigma, first) codes symbols [first, first + n) of every page from each page's
+// float32 mu and sigma as Rows ([R, T, C] views of the stage's n values, read in place);
+// finish() flushes and returns (words int32 [W] holding the u32 words, lane_words int64
+// [P, NL]). With cum1 (table_model.level1_table; 16-bit dtypes) the table model, else the
+// exact model.
+//
+// WARNING: rANS encodes in reverse (warning 1 of the reference): the calls must cover the
+// page from its end back to its start, each ending where the previous one began (first +
+// n == the previous first; the first call ends at N). So a multi-stage predictor's stages
+// are coded last stage first, each predicted just before it is coded: only one stage's
+// (mu, sigma) exists at a time.
+class ValueEncoder {
+ public:
+  ValueEncoder(std::vector<torch::Tensor> bits_pages, int64_t num_lanes, torch::Tensor phi, int64_t w_wide,
+               int64_t kappa, int64_t bits, int64_t man_bits, int64_t bias, bool fn_nan,
+               c10::optional<torch::Tensor> cum1)
+      : bits_pages_(std::move(bits_pages)), phi_(std::move(phi)), cum1_(std::move(cum1)), num_lanes_(num_lanes),
+        model_{Dtype(bits, man_bits, bias, fn_nan), nullptr, w_wide, kappa} {
+    check_int64(phi_, "phi");
+    model_.phi = phi_.data_ptr<int64_t>();
+    num_pages_ = int64_t(bits_pages_.size());
+    TORCH_CHECK(num_pages_ >= 1 && num_lanes >= 1, "P >= 1 pages of bits; num_lanes >= 1");
+    if (cum1_.has_value()) {
+      check_level1(*cum1_);
+      TORCH_CHECK(bits == 16 && !fn_nan, "the table model codes 16-bit dtypes only");
+      cum1_p_ = cum1_->data_ptr<int64_t>();
+    }
+    n_ = bits_pages_[0].numel();
+    for (const torch::Tensor& page : bits_pages_) {
+      const Bits pattern(page);
+      TORCH_CHECK(page.dim() == 1 && page.numel() == n_ && (page.dtype() == torch::kInt16) == (bits == 16),
+                  "each page's bits: [N], int16 for 16-bit dtypes, else uint8");
+      pages16_.push_back(reinterpret_cast<const uint16_t*>(pattern.p16));
+      pages8_.push_back(pattern.p8);
+    }
+    const int64_t steps = (n_ + num_lanes - 1) / num_lanes;
+    const int64_t lanes = num_pages_ * num_lanes;
+    // Each lane's words in the order emitted (the reverse of decode order), in its own region
+    // of one scratch buffer: at most one word per step (two steps per symbol in the table
+    // model) plus the 2-word flush. Left uninitialised, so only the pages the words touch
+    // become resident (~bits per symbol / 8 B per symbol), and released lane by lane as the
+    // words are copied out. (Compacting the lanes to the buffer's front in place instead
+    // touches the front regions' unused pages: more memory.)
+    stride_ = (cum1_p_ ? 2 * steps : steps) + 2;
+    scratch_.reset(new uint32_t[size_t(lanes * stride_)]);
+    emitted_.assign(lanes, 0);
+    x_.assign(lanes, RANS_L);
+    end_ = n_;
   }
-  const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
-  const int64_t n = bits_pages[0].numel();
-  std::vector<const uint16_t*> pages16;
-  std::vector<const uint8_t*> pages8;
-  std::vector<Rows> mu_rows, sigma_rows;
-  for (int64_t page = 0; page < num_pages; ++page) {
-    const Bits pattern(bits_pages[page]);
-    TORCH_CHECK(bits_pages[page].dim() == 1 && bits_pages[page].numel() == n && mu[page].numel() == n &&
-                    sigma[page].numel() == n && (bits_pages[page].dtype() == torch::kInt16) == (bits == 16),
-                "each page's bits ([N], int16 for 16-bit dtypes, else uint8), mu and sigma rows hold N values");
-    pages16.push_back(reinterpret_cast<const uint16_t*>(pattern.p16));
-    pages8.push_back(pattern.p8);
-    mu_rows.emplace_back(mu[page]);
-    sigma_rows.emplace_back(sigma[page]);
+
+  void encode(const std::vector<torch::Tensor>& mu, const std::vector<torch::Tensor>& sigma, int64_t first) {
+    TORCH_CHECK(int64_t(mu.size()) == num_pages_ && int64_t(sigma.size()) == num_pages_,
+                "encode: P mu and P sigma rows");
+    const int64_t count = mu[0].numel();
+    TORCH_CHECK(count >= 1 && first >= 0 && first + count == end_,
+                "encode: symbols [first, first + n) must end where the previous call began (the first call at N)");
+    std::vector<Rows> mu_rows, sigma_rows;
+    for (int64_t page = 0; page < num_pages_; ++page) {
+      TORCH_CHECK(mu[page].numel() == count && sigma[page].numel() == count,
+                  "encode: every page's mu and sigma rows hold the stage's n values");
+      mu_rows.emplace_back(mu[page]);
+      sigma_rows.emplace_back(sigma[page]);
+    }
+    if (pages16_[0] != nullptr) {
+      encode_range(pages16_, mu_rows, sigma_rows, first, count);
+    } else {
+      encode_range(pages8_, mu_rows, sigma_rows, first, count);
+    }
+    end_ = first;
   }
-  const int64_t steps = (n + num_lanes - 1) / num_lanes;
-  const int64_t lanes = num_pages * num_lanes;
-  const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
-  const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
-  // Each lane's words in the order emitted (the reverse of decode order), in its own region of
-  // one scratch buffer: at most one word per step (two steps per symbol in the table model)
-  // plus the 2-word flush. Left uninitialised,
-  // so only the pages the words touch become resident (~bits per symbol / 8 B per symbol),
-  // and released lane by lane as the words are copied out. (Compacting the lanes to the
-  // buffer's front in place instead touches the front regions' unused pages: more memory.)
-  const int64_t stride = (cum1_p ? 2 * steps : steps) + 2;
-  std::unique_ptr<uint32_t[]> scratch_owner(new uint32_t[size_t(lanes * stride)]);
-  uint32_t* const scratch = scratch_owner.get();
-  std::vector<int64_t> emitted(lanes, 0);
+
+  std::vector<torch::Tensor> finish() {
+    TORCH_CHECK(end_ == 0 && !finished_, "finish: once, after encode has covered every symbol");
+    finished_ = true;
+    const int64_t lanes = num_pages_ * num_lanes_;
+    uint32_t* const scratch = scratch_.get();
+    for (int64_t g = 0; g < lanes; ++g) {  // flush: low word first in decode order
+      uint32_t* out = &scratch[g * stride_ + emitted_[g]];
+      out[0] = uint32_t(x_[g] >> WORD_BITS);
+      out[1] = uint32_t(x_[g] & WORD_MASK);
+      emitted_[g] += 2;
+    }
+    auto lane_words = torch::empty({num_pages_, num_lanes_}, torch::kInt64);
+    int64_t* count_p = lane_words.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t g = 0; g < lanes; ++g) total += (count_p[g] = emitted_[g]);
+    auto words = torch::empty({total}, torch::kInt32);
+    uint32_t* words_p = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
+    for (int64_t g = 0; g < lanes; ++g) {
+      const uint32_t* lane = &scratch[g * stride_];
+      words_p = std::reverse_copy(lane, lane + emitted_[g], words_p);
+      release_pages(lane, lane + emitted_[g]);  // copied out: the words and the scratch are not both held
+    }
+    scratch_.reset();
+    return {words, lane_words};
+  }
+
+ private:
+  std::vector<torch::Tensor> bits_pages_;
+  torch::Tensor phi_;
+  c10::optional<torch::Tensor> cum1_;
+  const int64_t* cum1_p_ = nullptr;  // the table model's level-1 rows, or none: the exact model
+  int64_t num_lanes_, num_pages_ = 0, n_ = 0, stride_ = 0, end_ = 0;
+  bool finished_ = false;
+  Model model_;
+  std::vector<const uint16_t*> pages16_;  // the pages' patterns (one of the two is null)
+  std::vector<const uint8_t*> pages8_;
+  std::unique_ptr<uint32_t[]> scratch_;
+  std::vector<int64_t> emitted_, x_;  // per lane of the batch: words in its region, its state
+
   // patterns: per page, uint16_t or uint8_t [N] (one instantiation per width, so the inner
   // loop has no branch on it)
-  auto encode_blocks = [&](const auto& patterns) {
+  template <class Patterns>
+  void encode_range(const Patterns& patterns, const std::vector<Rows>& mu_rows, const std::vector<Rows>& sigma_rows,
+                    int64_t first, int64_t count) {
+    const Model model = model_;
+    const int64_t num_lanes = num_lanes_, num_pages = num_pages_, stride = stride_;
+    const int64_t* cum1_p = cum1_p_;
+    uint32_t* const scratch = scratch_.get();
+    int64_t* const emitted = emitted_.data();
+    int64_t* const x_p = x_.data();
+    const int64_t blocks_per_page = (num_lanes + LANE_BLOCK - 1) / LANE_BLOCK;
+    const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
+    const int64_t step_lo = first / num_lanes, step_hi = (first + count - 1) / num_lanes;
     at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
       // Locals, not loads through the closures, in the vectorised loops.
       const Model mdl = model;
@@ -826,20 +914,21 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
         const int64_t l0 = (b % blocks_per_page) * LANE_BLOCK;
         const int64_t l1 = std::min(l0 + LANE_BLOCK, num_lanes);
         const int64_t g0 = page * num_lanes + l0;
-        for (int64_t l = l0; l < l1; ++l) {
-          x[l - l0] = RANS_L;
-        }
-        for (int64_t s = steps - 1; s >= 0; --s) {  // in reverse (warning 1 of the reference)
-          const int64_t j_hi = std::min(l1, n - s * num_lanes) - l0;
-          const int64_t first = l0 + s * num_lanes;  // slot j: symbol first + j of the page
-          const auto* pat = pat_pages[page] + first;
-          mu_rows[page].offsets(first, j_hi, mu_off);
-          sigma_rows[page].offsets(first, j_hi, sigma_off);
+        std::copy(x_p + g0, x_p + g0 + (l1 - l0), x);
+        for (int64_t s = step_hi; s >= step_lo; --s) {  // in reverse (warning 1 of the reference)
+          // slot j: symbol sym0 + j of the page, coded in this call for j in [j_lo, j_hi)
+          const int64_t sym0 = l0 + s * num_lanes;
+          const int64_t j_lo = std::max(sym0, first) - sym0, j_hi = std::min(l1 + s * num_lanes, first + count) - sym0;
+          if (j_hi <= j_lo) continue;
+          const int64_t m_j = j_hi - j_lo;
+          const auto* pat = pat_pages[page] + sym0;
+          mu_rows[page].offsets(sym0 + j_lo - first, m_j, mu_off + j_lo);  // the rows start at symbol first
+          sigma_rows[page].offsets(sym0 + j_lo - first, m_j, sigma_off + j_lo);
           const float *mus = mu_rows[page].p, *sigmas = sigma_rows[page].p;
           if (!c1p) {
             // The model at every lane's symbol: independent across lanes, branch-free (vectorised).
 #pragma omp simd
-            for (int64_t j = 0; j < j_hi; ++j) {
+            for (int64_t j = j_lo; j < j_hi; ++j) {
               const int64_t u = pat[j];
               const int64_t k = (u & sign) ? u ^ all_ones : u | sign;  // keys_from_bits
               int64_t mu_q, e, r, c1;
@@ -847,8 +936,8 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
               mdl.cdf_pair(k, 2 * mu_q, F - e, INVERSE(r), cum[j], c1);
               freq[j] = c1 - cum[j];
             }
-            put_block(x, cum, freq, shift, j_hi, word);
-            push_words(word, j_hi, scratch, stride, emitted.data(), g0);
+            put_block(x + j_lo, cum + j_lo, freq + j_lo, shift + j_lo, m_j, word + j_lo);
+            push_words(word + j_lo, m_j, scratch, stride, emitted, g0 + j_lo);
             continue;
           }
           // The table model (table_model.symbol_steps): level 1 codes the key's cell relative
@@ -859,7 +948,7 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
           // (0, 2^PT), leaves the state as it is and emits nothing, so it takes level 1's slot
           // here (same bytes). Vectorised like the exact model above.
 #pragma omp simd
-          for (int64_t j = 0; j < j_hi; ++j) {
+          for (int64_t j = j_lo; j < j_hi; ++j) {
             const int64_t u = pat[j];
             const int64_t k = (u & sign) ? u ^ all_ones : u | sign;  // keys_from_bits
             int64_t mu_q, e, r;
@@ -902,49 +991,27 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
             freq2[j] = exact[j] ? c1 - c0 : freq2[j];
           };
           int64_t m = 0;
-          for (int64_t j = 0; j < j_hi; ++j) {
+          for (int64_t j = j_lo; j < j_hi; ++j) {
             list[m] = j;
             m += exact[j] != 0;
           }
-          if (2 * m > j_hi) {
+          if (2 * m > m_j) {
 #pragma omp simd
-            for (int64_t j = 0; j < j_hi; ++j) exact_pair(j);
+            for (int64_t j = j_lo; j < j_hi; ++j) exact_pair(j);
           } else {
 #pragma omp simd
             for (int64_t t = 0; t < m; ++t) exact_pair(list[t]);
           }
-          put_block(x, cum2, freq2, shift2, j_hi, word2);  // level 2, then level 1 (decode order reversed)
-          put_block(x, cum, freq, shift, j_hi, word);
-          push_words(word2, j_hi, scratch, stride, emitted.data(), g0);
-          push_words(word, j_hi, scratch, stride, emitted.data(), g0);
+          put_block(x + j_lo, cum2 + j_lo, freq2 + j_lo, shift2 + j_lo, m_j, word2 + j_lo);  // level 2, then
+          put_block(x + j_lo, cum + j_lo, freq + j_lo, shift + j_lo, m_j, word + j_lo);  // level 1 (decode order reversed)
+          push_words(word2 + j_lo, m_j, scratch, stride, emitted, g0 + j_lo);
+          push_words(word + j_lo, m_j, scratch, stride, emitted, g0 + j_lo);
         }
-        for (int64_t l = l0; l < l1; ++l) {  // flush: low word first in decode order
-          uint32_t* out = &scratch[(g0 + l - l0) * stride + emitted[g0 + l - l0]];
-          out[0] = uint32_t(x[l - l0] >> WORD_BITS);
-          out[1] = uint32_t(x[l - l0] & WORD_MASK);
-          emitted[g0 + l - l0] += 2;
-        }
+        std::copy(x, x + (l1 - l0), x_p + g0);
       }
     });
-  };
-  if (bits == 16) {
-    encode_blocks(pages16);
-  } else {
-    encode_blocks(pages8);
   }
-  auto lane_words = torch::empty({num_pages, num_lanes}, torch::kInt64);
-  int64_t* count_p = lane_words.data_ptr<int64_t>();
-  int64_t total = 0;
-  for (int64_t g = 0; g < lanes; ++g) total += (count_p[g] = emitted[g]);
-  auto words = torch::empty({total}, torch::kInt32);
-  uint32_t* words_p = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
-  for (int64_t g = 0; g < lanes; ++g) {
-    const uint32_t* lane = &scratch[g * stride];
-    words_p = std::reverse_copy(lane, lane + emitted[g], words_p);
-    release_pages(lane, lane + emitted[g]);  // copied out: the words and the scratch are not both held
-  }
-  return {words, lane_words};
-}
+};
 
 // One decoder stage of the table model (rans_reference.Decoder._table_symbol): symbols
 // [first, first + n) of each of P pages from params (RowParams: float32 mu and sigma, as
@@ -1272,7 +1339,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode", &encode, "rans_reference.encode on the CPU");
   m.def("cdf", &cdf, "entropy_model.cdf on the CPU");
   m.def("decode", &decode, "one stage of rans_reference.Decoder.decode on the CPU");
-  m.def("encode_values", &encode_values, "quantize_params + cdf + encode from float32 (mu, sigma) and storage bits");
+  py::class_<ValueEncoder>(m, "ValueEncoder", "quantize_params + the model + encode, a stage at a time (last first)")
+      .def(py::init<std::vector<torch::Tensor>, int64_t, torch::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
+                    c10::optional<torch::Tensor>>())
+      .def("encode", &ValueEncoder::encode, "symbols [first, first + n) of every page, ending where the last call began")
+      .def("finish", &ValueEncoder::finish, "flush every lane: (words, lane_words)");
   m.def("decode_values", &decode_values, "one decoder stage from float32 (mu, sigma) into storage bits");
   m.def("page_hash", &page_hash, "kernels/page_hash.py's page hash of a page's bytes (int64 bits of the u64)");
 }

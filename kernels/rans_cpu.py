@@ -259,25 +259,59 @@ def encode_values(
     or [N], or one tensor per page whose C-order flattening is its N values
     (Predictor.predict_rows: rows, possibly broadcast views), read in place. model: "exact"
     or "table" (16-bit dtypes). Returns (words int32 [W] holding the u32 words, lane_words
-    int64 [P, NL])."""
-    ext = extension()
-    if ext is None:
+    int64 [P, NL]). One stage of an Encoder."""
+    if extension() is None:
         return ref.encode_values(bits, mu, sigma, dtype, num_lanes, w_wide, kappa, model=model)
-    em.check_mixture(w_wide, kappa)
-    cum1 = _level1(model, dtype, w_wide, kappa)
-    b = em.symbol_bits(dtype)
-    pages = list(ref._as_batch(bits)) if isinstance(bits, torch.Tensor) else list(bits)  # [N] each
-    want = torch.int16 if b == 16 else torch.uint8
-    if not pages or any(p.dtype != want or p.dim() != 1 or p.numel() != pages[0].numel() for p in pages):
-        raise ValueError(f"{dtype} bits must be {want}, [P, N] or one [N] tensor per page")
-    shape = torch.Size((len(pages), pages[0].numel()))
-    mu, sigma = _rows(mu, shape), _rows(sigma, shape)
-    if num_lanes < 1:
-        raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
-    _check_cpu(*pages, *mu, *sigma)
-    return tuple(ext.encode_values(
-        [p.contiguous() for p in pages], mu, sigma, num_lanes, em.phi_table(), w_wide, kappa, *em.DTYPE_SPECS[dtype], cum1,
-    ))  # fmt: skip
+    encoder = Encoder(bits, dtype, num_lanes, w_wide, kappa, model)
+    if encoder.position:  # (pages of no symbols have only their lanes' flush)
+        encoder.encode(mu, sigma)
+    return encoder.finish()
+
+
+class Encoder:
+    """encode_values a stage at a time (the chunked encoder): the pages' storage patterns
+    (as encode_values takes them, read in place) at construction, then ``encode(mu, sigma)``
+    for the symbols just before those coded so far, LAST STAGE FIRST (rANS encodes in
+    reverse: rans_reference's warning 1), and ``finish()`` for (words, lane_words), the
+    bytes encode_values gives for the whole pages. So a multi-stage predictor's (mu, sigma)
+    need only exist a stage at a time. Needs the C++ extension (``available()``)."""
+
+    def __init__(self, bits, dtype: str, num_lanes: int, w_wide: int = em.W_WIDE, kappa: int = em.KAPPA,
+                 model: str = tm.MODEL_EXACT):
+        ext = extension()
+        if ext is None:
+            raise RuntimeError("the C++ coder is not available (see the log); use encode_values")
+        em.check_mixture(w_wide, kappa)
+        if num_lanes < 1:
+            raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
+        b = em.symbol_bits(dtype)
+        pages = list(ref._as_batch(bits)) if isinstance(bits, torch.Tensor) else list(bits)  # [N] each
+        want = torch.int16 if b == 16 else torch.uint8
+        if not pages or any(p.dtype != want or p.dim() != 1 or p.numel() != pages[0].numel() for p in pages):
+            raise ValueError(f"{dtype} bits must be {want}, [P, N] or one [N] tensor per page")
+        _check_cpu(*pages)
+        self.num_pages, self.position = len(pages), pages[0].numel()  # symbols [position, N) are coded
+        self._encoder = ext.ValueEncoder([p.contiguous() for p in pages], num_lanes, em.phi_table(), w_wide, kappa,
+                                         *em.DTYPE_SPECS[dtype], _level1(model, dtype, w_wide, kappa))
+
+    def encode(self, mu: torch.Tensor | Sequence[torch.Tensor], sigma: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Code the n symbols before ``position`` of every page from float32 (mu, sigma) of
+        those symbols: [P, n] or [n], or one tensor per page of n values (rows, read in place)."""
+        n = mu.shape[-1] if isinstance(mu, torch.Tensor) else mu[0].numel()
+        if not 1 <= n <= self.position:
+            raise ValueError(f"encode of {n} symbols before position {self.position}")
+        shape = torch.Size((self.num_pages, n))
+        mu, sigma = _rows(mu, shape), _rows(sigma, shape)
+        _check_cpu(*mu, *sigma)
+        self._encoder.encode(mu, sigma, self.position - n)
+        self.position -= n
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(words int32 [W] holding the u32 words, lane_words int64 [P, NL]); every symbol
+        must be coded."""
+        if self.position:
+            raise ValueError(f"finish() with symbols [0, {self.position}) not coded")
+        return tuple(self._encoder.finish())
 
 
 def _rows(params: torch.Tensor | Sequence[torch.Tensor], shape: torch.Size) -> list[torch.Tensor]:
