@@ -17,9 +17,10 @@ Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
 (``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
 channel). The C++ coder reads them in place, encoding and decoding (and each page's
-storage patterns when encoding); the Triton decoder gets them materialised a chunk of rows
-at a time (``PARAMS_SHARE``), and the Triton and reference encoders stack them ([P, N]
-float32, [P, N] patterns). Beyond that: the decoded storage
+storage patterns when encoding), and encodes a multi-stage predictor's pages a stage at a
+time, last first (the chunked encoder, ``_code_staged``); the Triton decoder gets them
+materialised a chunk of rows at a time (``PARAMS_SHARE``), and the Triton and reference
+encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
 patterns of the batch (none on the CPU when the caller's contiguous ``out`` pages take them
 in place; a multi-stage predictor reads its values from them), the coded words, and on the
 GPU the encoder's int32 scratch (4 B per symbol). Nothing
@@ -211,6 +212,27 @@ class _Coded:
     page: torch.Tensor  # the page in its storage dtype (any strides; read only for RAW blobs)
 
 
+@dataclass
+class _Prepared:
+    """One page ready for the coder: its blob so far, storage patterns ([numel], the
+    page's own memory when contiguous), stage boundaries, and either its (mu, sigma) (rows
+    for a one-stage predictor; the stages' rows concatenated when the coder needs the page
+    whole) or, for the chunked encoder, ``seen``: what the decoder will know, a storage
+    copy of the page whose stages are NaN'd from the last one back as they are coded."""
+
+    coded: _Coded
+    meta: PageMeta
+    bits: torch.Tensor
+    stages: list[int]
+    mu: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+
+    def held(self) -> int:
+        """Bytes this page holds until it is coded beyond its own patterns."""
+        return sum(t.untyped_storage().nbytes() for t in (self.mu, self.sigma, self.seen) if t is not None)
+
+
 def _nan_page(meta: PageMeta, device: torch.device, materialise: bool) -> torch.Tensor:
     """The ``values`` a predictor sees before stage 0: the page's shape in its storage dtype,
     all NaN (every storage dtype has one; torch.full writes the same pattern on both sides).
@@ -220,39 +242,50 @@ def _nan_page(meta: PageMeta, device: torch.device, materialise: bool) -> torch.
     return nan.expand(meta.shape).clone() if materialise else nan.expand(meta.shape)
 
 
-def _prepare(page, meta, predictor, w_wide, kappa, lanes, model):
-    """Side info, bit patterns ([numel], int16 / uint8) and float32 (mu, sigma) of one page:
-    (_Coded, bits, mu, sigma). mu and sigma are predict_rows' rows for a one-stage predictor
-    (possibly broadcast views, read in place by the C++ coder), else the stages' 1-D
-    predictions concatenated."""
+def _staged(device: torch.device) -> bool:
+    """Whether pages on ``device`` go to the chunked encoder (rans_cpu.Encoder: a stage at
+    a time, last first), which needs a multi-stage predictor's (mu, sigma) only a stage at
+    a time; else the coder takes each page's (mu, sigma) whole."""
+    return device.type == "cpu" and rans_cpu.available()
+
+
+def _prepare(page, meta, predictor, w_wide, kappa, lanes, model) -> _Prepared:
+    """Side info, bit patterns ([numel], int16 / uint8) and what the coder needs of the
+    predictor: a one-stage predictor's predict_rows (possibly broadcast views, read in
+    place by the C++ coder); for a multi-stage one, for the chunked encoder the page's
+    ``seen`` copy (the stages are predicted as they are coded: _code_staged), else the
+    stages' rows predicted now and concatenated into one [numel] each."""
     page = _storage_view(page, meta)
     bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
     side = predictor.side_info(page, meta)  # the page as stored: no float32 copy of it
     stages = _checked_stages(predictor, meta)
-    # What the decoder will know at stage s: the values of stages < s, NaN elsewhere, in the
-    # storage dtype (_nan_page). One tensor, filled in as the stages go; with one stage, a
-    # broadcast NaN.
-    single = len(stages) == 2
-    seen = _nan_page(meta, page.device, materialise=not single)
-    if not single:  # the stages' rows, flattened into one [numel] each as they come
-        mu, sigma = (torch.empty(meta.numel, dtype=torch.float32, device=page.device) for _ in range(2))
-    for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        rows = _checked_rows(predictor.predict_rows(meta, side, seen, s), b - a, predictor.name)
-        if single:
-            mu, sigma = rows
-        else:
-            mu[a:b], sigma[a:b] = rows[0].reshape(-1), rows[1].reshape(-1)
-            if b < meta.numel:  # later stages see these patterns themselves
-                seen.view(-1)[a:b] = bits[a:b].view(seen.dtype)
-        del rows
-    del seen
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
         raw_hash=page_hash(page), position=meta.position, w_wide=w_wide,
         kappa=kappa, num_lanes=lanes, side_bytes=len(side), model=model,
     )  # fmt: skip
-    return _Coded(header, side, page), bits, mu, sigma
+    prepared = _Prepared(_Coded(header, side, page), meta, bits, stages)
+    if len(stages) == 2:  # one stage: what the decoder knows is a broadcast NaN
+        prepared.mu, prepared.sigma = _checked_rows(
+            predictor.predict_rows(meta, side, _nan_page(meta, page.device, False), 0), meta.numel, predictor.name)
+        return prepared
+    if _staged(page.device):
+        prepared.seen = page.clone(memory_format=torch.contiguous_format)
+        return prepared
+    # What the decoder will know at stage s: the values of stages < s, NaN elsewhere, in the
+    # storage dtype (_nan_page), filled in as the stages go; the stages' rows flattened into
+    # one [numel] each.
+    seen = _nan_page(meta, page.device, materialise=True)
+    mu, sigma = (torch.empty(meta.numel, dtype=torch.float32, device=page.device) for _ in range(2))
+    for s, (a, b) in enumerate(zip(stages, stages[1:])):
+        rows = _checked_rows(predictor.predict_rows(meta, side, seen, s), b - a, predictor.name)
+        mu[a:b], sigma[a:b] = rows[0].reshape(-1), rows[1].reshape(-1)
+        del rows
+        if b < meta.numel:  # later stages see these patterns themselves
+            seen.view(-1)[a:b] = bits[a:b].view(seen.dtype)
+    prepared.mu, prepared.sigma = mu, sigma
+    return prepared
 
 
 def encode_pages(
@@ -284,26 +317,27 @@ def encode_pages(
 
 def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None) -> list[bytes]:
     """Blobs of pages in one batch, each with ``model`` (default: model_for its dtype)."""
-    # One coder call per (size, lanes, device): its loop steps serve every page at once.
+    # One coder call per (size, lanes, device, dtype, stages): its loop steps serve every page at once.
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (page, meta) in enumerate(zip(pages, metas)):
         lanes = min(num_lanes or default_lanes(meta.numel), meta.numel)
-        groups[(meta.numel, lanes, page.device, meta.dtype)].append(i)
+        groups[(meta.numel, lanes, page.device, meta.dtype, tuple(_checked_stages(predictor, meta)))].append(i)
     blobs: list[bytes] = [b""] * len(pages)
     retry: list[int] = []
     params_budget = PARAMS_SHARE_ENCODE * sum(_raw_bytes(meta) for meta in metas)
-    for (numel, lanes, device, dtype), members in groups.items():
+    for (numel, lanes, device, dtype, stages), members in groups.items():
         m = model or model_for(dtype)
-        # per page: its storage patterns ([numel], the page's own memory when contiguous) and
-        # (mu, sigma) as the predictor gave them; the C++ coder reads them all in place.
-        # Pages go to the coder together until their materialised (mu, sigma) pass the
-        # budget (per-symbol predictions: 4x a bf16 page), then the next run starts.
+        # Pages go to the coder together until what they hold (_Prepared.held: one-stage
+        # predictions, per symbol 4x a bf16 page; or the chunked encoder's seen copies and
+        # its largest stage's predictions) passes the budget, then the next run starts.
+        stage_bytes = 8 * max(b - a for a, b in zip(stages, stages[1:])) if len(stages) > 2 else 0
         run, held = [], 0
         for n, i in enumerate(members):
-            run.append((i, *_prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, m)))
-            held += sum(t.untyped_storage().nbytes() for t in run[-1][3:]) + ENCODER_BYTES.get(device.type, 0) * numel
+            run.append((i, _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, m)))
+            held += run[-1][1].held() + stage_bytes * (run[-1][1].seen is not None)
+            held += ENCODER_BYTES.get(device.type, 0) * numel
             if held >= params_budget or n + 1 == len(members):
-                retry += _code_run(run, device, dtype, lanes, w_wide, kappa, m, blobs)
+                retry += _code_run(run, predictor, device, dtype, lanes, w_wide, kappa, m, blobs)
                 held = 0
     # A page the table model could not shrink (mostly escapes: every bit pattern, garbage
     # parameters) gets the exact model's try before it is stored raw.
@@ -315,15 +349,20 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
     return blobs
 
 
-def _code_run(run: list, device, dtype, lanes, w_wide, kappa, model, blobs: list[bytes]) -> list[int]:
-    """One coder call for ``run`` ((index, _Coded, bits, mu, sigma) per page; emptied, so that
-    the predictions are freed as soon as the coder is done): blobs[index] for each page.
+def _code_run(run: list, predictor, device, dtype, lanes, w_wide, kappa, model, blobs: list[bytes]) -> list[int]:
+    """One coder call for ``run`` ((index, _Prepared) per page; emptied, so that the
+    predictions are freed as soon as the coder is done): blobs[index] for each page.
     Returns the indices whose page the table model left raw (worth the exact model's try)."""
-    index, coded, bits, mu, sigma = zip(*run)
+    index, prepared = zip(*run)
     run.clear()
-    words, lane_words = _coder(device).encode_values(list(bits), list(mu), list(sigma), dtype, lanes, w_wide, kappa,
-                                                     model)  # fmt: skip
-    del bits, mu, sigma
+    if _staged(device):
+        words, lane_words = _code_staged(prepared, predictor, dtype, lanes, w_wide, kappa, model)
+    else:
+        words, lane_words = _coder(device).encode_values([p.bits for p in prepared], [p.mu for p in prepared],
+                                                         [p.sigma for p in prepared], dtype, lanes, w_wide, kappa,
+                                                         model)  # fmt: skip
+    coded = [p.coded for p in prepared]
+    del prepared
     lane_words = lane_words.cpu().numpy()  # [P, NL]
     words = words.cpu().numpy().view("<u4")  # int32 -> the same u32 patterns, no copy
     ends = np.cumsum(lane_words.sum(axis=1))
@@ -334,6 +373,31 @@ def _code_run(run: list, device, dtype, lanes, w_wide, kappa, model, blobs: list
         if raw and model == tm.MODEL_TABLE:
             retry.append(index[j])
     return retry
+
+
+def _code_staged(prepared, predictor, dtype, lanes, w_wide, kappa, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked encoder (rans_cpu.Encoder) over pages of one stage layout: the last stage
+    first, each stage's predictions made just before it is coded from what the decoder will
+    know then (``seen``: stages < s, NaN from stage s on), so that a multi-stage predictor's
+    (mu, sigma) exist a stage at a time. One-stage pages pass their rows."""
+    encoder = rans_cpu.Encoder([p.bits for p in prepared], dtype, lanes, w_wide, kappa, model)
+    stages = prepared[0].stages
+    for s in reversed(range(len(stages) - 1)):
+        a, b = stages[s], stages[s + 1]
+        if b == a:
+            continue
+        mu, sigma = [], []
+        for p in prepared:
+            if p.seen is None:
+                rows = p.mu, p.sigma
+            else:
+                p.seen.view(-1)[a:b] = torch.full((), float("nan"), dtype=p.seen.dtype)
+                rows = _checked_rows(predictor.predict_rows(p.meta, p.coded.side, p.seen, s), b - a, predictor.name)
+            mu.append(rows[0])
+            sigma.append(rows[1])
+        encoder.encode(mu, sigma)
+        del mu, sigma, rows
+    return encoder.finish()
 
 
 def _pack(c: _Coded, lane_words: np.ndarray, stream: np.ndarray) -> tuple[bytes, bool]:

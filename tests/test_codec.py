@@ -175,6 +175,29 @@ def test_staged_predictor_sees_decoded_values_only():
     assert len(blobs[0]) < len(plain)
 
 
+def test_chunked_encoder_codes_a_stage_at_a_time(monkeypatch):
+    """On the CPU a multi-stage predictor's stages are predicted and coded last first, one
+    at a time (rans_cpu.Encoder: only a stage's (mu, sigma) exists at once), into the bytes
+    the whole-page coder (the Triton and reference path) writes."""
+    shape = (2, 3, 10, 3, 7)
+    pages = [(torch.randn(shape) * s).to(torch.bfloat16) for s in (1, 3)]
+    metas = [PageMeta("bf16", shape)] * 2
+    stages = []
+    real = codec.rans_cpu.Encoder
+
+    class Spy(real):
+        def encode(self, mu, sigma):
+            stages.append(self.position)
+            return super().encode(mu, sigma)
+
+    monkeypatch.setattr(codec.rans_cpu, "Encoder", Spy)
+    staged = codec.encode_pages(pages, metas, PreviousLayerPredictor(), num_lanes=16)
+    per_layer = metas[0].numel // 6
+    assert stages == [per_layer * (6 - s) for s in range(6)]  # each stage's end, last stage first
+    monkeypatch.setattr(codec, "_staged", lambda device: False)
+    assert codec.encode_pages(pages, metas, PreviousLayerPredictor(), num_lanes=16) == staged
+
+
 def test_batch_with_a_bad_blob_and_mixed_pages():
     pages = [
         (torch.randn(2, 2, 8, 1, 16)).to(torch.bfloat16),
@@ -247,13 +270,13 @@ def test_encoder_runs_keep_per_symbol_predictions_within_the_batch(monkeypatch):
     n = metas[0].numel
     per_symbol = KnownPredictor(torch.zeros(n), torch.ones(n))
     calls = []
-    real = codec.rans_cpu.encode_values
+    real = codec.rans_cpu.Encoder
 
     def counting(bits, *args, **kwargs):
         calls.append(len(bits))
         return real(bits, *args, **kwargs)
 
-    monkeypatch.setattr(codec.rans_cpu, "encode_values", counting)
+    monkeypatch.setattr(codec.rans_cpu, "Encoder", counting)
     one_run = codec.encode_pages(pages, metas, per_symbol, batch_bytes=1 << 30)  # budget: 4 pages' raw bytes
     assert calls == [1, 1, 1, 1]  # each page's (mu, sigma) alone is 4x a page: a run each
     calls.clear()
