@@ -94,7 +94,7 @@ def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False, table:
     types = {"q_ptr": "*fp32", "probes_ptr": "*i32"}
     if values:
         bits = "*i16" if em.symbol_bits(dtype) == 16 else "*u8"
-        types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", out_bits_ptr=bits, cum1_ptr="*i32",
+        types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", out_bits_ptr=bits, cum1_ptr="*i32", params_ptr="*i32",
                      lane_ok_ptr="*u8")
     sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
            for a in fn.arg_names}

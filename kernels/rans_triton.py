@@ -203,6 +203,15 @@ _NUM_BUCKETS = tl.constexpr(1 << tm.TB)
 # reference's saturates at sig << MAG_SHIFT_MAX in int64: both are far beyond every cell a
 # dense symbol codes (see "The table model" below), so both escape.
 _MAG_SAT = tl.constexpr(16)
+# The table decoder's per-symbol parameters, one int32 (table_params, _pack_params): what its
+# hit path needs of quantize_params' (mu_q, e, r), so the quantisation runs once per distinct
+# (mu, sigma) (page_stats: per channel) instead of once per symbol in the step loop. Bits
+# 0-6 the row, bit 7 dense, bits 8-15 e + E_OFF, bits 16-31 mu's cell mq (signed).
+_PARAM_DENSE = tl.constexpr(tm.ROWS)  # bit 7: rows are 7 bits
+_PARAM_E_SHIFT = tl.constexpr(8)
+_PARAM_E_OFF = tl.constexpr(128)  # e in [-60, 61]
+_PARAM_MQ_SHIFT = tl.constexpr(16)  # |mq| <= 2^(MB - 2) <= 256 for dense symbols, 0 for the others
+_PARAM_MASKED = tl.constexpr(128 << 8)  # a masked lane: row 0, not dense, e = 0, mq = 0
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
 BLOCK_LANES = 128
@@ -446,6 +455,25 @@ def _row_index(mu_q, r):
 
 
 @triton.jit
+def _pack_params(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """quantize_params' (mu_q, e, r) of a symbol as the table decoder's int32 parameters:
+    the row (table_model.row_index), dense (table_model.dense), e, and mu's cell mq
+    (_mu_cell: 0 where not dense). Unpacked by _unpack_params."""
+    table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+    mq = _mu_cell(mu_q, table)
+    return ((mq << _PARAM_MQ_SHIFT) | ((e + _PARAM_E_OFF) << _PARAM_E_SHIFT)
+            | tl.where(table, _PARAM_DENSE, 0) | _row_index(mu_q, r))
+
+
+@triton.jit
+def _unpack_params(params):
+    """(dense, row, mq, e) of _pack_params' int32."""
+    table = (params & _PARAM_DENSE) != 0
+    e = ((params >> _PARAM_E_SHIFT) & 255) - _PARAM_E_OFF
+    return table, params & (_PARAM_DENSE - 1), params >> _PARAM_MQ_SHIFT, e
+
+
+@triton.jit
 def _magnitude_fields(mag, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     """(sig, ex) of int32 magnitude patterns (sign bit clear): the value sig * 2^ex, as
     entropy_model.key_fields for finite ones (inf and NaN get their bits' fields here)."""
@@ -611,6 +639,19 @@ def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr
     scale = tl.where(zero, _P2, _PT)
     return (pattern, tl.where(ok, slot, slot_o), tl.where(ok, cum, 0), tl.where(ok, freq, _PT_ONE),
             tl.where(ok, scale, _PT), ok)
+
+
+@triton.jit
+def _table_params_kernel(mu_ptr, sigma_ptr, params_ptr, num_elems,
+                         MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """The table decoder's int32 parameters (_pack_params) of float32 (mu, sigma), elementwise:
+    mu, sigma float32 [num_elems], params int32 [num_elems]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_elems
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0)
+    sigma = tl.load(sigma_ptr + offs, mask=mask, other=1.0)
+    mu_q, e, r = _quantize(mu, sigma)
+    tl.store(params_ptr + offs, _pack_params(mu_q, e, r, MAN_BITS, BIAS), mask=mask)
 
 
 @triton.jit
@@ -871,6 +912,30 @@ def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor
 def _level1_start(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
     """table_model.level1_start on ``device`` as uint8 [ROWS * 2^START_BITS], row by row."""
     return tm.level1_start(w_wide, kappa).reshape(-1).to(device)  # [ROWS, 2^START_BITS] -> flat
+
+
+def table_params(mu: torch.Tensor, sigma: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The table decoder's per-symbol parameters (``Decoder.decode_values(..., params=)``):
+    int32 shaped like float32 (mu, sigma) (any shape, one device), each the row, the dense
+    test, e and mu's cell of quantize_params(mu, sigma) (_pack_params; the torch reference:
+    entropy_model.quantize_params, table_model.row_index and table_model.dense). Elementwise,
+    so a caller whose (mu, sigma) repeat (page_stats: one per channel) computes it once per
+    distinct pair and broadcasts the int32, instead of quantising every symbol in the step
+    loop."""
+    b, man_bits, bias, _ = em.DTYPE_SPECS[dtype]
+    if b != 16:
+        raise ValueError(f"table_params is the table model's (16-bit dtypes), got {dtype}")
+    if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or mu.shape != sigma.shape:
+        raise ValueError(f"mu and sigma must be float32 tensors of one shape, got {mu.dtype} {tuple(mu.shape)}, "
+                         f"{sigma.dtype} {tuple(sigma.shape)}")
+    _check_device(mu, sigma)
+    mu, sigma = mu.contiguous(), sigma.contiguous()
+    params = torch.empty(mu.shape, dtype=torch.int32, device=mu.device)
+    n = mu.numel()
+    if n:
+        _table_params_kernel[(triton.cdiv(n, BLOCK_ELEMS),)](mu, sigma, params, n, MAN_BITS=man_bits, BIAS=bias,
+                                                            BLOCK=BLOCK_ELEMS)
+    return params
 
 
 def encode_values(
@@ -1139,18 +1204,19 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, out_bits
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
                                "w_wide", "kappa"])  # fmt: skip
-def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr,
+def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr,
                          out_bits_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
                          num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                          GALLOP_ROUNDS: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
-    per symbol the cell (a lookup in start, uint8 [ROWS * 2^START_BITS], _level1_start, and
+    per symbol its parameters (params int32 [P, count], table_params: quantize_params, the
+    dense test, the row and mu's cell, computed outside the step loop), the cell (a lookup in start, uint8 [ROWS * 2^START_BITS], _level1_start, and
     a correction in the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
     level 2 (the offset's raw bits, or the zero cell's point: a
     truncation, no search) or, after ESC and for a symbol that is not dense, the exact
-    model's step (_find_key, in a branch taken when any lane of the program needs it).
-    lane_ok uint8 [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode
+    model's step (_find_key, in a branch taken when any lane of the program needs it, which
+    alone reads (mu, sigma) and quantises them). lane_ok uint8 [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode
     an impossible cell (a corrupt stream). Other arguments as _decode_values_kernel's."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
@@ -1164,24 +1230,26 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_
     for step in range(first // lanes_per_page, tl.cdiv(first + count, lanes_per_page)):
         offs_sym = lane + step * lanes_per_page - first  # symbol index within the stage
         active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
-        mu = tl.load(mu_ptr + offs_page + offs_sym, mask=active, other=0.0)
-        sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=active, other=1.0)
-        mu_q, e, r = _quantize(mu, sigma)
-        table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+        params = tl.load(params_ptr + offs_page + offs_sym, mask=active, other=_PARAM_MASKED)
+        table, row, mq, e = _unpack_params(params)
         # level 1 of a dense symbol: the cell or ESC, scale PT
         slot = (x & _PT_MASK).to(tl.int32)
-        entry, c1, f1 = _level1_entry(slot, _row_index(mu_q, r), active & table, cum1_ptr, start_ptr)
+        entry, c1, f1 = _level1_entry(slot, row, active & table, cum1_ptr, start_ptr)
         x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active & table, words_ptr, num_words)
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
         exact = ~table | (entry == _ESC)
-        pattern, slot, cum, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32),
-                                                             _mu_cell(mu_q, table), e, BITS, MAN_BITS, BIAS)
+        pattern, slot, cum, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
+                                                             BITS, MAN_BITS, BIAS)
         bad = bad | (active & ~exact & ~ok)
         if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
+            need = active & exact
+            mu = tl.load(mu_ptr + offs_page + offs_sym, mask=need, other=0.0)
+            sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=need, other=1.0)
+            mu_q, e_q, r = _quantize(mu, sigma)  # e_q == e
             slot_e = (x & (_M - 1)).to(tl.int32)
-            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, r, active & exact, phi_ptr, q_ptr, w_wide, kappa,
+            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e_q, r, need, phi_ptr, q_ptr, w_wide, kappa,
                                                 BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
             pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
             cum = tl.where(exact, c_lo, cum)
@@ -1243,13 +1311,29 @@ class Decoder(ref.Decoder):
         self.position += n
         return keys[0] if squeeze else keys
 
-    def decode_values(self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor) -> None:
+    def decode_values(
+        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, params: torch.Tensor | None = None
+    ) -> None:
         """rans_reference.Decoder.decode_values in one kernel (quantize_params, the search, the
         storage patterns per symbol; rans_cpu's on the CPU): the next n symbols of each page
         from float32 (mu, sigma) [P, n] (or [n]), written as storage patterns into columns
         [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8;
-        contiguous). It allocates nothing per symbol on the device."""
+        contiguous). The table model reads its parameters from ``params``, int32 shaped like
+        mu (``table_params(mu, sigma, dtype)``, which a caller may compute once per distinct
+        (mu, sigma) and broadcast), computing them here when not given (int32 [P, n]); mu and
+        sigma only for its rare exact-model steps. Otherwise it allocates nothing per symbol
+        on the device."""
+        if params is not None and self.model != tm.MODEL_TABLE:
+            raise ValueError("params are the table model's")
         (mu, sigma), n = self._stage((mu, sigma), torch.float32)
+        if self.model == tm.MODEL_TABLE:
+            if params is None:
+                params = table_params(mu, sigma, self.dtype)
+            (params,), _ = self._stage((params,), torch.int32)
+            if params.shape != mu.shape:
+                raise ValueError(f"params must be shaped like mu {tuple(mu.shape)}, got {tuple(params.shape)}")
+            _check_device(mu, params)
+            params = params.contiguous()
         b, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
         want = torch.int16 if b == 16 else torch.uint8
         shape = (self.num_pages, self.num_symbols)
@@ -1270,7 +1354,7 @@ class Decoder(ref.Decoder):
             if self.model == tm.MODEL_TABLE:
                 self.lane_ok = self.lane_ok.contiguous()  # cleared in place (as uint8) for impossible points
                 _decode_table_kernel[grid](
-                    self.words, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
+                    self.words, params, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
                     _level1_start(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
                     self.quantiles_f32, out_bits, self.x, self.ptr,
                     self.lane_ok.view(torch.uint8), *sizes, **spec,
