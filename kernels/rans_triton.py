@@ -1123,8 +1123,10 @@ def _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words):
     x' = freq * (x >> s) + slot - cum with slot = x & (2^s - 1), and one word shifted in if
     x' < L (rans_reference.Decoder._pop). Words are int64 in [0, 2^32) or int32 holding u32
     words (the & restores the u32 value after the sign-extending widening). A read past the
-    lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it."""
-    x_new = freq.to(tl.int64) * (x >> scale) + (slot - cum)
+    lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it.
+    freq is int32 in [1, 2^31) on active lanes (every model's steps), so it is widened as
+    unsigned (the same integer; a 32 x 64-bit multiply instead of 64 x 64)."""
+    x_new = freq.to(tl.uint32, bitcast=True).to(tl.int64) * (x >> scale) + (slot - cum)
     need = x_new < _RANS_L
     w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0).to(tl.int64) & _WORD_MASK
     x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
@@ -1225,12 +1227,19 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, sta
     offs_page = page * count  # the page's first (mu, sigma) of this stage
     offs_out_page = page * stride_out + first  # its first output column of this stage
     x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
-    wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0)
+    # int32 in the loop: the launcher checks that words and reads past them stay below 2^31
+    wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0).to(tl.int32)
     bad = offs_lane < 0  # [BLOCK_LANES] False
-    for step in range(first // lanes_per_page, tl.cdiv(first + count, lanes_per_page)):
-        offs_sym = lane + step * lanes_per_page - first  # symbol index within the stage
-        active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
-        params = tl.load(params_ptr + offs_page + offs_sym, mask=active, other=_PARAM_MASKED)
+    first_step = first // lanes_per_page
+    # the lane's symbol within the stage at the first step (< 0: decoded by an earlier stage),
+    # and its parameters' and output's addresses, advanced by lanes_per_page symbols per step
+    offs_sym = (lane + first_step * lanes_per_page - first).to(tl.int32)
+    limit = tl.where(lane_mask, count, 0).to(tl.uint32)  # active: 0 <= offs_sym < limit (unsigned)
+    params_ptrs = params_ptr + offs_page + offs_sym
+    out_ptrs = out_bits_ptr + offs_out_page + offs_sym
+    for step in range(first_step, tl.cdiv(first + count, lanes_per_page)):  # noqa: B007 (the loop counts)
+        active = offs_sym.to(tl.uint32, bitcast=True) < limit
+        params = tl.load(params_ptrs, mask=active, other=_PARAM_MASKED)
         table, row, mq, e = _unpack_params(params)
         # level 1 of a dense symbol: the cell or ESC, scale PT
         slot = (x & _PT_MASK).to(tl.int32)
@@ -1257,10 +1266,13 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, sta
             slot = tl.where(exact, slot_e, slot)
             scale = tl.where(exact, _PROB_BITS, scale)
         # [0, 2^B): the cast keeps its B bits
-        tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
+        tl.store(out_ptrs, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
         x, wptr = _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words)
+        offs_sym += lanes_per_page
+        params_ptrs += lanes_per_page
+        out_ptrs += lanes_per_page
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
-    tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
+    tl.store(wptr_ptr + offs_lane, wptr.to(tl.int64), mask=lane_mask)
     tl.store(lane_ok_ptr + offs_lane, tl.zeros([BLOCK_LANES], tl.uint8), mask=lane_mask & bad)
 
 
@@ -1334,6 +1346,9 @@ class Decoder(ref.Decoder):
                 raise ValueError(f"params must be shaped like mu {tuple(mu.shape)}, got {tuple(params.shape)}")
             _check_device(mu, params)
             params = params.contiguous()
+            if self.words.numel() + 2 * self.num_symbols >= 2**31:  # the kernel's int32 word pointers
+                raise ValueError(f"{self.words.numel()} words: the Triton table decoder takes fewer than "
+                                 f"2^31 - {2 * self.num_symbols} per call; decode fewer pages at a time")
         b, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
         want = torch.int16 if b == 16 else torch.uint8
         shape = (self.num_pages, self.num_symbols)
