@@ -201,6 +201,7 @@ PARTS = {
     "dense test": ("_dense",),
     "level 1 (row, lookup, one step)": ("_row_index", "_level1_entry", "_level1_bisect"),
     "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_mu_cell", "_trunc_magnitude", "_zero_points",
+                                               "_decode_point",
                                                "_ceil_shift", "_magnitude_fields"),
     "guess": ("_guess_key", "_nearest_key", "_pow2"),
     "C(guess), C(guess + 1)": ("_cdf_pair", "_cdf_from_boundary", "_cdf", "_value_units", "_phi", "_inverse"),

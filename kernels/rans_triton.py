@@ -195,6 +195,8 @@ _PT_ONE = tl.constexpr(1 << tm.PT)  # probability one at scale PT (the identity 
 _P2 = tl.constexpr(tm.P2)
 _P2_MASK = tl.constexpr((1 << tm.P2) - 1)
 _POINTS = tl.constexpr(1 << tm.P2)  # points of a zero cell
+# log2 of the widest cell, u = 2^(e - TS) with e <= log2(SIGMA_MAX): every zero-cell value is below it
+_U_LOG_MAX = tl.constexpr(int(em.SIGMA_MAX).bit_length() - 1 - tm.TS)
 _DENSE_MAX = tl.constexpr(tm.CELL_SHIFT - tm.DENSE_LOG)  # table_model.dense: log2 key spacing <= this
 _SIGMA2_SHIFT = tl.constexpr(em.F - em.R + 1)  # r << this = 2 sigma in units of delta
 _BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.row_index: b = (r >> (R - TB)) - 2^TB
@@ -557,6 +559,32 @@ def _trunc_magnitude(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.
 
 
 @triton.jit
+def _decode_point(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """A zero cell's point n (int32 in [0, 2^P2)) decoded: (magnitude pattern, first, count),
+    int32, i.e. table_model.trunc_magnitude and the zero_points of its key, the points in
+    closed form from n. With s = log2 of the key's ulp in points (ex - (e - TS - P2)) and
+    the key (sig, ex) the truncation of n (sig 2^s <= n < (sig + 1) 2^s; the next magnitude
+    is (sig + 1) 2^ex, also across a binade edge): for s >= 0 keys sit on multiples of 2^s
+    points, so first = n rounded down to one and the next key's first = first + 2^s; for
+    s < 0, sig 2^s lies in (n - 1, n] and (sig + 1) 2^s in (n, n + 1]: first = n, next n + 1.
+    Only the largest finite magnitude (the truncation clamps there: n may lie far beyond its
+    value) takes the general first point; its points end at 2^P2."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS
+    MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)
+    mag = _trunc_magnitude(n, e, BITS, MAN_BITS, BIAS)
+    s = tl.maximum(mag >> MAN_BITS, 1) - (BIAS + MAN_BITS) - e + (_TS + _P2)  # ex from the exponent field
+    w = tl.minimum(tl.maximum(s, 0), _P2)  # 2^P2 points or more: the key owns [0, 2^P2) (n >> s = 0)
+    first = n & (-1 << w)
+    nxt = tl.minimum(first + (1 << w), _POINTS)
+    if EMAX < _U_LOG_MAX:  # fp16: a zero cell may reach the largest finite magnitude (bf16's never does)
+        top = mag == MAX_MAG
+        first = tl.where(top, _ceil_shift((1 << (MAN_BITS + 1)) - 1, s), first)
+        nxt = tl.where(top, _POINTS, nxt)
+    return mag, first, nxt - first
+
+
+@triton.jit
 def _level1_bisect(slot1, row_ptr):
     """table_model.decode_cell: the entry i in [0, NCELL] of a level-1 row (int32 CUM1[row],
     ROW entries from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and CUM1[i].
@@ -617,9 +645,8 @@ def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr
     neg = m < 0
     mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
     zero = mag == 0
-    # the zero cell: the point's magnitude by truncation, then its points
-    pat_z = _trunc_magnitude(x16, e, BITS, MAN_BITS, BIAS)
-    first, cnt = _zero_points(pat_z, e, MAN_BITS, BIAS, MAX_MAG)
+    # the zero cell: the point's magnitude by truncation, and its points
+    pat_z, first, cnt = _decode_point(x16, e, BITS, MAN_BITS, BIAS)
     # off zero: the cell's binade j = floor(log2 mag) + e - TS (exact: mag < 2^9 in float32),
     # its ulp 2^ex, L2 = log2(u / ulp) raw bits of offset
     lg = (tl.maximum(mag, 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
