@@ -18,9 +18,12 @@ nothing int64 per symbol on the device):
   ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
   dtypes: table_model's aligned lattice, a cell and its offset or zero-cell point, two
   steps per symbol; _encode_table_kernel).
-* ``Decoder(..., model=...).decode_values(mu, sigma, out_bits)``: the next n symbols of
-  every page from float32 (mu, sigma) [P, n] into columns [position, position + n) of
-  out_bits [P, N] (storage patterns); the table model through _decode_table_kernel.
+* ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, params=None)``: the next n
+  symbols of every page from float32 (mu, sigma) [P, n] into columns [position, position +
+  n) of out_bits [P, N] (storage patterns); the table model through _decode_table_kernel,
+  which reads int32 ``params`` [P, n] (``table_params(mu, sigma, dtype)``: quantize_params,
+  the dense test, the row and mu's cell of each (mu, sigma), packed; computed here when not
+  given; the codec computes them once per distinct (mu, sigma) and broadcasts them).
 
 The integer-level interface (tests, examples/estimate_sm90.py):
 
@@ -95,17 +98,18 @@ has its table:
   coalesce them if the encoder ever shows up in a profile.
 
 * The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
-  quantize_params, the dense test, level 1 (one lookup of the entry holding the slot's
-  bucket, table_model.level1_start, and one step; a program with a lane still short of its
-  entry bisects the row instead: 5% of steps on SmolLM2 KV), the level-1 rANS step, level 2 (off zero the
-  cell's binade and the offset's L2 raw bits; in a zero cell a float truncation of the
-  point and its first points: int32, no search), the level-2 rANS step; the exact model's
-  step in a branch taken when any lane of the program escaped or is not dense. Its hit
-  path compiles to 335 SASS instructions (bf16; 336 fp16) against 483 (504) for the exact
-  model's value-level kernel: quantize_params 73, the dense test 17, level 1 39 (the
-  bisection fallback 55 more), level 2 89, the two rANS steps 60, loads, stores and the
-  vote 57 (examples/estimate_sm90.py
-  splits them by source line; docs/BENCHMARKS.md "Table model T2" has the table).
+  its int32 parameters (row, dense, e, mu's cell: ``table_params``, an elementwise kernel
+  run outside the step loop, once per distinct (mu, sigma)), level 1 (one lookup of the
+  entry holding the slot's bucket, table_model.level1_start, and one step; a program with a
+  lane still short of its entry bisects the row instead: 5% of steps on SmolLM2 KV), the
+  level-1 rANS step, level 2 (off zero the cell's binade and the offset's L2 raw bits; in a
+  zero cell a float truncation of the point, its points in closed form: int32, no search),
+  the level-2 rANS step; the exact model's step (which alone reads and quantises (mu,
+  sigma)) in a branch taken when any lane of the program escaped or is not dense. Its hit
+  path compiles to 180 SASS instructions (bf16; 194 fp16) against 467 (491) for the exact
+  model's value-level kernel; table_params costs ~110 per (mu, sigma) (examples/
+  estimate_sm90.py splits them by source line; docs/BENCHMARKS.md "Table model T2:
+  quantize_params out of the step loop" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -118,8 +122,9 @@ per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) step
   int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
   peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
   words.
-* ``Decoder.decode_values``: nothing per symbol (the inputs (mu, sigma) and the output
-  patterns are the caller's), words 4 B each. The old route held int64 mu_q, e, r and keys
+* ``Decoder.decode_values``: nothing per symbol under the exact model (the inputs (mu,
+  sigma) and the output patterns are the caller's), words 4 B each; under the table model
+  the int32 params (4 B per symbol) where the caller passes none. The old route held int64 mu_q, e, r and keys
   and the int64 temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
   quantize_params), and the codec widened the words to int64 (4 -> 8 B per word, with a
   transient int64 copy).

@@ -16,7 +16,9 @@ exactly as the encoder showed it.
 Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (config
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
 (``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
-channel). Decoding materialises them a chunk of rows at a time (``PARAMS_SHARE``); the C++
+channel). Decoding materialises them a chunk of rows at a time (``PARAMS_SHARE``; on the GPU
+the Triton table decoder's int32 parameters too, ``rans_triton.table_params``, computed once
+per distinct (mu, sigma) of the broadcast rows and broadcast like them); the C++
 encoder reads them, and each page's storage patterns, in place; the Triton and reference
 encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
 patterns of the batch (none on the CPU when the caller's contiguous ``out`` pages take them
