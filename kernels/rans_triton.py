@@ -645,7 +645,6 @@ def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr
     EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
     EMIN_EX: tl.constexpr = 1 - BIAS - MAN_BITS  # the exponent of subnormals' (and the first binade's) ulp
     EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
-    MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)
     m = entry - _TJ + mq
     neg = m < 0
     mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
@@ -1245,13 +1244,14 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, sta
                          GALLOP_ROUNDS: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
     per symbol its parameters (params int32 [P, count], table_params: quantize_params, the
-    dense test, the row and mu's cell, computed outside the step loop), the cell (a lookup in start, uint8 [ROWS * 2^START_BITS], _level1_start, and
-    a correction in the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
-    level 2 (the offset's raw bits, or the zero cell's point: a
-    truncation, no search) or, after ESC and for a symbol that is not dense, the exact
-    model's step (_find_key, in a branch taken when any lane of the program needs it, which
-    alone reads (mu, sigma) and quantises them). lane_ok uint8 [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode
-    an impossible cell (a corrupt stream). Other arguments as _decode_values_kernel's."""
+    dense test, the row and mu's cell, computed outside the step loop), the cell (a lookup
+    in start, uint8 [ROWS * 2^START_BITS], _level1_start, and a correction in the symbol's
+    row of cum1, int32 [ROWS * ROW], _level1_table), then level 2 (the offset's raw bits,
+    or the zero cell's point: a truncation, no search) or, after ESC and for a symbol that
+    is not dense, the exact model's step (_find_key, in a branch taken when any lane of the
+    program needs it, which alone reads (mu, sigma) and quantises them). lane_ok uint8
+    [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode an
+    impossible cell (a corrupt stream). Other arguments as _decode_values_kernel's."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
