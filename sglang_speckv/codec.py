@@ -196,10 +196,11 @@ def _table_params_rows(coder: ModuleType, mu: torch.Tensor, sigma: torch.Tensor,
     """The Triton table decoder's int32 parameters of prediction rows (``table_params``:
     quantize_params, the dense test, the row), computed once per distinct (mu, sigma): on
     one element along the dimensions where both are broadcast (stride 0: page_stats' tokens),
-    then broadcast back the same way (a view, materialised a chunk at a time like mu)."""
-    one = ()
-    if mu.shape == sigma.shape:
-        one = tuple(slice(0, 1) if a == b == 0 else slice(None) for a, b in zip(mu.stride(), sigma.stride()))
+    then broadcast back the same way (a view, materialised a chunk at a time like mu). Rows
+    of two shapes (one of them flattened by _checked_rows): per symbol, 1-D."""
+    if mu.shape != sigma.shape:
+        return coder.table_params(mu.reshape(-1), sigma.reshape(-1), dtype)
+    one = tuple(slice(0, 1) if a == b == 0 else slice(None) for a, b in zip(mu.stride(), sigma.stride()))
     return coder.table_params(mu[one], sigma[one], dtype).expand(mu.shape)
 
 
