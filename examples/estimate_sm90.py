@@ -17,7 +17,10 @@
    (``_decode_table_kernel``, 16-bit dtypes): its hit path and its escape branch. Each SASS
    instruction's source line (nvdisasm -g) splits the value-level hit paths into parts by
    the @triton.jit helper it comes from (quantize_params, the level-1 search, level 2, the
-   guess, C, the rANS steps: ``hit_path_parts``).
+   guess, C, the rANS steps: ``hit_path_parts``). The table decoder reads its parameters
+   from ``table_params`` (an elementwise kernel the codec runs once per distinct (mu,
+   sigma): per channel under page_stats); its SASS per element is counted too
+   (``params_cost``) and added per symbol or per channel.
 2. Probes. How often guesses miss and how many C evaluations a miss costs are counted by
    the kernel itself (Decoder.decode(..., probes=...)) under TRITON_INTERPRET=1 on CPU:
    synthetic pages whose values are drawn from the model's own (mu, sigma) (as
@@ -95,7 +98,7 @@ def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False, table:
     if values:
         bits = "*i16" if em.symbol_bits(dtype) == 16 else "*u8"
         types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", out_bits_ptr=bits, cum1_ptr="*i32",
-                     lane_ok_ptr="*u8")
+                     start_ptr="*u8", params_ptr="*i32", lane_ok_ptr="*u8")
     sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
            for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
@@ -194,9 +197,11 @@ def table_loop_costs(sass: str) -> dict[str, int]:
 # to the first helper that line calls, else to "loads, stores, loop, vote").
 PARTS = {
     "quantize_params": ("_quantize", "_round_half_even", "_pow2_f64"),
+    "parameters (table_params' int32, unpacked)": ("_unpack_params",),
     "dense test": ("_dense",),
     "level 1 (row, lookup, one step)": ("_row_index", "_level1_entry", "_level1_bisect"),
     "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_mu_cell", "_trunc_magnitude", "_zero_points",
+                                               "_decode_point",
                                                "_ceil_shift", "_magnitude_fields"),
     "guess": ("_guess_key", "_nearest_key", "_pow2"),
     "C(guess), C(guess + 1)": ("_cdf_pair", "_cdf_from_boundary", "_cdf", "_value_units", "_phi", "_inverse"),
@@ -241,6 +246,35 @@ def hit_path_parts(rt, sass: str, kernel: str) -> dict[str, int]:
     return {k: v for k, v in parts.items() if v}
 
 
+def params_cost(rt, dtype: str) -> float:
+    """SASS instructions per element of the table decoder's parameter kernel
+    (``_table_params_kernel``: quantize_params, the dense test, the row, packed), compiled
+    as ``table_params`` launches it (BLOCK_ELEMS elements per program of 4 warps):
+    straight-line code, so its whole SASS over the elements per thread. 0 for a revision
+    without it (quantize_params in the decoder's step loop)."""
+    if not hasattr(rt, "_table_params_kernel"):
+        return 0.0
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sglang_speckv.kernels import entropy_model as em
+
+    fn, warps = rt._table_params_kernel, 4
+    _, man_bits, bias, _ = em.DTYPE_SPECS[dtype]
+    consts = dict(MAN_BITS=man_bits, BIAS=bias, BLOCK=rt.BLOCK_ELEMS)
+    sig = {a: "constexpr" if a in consts else {"mu_ptr": "*fp32", "sigma_ptr": "*fp32"}.get(
+        a, "*i32" if a.endswith("_ptr") else "i32") for a in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    instrs = [m.group(2) for m in INSTR.finditer(sass) if not m.group(2).startswith("NOP")]
+    return len(instrs) / (rt.BLOCK_ELEMS / (WARP * warps))
+
+
 def triton_version() -> str:
     import triton
 
@@ -255,7 +289,7 @@ def sass_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
     warps = warps or now.DECODE_WARPS
     costs = {"now": {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps)) for dtype in dtypes}, "baseline": None}
     costs["values"] = {dtype: loop_costs(sass_of(now, dtype, warps, WARP * warps, values=True)) for dtype in dtypes}
-    costs["table"], costs["parts"] = {}, {}
+    costs["table"], costs["parts"], costs["params"] = {}, {}, {}
     for dtype in dtypes:
         values_sass = sass_of(now, dtype, warps, WARP * warps, values=True)
         costs["parts"][dtype] = {"exact": hit_path_parts(now, values_sass, "_decode_values_kernel")}
@@ -263,6 +297,7 @@ def sass_costs(baseline: str, warps: int | None, dtypes: list[str]) -> dict:
             table_sass = sass_of(now, dtype, warps, WARP * warps, table=True)
             costs["table"][dtype] = table_loop_costs(table_sass)
             costs["parts"][dtype]["table"] = hit_path_parts(now, table_sass, "_decode_table_kernel")
+            costs["params"][dtype] = params_cost(now, dtype)
     costs.update(block_lanes=WARP * warps, gallop_rounds=now.GALLOP_ROUNDS, triton=triton_version())
     if baseline != "none":
         shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{baseline}:kernels/rans_triton.py"],
@@ -399,11 +434,13 @@ def main() -> None:
     from sglang_speckv.kernels import rans_triton as rt
 
     rt.DECODE_LANES = 4096  # one interpreted program per 4096 lanes: per-lane probes are the same
-    sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols))
+    # (name, dtype, values, mu, sigma, symbols per distinct (mu, sigma) as the codec sees them)
+    sources = [(f"synthetic Gaussian, {args.symbols} symbols", dtype, *synthetic(dtype, args.symbols), 1)
                for dtype in args.dtype]
     for path in args.dump:
         dtype, values, mu, sigma = from_dump(path, args.tokens)
-        sources.append((f"{Path(path).name}, {values.shape[1]} symbols, page_stats", dtype, values, mu, sigma))
+        sources.append((f"{Path(path).name}, {values.shape[1]} symbols, page_stats", dtype, values, mu, sigma,
+                        args.tokens))  # one (mu, sigma) per channel, broadcast over the tokens
     dtypes = list(dict.fromkeys(dtype for _, dtype, *_ in sources))
 
     costs = instruction_costs(args.baseline, args.warps, dtypes)
@@ -443,7 +480,7 @@ def main() -> None:
           "| instr/symbol | est. GB/s | value-level instr/symbol | est. GB/s | baseline instr/symbol "
           "| baseline est. GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, dtype, values, mu, sigma in sources:
+    for name, dtype, values, mu, sigma, share in sources:
         stats = probe_stats(rt, values, mu, sigma, dtype, groups)
         c, size_b = now[dtype], values.element_size()
 
@@ -462,9 +499,11 @@ def main() -> None:
                 q, esc, q1, short = escape_stats(values, mu, sigma, dtype, size)
                 t = table_now[dtype]
                 instr_t = t["hit path"] + esc * t["escape"] + short * t["level-1 fallback"]
+                pack = costs["params"][dtype]
+                per_symbol, shared = instr_t + pack, instr_t + pack / share
                 table_rows.append(f"| {name} | {dtype} | {q:.5f} | {size} | {esc:.4f} | {q1:.5f} | {short:.4f} "
-                                  f"| {instr_t:.0f} "
-                                  f"| {gbs(instr_t)} | {instr_v:.0f} | {gbs(instr_v)} |")
+                                  f"| {instr_t:.0f} | {share} | {shared:.0f} | {gbs(shared)} | {per_symbol:.0f} "
+                                  f"| {gbs(per_symbol)} | {instr_v:.0f} | {gbs(instr_v)} |")
         sys.stdout.flush()
 
     if table_rows:
@@ -473,16 +512,22 @@ def main() -> None:
               "step, level 1's lookup and step finish every lane) / escape path (it does, for ESC or a symbol "
               "that is not dense, its guesses hitting) / level-1 fallback (the row's bisection): "
               + ", ".join(f"{d} {c['hit path']} / {c['escape']} / {c['level-1 fallback']}"
-                          for d, c in table_now.items()))
+                          for d, c in table_now.items())
+              + "; table_params (the parameter kernel) per element: "
+              + ", ".join(f"{d} {c:.0f}" for d, c in costs["params"].items()))
         print("\nESTIMATE (no GPU): exact-model steps (ESC or not dense) from table_model.symbol_steps, "
               "level-1 fallbacks from level1_start on slots drawn in each symbol's level-1 step, "
-              "instr/symbol = hit path + P(block escapes) x escape path (a missed guess there adds the "
+              "decode instr/symbol = hit path + P(block escapes) x escape path (a missed guess there adds the "
               "exact kernel's fallback: not counted) + P(block's level 1 falls back) x level-1 fallback; "
-              "the exact model's value-level kernel beside it:\n")
+              "plus table_params' instructions once per distinct (mu, sigma) (the codec's route: per channel "
+              "under page_stats, i.e. per `--tokens` symbols; the int32 broadcast copy, memory-bound, not "
+              "counted), or once per symbol (per-symbol predictions); the exact model's value-level kernel "
+              "beside it:\n")
         print("| data | dtype | exact-step rate | lanes per block | P(block escapes) | level-1 fallback rate "
-              "| P(block's level 1 falls back) | instr/symbol | est. GB/s | exact value-level instr/symbol "
-              "| est. GB/s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| P(block's level 1 falls back) | decode instr/symbol | symbols per (mu, sigma) "
+              "| + table_params: instr/symbol | est. GB/s | params per symbol: instr/symbol | est. GB/s "
+              "| exact value-level instr/symbol | est. GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(table_rows))
 
 if __name__ == "__main__":

@@ -18,9 +18,12 @@ nothing int64 per symbol on the device):
   ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
   dtypes: table_model's aligned lattice, a cell and its offset or zero-cell point, two
   steps per symbol; _encode_table_kernel).
-* ``Decoder(..., model=...).decode_values(mu, sigma, out_bits)``: the next n symbols of
-  every page from float32 (mu, sigma) [P, n] into columns [position, position + n) of
-  out_bits [P, N] (storage patterns); the table model through _decode_table_kernel.
+* ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, params=None)``: the next n
+  symbols of every page from float32 (mu, sigma) [P, n] into columns [position, position +
+  n) of out_bits [P, N] (storage patterns); the table model through _decode_table_kernel,
+  which reads int32 ``params`` [P, n] (``table_params(mu, sigma, dtype)``: quantize_params,
+  the dense test, the row and mu's cell of each (mu, sigma), packed; computed here when not
+  given; the codec computes them once per distinct (mu, sigma) and broadcasts them).
 
 The integer-level interface (tests, examples/estimate_sm90.py):
 
@@ -95,17 +98,18 @@ has its table:
   coalesce them if the encoder ever shows up in a profile.
 
 * The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
-  quantize_params, the dense test, level 1 (one lookup of the entry holding the slot's
-  bucket, table_model.level1_start, and one step; a program with a lane still short of its
-  entry bisects the row instead: 5% of steps on SmolLM2 KV), the level-1 rANS step, level 2 (off zero the
-  cell's binade and the offset's L2 raw bits; in a zero cell a float truncation of the
-  point and its first points: int32, no search), the level-2 rANS step; the exact model's
-  step in a branch taken when any lane of the program escaped or is not dense. Its hit
-  path compiles to 335 SASS instructions (bf16; 336 fp16) against 483 (504) for the exact
-  model's value-level kernel: quantize_params 73, the dense test 17, level 1 39 (the
-  bisection fallback 55 more), level 2 89, the two rANS steps 60, loads, stores and the
-  vote 57 (examples/estimate_sm90.py
-  splits them by source line; docs/BENCHMARKS.md "Table model T2" has the table).
+  its int32 parameters (row, dense, e, mu's cell: ``table_params``, an elementwise kernel
+  run outside the step loop, once per distinct (mu, sigma)), level 1 (one lookup of the
+  entry holding the slot's bucket, table_model.level1_start, and one step; a program with a
+  lane still short of its entry bisects the row instead: 5% of steps on SmolLM2 KV), the
+  level-1 rANS step, level 2 (off zero the cell's binade and the offset's L2 raw bits; in a
+  zero cell a float truncation of the point, its points in closed form: int32, no search),
+  the level-2 rANS step; the exact model's step (which alone reads and quantises (mu,
+  sigma)) in a branch taken when any lane of the program escaped or is not dense. Its hit
+  path compiles to 180 SASS instructions (bf16; 194 fp16) against 467 (491) for the exact
+  model's value-level kernel; table_params costs ~110 per (mu, sigma) (examples/
+  estimate_sm90.py splits them by source line; docs/BENCHMARKS.md "Table model T2:
+  quantize_params out of the step loop" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -118,8 +122,9 @@ per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) step
   int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
   peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
   words.
-* ``Decoder.decode_values``: nothing per symbol (the inputs (mu, sigma) and the output
-  patterns are the caller's), words 4 B each. The old route held int64 mu_q, e, r and keys
+* ``Decoder.decode_values``: nothing per symbol under the exact model (the inputs (mu,
+  sigma) and the output patterns are the caller's), words 4 B each; under the table model
+  the int32 params (4 B per symbol) where the caller passes none. The old route held int64 mu_q, e, r and keys
   and the int64 temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
   quantize_params), and the codec widened the words to int64 (4 -> 8 B per word, with a
   transient int64 copy).
@@ -195,6 +200,8 @@ _PT_ONE = tl.constexpr(1 << tm.PT)  # probability one at scale PT (the identity 
 _P2 = tl.constexpr(tm.P2)
 _P2_MASK = tl.constexpr((1 << tm.P2) - 1)
 _POINTS = tl.constexpr(1 << tm.P2)  # points of a zero cell
+# log2 of the widest cell, u = 2^(e - TS) with e <= log2(SIGMA_MAX): every zero-cell value is below it
+_U_LOG_MAX = tl.constexpr(int(em.SIGMA_MAX).bit_length() - 1 - tm.TS)
 _DENSE_MAX = tl.constexpr(tm.CELL_SHIFT - tm.DENSE_LOG)  # table_model.dense: log2 key spacing <= this
 _SIGMA2_SHIFT = tl.constexpr(em.F - em.R + 1)  # r << this = 2 sigma in units of delta
 _BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.row_index: b = (r >> (R - TB)) - 2^TB
@@ -203,6 +210,15 @@ _NUM_BUCKETS = tl.constexpr(1 << tm.TB)
 # reference's saturates at sig << MAG_SHIFT_MAX in int64: both are far beyond every cell a
 # dense symbol codes (see "The table model" below), so both escape.
 _MAG_SAT = tl.constexpr(16)
+# The table decoder's per-symbol parameters, one int32 (table_params, _pack_params): what its
+# hit path needs of quantize_params' (mu_q, e, r), so the quantisation runs once per distinct
+# (mu, sigma) (page_stats: per channel) instead of once per symbol in the step loop. Bits
+# 0-6 the row, bit 7 dense, bits 8-15 e + E_OFF, bits 16-31 mu's cell mq (signed).
+_PARAM_DENSE = tl.constexpr(tm.ROWS)  # bit 7: rows are 7 bits
+_PARAM_E_SHIFT = tl.constexpr(8)
+_PARAM_E_OFF = tl.constexpr(128)  # e in [-60, 61]
+_PARAM_MQ_SHIFT = tl.constexpr(16)  # |mq| <= 2^(MB - 2) <= 256 for dense symbols, 0 for the others
+_PARAM_MASKED = tl.constexpr(128 << 8)  # a masked lane: row 0, not dense, e = 0, mq = 0
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
 BLOCK_LANES = 128
@@ -446,6 +462,25 @@ def _row_index(mu_q, r):
 
 
 @triton.jit
+def _pack_params(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """quantize_params' (mu_q, e, r) of a symbol as the table decoder's int32 parameters:
+    the row (table_model.row_index), dense (table_model.dense), e, and mu's cell mq
+    (_mu_cell: 0 where not dense). Unpacked by _unpack_params."""
+    table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+    mq = _mu_cell(mu_q, table)
+    return ((mq << _PARAM_MQ_SHIFT) | ((e + _PARAM_E_OFF) << _PARAM_E_SHIFT)
+            | tl.where(table, _PARAM_DENSE, 0) | _row_index(mu_q, r))
+
+
+@triton.jit
+def _unpack_params(params):
+    """(dense, row, mq, e) of _pack_params' int32."""
+    table = (params & _PARAM_DENSE) != 0
+    e = ((params >> _PARAM_E_SHIFT) & 255) - _PARAM_E_OFF
+    return table, params & (_PARAM_DENSE - 1), params >> _PARAM_MQ_SHIFT, e
+
+
+@triton.jit
 def _magnitude_fields(mag, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     """(sig, ex) of int32 magnitude patterns (sign bit clear): the value sig * 2^ex, as
     entropy_model.key_fields for finite ones (inf and NaN get their bits' fields here)."""
@@ -529,6 +564,32 @@ def _trunc_magnitude(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.
 
 
 @triton.jit
+def _decode_point(n, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """A zero cell's point n (int32 in [0, 2^P2)) decoded: (magnitude pattern, first, count),
+    int32, i.e. table_model.trunc_magnitude and the zero_points of its key, the points in
+    closed form from n. With s = log2 of the key's ulp in points (ex - (e - TS - P2)) and
+    the key (sig, ex) the truncation of n (sig 2^s <= n < (sig + 1) 2^s; the next magnitude
+    is (sig + 1) 2^ex, also across a binade edge): for s >= 0 keys sit on multiples of 2^s
+    points, so first = n rounded down to one and the next key's first = first + 2^s; for
+    s < 0, sig 2^s lies in (n - 1, n] and (sig + 1) 2^s in (n, n + 1]: first = n, next n + 1.
+    Only the largest finite magnitude (the truncation clamps there: n may lie far beyond its
+    value) takes the general first point; its points end at 2^P2."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS
+    MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)
+    mag = _trunc_magnitude(n, e, BITS, MAN_BITS, BIAS)
+    s = tl.maximum(mag >> MAN_BITS, 1) - (BIAS + MAN_BITS) - e + (_TS + _P2)  # ex from the exponent field
+    w = tl.minimum(tl.maximum(s, 0), _P2)  # 2^P2 points or more: the key owns [0, 2^P2) (n >> s = 0)
+    first = n & (-1 << w)
+    nxt = tl.minimum(first + (1 << w), _POINTS)
+    if EMAX < _U_LOG_MAX:  # fp16: a zero cell may reach the largest finite magnitude (bf16's never does)
+        top = mag == MAX_MAG
+        first = tl.where(top, _ceil_shift((1 << (MAN_BITS + 1)) - 1, s), first)
+        nxt = tl.where(top, _POINTS, nxt)
+    return mag, first, nxt - first
+
+
+@triton.jit
 def _level1_bisect(slot1, row_ptr):
     """table_model.decode_cell: the entry i in [0, NCELL] of a level-1 row (int32 CUM1[row],
     ROW entries from row_ptr, per lane) with CUM1[i] <= slot1 < CUM1[i + 1], and CUM1[i].
@@ -584,14 +645,12 @@ def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr
     EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
     EMIN_EX: tl.constexpr = 1 - BIAS - MAN_BITS  # the exponent of subnormals' (and the first binade's) ulp
     EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
-    MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)
     m = entry - _TJ + mq
     neg = m < 0
     mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
     zero = mag == 0
-    # the zero cell: the point's magnitude by truncation, then its points
-    pat_z = _trunc_magnitude(x16, e, BITS, MAN_BITS, BIAS)
-    first, cnt = _zero_points(pat_z, e, MAN_BITS, BIAS, MAX_MAG)
+    # the zero cell: the point's magnitude by truncation, and its points
+    pat_z, first, cnt = _decode_point(x16, e, BITS, MAN_BITS, BIAS)
     # off zero: the cell's binade j = floor(log2 mag) + e - TS (exact: mag < 2^9 in float32),
     # its ulp 2^ex, L2 = log2(u / ulp) raw bits of offset
     lg = (tl.maximum(mag, 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
@@ -611,6 +670,19 @@ def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr
     scale = tl.where(zero, _P2, _PT)
     return (pattern, tl.where(ok, slot, slot_o), tl.where(ok, cum, 0), tl.where(ok, freq, _PT_ONE),
             tl.where(ok, scale, _PT), ok)
+
+
+@triton.jit
+def _table_params_kernel(mu_ptr, sigma_ptr, params_ptr, num_elems,
+                         MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """The table decoder's int32 parameters (_pack_params) of float32 (mu, sigma), elementwise:
+    mu, sigma float32 [num_elems], params int32 [num_elems]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_elems
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0)
+    sigma = tl.load(sigma_ptr + offs, mask=mask, other=1.0)
+    mu_q, e, r = _quantize(mu, sigma)
+    tl.store(params_ptr + offs, _pack_params(mu_q, e, r, MAN_BITS, BIAS), mask=mask)
 
 
 @triton.jit
@@ -873,6 +945,30 @@ def _level1_start(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor
     return tm.level1_start(w_wide, kappa).reshape(-1).to(device)  # [ROWS, 2^START_BITS] -> flat
 
 
+def table_params(mu: torch.Tensor, sigma: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The table decoder's per-symbol parameters (``Decoder.decode_values(..., params=)``):
+    int32 shaped like float32 (mu, sigma) (any shape, one device), each the row, the dense
+    test, e and mu's cell of quantize_params(mu, sigma) (_pack_params; the torch reference:
+    entropy_model.quantize_params, table_model.row_index and table_model.dense). Elementwise,
+    so a caller whose (mu, sigma) repeat (page_stats: one per channel) computes it once per
+    distinct pair and broadcasts the int32, instead of quantising every symbol in the step
+    loop."""
+    b, man_bits, bias, _ = em.DTYPE_SPECS[dtype]
+    if b != 16:
+        raise ValueError(f"table_params is the table model's (16-bit dtypes), got {dtype}")
+    if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or mu.shape != sigma.shape:
+        raise ValueError(f"mu and sigma must be float32 tensors of one shape, got {mu.dtype} {tuple(mu.shape)}, "
+                         f"{sigma.dtype} {tuple(sigma.shape)}")
+    _check_device(mu, sigma)
+    mu, sigma = mu.contiguous(), sigma.contiguous()
+    params = torch.empty(mu.shape, dtype=torch.int32, device=mu.device)
+    n = mu.numel()
+    if n:
+        _table_params_kernel[(triton.cdiv(n, BLOCK_ELEMS),)](mu, sigma, params, n, MAN_BITS=man_bits, BIAS=bias,
+                                                            BLOCK=BLOCK_ELEMS)
+    return params
+
+
 def encode_values(
     bits: torch.Tensor,
     mu: torch.Tensor,
@@ -1058,8 +1154,10 @@ def _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words):
     x' = freq * (x >> s) + slot - cum with slot = x & (2^s - 1), and one word shifted in if
     x' < L (rans_reference.Decoder._pop). Words are int64 in [0, 2^32) or int32 holding u32
     words (the & restores the u32 value after the sign-extending widening). A read past the
-    lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it."""
-    x_new = freq.to(tl.int64) * (x >> scale) + (slot - cum)
+    lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it.
+    freq is int32 in [1, 2^31) on active lanes (every model's steps), so it is widened as
+    unsigned (the same integer; a 32 x 64-bit multiply instead of 64 x 64)."""
+    x_new = freq.to(tl.uint32, bitcast=True).to(tl.int64) * (x >> scale) + (slot - cum)
     need = x_new < _RANS_L
     w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0).to(tl.int64) & _WORD_MASK
     x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
@@ -1139,19 +1237,21 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, out_bits
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
                                "w_wide", "kappa"])  # fmt: skip
-def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr,
+def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr,
                          out_bits_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
                          num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                          GALLOP_ROUNDS: tl.constexpr, BLOCK_LANES: tl.constexpr):
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
-    per symbol the cell (a lookup in start, uint8 [ROWS * 2^START_BITS], _level1_start, and
-    a correction in the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
-    level 2 (the offset's raw bits, or the zero cell's point: a
-    truncation, no search) or, after ESC and for a symbol that is not dense, the exact
-    model's step (_find_key, in a branch taken when any lane of the program needs it).
-    lane_ok uint8 [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode
-    an impossible cell (a corrupt stream). Other arguments as _decode_values_kernel's."""
+    per symbol its parameters (params int32 [P, count], table_params: quantize_params, the
+    dense test, the row and mu's cell, computed outside the step loop), the cell (a lookup
+    in start, uint8 [ROWS * 2^START_BITS], _level1_start, and a correction in the symbol's
+    row of cum1, int32 [ROWS * ROW], _level1_table), then level 2 (the offset's raw bits,
+    or the zero cell's point: a truncation, no search) or, after ESC and for a symbol that
+    is not dense, the exact model's step (_find_key, in a branch taken when any lane of the
+    program needs it, which alone reads (mu, sigma) and quantises them). lane_ok uint8
+    [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode an
+    impossible cell (a corrupt stream). Other arguments as _decode_values_kernel's."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
@@ -1159,29 +1259,38 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_
     offs_page = page * count  # the page's first (mu, sigma) of this stage
     offs_out_page = page * stride_out + first  # its first output column of this stage
     x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
-    wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0)
+    # int32 in the loop: the launcher checks that words and reads past them stay below 2^31
+    wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0).to(tl.int32)
     bad = offs_lane < 0  # [BLOCK_LANES] False
-    for step in range(first // lanes_per_page, tl.cdiv(first + count, lanes_per_page)):
-        offs_sym = lane + step * lanes_per_page - first  # symbol index within the stage
-        active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
-        mu = tl.load(mu_ptr + offs_page + offs_sym, mask=active, other=0.0)
-        sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=active, other=1.0)
-        mu_q, e, r = _quantize(mu, sigma)
-        table = _dense(mu_q, e, r, MAN_BITS, BIAS)
+    first_step = first // lanes_per_page
+    # the lane's symbol within the stage at the first step (< 0: decoded by an earlier stage),
+    # and its parameters' and output's addresses, advanced by lanes_per_page symbols per step
+    offs_sym = (lane + first_step * lanes_per_page - first).to(tl.int32)
+    limit = tl.where(lane_mask, count, 0).to(tl.uint32)  # active: 0 <= offs_sym < limit (unsigned)
+    params_ptrs = params_ptr + offs_page + offs_sym
+    out_ptrs = out_bits_ptr + offs_out_page + offs_sym
+    for step in range(first_step, tl.cdiv(first + count, lanes_per_page)):  # noqa: B007 (the loop counts)
+        active = offs_sym.to(tl.uint32, bitcast=True) < limit
+        params = tl.load(params_ptrs, mask=active, other=_PARAM_MASKED)
+        table, row, mq, e = _unpack_params(params)
         # level 1 of a dense symbol: the cell or ESC, scale PT
         slot = (x & _PT_MASK).to(tl.int32)
-        entry, c1, f1 = _level1_entry(slot, _row_index(mu_q, r), active & table, cum1_ptr, start_ptr)
+        entry, c1, f1 = _level1_entry(slot, row, active & table, cum1_ptr, start_ptr)
         x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active & table, words_ptr, num_words)
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
         exact = ~table | (entry == _ESC)
-        pattern, slot, cum, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32),
-                                                             _mu_cell(mu_q, table), e, BITS, MAN_BITS, BIAS)
+        pattern, slot, cum, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
+                                                             BITS, MAN_BITS, BIAS)
         bad = bad | (active & ~exact & ~ok)
         if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
+            need = active & exact
+            mu = tl.load(mu_ptr + offs_page + offs_sym, mask=need, other=0.0)
+            sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=need, other=1.0)
+            mu_q, e_q, r = _quantize(mu, sigma)  # e_q == e
             slot_e = (x & (_M - 1)).to(tl.int32)
-            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, r, active & exact, phi_ptr, q_ptr, w_wide, kappa,
+            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e_q, r, need, phi_ptr, q_ptr, w_wide, kappa,
                                                 BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
             pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
             cum = tl.where(exact, c_lo, cum)
@@ -1189,10 +1298,13 @@ def _decode_table_kernel(words_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_
             slot = tl.where(exact, slot_e, slot)
             scale = tl.where(exact, _PROB_BITS, scale)
         # [0, 2^B): the cast keeps its B bits
-        tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
+        tl.store(out_ptrs, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
         x, wptr = _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words)
+        offs_sym += lanes_per_page
+        params_ptrs += lanes_per_page
+        out_ptrs += lanes_per_page
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
-    tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
+    tl.store(wptr_ptr + offs_lane, wptr.to(tl.int64), mask=lane_mask)
     tl.store(lane_ok_ptr + offs_lane, tl.zeros([BLOCK_LANES], tl.uint8), mask=lane_mask & bad)
 
 
@@ -1243,13 +1355,32 @@ class Decoder(ref.Decoder):
         self.position += n
         return keys[0] if squeeze else keys
 
-    def decode_values(self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor) -> None:
+    def decode_values(
+        self, mu: torch.Tensor, sigma: torch.Tensor, out_bits: torch.Tensor, params: torch.Tensor | None = None
+    ) -> None:
         """rans_reference.Decoder.decode_values in one kernel (quantize_params, the search, the
         storage patterns per symbol; rans_cpu's on the CPU): the next n symbols of each page
         from float32 (mu, sigma) [P, n] (or [n]), written as storage patterns into columns
         [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8;
-        contiguous). It allocates nothing per symbol on the device."""
+        contiguous). The table model reads its parameters from ``params``, int32 shaped like
+        mu (``table_params(mu, sigma, dtype)``, which a caller may compute once per distinct
+        (mu, sigma) and broadcast), computing them here when not given (int32 [P, n]); mu and
+        sigma only for its rare exact-model steps. Otherwise it allocates nothing per symbol
+        on the device."""
+        if params is not None and self.model != tm.MODEL_TABLE:
+            raise ValueError("params are the table model's")
         (mu, sigma), n = self._stage((mu, sigma), torch.float32)
+        if self.model == tm.MODEL_TABLE:
+            if params is None:
+                params = table_params(mu, sigma, self.dtype)
+            (params,), _ = self._stage((params,), torch.int32)
+            if params.shape != mu.shape:
+                raise ValueError(f"params must be shaped like mu {tuple(mu.shape)}, got {tuple(params.shape)}")
+            _check_device(mu, params)
+            params = params.contiguous()
+            if self.words.numel() + 2 * self.num_symbols >= 2**31:  # the kernel's int32 word pointers
+                raise ValueError(f"{self.words.numel()} words: the Triton table decoder takes fewer than "
+                                 f"2^31 - {2 * self.num_symbols} per call; decode fewer pages at a time")
         b, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
         want = torch.int16 if b == 16 else torch.uint8
         shape = (self.num_pages, self.num_symbols)
@@ -1270,7 +1401,7 @@ class Decoder(ref.Decoder):
             if self.model == tm.MODEL_TABLE:
                 self.lane_ok = self.lane_ok.contiguous()  # cleared in place (as uint8) for impossible points
                 _decode_table_kernel[grid](
-                    self.words, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
+                    self.words, params, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
                     _level1_start(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
                     self.quantiles_f32, out_bits, self.x, self.ptr,
                     self.lane_ok.view(torch.uint8), *sizes, **spec,

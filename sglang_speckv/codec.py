@@ -19,7 +19,9 @@ field ``coding_batch_bytes``; one page at least). Predictions come as rows
 channel). The C++ coder reads them in place, encoding and decoding (and each page's
 storage patterns when encoding), and encodes a multi-stage predictor's pages a stage at a
 time, last first (the chunked encoder, ``_code_staged``); the Triton decoder gets them
-materialised a chunk of rows at a time (``PARAMS_SHARE``), and the Triton and reference
+materialised a chunk of rows at a time (``PARAMS_SHARE``; its table decoder's int32
+parameters too, ``rans_triton.table_params``, computed once per distinct (mu, sigma) of
+the broadcast rows and broadcast like them), and the Triton and reference
 encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
 patterns of the batch (none on the CPU when the caller's contiguous ``out`` pages take them
 in place; a multi-stage predictor reads its values from them), the coded words, and on the
@@ -175,20 +177,33 @@ PARAMS_SHARE_ENCODE = 1.0
 ENCODER_BYTES = {"cuda": 16}
 
 
-def _chunks(preds, n: int, page_bytes: int) -> list[tuple[int, int]]:
+def _chunks(preds, n: int, page_bytes: int, symbol_bytes: int = 8) -> list[tuple[int, int]]:
     """Ranges [c0, c1) of a stage's n symbols, each ending on a row of every page's
     prediction (so _flat_range is a view plus a copy of the range), each as long as
-    PARAMS_SHARE of a page's raw bytes allows, and at least one row."""
+    PARAMS_SHARE of a page's raw bytes allows at ``symbol_bytes`` of parameters per symbol
+    (mu and sigma; the table decoder's int32 params too on the GPU), and at least one row."""
     row = 1
-    for mu, sigma in preds:
-        for t in (mu, sigma):
+    for pred in preds:  # (mu, sigma) or (mu, sigma, params)
+        for t in pred:
             if t.dim() > 1:
                 row = math.lcm(row, t[0].numel())
     if row > n or n % row:
         row = n
-    target = max(1, int(page_bytes * PARAMS_SHARE) // 8)  # symbols whose mu + sigma fit the share
+    target = max(1, int(page_bytes * PARAMS_SHARE) // symbol_bytes)  # symbols whose parameters fit the share
     step = max(row, target // row * row)
     return [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
+
+
+def _table_params_rows(coder: ModuleType, mu: torch.Tensor, sigma: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The Triton table decoder's int32 parameters of prediction rows (``table_params``:
+    quantize_params, the dense test, the row), computed once per distinct (mu, sigma): on
+    one element along the dimensions where both are broadcast (stride 0: page_stats' tokens),
+    then broadcast back the same way (a view, materialised a chunk at a time like mu). Rows
+    of two shapes (one of them flattened by _checked_rows): per symbol, 1-D."""
+    if mu.shape != sigma.shape:
+        return coder.table_params(mu.reshape(-1), sigma.reshape(-1), dtype)
+    one = tuple(slice(0, 1) if a == b == 0 else slice(None) for a, b in zip(mu.stride(), sigma.stride()))
+    return coder.table_params(mu[one], sigma[one], dtype).expand(mu.shape)
 
 
 def _flat_range(t: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
@@ -246,7 +261,7 @@ def _staged(device: torch.device) -> bool:
     """Whether pages on ``device`` go to the chunked encoder (rans_cpu.Encoder: a stage at
     a time, last first), which needs a multi-stage predictor's (mu, sigma) only a stage at
     a time; else the coder takes each page's (mu, sigma) whole."""
-    return device.type == "cpu" and rans_cpu.available()
+    return _coder(device) is rans_cpu and rans_cpu.available()
 
 
 def _prepare(page, meta, predictor, w_wide, kappa, lanes, model) -> _Prepared:
@@ -524,7 +539,8 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
     header0 = members[0][1].header
     numel, shape, dtype = header0.numel, header0.shape, header0.dtype
     lane_words = torch.from_numpy(np.stack([p.lane_words for _, p, _ in members]).astype(np.int64)).to(device)
-    decoder = _coder(device).Decoder(
+    coder = _coder(device)
+    decoder = coder.Decoder(
         _words(members, device), lane_words, numel, dtype, header0.w_wide, header0.kappa, header0.model
     )
     bits = _targets(members, out, device) or torch.empty((len(members), numel), dtype=_bits_dtype(dtype), device=device)
@@ -547,19 +563,25 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
                 zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(b - a) for v in (0.0, 1.0))
                 preds.append((zero, one))
-        if device.type == "cpu" and rans_cpu.available():  # the C++ coder reads the rows in place
+        if coder is rans_cpu and rans_cpu.available():  # the C++ coder reads the rows in place
             decoder.decode_values([mu for mu, _ in preds], [sigma for _, sigma in preds], bits)
             del preds
             continue
-        for c0, c1 in _chunks(preds, b - a, numel * em.symbol_bits(dtype) // 8):
+        # the Triton table decoder's parameters, quantised per distinct (mu, sigma) here
+        # rather than per symbol in its step loop (mu and sigma feed its rare exact steps only)
+        packed = hasattr(coder, "table_params") and header0.model == tm.MODEL_TABLE
+        if packed:
+            preds = [(mu, sigma, _table_params_rows(coder, mu, sigma, dtype)) for mu, sigma in preds]
+        for c0, c1 in _chunks(preds, b - a, numel * em.symbol_bits(dtype) // 8, 12 if packed else 8):
             if len(members) == 1:
-                mu, sigma = (_flat_range(t, c0, c1).to(device).contiguous()[None] for t in preds[0])
-            else:  # [P, c1 - c0]
-                mu, sigma = (torch.empty((len(members), c1 - c0), dtype=torch.float32, device=device) for _ in range(2))
-                for j, (mu_j, sigma_j) in enumerate(preds):
-                    mu[j], sigma[j] = _flat_range(mu_j, c0, c1), _flat_range(sigma_j, c0, c1)
-            decoder.decode_values(mu, sigma, bits)
-            del mu, sigma
+                chunk = [_flat_range(t, c0, c1).to(device).contiguous()[None] for t in preds[0]]
+            else:  # [P, c1 - c0] each
+                chunk = [torch.empty((len(members), c1 - c0), dtype=t.dtype, device=device) for t in preds[0]]
+                for j, pred in enumerate(preds):
+                    for dest, t in zip(chunk, pred):
+                        dest[j] = _flat_range(t, c0, c1)
+            decoder.decode_values(*chunk[:2], bits, *([chunk[2]] if packed else []))
+            del chunk
         del preds
     ok = decoder.finish().tolist()
     for j, (i, parsed, meta) in enumerate(members):

@@ -592,6 +592,38 @@ def test_table_model_impossible_cell_fails_the_page():
     assert not lane_ok.all() and verdict.tolist() == want_verdict.tolist() == [False]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # as above
+def test_table_params_match_reference_and_the_codec_broadcasts_them(monkeypatch):
+    """table_params (the table decoder's int32 parameters) unpack to quantize_params' e, the
+    row, the dense test and mu's cell on hostile (mu, sigma); and the codec's Triton route,
+    which computes them once per channel under page_stats and broadcasts them over the
+    tokens, decodes the C++ coder's blobs to the pages."""
+    from sglang_speckv import codec
+    from sglang_speckv.kernels import format as fmt
+    from sglang_speckv.predictors.base import PageMeta
+    from sglang_speckv.predictors.page_stats import PageStatsPredictor
+
+    for dtype in ("bf16", "fp16"):
+        _, mu, sigma = make_table_pages(dtype, 256, seed=13)
+        got = rt.table_params(mu.to(DEVICE), sigma.to(DEVICE), dtype).cpu().long()
+        mu_q, e, r = em.quantize_params(mu, sigma)
+        dense = tm.dense(mu_q, e, r, dtype)
+        assert torch.equal(got & (tm.ROWS - 1), tm.row_index(mu_q, r))
+        assert torch.equal((got & tm.ROWS) != 0, dense)
+        assert torch.equal(((got >> 8) & 255) - 128, e)
+        assert torch.equal(got >> 16, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0))
+    shape = (2, 1, 32, 1, 16)  # [kv, layers, tokens, heads, dim]
+    gen = torch.Generator().manual_seed(14)
+    pages = [(torch.randn(shape, generator=gen) * s).to(torch.bfloat16) for s in (1.0, 0.05)]
+    metas = [PageMeta("bf16", shape)] * 2
+    blobs = codec.encode_pages(pages, metas, PageStatsPredictor(), num_lanes=16)  # the C++ coder
+    assert not any(fmt.parse_blob(b).header.raw for b in blobs)  # coded by the table model
+    monkeypatch.setattr(codec, "_coder", lambda device: rt)
+    got_pages, errors = codec.decode_pages(blobs, PageStatsPredictor(), metas=metas, device=DEVICE)
+    assert errors == [None, None]
+    assert all(torch.equal(g.cpu().view(torch.int16), p.view(torch.int16)) for g, p in zip(got_pages, pages))
+
+
 # ---- Launchers ------------------------------------------------------------------------------
 
 
@@ -669,7 +701,7 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
         kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS}),
                     (rt._decode_kernel, {**decode, "COUNT_PROBES": True}),
                     (rt._encode_table_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}),  # the table model: 16-bit only
-                    (rt._decode_table_kernel, decode)]
+                    (rt._decode_table_kernel, decode), (rt._table_params_kernel, {"BLOCK": rt.BLOCK_ELEMS})]
     for fn, block in kernels:
         consts = {k: v for k, v in {**spec, **block}.items() if k in fn.arg_names}
         values = fn in (rt._encode_values_kernel, rt._decode_values_kernel, rt._encode_table_kernel,
@@ -677,6 +709,7 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
         bits = "*i16" if spec["BITS"] == 16 else "*u8"
         types = {"q_ptr": "*fp32", "probes_ptr": "*i32", "bits_ptr": bits, "out_bits_ptr": bits,
                  "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "cum1_ptr": "*i32", "lane_ok_ptr": "*u8",
+                 "params_ptr": "*i32", "start_ptr": "*u8",
                  **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
@@ -699,7 +732,7 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" ok") == 13, done.stdout
+    assert done.stdout.count(" ok") == 14, done.stdout
 
 
 @pytest.mark.gpu
