@@ -34,6 +34,7 @@
 // rans_reference.py's docstring) go through uint64 so that they wrap here too instead of
 // being undefined behaviour; >> of a negative int64 is arithmetic (gcc), as in torch.
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -42,6 +43,7 @@
 #include <cstring>
 #include <memory>
 #include <stdexcept>
+#include <type_traits>
 #ifdef __linux__
 #include <sys/mman.h>
 #include <unistd.h>
@@ -338,7 +340,7 @@ torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const to
 // lane's guess and C at the guess pair, branch-free and independent across lanes, so the
 // loop vectorises (#pragma omp simd; AVX-512 gathers and 64-bit multiplies where the CPU has
 // them); (2) the few lanes whose slot is not in [C(guess), C(guess + 1)) search, one by one;
-// (3) every lane emits its key and renormalises, vectorised again. Only the guess is float
+// (3) the block's keys are emitted and every lane renormalises, vectorised again. Only the guess is float
 // arithmetic, and it only decides where the exact integer search starts.
 constexpr int64_t LANE_BLOCK = 64;
 // Guess passes, as rans_reference's _guess_and_check: the second corrects the floor's +k in
@@ -400,8 +402,8 @@ static void search_key(const Model& model, int64_t two_mu_q, int64_t off, int64_
 
 // One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
 // symbols [first, first + n) of each of P pages. params(i, mu_q, e, r, inv) gives symbol
-// i's (of the stage's [P, n]) quantised parameters and 2^32 // r, emit(i, page, col, key)
-// takes its key. x, ptr: int64 [P * NL] lane states and next-word indices, updated in place;
+// i's (of the stage's [P, n]) quantised parameters and 2^32 // r; emit(page, col0, j_lo,
+// j_hi, key) takes a block's keys key[j], j in [j_lo, j_hi), of columns col0 + j. x, ptr: int64 [P * NL] lane states and next-word indices, updated in place;
 // words_p: W >= 1 words (int64 or uint32 values in [0, 2^32)).
 template <class Word, class ParamFn, class EmitFn>
 void decode_stage(const Model& model, const double* q, const Word* words_p, int64_t num_words, int64_t* x_p,
@@ -456,9 +458,9 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         // Pass 3: emit; x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell
         // below L. A read past the lane's words reads words[min(ptr, W - 1)] like the
         // reference; finish() rejects it.
+        out(page, col0, j_lo, j_hi, key);
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) {
-          out(i0 + j, page, col0 + j, key[j]);
           const int64_t x_new = wrap_add(wrap_mul(c_hi[j] - c_lo[j], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[j]);
           const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
           const bool refill = x_new < RANS_L;
@@ -497,6 +499,7 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
   check_params(r_p, mu_q.numel());
   auto keys = torch::empty_like(mu_q);
   int64_t* keys_p = keys.data_ptr<int64_t>();
+  const int64_t n = mu_q.size(1);
   decode_stage(
       model, quantiles.data_ptr<double>(), words.data_ptr<int64_t>(), words.numel(), x_t.data_ptr<int64_t>(),
       ptr_t.data_ptr<int64_t>(), mu_q.size(0), mu_q.size(1), num_lanes, first,
@@ -504,7 +507,11 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
         m = mu_p[i], ee = e_p[i], rr = r_p[i];
         inv = (int64_t(1) << 32) / rr;
       },
-      [=](int64_t i, int64_t, int64_t, int64_t k) { keys_p[i] = k; });
+      [=](int64_t page, int64_t col0, int64_t j_lo, int64_t j_hi, const int64_t* key) {
+        int64_t* dst = keys_p + page * n + col0;
+#pragma omp simd
+        for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = key[j];
+      });
   return keys;
 }
 
@@ -579,34 +586,65 @@ void check_f32(const torch::Tensor& t, const char* name) {
               " must be a contiguous float32 CPU tensor");
 }
 
-// One page's mu or sigma as rows (sglang_speckv/codec.py, Predictor.predict_rows): a float32
-// view [R, T, C] with any strides (0 where a parameter repeats, e.g. page_stats' per-channel
-// values over the tokens); element i of the page's flat order is at
-// p[(i / (T C)) sR + (i / C % T) sT + (i % C) sC].
-struct Rows {
-  const float* p;
-  int64_t T, C, sR, sT, sC;
+// Where the elements of a CPU view of up to MAX_DIMS dims with any element strides (0 where
+// a value repeats) sit, in its flat C order: its dims of size 1 dropped and each dim merged
+// into the one before it where they step as one, so a contiguous view is one dim of stride 1
+// (flat()) and e.g. a page of SGLang's layer_first host buffer, [2, L, T, H, D] with T H D
+// contiguous, is [2 L, T H D].
+struct Layout {
+  static constexpr int64_t MAX_DIMS = SPECKV_MAX_DIMS;  // rans_reference.MAX_PAGE_DIMS
+  int64_t dims = 0, size[MAX_DIMS] = {}, stride[MAX_DIMS] = {};
 
-  explicit Rows(const torch::Tensor& t) {
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.device().is_cpu() && t.dim() == 3,
-                "parameter rows must be float32 [R, T, C] CPU tensors");
-    p = t.data_ptr<float>();
-    T = t.size(1), C = t.size(2), sR = t.stride(0), sT = t.stride(1), sC = t.stride(2);
+  explicit Layout(const torch::Tensor& t) {
+    TORCH_CHECK(t.dim() <= MAX_DIMS, "views of at most ", MAX_DIMS, " dims, got ", t.dim());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (t.size(d) == 1) continue;
+      if (dims > 0 && stride[dims - 1] == t.size(d) * t.stride(d)) {
+        size[dims - 1] *= t.size(d), stride[dims - 1] = t.stride(d);
+      } else {
+        size[dims] = t.size(d), stride[dims] = t.stride(d), ++dims;
+      }
+    }
+    if (dims == 0) size[0] = t.numel(), stride[0] = 1, dims = 1;  // one element, or none
   }
 
-  // offsets of elements i0, i0 + 1, ..., i0 + n - 1, stepped through (r, t, c)
+  bool flat() const { return dims == 1 && stride[0] == 1; }
+
+  // offsets of elements i0, i0 + 1, ..., i0 + n - 1: i0's index by div/mod once, then an
+  // odometer over the dims
   inline void offsets(int64_t i0, int64_t n, int64_t* out) const {
-    int64_t c = i0 % C, t = i0 / C % T;
-    int64_t off = (i0 / (C * T)) * sR + t * sT + c * sC;
+    if (n <= 0) return;
+    int64_t idx[MAX_DIMS], off = 0;
+    for (int64_t d = dims - 1, rest = i0; d >= 0; --d) {
+      idx[d] = rest % size[d], rest /= size[d];
+      off += idx[d] * stride[d];
+    }
+    const int64_t last = dims - 1;
     for (int64_t j = 0; j < n; ++j) {
       out[j] = off;
-      off += sC;
-      if (++c == C) {
-        c = 0, off += sT - C * sC;
-        if (++t == T) t = 0, off += sR - T * sT;
+      off += stride[last];
+      for (int64_t d = last; d > 0 && ++idx[d] == size[d]; --d) {  // carry
+        idx[d] = 0;
+        off += stride[d - 1] - size[d] * stride[d];
       }
     }
   }
+};
+
+// One page's mu or sigma as rows (sglang_speckv/codec.py, Predictor.predict_rows): a float32
+// view of its N values with any strides (0 where a parameter repeats, e.g. page_stats'
+// per-channel values over the tokens); element i of the page's flat order is at p + its
+// Layout offset.
+struct Rows {
+  Layout layout;
+  const float* p = nullptr;
+
+  explicit Rows(const torch::Tensor& t) : layout(t) {
+    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.device().is_cpu(), "parameter rows must be float32 CPU tensors");
+    p = t.data_ptr<float>();
+  }
+
+  inline void offsets(int64_t i0, int64_t n, int64_t* out) const { layout.offsets(i0, n, out); }
 };
 
 // One rANS encoder step of scale 2^shift[j] for block slots j in [0, n) (rans_reference.encode's
@@ -732,8 +770,8 @@ void check_level1(const torch::Tensor& cum1) {
 }
 
 // quantize_params + the model + encode in one pass: each page's storage patterns (int16 or
-// uint8, contiguous [N], read in place) and its float32 mu and sigma as Rows ([R, T, C] views
-// of N elements). With cum1 (table_model.level1_table; 16-bit dtypes) the table model, else
+// uint8, contiguous [N], read in place) and its float32 mu and sigma as Rows (views of N
+// elements, any strides). With cum1 (table_model.level1_table; 16-bit dtypes) the table model, else
 // the exact model. Same bytes as rans_reference.encode_values. Returns (words int32 [W]
 // holding the u32 words, lane_words int64 [P, NL]).
 std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_pages, const std::vector<torch::Tensor>& mu,
@@ -925,8 +963,8 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
 }
 
 // One decoder stage of the table model (rans_reference.Decoder._table_symbol): symbols
-// [first, first + n) of each of P pages from float32 mu, sigma [P, n]; emit(page, col, key)
-// takes each key. Per step, (1) every lane's quantize_params and whether it is dense; (2)
+// [first, first + n) of each of P pages from float32 mu, sigma [P, n]; emit(page, col0, j_lo,
+// j_hi, key) takes a block's keys (as decode_stage's). Per step, (1) every lane's quantize_params and whether it is dense; (2)
 // for the dense lanes the level-1 entry (a branch-free bisection of the row), rANS step, and
 // for a cell its key and level-2 step (table_model.decode_level2: off zero a shift and a
 // mask, at zero a truncation); (3) for the lanes that escaped or are not dense, the exact
@@ -1126,8 +1164,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
           for (int64_t t = 0; t < m; ++t) exact_step(list[t]);
         }
         // Pass 4: emit.
-#pragma omp simd
-        for (int64_t j = j_lo; j < j_hi; ++j) out(page, col0 + j, key[j]);
+        out(page, col0, j_lo, j_hi, key);
       }
       std::copy(x, x + (l1 - l0), x_p + g0);
       std::copy(ptr, ptr + (l1 - l0), ptr_p + g0);
@@ -1136,9 +1173,34 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
   });
 }
 
+// Key k's storage pattern as T (int16_t or uint8_t): bits_from_keys
+template <class T>
+inline T pattern(int64_t k, int64_t sign_bit, int64_t ones) {
+  return T(std::make_unsigned_t<T>((k & sign_bit) ? k ^ sign_bit : k ^ ones));
+}
+
+// A block's keys key[j], j in [j_lo, j_hi), as storage patterns into elements i0 + j (flat C
+// order) of a page (T: int16_t or uint8_t) laid out as `layout`: a contiguous page stores
+// them in a row, any other through the elements' offsets.
+template <class T>
+inline void put_patterns(T* page, const Layout& layout, int64_t i0, int64_t j_lo, int64_t j_hi, const int64_t* key,
+                         int64_t sign_bit, int64_t ones) {
+  if (layout.flat()) {
+#pragma omp simd
+    for (int64_t j = j_lo; j < j_hi; ++j) page[i0 + j] = pattern<T>(key[j], sign_bit, ones);
+    return;
+  }
+  int64_t off[LANE_BLOCK];
+  layout.offsets(i0 + j_lo, j_hi - j_lo, off + j_lo);
+#pragma omp simd
+  for (int64_t j = j_lo; j < j_hi; ++j) page[off[j]] = pattern<T>(key[j], sign_bit, ones);
+}
+
 // One decoder stage from float32 (mu, sigma) [P, n]: the keys go straight back to storage
-// patterns in out_bits, P pages of [N] each (contiguous int16 for 16-bit dtypes, uint8 for
-// 8-bit ones, each its own memory, e.g. the caller's pages; columns first .. first + n).
+// patterns in out_bits, P pages of N elements each (int16 for 16-bit dtypes, uint8 for 8-bit
+// ones; views of up to 5 dims with any strides, e.g. the caller's pages in SGLang's host
+// buffer; elements first .. first + n of each page's flat C order). The pages must not
+// overlap (themselves or each other): threads write them concurrently.
 // words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
 void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu,
                    const torch::Tensor& sigma, int64_t num_lanes, int64_t first, const std::vector<torch::Tensor>& out_bits,
@@ -1156,28 +1218,34 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   TORCH_CHECK(mu.dim() == 2 && sigma.sizes() == mu.sizes() && int64_t(out_bits.size()) == mu.size(0) &&
                   !out_bits.empty(), "decode_values: mu, sigma [P, n] and P out_bits pages");
   const int64_t num_pages = mu.size(0), n = mu.size(1), total = out_bits[0].numel();
-  std::vector<int16_t*> out16(num_pages, nullptr);  // page p's patterns: out16[p] or out8[p]
-  std::vector<uint8_t*> out8(num_pages, nullptr);
+  const bool wide = out_bits[0].dtype() == torch::kInt16;
+  std::vector<void*> pages(num_pages);  // page p's patterns: int16_t or uint8_t at pages[p] + layouts[p]'s offsets
+  std::vector<Layout> layouts;
   for (int64_t p = 0; p < num_pages; ++p) {
-    const Bits page(out_bits[p]);
-    TORCH_CHECK(out_bits[p].numel() == total && out_bits[p].dtype() == out_bits[0].dtype(),
-                "decode_values: out_bits pages must all be [N] of one dtype");
-    out16[p] = const_cast<int16_t*>(page.p16);
-    out8[p] = const_cast<uint8_t*>(page.p8);
+    const torch::Tensor& page = out_bits[p];
+    TORCH_CHECK(page.device().is_cpu() && (page.dtype() == torch::kInt16 || page.dtype() == torch::kUInt8) &&
+                    page.dtype() == out_bits[0].dtype() && page.numel() == total,
+                "decode_values: out_bits pages must all be int16 or uint8 CPU tensors of one dtype and N elements");
+    TORCH_CHECK(at::has_internal_overlap(page) != at::MemOverlap::Yes,
+                "decode_values: an out_bits page overlaps itself (a broadcast view?)");
+    pages[p] = page.data_ptr();
+    layouts.emplace_back(page);
   }
   TORCH_CHECK(first >= 0 && first + n <= total, "decode_values: shapes do not fit");
-  const bool wide = out_bits[0].dtype() == torch::kInt16;  // (an empty page's pointer is null)
   TORCH_CHECK(wide == (bits == 16), "decode_values: out_bits must be int16 for 16-bit dtypes, uint8 for 8-bit ones");
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
   const float* mu_p = mu.data_ptr<float>();
   const float* sigma_p = sigma.data_ptr<float>();
-  int16_t* const* out16_p = out16.data();
-  uint8_t* const* out8_p = out8.data();
+  void* const* pages_p = pages.data();
+  const Layout* layouts_p = layouts.data();
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
-  const auto emit = [=](int64_t page, int64_t col, int64_t k) {
-    const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
-    const int64_t j = first + col;
-    if (wide) out16_p[page][j] = int16_t(uint16_t(u)); else out8_p[page][j] = uint8_t(u);
+  const auto emit = [=](int64_t page, int64_t col0, int64_t j_lo, int64_t j_hi, const int64_t* key) {
+    const int64_t i0 = first + col0;
+    if (wide) {
+      put_patterns(static_cast<int16_t*>(pages_p[page]), layouts_p[page], i0, j_lo, j_hi, key, sign_bit, ones);
+    } else {
+      put_patterns(static_cast<uint8_t*>(pages_p[page]), layouts_p[page], i0, j_lo, j_hi, key, sign_bit, ones);
+    }
   };
   const uint32_t* words_p = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   if (cum1.has_value()) {  // the table model
@@ -1200,7 +1268,7 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
         quantize(mu_p[i], sigma_p[i], m, ee, rr);
         inv = INVERSE(rr);
       },
-      [=](int64_t, int64_t page, int64_t col, int64_t k) { emit(page, col, k); });
+      emit);
 }
 
 // kernels/page_hash.py's page hash of a page's bytes (uint8 [n], contiguous): the sum mod

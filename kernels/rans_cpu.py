@@ -81,7 +81,7 @@ def _macros() -> list[str]:
         "TS": tm.TS, "CELL_SHIFT": tm.CELL_SHIFT, "TB": tm.TB, "FB": tm.FB, "TJ": tm.TJ, "NCELL": tm.NCELL,
         "ESC": tm.ESC, "ROW": tm.ROW, "START_BITS": tm.START_BITS,
         "ROWS": tm.ROWS, "PT": tm.PT, "P2": tm.P2, "DENSE_LOG": tm.DENSE_LOG,
-        "MAG_SHIFT_MAX": tm.MAG_SHIFT_MAX,
+        "MAG_SHIFT_MAX": tm.MAG_SHIFT_MAX, "MAX_DIMS": ref.MAX_PAGE_DIMS,
     }  # fmt: skip
     floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex
     return [f"-DSPECKV_{name}={value}LL" for name, value in constants.items()] + [
@@ -345,7 +345,8 @@ class Decoder(ref.Decoder):
     ) -> None:
         """rans_reference.Decoder.decode_values in C++ (quantize_params, the search and the
         storage patterns per symbol; no int64 [N] arrays). Needs int32 (u32) words. out_bits
-        as the reference takes it: [P, N], or P contiguous pages of [N] (e.g. the caller's)."""
+        as the reference takes it (page_rows): [P, N], or P pages of N elements (e.g. the
+        caller's), any shape and strides: each element is written where it lies."""
         ext = extension()
         if ext is None or self.words.dtype != torch.int32:
             return super().decode_values(mu, sigma, out_bits)
