@@ -417,7 +417,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
     // Locals, not loads through the closure, in the vectorised loops.
     const Model mdl = model;
     const ParamFn prm = params;
-    const EmitFn out = emit;
+    EmitFn out = emit;  // the thread's own (PatternWriter keeps a cursor)
     const double* qt = q;
     const Word* wp = words_p;
     // block slot j holds lane l0 + j: its state, next word, and this step's key and C pair
@@ -627,6 +627,34 @@ struct Layout {
         idx[d] = 0;
         off += stride[d - 1] - size[d] * stride[d];
       }
+    }
+  }
+
+  // A row of the last dim (flat elements begin .. begin + size[last] - 1, the first at
+  // offset off; idx: its index in the other dims), for walking forward through the view.
+  struct Row {
+    int64_t begin = 0, off = 0, idx[MAX_DIMS] = {};
+  };
+
+  // The row holding element i, by div/mod over the dims
+  inline Row row_of(int64_t i) const {
+    Row row;
+    int64_t rest = i / size[dims - 1];
+    row.begin = rest * size[dims - 1];
+    for (int64_t d = dims - 2; d >= 0; --d) {
+      row.idx[d] = rest % size[d], rest /= size[d];
+      row.off += row.idx[d] * stride[d];
+    }
+    return row;
+  }
+
+  // The next row (an odometer over the other dims: no division)
+  inline void next(Row& row) const {
+    row.begin += size[dims - 1];
+    for (int64_t d = dims - 2; d >= 0; --d) {
+      row.off += stride[d];
+      if (++row.idx[d] < size[d] || d == 0) break;
+      row.idx[d] = 0, row.off -= size[d] * stride[d];  // carry
     }
   }
 };
@@ -987,7 +1015,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
     const Model mdl = model;
     const Dtype dt = model.dtype;
     const int64_t sign_bit = dt.top >> 1, ones = dt.top - 1;
-    const EmitFn out = emit;
+    EmitFn out = emit;  // the thread's own (PatternWriter keeps a cursor)
     const double* qt = q;
     const int64_t* c1p = cum1;
     const uint8_t* s1p = start1;
@@ -1179,22 +1207,57 @@ inline T pattern(int64_t k, int64_t sign_bit, int64_t ones) {
   return T(std::make_unsigned_t<T>((k & sign_bit) ? k ^ sign_bit : k ^ ones));
 }
 
-// A block's keys key[j], j in [j_lo, j_hi), as storage patterns into elements i0 + j (flat C
-// order) of a page (T: int16_t or uint8_t) laid out as `layout`: a contiguous page stores
-// them in a row, any other through the elements' offsets.
-template <class T>
-inline void put_patterns(T* page, const Layout& layout, int64_t i0, int64_t j_lo, int64_t j_hi, const int64_t* key,
-                         int64_t sign_bit, int64_t ones) {
-  if (layout.flat()) {
-#pragma omp simd
-    for (int64_t j = j_lo; j < j_hi; ++j) page[i0 + j] = pattern<T>(key[j], sign_bit, ones);
-    return;
+// decode_values' emit: a block's keys key[j], j in [j_lo, j_hi), as storage patterns (int16
+// for 16-bit dtypes (wide), else uint8) into elements first + col0 + j (flat C order) of
+// page `page`, laid out as its Layout. A contiguous page takes them in a row; any other, row
+// by row of its last dim, the current row kept in a cursor: a block's symbols only move
+// forward from step to step, so the row is found by division once per block and then
+// stepped. Each thread decodes with its own copy (decode_stage's `out`): its own cursor.
+struct PatternWriter {
+  void* const* pages;
+  const Layout* layouts;
+  int64_t first, sign_bit, ones;
+  bool wide;
+  int64_t page_at = -1;  // the cursor: page page_at's row `row`
+  Layout::Row row;
+
+  inline void operator()(int64_t page, int64_t col0, int64_t j_lo, int64_t j_hi, const int64_t* key) {
+    if (wide) {
+      put(static_cast<int16_t*>(pages[page]), page, first + col0, j_lo, j_hi, key);
+    } else {
+      put(static_cast<uint8_t*>(pages[page]), page, first + col0, j_lo, j_hi, key);
+    }
   }
-  int64_t off[LANE_BLOCK];
-  layout.offsets(i0 + j_lo, j_hi - j_lo, off + j_lo);
+
+  template <class T>
+  inline void put(T* p, int64_t page, int64_t i0, int64_t j_lo, int64_t j_hi, const int64_t* key) {
+    const Layout& layout = layouts[page];
+    const int64_t sign = sign_bit, all = ones;
+    if (j_lo >= j_hi) return;
+    if (layout.flat()) {
 #pragma omp simd
-  for (int64_t j = j_lo; j < j_hi; ++j) page[off[j]] = pattern<T>(key[j], sign_bit, ones);
-}
+      for (int64_t j = j_lo; j < j_hi; ++j) p[i0 + j] = pattern<T>(key[j], sign, all);
+      return;
+    }
+    const int64_t width = layout.size[layout.dims - 1], step = layout.stride[layout.dims - 1];
+    if (page != page_at || i0 + j_lo < row.begin) {  // a new block
+      row = layout.row_of(i0 + j_lo), page_at = page;
+    }
+    for (int64_t j = j_lo; j < j_hi;) {
+      while (i0 + j >= row.begin + width) layout.next(row);
+      const int64_t j_end = std::min(j_hi, row.begin + width - i0);  // this row's slots
+      T* const dst = p + row.off + (i0 - row.begin) * step;  // slot j's element: dst[j * step]
+      if (step == 1) {  // (the usual case: SGLang's layouts keep head_dim contiguous)
+#pragma omp simd
+        for (int64_t t = j; t < j_end; ++t) dst[t] = pattern<T>(key[t], sign, all);
+      } else {
+#pragma omp simd
+        for (int64_t t = j; t < j_end; ++t) dst[t * step] = pattern<T>(key[t], sign, all);
+      }
+      j = j_end;
+    }
+  }
+};
 
 // One decoder stage from float32 (mu, sigma) [P, n]: the keys go straight back to storage
 // patterns in out_bits, P pages of N elements each (int16 for 16-bit dtypes, uint8 for 8-bit
@@ -1219,7 +1282,7 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
                   !out_bits.empty(), "decode_values: mu, sigma [P, n] and P out_bits pages");
   const int64_t num_pages = mu.size(0), n = mu.size(1), total = out_bits[0].numel();
   const bool wide = out_bits[0].dtype() == torch::kInt16;
-  std::vector<void*> pages(num_pages);  // page p's patterns: int16_t or uint8_t at pages[p] + layouts[p]'s offsets
+  std::vector<void*> pages(num_pages);  // page p's patterns: int16_t or uint8_t, laid out as layouts[p]
   std::vector<Layout> layouts;
   for (int64_t p = 0; p < num_pages; ++p) {
     const torch::Tensor& page = out_bits[p];
@@ -1236,17 +1299,8 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
   const float* mu_p = mu.data_ptr<float>();
   const float* sigma_p = sigma.data_ptr<float>();
-  void* const* pages_p = pages.data();
-  const Layout* layouts_p = layouts.data();
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
-  const auto emit = [=](int64_t page, int64_t col0, int64_t j_lo, int64_t j_hi, const int64_t* key) {
-    const int64_t i0 = first + col0;
-    if (wide) {
-      put_patterns(static_cast<int16_t*>(pages_p[page]), layouts_p[page], i0, j_lo, j_hi, key, sign_bit, ones);
-    } else {
-      put_patterns(static_cast<uint8_t*>(pages_p[page]), layouts_p[page], i0, j_lo, j_hi, key, sign_bit, ones);
-    }
-  };
+  const PatternWriter emit{pages.data(), layouts.data(), first, sign_bit, ones, wide};
   const uint32_t* words_p = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   if (cum1.has_value()) {  // the table model
     check_level1(*cum1);
