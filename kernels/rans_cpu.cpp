@@ -340,8 +340,8 @@ torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const to
 // lane's guess and C at the guess pair, branch-free and independent across lanes, so the
 // loop vectorises (#pragma omp simd; AVX-512 gathers and 64-bit multiplies where the CPU has
 // them); (2) the few lanes whose slot is not in [C(guess), C(guess + 1)) search, one by one;
-// (3) the block's keys are emitted and every lane renormalises, vectorised again. Only the guess is float
-// arithmetic, and it only decides where the exact integer search starts.
+// (3) the block's keys are emitted and every lane renormalises, vectorised again. Only the
+// guess is float arithmetic, and it only decides where the exact integer search starts.
 constexpr int64_t LANE_BLOCK = 64;
 // Guess passes, as rans_reference's _guess_and_check: the second corrects the floor's +k in
 // C(k) = k + ... with the first guess in place of the key of mu (3% faster here, vectorised).
@@ -403,8 +403,9 @@ static void search_key(const Model& model, int64_t two_mu_q, int64_t off, int64_
 // One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
 // symbols [first, first + n) of each of P pages. params(i, mu_q, e, r, inv) gives symbol
 // i's (of the stage's [P, n]) quantised parameters and 2^32 // r; emit(page, col0, j_lo,
-// j_hi, key) takes a block's keys key[j], j in [j_lo, j_hi), of columns col0 + j. x, ptr: int64 [P * NL] lane states and next-word indices, updated in place;
-// words_p: W >= 1 words (int64 or uint32 values in [0, 2^32)).
+// j_hi, key) takes a block's keys key[j], j in [j_lo, j_hi), of columns col0 + j (each
+// thread calls its own copy of emit). x, ptr: int64 [P * NL] lane states and next-word
+// indices, updated in place; words_p: W >= 1 words (int64 or uint32 values in [0, 2^32)).
 template <class Word, class ParamFn, class EmitFn>
 void decode_stage(const Model& model, const double* q, const Word* words_p, int64_t num_words, int64_t* x_p,
                   int64_t* ptr_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first, ParamFn params,
@@ -799,9 +800,9 @@ void check_level1(const torch::Tensor& cum1) {
 
 // quantize_params + the model + encode in one pass: each page's storage patterns (int16 or
 // uint8, contiguous [N], read in place) and its float32 mu and sigma as Rows (views of N
-// elements, any strides). With cum1 (table_model.level1_table; 16-bit dtypes) the table model, else
-// the exact model. Same bytes as rans_reference.encode_values. Returns (words int32 [W]
-// holding the u32 words, lane_words int64 [P, NL]).
+// elements, any strides). With cum1 (table_model.level1_table; 16-bit dtypes) the table
+// model, else the exact model. Same bytes as rans_reference.encode_values. Returns (words
+// int32 [W] holding the u32 words, lane_words int64 [P, NL]).
 std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_pages, const std::vector<torch::Tensor>& mu,
                                          const std::vector<torch::Tensor>& sigma, int64_t num_lanes,
                                          const torch::Tensor& phi, int64_t w_wide, int64_t kappa, int64_t bits,
@@ -992,14 +993,15 @@ std::vector<torch::Tensor> encode_values(const std::vector<torch::Tensor>& bits_
 
 // One decoder stage of the table model (rans_reference.Decoder._table_symbol): symbols
 // [first, first + n) of each of P pages from float32 mu, sigma [P, n]; emit(page, col0, j_lo,
-// j_hi, key) takes a block's keys (as decode_stage's). Per step, (1) every lane's quantize_params and whether it is dense; (2)
-// for the dense lanes the level-1 entry (a branch-free bisection of the row), rANS step, and
-// for a cell its key and level-2 step (table_model.decode_level2: off zero a shift and a
-// mask, at zero a truncation); (3) for the lanes that escaped or are not dense, the exact
-// model's step (guess and check, as decode_stage); (4) emit. All vectorised but the exact
-// model's misses. x, ptr: int64 [P * NL] lane states and next-word indices, bad: uint8
-// [P * NL] lanes that decoded a cell holding no key (decode_level2's ok false: a corrupt
-// stream; the step is then the identity (0, 2^PT) and the lane goes on), all updated in place.
+// j_hi, key) takes a block's keys (as decode_stage's). Per step, (1) every lane's
+// quantize_params and whether it is dense; (2) for the dense lanes the level-1 entry (a
+// branch-free bisection of the row), rANS step, and for a cell its key and level-2 step
+// (table_model.decode_level2: off zero a shift and a mask, at zero a truncation); (3) for
+// the lanes that escaped or are not dense, the exact model's step (guess and check, as
+// decode_stage); (4) emit. All vectorised but the exact model's misses. x, ptr: int64
+// [P * NL] lane states and next-word indices, bad: uint8 [P * NL] lanes that decoded a cell
+// holding no key (decode_level2's ok false: a corrupt stream; the step is then the identity
+// (0, 2^PT) and the lane goes on), all updated in place.
 template <class EmitFn>
 void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* start1, const double* q,
                         const uint32_t* words_p,
@@ -1261,8 +1263,8 @@ struct PatternWriter {
 
 // One decoder stage from float32 (mu, sigma) [P, n]: the keys go straight back to storage
 // patterns in out_bits, P pages of N elements each (int16 for 16-bit dtypes, uint8 for 8-bit
-// ones; views of up to 5 dims with any strides, e.g. the caller's pages in SGLang's host
-// buffer; elements first .. first + n of each page's flat C order). The pages must not
+// ones; views of up to Layout::MAX_DIMS dims with any strides, e.g. the caller's pages in
+// SGLang's host buffer; elements first .. first + n of each page's flat C order). The pages must not
 // overlap (themselves or each other): threads write them concurrently.
 // words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
 void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const torch::Tensor& mu,
