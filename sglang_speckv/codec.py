@@ -367,8 +367,9 @@ def decode_pages(
     out: preallocated pages to write into (same shape, any strides; storage dtype, or uint8
     for fp8). On the CPU they are decoded into in place, whatever their strides: the page of
     a blob that fails verification may then hold unspecified bytes (the error says the page
-    is not there; never read it); elsewhere in their buffer nothing is written. device: where to decode; default the device of ``out``'s first tensor, else
-    CPU. batch_bytes: raw bytes decoded at once (default: config coding_batch_bytes).
+    is not there; never read it); elsewhere in their buffer nothing is written. device:
+    where to decode; default the device of ``out``'s first tensor, else CPU. batch_bytes:
+    raw bytes decoded at once (default: config coding_batch_bytes).
     """
     n = len(blobs)
     budget = _budget(batch_bytes)
