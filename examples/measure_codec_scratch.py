@@ -2,12 +2,16 @@
 of bf16 pages (page_stats, or a calibrated predictor), on the CPU:
 
     python examples/measure_codec_scratch.py encode|decode [--pages 4] [--tokens 16] [--predictor page_stats]
+        [--out-layout contiguous|layer_first|page_first]
 
 Method (Linux): free memory is handed back to the OS (malloc_trim), the kernel's peak RSS
 counter is reset (``echo 5 > /proc/self/clear_refs``), the call runs, and the peak is the
 peak RSS (VmHWM) minus the RSS before the call. The pages, blobs and output pages given to
 the call exist before it and are not counted; the scratch is the peak less what the call
-returns (encode's blobs, which the peak includes).
+returns (encode's blobs, which the peak includes). ``--out-layout``: decode into the pages
+of a host buffer laid out as SGLang's (sglang/geometry.py views: not contiguous), with
+room for twice the batch's pages, as the server's read path does; default: contiguous
+pages of their own.
 """
 import argparse
 import ctypes
@@ -19,6 +23,7 @@ import torch
 from sglang_speckv import codec
 from sglang_speckv.predictors.base import PageMeta
 from sglang_speckv.predictors.page_stats import PageStatsPredictor
+from sglang_speckv.sglang.geometry import PageGeometry
 
 
 def status(field: str) -> int:
@@ -54,6 +59,19 @@ def calibrated(name: str, shape: tuple[int, ...]):
     return LinearGaussianPredictor(calib, name)
 
 
+def out_pages(layout: str, shape: tuple[int, ...], count: int) -> list[torch.Tensor]:
+    """count zeroed bf16 pages of ``shape``: their own, or every other page of a host buffer
+    of SGLang's ``layout`` (MHA: layer_first [2, L, size, H, D], page_first [2, size, L, H, D])."""
+    if layout == "contiguous":
+        return [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(count)]
+    kv, layers, tokens, heads, dim = shape
+    size = 2 * count * tokens  # token slots
+    own = (kv, layers, size, heads, dim) if layout == "layer_first" else (kv, size, layers, heads, dim)
+    buffer = torch.zeros(own, dtype=torch.bfloat16)
+    geometry = PageGeometry("mha", layout, "bf16", torch.bfloat16, tokens, shape)
+    return [geometry.page(buffer, 2 * i * tokens) for i in range(count)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("encode", "decode"))
@@ -61,6 +79,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--predictor", default="page_stats", choices=("page_stats", *CALIBRATED),
                         help="page_stats, or a predictor calibrated on two random pages (memory, not compression)")
+    parser.add_argument("--out-layout", default="contiguous", choices=("contiguous", "layer_first", "page_first"),
+                        help="decode into contiguous pages, or into views of a host buffer of this SGLang layout")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the thread pool's per-thread arenas would blur small figures
     torch.manual_seed(0)
@@ -73,7 +93,7 @@ def main() -> None:
     small = [pages[0][:, :, :1].contiguous()]  # and the predictor's own one-time state
     codec.decode_pages(codec.encode_pages(small, [PageMeta("bf16", tuple(small[0].shape))], pred), pred)
     blobs = codec.encode_pages(pages, metas, pred) if args.what == "decode" else None
-    out = [torch.zeros_like(p) for p in pages]  # touched: their memory is not scratch
+    out = out_pages(args.out_layout, shape, len(pages))  # touched: their memory is not scratch
     before = reset_peak()
     if args.what == "encode":
         returned = sum(len(b) for b in codec.encode_pages(pages, metas, pred))  # the blobs: the call's output
@@ -82,7 +102,8 @@ def main() -> None:
         returned = 0  # the pages were given (out)
     peak = status("VmHWM") - before
     scratch = peak - returned
-    print(f"{args.what}: batch of {len(pages)} pages, {raw / 1e6:.1f} MB raw bf16, {args.predictor}: "
+    into = "" if args.what == "encode" else f" into {args.out_layout} pages"
+    print(f"{args.what}{into}: batch of {len(pages)} pages, {raw / 1e6:.1f} MB raw bf16, {args.predictor}: "
           f"peak {peak / 1e6:.1f} MB = {peak / raw:.2f}x the batch, of which {returned / 1e6:.1f} MB the returned "
           f"blobs; scratch {scratch / 1e6:.1f} MB = {scratch / raw:.2f}x the batch")
 

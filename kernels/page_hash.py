@@ -62,7 +62,8 @@ def signed(u: int) -> int:
 
 def page_bytes(page: torch.Tensor) -> torch.Tensor:
     """The page's storage bytes, C order: uint8 [n] on the page's device (a view when the
-    page is contiguous)."""
+    page is contiguous; else a contiguous copy of this one page, e.g. a page decoded in
+    place into a strided view of SGLang's host buffer: one page's bytes, never a batch's)."""
     flat = page.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8)
 

@@ -34,6 +34,7 @@
 // rans_reference.py's docstring) go through uint64 so that they wrap here too instead of
 // being undefined behaviour; >> of a negative int64 is arithmetic (gcc), as in torch.
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -42,6 +43,7 @@
 #include <cstring>
 #include <memory>
 #include <stdexcept>
+#include <type_traits>
 #ifdef __linux__
 #include <sys/mman.h>
 #include <unistd.h>
@@ -338,8 +340,8 @@ torch::Tensor cdf(const torch::Tensor& keys, const torch::Tensor& mu_q, const to
 // lane's guess and C at the guess pair, branch-free and independent across lanes, so the
 // loop vectorises (#pragma omp simd; AVX-512 gathers and 64-bit multiplies where the CPU has
 // them); (2) the few lanes whose slot is not in [C(guess), C(guess + 1)) search, one by one;
-// (3) every lane emits its key and renormalises, vectorised again. Only the guess is float
-// arithmetic, and it only decides where the exact integer search starts.
+// (3) the block's keys are emitted and every lane renormalises, vectorised again. Only the
+// guess is float arithmetic, and it only decides where the exact integer search starts.
 constexpr int64_t LANE_BLOCK = 64;
 // Guess passes, as rans_reference's _guess_and_check: the second corrects the floor's +k in
 // C(k) = k + ... with the first guess in place of the key of mu (3% faster here, vectorised).
@@ -399,12 +401,13 @@ static void search_key(const Model& model, int64_t two_mu_q, int64_t off, int64_
 }
 
 // One stage of rans_reference.Decoder.decode, the loop shared by both entry points below:
-// symbols [first, first + n) of each of P pages. params (IntParams or RowParams below; each
-// parallel task works on its own copy) gives the quantised parameters and 2^32 // r:
-// params.step(page, col0, j_lo, j_hi) before a step of the lanes' block, then params(j, mu_q,
-// e, r, inv) for block slot j in [j_lo, j_hi), the stage's column col0 + j of the page.
-// emit(i, page, col, key) takes the key of symbol i = page n + col of the stage's [P, n]. x, ptr: int64 [P * NL] lane states and next-word indices, updated in place;
-// words_p: W >= 1 words (int64 or uint32 values in [0, 2^32)).
+// symbols [first, first + n) of each of P pages. params (IntParams or RowParams below) gives
+// the quantised parameters and 2^32 // r: params.step(page, col0, j_lo, j_hi) before a step
+// of the lanes' block, then params(j, mu_q, e, r, inv) for block slot j in [j_lo, j_hi), the
+// stage's column col0 + j of the page; emit(page, col0, j_lo, j_hi, key) takes a block's keys
+// key[j], j in [j_lo, j_hi), of columns col0 + j. Each thread works with its own copies of
+// params and emit (they keep buffers and cursors). x, ptr: int64 [P * NL] lane states and next-word
+// indices, updated in place; words_p: W >= 1 words (int64 or uint32 values in [0, 2^32)).
 template <class Word, class ParamFn, class EmitFn>
 void decode_stage(const Model& model, const double* q, const Word* words_p, int64_t num_words, int64_t* x_p,
                   int64_t* ptr_p, int64_t num_pages, int64_t n, int64_t num_lanes, int64_t first, ParamFn params,
@@ -416,8 +419,8 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
   at::parallel_for(0, num_pages * blocks_per_page, 1, [&](int64_t b0, int64_t b1) {
     // Locals, not loads through the closure, in the vectorised loops.
     const Model mdl = model;
-    ParamFn prm = params;
-    const EmitFn out = emit;
+    ParamFn prm = params;  // the thread's own (RowParams keeps the block's parameters)
+    EmitFn out = emit;  // the thread's own (PatternWriter keeps a cursor)
     const double* qt = q;
     const Word* wp = words_p;
     // block slot j holds lane l0 + j: its state, next word, and this step's key and C pair
@@ -433,7 +436,7 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         // lane l holds stage symbol l + step * NL - first; idle outside [0, n) (ragged ends)
         const int64_t base = step * num_lanes - first;
         const int64_t j_lo = std::max(l0, -base) - l0, j_hi = std::min(l1, n - base) - l0;
-        const int64_t col0 = base + l0, i0 = page * n + col0;  // slot j: column col0 + j, symbol i0 + j
+        const int64_t col0 = base + l0;  // slot j: column col0 + j
         prm.step(page, col0, j_lo, j_hi);
 
         // Pass 1: the guess and (C(guess), C(guess + 1)). The guess is the reference's: G^-1
@@ -459,9 +462,9 @@ void decode_stage(const Model& model, const double* q, const Word* words_p, int6
         // Pass 3: emit; x' = freq * (x >> PROB_BITS) + slot - C(k); one word in if it fell
         // below L. A read past the lane's words reads words[min(ptr, W - 1)] like the
         // reference; finish() rejects it.
+        out(page, col0, j_lo, j_hi, key);
 #pragma omp simd
         for (int64_t j = j_lo; j < j_hi; ++j) {
-          out(i0 + j, page, col0 + j, key[j]);
           const int64_t x_new = wrap_add(wrap_mul(c_hi[j] - c_lo[j], x[j] >> PROB_BITS), (x[j] & (M - 1)) - c_lo[j]);
           const int64_t word = int64_t(wp[std::min(ptr[j], last_word)]);
           const bool refill = x_new < RANS_L;
@@ -511,10 +514,15 @@ torch::Tensor decode(const torch::Tensor& words, torch::Tensor x_t, torch::Tenso
   check_params(r_p, mu_q.numel());
   auto keys = torch::empty_like(mu_q);
   int64_t* keys_p = keys.data_ptr<int64_t>();
+  const int64_t n = mu_q.size(1);
   decode_stage(
       model, quantiles.data_ptr<double>(), words.data_ptr<int64_t>(), words.numel(), x_t.data_ptr<int64_t>(),
-      ptr_t.data_ptr<int64_t>(), mu_q.size(0), mu_q.size(1), num_lanes, first,
-      IntParams{mu_p, e_p, r_p, mu_q.size(1)}, [=](int64_t i, int64_t, int64_t, int64_t k) { keys_p[i] = k; });
+      ptr_t.data_ptr<int64_t>(), mu_q.size(0), mu_q.size(1), num_lanes, first, IntParams{mu_p, e_p, r_p, n},
+      [=](int64_t page, int64_t col0, int64_t j_lo, int64_t j_hi, const int64_t* key) {
+        int64_t* dst = keys_p + page * n + col0;
+#pragma omp simd
+        for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = key[j];
+      });
   return keys;
 }
 
@@ -584,41 +592,100 @@ struct Bits {
   }
 };
 
-// One page's mu or sigma as rows (sglang_speckv/codec.py, Predictor.predict_rows): a float32
-// view [R, T, C] with any strides (0 where a parameter repeats, e.g. page_stats' per-channel
-// values over the tokens); element i of the page's flat order is at
-// p[(i / (T C)) sR + (i / C % T) sT + (i % C) sC].
-struct Rows {
-  const float* p;
-  int64_t T, C, sR, sT, sC;
+// Where the elements of a CPU view of up to MAX_DIMS dims with any element strides (0 where
+// a value repeats) sit, in its flat C order: its dims of size 1 dropped and each dim merged
+// into the one before it where they step as one, so a contiguous view is one dim of stride 1
+// (flat()) and e.g. a page of SGLang's layer_first host buffer, [2, L, T, H, D] with T H D
+// contiguous, is [2 L, T H D].
+struct Layout {
+  static constexpr int64_t MAX_DIMS = SPECKV_MAX_DIMS;  // rans_reference.MAX_PAGE_DIMS
+  int64_t dims = 0, size[MAX_DIMS] = {}, stride[MAX_DIMS] = {};
 
-  explicit Rows(const torch::Tensor& t) {
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.device().is_cpu() && t.dim() == 3,
-                "parameter rows must be float32 [R, T, C] CPU tensors");
-    p = t.data_ptr<float>();
-    T = t.size(1), C = t.size(2), sR = t.stride(0), sT = t.stride(1), sC = t.stride(2);
+  explicit Layout(const torch::Tensor& t) {
+    TORCH_CHECK(t.dim() <= MAX_DIMS, "views of at most ", MAX_DIMS, " dims, got ", t.dim());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (t.size(d) == 1) continue;
+      if (dims > 0 && stride[dims - 1] == t.size(d) * t.stride(d)) {
+        size[dims - 1] *= t.size(d), stride[dims - 1] = t.stride(d);
+      } else {
+        size[dims] = t.size(d), stride[dims] = t.stride(d), ++dims;
+      }
+    }
+    if (dims == 0) size[0] = t.numel(), stride[0] = 1, dims = 1;  // one element, or none
   }
 
-  // offsets of elements i0, i0 + 1, ..., i0 + n - 1, stepped through (r, t, c)
+  bool flat() const { return dims == 1 && stride[0] == 1; }
+
+  // offsets of elements i0, i0 + 1, ..., i0 + n - 1: i0's index by div/mod once, then an
+  // odometer over the dims
   inline void offsets(int64_t i0, int64_t n, int64_t* out) const {
-    int64_t c = i0 % C, t = i0 / C % T;
-    int64_t off = (i0 / (C * T)) * sR + t * sT + c * sC;
+    if (n <= 0) return;
+    int64_t idx[MAX_DIMS], off = 0;
+    for (int64_t d = dims - 1, rest = i0; d >= 0; --d) {
+      idx[d] = rest % size[d], rest /= size[d];
+      off += idx[d] * stride[d];
+    }
+    const int64_t last = dims - 1;
     for (int64_t j = 0; j < n; ++j) {
       out[j] = off;
-      off += sC;
-      if (++c == C) {
-        c = 0, off += sT - C * sC;
-        if (++t == T) t = 0, off += sR - T * sT;
+      off += stride[last];
+      for (int64_t d = last; d > 0 && ++idx[d] == size[d]; --d) {  // carry
+        idx[d] = 0;
+        off += stride[d - 1] - size[d] * stride[d];
       }
     }
   }
+
+  // A row of the last dim (flat elements begin .. begin + size[last] - 1, the first at
+  // offset off; idx: its index in the other dims), for walking forward through the view.
+  struct Row {
+    int64_t begin = 0, off = 0, idx[MAX_DIMS] = {};
+  };
+
+  // The row holding element i, by div/mod over the dims
+  inline Row row_of(int64_t i) const {
+    Row row;
+    int64_t rest = i / size[dims - 1];
+    row.begin = rest * size[dims - 1];
+    for (int64_t d = dims - 2; d >= 0; --d) {
+      row.idx[d] = rest % size[d], rest /= size[d];
+      row.off += row.idx[d] * stride[d];
+    }
+    return row;
+  }
+
+  // The next row (an odometer over the other dims: no division)
+  inline void next(Row& row) const {
+    row.begin += size[dims - 1];
+    for (int64_t d = dims - 2; d >= 0; --d) {
+      row.off += stride[d];
+      if (++row.idx[d] < size[d] || d == 0) break;
+      row.idx[d] = 0, row.off -= size[d] * stride[d];  // carry
+    }
+  }
+};
+
+// One page's mu or sigma as rows (sglang_speckv/codec.py, Predictor.predict_rows): a float32
+// view of its N values with any strides (0 where a parameter repeats, e.g. page_stats'
+// per-channel values over the tokens); element i of the page's flat order is at p + its
+// Layout offset.
+struct Rows {
+  Layout layout;
+  const float* p = nullptr;
+
+  explicit Rows(const torch::Tensor& t) : layout(t) {
+    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.device().is_cpu(), "parameter rows must be float32 CPU tensors");
+    p = t.data_ptr<float>();
+  }
+
+  inline void offsets(int64_t i0, int64_t n, int64_t* out) const { layout.offsets(i0, n, out); }
 };
 
 // decode_stage's parameters from each page's float32 mu and sigma Rows (a stage's n symbols,
 // read in place: predict_rows' rows, possibly broadcast views), quantised per symbol. A
 // step's block of symbols is consecutive, so step() copies its mu and sigma into contiguous
-// block buffers (a plain copy when the block lies within one row of C, as it mostly does:
-// C is a token's heads x dim) and the vectorised passes read those.
+// block buffers (a plain copy when the block lies within one row of the last dim, as it
+// mostly does: that is a token's heads x dim or more) and the vectorised passes read those.
 struct RowParams {
   const Rows *mu, *sigma;  // [P] each
   float mu_buf[LANE_BLOCK], sigma_buf[LANE_BLOCK];  // block slot j's mu and sigma
@@ -632,9 +699,11 @@ struct RowParams {
   }
   static inline void gather(const Rows& rows, int64_t i0, int64_t count, float* out) {
     if (count <= 0) return;  // no lane of the block holds a symbol of the stage in this step
-    const int64_t c = i0 % rows.C;
-    if (rows.sC == 1 && c + count <= rows.C) {  // within one row of C: contiguous
-      const float* p = rows.p + (i0 / (rows.C * rows.T)) * rows.sR + (i0 / rows.C % rows.T) * rows.sT + c;
+    const Layout& layout = rows.layout;
+    const int64_t last = layout.dims - 1, width = layout.size[last];
+    if (layout.stride[last] == 1 && i0 % width + count <= width) {  // within one row: contiguous
+      const Layout::Row row = layout.row_of(i0);
+      const float* p = rows.p + row.off + (i0 - row.begin);
       std::copy(p, p + count, out);
       return;
     }
@@ -770,7 +839,7 @@ void check_level1(const torch::Tensor& cum1) {
 // bytes; the chunked encoder): ValueEncoder(bits, ...) holds each page's storage patterns
 // (int16 or uint8, contiguous [N], read in place, kept alive here) and every lane's state;
 // encode(mu, sigma, first) codes symbols [first, first + n) of every page from each page's
-// float32 mu and sigma as Rows ([R, T, C] views of the stage's n values, read in place);
+// float32 mu and sigma as Rows (views of the stage's n values, any strides, read in place);
 // finish() flushes and returns (words int32 [W] holding the u32 words, lane_words int64
 // [P, NL]). With cum1 (table_model.level1_table; 16-bit dtypes) the table model, else the
 // exact model.
@@ -1015,14 +1084,16 @@ class ValueEncoder {
 
 // One decoder stage of the table model (rans_reference.Decoder._table_symbol): symbols
 // [first, first + n) of each of P pages from params (RowParams: float32 mu and sigma, as
-// decode_stage takes them); emit(page, col, key) takes each key. Per step, (1) every lane's quantize_params and whether it is dense; (2)
-// for the dense lanes the level-1 entry (a branch-free bisection of the row), rANS step, and
-// for a cell its key and level-2 step (table_model.decode_level2: off zero a shift and a
-// mask, at zero a truncation); (3) for the lanes that escaped or are not dense, the exact
-// model's step (guess and check, as decode_stage); (4) emit. All vectorised but the exact
-// model's misses. x, ptr: int64 [P * NL] lane states and next-word indices, bad: uint8
-// [P * NL] lanes that decoded a cell holding no key (decode_level2's ok false: a corrupt
-// stream; the step is then the identity (0, 2^PT) and the lane goes on), all updated in place.
+// decode_stage takes them); emit(page, col0, j_lo, j_hi, key) takes a block's keys (as
+// decode_stage's). Per step, (1) every lane's
+// quantize_params and whether it is dense; (2) for the dense lanes the level-1 entry (a
+// branch-free bisection of the row), rANS step, and for a cell its key and level-2 step
+// (table_model.decode_level2: off zero a shift and a mask, at zero a truncation); (3) for
+// the lanes that escaped or are not dense, the exact model's step (guess and check, as
+// decode_stage); (4) emit. All vectorised but the exact model's misses. x, ptr: int64
+// [P * NL] lane states and next-word indices, bad: uint8 [P * NL] lanes that decoded a cell
+// holding no key (decode_level2's ok false: a corrupt stream; the step is then the identity
+// (0, 2^PT) and the lane goes on), all updated in place.
 template <class EmitFn>
 void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* start1, const double* q,
                         const uint32_t* words_p, int64_t num_words, int64_t* x_p, int64_t* ptr_p, uint8_t* bad_p,
@@ -1037,12 +1108,12 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
     const Model mdl = model;
     const Dtype dt = model.dtype;
     const int64_t sign_bit = dt.top >> 1, ones = dt.top - 1;
-    const EmitFn out = emit;
+    EmitFn out = emit;  // the thread's own (PatternWriter keeps a cursor)
     const double* qt = q;
     const int64_t* c1p = cum1;
     const uint8_t* s1p = start1;
     const uint32_t* wp = words_p;
-    RowParams prm = params;
+    RowParams prm = params;  // the thread's own (it keeps the block's parameters)
     // block slot j holds lane l0 + j: its state, next word and verdict, this step's key, whether
     // takes the exact model's step (ESC, or not dense), and the quantised parameters it needs
     int64_t x[LANE_BLOCK], ptr[LANE_BLOCK], bad[LANE_BLOCK], key[LANE_BLOCK], exact[LANE_BLOCK];
@@ -1215,8 +1286,7 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
           for (int64_t t = 0; t < m; ++t) exact_step(list[t]);
         }
         // Pass 4: emit.
-#pragma omp simd
-        for (int64_t j = j_lo; j < j_hi; ++j) out(page, col0 + j, key[j]);
+        out(page, col0, j_lo, j_hi, key);
       }
       std::copy(x, x + (l1 - l0), x_p + g0);
       std::copy(ptr, ptr + (l1 - l0), ptr_p + g0);
@@ -1225,12 +1295,72 @@ void decode_stage_table(const Model& model, const int64_t* cum1, const uint8_t* 
   });
 }
 
+// Key k's storage pattern as T (int16_t or uint8_t): bits_from_keys
+template <class T>
+inline T pattern(int64_t k, int64_t sign_bit, int64_t ones) {
+  return T(std::make_unsigned_t<T>((k & sign_bit) ? k ^ sign_bit : k ^ ones));
+}
+
+// decode_values' emit: a block's keys key[j], j in [j_lo, j_hi), as storage patterns (int16
+// for 16-bit dtypes (wide), else uint8) into elements first + col0 + j (flat C order) of
+// page `page`, laid out as its Layout. A contiguous page takes them in a row; any other, row
+// by row of its last dim, the current row kept in a cursor: a block's symbols only move
+// forward from step to step, so the row is found by division once per block and then
+// stepped. Each thread decodes with its own copy (decode_stage's `out`): its own cursor.
+struct PatternWriter {
+  void* const* pages;
+  const Layout* layouts;
+  int64_t first, sign_bit, ones;
+  bool wide;
+  int64_t page_at = -1;  // the cursor: page page_at's row `row`
+  Layout::Row row;
+
+  inline void operator()(int64_t page, int64_t col0, int64_t j_lo, int64_t j_hi, const int64_t* key) {
+    if (wide) {
+      put(static_cast<int16_t*>(pages[page]), page, first + col0, j_lo, j_hi, key);
+    } else {
+      put(static_cast<uint8_t*>(pages[page]), page, first + col0, j_lo, j_hi, key);
+    }
+  }
+
+  template <class T>
+  inline void put(T* p, int64_t page, int64_t i0, int64_t j_lo, int64_t j_hi, const int64_t* key) {
+    const Layout& layout = layouts[page];
+    const int64_t sign = sign_bit, all = ones;
+    if (j_lo >= j_hi) return;
+    if (layout.flat()) {
+#pragma omp simd
+      for (int64_t j = j_lo; j < j_hi; ++j) p[i0 + j] = pattern<T>(key[j], sign, all);
+      return;
+    }
+    const int64_t width = layout.size[layout.dims - 1], step = layout.stride[layout.dims - 1];
+    if (page != page_at || i0 + j_lo < row.begin) {  // a new block
+      row = layout.row_of(i0 + j_lo), page_at = page;
+    }
+    for (int64_t j = j_lo; j < j_hi;) {
+      while (i0 + j >= row.begin + width) layout.next(row);
+      const int64_t j_end = std::min(j_hi, row.begin + width - i0);  // this row's slots
+      T* const dst = p + row.off + (i0 - row.begin) * step;  // slot j's element: dst[j * step]
+      if (step == 1) {  // (the usual case: SGLang's layouts keep head_dim contiguous)
+#pragma omp simd
+        for (int64_t t = j; t < j_end; ++t) dst[t] = pattern<T>(key[t], sign, all);
+      } else {
+#pragma omp simd
+        for (int64_t t = j; t < j_end; ++t) dst[t * step] = pattern<T>(key[t], sign, all);
+      }
+      j = j_end;
+    }
+  }
+};
+
 // One decoder stage, symbols first .. first + n of P pages, from each page's float32 mu and
-// sigma as Rows ([R, T, C] views of the stage's n values, any strides: predict_rows' rows,
-// read in place as the encoder reads them): the keys go straight back to storage patterns
-// in out_bits, P pages of [N] each (contiguous int16 for 16-bit dtypes, uint8 for 8-bit
-// ones, each its own memory, e.g. the caller's pages). words: int32 [W >= 1] holding u32
-// words; x, ptr as in decode.
+// sigma as Rows (views of the stage's n values, any strides: predict_rows' rows, read in
+// place as the encoder reads them): the keys go straight back to storage patterns in
+// out_bits, P pages of N elements each (int16 for 16-bit dtypes, uint8 for 8-bit
+// ones; views of up to Layout::MAX_DIMS dims with any strides, e.g. the caller's pages in
+// SGLang's host buffer; elements first .. first + n of each page's flat C order). The pages must not
+// overlap (themselves or each other): threads write them concurrently.
+// words: int32 [W >= 1] holding u32 words; x, ptr as in decode.
 void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor ptr_t, const std::vector<torch::Tensor>& mu,
                    const std::vector<torch::Tensor>& sigma, int64_t num_lanes, int64_t first,
                    const std::vector<torch::Tensor>& out_bits,
@@ -1254,27 +1384,24 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
     sigma_rows.emplace_back(sigma[p]);
   }
   const RowParams params{mu_rows.data(), sigma_rows.data()};
-  std::vector<int16_t*> out16(num_pages, nullptr);  // page p's patterns: out16[p] or out8[p]
-  std::vector<uint8_t*> out8(num_pages, nullptr);
+  const bool wide = out_bits[0].dtype() == torch::kInt16;
+  std::vector<void*> pages(num_pages);  // page p's patterns: int16_t or uint8_t, laid out as layouts[p]
+  std::vector<Layout> layouts;
   for (int64_t p = 0; p < num_pages; ++p) {
-    const Bits page(out_bits[p]);
-    TORCH_CHECK(out_bits[p].numel() == total && out_bits[p].dtype() == out_bits[0].dtype(),
-                "decode_values: out_bits pages must all be [N] of one dtype");
-    out16[p] = const_cast<int16_t*>(page.p16);
-    out8[p] = const_cast<uint8_t*>(page.p8);
+    const torch::Tensor& page = out_bits[p];
+    TORCH_CHECK(page.device().is_cpu() && (page.dtype() == torch::kInt16 || page.dtype() == torch::kUInt8) &&
+                    page.dtype() == out_bits[0].dtype() && page.numel() == total,
+                "decode_values: out_bits pages must all be int16 or uint8 CPU tensors of one dtype and N elements");
+    TORCH_CHECK(at::has_internal_overlap(page) != at::MemOverlap::Yes,
+                "decode_values: an out_bits page overlaps itself (a broadcast view?)");
+    pages[p] = page.data_ptr();
+    layouts.emplace_back(page);
   }
   TORCH_CHECK(first >= 0 && first + n <= total, "decode_values: shapes do not fit");
-  const bool wide = out_bits[0].dtype() == torch::kInt16;  // (an empty page's pointer is null)
   TORCH_CHECK(wide == (bits == 16), "decode_values: out_bits must be int16 for 16-bit dtypes, uint8 for 8-bit ones");
   const Model model{Dtype(bits, man_bits, bias, fn_nan), phi.data_ptr<int64_t>(), w_wide, kappa};
-  int16_t* const* out16_p = out16.data();
-  uint8_t* const* out8_p = out8.data();
   const int64_t sign_bit = model.dtype.top >> 1, ones = model.dtype.top - 1;
-  const auto emit = [=](int64_t page, int64_t col, int64_t k) {
-    const int64_t u = (k & sign_bit) ? k ^ sign_bit : k ^ ones;  // bits_from_keys
-    const int64_t j = first + col;
-    if (wide) out16_p[page][j] = int16_t(uint16_t(u)); else out8_p[page][j] = uint8_t(u);
-  };
+  const PatternWriter emit{pages.data(), layouts.data(), first, sign_bit, ones, wide};
   const uint32_t* words_p = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   if (cum1.has_value()) {  // the table model
     check_level1(*cum1);
@@ -1291,8 +1418,7 @@ void decode_values(const torch::Tensor& words, torch::Tensor x_t, torch::Tensor 
   }
   decode_stage(
       model, quantiles.data_ptr<double>(), words_p, words.numel(), x_t.data_ptr<int64_t>(), ptr_t.data_ptr<int64_t>(),
-      num_pages, n, num_lanes, first, params,
-      [=](int64_t, int64_t page, int64_t col, int64_t k) { emit(page, col, k); });
+      num_pages, n, num_lanes, first, params, emit);
 }
 
 // kernels/page_hash.py's page hash of a page's bytes (uint8 [n], contiguous): the sum mod

@@ -81,7 +81,7 @@ def _macros() -> list[str]:
         "TS": tm.TS, "CELL_SHIFT": tm.CELL_SHIFT, "TB": tm.TB, "FB": tm.FB, "TJ": tm.TJ, "NCELL": tm.NCELL,
         "ESC": tm.ESC, "ROW": tm.ROW, "START_BITS": tm.START_BITS,
         "ROWS": tm.ROWS, "PT": tm.PT, "P2": tm.P2, "DENSE_LOG": tm.DENSE_LOG,
-        "MAG_SHIFT_MAX": tm.MAG_SHIFT_MAX,
+        "MAG_SHIFT_MAX": tm.MAG_SHIFT_MAX, "MAX_DIMS": ref.MAX_PAGE_DIMS,
     }  # fmt: skip
     floats = {"SIGMA_MIN": em.SIGMA_MIN, "SIGMA_MAX": em.SIGMA_MAX, "MU_INF": em.MU_INF}  # exact as hex
     return [f"-DSPECKV_{name}={value}LL" for name, value in constants.items()] + [
@@ -315,15 +315,15 @@ class Encoder:
 
 
 def _rows(params: torch.Tensor | Sequence[torch.Tensor], shape: torch.Size) -> list[torch.Tensor]:
-    """encode_values' (or a decoder stage's) mu or sigma as the C++ reads them: per page, a float32 view [R, T, C]
-    of its N values (no copy for [N], [R, X] or [R, T, C] tensors of any strides)."""
+    """encode_values' (or a decoder stage's) mu or sigma as the C++ reads them (rans_cpu.cpp
+    Rows): per page, a float32 view of its N values in C order, any strides (no copy up to
+    MAX_PAGE_DIMS dims)."""
     pages, n = shape
     if isinstance(params, torch.Tensor):
         params = list(ref._as_batch(params))
     if len(params) != pages or any(t.dtype != torch.float32 or t.numel() != n for t in params):
         raise ValueError("mu and sigma must be float32, [P, N] like bits or one tensor of N values per page")
-    # [N] -> [1, 1, N] and [R, X] -> [R, 1, X] (views); [R, T, C] as it is; deeper: [R, 1, rest]
-    return [t if t.dim() == 3 else t.reshape(t.shape[0] if t.dim() > 1 else 1, 1, -1) for t in params]
+    return [t if t.dim() <= ref.MAX_PAGE_DIMS else t.reshape(t.shape[0], -1) for t in params]
 
 
 class Decoder(ref.Decoder):
@@ -381,8 +381,9 @@ class Decoder(ref.Decoder):
         storage patterns per symbol; no int64 [N] arrays). Needs int32 (u32) words. mu,
         sigma: float32 [P, n] or [n], or one tensor per page whose C-order flattening is
         the stage's n values (Predictor.predict_rows' rows, possibly broadcast views), read
-        in place as encode_values reads them. out_bits as the reference takes it: [P, N],
-        or P contiguous pages of [N] (e.g. the caller's)."""
+        in place as encode_values reads them. out_bits as the reference takes it
+        (page_rows): [P, N], or P pages of N elements (e.g. the caller's), any shape and
+        strides: each element is written where it lies."""
         ext = extension()
         if ext is None or self.words.dtype != torch.int32:
             return super().decode_values(mu, sigma, out_bits)
@@ -465,9 +466,13 @@ def _self_check() -> None:
     # The value-level path the codec calls, both models on the same pages (the table model's
     # first page against the reference encoder; the reference decoder would take minutes),
     # and on pages of a sharp predictor (sigma / 50: most symbols not dense, so the table
-    # model codes them with the exact model's step). Best of 5 in CPU time of the process,
-    # the two models' runs interleaved: steadier than wall time on a shared machine.
+    # model codes them with the exact model's step); decoded into contiguous pages and into
+    # strided ones (the pages [2, 30, 16, 3, 64] of a SmolLM2 host buffer in SGLang's
+    # layer_first layout, [2, 30, 8 x 16, 3, 64]: the server's read path). Best of 5 in CPU
+    # time of the process, the runs interleaved: steadier than wall time on a shared machine.
     num_lanes, repeats = ref.default_lanes(n), 5
+    host = torch.empty((2, 30, num_pages * 16, 3, 64), dtype=torch.int16)
+    host_pages = [host[:, :, 16 * p : 16 * (p + 1)] for p in range(num_pages)]  # [2, 30, 16, 3, 64] views
     tm.level1_table(em.W_WIDE, em.KAPPA)  # not timed
     print(f"  value level, {num_lanes} lanes/page (encode_values, Decoder.decode_values), CPU time, best of {repeats}:")
     for label, shrink in (("sigma as above", 1.0), ("sigma / 50", 50.0)):
@@ -475,7 +480,7 @@ def _self_check() -> None:
         page_bits = (mu + page_sigma * torch.randn(num_pages, n)).to(em.TORCH_DTYPES[dtype]).view(torch.int16)
         dense = float(tm.dense(*em.quantize_params(mu, page_sigma), dtype).double().mean())
         print(f"    {label} ({dense:.1%} of the symbols dense):")
-        best = {model: [float("inf"), float("inf")] for model in tm.MODELS}  # encode, decode seconds
+        best = {model: [float("inf")] * 3 for model in tm.MODELS}  # encode, decode, decode strided seconds
         for _ in range(repeats):
             for model in tm.MODELS:
                 t = time.process_time()
@@ -485,17 +490,25 @@ def _self_check() -> None:
                 out = torch.empty_like(page_bits)
                 t = time.process_time()
                 dec.decode_values(mu, page_sigma, out)
-                best[model] = [min(best[model][0], t_enc), min(best[model][1], time.process_time() - t)]
-                if not (torch.equal(out, page_bits) and bool(dec.finish().all())):
+                t_dec = time.process_time() - t
+                dec_strided = Decoder(words, lane_words, n, dtype, model=model)
+                t = time.process_time()
+                dec_strided.decode_values(mu, page_sigma, host_pages)
+                t_strided = time.process_time() - t
+                best[model] = [min(b, t) for b, t in zip(best[model], (t_enc, t_dec, t_strided))]
+                strided_same = all(torch.equal(pg.reshape(-1), want) for pg, want in zip(host_pages, page_bits))
+                if not (torch.equal(out, page_bits) and bool(dec.finish().all())
+                        and strided_same and bool(dec_strided.finish().all())):
                     raise SystemExit(f"{model} model: round trip FAILED")
         for model in tm.MODELS:
             words, lane_words = encode_values(page_bits, mu, page_sigma, dtype, num_lanes, model=model)
             first_page = ref.encode_values(page_bits[:1], mu[:1], page_sigma[:1], dtype, num_lanes, model=model)[0]
             same = torch.equal(words[: int(lane_words[0].sum())], first_page)
-            t_enc, t_dec = (t / page_bits.numel() * 1e9 for t in best[model])
+            t_enc, t_dec, t_strided = (t / page_bits.numel() * 1e9 for t in best[model])
             print(
                 f"      {model:5s} model: {words.numel() * 32 / page_bits.numel():.4f} bits/symbol; "
-                f"encode {t_enc:5.1f} ns/symbol, decode {t_dec:5.1f} ns/symbol; "
+                f"encode {t_enc:5.1f} ns/symbol, decode {t_dec:5.1f} ns/symbol "
+                f"(into layer_first host pages {t_strided:5.1f}); "
                 f"first page == reference: {same}; round trip: OK"
             )
             if not same:

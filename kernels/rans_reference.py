@@ -69,6 +69,9 @@ SEARCH_BITS = 4
 # random lookups need (2^16 cells, 512 KiB, cost it ~30% of its time); the guess only sets
 # the search's starting point, never a result.
 QUANTILE_BITS = 12
+# A decoder's out pages (Decoder.decode_values) are views of at most this many dims, any
+# strides: a canonical page [2, layers, tokens, heads, dim] of a host buffer.
+MAX_PAGE_DIMS = 5
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
@@ -242,18 +245,31 @@ def _nearest_key(v: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def page_rows(out_bits: torch.Tensor | Sequence[torch.Tensor], num_pages: int, num_symbols: int) -> list[torch.Tensor]:
-    """A decoder's output pages as P tensors of [N] storage patterns (int16 or uint8,
-    contiguous, one dtype): the rows of a [P, N] tensor (views), or the P pages given (e.g.
-    the caller's own, decoded into in place). ValueError if they do not fit."""
+    """A decoder's output pages as P tensors of N storage patterns each (int16 or uint8, one
+    dtype): the rows of a [P, N] tensor (views), or the P pages given (e.g. the caller's own,
+    decoded into in place), each of any shape of N elements up to MAX_PAGE_DIMS dims and any
+    strides (e.g. a page's view of SGLang's host buffer), symbol i being element i of its
+    flat C order. ValueError if they do not fit or a page overlaps itself (a stride 0)."""
     rows = list(out_bits.unbind(0)) if isinstance(out_bits, torch.Tensor) and out_bits.dim() == 2 else list(out_bits)
     ok = len(rows) == num_pages and all(
-        t.dim() == 1 and t.numel() == num_symbols and t.is_contiguous() and t.dtype in (torch.int16, torch.uint8)
-        and t.dtype == rows[0].dtype for t in rows
+        t.dim() <= MAX_PAGE_DIMS and t.numel() == num_symbols and t.dtype in (torch.int16, torch.uint8)
+        and t.dtype == rows[0].dtype and not any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride()))
+        for t in rows
     )  # fmt: skip
     if not ok:
-        raise ValueError(f"out_bits must be [{num_pages}, {num_symbols}] or {num_pages} contiguous pages of "
-                         f"{num_symbols} int16/uint8 patterns")
+        raise ValueError(f"out_bits must be [{num_pages}, {num_symbols}] or {num_pages} pages of {num_symbols} "
+                         f"int16/uint8 patterns each (up to {MAX_PAGE_DIMS} dims, any strides, no stride 0)")
     return rows
+
+
+def put_flat(page: torch.Tensor, start: int, values: torch.Tensor) -> None:
+    """Write values [n] into elements [start, start + n) of page's flat C order, through
+    the page's strides (a strided page: through an index of those elements)."""
+    if page.is_contiguous():
+        page.view(-1)[start : start + values.numel()] = values
+    else:
+        flat = torch.arange(start, start + values.numel(), device=page.device)
+        page[torch.unravel_index(flat, page.shape)] = values
 
 
 class Decoder:
@@ -459,15 +475,15 @@ class Decoder:
         of each page from float32 (mu, sigma) [P, n] or [n], or one tensor per page whose
         C-order flattening is its n values (as encode_values takes them; rans_cpu reads
         those in place), written as storage patterns into columns [position, position + n)
-        of out_bits (int16 for 16-bit dtypes, else uint8): [P, N], or P contiguous pages of
-        [N] each (see page_rows)."""
+        of out_bits (int16 for 16-bit dtypes, else uint8): [P, N], or P pages of N elements
+        each, any shape and strides (see page_rows)."""
         (mu, sigma), _ = self._stage((_params_batch(mu), _params_batch(sigma)), torch.float32)
         rows = page_rows(out_bits, self.num_pages, self.num_symbols)
         first = self.position
         keys = self.decode(*em.quantize_params(mu, sigma))
         patterns = storage_from_keys(keys, self.dtype)  # [P, n]
         for row, page_patterns in zip(rows, patterns):
-            row[first : self.position].copy_(page_patterns.view(row.dtype))
+            put_flat(row, first, page_patterns.view(row.dtype))
 
     def finish(self) -> torch.Tensor:
         """bool [P]: True for pages whose every lane decoded all N symbols, consumed exactly

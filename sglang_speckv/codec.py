@@ -23,9 +23,11 @@ materialised a chunk of rows at a time (``PARAMS_SHARE``; its table decoder's in
 parameters too, ``rans_triton.table_params``, computed once per distinct (mu, sigma) of
 the broadcast rows and broadcast like them), and the Triton and reference
 encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
-patterns of the batch (none on the CPU when the caller's contiguous ``out`` pages take them
-in place; a multi-stage predictor reads its values from them), the coded words, and on the
-GPU the encoder's int32 scratch (4 B per symbol). Nothing
+patterns of the batch (none on the CPU when the caller's ``out`` pages take them in place,
+whatever their strides: e.g. a page's view of SGLang's layer_first or page_first host
+buffer; a multi-stage predictor reads its values from them), the coded words, and on the
+GPU the encoder's int32 scratch (4 B per symbol). Verifying a decoded page that is not
+contiguous hashes a contiguous copy of that one page (kernels/page_hash.py). Nothing
 int64 per symbol is allocated, on the CPU or the GPU. Figures: docs/BENCHMARKS.md
 "Codec scratch".
 
@@ -443,10 +445,11 @@ def decode_pages(
     metas: what the caller expects of each page (dtype, shape, position must match the
     blob; token_ids are passed on to the predictor); default: the blob's own header.
     out: preallocated pages to write into (same shape, any strides; storage dtype, or uint8
-    for fp8). On the CPU, contiguous ones are decoded into in place: the page of a blob that
-    fails verification may then hold unspecified bytes (the error says the page is not
-    there; never read it). device: where to decode; default the device of ``out``'s first tensor, else
-    CPU. batch_bytes: raw bytes decoded at once (default: config coding_batch_bytes).
+    for fp8). On the CPU they are decoded into in place, whatever their strides: the page of
+    a blob that fails verification may then hold unspecified bytes (the error says the page
+    is not there; never read it); elsewhere in their buffer nothing is written. device:
+    where to decode; default the device of ``out``'s first tensor, else CPU. batch_bytes:
+    raw bytes decoded at once (default: config coding_batch_bytes).
     """
     n = len(blobs)
     budget = _budget(batch_bytes)
@@ -499,7 +502,9 @@ def _page_from_raw(parsed: fmt.ParsedBlob, meta: PageMeta) -> torch.Tensor:
 
 
 def _finish_page(page: torch.Tensor, header: fmt.BlobHeader, out, i: int) -> torch.Tensor:
-    """Verify the decoded page's hash (on its device) and hand it over (into out[i] when given)."""
+    """Verify the decoded page's hash (on its device) and hand it over (into out[i] when given).
+    A page decoded in place into a strided out page is hashed from a contiguous copy of it
+    (page_hash.page_bytes): one page's bytes at a time, never the batch's."""
     if page_hash(page) != header.raw_hash:
         raise fmt.RawChecksumMismatch("decoded page does not match the checksum recorded at encode time")
     if out is None or out[i] is None:
@@ -518,17 +523,18 @@ def _words(members, device: torch.device) -> torch.Tensor:
 
 
 def _targets(members, out, device: torch.device) -> list[torch.Tensor] | None:
-    """The members' own out pages as [numel] storage patterns, when the C++ coder can decode
-    into them in place (CPU, every page given, contiguous): no [P, numel] scratch and no
-    copy. A page that then fails verification leaves its out page holding unspecified
-    bytes (its error says so; callers never read it). None: decode into scratch."""
+    """The members' own out pages as storage patterns (canonical shape, any strides: e.g. a
+    page's view of SGLang's host buffer), when the C++ coder can decode into them in place
+    (CPU, every page given): no [P, numel] scratch and no copy. A page that then fails
+    verification leaves its out page holding unspecified bytes (its error says so; callers
+    never read it). None: decode into scratch."""
     if device.type != "cpu" or out is None:
         return None
     targets = []
     for i, _, meta in members:
-        if out[i] is None or not out[i].is_contiguous() or out[i].device != device:
+        if out[i] is None or out[i].device != device:
             return None
-        targets.append(out[i].view(_bits_dtype(meta.dtype)).reshape(-1))
+        targets.append(out[i].view(_bits_dtype(meta.dtype)))
     return targets
 
 

@@ -14,6 +14,7 @@ from sglang_speckv.kernels import format as fmt
 from sglang_speckv.kernels import rans_reference
 from sglang_speckv.predictors.base import PageMeta, Predictor
 from sglang_speckv.predictors.page_stats import PageStatsPredictor
+from sglang_speckv.sglang.geometry import PageGeometry
 
 PAGE_STATS = PageStatsPredictor()
 DTYPES = list(em.DTYPE_SPECS)
@@ -156,7 +157,7 @@ class PreviousLayerPredictor(Predictor):
     def predict(self, meta, side, values, stage):
         kv, layers = meta.shape[:2]
         assert values.dtype == em.TORCH_DTYPES[meta.dtype], "the codec shows the page in its storage dtype"
-        flat = values.view(kv * layers, -1)  # [stages, per_layer]
+        flat = values.reshape(kv * layers, -1)  # [stages, per_layer] (values may be strided)
         assert bool(torch.isnan(flat[stage:]).all()), "peeked at values not decoded yet"
         assert not bool(torch.isnan(flat[:stage]).any()), "not shown decoded values"
         sigma = torch.full((flat.shape[1],), 0.5)
@@ -234,9 +235,9 @@ def test_out_metas_and_device_arguments():
     assert isinstance(errors[0], fmt.BadHeader)
 
 
-def test_cpu_decode_writes_into_contiguous_out_pages_in_place():
-    """Contiguous out pages take the decoded patterns directly (no [P, N] scratch, no copy);
-    strided ones get a copy; a corrupt blob in the batch is an error for its page alone."""
+def test_cpu_decode_writes_into_out_pages_in_place():
+    """Out pages take the decoded patterns directly (no [P, N] scratch, no copy), contiguous
+    or strided; a corrupt blob in the batch is an error for its page alone."""
     shape = (2, 2, 16, 2, 8)
     pages = [(torch.randn(shape) * (i + 1)).to(torch.bfloat16) for i in range(4)]
     metas = [PageMeta("bf16", shape) for _ in pages]
@@ -258,6 +259,54 @@ def test_cpu_decode_writes_into_contiguous_out_pages_in_place():
     out = [torch.empty(shape, dtype=torch.bfloat16) for _ in pages]
     got, errors = codec.decode_pages(blobs, PAGE_STATS, out=out)
     assert errors == [None] * 4 and all(g.data_ptr() == o.data_ptr() for g, o in zip(got, out))
+
+
+@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp8_e4m3"])
+def test_cpu_decode_into_host_buffer_pages_in_place(layout, dtype, monkeypatch):
+    """The server's read path: out pages are geometry.py's views of SGLang's host buffer
+    (not contiguous; uint8 for fp8). The coder decodes into them (no scratch), with a
+    one-stage and a multi-stage predictor: the encoded pages' bytes, no other byte of the
+    buffer written, and a corrupt blob an error for its page alone."""
+    decoded_into = []  # the out pages' addresses the coder was given, per decode_values call
+    real = codec.rans_cpu.Decoder.decode_values
+
+    def spy(self, mu, sigma, out_bits):
+        decoded_into.append([t.data_ptr() for t in out_bits])
+        return real(self, mu, sigma, out_bits)
+
+    monkeypatch.setattr(codec.rans_cpu.Decoder, "decode_values", spy)
+    shape = (2, 3, 32, 2, 8)  # enough tokens that page_stats' side info pays for itself on fp8
+    torch_dtype = em.TORCH_DTYPES[dtype]
+    storage = torch.uint8 if em.symbol_bits(dtype) == 8 else torch_dtype
+    geometry = PageGeometry("mha", layout, dtype, storage, shape[2], shape)
+    base = torch.randn(1, 1, *shape[2:])  # layers alike: PreviousLayerPredictor's coding pays
+    pages = [((base + 0.1 * torch.randn(shape)) * (i + 1)).to(torch_dtype) for i in range(3)]
+    metas = [PageMeta(dtype, shape) for _ in pages]
+    t = shape[2]
+    own = (2, 3, 7 * t, 2, 8) if layout == "layer_first" else (2, 7 * t, 3, 2, 8)  # 7 pages' token slots
+    for predictor in (PAGE_STATS, PreviousLayerPredictor()):
+        blobs = codec.encode_pages(pages, metas, predictor, num_lanes=4)
+        assert all(not fmt.parse_blob(b).header.raw for b in blobs)
+        bad = bytearray(blobs[1])
+        bad[-1] ^= 0x10
+        buffer = torch.full((torch.Size(own).numel() * storage.itemsize,), 0x5A, dtype=torch.uint8).view(storage).view(own)
+        before = buffer.clone()
+        out = [geometry.page(buffer, slot * t) for slot in (1, 3, 6)]
+        assert not any(page.is_contiguous() for page in out)
+        decoded_into.clear()
+        got, errors = codec.decode_pages([blobs[0], bytes(bad), blobs[2]], predictor, out=out)
+        assert decoded_into and all(ptrs == [page.data_ptr() for page in out] for ptrs in decoded_into)
+        assert errors[0] is None and errors[2] is None and got[1] is None
+        assert isinstance(errors[1], (fmt.BadStream, fmt.RawChecksumMismatch))
+        written = torch.zeros(own, dtype=torch.bool)
+        for i in (0, 1, 2):
+            geometry.page(written, (1, 3, 6)[i] * t).fill_(True)
+            if i != 1:  # the failed page's slots hold unspecified bytes
+                assert got[i].data_ptr() == out[i].data_ptr() and same_bits(got[i].view(torch_dtype), pages[i])
+        untouched = ~written
+        as_int = torch.int16 if storage.itemsize == 2 else torch.uint8
+        assert torch.equal(buffer.view(as_int)[untouched], before.view(as_int)[untouched])
 
 
 def test_encoder_runs_keep_per_symbol_predictions_within_the_batch(monkeypatch):

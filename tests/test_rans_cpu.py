@@ -113,7 +113,7 @@ def test_value_level_coder_bit_identical(dtype):
         dec.decode_values(mu[:, :1000].contiguous(), sigma[:, :1000].contiguous(), pages)
         dec.decode_values(mu[:, 1000:].contiguous(), sigma[:, 1000:].contiguous(), pages)
         assert bool(dec.finish().all()) and torch.equal(torch.stack(pages), bits)
-        with pytest.raises(ValueError, match="contiguous pages"):
+        with pytest.raises(ValueError, match="pages of"):
             cls(rr.as_u32(words), lane_words, n, dtype).decode_values(mu, sigma, pages[:-1])
     wrong_width = [torch.zeros(n, dtype=torch.uint8 if bits.dtype == torch.int16 else torch.int16) for _ in bits]
     with pytest.raises(RuntimeError, match="out_bits must be int16 for 16-bit dtypes"):
@@ -148,6 +148,56 @@ def test_decode_reads_prediction_rows_in_place(dtype, model):
     dec.decode_values(flat[0][:, :35], flat[1][:, :35], out)
     dec.decode_values([t[1:] for t in mu], [t[1:] for t in sigma], out)
     assert bool(dec.finish().all()) and torch.equal(out, bits)
+
+
+SENTINEL = 0x5A  # every byte of a host buffer before a decode into its pages
+
+
+def host_pages(layout, shape, dtype, num_pages):
+    """num_pages strided views [2, L, T, H, D] (shape) of a larger sentinel-filled buffer laid
+    out like SGLang's host pools (sglang/geometry.py), one free page between them, and the
+    buffer: layer_first [2, L, size, H, D], page_first [2, size, L, H, D] (tokens outermost
+    but one), page_head [2, pages, H, T, L, D] (layers and heads swapped)."""
+    kv, layers, t, heads, dim = shape
+    size = 2 * num_pages * t
+    own = {"layer_first": (kv, layers, size, heads, dim), "page_first": (kv, size, layers, heads, dim),
+           "page_head": (kv, 2 * num_pages, heads, t, layers, dim)}[layout]
+    storage = torch.int16 if em.symbol_bits(dtype) == 16 else torch.uint8
+    buffer = torch.full((torch.Size(own).numel() * storage.itemsize,), SENTINEL, dtype=torch.uint8).view(storage).view(own)
+    views = {"layer_first": lambda s: buffer[:, :, s * t:(s + 1) * t],
+             "page_first": lambda s: buffer[:, s * t:(s + 1) * t].permute(0, 2, 1, 3, 4),
+             "page_head": lambda s: buffer[:, s].permute(0, 3, 2, 1, 4)}[layout]
+    return [views(2 * i + 1) for i in range(num_pages)], buffer
+
+
+@pytest.mark.parametrize("dtype, model", [("bf16", tm.MODEL_TABLE), ("fp8_e4m3", tm.MODEL_EXACT)])
+@pytest.mark.parametrize("num_lanes", [7, 70])  # one block of lanes per page, two (LANE_BLOCK 64)
+def test_value_level_decode_into_strided_pages(dtype, model, num_lanes):
+    """Both coders' decode_values write each symbol into its element of out pages of any
+    strides (pages of SGLang's host layouts): the contiguous decode's patterns, and no other
+    byte of the buffer; stages cut mid-step. A page that overlaps itself is refused."""
+    shape = (2, 3, 5, 2, 7)
+    n = torch.Size(shape).numel()
+    keys, mu, sigma = adversarial_inputs(dtype, 3, n, seed=5)
+    bits = storage_bits_of(keys, dtype)
+    words, lane_words = rc.encode_values(bits, mu, sigma, dtype, num_lanes, model=model)
+    coders = [(layout, rc.Decoder) for layout in ("layer_first", "page_first", "page_head")]
+    coders.append(("page_head", rr.Decoder))  # the (slow) reference once: it writes through the same views
+    for layout, cls in coders:
+        pages, buffer = host_pages(layout, shape, dtype, len(bits))
+        assert not any(page.is_contiguous() for page in pages)
+        dec = cls(words, lane_words, n, dtype, model=model)
+        for a, b in ((0, 100), (100, 101), (101, n)):
+            dec.decode_values(mu[:, a:b].contiguous(), sigma[:, a:b].contiguous(), pages)
+        assert bool(dec.finish().all())
+        for page, want in zip(pages, bits):
+            assert torch.equal(page.reshape(-1), want)
+            page.view(torch.uint8).fill_(SENTINEL)
+        assert bool((buffer.view(torch.uint8) == SENTINEL).all()), f"{layout}: wrote outside the pages"
+    broadcast = [torch.zeros(1, dtype=bits.dtype).expand(n)] * len(bits)
+    for cls in (rr.Decoder, rc.Decoder):
+        with pytest.raises(ValueError, match="no stride 0"):
+            cls(words, lane_words, n, dtype, model=model).decode_values(mu, sigma, broadcast)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8_e4m3"])

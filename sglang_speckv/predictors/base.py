@@ -91,9 +91,11 @@ class Predictor(ABC):
         """(mu, sigma), float32, 1-D, for the symbols of ``stage``.
 
         ``values``: a tensor of the canonical shape holding the page's values as decoded
-        so far, NaN where not yet decoded. The codec passes the page in its storage dtype
-        (bfloat16, float16, float8_e4m3fn, float8_e5m2: the decoded patterns themselves, no
-        float32 copy of the batch); tools and tests may pass its exact float32 conversion.
+        so far, NaN where not yet decoded, with any strides (the codec may pass a view of
+        the caller's buffer: index or ``reshape`` it, do not ``view`` it flat). The codec
+        passes the page in its storage dtype (bfloat16, float16, float8_e4m3fn,
+        float8_e5m2: the decoded patterns themselves, no float32 copy of the batch); tools
+        and tests may pass its exact float32 conversion.
         A predictor converts what it reads (every stored value is exact in float32 and
         float64), and must give the same (mu, sigma) for both.
         """

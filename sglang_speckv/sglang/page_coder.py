@@ -283,9 +283,12 @@ class PageCoder:
     def _decode(self, predictor: Predictor, blobs: list, metas: list[PageMeta],
                 targets: list[torch.Tensor]) -> list[Exception | None]:
         """The error (or None) per blob. Verified pages are in ``targets``; on the CPU the
-        codec decodes into contiguous targets in place, so a page that fails verification
-        may leave unspecified bytes in its target: it is reported as not read (a miss), and
-        HiCache never reads the host slots of pages not read (it frees them)."""
+        codec decodes into the targets in place, strided views of the host buffer included
+        (every supported layout: no scratch page, no copy), so a page that fails
+        verification may leave unspecified bytes in its target (and nowhere else in the
+        buffer): it is reported as not read (a miss), and HiCache never reads the host slots
+        of pages not read (it frees them). On CUDA the codec decodes on the device and the
+        pages are copied into the targets."""
         try:
             if self.device.type != "cuda":
                 _, errors = codec.decode_pages(blobs, predictor, metas=metas, out=targets, device=self.device,
