@@ -700,6 +700,10 @@ struct RowParams {
   static inline void gather(const Rows& rows, int64_t i0, int64_t count, float* out) {
     if (count <= 0) return;  // no lane of the block holds a symbol of the stage in this step
     const Layout& layout = rows.layout;
+    if (layout.flat()) {  // contiguous rows (a [P, n] stage, or a one-row prediction): no division
+      std::copy(rows.p + i0, rows.p + i0 + count, out);
+      return;
+    }
     const int64_t last = layout.dims - 1, width = layout.size[last];
     if (layout.stride[last] == 1 && i0 % width + count <= width) {  // within one row: contiguous
       const Layout::Row row = layout.row_of(i0);
