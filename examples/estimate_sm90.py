@@ -98,7 +98,7 @@ def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False, table:
     if values:
         bits = "*i16" if em.symbol_bits(dtype) == 16 else "*u8"
         types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", out_bits_ptr=bits, cum1_ptr="*i32",
-                     start_ptr="*u8", params_ptr="*i32", lane_ok_ptr="*u8")
+                     lookup_ptr="*i64", params_ptr="*i32", lane_ok_ptr="*u8")
     sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
            for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
@@ -200,7 +200,7 @@ PARTS = {
     "parameters (table_params' int32, unpacked)": ("_unpack_params",),
     "dense test": ("_dense",),
     "level 1 (row, lookup, one step)": ("_row_index", "_level1_entry", "_level1_bisect"),
-    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_mu_cell", "_trunc_magnitude", "_zero_points",
+    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_decode_level2_normal", "_decode_level2_general", "_mu_cell", "_trunc_magnitude", "_zero_points",
                                                "_decode_point",
                                                "_ceil_shift", "_magnitude_fields"),
     "guess": ("_guess_key", "_nearest_key", "_pow2"),

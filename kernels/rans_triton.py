@@ -187,11 +187,11 @@ _ROW = tl.constexpr(tm.ROW)  # entries of a level-1 row (NCELL + 2)
 CELL_PROBES = tm.NCELL.bit_length() - 1  # 7
 _CELL_PROBES = tl.constexpr(CELL_PROBES)
 # The level-1 lookup (table_model.level1_start): 2^START_BITS buckets per row, then
-# START_STEPS correction steps before a program falls back to the bisection.
-_NUM_START = tl.constexpr(1 << tm.START_BITS)
+# START_STEPS correction steps before a program falls back to the bisection. One int64 lookup
+# word (_level1_lookup) holds the bucket's entry and the three cumulative counts of that one step.
+_START_BITS = tl.constexpr(tm.START_BITS)
 _START_SHIFT = tl.constexpr(tm.PT - tm.START_BITS)
 START_STEPS = 1
-_START_STEPS = tl.constexpr(START_STEPS)
 _FB = tl.constexpr(tm.FB)
 _FB_MASK = tl.constexpr((1 << tm.FB) - 1)
 _PT = tl.constexpr(tm.PT)
@@ -202,6 +202,8 @@ _P2_MASK = tl.constexpr((1 << tm.P2) - 1)
 _POINTS = tl.constexpr(1 << tm.P2)  # points of a zero cell
 # log2 of the widest cell, u = 2^(e - TS) with e <= log2(SIGMA_MAX): every zero-cell value is below it
 _U_LOG_MAX = tl.constexpr(int(em.SIGMA_MAX).bit_length() - 1 - tm.TS)
+# log2 of the smallest nonzero zero-cell point, 2^-P2 of the narrowest cell (e >= log2(SIGMA_MIN))
+_POINT_LOG_MIN = tl.constexpr(-(int(1 / em.SIGMA_MIN).bit_length() - 1) - tm.TS - tm.P2)
 _DENSE_MAX = tl.constexpr(tm.CELL_SHIFT - tm.DENSE_LOG)  # table_model.dense: log2 key spacing <= this
 _SIGMA2_SHIFT = tl.constexpr(em.F - em.R + 1)  # r << this = 2 sigma in units of delta
 _BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.row_index: b = (r >> (R - TB)) - 2^TB
@@ -609,25 +611,26 @@ def _level1_bisect(slot1, row_ptr):
 
 
 @triton.jit
-def _level1_entry(slot1, row, live, cum1_ptr, start_ptr):
+def _level1_entry(slot1, row, live, cum1_ptr, lookup_ptr):
     """table_model.decode_cell: the entry i in [0, NCELL] of level-1 row ``row`` (int32
     CUM1 from cum1_ptr, _level1_table) with CUM1[i] <= slot1 < CUM1[i + 1], and (CUM1[i],
-    CUM1[i + 1] - CUM1[i]). One lookup: i = START[row][slot1 >> (PT - START_BITS)]
-    (table_model.level1_start: the entry holding the bucket's first slot; uint8 from
-    start_ptr), then START_STEPS predicated steps forward while CUM1[i + 1] <= slot1. Where
-    a ``live`` lane is still short of its entry after them (its bucket holds more entry
-    starts: the rows' tails; 5% of 32-lane steps on SmolLM2 KV), the whole program takes
-    the bisection of the row instead (_level1_bisect), so every lane's entry stays exact."""
-    row_ptr = cum1_ptr + row * _ROW
-    entry = tl.load(start_ptr + row * _NUM_START + (slot1 >> _START_SHIFT)).to(tl.int32)
-    cum = tl.load(row_ptr + entry)
-    for _ in tl.static_range(_START_STEPS):
-        c = tl.load(row_ptr + entry + 1)  # entry <= NCELL: within the row
-        step = c <= slot1
-        entry = tl.where(step, entry + 1, entry)
-        cum = tl.where(step, c, cum)
-    c_next = tl.load(row_ptr + entry + 1)
+    CUM1[i + 1] - CUM1[i]). One lookup: the word of the row's bucket slot1 >> (PT -
+    START_BITS) (int64 from lookup_ptr, _level1_lookup) holds i0 = table_model.level1_start
+    (the entry of the bucket's first slot) and CUM1[i0], CUM1[i0 + 1], CUM1[i0 + 2], i.e.
+    the one predicated step forward (START_STEPS) while CUM1[i + 1] <= slot1. Where a
+    ``live`` lane is still short of its entry after it (its bucket holds more entry starts:
+    the rows' tails; 5% of 32-lane steps on SmolLM2 KV), the whole program takes the
+    bisection of the row instead (_level1_bisect), so every lane's entry stays exact."""
+    word = tl.load(lookup_ptr + ((row << _START_BITS) | (slot1 >> _START_SHIFT)))
+    lo = word.to(tl.int32)  # CUM1[i0 + 1] << 16 | CUM1[i0]
+    hi = (word >> 32).to(tl.int32)  # i0 << 16 | CUM1[i0 + 2]
+    c0, c1, c2 = lo & 0xFFFF, (lo >> 16) & 0xFFFF, hi & 0xFFFF
+    step = c1 <= slot1
+    entry = (hi >> 16) + step.to(tl.int32)
+    cum = tl.where(step, c1, c0)
+    c_next = tl.where(step, c2, c1)
     if tl.max((live & (c_next <= slot1)).to(tl.int32), axis=0) > 0:  # rare on real KV
+        row_ptr = cum1_ptr + row * _ROW
         entry, cum = _level1_bisect(slot1, row_ptr)
         c_next = tl.load(row_ptr + entry + 1)
     return entry, cum, c_next - cum
@@ -636,19 +639,63 @@ def _level1_entry(slot1, row, live, cum1_ptr, start_ptr):
 @triton.jit
 def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     """table_model.decode_level2 for a dense lane whose level-1 entry is a cell (ESC lanes
-    get garbage, replaced by the caller): (pattern, slot, cum, freq, scale, ok), int32; the
-    storage pattern instead of the key. x16 = x & (2^P2 - 1), x the state after level 1;
+    get garbage, replaced by the caller): (pattern, rem, freq, scale, ok), int32; the storage
+    pattern instead of the key, and the slot's offset in its step rem = slot - cum instead
+    of (slot, cum) (all _rans_pop needs). x16 = x & (2^P2 - 1), x the state after level 1;
     mq = _mu_cell. Where ok is False (a cell off zero narrower than the key spacing or beyond
     the largest finite binade: a corrupt stream) the step is the identity (0, 2^PT) at scale
     PT, and the pattern the reference's (its clamps of l2 and of the biased exponent; its
     clamp of the cell's magnitude at 2^20 never bites here: |m| < 2^9)."""
     EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
-    EMIN_EX: tl.constexpr = 1 - BIAS - MAN_BITS  # the exponent of subnormals' (and the first binade's) ulp
+    EMIN: tl.constexpr = 1 - BIAS
     EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
     m = entry - _TJ + mq
     neg = m < 0
     mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
     zero = mag == 0
+    MAG_MAX: tl.constexpr = _TJ + (1 << (MAN_BITS - 2))  # |m'| of a dense symbol's cells (|mq| <= 2^(MB - 2))
+    # bf16: every point and offset value of every cell is normal (in [2^POINT_LOG_MIN,
+    # 2^(U_LOG_MAX + MB + 1))), and every cell at least a key wide (|m'| < 2^(MB + 1))
+    if (EMIN <= _POINT_LOG_MIN) & (_U_LOG_MAX + MAN_BITS <= EMAX) & (MAG_MAX < (1 << (MAN_BITS + 1))):
+        pattern, rem, freq, scale = _decode_level2_normal(mag, zero, x16, e, MAN_BITS, BIAS)
+        ok = tl.full(mag.shape, 1, tl.int1)  # no cell is impossible
+    else:
+        pattern, rem, freq, scale, ok = _decode_level2_general(mag, zero, x16, e, BITS, MAN_BITS, BIAS)
+    return pattern | (neg.to(tl.int32) << (BITS - 1)), rem, freq, scale, ok
+
+
+@triton.jit
+def _decode_level2_normal(mag, zero, x16, e, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """_decode_level2 of a cell of magnitude ``mag`` (int32, >= 0) for a dtype in whose normal
+    range every value of every cell lies (bf16: values within [2^-77, 2^68), |m| < 2^(MB + 1)):
+    (magnitude pattern, rem, freq, scale), int32, every lane ok. Both kinds of cell are
+    one integer n < 2^24 read as a value n 2^(e - TS - scale): the zero cell's point n = x16
+    (scale P2), an offset cell's (|m'| << PT) | slot (scale PT). float32(n) is exact; the
+    key (a zero cell's truncation of its point, an offset cell's significand of |m'| and
+    the slot's top L2 bits) is n truncated to MB bits below its leading one, i.e. float32(n)'s
+    bits >> (23 - MB) with the exponent moved by e - TS - scale (no multiply: no FMA). Its
+    ulp is 2^w units of n, w = max(floor(log2 n) - MB, 0) (a zero cell: keys below 2^MB
+    points are one point apart; an offset cell: w = PT - L2 <= PT): the step is the key's
+    2^w points, cum = slot rounded down to a multiple of 2^w (every key's range ends by
+    2^scale: the zero cell's largest key is below 2^(P2 - w) ulps), so slot - cum is n's
+    low w bits (the slot's: n's low PT bits are the slot off zero)."""
+    n = tl.where(zero, x16, (mag << _PT) | (x16 & _PT_MASK))
+    bits = n.to(tl.float32).to(tl.int32, bitcast=True)  # n < 2^24: exact
+    freq = 1 << tl.maximum((bits >> 23) - (127 + MAN_BITS), 0)
+    scale = _PT + zero.to(tl.int32) * (_P2 - _PT)
+    shift = e - (_TS + 127 - BIAS) - scale  # float32's exponent field -> the dtype's, times 2^(e - TS - scale)
+    pattern = tl.where(n == 0, 0, (bits >> (23 - MAN_BITS)) + (shift << MAN_BITS))
+    return pattern, n & (freq - 1), freq, scale
+
+
+@triton.jit
+def _decode_level2_general(mag, zero, x16, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """_decode_level2 of a cell of magnitude ``mag`` for any 16-bit dtype (fp16: subnormal
+    points, cells beyond the largest finite binade): (magnitude pattern, rem, freq, scale,
+    ok), int32; the zero cell by _decode_point, an offset cell from its binade."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    EMIN_EX: tl.constexpr = 1 - BIAS - MAN_BITS  # the exponent of subnormals' (and the first binade's) ulp
+    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
     # the zero cell: the point's magnitude by truncation, and its points
     pat_z, first, cnt = _decode_point(x16, e, BITS, MAN_BITS, BIAS)
     # off zero: the cell's binade j = floor(log2 mag) + e - TS (exact: mag < 2^9 in float32),
@@ -663,13 +710,12 @@ def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr
     sig = ((mag << _PT) | slot_o) >> q
     biased = tl.where(sig >= (1 << MAN_BITS), tl.minimum(ex + BIAS + MAN_BITS, (1 << EXP_BITS) - 1), 0)
     pat_o = (biased << MAN_BITS) | (sig & ((1 << MAN_BITS) - 1))
-    pattern = tl.where(zero, pat_z, pat_o) | (neg.to(tl.int32) << (BITS - 1))
+    pattern = tl.where(zero, pat_z, pat_o)
     slot = tl.where(zero, x16, slot_o)
     cum = tl.where(zero, first, (slot_o >> q) << q)  # offset << (PT - L2)
     freq = tl.where(zero, cnt, 1 << q)
     scale = tl.where(zero, _P2, _PT)
-    return (pattern, tl.where(ok, slot, slot_o), tl.where(ok, cum, 0), tl.where(ok, freq, _PT_ONE),
-            tl.where(ok, scale, _PT), ok)
+    return pattern, tl.where(ok, slot - cum, slot_o), tl.where(ok, freq, _PT_ONE), tl.where(ok, scale, _PT), ok
 
 
 @triton.jit
@@ -940,9 +986,17 @@ def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=8)
-def _level1_start(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
-    """table_model.level1_start on ``device`` as uint8 [ROWS * 2^START_BITS], row by row."""
-    return tm.level1_start(w_wide, kappa).reshape(-1).to(device)  # [ROWS, 2^START_BITS] -> flat
+def _level1_lookup(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
+    """The decoder's level-1 lookup words on ``device``, int64 [ROWS * 2^START_BITS] row by
+    row (256 KiB): for START's entry i of the row's bucket (table_model.level1_start),
+    CUM1[i] | CUM1[i + 1] << 16 | CUM1[i + 2] << 32 | i << 48 (CUM1 = level1_table, entries
+    <= 2^PT < 2^16; i <= NCELL, and for i = NCELL, where CUM1[i + 1] = 2^PT ends the row,
+    CUM1[i + 2] repeats it)."""
+    cum1 = tm.level1_table(w_wide, kappa)  # [ROWS, ROW]
+    start = tm.level1_start(w_wide, kappa).long()  # [ROWS, 2^START_BITS]
+    c0, c1, c2 = (cum1.gather(1, (start + k).clamp(max=tm.ROW - 1)) for k in range(3))
+    word = c0 | c1 << 16 | c2 << 32 | start << 48
+    return word.reshape(-1).to(device)  # [ROWS, 2^START_BITS] -> flat
 
 
 def table_params(mu: torch.Tensor, sigma: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -1149,15 +1203,17 @@ def _find_key(slot, mu_q, e, r, active, phi_ptr, q_ptr, w_wide, kappa,
 
 
 @triton.jit
-def _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words):
+def _rans_pop(x, wptr, rem, freq, scale, active, words_ptr, num_words):
     """The decoder's state update of the active lanes at scale s (an int or an int tensor):
-    x' = freq * (x >> s) + slot - cum with slot = x & (2^s - 1), and one word shifted in if
-    x' < L (rans_reference.Decoder._pop). Words are int64 in [0, 2^32) or int32 holding u32
-    words (the & restores the u32 value after the sign-extending widening). A read past the
+    x' = freq * (x >> s) + rem with rem = slot - cum in [0, freq), slot = x & (2^s - 1), and
+    one word shifted in if x' < L (rans_reference.Decoder._pop). Words are int64 in [0, 2^32)
+    or int32 holding u32 words (the & restores the u32 value after the sign-extending
+    widening). A read past the
     lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it.
-    freq is int32 in [1, 2^31) on active lanes (every model's steps), so it is widened as
-    unsigned (the same integer; a 32 x 64-bit multiply instead of 64 x 64)."""
-    x_new = freq.to(tl.uint32, bitcast=True).to(tl.int64) * (x >> scale) + (slot - cum)
+    freq and rem are int32 in [1, 2^31) and [0, freq) on active lanes (every model's steps),
+    so they are widened as unsigned (the same integers; a 32 x 64-bit multiply instead of
+    64 x 64, no sign extension)."""
+    x_new = freq.to(tl.uint32, bitcast=True).to(tl.int64) * (x >> scale) + rem.to(tl.uint32, bitcast=True).to(tl.int64)
     need = x_new < _RANS_L
     w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0).to(tl.int64) & _WORD_MASK
     x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
@@ -1196,7 +1252,7 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, q_ptr, keys_ptr, 
         if COUNT_PROBES:
             tl.store(probes_ptr + offs_page + offs_sym, gallops, mask=active)
             tl.store(probes_ptr + stride_probes + offs_page + offs_sym, bisects, mask=active)
-        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
+        x, wptr = _rans_pop(x, wptr, slot - c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
@@ -1230,14 +1286,14 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, out_bits
                                           BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
         pattern = _pattern_of_key(key, BITS)  # [0, 2^B): the cast keeps its B bits
         tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
-        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
+        x, wptr = _rans_pop(x, wptr, slot - c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
                                "w_wide", "kappa"])  # fmt: skip
-def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr,
+def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, lookup_ptr, phi_ptr, q_ptr,
                          out_bits_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
                          num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
@@ -1245,9 +1301,10 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, sta
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
     per symbol its parameters (params int32 [P, count], table_params: quantize_params, the
     dense test, the row and mu's cell, computed outside the step loop), the cell (a lookup
-    in start, uint8 [ROWS * 2^START_BITS], _level1_start, and a correction in the symbol's
-    row of cum1, int32 [ROWS * ROW], _level1_table), then level 2 (the offset's raw bits,
-    or the zero cell's point: a truncation, no search) or, after ESC and for a symbol that
+    word with its one correction step, lookup int64 [ROWS * 2^START_BITS], _level1_lookup;
+    rarely a bisection of the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
+    level 2 (the offset's raw bits, or the zero cell's point: a truncation, no search) or,
+    after ESC and for a symbol that
     is not dense, the exact model's step (_find_key, in a branch taken when any lane of the
     program needs it, which alone reads (mu, sigma) and quantises them). lane_ok uint8
     [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode an
@@ -1275,14 +1332,14 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, sta
         table, row, mq, e = _unpack_params(params)
         # level 1 of a dense symbol: the cell or ESC, scale PT
         slot = (x & _PT_MASK).to(tl.int32)
-        entry, c1, f1 = _level1_entry(slot, row, active & table, cum1_ptr, start_ptr)
-        x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active & table, words_ptr, num_words)
+        entry, c1, f1 = _level1_entry(slot, row, active & table, cum1_ptr, lookup_ptr)
+        x, wptr = _rans_pop(x, wptr, slot - c1, f1, _PT, active & table, words_ptr, num_words)
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
         exact = ~table | (entry == _ESC)
-        pattern, slot, cum, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
-                                                             BITS, MAN_BITS, BIAS)
+        pattern, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
+                                                       BITS, MAN_BITS, BIAS)
         bad = bad | (active & ~exact & ~ok)
         if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
             need = active & exact
@@ -1293,13 +1350,12 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, sta
             key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e_q, r, need, phi_ptr, q_ptr, w_wide, kappa,
                                                 BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
             pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
-            cum = tl.where(exact, c_lo, cum)
+            rem = tl.where(exact, slot_e - c_lo, rem)
             freq = tl.where(exact, c_hi - c_lo, freq)
-            slot = tl.where(exact, slot_e, slot)
             scale = tl.where(exact, _PROB_BITS, scale)
         # [0, 2^B): the cast keeps its B bits
         tl.store(out_ptrs, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
-        x, wptr = _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words)
+        x, wptr = _rans_pop(x, wptr, rem, freq, scale, active, words_ptr, num_words)
         offs_sym += lanes_per_page
         params_ptrs += lanes_per_page
         out_ptrs += lanes_per_page
@@ -1402,7 +1458,7 @@ class Decoder(ref.Decoder):
                 self.lane_ok = self.lane_ok.contiguous()  # cleared in place (as uint8) for impossible points
                 _decode_table_kernel[grid](
                     self.words, params, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
-                    _level1_start(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
+                    _level1_lookup(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
                     self.quantiles_f32, out_bits, self.x, self.ptr,
                     self.lane_ok.view(torch.uint8), *sizes, **spec,
                 )

@@ -456,7 +456,7 @@ def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n,
     mq = rt._mu_cell(tl.load(mu_q_ptr + offs, mask=mask, other=0), mask)  # dense parameters only
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
     outs = rt._decode_level2(entry, x16, mq, e, BITS, MAN_BITS, BIAS)
-    for i in tl.static_range(6):  # pattern, slot, cum, freq, scale, ok
+    for i in tl.static_range(5):  # pattern, rem = slot - cum, freq, scale, ok
         tl.store(out_ptr + i * n + offs, outs[i].to(tl.int64), mask=mask)
 
 
@@ -512,11 +512,11 @@ def test_table_model_maps_match_reference(dtype):
     near = tm.TJ - (mu_q >> tm.CELL_SHIFT) + torch.randint(-3, 3, (n,), generator=gen)  # the zero cells and beside
     entry[: n // 2] = near[: n // 2].clamp(0, tm.NCELL - 1)
     x = torch.randint(0, 1 << tm.P2, (n,), generator=gen)
-    got = torch.empty(6 * n, dtype=torch.int64, device=DEVICE)
+    got = torch.empty(5 * n, dtype=torch.int64, device=DEVICE)
     _level2_test_kernel[(1,)](entry.to(DEVICE), x.to(DEVICE), mu_q.to(DEVICE), e.to(DEVICE), got, n, **spec, BLOCK=n)
-    key, *want = tm.decode_level2(entry, x, mu_q, e, dtype)
-    want = [em.bits_from_keys(key, dtype), *want]
-    for name, g, w in zip(("pattern", "slot", "cum", "freq", "scale", "ok"), got.cpu().view(6, n), want):
+    key, slot, cum, *want = tm.decode_level2(entry, x, mu_q, e, dtype)
+    want = [em.bits_from_keys(key, dtype), slot - cum, *want]
+    for name, g, w in zip(("pattern", "rem", "freq", "scale", "ok"), got.cpu().view(5, n), want):
         assert torch.equal(g, w.to(torch.int64)), name
     ok, zero = want[-1], want[-2] == tm.P2
     assert zero.sum() > 1000 and (ok & ~zero).sum() > 1000
@@ -709,7 +709,7 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
         bits = "*i16" if spec["BITS"] == 16 else "*u8"
         types = {"q_ptr": "*fp32", "probes_ptr": "*i32", "bits_ptr": bits, "out_bits_ptr": bits,
                  "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "cum1_ptr": "*i32", "lane_ok_ptr": "*u8",
-                 "params_ptr": "*i32", "start_ptr": "*u8",
+                 "params_ptr": "*i32", "lookup_ptr": "*i64",
                  **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
