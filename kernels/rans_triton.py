@@ -611,29 +611,21 @@ def _level1_bisect(slot1, row_ptr):
 
 
 @triton.jit
-def _level1_entry(slot1, row, live, cum1_ptr, lookup_ptr):
-    """table_model.decode_cell: the entry i in [0, NCELL] of level-1 row ``row`` (int32
-    CUM1 from cum1_ptr, _level1_table) with CUM1[i] <= slot1 < CUM1[i + 1], and (CUM1[i],
-    CUM1[i + 1] - CUM1[i]). One lookup: the word of the row's bucket slot1 >> (PT -
-    START_BITS) (int64 from lookup_ptr, _level1_lookup) holds i0 = table_model.level1_start
-    (the entry of the bucket's first slot) and CUM1[i0], CUM1[i0 + 1], CUM1[i0 + 2], i.e.
-    the one predicated step forward (START_STEPS) while CUM1[i + 1] <= slot1. Where a
-    ``live`` lane is still short of its entry after it (its bucket holds more entry starts:
-    the rows' tails; 5% of 32-lane steps on SmolLM2 KV), the whole program takes the
-    bisection of the row instead (_level1_bisect), so every lane's entry stays exact."""
+def _level1_entry(slot1, row, lookup_ptr):
+    """table_model.decode_cell by one lookup: (i, CUM1[i], CUM1[i + 1]), int32, of level-1
+    row ``row`` (CUM1 = _level1_table's row) where CUM1[i] <= slot1 < CUM1[i + 1] unless
+    CUM1[i + 1] <= slot1 still (the lane is short of its entry: the caller bisects the row,
+    _level1_bisect). The word of the row's bucket slot1 >> (PT - START_BITS) (int64 from
+    lookup_ptr, _level1_lookup) holds i0 = table_model.level1_start (the entry of the
+    bucket's first slot) and CUM1[i0], CUM1[i0 + 1], CUM1[i0 + 2]: the one predicated step
+    forward (START_STEPS) while CUM1[i + 1] <= slot1. A lane is short where its bucket holds
+    more entry starts (the rows' tails; 5% of 32-lane steps on SmolLM2 KV)."""
     word = tl.load(lookup_ptr + ((row << _START_BITS) | (slot1 >> _START_SHIFT)))
     lo = word.to(tl.int32)  # CUM1[i0 + 1] << 16 | CUM1[i0]
     hi = (word >> 32).to(tl.int32)  # i0 << 16 | CUM1[i0 + 2]
     c0, c1, c2 = lo & 0xFFFF, (lo >> 16) & 0xFFFF, hi & 0xFFFF
     step = c1 <= slot1
-    entry = (hi >> 16) + step.to(tl.int32)
-    cum = tl.where(step, c1, c0)
-    c_next = tl.where(step, c2, c1)
-    if tl.max((live & (c_next <= slot1)).to(tl.int32), axis=0) > 0:  # rare on real KV
-        row_ptr = cum1_ptr + row * _ROW
-        entry, cum = _level1_bisect(slot1, row_ptr)
-        c_next = tl.load(row_ptr + entry + 1)
-    return entry, cum, c_next - cum
+    return (hi >> 16) + step.to(tl.int32), tl.where(step, c1, c0), tl.where(step, c2, c1)
 
 
 @triton.jit
@@ -1320,39 +1312,50 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, loo
     wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0).to(tl.int32)
     bad = offs_lane < 0  # [BLOCK_LANES] False
     first_step = first // lanes_per_page
-    # the lane's symbol within the stage at the first step (< 0: decoded by an earlier stage),
+    # the lane's symbol within the stage at the first step (< 0: decoded by an earlier stage;
+    # -2^31 for a lane past num_lanes, which stays negative: count + lanes_per_page < 2^31),
     # and its parameters' and output's addresses, advanced by lanes_per_page symbols per step
-    offs_sym = (lane + first_step * lanes_per_page - first).to(tl.int32)
-    limit = tl.where(lane_mask, count, 0).to(tl.uint32)  # active: 0 <= offs_sym < limit (unsigned)
+    offs_sym = tl.where(lane_mask, lane + first_step * lanes_per_page - first, -(2**31)).to(tl.int32)
     params_ptrs = params_ptr + offs_page + offs_sym
     out_ptrs = out_bits_ptr + offs_out_page + offs_sym
     for step in range(first_step, tl.cdiv(first + count, lanes_per_page)):  # noqa: B007 (the loop counts)
-        active = offs_sym.to(tl.uint32, bitcast=True) < limit
+        active = offs_sym.to(tl.uint32, bitcast=True) < count  # 0 <= offs_sym < count
         params = tl.load(params_ptrs, mask=active, other=_PARAM_MASKED)
         table, row, mq, e = _unpack_params(params)
         # level 1 of a dense symbol: the cell or ESC, scale PT
         slot = (x & _PT_MASK).to(tl.int32)
-        entry, c1, f1 = _level1_entry(slot, row, active & table, cum1_ptr, lookup_ptr)
-        x, wptr = _rans_pop(x, wptr, slot - c1, f1, _PT, active & table, words_ptr, num_words)
+        entry, c1, c_next = _level1_entry(slot, row, lookup_ptr)
+        exact = ~table | (entry == _ESC)  # where the lane is not short
+        # one vote for both rare cases (2-5% of 32-lane steps each on SmolLM2 KV): a dense
+        # lane short of its entry (the row's bisection), and ESC or a symbol that is not
+        # dense (the exact model's step below)
+        rare = tl.max((active & (exact | (c_next <= slot))).to(tl.int32), axis=0) > 0
+        if rare:
+            if tl.max((active & table & (c_next <= slot)).to(tl.int32), axis=0) > 0:
+                row_ptr = cum1_ptr + row * _ROW
+                entry, c1 = _level1_bisect(slot, row_ptr)
+                c_next = tl.load(row_ptr + entry + 1)
+                exact = ~table | (entry == _ESC)
+        x, wptr = _rans_pop(x, wptr, slot - c1, c_next - c1, _PT, active & table, words_ptr, num_words)
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
-        exact = ~table | (entry == _ESC)
         pattern, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
                                                        BITS, MAN_BITS, BIAS)
         bad = bad | (active & ~exact & ~ok)
-        if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
-            need = active & exact
-            mu = tl.load(mu_ptr + offs_page + offs_sym, mask=need, other=0.0)
-            sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=need, other=1.0)
-            mu_q, e_q, r = _quantize(mu, sigma)  # e_q == e
-            slot_e = (x & (_M - 1)).to(tl.int32)
-            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e_q, r, need, phi_ptr, q_ptr, w_wide, kappa,
-                                                BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
-            pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
-            rem = tl.where(exact, slot_e - c_lo, rem)
-            freq = tl.where(exact, c_hi - c_lo, freq)
-            scale = tl.where(exact, _PROB_BITS, scale)
+        if rare:  # (a uniform branch: no vote on the hit path)
+            if tl.max((active & exact).to(tl.int32), axis=0) > 0:
+                need = active & exact
+                mu = tl.load(mu_ptr + offs_page + offs_sym, mask=need, other=0.0)
+                sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=need, other=1.0)
+                mu_q, e_q, r = _quantize(mu, sigma)  # e_q == e
+                slot_e = (x & (_M - 1)).to(tl.int32)
+                key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e_q, r, need, phi_ptr, q_ptr, w_wide, kappa,
+                                                    BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
+                pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
+                rem = tl.where(exact, slot_e - c_lo, rem)
+                freq = tl.where(exact, c_hi - c_lo, freq)
+                scale = tl.where(exact, _PROB_BITS, scale)
         # [0, 2^B): the cast keeps its B bits
         tl.store(out_ptrs, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
         x, wptr = _rans_pop(x, wptr, rem, freq, scale, active, words_ptr, num_words)
