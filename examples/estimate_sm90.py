@@ -178,18 +178,27 @@ def _table_branches(sass: str):
 
 def table_loop_costs(sass: str) -> dict[str, int]:
     """The table-model decode kernel's step loop: the hit path (no lane of the program takes
-    the exact model's step, and level 1's lookup and step finish every lane: quantize_params,
-    the dense test, level 1, level 2 (the offset's raw bits or a zero cell's point), two rANS
-    steps), the escape branch's path when the exact model's guess hits for every lane that
-    takes it (the branch less the search's fallback, which is the exact kernel's, rounds and
-    all) and level 1's fallback (the bisection, when a lane is short of its entry)."""
+    the exact model's step, and level 1's lookup and step finish every lane: the parameters,
+    level 1, level 2 (the offset's raw bits or a zero cell's point), two rANS steps), the
+    escape branch's path when the exact model's guess hits for every lane that takes it (the
+    branch less the search's fallback, which is the exact kernel's, rounds and all) and level
+    1's fallback (the bisection, when a lane is short of its entry). One vote opens both
+    branches (a program takes either: "rare"), and each begins with its own vote, which a
+    rare program pays even where it takes only the other: "escape vote" and "level-1 vote"
+    (0 where a branch is entered by its own vote alone)."""
     count, (start, end), (skip, skip_to), (l1_skip, l1_to) = _table_branches(sass)
+    branches = _parse(sass)[1]
     region = count(skip + 1, skip_to - 1)
     level1 = count(l1_skip + 1, l1_to - 1)
-    nested = [(a, t) for a, t in _parse(sass)[1] if skip < a < t < skip_to]
+    nested = [(a, t) for a, t in branches if skip < a < t < skip_to]
     fb_skip, fb_to = max(nested, key=lambda b: b[1] - b[0])  # the exact search's fallback
+
+    def vote(lo, hi):  # a branch's instructions before its inner `if` (that reaches its end)
+        inner = [(a, t) for a, t in branches if lo < a < t == hi]
+        return count(lo + 1, min(inner)[0]) if inner else 0
+
     return {"hit path": count(start, end) - region - level1, "escape": region - count(fb_skip + 1, fb_to - 1),
-            "level-1 fallback": level1}
+            "level-1 fallback": level1, "escape vote": vote(skip, skip_to), "level-1 vote": vote(l1_skip, l1_to)}
 
 
 # The parts of a value-level hit path, by the @triton.jit helpers its instructions come from
@@ -386,13 +395,13 @@ def probe_stats(rt, values, mu, sigma, dtype: str, groups: tuple[int, ...]) -> d
     return out
 
 
-def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float, float, float]:
+def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float, float, float, float]:
     """The table model's rate of exact-model steps on one page (ESC, or a symbol that is not
     dense) and P(a program of ``size`` lanes has such a lane at a step), then the same for
     level 1's fallback (a dense lane whose slot is past the entry after START's lookup and
     START_STEPS steps; its slot drawn uniformly from its level-1 step, as a coded state's
     slot is), from table_model.symbol_steps and level1_start (torch; lanes g .. g + size - 1
-    at one step hold consecutive symbols)."""
+    at one step hold consecutive symbols); last P(a program has either)."""
     from sglang_speckv.kernels import entropy_model as em
     from sglang_speckv.kernels import rans_triton as rt
     from sglang_speckv.kernels import table_model as tm
@@ -410,7 +419,8 @@ def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float
     short = tm.dense(mu_q, e, r, dtype)[0] & (steps > rt.START_STEPS)
     m = escaped.numel() // size * size
     return (float(escaped.double().mean()), float(escaped[:m].view(-1, size).any(1).double().mean()),
-            float(short.double().mean()), float(short[:m].view(-1, size).any(1).double().mean()))
+            float(short.double().mean()), float(short[:m].view(-1, size).any(1).double().mean()),
+            float((escaped | short)[:m].view(-1, size).any(1).double().mean()))
 
 
 # ---- 3. The estimate ----------------------------------------------------------------------
@@ -496,13 +506,14 @@ def main() -> None:
                   f"| {instr:.0f} | {gbs(instr)} | {instr_v:.0f} | {gbs(instr_v)} | {per_symbol_base(dtype)} "
                   f"| {gbs_base} |")
             if dtype in table_now:
-                q, esc, q1, short = escape_stats(values, mu, sigma, dtype, size)
+                q, esc, q1, short, rare = escape_stats(values, mu, sigma, dtype, size)
                 t = table_now[dtype]
-                instr_t = t["hit path"] + esc * t["escape"] + short * t["level-1 fallback"]
+                instr_t = (t["hit path"] + esc * t["escape"] + short * t["level-1 fallback"]
+                           + (rare - esc) * t["escape vote"] + (rare - short) * t["level-1 vote"])
                 pack = costs["params"][dtype]
                 per_symbol, shared = instr_t + pack, instr_t + pack / share
                 table_rows.append(f"| {name} | {dtype} | {q:.5f} | {size} | {esc:.4f} | {q1:.5f} | {short:.4f} "
-                                  f"| {instr_t:.0f} | {share} | {shared:.0f} | {gbs(shared)} | {per_symbol:.0f} "
+                                  f"| {rare:.4f} | {instr_t:.0f} | {share} | {shared:.0f} | {gbs(shared)} | {per_symbol:.0f} "
                                   f"| {gbs(per_symbol)} | {instr_v:.0f} | {gbs(instr_v)} |")
         sys.stdout.flush()
 
@@ -510,24 +521,26 @@ def main() -> None:
         print("\nThe table model T2 (kernels/table_model.py; _decode_table_kernel, value-level), "
               "SASS instructions of its step loop: hit path (no lane of the program takes the exact model's "
               "step, level 1's lookup and step finish every lane) / escape path (it does, for ESC or a symbol "
-              "that is not dense, its guesses hitting) / level-1 fallback (the row's bisection): "
-              + ", ".join(f"{d} {c['hit path']} / {c['escape']} / {c['level-1 fallback']}"
-                          for d, c in table_now.items())
+              "that is not dense, its guesses hitting) / level-1 fallback (the row's bisection), and of "
+              "those two the votes a program pays when it takes the other branch alone: "
+              + ", ".join(f"{d} {c['hit path']} / {c['escape']} / {c['level-1 fallback']} "
+                          f"(votes {c['escape vote']} / {c['level-1 vote']})" for d, c in table_now.items())
               + "; table_params (the parameter kernel) per element: "
               + ", ".join(f"{d} {c:.0f}" for d, c in costs["params"].items()))
         print("\nESTIMATE (no GPU): exact-model steps (ESC or not dense) from table_model.symbol_steps, "
               "level-1 fallbacks from level1_start on slots drawn in each symbol's level-1 step, "
               "decode instr/symbol = hit path + P(block escapes) x escape path (a missed guess there adds the "
-              "exact kernel's fallback: not counted) + P(block's level 1 falls back) x level-1 fallback; "
+              "exact kernel's fallback: not counted) + P(block's level 1 falls back) x level-1 fallback "
+              "+ the other branch's vote where a block takes one branch alone; "
               "plus table_params' instructions once per distinct (mu, sigma) (the codec's route: per channel "
               "under page_stats, i.e. per `--tokens` symbols; the int32 broadcast copy, memory-bound, not "
               "counted), or once per symbol (per-symbol predictions); the exact model's value-level kernel "
               "beside it:\n")
         print("| data | dtype | exact-step rate | lanes per block | P(block escapes) | level-1 fallback rate "
-              "| P(block's level 1 falls back) | decode instr/symbol | symbols per (mu, sigma) "
-              "| + table_params: instr/symbol | est. GB/s | params per symbol: instr/symbol | est. GB/s "
-              "| exact value-level instr/symbol | est. GB/s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| P(block's level 1 falls back) | P(block takes either) | decode instr/symbol "
+              "| symbols per (mu, sigma) | + table_params: instr/symbol | est. GB/s "
+              "| params per symbol: instr/symbol | est. GB/s | exact value-level instr/symbol | est. GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(table_rows))
 
 if __name__ == "__main__":
