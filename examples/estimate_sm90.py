@@ -166,14 +166,19 @@ def loop_costs(sass: str) -> dict[str, int]:
 
 
 def _table_branches(sass: str):
-    """count, the step loop and the table kernel's two branches in it: the escape's `if`
-    (the largest forward branch) and level 1's bisection fallback (the largest outside it)."""
+    """count, the step loop and the table kernel's branches in it: the escape's `if` (the
+    largest forward branch), level 1's bisection fallback (the first outside it: level 1
+    comes first) and, where the dtype has impossible cells (fp16), level 2's general path
+    for a program with a lane in one (the largest left outside both; never taken on a
+    stream the encoder wrote), else None."""
     count, branches = _parse(sass)
     start, end, _, forward = _step_loop(branches)
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])  # the `if` around the escape
     outside = [(a, t) for a, t in forward if t <= skip or a >= skip_to]
-    level1 = max(outside, key=lambda b: b[1] - b[0])  # the `if` around level 1's bisection
-    return count, (start, end), (skip, skip_to), level1
+    level1 = min(outside)  # the `if` around level 1's bisection
+    rest = [(a, t) for a, t in outside if t <= level1[0] or a >= level1[1]]
+    impossible = max(rest, key=lambda b: b[1] - b[0]) if rest else None
+    return count, (start, end), (skip, skip_to), level1, impossible
 
 
 def table_loop_costs(sass: str) -> dict[str, int]:
@@ -185,11 +190,13 @@ def table_loop_costs(sass: str) -> dict[str, int]:
     1's fallback (the bisection, when a lane is short of its entry). One vote opens both
     branches (a program takes either: "rare"), and each begins with its own vote, which a
     rare program pays even where it takes only the other: "escape vote" and "level-1 vote"
-    (0 where a branch is entered by its own vote alone)."""
-    count, (start, end), (skip, skip_to), (l1_skip, l1_to) = _table_branches(sass)
+    (0 where a branch is entered by its own vote alone). Level 2's general path for impossible
+    cells (fp16) is left out: it runs only on corrupt streams."""
+    count, (start, end), (skip, skip_to), (l1_skip, l1_to), impossible = _table_branches(sass)
     branches = _parse(sass)[1]
     region = count(skip + 1, skip_to - 1)
     level1 = count(l1_skip + 1, l1_to - 1)
+    general = count(impossible[0] + 1, impossible[1] - 1) if impossible else 0
     nested = [(a, t) for a, t in branches if skip < a < t < skip_to]
     fb_skip, fb_to = max(nested, key=lambda b: b[1] - b[0])  # the exact search's fallback
 
@@ -197,7 +204,8 @@ def table_loop_costs(sass: str) -> dict[str, int]:
         inner = [(a, t) for a, t in branches if lo < a < t == hi]
         return count(lo + 1, min(inner)[0]) if inner else 0
 
-    return {"hit path": count(start, end) - region - level1, "escape": region - count(fb_skip + 1, fb_to - 1),
+    return {"hit path": count(start, end) - region - level1 - general,
+            "escape": region - count(fb_skip + 1, fb_to - 1),
             "level-1 fallback": level1, "escape vote": vote(skip, skip_to), "level-1 vote": vote(l1_skip, l1_to)}
 
 
@@ -209,7 +217,7 @@ PARTS = {
     "parameters (table_params' int32, unpacked)": ("_unpack_params",),
     "dense test": ("_dense",),
     "level 1 (row, lookup, one step)": ("_row_index", "_level1_entry", "_level1_bisect"),
-    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_decode_level2_normal", "_decode_level2_general", "_mu_cell", "_trunc_magnitude", "_zero_points",
+    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_decode_level2_float", "_decode_level2_general", "_mu_cell", "_trunc_magnitude", "_zero_points",
                                                "_decode_point",
                                                "_ceil_shift", "_magnitude_fields"),
     "guess": ("_guess_key", "_nearest_key", "_pow2"),
@@ -240,7 +248,7 @@ def hit_path_parts(rt, sass: str, kernel: str) -> dict[str, int]:
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])
     skips = [(skip, skip_to)]
     if kernel == "_decode_table_kernel":  # and level 1's fallback
-        skips.append(_table_branches(sass)[3])
+        skips += [b for b in _table_branches(sass)[3:] if b]
     parts = dict.fromkeys([*PARTS, "loads, stores, loop, vote"], 0)
     line = 0
     for text in sass.splitlines():

@@ -629,55 +629,87 @@ def _level1_entry(slot1, row, lookup_ptr):
 
 
 @triton.jit
-def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+def _decode_level2(entry, x16, mq, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     """table_model.decode_level2 for a dense lane whose level-1 entry is a cell (ESC lanes
     get garbage, replaced by the caller): (pattern, rem, freq, scale, ok), int32; the storage
     pattern instead of the key, and the slot's offset in its step rem = slot - cum instead
     of (slot, cum) (all _rans_pop needs). x16 = x & (2^P2 - 1), x the state after level 1;
-    mq = _mu_cell. Where ok is False (a cell off zero narrower than the key spacing or beyond
-    the largest finite binade: a corrupt stream) the step is the identity (0, 2^PT) at scale
-    PT, and the pattern the reference's (its clamps of l2 and of the biased exponent; its
-    clamp of the cell's magnitude at 2^20 never bites here: |m| < 2^9)."""
-    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
-    EMIN: tl.constexpr = 1 - BIAS
-    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
+    mq = _mu_cell; live: the lanes whose result is used. Where ok is False (a cell off zero
+    narrower than the key spacing or beyond the largest finite binade: a corrupt stream) the
+    step is the identity (0, 2^PT) at scale PT, and the pattern the reference's (its clamps
+    of l2 and of the biased exponent; its clamp of the cell's magnitude at 2^20 never bites
+    here: |m| < 2^9). By _decode_level2_float (_decode_level2_general in the rare program
+    with a live lane in an impossible cell)."""
     m = entry - _TJ + mq
     neg = m < 0
     mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
     zero = mag == 0
-    MAG_MAX: tl.constexpr = _TJ + (1 << (MAN_BITS - 2))  # |m'| of a dense symbol's cells (|mq| <= 2^(MB - 2))
-    # bf16: every point and offset value of every cell is normal (in [2^POINT_LOG_MIN,
-    # 2^(U_LOG_MAX + MB + 1))), and every cell at least a key wide (|m'| < 2^(MB + 1))
-    if (EMIN <= _POINT_LOG_MIN) & (_U_LOG_MAX + MAN_BITS <= EMAX) & (MAG_MAX < (1 << (MAN_BITS + 1))):
-        pattern, rem, freq, scale = _decode_level2_normal(mag, zero, x16, e, MAN_BITS, BIAS)
-        ok = tl.full(mag.shape, 1, tl.int1)  # no cell is impossible
-    else:
-        pattern, rem, freq, scale, ok = _decode_level2_general(mag, zero, x16, e, BITS, MAN_BITS, BIAS)
+    pattern, rem, freq, scale, ok = _decode_level2_float(mag, zero, x16, e, live, BITS, MAN_BITS, BIAS)
     return pattern | (neg.to(tl.int32) << (BITS - 1)), rem, freq, scale, ok
 
 
 @triton.jit
-def _decode_level2_normal(mag, zero, x16, e, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """_decode_level2 of a cell of magnitude ``mag`` (int32, >= 0) for a dtype in whose normal
-    range every value of every cell lies (bf16: values within [2^-77, 2^68), |m| < 2^(MB + 1)):
-    (magnitude pattern, rem, freq, scale), int32, every lane ok. Both kinds of cell are
-    one integer n < 2^24 read as a value n 2^(e - TS - scale): the zero cell's point n = x16
-    (scale P2), an offset cell's (|m'| << PT) | slot (scale PT). float32(n) is exact; the
-    key (a zero cell's truncation of its point, an offset cell's significand of |m'| and
-    the slot's top L2 bits) is n truncated to MB bits below its leading one, i.e. float32(n)'s
-    bits >> (23 - MB) with the exponent moved by e - TS - scale (no multiply: no FMA). Its
-    ulp is 2^w units of n, w = max(floor(log2 n) - MB, 0) (a zero cell: keys below 2^MB
-    points are one point apart; an offset cell: w = PT - L2 <= PT): the step is the key's
-    2^w points, cum = slot rounded down to a multiple of 2^w (every key's range ends by
-    2^scale: the zero cell's largest key is below 2^(P2 - w) ulps), so slot - cum is n's
-    low w bits (the slot's: n's low PT bits are the slot off zero)."""
+def _decode_level2_float(mag, zero, x16, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """_decode_level2 of a cell of magnitude ``mag`` (int32, >= 0): (magnitude pattern, rem,
+    freq, scale, ok), int32, exact where ok. Both kinds of cell are one integer n < 2^24
+    read as the value n 2^e0, e0 = e - TS - scale: the zero cell's point n = x16 (scale
+    P2), an offset cell's (|m'| << PT) | slot (scale PT). float32(n) is exact, and its bits
+    give the key without a multiply (no FMA): the truncation of a zero cell's point, an
+    offset cell's significand (|m'| and the slot's top L2 bits) is n truncated to MB bits
+    below its leading one, float32(n)'s bits >> (23 - MB) with the exponent moved by e0
+    (below the smallest normal binade: its MB + 1 significant bits shifted down to the
+    subnormal ulp; beyond the largest: the largest finite magnitude, a zero cell's
+    truncation). The key's ulp is 2^w units of n, w = max(floor(log2 value), EMIN) - MB
+    - e0, clamped to [0, P2] (a zero cell: keys finer than a point are one point each, and
+    +0's range at most the cell; an offset cell: w = PT - L2, ok iff L2 >= 0 and the
+    binade is finite): the step is the key's 2^w points from cum = n rounded down to a
+    multiple of 2^w (its range ends by 2^scale), so slot - cum is n's low w bits (the
+    slot's: n's low PT bits are the slot off zero), except for the largest finite
+    magnitude in a zero cell, whose points start at the general first point (_ceil_shift)
+    and end at 2^P2. A program with a ``live`` lane in an impossible cell (never on a
+    stream the encoder wrote) redoes every lane by _decode_level2_general, which gives the
+    reference's pattern there too. For bf16 no value of a dense symbol's cells is subnormal
+    or beyond the largest binade, and no cell narrower than a key: those parts, the vote
+    and the branch compile away."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    EMIN: tl.constexpr = 1 - BIAS
+    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
+    MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)  # the largest finite
+    MAG_MAX: tl.constexpr = _TJ + (1 << (MAN_BITS - 2))  # |m'| of a dense symbol's cells (|mq| <= 2^(MB - 2))
+    SUBNORMAL: tl.constexpr = EMIN > _POINT_LOG_MIN  # a point may lie below the smallest normal
+    BEYOND: tl.constexpr = EMAX < _U_LOG_MAX + MAN_BITS  # a cell may reach past the largest finite
+    NARROW: tl.constexpr = MAG_MAX >= (1 << (MAN_BITS + 1))  # a cell may be narrower than a key
     n = tl.where(zero, x16, (mag << _PT) | (x16 & _PT_MASK))
-    bits = n.to(tl.float32).to(tl.int32, bitcast=True)  # n < 2^24: exact
-    freq = 1 << tl.maximum((bits >> 23) - (127 + MAN_BITS), 0)
     scale = _PT + zero.to(tl.int32) * (_P2 - _PT)
-    shift = e - (_TS + 127 - BIAS) - scale  # float32's exponent field -> the dtype's, times 2^(e - TS - scale)
-    pattern = tl.where(n == 0, 0, (bits >> (23 - MAN_BITS)) + (shift << MAN_BITS))
-    return pattern, n & (freq - 1), freq, scale
+    e0 = e - _TS - scale
+    bits = n.to(tl.float32).to(tl.int32, bitcast=True)  # n < 2^24: exact
+    exp_n = (bits >> 23) - 127  # floor(log2 n) (-127 for n = 0)
+    top = bits >> (23 - MAN_BITS)  # float32's exponent field and top MB mantissa bits
+    pattern = top + ((e0 + BIAS - 127) << MAN_BITS)  # a normal key
+    if SUBNORMAL:
+        w = tl.minimum(tl.maximum(tl.maximum(exp_n, EMIN - e0) - MAN_BITS, 0), _P2)
+        sub = ((top & ((1 << MAN_BITS) - 1)) | (1 << MAN_BITS)) >> tl.minimum(EMIN - e0 - exp_n, 31)
+        pattern = tl.where(exp_n + e0 >= EMIN, pattern, sub)
+    else:
+        w = tl.maximum(exp_n - MAN_BITS, 0)  # <= P2: n < 2^24, and a zero cell's n < 2^P2
+    ok = zero | (w <= _PT)
+    if BEYOND:
+        pattern = tl.where(exp_n + e0 > EMAX, MAX_MAG, pattern)  # a zero cell's truncation (off zero: not ok)
+        ok = ok & (zero | (exp_n + e0 <= EMAX))
+    pattern = tl.where(n == 0, 0, pattern)
+    freq = 1 << w
+    rem = n & (freq - 1)
+    if BEYOND:  # the zero cell's largest finite magnitude: its first point in general, its points to 2^P2
+        last = zero & (pattern == MAX_MAG)
+        first = _ceil_shift((1 << (MAN_BITS + 1)) - 1, EMAX - MAN_BITS - e0)
+        rem = tl.where(last, n - first, rem)
+        freq = tl.where(last, _POINTS - first, freq)
+    if SUBNORMAL | BEYOND | NARROW:
+        if tl.max((live & ~ok).to(tl.int32), axis=0) > 0:  # an impossible cell: a corrupt stream
+            pattern, rem, freq, scale, ok = _decode_level2_general(mag, zero, x16, e, BITS, MAN_BITS, BIAS)
+    else:
+        ok = tl.full(mag.shape, 1, tl.int1)  # bf16: no cell is impossible
+    return pattern, rem, freq, scale, ok
 
 
 @triton.jit
@@ -1340,7 +1372,7 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, loo
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
-        pattern, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
+        pattern, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e, active & ~exact,
                                                        BITS, MAN_BITS, BIAS)
         bad = bad | (active & ~exact & ~ok)
         if rare:  # (a uniform branch: no vote on the hit path)

@@ -455,7 +455,7 @@ def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n,
     x16 = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32)
     mq = rt._mu_cell(tl.load(mu_q_ptr + offs, mask=mask, other=0), mask)  # dense parameters only
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
-    outs = rt._decode_level2(entry, x16, mq, e, BITS, MAN_BITS, BIAS)
+    outs = rt._decode_level2(entry, x16, mq, e, mask, BITS, MAN_BITS, BIAS)
     for i in tl.static_range(5):  # pattern, rem = slot - cum, freq, scale, ok
         tl.store(out_ptr + i * n + offs, outs[i].to(tl.int64), mask=mask)
 
