@@ -447,15 +447,15 @@ def _table_steps_test_kernel(bits_ptr, mu_q_ptr, e_ptr, out_ptr, n,
 
 
 @triton.jit
-def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n,
-                        BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n, BITS: tl.constexpr, MAN_BITS: tl.constexpr,
+                        BIAS: tl.constexpr, BLOCK: tl.constexpr, LIVE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     entry = tl.load(entry_ptr + offs, mask=mask, other=0).to(tl.int32)
     x16 = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32)
     mq = rt._mu_cell(tl.load(mu_q_ptr + offs, mask=mask, other=0), mask)  # dense parameters only
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
-    outs = rt._decode_level2(entry, x16, mq, e, mask, BITS, MAN_BITS, BIAS)
+    outs = rt._decode_level2(entry, x16, mq, e, mask & LIVE, BITS, MAN_BITS, BIAS)  # no live lane: no general path
     for i in tl.static_range(5):  # pattern, rem = slot - cum, freq, scale, ok
         tl.store(out_ptr + i * n + offs, outs[i].to(tl.int64), mask=mask)
 
@@ -512,13 +512,18 @@ def test_table_model_maps_match_reference(dtype):
     near = tm.TJ - (mu_q >> tm.CELL_SHIFT) + torch.randint(-3, 3, (n,), generator=gen)  # the zero cells and beside
     entry[: n // 2] = near[: n // 2].clamp(0, tm.NCELL - 1)
     x = torch.randint(0, 1 << tm.P2, (n,), generator=gen)
-    got = torch.empty(5 * n, dtype=torch.int64, device=DEVICE)
-    _level2_test_kernel[(1,)](entry.to(DEVICE), x.to(DEVICE), mu_q.to(DEVICE), e.to(DEVICE), got, n, **spec, BLOCK=n)
     key, slot, cum, *want = tm.decode_level2(entry, x, mu_q, e, dtype)
     want = [em.bits_from_keys(key, dtype), slot - cum, *want]
-    for name, g, w in zip(("pattern", "rem", "freq", "scale", "ok"), got.cpu().view(5, n), want):
-        assert torch.equal(g, w.to(torch.int64)), name
     ok, zero = want[-1], want[-2] == tm.P2
+    # every lane live (fp16: an impossible cell among them, so the general path redoes them
+    # all), then none (the float32 path alone: the reference's where ok, and ok itself)
+    for live in (True, False):
+        got = torch.empty(5 * n, dtype=torch.int64, device=DEVICE)
+        _level2_test_kernel[(1,)](entry.to(DEVICE), x.to(DEVICE), mu_q.to(DEVICE), e.to(DEVICE), got, n, **spec,
+                                  BLOCK=n, LIVE=live)
+        for name, g, w in zip(("pattern", "rem", "freq", "scale", "ok"), got.cpu().view(5, n), want):
+            assert torch.equal(g[ok], w[ok].to(torch.int64)) and (live or name != "ok" or torch.equal(g, w.to(torch.int64))), name
+            assert not live or torch.equal(g, w.to(torch.int64)), name
     assert zero.sum() > 1000 and (ok & ~zero).sum() > 1000
     # dense bf16 cells are always possible (test_table_model_impossible_cell_fails_the_page)
     assert (dtype == "bf16") == bool(ok.all())
