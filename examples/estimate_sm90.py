@@ -217,8 +217,8 @@ PARTS = {
     "parameters (table_params' int32, unpacked)": ("_unpack_params",),
     "dense test": ("_dense",),
     "level 1 (row, lookup, one step)": ("_row_index", "_level1_entry", "_level1_bisect"),
-    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_decode_level2_float", "_decode_level2_general", "_mu_cell", "_trunc_magnitude", "_zero_points",
-                                               "_decode_point",
+    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_decode_level2_float", "_decode_level2_general",
+                                               "_mu_cell", "_trunc_magnitude", "_zero_points", "_decode_point",
                                                "_ceil_shift", "_magnitude_fields"),
     "guess": ("_guess_key", "_nearest_key", "_pow2"),
     "C(guess), C(guess + 1)": ("_cdf_pair", "_cdf_from_boundary", "_cdf", "_value_units", "_phi", "_inverse"),
@@ -247,7 +247,7 @@ def hit_path_parts(rt, sass: str, kernel: str) -> dict[str, int]:
     start, end, _, forward = _step_loop(branches)
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])
     skips = [(skip, skip_to)]
-    if kernel == "_decode_table_kernel":  # and level 1's fallback
+    if kernel == "_decode_table_kernel":  # and level 1's fallback (and fp16's impossible-cell branch)
         skips += [b for b in _table_branches(sass)[3:] if b]
     parts = dict.fromkeys([*PARTS, "loads, stores, loop, vote"], 0)
     line = 0
@@ -521,8 +521,8 @@ def main() -> None:
                 pack = costs["params"][dtype]
                 per_symbol, shared = instr_t + pack, instr_t + pack / share
                 table_rows.append(f"| {name} | {dtype} | {q:.5f} | {size} | {esc:.4f} | {q1:.5f} | {short:.4f} "
-                                  f"| {rare:.4f} | {instr_t:.0f} | {share} | {shared:.0f} | {gbs(shared)} | {per_symbol:.0f} "
-                                  f"| {gbs(per_symbol)} | {instr_v:.0f} | {gbs(instr_v)} |")
+                                  f"| {rare:.4f} | {instr_t:.0f} | {share} | {shared:.0f} | {gbs(shared)} "
+                                  f"| {per_symbol:.0f} | {gbs(per_symbol)} | {instr_v:.0f} | {gbs(instr_v)} |")
         sys.stdout.flush()
 
     if table_rows:

@@ -99,17 +99,19 @@ has its table:
 
 * The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
   its int32 parameters (row, dense, e, mu's cell: ``table_params``, an elementwise kernel
-  run outside the step loop, once per distinct (mu, sigma)), level 1 (one lookup of the
-  entry holding the slot's bucket, table_model.level1_start, and one step; a program with a
-  lane still short of its entry bisects the row instead: 5% of steps on SmolLM2 KV), the
-  level-1 rANS step, level 2 (off zero the cell's binade and the offset's L2 raw bits; in a
-  zero cell a float truncation of the point, its points in closed form: int32, no search),
-  the level-2 rANS step; the exact model's step (which alone reads and quantises (mu,
-  sigma)) in a branch taken when any lane of the program escaped or is not dense. Its hit
-  path compiles to 180 SASS instructions (bf16; 194 fp16) against 467 (491) for the exact
-  model's value-level kernel; table_params costs ~110 per (mu, sigma) (examples/
-  estimate_sm90.py splits them by source line; docs/BENCHMARKS.md "Table model T2:
-  quantize_params out of the step loop" has the table).
+  run outside the step loop, once per distinct (mu, sigma)), level 1 (one int64 lookup
+  word per row and slot bucket: the entry holding the bucket's first slot,
+  table_model.level1_start, and the counts of one step from it), the level-1 rANS step,
+  level 2 (both kinds of cell as one integer n read through float32(n)'s bits: a zero
+  cell's point truncated, or an offset cell's significand with the offset's L2 raw bits;
+  the key's points in closed form: int32, no search), the level-2 rANS step. One warp vote
+  per step opens the rare cases: a lane still short of its entry (the row's bisection; 5%
+  of steps on SmolLM2 KV) and the exact model's step (which alone reads and quantises (mu,
+  sigma)) for a lane that escaped or is not dense. Its hit path compiles to 121 SASS
+  instructions (bf16; 164 fp16) against 467 (491) for the exact model's value-level
+  kernel; table_params costs ~110 per (mu, sigma) (examples/estimate_sm90.py splits them
+  by source line; docs/BENCHMARKS.md "Table model T2: a float32 level 2, a lookup word,
+  one vote" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -124,7 +126,8 @@ per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) step
   words.
 * ``Decoder.decode_values``: nothing per symbol under the exact model (the inputs (mu,
   sigma) and the output patterns are the caller's), words 4 B each; under the table model
-  the int32 params (4 B per symbol) where the caller passes none. The old route held int64 mu_q, e, r and keys
+  the int32 params (4 B per symbol) where the caller passes none, and once per device its
+  tables (level-1 rows 65 KiB, lookup words 256 KiB). The old route held int64 mu_q, e, r and keys
   and the int64 temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
   quantize_params), and the codec widened the words to int64 (4 -> 8 B per word, with a
   transient int64 copy).
