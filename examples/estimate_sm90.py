@@ -213,7 +213,7 @@ def table_loop_costs(sass: str) -> dict[str, int]:
 # (nvdisasm -g names the innermost source line; an instruction of the kernel's own line goes
 # to the first helper that line calls, else to "loads, stores, loop, vote").
 PARTS = {
-    "quantize_params": ("_quantize", "_round_half_even", "_pow2_f64"),
+    "quantize_params": ("_quantize", "_quantize_mu", "_param_r", "_round_half_even", "_pow2_f64"),
     "parameters (table_params' int32, unpacked)": ("_unpack_params",),
     "dense test": ("_dense",),
     "level 1 (row, lookup, one step)": ("_row_index", "_level1_entry", "_level1_bisect"),

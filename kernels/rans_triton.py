@@ -106,8 +106,8 @@ has its table:
   cell's point truncated, or an offset cell's significand with the offset's L2 raw bits;
   the key's points in closed form: int32, no search), the level-2 rANS step. One warp vote
   per step opens the rare cases: a lane still short of its entry (the row's bisection; 5%
-  of steps on SmolLM2 KV) and the exact model's step (which alone reads and quantises (mu,
-  sigma)) for a lane that escaped or is not dense. Its hit path compiles to 121 SASS
+  of steps on SmolLM2 KV) and the exact model's step (which alone reads and quantises mu;
+  e and r are in the parameters) for a lane that escaped or is not dense. Its hit path compiles to 121 SASS
   instructions (bf16; 164 fp16) against 467 (491) for the exact model's value-level
   kernel; table_params costs ~110 per (mu, sigma) (examples/estimate_sm90.py splits them
   by source line; docs/BENCHMARKS.md "Table model T2: a float32 level 2, a lookup word,
@@ -218,11 +218,15 @@ _MAG_SAT = tl.constexpr(16)
 # The table decoder's per-symbol parameters, one int32 (table_params, _pack_params): what its
 # hit path needs of quantize_params' (mu_q, e, r), so the quantisation runs once per distinct
 # (mu, sigma) (page_stats: per channel) instead of once per symbol in the step loop. Bits
-# 0-6 the row, bit 7 dense, bits 8-15 e + E_OFF, bits 16-31 mu's cell mq (signed).
+# 0-6 the row, bit 7 dense, bits 8-15 e + E_OFF, bits 16-20 r's low R - TB bits (the row
+# holds its top TB bits below the leading one: the exact model's step gets r back without
+# sigma), bits 21-31 mu's cell mq (signed).
 _PARAM_DENSE = tl.constexpr(tm.ROWS)  # bit 7: rows are 7 bits
 _PARAM_E_SHIFT = tl.constexpr(8)
 _PARAM_E_OFF = tl.constexpr(128)  # e in [-60, 61]
-_PARAM_MQ_SHIFT = tl.constexpr(16)  # |mq| <= 2^(MB - 2) <= 256 for dense symbols, 0 for the others
+_PARAM_R_SHIFT = tl.constexpr(16)
+_PARAM_R_MASK = tl.constexpr((1 << (em.R - tm.TB)) - 1)
+_PARAM_MQ_SHIFT = tl.constexpr(16 + em.R - tm.TB)  # 21: |mq| <= 2^(MB - 2) <= 256 for dense symbols, else 0
 _PARAM_MASKED = tl.constexpr(128 << 8)  # a masked lane: row 0, not dense, e = 0, mq = 0
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
@@ -397,12 +401,17 @@ def _quantize(mu, sigma):
     carry = r == 2 * _R_MIN  # 1.m rounded up to 2: r = 2^R, one octave up
     r = tl.where(carry, _R_MIN, r)
     e = e + carry.to(tl.int32)
+    return _quantize_mu(mu, e), e, r
+
+
+@triton.jit
+def _quantize_mu(mu, e):
+    """_quantize's mu_q (int64) of float32 mu given its e (int32, from sigma)."""
     m = mu.to(tl.float64)
     m = tl.where(m != m, 0.0, m)  # NaN -> 0
     m = tl.minimum(tl.maximum(m, -_MU_INF), _MU_INF)  # +-inf -> +-MU_INF
-    mu_q = _round_half_even(m * _pow2_f64(-e + _F))  # e in [-60, 60]: 2^(F - e) is normal
-    mu_q = tl.minimum(tl.maximum(mu_q, -_X_MAX_F), _X_MAX_F).to(tl.int64)
-    return mu_q, e, r
+    mu_q = _round_half_even(m * _pow2_f64(-e + _F))  # e in [-60, 61]: 2^(F - e) is normal
+    return tl.minimum(tl.maximum(mu_q, -_X_MAX_F), _X_MAX_F).to(tl.int64)
 
 
 @triton.jit
@@ -469,11 +478,12 @@ def _row_index(mu_q, r):
 @triton.jit
 def _pack_params(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     """quantize_params' (mu_q, e, r) of a symbol as the table decoder's int32 parameters:
-    the row (table_model.row_index), dense (table_model.dense), e, and mu's cell mq
-    (_mu_cell: 0 where not dense). Unpacked by _unpack_params."""
+    the row (table_model.row_index), dense (table_model.dense), e, r's low bits, and mu's
+    cell mq (_mu_cell: 0 where not dense). Unpacked by _unpack_params and _param_r."""
     table = _dense(mu_q, e, r, MAN_BITS, BIAS)
     mq = _mu_cell(mu_q, table)
-    return ((mq << _PARAM_MQ_SHIFT) | ((e + _PARAM_E_OFF) << _PARAM_E_SHIFT)
+    r_low = r.to(tl.int32) & _PARAM_R_MASK
+    return ((mq << _PARAM_MQ_SHIFT) | (r_low << _PARAM_R_SHIFT) | ((e + _PARAM_E_OFF) << _PARAM_E_SHIFT)
             | tl.where(table, _PARAM_DENSE, 0) | _row_index(mu_q, r))
 
 
@@ -483,6 +493,15 @@ def _unpack_params(params):
     table = (params & _PARAM_DENSE) != 0
     e = ((params >> _PARAM_E_SHIFT) & 255) - _PARAM_E_OFF
     return table, params & (_PARAM_DENSE - 1), params >> _PARAM_MQ_SHIFT, e
+
+
+@triton.jit
+def _param_r(params):
+    """quantize_params' r (int64) of _pack_params' int32: 2^R, the row's sigma bucket (r's
+    top TB bits below the leading one) and the low R - TB bits."""
+    b = (params & (_PARAM_DENSE - 1)) >> _FB
+    low = (params >> _PARAM_R_SHIFT) & _PARAM_R_MASK
+    return ((b << _BUCKET_SHIFT) + low + _R_MIN).to(tl.int64)
 
 
 @triton.jit
@@ -1320,7 +1339,7 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, out_bits
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
                                "w_wide", "kappa"])  # fmt: skip
-def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, lookup_ptr, phi_ptr, q_ptr,
+def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, phi_ptr, q_ptr,
                          out_bits_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
                          num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
@@ -1331,11 +1350,11 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, loo
     word with its one correction step, lookup int64 [ROWS * 2^START_BITS], _level1_lookup;
     rarely a bisection of the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
     level 2 (the offset's raw bits, or the zero cell's point: a truncation, no search) or,
-    after ESC and for a symbol that
-    is not dense, the exact model's step (_find_key, in a branch taken when any lane of the
-    program needs it, which alone reads (mu, sigma) and quantises them). lane_ok uint8
-    [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode an
-    impossible cell (a corrupt stream). Other arguments as _decode_values_kernel's."""
+    after ESC and for a symbol that is not dense, the exact model's step (_find_key, in a
+    branch taken when any lane of the program needs it, which alone reads mu, float32
+    [P, count], and quantises it; e and r come from params). lane_ok uint8 [num_lanes] (the
+    reference's bool lane_ok) is cleared for lanes that decode an impossible cell (a
+    corrupt stream). Other arguments as _decode_values_kernel's."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
@@ -1382,10 +1401,9 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, loo
             if tl.max((active & exact).to(tl.int32), axis=0) > 0:
                 need = active & exact
                 mu = tl.load(mu_ptr + offs_page + offs_sym, mask=need, other=0.0)
-                sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=need, other=1.0)
-                mu_q, e_q, r = _quantize(mu, sigma)  # e_q == e
+                mu_q = _quantize_mu(mu, e)  # e and r from the parameters: sigma is not read
                 slot_e = (x & (_M - 1)).to(tl.int32)
-                key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e_q, r, need, phi_ptr, q_ptr, w_wide, kappa,
+                key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, _param_r(params), need, phi_ptr, q_ptr, w_wide, kappa,
                                                     BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
                 pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
                 rem = tl.where(exact, slot_e - c_lo, rem)
@@ -1458,8 +1476,8 @@ class Decoder(ref.Decoder):
         [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8;
         contiguous). The table model reads its parameters from ``params``, int32 shaped like
         mu (``table_params(mu, sigma, dtype)``, which a caller may compute once per distinct
-        (mu, sigma) and broadcast), computing them here when not given (int32 [P, n]); mu and
-        sigma only for its rare exact-model steps. Otherwise it allocates nothing per symbol
+        (mu, sigma) and broadcast), computing them here when not given (int32 [P, n]); mu only
+        for its rare exact-model steps. Otherwise it allocates nothing per symbol
         on the device."""
         if params is not None and self.model != tm.MODEL_TABLE:
             raise ValueError("params are the table model's")
@@ -1495,7 +1513,7 @@ class Decoder(ref.Decoder):
             if self.model == tm.MODEL_TABLE:
                 self.lane_ok = self.lane_ok.contiguous()  # cleared in place (as uint8) for impossible points
                 _decode_table_kernel[grid](
-                    self.words, params, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
+                    self.words, params, mu, _level1_table(self.w_wide, self.kappa, mu.device),
                     _level1_lookup(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
                     self.quantiles_f32, out_bits, self.x, self.ptr,
                     self.lane_ok.view(torch.uint8), *sizes, **spec,

@@ -601,9 +601,9 @@ def test_table_model_impossible_cell_fails_the_page():
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # as above
 def test_table_params_match_reference_and_the_codec_broadcasts_them(monkeypatch):
     """table_params (the table decoder's int32 parameters) unpack to quantize_params' e, the
-    row, the dense test and mu's cell on hostile (mu, sigma); and the codec's Triton route,
-    which computes them once per channel under page_stats and broadcasts them over the
-    tokens, decodes the C++ coder's blobs to the pages."""
+    row, r's low bits, the dense test and mu's cell on hostile (mu, sigma); and the codec's
+    Triton route, which computes them once per channel under page_stats and broadcasts them
+    over the tokens, decodes the C++ coder's blobs to the pages."""
     from sglang_speckv import codec
     from sglang_speckv.kernels import format as fmt
     from sglang_speckv.predictors.base import PageMeta
@@ -617,7 +617,8 @@ def test_table_params_match_reference_and_the_codec_broadcasts_them(monkeypatch)
         assert torch.equal(got & (tm.ROWS - 1), tm.row_index(mu_q, r))
         assert torch.equal((got & tm.ROWS) != 0, dense)
         assert torch.equal(((got >> 8) & 255) - 128, e)
-        assert torch.equal(got >> 16, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0))
+        assert torch.equal((got >> 16) & 31, r & 31)  # r's bits below the row's sigma bucket
+        assert torch.equal(got >> 21, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0))
     shape = (2, 1, 32, 1, 16)  # [kv, layers, tokens, heads, dim]
     gen = torch.Generator().manual_seed(14)
     pages = [(torch.randn(shape, generator=gen) * s).to(torch.bfloat16) for s in (1.0, 0.05)]
