@@ -97,21 +97,21 @@ has its table:
   Its scratch writes are scattered (one region per lane); a step-major scratch would
   coalesce them if the encoder ever shows up in a profile.
 
-* The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
-  its int32 parameters (row, dense, e, mu's cell: ``table_params``, an elementwise kernel
-  run outside the step loop, once per distinct (mu, sigma)), level 1 (one int64 lookup
-  word per row and slot bucket: the entry holding the bucket's first slot,
-  table_model.level1_start, and the counts of one step from it), the level-1 rANS step,
-  level 2 (both kinds of cell as one integer n read through float32(n)'s bits: a zero
-  cell's point truncated, or an offset cell's significand with the offset's L2 raw bits;
-  the key's points in closed form: int32, no search), the level-2 rANS step. One warp vote
-  per step opens the rare cases: a lane still short of its entry (the row's bisection; 5%
-  of steps on SmolLM2 KV) and the exact model's step (which alone reads and quantises mu;
-  e and r are in the parameters) for a lane that escaped or is not dense. Its hit path compiles to 121 SASS
-  instructions (bf16; 164 fp16) against 467 (491) for the exact model's value-level
-  kernel; table_params costs ~110 per (mu, sigma) (examples/estimate_sm90.py splits them
-  by source line; docs/BENCHMARKS.md "Table model T2: a float32 level 2, a lookup word,
-  one vote" has the table).
+* The table model (table_model.py, T2: cells aligned to multiples of u): per symbol its
+  int32 parameters (row, dense, e, r's low bits, mu's cell: ``table_params``, an
+  elementwise kernel run outside the step loop, once per distinct (mu, sigma)), level 1
+  (one int64 lookup word per row and slot bucket: the entry holding the bucket's first
+  slot, table_model.level1_start, and the counts of one step from it), the level-1 rANS
+  step, level 2 (both kinds of cell as one integer n read through float32(n)'s bits: a
+  zero cell's point truncated, or an offset cell's significand with the offset's L2 raw
+  bits; the key's points in closed form: int32, no search), the level-2 rANS step. One
+  warp vote per step opens the rare cases: a lane still short of its entry (the row's
+  bisection; 5% of steps on SmolLM2 KV) and the exact model's step (which alone reads and
+  quantises mu; e and r are in the parameters) for a lane that escaped or is not dense.
+  Its hit path compiles to 117 SASS instructions (bf16; 162 fp16) against 467 (491) for
+  the exact model's value-level kernel; table_params costs ~112 per (mu, sigma) (examples/
+  estimate_sm90.py splits them by source line; docs/BENCHMARKS.md "Table model T2: a
+  float32 level 2, a lookup word, one vote" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -1403,8 +1403,8 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
                 mu = tl.load(mu_ptr + offs_page + offs_sym, mask=need, other=0.0)
                 mu_q = _quantize_mu(mu, e)  # e and r from the parameters: sigma is not read
                 slot_e = (x & (_M - 1)).to(tl.int32)
-                key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, _param_r(params), need, phi_ptr, q_ptr, w_wide, kappa,
-                                                    BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
+                key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, _param_r(params), need, phi_ptr, q_ptr,
+                                                    w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
                 pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
                 rem = tl.where(exact, slot_e - c_lo, rem)
                 freq = tl.where(exact, c_hi - c_lo, freq)
