@@ -98,7 +98,7 @@ def sass_of(rt, dtype: str, warps: int, lanes: int, values: bool = False, table:
     if values:
         bits = "*i16" if em.symbol_bits(dtype) == 16 else "*u8"
         types.update(words_ptr="*i32", mu_ptr="*fp32", sigma_ptr="*fp32", out_bits_ptr=bits, cum1_ptr="*i32",
-                     start_ptr="*u8", params_ptr="*i32", lane_ok_ptr="*u8")
+                     lookup_ptr="*i64", params_ptr="*i32", lane_ok_ptr="*u8")
     sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
            for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
@@ -166,42 +166,59 @@ def loop_costs(sass: str) -> dict[str, int]:
 
 
 def _table_branches(sass: str):
-    """count, the step loop and the table kernel's two branches in it: the escape's `if`
-    (the largest forward branch) and level 1's bisection fallback (the largest outside it)."""
+    """count, the step loop and the table kernel's branches in it: the escape's `if` (the
+    largest forward branch), level 1's bisection fallback (the first outside it: level 1
+    comes first) and, where the dtype has impossible cells (fp16), level 2's general path
+    for a program with a lane in one (the largest left outside both; never taken on a
+    stream the encoder wrote), else None."""
     count, branches = _parse(sass)
     start, end, _, forward = _step_loop(branches)
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])  # the `if` around the escape
     outside = [(a, t) for a, t in forward if t <= skip or a >= skip_to]
-    level1 = max(outside, key=lambda b: b[1] - b[0])  # the `if` around level 1's bisection
-    return count, (start, end), (skip, skip_to), level1
+    level1 = min(outside)  # the `if` around level 1's bisection
+    rest = [(a, t) for a, t in outside if t <= level1[0] or a >= level1[1]]
+    impossible = max(rest, key=lambda b: b[1] - b[0]) if rest else None
+    return count, (start, end), (skip, skip_to), level1, impossible
 
 
 def table_loop_costs(sass: str) -> dict[str, int]:
     """The table-model decode kernel's step loop: the hit path (no lane of the program takes
-    the exact model's step, and level 1's lookup and step finish every lane: quantize_params,
-    the dense test, level 1, level 2 (the offset's raw bits or a zero cell's point), two rANS
-    steps), the escape branch's path when the exact model's guess hits for every lane that
-    takes it (the branch less the search's fallback, which is the exact kernel's, rounds and
-    all) and level 1's fallback (the bisection, when a lane is short of its entry)."""
-    count, (start, end), (skip, skip_to), (l1_skip, l1_to) = _table_branches(sass)
+    the exact model's step, and level 1's lookup and step finish every lane: the parameters,
+    level 1, level 2 (the offset's raw bits or a zero cell's point), two rANS steps), the
+    escape branch's path when the exact model's guess hits for every lane that takes it (the
+    branch less the search's fallback, which is the exact kernel's, rounds and all) and level
+    1's fallback (the bisection, when a lane is short of its entry). One vote opens both
+    branches (a program takes either: "rare"), and each begins with its own vote, which a
+    rare program pays even where it takes only the other: "escape vote" and "level-1 vote"
+    (0 where a branch is entered by its own vote alone). Level 2's general path for impossible
+    cells (fp16) is left out: it runs only on corrupt streams."""
+    count, (start, end), (skip, skip_to), (l1_skip, l1_to), impossible = _table_branches(sass)
+    branches = _parse(sass)[1]
     region = count(skip + 1, skip_to - 1)
     level1 = count(l1_skip + 1, l1_to - 1)
-    nested = [(a, t) for a, t in _parse(sass)[1] if skip < a < t < skip_to]
+    general = count(impossible[0] + 1, impossible[1] - 1) if impossible else 0
+    nested = [(a, t) for a, t in branches if skip < a < t < skip_to]
     fb_skip, fb_to = max(nested, key=lambda b: b[1] - b[0])  # the exact search's fallback
-    return {"hit path": count(start, end) - region - level1, "escape": region - count(fb_skip + 1, fb_to - 1),
-            "level-1 fallback": level1}
+
+    def vote(lo, hi):  # a branch's instructions before its inner `if` (that reaches its end)
+        inner = [(a, t) for a, t in branches if lo < a < t == hi]
+        return count(lo + 1, min(inner)[0]) if inner else 0
+
+    return {"hit path": count(start, end) - region - level1 - general,
+            "escape": region - count(fb_skip + 1, fb_to - 1),
+            "level-1 fallback": level1, "escape vote": vote(skip, skip_to), "level-1 vote": vote(l1_skip, l1_to)}
 
 
 # The parts of a value-level hit path, by the @triton.jit helpers its instructions come from
 # (nvdisasm -g names the innermost source line; an instruction of the kernel's own line goes
 # to the first helper that line calls, else to "loads, stores, loop, vote").
 PARTS = {
-    "quantize_params": ("_quantize", "_round_half_even", "_pow2_f64"),
+    "quantize_params": ("_quantize", "_quantize_mu", "_param_r", "_round_half_even", "_pow2_f64"),
     "parameters (table_params' int32, unpacked)": ("_unpack_params",),
     "dense test": ("_dense",),
     "level 1 (row, lookup, one step)": ("_row_index", "_level1_entry", "_level1_bisect"),
-    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_mu_cell", "_trunc_magnitude", "_zero_points",
-                                               "_decode_point",
+    "level 2 (offset bits, zero-cell point)": ("_decode_level2", "_decode_level2_float", "_decode_level2_general",
+                                               "_mu_cell", "_trunc_magnitude", "_zero_points", "_decode_point",
                                                "_ceil_shift", "_magnitude_fields"),
     "guess": ("_guess_key", "_nearest_key", "_pow2"),
     "C(guess), C(guess + 1)": ("_cdf_pair", "_cdf_from_boundary", "_cdf", "_value_units", "_phi", "_inverse"),
@@ -230,8 +247,8 @@ def hit_path_parts(rt, sass: str, kernel: str) -> dict[str, int]:
     start, end, _, forward = _step_loop(branches)
     skip, skip_to = max(forward, key=lambda b: b[1] - b[0])
     skips = [(skip, skip_to)]
-    if kernel == "_decode_table_kernel":  # and level 1's fallback
-        skips.append(_table_branches(sass)[3])
+    if kernel == "_decode_table_kernel":  # and level 1's fallback (and fp16's impossible-cell branch)
+        skips += [b for b in _table_branches(sass)[3:] if b]
     parts = dict.fromkeys([*PARTS, "loads, stores, loop, vote"], 0)
     line = 0
     for text in sass.splitlines():
@@ -386,13 +403,13 @@ def probe_stats(rt, values, mu, sigma, dtype: str, groups: tuple[int, ...]) -> d
     return out
 
 
-def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float, float, float]:
+def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float, float, float, float]:
     """The table model's rate of exact-model steps on one page (ESC, or a symbol that is not
     dense) and P(a program of ``size`` lanes has such a lane at a step), then the same for
     level 1's fallback (a dense lane whose slot is past the entry after START's lookup and
     START_STEPS steps; its slot drawn uniformly from its level-1 step, as a coded state's
     slot is), from table_model.symbol_steps and level1_start (torch; lanes g .. g + size - 1
-    at one step hold consecutive symbols)."""
+    at one step hold consecutive symbols); last P(a program has either)."""
     from sglang_speckv.kernels import entropy_model as em
     from sglang_speckv.kernels import rans_triton as rt
     from sglang_speckv.kernels import table_model as tm
@@ -410,7 +427,8 @@ def escape_stats(values, mu, sigma, dtype: str, size: int) -> tuple[float, float
     short = tm.dense(mu_q, e, r, dtype)[0] & (steps > rt.START_STEPS)
     m = escaped.numel() // size * size
     return (float(escaped.double().mean()), float(escaped[:m].view(-1, size).any(1).double().mean()),
-            float(short.double().mean()), float(short[:m].view(-1, size).any(1).double().mean()))
+            float(short.double().mean()), float(short[:m].view(-1, size).any(1).double().mean()),
+            float((escaped | short)[:m].view(-1, size).any(1).double().mean()))
 
 
 # ---- 3. The estimate ----------------------------------------------------------------------
@@ -496,38 +514,41 @@ def main() -> None:
                   f"| {instr:.0f} | {gbs(instr)} | {instr_v:.0f} | {gbs(instr_v)} | {per_symbol_base(dtype)} "
                   f"| {gbs_base} |")
             if dtype in table_now:
-                q, esc, q1, short = escape_stats(values, mu, sigma, dtype, size)
+                q, esc, q1, short, rare = escape_stats(values, mu, sigma, dtype, size)
                 t = table_now[dtype]
-                instr_t = t["hit path"] + esc * t["escape"] + short * t["level-1 fallback"]
+                instr_t = (t["hit path"] + esc * t["escape"] + short * t["level-1 fallback"]
+                           + (rare - esc) * t["escape vote"] + (rare - short) * t["level-1 vote"])
                 pack = costs["params"][dtype]
                 per_symbol, shared = instr_t + pack, instr_t + pack / share
                 table_rows.append(f"| {name} | {dtype} | {q:.5f} | {size} | {esc:.4f} | {q1:.5f} | {short:.4f} "
-                                  f"| {instr_t:.0f} | {share} | {shared:.0f} | {gbs(shared)} | {per_symbol:.0f} "
-                                  f"| {gbs(per_symbol)} | {instr_v:.0f} | {gbs(instr_v)} |")
+                                  f"| {rare:.4f} | {instr_t:.0f} | {share} | {shared:.0f} | {gbs(shared)} "
+                                  f"| {per_symbol:.0f} | {gbs(per_symbol)} | {instr_v:.0f} | {gbs(instr_v)} |")
         sys.stdout.flush()
 
     if table_rows:
         print("\nThe table model T2 (kernels/table_model.py; _decode_table_kernel, value-level), "
               "SASS instructions of its step loop: hit path (no lane of the program takes the exact model's "
               "step, level 1's lookup and step finish every lane) / escape path (it does, for ESC or a symbol "
-              "that is not dense, its guesses hitting) / level-1 fallback (the row's bisection): "
-              + ", ".join(f"{d} {c['hit path']} / {c['escape']} / {c['level-1 fallback']}"
-                          for d, c in table_now.items())
+              "that is not dense, its guesses hitting) / level-1 fallback (the row's bisection), and of "
+              "those two the votes a program pays when it takes the other branch alone: "
+              + ", ".join(f"{d} {c['hit path']} / {c['escape']} / {c['level-1 fallback']} "
+                          f"(votes {c['escape vote']} / {c['level-1 vote']})" for d, c in table_now.items())
               + "; table_params (the parameter kernel) per element: "
               + ", ".join(f"{d} {c:.0f}" for d, c in costs["params"].items()))
         print("\nESTIMATE (no GPU): exact-model steps (ESC or not dense) from table_model.symbol_steps, "
               "level-1 fallbacks from level1_start on slots drawn in each symbol's level-1 step, "
               "decode instr/symbol = hit path + P(block escapes) x escape path (a missed guess there adds the "
-              "exact kernel's fallback: not counted) + P(block's level 1 falls back) x level-1 fallback; "
+              "exact kernel's fallback: not counted) + P(block's level 1 falls back) x level-1 fallback "
+              "+ the other branch's vote where a block takes one branch alone; "
               "plus table_params' instructions once per distinct (mu, sigma) (the codec's route: per channel "
               "under page_stats, i.e. per `--tokens` symbols; the int32 broadcast copy, memory-bound, not "
               "counted), or once per symbol (per-symbol predictions); the exact model's value-level kernel "
               "beside it:\n")
         print("| data | dtype | exact-step rate | lanes per block | P(block escapes) | level-1 fallback rate "
-              "| P(block's level 1 falls back) | decode instr/symbol | symbols per (mu, sigma) "
-              "| + table_params: instr/symbol | est. GB/s | params per symbol: instr/symbol | est. GB/s "
-              "| exact value-level instr/symbol | est. GB/s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| P(block's level 1 falls back) | P(block takes either) | decode instr/symbol "
+              "| symbols per (mu, sigma) | + table_params: instr/symbol | est. GB/s "
+              "| params per symbol: instr/symbol | est. GB/s | exact value-level instr/symbol | est. GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(table_rows))
 
 if __name__ == "__main__":

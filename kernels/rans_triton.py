@@ -97,19 +97,21 @@ has its table:
   Its scratch writes are scattered (one region per lane); a step-major scratch would
   coalesce them if the encoder ever shows up in a profile.
 
-* The table model (table_model.py, T2: cells aligned to multiples of u): per symbol
-  its int32 parameters (row, dense, e, mu's cell: ``table_params``, an elementwise kernel
-  run outside the step loop, once per distinct (mu, sigma)), level 1 (one lookup of the
-  entry holding the slot's bucket, table_model.level1_start, and one step; a program with a
-  lane still short of its entry bisects the row instead: 5% of steps on SmolLM2 KV), the
-  level-1 rANS step, level 2 (off zero the cell's binade and the offset's L2 raw bits; in a
-  zero cell a float truncation of the point, its points in closed form: int32, no search),
-  the level-2 rANS step; the exact model's step (which alone reads and quantises (mu,
-  sigma)) in a branch taken when any lane of the program escaped or is not dense. Its hit
-  path compiles to 180 SASS instructions (bf16; 194 fp16) against 467 (491) for the exact
-  model's value-level kernel; table_params costs ~110 per (mu, sigma) (examples/
-  estimate_sm90.py splits them by source line; docs/BENCHMARKS.md "Table model T2:
-  quantize_params out of the step loop" has the table).
+* The table model (table_model.py, T2: cells aligned to multiples of u): per symbol its
+  int32 parameters (row, dense, e, r's low bits, mu's cell: ``table_params``, an
+  elementwise kernel run outside the step loop, once per distinct (mu, sigma)), level 1
+  (one int64 lookup word per row and slot bucket: the entry holding the bucket's first
+  slot, table_model.level1_start, and the counts of one step from it), the level-1 rANS
+  step, level 2 (both kinds of cell as one integer n read through float32(n)'s bits: a
+  zero cell's point truncated, or an offset cell's significand with the offset's L2 raw
+  bits; the key's points in closed form: int32, no search), the level-2 rANS step. One
+  warp vote per step opens the rare cases: a lane still short of its entry (the row's
+  bisection; 5% of steps on SmolLM2 KV) and the exact model's step (which alone reads and
+  quantises mu; e and r are in the parameters) for a lane that escaped or is not dense.
+  Its hit path compiles to 117 SASS instructions (bf16; 162 fp16) against 467 (491) for
+  the exact model's value-level kernel; table_params costs ~112 per (mu, sigma) (examples/
+  estimate_sm90.py splits them by source line; docs/BENCHMARKS.md "Table model T2: a
+  float32 level 2, a lookup word, one vote" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -124,7 +126,8 @@ per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) step
   words.
 * ``Decoder.decode_values``: nothing per symbol under the exact model (the inputs (mu,
   sigma) and the output patterns are the caller's), words 4 B each; under the table model
-  the int32 params (4 B per symbol) where the caller passes none. The old route held int64 mu_q, e, r and keys
+  the int32 params (4 B per symbol) where the caller passes none, and once per device its
+  tables (level-1 rows 65 KiB, lookup words 256 KiB). The old route held int64 mu_q, e, r and keys
   and the int64 temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
   quantize_params), and the codec widened the words to int64 (4 -> 8 B per word, with a
   transient int64 copy).
@@ -187,11 +190,11 @@ _ROW = tl.constexpr(tm.ROW)  # entries of a level-1 row (NCELL + 2)
 CELL_PROBES = tm.NCELL.bit_length() - 1  # 7
 _CELL_PROBES = tl.constexpr(CELL_PROBES)
 # The level-1 lookup (table_model.level1_start): 2^START_BITS buckets per row, then
-# START_STEPS correction steps before a program falls back to the bisection.
-_NUM_START = tl.constexpr(1 << tm.START_BITS)
+# START_STEPS correction steps before a program falls back to the bisection. One int64 lookup
+# word (_level1_lookup) holds the bucket's entry and the three cumulative counts of that one step.
+_START_BITS = tl.constexpr(tm.START_BITS)
 _START_SHIFT = tl.constexpr(tm.PT - tm.START_BITS)
 START_STEPS = 1
-_START_STEPS = tl.constexpr(START_STEPS)
 _FB = tl.constexpr(tm.FB)
 _FB_MASK = tl.constexpr((1 << tm.FB) - 1)
 _PT = tl.constexpr(tm.PT)
@@ -202,6 +205,8 @@ _P2_MASK = tl.constexpr((1 << tm.P2) - 1)
 _POINTS = tl.constexpr(1 << tm.P2)  # points of a zero cell
 # log2 of the widest cell, u = 2^(e - TS) with e <= log2(SIGMA_MAX): every zero-cell value is below it
 _U_LOG_MAX = tl.constexpr(int(em.SIGMA_MAX).bit_length() - 1 - tm.TS)
+# log2 of the smallest nonzero zero-cell point, 2^-P2 of the narrowest cell (e >= log2(SIGMA_MIN))
+_POINT_LOG_MIN = tl.constexpr(-(int(1 / em.SIGMA_MIN).bit_length() - 1) - tm.TS - tm.P2)
 _DENSE_MAX = tl.constexpr(tm.CELL_SHIFT - tm.DENSE_LOG)  # table_model.dense: log2 key spacing <= this
 _SIGMA2_SHIFT = tl.constexpr(em.F - em.R + 1)  # r << this = 2 sigma in units of delta
 _BUCKET_SHIFT = tl.constexpr(em.R - tm.TB)  # table_model.row_index: b = (r >> (R - TB)) - 2^TB
@@ -213,11 +218,15 @@ _MAG_SAT = tl.constexpr(16)
 # The table decoder's per-symbol parameters, one int32 (table_params, _pack_params): what its
 # hit path needs of quantize_params' (mu_q, e, r), so the quantisation runs once per distinct
 # (mu, sigma) (page_stats: per channel) instead of once per symbol in the step loop. Bits
-# 0-6 the row, bit 7 dense, bits 8-15 e + E_OFF, bits 16-31 mu's cell mq (signed).
+# 0-6 the row, bit 7 dense, bits 8-15 e + E_OFF, bits 16-20 r's low R - TB bits (the row
+# holds its top TB bits below the leading one: the exact model's step gets r back without
+# sigma), bits 21-31 mu's cell mq (signed).
 _PARAM_DENSE = tl.constexpr(tm.ROWS)  # bit 7: rows are 7 bits
 _PARAM_E_SHIFT = tl.constexpr(8)
 _PARAM_E_OFF = tl.constexpr(128)  # e in [-60, 61]
-_PARAM_MQ_SHIFT = tl.constexpr(16)  # |mq| <= 2^(MB - 2) <= 256 for dense symbols, 0 for the others
+_PARAM_R_SHIFT = tl.constexpr(16)
+_PARAM_R_MASK = tl.constexpr((1 << (em.R - tm.TB)) - 1)
+_PARAM_MQ_SHIFT = tl.constexpr(16 + em.R - tm.TB)  # 21: |mq| <= 2^(MB - 2) <= 256 for dense symbols, else 0
 _PARAM_MASKED = tl.constexpr(128 << 8)  # a masked lane: row 0, not dense, e = 0, mq = 0
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
@@ -392,12 +401,17 @@ def _quantize(mu, sigma):
     carry = r == 2 * _R_MIN  # 1.m rounded up to 2: r = 2^R, one octave up
     r = tl.where(carry, _R_MIN, r)
     e = e + carry.to(tl.int32)
+    return _quantize_mu(mu, e), e, r
+
+
+@triton.jit
+def _quantize_mu(mu, e):
+    """_quantize's mu_q (int64) of float32 mu given its e (int32, from sigma)."""
     m = mu.to(tl.float64)
     m = tl.where(m != m, 0.0, m)  # NaN -> 0
     m = tl.minimum(tl.maximum(m, -_MU_INF), _MU_INF)  # +-inf -> +-MU_INF
-    mu_q = _round_half_even(m * _pow2_f64(-e + _F))  # e in [-60, 60]: 2^(F - e) is normal
-    mu_q = tl.minimum(tl.maximum(mu_q, -_X_MAX_F), _X_MAX_F).to(tl.int64)
-    return mu_q, e, r
+    mu_q = _round_half_even(m * _pow2_f64(-e + _F))  # e in [-60, 61]: 2^(F - e) is normal
+    return tl.minimum(tl.maximum(mu_q, -_X_MAX_F), _X_MAX_F).to(tl.int64)
 
 
 @triton.jit
@@ -464,11 +478,12 @@ def _row_index(mu_q, r):
 @triton.jit
 def _pack_params(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     """quantize_params' (mu_q, e, r) of a symbol as the table decoder's int32 parameters:
-    the row (table_model.row_index), dense (table_model.dense), e, and mu's cell mq
-    (_mu_cell: 0 where not dense). Unpacked by _unpack_params."""
+    the row (table_model.row_index), dense (table_model.dense), e, r's low bits, and mu's
+    cell mq (_mu_cell: 0 where not dense). Unpacked by _unpack_params and _param_r."""
     table = _dense(mu_q, e, r, MAN_BITS, BIAS)
     mq = _mu_cell(mu_q, table)
-    return ((mq << _PARAM_MQ_SHIFT) | ((e + _PARAM_E_OFF) << _PARAM_E_SHIFT)
+    r_low = r.to(tl.int32) & _PARAM_R_MASK
+    return ((mq << _PARAM_MQ_SHIFT) | (r_low << _PARAM_R_SHIFT) | ((e + _PARAM_E_OFF) << _PARAM_E_SHIFT)
             | tl.where(table, _PARAM_DENSE, 0) | _row_index(mu_q, r))
 
 
@@ -478,6 +493,15 @@ def _unpack_params(params):
     table = (params & _PARAM_DENSE) != 0
     e = ((params >> _PARAM_E_SHIFT) & 255) - _PARAM_E_OFF
     return table, params & (_PARAM_DENSE - 1), params >> _PARAM_MQ_SHIFT, e
+
+
+@triton.jit
+def _param_r(params):
+    """quantize_params' r (int64) of _pack_params' int32: 2^R, the row's sigma bucket (r's
+    top TB bits below the leading one) and the low R - TB bits."""
+    b = (params & (_PARAM_DENSE - 1)) >> _FB
+    low = (params >> _PARAM_R_SHIFT) & _PARAM_R_MASK
+    return ((b << _BUCKET_SHIFT) + low + _R_MIN).to(tl.int64)
 
 
 @triton.jit
@@ -609,46 +633,115 @@ def _level1_bisect(slot1, row_ptr):
 
 
 @triton.jit
-def _level1_entry(slot1, row, live, cum1_ptr, start_ptr):
-    """table_model.decode_cell: the entry i in [0, NCELL] of level-1 row ``row`` (int32
-    CUM1 from cum1_ptr, _level1_table) with CUM1[i] <= slot1 < CUM1[i + 1], and (CUM1[i],
-    CUM1[i + 1] - CUM1[i]). One lookup: i = START[row][slot1 >> (PT - START_BITS)]
-    (table_model.level1_start: the entry holding the bucket's first slot; uint8 from
-    start_ptr), then START_STEPS predicated steps forward while CUM1[i + 1] <= slot1. Where
-    a ``live`` lane is still short of its entry after them (its bucket holds more entry
-    starts: the rows' tails; 5% of 32-lane steps on SmolLM2 KV), the whole program takes
-    the bisection of the row instead (_level1_bisect), so every lane's entry stays exact."""
-    row_ptr = cum1_ptr + row * _ROW
-    entry = tl.load(start_ptr + row * _NUM_START + (slot1 >> _START_SHIFT)).to(tl.int32)
-    cum = tl.load(row_ptr + entry)
-    for _ in tl.static_range(_START_STEPS):
-        c = tl.load(row_ptr + entry + 1)  # entry <= NCELL: within the row
-        step = c <= slot1
-        entry = tl.where(step, entry + 1, entry)
-        cum = tl.where(step, c, cum)
-    c_next = tl.load(row_ptr + entry + 1)
-    if tl.max((live & (c_next <= slot1)).to(tl.int32), axis=0) > 0:  # rare on real KV
-        entry, cum = _level1_bisect(slot1, row_ptr)
-        c_next = tl.load(row_ptr + entry + 1)
-    return entry, cum, c_next - cum
+def _level1_entry(slot1, row, lookup_ptr):
+    """table_model.decode_cell by one lookup: (i, CUM1[i], CUM1[i + 1]), int32, of level-1
+    row ``row`` (CUM1 = _level1_table's row) where CUM1[i] <= slot1 < CUM1[i + 1] unless
+    CUM1[i + 1] <= slot1 still (the lane is short of its entry: the caller bisects the row,
+    _level1_bisect). The word of the row's bucket slot1 >> (PT - START_BITS) (int64 from
+    lookup_ptr, _level1_lookup) holds i0 = table_model.level1_start (the entry of the
+    bucket's first slot) and CUM1[i0], CUM1[i0 + 1], CUM1[i0 + 2]: the one predicated step
+    forward (START_STEPS) while CUM1[i + 1] <= slot1. A lane is short where its bucket holds
+    more entry starts (the rows' tails; 5% of 32-lane steps on SmolLM2 KV)."""
+    word = tl.load(lookup_ptr + ((row << _START_BITS) | (slot1 >> _START_SHIFT)))
+    lo = word.to(tl.int32)  # CUM1[i0 + 1] << 16 | CUM1[i0]
+    hi = (word >> 32).to(tl.int32)  # i0 << 16 | CUM1[i0 + 2]
+    c0, c1, c2 = lo & 0xFFFF, (lo >> 16) & 0xFFFF, hi & 0xFFFF
+    step = c1 <= slot1
+    return (hi >> 16) + step.to(tl.int32), tl.where(step, c1, c0), tl.where(step, c2, c1)
 
 
 @triton.jit
-def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+def _decode_level2(entry, x16, mq, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     """table_model.decode_level2 for a dense lane whose level-1 entry is a cell (ESC lanes
-    get garbage, replaced by the caller): (pattern, slot, cum, freq, scale, ok), int32; the
-    storage pattern instead of the key. x16 = x & (2^P2 - 1), x the state after level 1;
-    mq = _mu_cell. Where ok is False (a cell off zero narrower than the key spacing or beyond
-    the largest finite binade: a corrupt stream) the step is the identity (0, 2^PT) at scale
-    PT, and the pattern the reference's (its clamps of l2 and of the biased exponent; its
-    clamp of the cell's magnitude at 2^20 never bites here: |m| < 2^9)."""
-    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
-    EMIN_EX: tl.constexpr = 1 - BIAS - MAN_BITS  # the exponent of subnormals' (and the first binade's) ulp
-    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
+    get garbage, replaced by the caller): (pattern, rem, freq, scale, ok), int32; the storage
+    pattern instead of the key, and the slot's offset in its step rem = slot - cum instead
+    of (slot, cum) (all _rans_pop needs). x16 = x & (2^P2 - 1), x the state after level 1;
+    mq = _mu_cell; live: the lanes whose result is used. Where ok is False (a cell off zero
+    narrower than the key spacing or beyond the largest finite binade: a corrupt stream) the
+    step is the identity (0, 2^PT) at scale PT, and the pattern the reference's (its clamps
+    of l2 and of the biased exponent; its clamp of the cell's magnitude at 2^20 never bites
+    here: |m| < 2^9). By _decode_level2_float (_decode_level2_general in the rare program
+    with a live lane in an impossible cell)."""
     m = entry - _TJ + mq
     neg = m < 0
     mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
     zero = mag == 0
+    pattern, rem, freq, scale, ok = _decode_level2_float(mag, zero, x16, e, live, BITS, MAN_BITS, BIAS)
+    return pattern | (neg.to(tl.int32) << (BITS - 1)), rem, freq, scale, ok
+
+
+@triton.jit
+def _decode_level2_float(mag, zero, x16, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """_decode_level2 of a cell of magnitude ``mag`` (int32, >= 0): (magnitude pattern, rem,
+    freq, scale, ok), int32, exact where ok. Both kinds of cell are one integer n < 2^24
+    read as the value n 2^e0, e0 = e - TS - scale: the zero cell's point n = x16 (scale
+    P2), an offset cell's (|m'| << PT) | slot (scale PT). float32(n) is exact, and its bits
+    give the key without a multiply (no FMA): the truncation of a zero cell's point, an
+    offset cell's significand (|m'| and the slot's top L2 bits) is n truncated to MB bits
+    below its leading one, float32(n)'s bits >> (23 - MB) with the exponent moved by e0
+    (below the smallest normal binade: its MB + 1 significant bits shifted down to the
+    subnormal ulp; beyond the largest: the largest finite magnitude, a zero cell's
+    truncation). The key's ulp is 2^w units of n, w = max(floor(log2 value), EMIN) - MB
+    - e0, clamped to [0, P2] (a zero cell: keys finer than a point are one point each, and
+    +0's range at most the cell; an offset cell: w = PT - L2, ok iff L2 >= 0 and the
+    binade is finite): the step is the key's 2^w points from cum = n rounded down to a
+    multiple of 2^w (its range ends by 2^scale), so slot - cum is n's low w bits (the
+    slot's: n's low PT bits are the slot off zero), except for the largest finite
+    magnitude in a zero cell, whose points start at the general first point (_ceil_shift)
+    and end at 2^P2. A program with a ``live`` lane in an impossible cell (never on a
+    stream the encoder wrote) redoes every lane by _decode_level2_general, which gives the
+    reference's pattern there too. For bf16 no value of a dense symbol's cells is subnormal
+    or beyond the largest binade, and no cell narrower than a key: those parts, the vote
+    and the branch compile away."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    EMIN: tl.constexpr = 1 - BIAS
+    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
+    MAX_MAG: tl.constexpr = ((EMAX + BIAS) << MAN_BITS) | ((1 << MAN_BITS) - 1)  # the largest finite
+    MAG_MAX: tl.constexpr = _TJ + (1 << (MAN_BITS - 2))  # |m'| of a dense symbol's cells (|mq| <= 2^(MB - 2))
+    SUBNORMAL: tl.constexpr = EMIN > _POINT_LOG_MIN  # a point may lie below the smallest normal
+    BEYOND: tl.constexpr = EMAX < _U_LOG_MAX + MAN_BITS  # a cell may reach past the largest finite
+    NARROW: tl.constexpr = MAG_MAX >= (1 << (MAN_BITS + 1))  # a cell may be narrower than a key
+    n = tl.where(zero, x16, (mag << _PT) | (x16 & _PT_MASK))
+    scale = _PT + zero.to(tl.int32) * (_P2 - _PT)
+    e0 = e - _TS - scale
+    bits = n.to(tl.float32).to(tl.int32, bitcast=True)  # n < 2^24: exact
+    exp_n = (bits >> 23) - 127  # floor(log2 n) (-127 for n = 0)
+    top = bits >> (23 - MAN_BITS)  # float32's exponent field and top MB mantissa bits
+    pattern = top + ((e0 + BIAS - 127) << MAN_BITS)  # a normal key
+    if SUBNORMAL:
+        w = tl.minimum(tl.maximum(tl.maximum(exp_n, EMIN - e0) - MAN_BITS, 0), _P2)
+        sub = ((top & ((1 << MAN_BITS) - 1)) | (1 << MAN_BITS)) >> tl.minimum(EMIN - e0 - exp_n, 31)
+        pattern = tl.where(exp_n + e0 >= EMIN, pattern, sub)
+    else:
+        w = tl.maximum(exp_n - MAN_BITS, 0)  # <= P2: n < 2^24, and a zero cell's n < 2^P2
+    ok = zero | (w <= _PT)
+    if BEYOND:
+        pattern = tl.where(exp_n + e0 > EMAX, MAX_MAG, pattern)  # a zero cell's truncation (off zero: not ok)
+        ok = ok & (zero | (exp_n + e0 <= EMAX))
+    pattern = tl.where(n == 0, 0, pattern)
+    freq = 1 << w
+    rem = n & (freq - 1)
+    if BEYOND:  # the zero cell's largest finite magnitude: its first point in general, its points to 2^P2
+        last = zero & (pattern == MAX_MAG)
+        first = _ceil_shift((1 << (MAN_BITS + 1)) - 1, EMAX - MAN_BITS - e0)
+        rem = tl.where(last, n - first, rem)
+        freq = tl.where(last, _POINTS - first, freq)
+    if SUBNORMAL | BEYOND | NARROW:
+        if tl.max((live & ~ok).to(tl.int32), axis=0) > 0:  # an impossible cell: a corrupt stream
+            pattern, rem, freq, scale, ok = _decode_level2_general(mag, zero, x16, e, BITS, MAN_BITS, BIAS)
+    else:
+        ok = tl.full(mag.shape, 1, tl.int1)  # bf16: no cell is impossible
+    return pattern, rem, freq, scale, ok
+
+
+@triton.jit
+def _decode_level2_general(mag, zero, x16, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """_decode_level2 of a cell of magnitude ``mag`` for any 16-bit dtype (fp16: subnormal
+    points, cells beyond the largest finite binade): (magnitude pattern, rem, freq, scale,
+    ok), int32; the zero cell by _decode_point, an offset cell from its binade."""
+    EXP_BITS: tl.constexpr = BITS - 1 - MAN_BITS
+    EMIN_EX: tl.constexpr = 1 - BIAS - MAN_BITS  # the exponent of subnormals' (and the first binade's) ulp
+    EMAX: tl.constexpr = (1 << EXP_BITS) - 2 - BIAS  # the largest finite binade
     # the zero cell: the point's magnitude by truncation, and its points
     pat_z, first, cnt = _decode_point(x16, e, BITS, MAN_BITS, BIAS)
     # off zero: the cell's binade j = floor(log2 mag) + e - TS (exact: mag < 2^9 in float32),
@@ -663,13 +756,12 @@ def _decode_level2(entry, x16, mq, e, BITS: tl.constexpr, MAN_BITS: tl.constexpr
     sig = ((mag << _PT) | slot_o) >> q
     biased = tl.where(sig >= (1 << MAN_BITS), tl.minimum(ex + BIAS + MAN_BITS, (1 << EXP_BITS) - 1), 0)
     pat_o = (biased << MAN_BITS) | (sig & ((1 << MAN_BITS) - 1))
-    pattern = tl.where(zero, pat_z, pat_o) | (neg.to(tl.int32) << (BITS - 1))
+    pattern = tl.where(zero, pat_z, pat_o)
     slot = tl.where(zero, x16, slot_o)
     cum = tl.where(zero, first, (slot_o >> q) << q)  # offset << (PT - L2)
     freq = tl.where(zero, cnt, 1 << q)
     scale = tl.where(zero, _P2, _PT)
-    return (pattern, tl.where(ok, slot, slot_o), tl.where(ok, cum, 0), tl.where(ok, freq, _PT_ONE),
-            tl.where(ok, scale, _PT), ok)
+    return pattern, tl.where(ok, slot - cum, slot_o), tl.where(ok, freq, _PT_ONE), tl.where(ok, scale, _PT), ok
 
 
 @triton.jit
@@ -940,9 +1032,17 @@ def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=8)
-def _level1_start(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
-    """table_model.level1_start on ``device`` as uint8 [ROWS * 2^START_BITS], row by row."""
-    return tm.level1_start(w_wide, kappa).reshape(-1).to(device)  # [ROWS, 2^START_BITS] -> flat
+def _level1_lookup(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
+    """The decoder's level-1 lookup words on ``device``, int64 [ROWS * 2^START_BITS] row by
+    row (256 KiB): for START's entry i of the row's bucket (table_model.level1_start),
+    CUM1[i] | CUM1[i + 1] << 16 | CUM1[i + 2] << 32 | i << 48 (CUM1 = level1_table, entries
+    <= 2^PT < 2^16; i <= NCELL, and for i = NCELL, where CUM1[i + 1] = 2^PT ends the row,
+    CUM1[i + 2] repeats it)."""
+    cum1 = tm.level1_table(w_wide, kappa)  # [ROWS, ROW]
+    start = tm.level1_start(w_wide, kappa).long()  # [ROWS, 2^START_BITS]
+    c0, c1, c2 = (cum1.gather(1, (start + k).clamp(max=tm.ROW - 1)) for k in range(3))
+    word = c0 | c1 << 16 | c2 << 32 | start << 48
+    return word.reshape(-1).to(device)  # [ROWS, 2^START_BITS] -> flat
 
 
 def table_params(mu: torch.Tensor, sigma: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -1149,15 +1249,17 @@ def _find_key(slot, mu_q, e, r, active, phi_ptr, q_ptr, w_wide, kappa,
 
 
 @triton.jit
-def _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words):
+def _rans_pop(x, wptr, rem, freq, scale, active, words_ptr, num_words):
     """The decoder's state update of the active lanes at scale s (an int or an int tensor):
-    x' = freq * (x >> s) + slot - cum with slot = x & (2^s - 1), and one word shifted in if
-    x' < L (rans_reference.Decoder._pop). Words are int64 in [0, 2^32) or int32 holding u32
-    words (the & restores the u32 value after the sign-extending widening). A read past the
+    x' = freq * (x >> s) + rem with rem = slot - cum in [0, freq), slot = x & (2^s - 1), and
+    one word shifted in if x' < L (rans_reference.Decoder._pop). Words are int64 in [0, 2^32)
+    or int32 holding u32 words (the & restores the u32 value after the sign-extending
+    widening). A read past the
     lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it.
-    freq is int32 in [1, 2^31) on active lanes (every model's steps), so it is widened as
-    unsigned (the same integer; a 32 x 64-bit multiply instead of 64 x 64)."""
-    x_new = freq.to(tl.uint32, bitcast=True).to(tl.int64) * (x >> scale) + (slot - cum)
+    freq and rem are int32 in [1, 2^31) and [0, freq) on active lanes (every model's steps),
+    so they are widened as unsigned (the same integers; a 32 x 64-bit multiply instead of
+    64 x 64, no sign extension)."""
+    x_new = freq.to(tl.uint32, bitcast=True).to(tl.int64) * (x >> scale) + rem.to(tl.uint32, bitcast=True).to(tl.int64)
     need = x_new < _RANS_L
     w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0).to(tl.int64) & _WORD_MASK
     x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
@@ -1196,7 +1298,7 @@ def _decode_kernel(words_ptr, mu_q_ptr, e_ptr, r_ptr, phi_ptr, q_ptr, keys_ptr, 
         if COUNT_PROBES:
             tl.store(probes_ptr + offs_page + offs_sym, gallops, mask=active)
             tl.store(probes_ptr + stride_probes + offs_page + offs_sym, bisects, mask=active)
-        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
+        x, wptr = _rans_pop(x, wptr, slot - c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
@@ -1230,14 +1332,14 @@ def _decode_values_kernel(words_ptr, mu_ptr, sigma_ptr, phi_ptr, q_ptr, out_bits
                                           BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
         pattern = _pattern_of_key(key, BITS)  # [0, 2^B): the cast keeps its B bits
         tl.store(out_bits_ptr + offs_out_page + offs_sym, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
-        x, wptr = _rans_pop(x, wptr, slot, c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
+        x, wptr = _rans_pop(x, wptr, slot - c_lo, c_hi - c_lo, _PROB_BITS, active, words_ptr, num_words)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
     tl.store(wptr_ptr + offs_lane, wptr, mask=lane_mask)
 
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_words", "first", "count", "stride_out",
                                "w_wide", "kappa"])  # fmt: skip
-def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, start_ptr, phi_ptr, q_ptr,
+def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, phi_ptr, q_ptr,
                          out_bits_ptr, x_ptr, wptr_ptr, lane_ok_ptr,
                          num_lanes, lanes_per_page, num_words, first, count, stride_out, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
@@ -1245,13 +1347,14 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, sta
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
     per symbol its parameters (params int32 [P, count], table_params: quantize_params, the
     dense test, the row and mu's cell, computed outside the step loop), the cell (a lookup
-    in start, uint8 [ROWS * 2^START_BITS], _level1_start, and a correction in the symbol's
-    row of cum1, int32 [ROWS * ROW], _level1_table), then level 2 (the offset's raw bits,
-    or the zero cell's point: a truncation, no search) or, after ESC and for a symbol that
-    is not dense, the exact model's step (_find_key, in a branch taken when any lane of the
-    program needs it, which alone reads (mu, sigma) and quantises them). lane_ok uint8
-    [num_lanes] (the reference's bool lane_ok) is cleared for lanes that decode an
-    impossible cell (a corrupt stream). Other arguments as _decode_values_kernel's."""
+    word with its one correction step, lookup int64 [ROWS * 2^START_BITS], _level1_lookup;
+    rarely a bisection of the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
+    level 2 (the offset's raw bits, or the zero cell's point: a truncation, no search) or,
+    after ESC and for a symbol that is not dense, the exact model's step (_find_key, in a
+    branch taken when any lane of the program needs it, which alone reads mu, float32
+    [P, count], and quantises it; e and r come from params). lane_ok uint8 [num_lanes] (the
+    reference's bool lane_ok) is cleared for lanes that decode an impossible cell (a
+    corrupt stream). Other arguments as _decode_values_kernel's."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
@@ -1263,43 +1366,52 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, sigma_ptr, cum1_ptr, sta
     wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0).to(tl.int32)
     bad = offs_lane < 0  # [BLOCK_LANES] False
     first_step = first // lanes_per_page
-    # the lane's symbol within the stage at the first step (< 0: decoded by an earlier stage),
+    # the lane's symbol within the stage at the first step (< 0: decoded by an earlier stage;
+    # -2^31 for a lane past num_lanes, which stays negative: count + lanes_per_page < 2^31),
     # and its parameters' and output's addresses, advanced by lanes_per_page symbols per step
-    offs_sym = (lane + first_step * lanes_per_page - first).to(tl.int32)
-    limit = tl.where(lane_mask, count, 0).to(tl.uint32)  # active: 0 <= offs_sym < limit (unsigned)
+    offs_sym = tl.where(lane_mask, lane + first_step * lanes_per_page - first, -(2**31)).to(tl.int32)
     params_ptrs = params_ptr + offs_page + offs_sym
     out_ptrs = out_bits_ptr + offs_out_page + offs_sym
     for step in range(first_step, tl.cdiv(first + count, lanes_per_page)):  # noqa: B007 (the loop counts)
-        active = offs_sym.to(tl.uint32, bitcast=True) < limit
+        active = offs_sym.to(tl.uint32, bitcast=True) < count  # 0 <= offs_sym < count
         params = tl.load(params_ptrs, mask=active, other=_PARAM_MASKED)
         table, row, mq, e = _unpack_params(params)
         # level 1 of a dense symbol: the cell or ESC, scale PT
         slot = (x & _PT_MASK).to(tl.int32)
-        entry, c1, f1 = _level1_entry(slot, row, active & table, cum1_ptr, start_ptr)
-        x, wptr = _rans_pop(x, wptr, slot, c1, f1, _PT, active & table, words_ptr, num_words)
+        entry, c1, c_next = _level1_entry(slot, row, lookup_ptr)
+        exact = ~table | (entry == _ESC)  # where the lane is not short
+        # one vote for both rare cases (2-5% of 32-lane steps each on SmolLM2 KV): a dense
+        # lane short of its entry (the row's bisection), and ESC or a symbol that is not
+        # dense (the exact model's step below)
+        rare = tl.max((active & (exact | (c_next <= slot))).to(tl.int32), axis=0) > 0
+        if rare:
+            if tl.max((active & table & (c_next <= slot)).to(tl.int32), axis=0) > 0:
+                row_ptr = cum1_ptr + row * _ROW
+                entry, c1 = _level1_bisect(slot, row_ptr)
+                c_next = tl.load(row_ptr + entry + 1)
+                exact = ~table | (entry == _ESC)
+        x, wptr = _rans_pop(x, wptr, slot - c1, c_next - c1, _PT, active & table, words_ptr, num_words)
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
-        exact = ~table | (entry == _ESC)
-        pattern, slot, cum, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
-                                                             BITS, MAN_BITS, BIAS)
+        pattern, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e, active & ~exact,
+                                                       BITS, MAN_BITS, BIAS)
         bad = bad | (active & ~exact & ~ok)
-        if tl.max((active & exact).to(tl.int32), axis=0) > 0:  # rare on dense pages
-            need = active & exact
-            mu = tl.load(mu_ptr + offs_page + offs_sym, mask=need, other=0.0)
-            sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=need, other=1.0)
-            mu_q, e_q, r = _quantize(mu, sigma)  # e_q == e
-            slot_e = (x & (_M - 1)).to(tl.int32)
-            key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e_q, r, need, phi_ptr, q_ptr, w_wide, kappa,
-                                                BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
-            pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
-            cum = tl.where(exact, c_lo, cum)
-            freq = tl.where(exact, c_hi - c_lo, freq)
-            slot = tl.where(exact, slot_e, slot)
-            scale = tl.where(exact, _PROB_BITS, scale)
+        if rare:  # (a uniform branch: no vote on the hit path)
+            if tl.max((active & exact).to(tl.int32), axis=0) > 0:
+                need = active & exact
+                mu = tl.load(mu_ptr + offs_page + offs_sym, mask=need, other=0.0)
+                mu_q = _quantize_mu(mu, e)  # e and r from the parameters: sigma is not read
+                slot_e = (x & (_M - 1)).to(tl.int32)
+                key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, _param_r(params), need, phi_ptr, q_ptr,
+                                                    w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
+                pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
+                rem = tl.where(exact, slot_e - c_lo, rem)
+                freq = tl.where(exact, c_hi - c_lo, freq)
+                scale = tl.where(exact, _PROB_BITS, scale)
         # [0, 2^B): the cast keeps its B bits
         tl.store(out_ptrs, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
-        x, wptr = _rans_pop(x, wptr, slot, cum, freq, scale, active, words_ptr, num_words)
+        x, wptr = _rans_pop(x, wptr, rem, freq, scale, active, words_ptr, num_words)
         offs_sym += lanes_per_page
         params_ptrs += lanes_per_page
         out_ptrs += lanes_per_page
@@ -1364,8 +1476,8 @@ class Decoder(ref.Decoder):
         [position, position + n) of out_bits [P, N] (int16 for 16-bit dtypes, else uint8;
         contiguous). The table model reads its parameters from ``params``, int32 shaped like
         mu (``table_params(mu, sigma, dtype)``, which a caller may compute once per distinct
-        (mu, sigma) and broadcast), computing them here when not given (int32 [P, n]); mu and
-        sigma only for its rare exact-model steps. Otherwise it allocates nothing per symbol
+        (mu, sigma) and broadcast), computing them here when not given (int32 [P, n]); mu only
+        for its rare exact-model steps. Otherwise it allocates nothing per symbol
         on the device."""
         if params is not None and self.model != tm.MODEL_TABLE:
             raise ValueError("params are the table model's")
@@ -1401,8 +1513,8 @@ class Decoder(ref.Decoder):
             if self.model == tm.MODEL_TABLE:
                 self.lane_ok = self.lane_ok.contiguous()  # cleared in place (as uint8) for impossible points
                 _decode_table_kernel[grid](
-                    self.words, params, mu, sigma, _level1_table(self.w_wide, self.kappa, mu.device),
-                    _level1_start(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
+                    self.words, params, mu, _level1_table(self.w_wide, self.kappa, mu.device),
+                    _level1_lookup(self.w_wide, self.kappa, mu.device), em.phi_table(mu.device),
                     self.quantiles_f32, out_bits, self.x, self.ptr,
                     self.lane_ok.view(torch.uint8), *sizes, **spec,
                 )

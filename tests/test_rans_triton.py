@@ -447,16 +447,16 @@ def _table_steps_test_kernel(bits_ptr, mu_q_ptr, e_ptr, out_ptr, n,
 
 
 @triton.jit
-def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n,
-                        BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n, BITS: tl.constexpr, MAN_BITS: tl.constexpr,
+                        BIAS: tl.constexpr, BLOCK: tl.constexpr, LIVE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     entry = tl.load(entry_ptr + offs, mask=mask, other=0).to(tl.int32)
     x16 = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32)
     mq = rt._mu_cell(tl.load(mu_q_ptr + offs, mask=mask, other=0), mask)  # dense parameters only
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
-    outs = rt._decode_level2(entry, x16, mq, e, BITS, MAN_BITS, BIAS)
-    for i in tl.static_range(6):  # pattern, slot, cum, freq, scale, ok
+    outs = rt._decode_level2(entry, x16, mq, e, mask & LIVE, BITS, MAN_BITS, BIAS)  # no live lane: no general path
+    for i in tl.static_range(5):  # pattern, rem = slot - cum, freq, scale, ok
         tl.store(out_ptr + i * n + offs, outs[i].to(tl.int64), mask=mask)
 
 
@@ -512,13 +512,19 @@ def test_table_model_maps_match_reference(dtype):
     near = tm.TJ - (mu_q >> tm.CELL_SHIFT) + torch.randint(-3, 3, (n,), generator=gen)  # the zero cells and beside
     entry[: n // 2] = near[: n // 2].clamp(0, tm.NCELL - 1)
     x = torch.randint(0, 1 << tm.P2, (n,), generator=gen)
-    got = torch.empty(6 * n, dtype=torch.int64, device=DEVICE)
-    _level2_test_kernel[(1,)](entry.to(DEVICE), x.to(DEVICE), mu_q.to(DEVICE), e.to(DEVICE), got, n, **spec, BLOCK=n)
-    key, *want = tm.decode_level2(entry, x, mu_q, e, dtype)
-    want = [em.bits_from_keys(key, dtype), *want]
-    for name, g, w in zip(("pattern", "slot", "cum", "freq", "scale", "ok"), got.cpu().view(6, n), want):
-        assert torch.equal(g, w.to(torch.int64)), name
+    key, slot, cum, *want = tm.decode_level2(entry, x, mu_q, e, dtype)
+    want = [em.bits_from_keys(key, dtype), slot - cum, *want]
     ok, zero = want[-1], want[-2] == tm.P2
+    # every lane live (fp16: an impossible cell among them, so the general path redoes them
+    # all), then none (the float32 path alone: the reference's where ok, and ok itself)
+    for live in (True, False):
+        got = torch.empty(5 * n, dtype=torch.int64, device=DEVICE)
+        _level2_test_kernel[(1,)](entry.to(DEVICE), x.to(DEVICE), mu_q.to(DEVICE), e.to(DEVICE), got, n, **spec,
+                                  BLOCK=n, LIVE=live)
+        for name, g, w in zip(("pattern", "rem", "freq", "scale", "ok"), got.cpu().view(5, n), want):
+            assert torch.equal(g[ok], w[ok].to(torch.int64)), name
+            if live or name == "ok":
+                assert torch.equal(g, w.to(torch.int64)), name
     assert zero.sum() > 1000 and (ok & ~zero).sum() > 1000
     # dense bf16 cells are always possible (test_table_model_impossible_cell_fails_the_page)
     assert (dtype == "bf16") == bool(ok.all())
@@ -595,9 +601,9 @@ def test_table_model_impossible_cell_fails_the_page():
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # as above
 def test_table_params_match_reference_and_the_codec_broadcasts_them(monkeypatch):
     """table_params (the table decoder's int32 parameters) unpack to quantize_params' e, the
-    row, the dense test and mu's cell on hostile (mu, sigma); and the codec's Triton route,
-    which computes them once per channel under page_stats and broadcasts them over the
-    tokens, decodes the C++ coder's blobs to the pages."""
+    row, r's low bits, the dense test and mu's cell on hostile (mu, sigma); and the codec's
+    Triton route, which computes them once per channel under page_stats and broadcasts them
+    over the tokens, decodes the C++ coder's blobs to the pages."""
     from sglang_speckv import codec
     from sglang_speckv.kernels import format as fmt
     from sglang_speckv.predictors.base import PageMeta
@@ -611,7 +617,8 @@ def test_table_params_match_reference_and_the_codec_broadcasts_them(monkeypatch)
         assert torch.equal(got & (tm.ROWS - 1), tm.row_index(mu_q, r))
         assert torch.equal((got & tm.ROWS) != 0, dense)
         assert torch.equal(((got >> 8) & 255) - 128, e)
-        assert torch.equal(got >> 16, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0))
+        assert torch.equal((got >> 16) & 31, r & 31)  # r's bits below the row's sigma bucket
+        assert torch.equal(got >> 21, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0))
     shape = (2, 1, 32, 1, 16)  # [kv, layers, tokens, heads, dim]
     gen = torch.Generator().manual_seed(14)
     pages = [(torch.randn(shape, generator=gen) * s).to(torch.bfloat16) for s in (1.0, 0.05)]
@@ -709,7 +716,7 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
         bits = "*i16" if spec["BITS"] == 16 else "*u8"
         types = {"q_ptr": "*fp32", "probes_ptr": "*i32", "bits_ptr": bits, "out_bits_ptr": bits,
                  "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "cum1_ptr": "*i32", "lane_ok_ptr": "*u8",
-                 "params_ptr": "*i32", "start_ptr": "*u8",
+                 "params_ptr": "*i32", "lookup_ptr": "*i64",
                  **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
