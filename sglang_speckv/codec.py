@@ -259,14 +259,15 @@ def _nan_page(meta: PageMeta, device: torch.device, materialise: bool) -> torch.
     return nan.expand(meta.shape).clone() if materialise else nan.expand(meta.shape)
 
 
-def _staged(device: torch.device) -> bool:
-    """Whether pages on ``device`` go to the chunked encoder (rans_cpu.Encoder: a stage at
-    a time, last first), which needs a multi-stage predictor's (mu, sigma) only a stage at
-    a time; else the coder takes each page's (mu, sigma) whole."""
+def _cpp(device: torch.device) -> bool:
+    """Whether the C++ coder codes pages on ``device``: it reads prediction rows in place
+    (a decoder stage in one call) and encodes with the chunked encoder (rans_cpu.Encoder: a
+    stage at a time, last first, so a multi-stage predictor's (mu, sigma) exist a stage at
+    a time); else the coder takes (mu, sigma) materialised."""
     return _coder(device) is rans_cpu and rans_cpu.available()
 
 
-def _prepare(page, meta, predictor, w_wide, kappa, lanes, model) -> _Prepared:
+def _prepare(page, meta, predictor, stages, w_wide, kappa, lanes, model) -> _Prepared:
     """Side info, bit patterns ([numel], int16 / uint8) and what the coder needs of the
     predictor: a one-stage predictor's predict_rows (possibly broadcast views, read in
     place by the C++ coder); for a multi-stage one, for the chunked encoder the page's
@@ -275,7 +276,6 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes, model) -> _Prepared:
     page = _storage_view(page, meta)
     bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
     side = predictor.side_info(page, meta)  # the page as stored: no float32 copy of it
-    stages = _checked_stages(predictor, meta)
     header = fmt.BlobHeader(
         dtype=meta.dtype, layout=fmt.layout_of(meta.shape), shape=tuple(meta.shape),
         predictor_id=predictor.id, fingerprint=predictor.fingerprint,
@@ -287,7 +287,7 @@ def _prepare(page, meta, predictor, w_wide, kappa, lanes, model) -> _Prepared:
         prepared.mu, prepared.sigma = _checked_rows(
             predictor.predict_rows(meta, side, _nan_page(meta, page.device, False), 0), meta.numel, predictor.name)
         return prepared
-    if _staged(page.device):
+    if _cpp(page.device):
         prepared.seen = page.clone(memory_format=torch.contiguous_format)
         return prepared
     # What the decoder will know at stage s: the values of stages < s, NaN elsewhere, in the
@@ -350,7 +350,7 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
         stage_bytes = 8 * max(b - a for a, b in zip(stages, stages[1:])) if len(stages) > 2 else 0
         run, held = [], 0
         for n, i in enumerate(members):
-            run.append((i, _prepare(pages[i], metas[i], predictor, w_wide, kappa, lanes, m)))
+            run.append((i, _prepare(pages[i], metas[i], predictor, list(stages), w_wide, kappa, lanes, m)))
             held += run[-1][1].held() + stage_bytes * (run[-1][1].seen is not None)
             held += ENCODER_BYTES.get(device.type, 0) * numel
             if held >= params_budget or n + 1 == len(members):
@@ -372,7 +372,7 @@ def _code_run(run: list, predictor, device, dtype, lanes, w_wide, kappa, model, 
     Returns the indices whose page the table model left raw (worth the exact model's try)."""
     index, prepared = zip(*run)
     run.clear()
-    if _staged(device):
+    if _cpp(device):
         words, lane_words = _code_staged(prepared, predictor, dtype, lanes, w_wide, kappa, model)
     else:
         words, lane_words = _coder(device).encode_values([p.bits for p in prepared], [p.mu for p in prepared],
@@ -401,8 +401,6 @@ def _code_staged(prepared, predictor, dtype, lanes, w_wide, kappa, model) -> tup
     stages = prepared[0].stages
     for s in reversed(range(len(stages) - 1)):
         a, b = stages[s], stages[s + 1]
-        if b == a:
-            continue
         mu, sigma = [], []
         for p in prepared:
             if p.seen is None:
@@ -569,7 +567,7 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
                 zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(b - a) for v in (0.0, 1.0))
                 preds.append((zero, one))
-        if coder is rans_cpu and rans_cpu.available():  # the C++ coder reads the rows in place
+        if _cpp(device):  # the C++ coder reads the rows in place
             decoder.decode_values([mu for mu, _ in preds], [sigma for _, sigma in preds], bits)
             del preds
             continue

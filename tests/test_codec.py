@@ -195,7 +195,7 @@ def test_chunked_encoder_codes_a_stage_at_a_time(monkeypatch):
     staged = codec.encode_pages(pages, metas, PreviousLayerPredictor(), num_lanes=16)
     per_layer = metas[0].numel // 6
     assert stages == [per_layer * (6 - s) for s in range(6)]  # each stage's end, last stage first
-    monkeypatch.setattr(codec, "_staged", lambda device: False)
+    monkeypatch.setattr(codec, "_cpp", lambda device: False)
     assert codec.encode_pages(pages, metas, PreviousLayerPredictor(), num_lanes=16) == staged
 
 
