@@ -98,20 +98,23 @@ has its table:
   coalesce them if the encoder ever shows up in a profile.
 
 * The table model (table_model.py, T2: cells aligned to multiples of u): per symbol its
-  int32 parameters (row, dense, e, r's low bits, mu's cell: ``table_params``, an
-  elementwise kernel run outside the step loop, once per distinct (mu, sigma)), level 1
-  (one int64 lookup word per row and slot bucket: the entry holding the bucket's first
-  slot, table_model.level1_start, and the counts of one step from it), the level-1 rANS
-  step, level 2 (both kinds of cell as one integer n read through float32(n)'s bits: a
-  zero cell's point truncated, or an offset cell's significand with the offset's L2 raw
-  bits; the key's points in closed form: int32, no search), the level-2 rANS step. One
-  warp vote per step opens the rare cases: a lane still short of its entry (the row's
-  bisection; 5% of steps on SmolLM2 KV) and the exact model's step (which alone reads and
-  quantises mu; e and r are in the parameters) for a lane that escaped or is not dense.
-  Its hit path compiles to 117 SASS instructions (bf16; 162 fp16) against 467 (491) for
-  the exact model's value-level kernel; table_params costs ~112 per (mu, sigma) (examples/
-  estimate_sm90.py splits them by source line; docs/BENCHMARKS.md "Table model T2: a
-  float32 level 2, a lookup word, one vote" has the table).
+  int32 parameters (e, the lookup row: the row or the exact model's, r's low bits, mu's
+  cell: ``table_params``, an elementwise kernel run outside the step loop, once per
+  distinct (mu, sigma)), level 1 (one int64 lookup word per row and slot bucket: the entry
+  holding the bucket's first slot, table_model.level1_start, and the counts of one step
+  from it; a symbol that is not dense reads the identity step and ESC), the level-1 rANS
+  step (every lane: no select), level 2 (both kinds of cell as one integer n read through
+  float32(n)'s bits: a zero cell's point truncated, or an offset cell's significand with
+  the offset's L2 raw bits; the key's points in closed form: int32, no search), the
+  level-2 rANS step (for bf16 without a multiply: the step is 2^w slots on a multiple of
+  2^w, so it only removes bits of x; _rans_pop_bits). One warp vote per step opens the
+  rare cases: a lane still short of its entry (the row's bisection; 5% of steps on SmolLM2
+  KV) and the exact model's step (which alone reads and quantises mu; e and r are in the
+  parameters) for a lane that escaped or is not dense. Its hit path compiles to 93 SASS
+  instructions (bf16; 153 fp16) against 467 (491) for the exact model's value-level
+  kernel; table_params costs ~112 per (mu, sigma) (examples/estimate_sm90.py splits them
+  by source line; docs/BENCHMARKS.md "Table model T2: identity steps, a multiply-free
+  level-2 step" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -127,7 +130,7 @@ per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) step
 * ``Decoder.decode_values``: nothing per symbol under the exact model (the inputs (mu,
   sigma) and the output patterns are the caller's), words 4 B each; under the table model
   the int32 params (4 B per symbol) where the caller passes none, and once per device its
-  tables (level-1 rows 65 KiB, lookup words 256 KiB). The old route held int64 mu_q, e, r and keys
+  tables (level-1 rows 65 KiB, lookup words 514 KiB). The old route held int64 mu_q, e, r and keys
   and the int64 temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
   quantize_params), and the codec widened the words to int64 (4 -> 8 B per word, with a
   transient int64 copy).
@@ -216,24 +219,32 @@ _NUM_BUCKETS = tl.constexpr(1 << tm.TB)
 # dense symbol codes (see "The table model" below), so both escape.
 _MAG_SAT = tl.constexpr(16)
 # The table decoder's per-symbol parameters, one int32 (table_params, _pack_params): what its
-# hit path needs of quantize_params' (mu_q, e, r), so the quantisation runs once per distinct
+# hit path needs of quantize_params' (mu, sigma), so the quantisation runs once per distinct
 # (mu, sigma) (page_stats: per channel) instead of once per symbol in the step loop. Bits
-# 0-7 e + E_OFF, bits 8-14 the row, bit 15 set where NOT dense, bits 16-20 r's low R - TB
-# bits (the row holds its top TB bits below the leading one: the exact model's step gets r
-# back without sigma), bits 21-31 mu's cell mq (signed). Bits 8-15 are the level-1 lookup
-# row already in place: the lookup word's index is params' bits 8-15 and the slot's bucket
-# below them (_level1_entry); not dense selects the exact model's rows (_level1_lookup).
+# 0-7 e + E_OFF, bits 8-14 the row, bit 15 set where NOT dense, bit 16 set for a masked lane
+# only (never by table_params), bits 17-21 r's low R - TB bits (the row holds its top TB
+# bits below the leading one: the exact model's step gets r back without sigma), bits
+# 22-31 mq - TJ (signed; mq is mu's cell, 0 where not dense: level 2's cell is the level-1
+# entry plus this field, _decode_level2). Bits 8-16 are the level-1 lookup row in place:
+# the lookup word's index is those bits and the slot's bucket below them (_level1_entry);
+# not dense selects the exact model's rows, masked the masked lanes' (_level1_lookup).
 _PARAM_E_OFF = tl.constexpr(128)  # e in [-60, 61]
 _PARAM_ROW_SHIFT = tl.constexpr(tm.START_BITS)  # 8: e's byte below, the slot's bucket in the lookup index
 _PARAM_EXACT = tl.constexpr(tm.ROWS << 8)  # bit 15: rows are 7 bits
-_LOOKUP_ROWS = tl.constexpr(2 * tm.ROWS)  # the row, or (+ ROWS) the exact model's
-_PARAM_R_SHIFT = tl.constexpr(16)
+_LOOKUP_ROWS = tl.constexpr(2 * tm.ROWS + 1)  # the row, (+ ROWS) the exact model's, the masked lanes'
+_PARAM_R_SHIFT = tl.constexpr(17)
 _PARAM_R_MASK = tl.constexpr((1 << (em.R - tm.TB)) - 1)
-_PARAM_MQ_SHIFT = tl.constexpr(16 + em.R - tm.TB)  # 21: |mq| <= 2^(MB - 2) <= 256 for dense symbols, else 0
-_PARAM_MASKED = tl.constexpr((tm.ROWS << 8) | 128)  # a masked lane: row 0, not dense, e = 0, mq = 0
-# Level 1's result in the decoder: the cell relative to mu's, c = entry - TJ in [-TJ, TJ),
-# or ESC - TJ (= TJ) for ESC, so that the cell m = c + mq needs no further add.
-_C_ESC = tl.constexpr(tm.ESC - tm.TJ)
+_PARAM_MQ_SHIFT = tl.constexpr(17 + em.R - tm.TB)  # 22: |mq - TJ| <= 2^(MB - 2) + TJ <= 320 < 2^9
+_PARAM_MASKED = tl.constexpr((2 * tm.ROWS << 8) | 128)  # a masked lane: its lookup row, e = 0, mq - TJ = 0
+# Level 1's entry in the decoder: i = c + TJ in [0, NCELL) for the cell c relative to mu's,
+# or I_ESC for ESC (table_model's ESC = NCELL), far enough from the cells that level 2 reads
+# ESC's "cell" I_ESC + mq - TJ (in [2^MB, 2^(MB + 1)) for bf16: |mq| <= 2^(MB - 2)) as a
+# magnitude whose step is the identity (d = 0): bf16's _rans_pop_bits needs no select for
+# the exact model's lanes. One byte in the lookup words (_level1_lookup). A masked lane's
+# row has the identity step and entry I_MASKED: no vote, and d = 0 too (mq - TJ = 0).
+I_ESC = 255
+I_MASKED = 254
+_I_ESC = tl.constexpr(I_ESC)
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
 BLOCK_LANES = 128
@@ -489,15 +500,15 @@ def _pack_params(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     table = _dense(mu_q, e, r, MAN_BITS, BIAS)
     mq = _mu_cell(mu_q, table)
     r_low = r.to(tl.int32) & _PARAM_R_MASK
-    return ((mq << _PARAM_MQ_SHIFT) | (r_low << _PARAM_R_SHIFT) | tl.where(table, 0, _PARAM_EXACT)
+    return (((mq - _TJ) << _PARAM_MQ_SHIFT) | (r_low << _PARAM_R_SHIFT) | tl.where(table, 0, _PARAM_EXACT)
             | (_row_index(mu_q, r) << _PARAM_ROW_SHIFT) | (e + _PARAM_E_OFF))
 
 
 @triton.jit
 def _unpack_params(params):
-    """(lookup row << 8, mq, e) of _pack_params' int32: the lookup row is the row, plus ROWS
+    """(lookup row << 8, mq - TJ, e) of _pack_params' int32: the lookup row is the row, plus ROWS
     where the symbol is not dense (_level1_lookup's rows of the exact model's step)."""
-    return params & ((_LOOKUP_ROWS - 1) << _PARAM_ROW_SHIFT), params >> _PARAM_MQ_SHIFT, (params & 255) - _PARAM_E_OFF
+    return params & (511 << _PARAM_ROW_SHIFT), params >> _PARAM_MQ_SHIFT, (params & 255) - _PARAM_E_OFF
 
 
 @triton.jit
@@ -639,39 +650,39 @@ def _level1_bisect(slot1, row_ptr):
 
 @triton.jit
 def _level1_entry(slot1, lrow, lookup_ptr):
-    """table_model.decode_cell by one lookup: (c, CUM1[i], CUM1[i + 1]), int32, of level-1
-    row ``lrow >> START_BITS`` (_unpack_params; CUM1 = _level1_table's row; c = i - TJ, the cell relative to mu's, or
-    _C_ESC) where CUM1[i] <= slot1 < CUM1[i + 1] unless CUM1[i + 1] <= slot1 still (the
-    lane is short of its entry: the caller bisects the row, _level1_bisect). The word of
-    the row's bucket slot1 >> (PT - START_BITS) (int64 from lookup_ptr, _level1_lookup)
-    holds i0 = table_model.level1_start (the entry of the bucket's first slot), as i0 - TJ,
-    and CUM1[i0], CUM1[i0 + 1], CUM1[i0 + 2]: the one predicated step forward
-    (START_STEPS) while CUM1[i + 1] <= slot1. A lane is short where its bucket holds more
-    entry starts (the rows' tails; 5% of 32-lane steps on SmolLM2 KV). A row >= ROWS
-    (a symbol that is not dense, a masked lane) reads (_C_ESC, 0, 2^PT): the identity step,
-    then the exact model's."""
+    """table_model.decode_cell by one lookup: (i, CUM1[i], CUM1[i + 1]), int32, of level-1
+    row ``lrow >> START_BITS`` (_unpack_params; CUM1 = _level1_table's row; i the entry,
+    _I_ESC for ESC) where CUM1[i] <= slot1 < CUM1[i + 1] unless CUM1[i + 1] <= slot1 still
+    (the lane is short of its entry: the caller bisects the row, _level1_bisect). The word
+    of the row's bucket slot1 >> (PT - START_BITS) (int64 from lookup_ptr, _level1_lookup)
+    holds CUM1[i0], CUM1[i0 + 1], CUM1[i0 + 2] and the entries i0 and i0 + 1, i0 =
+    table_model.level1_start (the entry of the bucket's first slot): the one predicated
+    step forward (START_STEPS) while CUM1[i + 1] <= slot1. A lane is short where its bucket
+    holds more entry starts (the rows' tails; 5% of 32-lane steps on SmolLM2 KV). A row >=
+    ROWS (a symbol that is not dense, a masked lane) reads (_I_ESC, 0, 2^PT): the identity
+    step, then the exact model's."""
     word = tl.load(lookup_ptr + (lrow | (slot1 >> _START_SHIFT)))
     lo = word.to(tl.int32)  # CUM1[i0 + 1] << 16 | CUM1[i0]
-    hi = (word >> 32).to(tl.int32)  # (i0 - TJ) << 16 | CUM1[i0 + 2]
+    hi = (word >> 32).to(tl.int32)  # (i0 + 1) << 24 | i0 << 16 | CUM1[i0 + 2], the entries as bytes
     c0, c1, c2 = lo & 0xFFFF, (lo >> 16) & 0xFFFF, hi & 0xFFFF
     step = c1 <= slot1
-    return (hi >> 16) + step.to(tl.int32), tl.where(step, c1, c0), tl.where(step, c2, c1)
+    return tl.where(step, hi >> 24, hi >> 16) & 0xFF, tl.where(step, c1, c0), tl.where(step, c2, c1)
 
 
 @triton.jit
-def _decode_level2(c, x16, mq, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """table_model.decode_level2 for a dense lane whose level-1 cell c (relative to mu's,
-    _level1_entry) is a cell (ESC lanes get garbage, replaced by the caller): (pattern, w,
-    rem, freq, scale, ok), int32; the storage pattern instead of the key, and the slot's
-    offset in its step rem = slot - cum instead of (slot, cum) (all _rans_pop needs); where
-    the step is 2^w slots on a multiple of 2^w (always for bf16: _rans_pop_bits), w. x16 = x
-    & (2^P2 - 1), x the state after level 1; mq = _mu_cell; live: the lanes whose result is
-    used. Where ok is False (a cell off zero narrower than the key spacing or beyond the
-    largest finite binade: a corrupt stream) the step is the identity (0, 2^PT) at scale PT,
-    and the pattern the reference's (its clamps of l2 and of the biased exponent; its clamp
-    of the cell's magnitude at 2^20 never bites here: |m| < 2^9). By _decode_level2_float
+def _decode_level2(entry, x16, mq_off, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.decode_level2 for a dense lane whose level-1 entry (_level1_entry) is a
+    cell (ESC lanes, entry _I_ESC, get garbage, replaced by the caller, and for bf16 d = 0):
+    (pattern, d, rem, freq, scale, ok), int32; the storage pattern instead of the key, the
+    step as the d bits of x it removes (_rans_pop_bits; bf16) and as the slot's offset in
+    its step rem = slot - cum and freq (_rans_pop). x16 = x & (2^P2 - 1), x the state after
+    level 1; mq_off = _mu_cell - TJ (params); live: the lanes whose result is used. Where ok
+    is False (a cell off zero narrower than the key spacing or beyond the largest finite
+    binade: a corrupt stream) the step is the identity (0, 2^PT) at scale PT, and the
+    pattern the reference's (its clamps of l2 and of the biased exponent; its clamp of the
+    cell's magnitude at 2^20 never bites here: |m| < 2^9). By _decode_level2_float
     (_decode_level2_general in the rare program with a live lane in an impossible cell)."""
-    m = c + mq
+    m = entry + mq_off  # the cell, c + mq
     neg = m < 0
     mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
     zero = mag == 0
@@ -730,6 +741,7 @@ def _decode_level2_float(mag, zero, x16, e, live, BITS: tl.constexpr, MAN_BITS: 
         w = tl.minimum(w, _P2)
     else:  # bf16: a zero cell's n < 2^P2 and w <= P2 - MB; off zero n < 2^(MB + P2) (|m'| < 2^MB), w < P2
         ok = tl.full(mag.shape, 1, tl.int1)
+        w = tl.minimum(w, _P2)  # d = 0, the identity, for ESC's lanes (|m'| >= 2^MB: w >= P2; _I_ESC)
     if BEYOND:
         pattern = tl.where(exp_n + e0 > EMAX, MAX_MAG, pattern)  # a zero cell's truncation (off zero: not ok)
         ok = ok & (zero | (exp_n + e0 <= EMAX))
@@ -1051,19 +1063,23 @@ def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor
 
 @functools.lru_cache(maxsize=8)
 def _level1_lookup(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
-    """The decoder's level-1 lookup words on ``device``, int64 [2 ROWS * 2^START_BITS] row by
-    row (512 KiB): for START's entry i of the row's bucket (table_model.level1_start),
-    CUM1[i] | CUM1[i + 1] << 16 | CUM1[i + 2] << 32 | (i - TJ) << 48 (CUM1 = level1_table,
-    entries <= 2^PT < 2^16; i <= NCELL, and for i = NCELL, where CUM1[i + 1] = 2^PT ends the
-    row, CUM1[i + 2] repeats it; i - TJ signed). Rows ROWS .. 2 ROWS - 1, read for symbols
-    that are not dense (_pack_params' bit 7), are the identity step (0, 2^PT) before the
-    exact model's: 0 | 2^PT << 16 | 2^PT << 32 | (ESC - TJ) << 48."""
+    """The decoder's level-1 lookup words on ``device``, int64 [(2 ROWS + 1) * 2^START_BITS]
+    row by row (514 KiB): for START's entry i of the row's bucket (table_model.level1_start),
+    CUM1[i] | CUM1[i + 1] << 16 | CUM1[i + 2] << 32 | i << 48 | (i + 1) << 56, the entries
+    as bytes with ESC as I_ESC (CUM1 = level1_table, entries <= 2^PT < 2^16; i <= NCELL, and
+    for i = NCELL, where CUM1[i + 1] = 2^PT ends the row, CUM1[i + 2] repeats it). Rows ROWS
+    .. 2 ROWS - 1, read for symbols that are not dense (_pack_params' bit 15), are the
+    identity step (0, 2^PT) then ESC (the exact model's step); row 2 ROWS, the masked lanes'
+    (_PARAM_MASKED), the identity step with entry I_MASKED (no vote, and level 2's d = 0)."""
     cum1 = tm.level1_table(w_wide, kappa)  # [ROWS, ROW]
     start = tm.level1_start(w_wide, kappa).long()  # [ROWS, 2^START_BITS]
     c0, c1, c2 = (cum1.gather(1, (start + k).clamp(max=tm.ROW - 1)) for k in range(3))
-    word = c0 | c1 << 16 | c2 << 32 | (start - tm.TJ) << 48
-    exact = (1 << tm.PT) << 16 | (1 << tm.PT) << 32 | (tm.ESC - tm.TJ) << 48
-    return torch.cat([word, torch.full_like(word, exact)]).reshape(-1).to(device)  # [2 ROWS, 2^START_BITS] -> flat
+    i0, i1 = (torch.where(i >= tm.ESC, I_ESC, i) for i in (start, start + 1))  # i1 = ESC after the last cell
+    word = c0 | c1 << 16 | c2 << 32 | i0 << 48 | (i1 - 256 * (i1 >= 128)) << 56  # i1's byte: int64's top
+    identity = (1 << tm.PT) << 16 | (1 << tm.PT) << 32  # (cum, next) = (0, 2^PT) whatever the slot
+    exact = torch.full_like(word, identity | I_ESC << 48 | (I_ESC - 256) << 56)
+    masked = torch.full_like(word[:1], identity | I_MASKED << 48 | (I_MASKED - 256) << 56)
+    return torch.cat([word, exact, masked]).reshape(-1).to(device)  # [2 ROWS, 2^START_BITS] -> flat
 
 
 def table_params(mu: torch.Tensor, sigma: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -1393,7 +1409,7 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
     per symbol its parameters (params int32 [P, count], table_params: quantize_params, the
     dense test, the row and mu's cell, computed outside the step loop), the cell (a lookup
-    word with its one correction step, lookup int64 [ROWS * 2^START_BITS], _level1_lookup;
+    word with its one correction step, lookup int64 [(2 ROWS + 1) * 2^START_BITS], _level1_lookup;
     rarely a bisection of the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
     level 2 (the offset's raw bits, or the zero cell's point: a truncation, no search) or,
     after ESC and for a symbol that is not dense, the exact model's step (_find_key, in a
@@ -1430,28 +1446,28 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
         # level 1: the cell c (relative to mu's) or ESC, scale PT; the identity step for a
         # symbol that is not dense and for a masked lane (both read the exact model's rows)
         slot = (x & _PT_MASK).to(tl.int32)
-        c, c1, c_next = _level1_entry(slot, lrow, lookup_ptr)
-        exact = c == _C_ESC  # ESC or not dense (where the lane is not short); masked lanes too
+        entry, c1, c_next = _level1_entry(slot, lrow, lookup_ptr)
+        exact = entry == _I_ESC  # ESC or not dense (where the lane is not short); masked lanes too
         # one vote for both rare cases (2-5% of 32-lane steps each on SmolLM2 KV): a dense
         # lane short of its entry (the row's bisection), and ESC or a symbol that is not
         # dense (the exact model's step below)
-        rare = tl.max((active & (exact | (c_next <= slot))).to(tl.int32), axis=0) > 0
+        rare = tl.max((exact | (c_next <= slot)).to(tl.int32), axis=0) > 0  # masked lanes: neither
         if rare:
             short = c_next <= slot  # dense lanes only (the exact model's rows end at 2^PT)
             if tl.max(short.to(tl.int32), axis=0) > 0:
                 row_ptr = cum1_ptr + ((lrow & (_PARAM_EXACT - 1)) >> _PARAM_ROW_SHIFT) * _ROW
                 entry_b, c1_b = _level1_bisect(slot, row_ptr)
-                c = tl.where(short, entry_b - _TJ, c)
+                entry = tl.where(short, tl.where(entry_b == _ESC, _I_ESC, entry_b), entry)
                 c1 = tl.where(short, c1_b, c1)
                 c_next = tl.where(short, tl.load(row_ptr + entry_b + 1), c_next)
-                exact = c == _C_ESC
         x, wptr = _rans_refill(_rans_x(x, slot - c1, c_next - c1, _PT), wptr, words_ptr, num_words)
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
-        pattern, d, rem, freq, scale, ok = _decode_level2(c, (x & _P2_MASK).to(tl.int32), mq, e, ~exact,
-                                                          BITS, MAN_BITS, BIAS)
-        bad = bad | (~exact & ~ok)
+        exact = entry == _I_ESC  # (after the bisection: not carried across it)
+        pattern, d, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
+                                                          active & ~exact, BITS, MAN_BITS, BIAS)
+        bad = bad | (active & ~exact & ~ok)
         low = ((1 << scale) - 1) >> d  # [0, 2^(scale - d)): the bits below level 2's step
         if rare:  # (a uniform branch: no vote on the hit path)
             if tl.max((active & exact).to(tl.int32), axis=0) > 0:
@@ -1465,11 +1481,11 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
                 x, wptr = _rans_pop(x, wptr, slot_e - c_lo, c_hi - c_lo, _PROB_BITS, need, words_ptr, num_words)
         # [0, 2^B): the cast keeps its B bits
         tl.store(out_ptrs, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
-        # level 2's step (the exact model's lanes and the inactive ones: the identity)
+        # level 2's step (the exact model's lanes and the inactive ones: the identity, d = 0)
         if POW2_STEPS:
-            x, wptr = _rans_pop_bits(x, wptr, tl.where(exact, 0, d), low, words_ptr, num_words)
+            x, wptr = _rans_pop_bits(x, wptr, d, low, words_ptr, num_words)
         else:
-            x, wptr = _rans_pop(x, wptr, rem, freq, scale, ~exact, words_ptr, num_words)
+            x, wptr = _rans_pop(x, wptr, rem, freq, scale, active & ~exact, words_ptr, num_words)
         offs_sym += lanes_per_page
         params_ptrs += lanes_per_page
         out_ptrs += lanes_per_page

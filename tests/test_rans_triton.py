@@ -455,9 +455,9 @@ def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n, BITS: tl.
     x16 = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32)
     mq = rt._mu_cell(tl.load(mu_q_ptr + offs, mask=mask, other=0), mask)  # dense parameters only
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
-    pattern, w, rem, freq, scale, ok = rt._decode_level2(entry - rt._TJ, x16, mq, e, mask & LIVE,  # no live lane:
+    pattern, d, rem, freq, scale, ok = rt._decode_level2(entry, x16, mq - rt._TJ, e, mask & LIVE,  # no live lane:
                                                          BITS, MAN_BITS, BIAS)  # no general path
-    for i, out in enumerate((pattern, rem, freq, scale, ok, w)):  # rem = slot - cum
+    for i, out in enumerate((pattern, rem, freq, scale, ok, d)):  # rem = slot - cum
         tl.store(out_ptr + i * n + offs, out.to(tl.int64), mask=mask)
 
 
@@ -527,8 +527,8 @@ def test_table_model_maps_match_reference(dtype):
             assert torch.equal(g[ok], w[ok].to(torch.int64)), name
             if live or name == "ok":
                 assert torch.equal(g, w.to(torch.int64)), name
-        if dtype == "bf16":  # the decoder's step without a multiply (_rans_pop_bits): 2^w slots, rem x's low w bits
-            assert torch.equal(got[2], 1 << got[5]) and torch.equal(got[1], x & (got[2] - 1))
+        if dtype == "bf16":  # the decoder's step without a multiply (_rans_pop_bits): x's bits [scale - d, scale)
+            assert torch.equal(got[2], 1 << (got[3] - got[5])) and torch.equal(got[1], x & (got[2] - 1))
     assert zero.sum() > 1000 and (ok & ~zero).sum() > 1000
     # dense bf16 cells are always possible (test_table_model_impossible_cell_fails_the_page)
     assert (dtype == "bf16") == bool(ok.all())
@@ -622,8 +622,9 @@ def test_table_params_match_reference_and_the_codec_broadcasts_them(monkeypatch)
         assert torch.equal((got & 255) - 128, e)
         assert torch.equal((got >> 8) & (tm.ROWS - 1), tm.row_index(mu_q, r))
         assert torch.equal((got & (tm.ROWS << 8)) == 0, dense)  # bit 15: not dense (the exact model's lookup rows)
-        assert torch.equal((got >> 16) & 31, r & 31)  # r's bits below the row's sigma bucket
-        assert torch.equal(got >> 21, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0))
+        assert not (got & (1 << 16)).any()  # bit 16: the decoder's masked lanes only
+        assert torch.equal((got >> 17) & 31, r & 31)  # r's bits below the row's sigma bucket
+        assert torch.equal(got >> 22, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0) - tm.TJ)  # mu's cell - TJ
     shape = (2, 1, 32, 1, 16)  # [kv, layers, tokens, heads, dim]
     gen = torch.Generator().manual_seed(14)
     pages = [(torch.randn(shape, generator=gen) * s).to(torch.bfloat16) for s in (1.0, 0.05)]
