@@ -231,7 +231,8 @@ _MAG_SAT = tl.constexpr(16)
 _PARAM_E_OFF = tl.constexpr(128)  # e in [-60, 61]
 _PARAM_ROW_SHIFT = tl.constexpr(tm.START_BITS)  # 8: e's byte below, the slot's bucket in the lookup index
 _PARAM_EXACT = tl.constexpr(tm.ROWS << 8)  # bit 15: rows are 7 bits
-_LOOKUP_ROWS = tl.constexpr(2 * tm.ROWS + 1)  # the row, (+ ROWS) the exact model's, the masked lanes'
+# bits 8-16: the lookup row (the row, + ROWS the exact model's, 2 ROWS the masked lanes')
+_PARAM_LROW_MASK = tl.constexpr(((4 * tm.ROWS) - 1) << tm.START_BITS)
 _PARAM_R_SHIFT = tl.constexpr(17)
 _PARAM_R_MASK = tl.constexpr((1 << (em.R - tm.TB)) - 1)
 _PARAM_MQ_SHIFT = tl.constexpr(17 + em.R - tm.TB)  # 22: |mq - TJ| <= 2^(MB - 2) + TJ <= 320 < 2^9
@@ -508,7 +509,7 @@ def _pack_params(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
 def _unpack_params(params):
     """(lookup row << 8, mq - TJ, e) of _pack_params' int32: the lookup row is the row, plus ROWS
     where the symbol is not dense (_level1_lookup's rows of the exact model's step)."""
-    return params & (511 << _PARAM_ROW_SHIFT), params >> _PARAM_MQ_SHIFT, (params & 255) - _PARAM_E_OFF
+    return params & _PARAM_LROW_MASK, params >> _PARAM_MQ_SHIFT, (params & 255) - _PARAM_E_OFF
 
 
 @triton.jit
