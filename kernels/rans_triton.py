@@ -110,8 +110,8 @@ has its table:
   2^w, so it only removes bits of x; _rans_pop_bits). One warp vote per step opens the
   rare cases: a lane still short of its entry (the row's bisection; 5% of steps on SmolLM2
   KV) and the exact model's step (which alone reads and quantises mu; e and r are in the
-  parameters) for a lane that escaped or is not dense. Its hit path compiles to 93 SASS
-  instructions (bf16; 153 fp16) against 467 (491) for the exact model's value-level
+  parameters) for a lane that escaped or is not dense. Its hit path compiles to 92 SASS
+  instructions (bf16; 152 fp16) against 467 (491) for the exact model's value-level
   kernel; table_params costs ~112 per (mu, sigma) (examples/estimate_sm90.py splits them
   by source line; docs/BENCHMARKS.md "Table model T2: identity steps, a multiply-free
   level-2 step" has the table).
@@ -219,7 +219,7 @@ _NUM_BUCKETS = tl.constexpr(1 << tm.TB)
 # dense symbol codes (see "The table model" below), so both escape.
 _MAG_SAT = tl.constexpr(16)
 # The table decoder's per-symbol parameters, one int32 (table_params, _pack_params): what its
-# hit path needs of quantize_params' (mu, sigma), so the quantisation runs once per distinct
+# hit path needs of quantize_params' (mu_q, e, r), so the quantisation runs once per distinct
 # (mu, sigma) (page_stats: per channel) instead of once per symbol in the step loop. Bits
 # 0-7 e + E_OFF, bits 8-14 the row, bit 15 set where NOT dense, bit 16 set for a masked lane
 # only (never by table_params), bits 17-21 r's low R - TB bits (the row holds its top TB
@@ -507,8 +507,9 @@ def _pack_params(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
 
 @triton.jit
 def _unpack_params(params):
-    """(lookup row << 8, mq - TJ, e) of _pack_params' int32: the lookup row is the row, plus ROWS
-    where the symbol is not dense (_level1_lookup's rows of the exact model's step)."""
+    """(lookup row << 8, mq - TJ, e) of _pack_params' int32: the lookup row is the row, plus
+    ROWS where the symbol is not dense (_level1_lookup's rows of the exact model's step), 2
+    ROWS for a masked lane (_PARAM_MASKED)."""
     return params & _PARAM_LROW_MASK, params >> _PARAM_MQ_SHIFT, (params & 255) - _PARAM_E_OFF
 
 
@@ -698,7 +699,8 @@ def _decode_level2_float(mag, zero, x16, e, live, BITS: tl.constexpr, MAN_BITS: 
     2^25 read as the value n 2^e0, e0 = e - TS - P2: the zero cell's point n = x16 (scale
     P2), an offset cell's 2 ((|m'| << PT) | slot) (scale PT, its slot's units halved so
     that both share e0; n is even there, so float32(n) is exact too). float32(n) is exact,
-    and its bits give the key without a multiply (no FMA): the truncation of a zero cell's
+    and its bits give the key with no FMA (bf16 moves the exponent by an exact multiply by
+    2^e0, see below; fp16 by an integer add): the truncation of a zero cell's
     point, an offset cell's significand (|m'| and the slot's top L2 bits) is n truncated to
     MB bits below its leading one, float32(n)'s bits >> (23 - MB) with the exponent moved by
     e0 (below the smallest normal binade: its MB + 1 significant bits shifted down to the
@@ -746,7 +748,10 @@ def _decode_level2_float(mag, zero, x16, e, live, BITS: tl.constexpr, MAN_BITS: 
     if BEYOND:
         pattern = tl.where(exp_n + e0 > EMAX, MAX_MAG, pattern)  # a zero cell's truncation (off zero: not ok)
         ok = ok & (zero | (exp_n + e0 <= EMAX))
-    if BIAS == 127:  # bf16 (float32's exponent, no subnormal or overflowing cell): n 2^e0 times 2^e0 exactly
+    if BIAS == 127:  # bf16, float32's exponent range: the top 16 bits of float32(n) 2^e0, +0 included
+        # an exact multiply by a power of two: e0 = e - TS - P2 in [-77, 44], and a dense
+        # symbol's cells' values lie in [2^-77, 2^67): both factors and the product are
+        # normal, so nothing rounds, and no add follows for a compiler to fuse into an FMA
         pattern = ((n.to(tl.float32) * ((e0 + 127) << 23).to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
                    >> (23 - MAN_BITS))
     else:
@@ -1448,11 +1453,11 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
         # symbol that is not dense and for a masked lane (both read the exact model's rows)
         slot = (x & _PT_MASK).to(tl.int32)
         entry, c1, c_next = _level1_entry(slot, lrow, lookup_ptr)
-        exact = entry == _I_ESC  # ESC or not dense (where the lane is not short); masked lanes too
         # one vote for both rare cases (2-5% of 32-lane steps each on SmolLM2 KV): a dense
-        # lane short of its entry (the row's bisection), and ESC or a symbol that is not
-        # dense (the exact model's step below)
-        rare = tl.max((exact | (c_next <= slot)).to(tl.int32), axis=0) > 0  # masked lanes: neither
+        # lane short of its entry (c_next <= slot: the row's bisection), and ESC or a symbol
+        # that is not dense (entry I_ESC, the largest: the exact model's step below); masked
+        # lanes neither (entry I_MASKED, the identity step)
+        rare = tl.max(tl.maximum(slot - c_next + _I_ESC, entry), axis=0) >= _I_ESC
         if rare:
             short = c_next <= slot  # dense lanes only (the exact model's rows end at 2^PT)
             if tl.max(short.to(tl.int32), axis=0) > 0:
@@ -1465,7 +1470,7 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
-        exact = entry == _I_ESC  # (after the bisection: not carried across it)
+        exact = entry == _I_ESC  # ESC or not dense (after the bisection); masked lanes not
         pattern, d, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
                                                           active & ~exact, BITS, MAN_BITS, BIAS)
         bad = bad | (active & ~exact & ~ok)
