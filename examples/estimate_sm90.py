@@ -223,7 +223,7 @@ PARTS = {
     "guess": ("_guess_key", "_nearest_key", "_pow2"),
     "C(guess), C(guess + 1)": ("_cdf_pair", "_cdf_from_boundary", "_cdf", "_value_units", "_phi", "_inverse"),
     "guess check, vote": ("_find_key",),
-    "rANS state updates": ("_rans_pop",),
+    "rANS state updates": ("_rans_pop", "_rans_x", "_rans_refill", "_rans_pop_bits"),
 }
 LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 CALL = re.compile(r"\b(_\w+)\(")

@@ -98,20 +98,23 @@ has its table:
   coalesce them if the encoder ever shows up in a profile.
 
 * The table model (table_model.py, T2: cells aligned to multiples of u): per symbol its
-  int32 parameters (row, dense, e, r's low bits, mu's cell: ``table_params``, an
-  elementwise kernel run outside the step loop, once per distinct (mu, sigma)), level 1
-  (one int64 lookup word per row and slot bucket: the entry holding the bucket's first
-  slot, table_model.level1_start, and the counts of one step from it), the level-1 rANS
-  step, level 2 (both kinds of cell as one integer n read through float32(n)'s bits: a
-  zero cell's point truncated, or an offset cell's significand with the offset's L2 raw
-  bits; the key's points in closed form: int32, no search), the level-2 rANS step. One
-  warp vote per step opens the rare cases: a lane still short of its entry (the row's
-  bisection; 5% of steps on SmolLM2 KV) and the exact model's step (which alone reads and
-  quantises mu; e and r are in the parameters) for a lane that escaped or is not dense.
-  Its hit path compiles to 117 SASS instructions (bf16; 162 fp16) against 467 (491) for
-  the exact model's value-level kernel; table_params costs ~112 per (mu, sigma) (examples/
-  estimate_sm90.py splits them by source line; docs/BENCHMARKS.md "Table model T2: a
-  float32 level 2, a lookup word, one vote" has the table).
+  int32 parameters (e, the lookup row: the row or the exact model's, r's low bits, mu's
+  cell: ``table_params``, an elementwise kernel run outside the step loop, once per
+  distinct (mu, sigma)), level 1 (one int64 lookup word per row and slot bucket: the entry
+  holding the bucket's first slot, table_model.level1_start, and the counts of one step
+  from it; a symbol that is not dense reads the identity step and ESC), the level-1 rANS
+  step (every lane: no select), level 2 (both kinds of cell as one integer n read through
+  float32(n)'s bits: a zero cell's point truncated, or an offset cell's significand with
+  the offset's L2 raw bits; the key's points in closed form: int32, no search), the
+  level-2 rANS step (for bf16 without a multiply: the step is 2^w slots on a multiple of
+  2^w, so it only removes bits of x; _rans_pop_bits). One warp vote per step opens the
+  rare cases: a lane still short of its entry (the row's bisection; 5% of steps on SmolLM2
+  KV) and the exact model's step (which alone reads and quantises mu; e and r are in the
+  parameters) for a lane that escaped or is not dense. Its hit path compiles to 92 SASS
+  instructions (bf16; 152 fp16) against 467 (491) for the exact model's value-level
+  kernel; table_params costs ~112 per (mu, sigma) (examples/estimate_sm90.py splits them
+  by source line; docs/BENCHMARKS.md "Table model T2: identity steps, a multiply-free
+  level-2 step" has the table).
 
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
@@ -127,7 +130,7 @@ per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) step
 * ``Decoder.decode_values``: nothing per symbol under the exact model (the inputs (mu,
   sigma) and the output patterns are the caller's), words 4 B each; under the table model
   the int32 params (4 B per symbol) where the caller passes none, and once per device its
-  tables (level-1 rows 65 KiB, lookup words 256 KiB). The old route held int64 mu_q, e, r and keys
+  tables (level-1 rows 65 KiB, lookup words 514 KiB). The old route held int64 mu_q, e, r and keys
   and the int64 temporaries of storage_from_keys: ~56 B per symbol of a stage (more inside
   quantize_params), and the codec widened the words to int64 (4 -> 8 B per word, with a
   transient int64 copy).
@@ -218,16 +221,31 @@ _MAG_SAT = tl.constexpr(16)
 # The table decoder's per-symbol parameters, one int32 (table_params, _pack_params): what its
 # hit path needs of quantize_params' (mu_q, e, r), so the quantisation runs once per distinct
 # (mu, sigma) (page_stats: per channel) instead of once per symbol in the step loop. Bits
-# 0-6 the row, bit 7 dense, bits 8-15 e + E_OFF, bits 16-20 r's low R - TB bits (the row
-# holds its top TB bits below the leading one: the exact model's step gets r back without
-# sigma), bits 21-31 mu's cell mq (signed).
-_PARAM_DENSE = tl.constexpr(tm.ROWS)  # bit 7: rows are 7 bits
-_PARAM_E_SHIFT = tl.constexpr(8)
+# 0-7 e + E_OFF, bits 8-14 the row, bit 15 set where NOT dense, bit 16 set for a masked lane
+# only (never by table_params), bits 17-21 r's low R - TB bits (the row holds its top TB
+# bits below the leading one: the exact model's step gets r back without sigma), bits
+# 22-31 mq - TJ (signed; mq is mu's cell, 0 where not dense: level 2's cell is the level-1
+# entry plus this field, _decode_level2). Bits 8-16 are the level-1 lookup row in place:
+# the lookup word's index is those bits and the slot's bucket below them (_level1_entry);
+# not dense selects the exact model's rows, masked the masked lanes' (_level1_lookup).
 _PARAM_E_OFF = tl.constexpr(128)  # e in [-60, 61]
-_PARAM_R_SHIFT = tl.constexpr(16)
+_PARAM_ROW_SHIFT = tl.constexpr(tm.START_BITS)  # 8: e's byte below, the slot's bucket in the lookup index
+_PARAM_EXACT = tl.constexpr(tm.ROWS << 8)  # bit 15: rows are 7 bits
+# bits 8-16: the lookup row (the row, + ROWS the exact model's, 2 ROWS the masked lanes')
+_PARAM_LROW_MASK = tl.constexpr(((4 * tm.ROWS) - 1) << tm.START_BITS)
+_PARAM_R_SHIFT = tl.constexpr(17)
 _PARAM_R_MASK = tl.constexpr((1 << (em.R - tm.TB)) - 1)
-_PARAM_MQ_SHIFT = tl.constexpr(16 + em.R - tm.TB)  # 21: |mq| <= 2^(MB - 2) <= 256 for dense symbols, else 0
-_PARAM_MASKED = tl.constexpr(128 << 8)  # a masked lane: row 0, not dense, e = 0, mq = 0
+_PARAM_MQ_SHIFT = tl.constexpr(17 + em.R - tm.TB)  # 22: |mq - TJ| <= 2^(MB - 2) + TJ <= 320 < 2^9
+_PARAM_MASKED = tl.constexpr((2 * tm.ROWS << 8) | 128)  # a masked lane: its lookup row, e = 0, mq - TJ = 0
+# Level 1's entry in the decoder: i = c + TJ in [0, NCELL) for the cell c relative to mu's,
+# or I_ESC for ESC (table_model's ESC = NCELL), far enough from the cells that level 2 reads
+# ESC's "cell" I_ESC + mq - TJ (in [2^MB, 2^(MB + 1)) for bf16: |mq| <= 2^(MB - 2)) as a
+# magnitude whose step is the identity (d = 0): bf16's _rans_pop_bits needs no select for
+# the exact model's lanes. One byte in the lookup words (_level1_lookup). A masked lane's
+# row has the identity step and entry I_MASKED: no vote, and d = 0 too (mq - TJ = 0).
+I_ESC = 255
+I_MASKED = 254
+_I_ESC = tl.constexpr(I_ESC)
 
 # Lanes per program of the encoder: 128 = 4 warps (Triton's default) of one lane per thread.
 BLOCK_LANES = 128
@@ -483,23 +501,23 @@ def _pack_params(mu_q, e, r, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
     table = _dense(mu_q, e, r, MAN_BITS, BIAS)
     mq = _mu_cell(mu_q, table)
     r_low = r.to(tl.int32) & _PARAM_R_MASK
-    return ((mq << _PARAM_MQ_SHIFT) | (r_low << _PARAM_R_SHIFT) | ((e + _PARAM_E_OFF) << _PARAM_E_SHIFT)
-            | tl.where(table, _PARAM_DENSE, 0) | _row_index(mu_q, r))
+    return (((mq - _TJ) << _PARAM_MQ_SHIFT) | (r_low << _PARAM_R_SHIFT) | tl.where(table, 0, _PARAM_EXACT)
+            | (_row_index(mu_q, r) << _PARAM_ROW_SHIFT) | (e + _PARAM_E_OFF))
 
 
 @triton.jit
 def _unpack_params(params):
-    """(dense, row, mq, e) of _pack_params' int32."""
-    table = (params & _PARAM_DENSE) != 0
-    e = ((params >> _PARAM_E_SHIFT) & 255) - _PARAM_E_OFF
-    return table, params & (_PARAM_DENSE - 1), params >> _PARAM_MQ_SHIFT, e
+    """(lookup row << 8, mq - TJ, e) of _pack_params' int32: the lookup row is the row, plus
+    ROWS where the symbol is not dense (_level1_lookup's rows of the exact model's step), 2
+    ROWS for a masked lane (_PARAM_MASKED)."""
+    return params & _PARAM_LROW_MASK, params >> _PARAM_MQ_SHIFT, (params & 255) - _PARAM_E_OFF
 
 
 @triton.jit
 def _param_r(params):
     """quantize_params' r (int64) of _pack_params' int32: 2^R, the row's sigma bucket (r's
     top TB bits below the leading one) and the low R - TB bits."""
-    b = (params & (_PARAM_DENSE - 1)) >> _FB
+    b = (params & (_PARAM_EXACT - 1)) >> (_PARAM_ROW_SHIFT + _FB)
     low = (params >> _PARAM_R_SHIFT) & _PARAM_R_MASK
     return ((b << _BUCKET_SHIFT) + low + _R_MIN).to(tl.int64)
 
@@ -633,63 +651,70 @@ def _level1_bisect(slot1, row_ptr):
 
 
 @triton.jit
-def _level1_entry(slot1, row, lookup_ptr):
+def _level1_entry(slot1, lrow, lookup_ptr):
     """table_model.decode_cell by one lookup: (i, CUM1[i], CUM1[i + 1]), int32, of level-1
-    row ``row`` (CUM1 = _level1_table's row) where CUM1[i] <= slot1 < CUM1[i + 1] unless
-    CUM1[i + 1] <= slot1 still (the lane is short of its entry: the caller bisects the row,
-    _level1_bisect). The word of the row's bucket slot1 >> (PT - START_BITS) (int64 from
-    lookup_ptr, _level1_lookup) holds i0 = table_model.level1_start (the entry of the
-    bucket's first slot) and CUM1[i0], CUM1[i0 + 1], CUM1[i0 + 2]: the one predicated step
-    forward (START_STEPS) while CUM1[i + 1] <= slot1. A lane is short where its bucket holds
-    more entry starts (the rows' tails; 5% of 32-lane steps on SmolLM2 KV)."""
-    word = tl.load(lookup_ptr + ((row << _START_BITS) | (slot1 >> _START_SHIFT)))
+    row ``lrow >> START_BITS`` (_unpack_params; CUM1 = _level1_table's row; i the entry,
+    _I_ESC for ESC) where CUM1[i] <= slot1 < CUM1[i + 1] unless CUM1[i + 1] <= slot1 still
+    (the lane is short of its entry: the caller bisects the row, _level1_bisect). The word
+    of the row's bucket slot1 >> (PT - START_BITS) (int64 from lookup_ptr, _level1_lookup)
+    holds CUM1[i0], CUM1[i0 + 1], CUM1[i0 + 2] and the entries i0 and i0 + 1, i0 =
+    table_model.level1_start (the entry of the bucket's first slot): the one predicated
+    step forward (START_STEPS) while CUM1[i + 1] <= slot1. A lane is short where its bucket
+    holds more entry starts (the rows' tails; 5% of 32-lane steps on SmolLM2 KV). A row >=
+    ROWS (a symbol that is not dense, a masked lane) reads (_I_ESC, 0, 2^PT): the identity
+    step, then the exact model's."""
+    word = tl.load(lookup_ptr + (lrow | (slot1 >> _START_SHIFT)))
     lo = word.to(tl.int32)  # CUM1[i0 + 1] << 16 | CUM1[i0]
-    hi = (word >> 32).to(tl.int32)  # i0 << 16 | CUM1[i0 + 2]
+    hi = (word >> 32).to(tl.int32)  # (i0 + 1) << 24 | i0 << 16 | CUM1[i0 + 2], the entries as bytes
     c0, c1, c2 = lo & 0xFFFF, (lo >> 16) & 0xFFFF, hi & 0xFFFF
     step = c1 <= slot1
-    return (hi >> 16) + step.to(tl.int32), tl.where(step, c1, c0), tl.where(step, c2, c1)
+    return tl.where(step, hi >> 24, hi >> 16) & 0xFF, tl.where(step, c1, c0), tl.where(step, c2, c1)
 
 
 @triton.jit
-def _decode_level2(entry, x16, mq, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """table_model.decode_level2 for a dense lane whose level-1 entry is a cell (ESC lanes
-    get garbage, replaced by the caller): (pattern, rem, freq, scale, ok), int32; the storage
-    pattern instead of the key, and the slot's offset in its step rem = slot - cum instead
-    of (slot, cum) (all _rans_pop needs). x16 = x & (2^P2 - 1), x the state after level 1;
-    mq = _mu_cell; live: the lanes whose result is used. Where ok is False (a cell off zero
-    narrower than the key spacing or beyond the largest finite binade: a corrupt stream) the
-    step is the identity (0, 2^PT) at scale PT, and the pattern the reference's (its clamps
-    of l2 and of the biased exponent; its clamp of the cell's magnitude at 2^20 never bites
-    here: |m| < 2^9). By _decode_level2_float (_decode_level2_general in the rare program
-    with a live lane in an impossible cell)."""
-    m = entry - _TJ + mq
+def _decode_level2(entry, x16, mq_off, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """table_model.decode_level2 for a dense lane whose level-1 entry (_level1_entry) is a
+    cell (ESC lanes, entry _I_ESC, get garbage, replaced by the caller, and for bf16 d = 0):
+    (pattern, d, rem, freq, scale, ok), int32; the storage pattern instead of the key, the
+    step as the d bits of x it removes (_rans_pop_bits; bf16) and as the slot's offset in
+    its step rem = slot - cum and freq (_rans_pop). x16 = x & (2^P2 - 1), x the state after
+    level 1; mq_off = _mu_cell - TJ (params); live: the lanes whose result is used. Where ok
+    is False (a cell off zero narrower than the key spacing or beyond the largest finite
+    binade: a corrupt stream) the step is the identity (0, 2^PT) at scale PT, and the
+    pattern the reference's (its clamps of l2 and of the biased exponent; its clamp of the
+    cell's magnitude at 2^20 never bites here: |m| < 2^9). By _decode_level2_float
+    (_decode_level2_general in the rare program with a live lane in an impossible cell)."""
+    m = entry + mq_off  # the cell, c + mq
     neg = m < 0
     mag = tl.where(neg, -1 - m, m)  # |m'|, the cell's magnitude in units of u
     zero = mag == 0
-    pattern, rem, freq, scale, ok = _decode_level2_float(mag, zero, x16, e, live, BITS, MAN_BITS, BIAS)
-    return pattern | (neg.to(tl.int32) << (BITS - 1)), rem, freq, scale, ok
+    pattern, d, rem, freq, scale, ok = _decode_level2_float(mag, zero, x16, e, live, BITS, MAN_BITS, BIAS)
+    return pattern | (neg.to(tl.int32) << (BITS - 1)), d, rem, freq, scale, ok
 
 
 @triton.jit
 def _decode_level2_float(mag, zero, x16, e, live, BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr):
-    """_decode_level2 of a cell of magnitude ``mag`` (int32, >= 0): (magnitude pattern, rem,
-    freq, scale, ok), int32, exact where ok. Both kinds of cell are one integer n < 2^24
-    read as the value n 2^e0, e0 = e - TS - scale: the zero cell's point n = x16 (scale
-    P2), an offset cell's (|m'| << PT) | slot (scale PT). float32(n) is exact, and its bits
-    give the key without a multiply (no FMA): the truncation of a zero cell's point, an
-    offset cell's significand (|m'| and the slot's top L2 bits) is n truncated to MB bits
-    below its leading one, float32(n)'s bits >> (23 - MB) with the exponent moved by e0
-    (below the smallest normal binade: its MB + 1 significant bits shifted down to the
+    """_decode_level2 of a cell of magnitude ``mag`` (int32, >= 0): (magnitude pattern, d,
+    rem, freq, scale, ok), int32, exact where ok. Both kinds of cell are one integer n <
+    2^25 read as the value n 2^e0, e0 = e - TS - P2: the zero cell's point n = x16 (scale
+    P2), an offset cell's 2 ((|m'| << PT) | slot) (scale PT, its slot's units halved so
+    that both share e0; n is even there, so float32(n) is exact too). float32(n) is exact,
+    and its bits give the key with no FMA (bf16 moves the exponent by an exact multiply by
+    2^e0, see below; fp16 by an integer add): the truncation of a zero cell's
+    point, an offset cell's significand (|m'| and the slot's top L2 bits) is n truncated to
+    MB bits below its leading one, float32(n)'s bits >> (23 - MB) with the exponent moved by
+    e0 (below the smallest normal binade: its MB + 1 significant bits shifted down to the
     subnormal ulp; beyond the largest: the largest finite magnitude, a zero cell's
-    truncation). The key's ulp is 2^w units of n, w = max(floor(log2 value), EMIN) - MB
-    - e0, clamped to [0, P2] (a zero cell: keys finer than a point are one point each, and
-    +0's range at most the cell; an offset cell: w = PT - L2, ok iff L2 >= 0 and the
-    binade is finite): the step is the key's 2^w points from cum = n rounded down to a
-    multiple of 2^w (its range ends by 2^scale), so slot - cum is n's low w bits (the
-    slot's: n's low PT bits are the slot off zero), except for the largest finite
-    magnitude in a zero cell, whose points start at the general first point (_ceil_shift)
-    and end at 2^P2. A program with a ``live`` lane in an impossible cell (never on a
-    stream the encoder wrote) redoes every lane by _decode_level2_general, which gives the
+    truncation). The key's ulp is 2^w units of n, w = max(floor(log2 value), EMIN) - MB -
+    e0, clamped to [0, P2] on a zero cell (keys finer than a point are one point each, and
+    +0's range at most the cell); off zero w = PT - L2 + 1 in [1, P2] (ok iff L2 >= 0 and
+    the binade is finite). The step is the key's 2^w units from cum = n rounded down to a
+    multiple of 2^w, so slot - cum is the slot's low bits below the step's, as x16's: the
+    step removes x's bits [scale - d, scale), d = P2 - w (_rans_pop_bits), i.e. freq = 2^(P2
+    - d) and rem = x16 & (freq - 1), except for the largest finite magnitude in a zero cell,
+    whose points start at the general first point (_ceil_shift) and end at 2^P2 (rem and
+    freq hold it). A program with a ``live`` lane in an impossible cell (never on a stream
+    the encoder wrote) redoes every lane by _decode_level2_general, which gives the
     reference's pattern there too. For bf16 no value of a dense symbol's cells is subnormal
     or beyond the largest binade, and no cell narrower than a key: those parts, the vote
     and the branch compile away."""
@@ -701,26 +726,39 @@ def _decode_level2_float(mag, zero, x16, e, live, BITS: tl.constexpr, MAN_BITS: 
     SUBNORMAL: tl.constexpr = EMIN > _POINT_LOG_MIN  # a point may lie below the smallest normal
     BEYOND: tl.constexpr = EMAX < _U_LOG_MAX + MAN_BITS  # a cell may reach past the largest finite
     NARROW: tl.constexpr = MAG_MAX >= (1 << (MAN_BITS + 1))  # a cell may be narrower than a key
-    n = tl.where(zero, x16, (mag << _PT) | (x16 & _PT_MASK))
-    scale = _PT + zero.to(tl.int32) * (_P2 - _PT)
-    e0 = e - _TS - scale
-    bits = n.to(tl.float32).to(tl.int32, bitcast=True)  # n < 2^24: exact
+    n = tl.where(zero, x16, ((mag << _PT) | (x16 & _PT_MASK)) << 1)
+    scale = tl.where(zero, _P2, _PT)
+    e0 = e - (_TS + _P2)
+    bits = n.to(tl.float32).to(tl.int32, bitcast=True)  # n < 2^25, even when >= 2^24: exact
     exp_n = (bits >> 23) - 127  # floor(log2 n) (-127 for n = 0)
     top = bits >> (23 - MAN_BITS)  # float32's exponent field and top MB mantissa bits
     pattern = top + ((e0 + BIAS - 127) << MAN_BITS)  # a normal key
     if SUBNORMAL:
-        w = tl.minimum(tl.maximum(tl.maximum(exp_n, EMIN - e0) - MAN_BITS, 0), _P2)
+        w = tl.maximum(tl.maximum(exp_n, EMIN - e0) - MAN_BITS, 0)
         sub = ((top & ((1 << MAN_BITS) - 1)) | (1 << MAN_BITS)) >> tl.minimum(EMIN - e0 - exp_n, 31)
         pattern = tl.where(exp_n + e0 >= EMIN, pattern, sub)
     else:
-        w = tl.maximum(exp_n - MAN_BITS, 0)  # <= P2: n < 2^24, and a zero cell's n < 2^P2
-    ok = zero | (w <= _PT)
+        w = tl.maximum(exp_n - MAN_BITS, 0)  # <= P2 on a zero cell (n < 2^P2)
+    if SUBNORMAL | BEYOND | NARROW:
+        ok = zero | (w <= _P2)  # off zero: L2 >= 0
+        w = tl.minimum(w, _P2)
+    else:  # bf16: a zero cell's n < 2^P2 and w <= P2 - MB; off zero n < 2^(MB + P2) (|m'| < 2^MB), w < P2
+        ok = tl.full(mag.shape, 1, tl.int1)
+        w = tl.minimum(w, _P2)  # d = 0, the identity, for ESC's lanes (|m'| >= 2^MB: w >= P2; _I_ESC)
     if BEYOND:
         pattern = tl.where(exp_n + e0 > EMAX, MAX_MAG, pattern)  # a zero cell's truncation (off zero: not ok)
         ok = ok & (zero | (exp_n + e0 <= EMAX))
-    pattern = tl.where(n == 0, 0, pattern)
-    freq = 1 << w
-    rem = n & (freq - 1)
+    if BIAS == 127:  # bf16, float32's exponent range: the top 16 bits of float32(n) 2^e0, +0 included
+        # an exact multiply by a power of two: e0 = e - TS - P2 in [-77, 44], and a dense
+        # symbol's cells' values lie in [2^-77, 2^67): both factors and the product are
+        # normal, so nothing rounds, and no add follows for a compiler to fuse into an FMA
+        pattern = ((n.to(tl.float32) * ((e0 + 127) << 23).to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+                   >> (23 - MAN_BITS))
+    else:
+        pattern = tl.where(n == 0, 0, pattern)
+    d = _P2 - w
+    freq = (1 << scale) >> d
+    rem = x16 & (freq - 1)
     if BEYOND:  # the zero cell's largest finite magnitude: its first point in general, its points to 2^P2
         last = zero & (pattern == MAX_MAG)
         first = _ceil_shift((1 << (MAN_BITS + 1)) - 1, EMAX - MAN_BITS - e0)
@@ -729,9 +767,7 @@ def _decode_level2_float(mag, zero, x16, e, live, BITS: tl.constexpr, MAN_BITS: 
     if SUBNORMAL | BEYOND | NARROW:
         if tl.max((live & ~ok).to(tl.int32), axis=0) > 0:  # an impossible cell: a corrupt stream
             pattern, rem, freq, scale, ok = _decode_level2_general(mag, zero, x16, e, BITS, MAN_BITS, BIAS)
-    else:
-        ok = tl.full(mag.shape, 1, tl.int1)  # bf16: no cell is impossible
-    return pattern, rem, freq, scale, ok
+    return pattern, d, rem, freq, scale, ok
 
 
 @triton.jit
@@ -1033,16 +1069,23 @@ def _level1_table(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor
 
 @functools.lru_cache(maxsize=8)
 def _level1_lookup(w_wide: int, kappa: int, device: torch.device) -> torch.Tensor:
-    """The decoder's level-1 lookup words on ``device``, int64 [ROWS * 2^START_BITS] row by
-    row (256 KiB): for START's entry i of the row's bucket (table_model.level1_start),
-    CUM1[i] | CUM1[i + 1] << 16 | CUM1[i + 2] << 32 | i << 48 (CUM1 = level1_table, entries
-    <= 2^PT < 2^16; i <= NCELL, and for i = NCELL, where CUM1[i + 1] = 2^PT ends the row,
-    CUM1[i + 2] repeats it)."""
+    """The decoder's level-1 lookup words on ``device``, int64 [(2 ROWS + 1) * 2^START_BITS]
+    row by row (514 KiB): for START's entry i of the row's bucket (table_model.level1_start),
+    CUM1[i] | CUM1[i + 1] << 16 | CUM1[i + 2] << 32 | i << 48 | (i + 1) << 56, the entries
+    as bytes with ESC as I_ESC (CUM1 = level1_table, entries <= 2^PT < 2^16; i <= NCELL, and
+    for i = NCELL, where CUM1[i + 1] = 2^PT ends the row, CUM1[i + 2] repeats it). Rows ROWS
+    .. 2 ROWS - 1, read for symbols that are not dense (_pack_params' bit 15), are the
+    identity step (0, 2^PT) then ESC (the exact model's step); row 2 ROWS, the masked lanes'
+    (_PARAM_MASKED), the identity step with entry I_MASKED (no vote, and level 2's d = 0)."""
     cum1 = tm.level1_table(w_wide, kappa)  # [ROWS, ROW]
     start = tm.level1_start(w_wide, kappa).long()  # [ROWS, 2^START_BITS]
     c0, c1, c2 = (cum1.gather(1, (start + k).clamp(max=tm.ROW - 1)) for k in range(3))
-    word = c0 | c1 << 16 | c2 << 32 | start << 48
-    return word.reshape(-1).to(device)  # [ROWS, 2^START_BITS] -> flat
+    i0, i1 = (torch.where(i >= tm.ESC, I_ESC, i) for i in (start, start + 1))  # i1 = ESC after the last cell
+    word = c0 | c1 << 16 | c2 << 32 | i0 << 48 | (i1 - 256 * (i1 >= 128)) << 56  # i1's byte: int64's top
+    identity = (1 << tm.PT) << 16 | (1 << tm.PT) << 32  # (cum, next) = (0, 2^PT) whatever the slot
+    exact = torch.full_like(word, identity | I_ESC << 48 | (I_ESC - 256) << 56)
+    masked = torch.full_like(word[:1], identity | I_MASKED << 48 | (I_MASKED - 256) << 56)
+    return torch.cat([word, exact, masked]).reshape(-1).to(device)  # [2 ROWS, 2^START_BITS] -> flat
 
 
 def table_params(mu: torch.Tensor, sigma: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -1249,22 +1292,47 @@ def _find_key(slot, mu_q, e, r, active, phi_ptr, q_ptr, w_wide, kappa,
 
 
 @triton.jit
+def _rans_x(x, rem, freq, scale):
+    """The decoder's state update at scale s (an int or an int tensor), before its
+    renormalisation: x' = freq * (x >> s) + rem with rem = slot - cum in [0, freq), slot = x
+    & (2^s - 1). freq and rem are int32 in [1, 2^31) and [0, freq) (every model's steps), so
+    they are widened as unsigned (the same integers; a 32 x 64-bit multiply instead of 64 x
+    64, no sign extension). (freq, rem) = (2^s, slot) is the identity."""
+    f = freq.to(tl.uint32, bitcast=True).to(tl.int64)
+    q = x >> scale  # < 2^48
+    # f q = (f (q >> 32)) << 32 + f (q & (2^32 - 1)): rem fills the first term's zero low half,
+    # so the sum is one 32 x 32 -> 64-bit multiply-add (the true x' < 2^63: nothing wraps)
+    return (((f * (q >> 32)) << 32) | rem.to(tl.uint32, bitcast=True).to(tl.int64)) + f * (q & _WORD_MASK)
+
+
+@triton.jit
 def _rans_pop(x, wptr, rem, freq, scale, active, words_ptr, num_words):
-    """The decoder's state update of the active lanes at scale s (an int or an int tensor):
-    x' = freq * (x >> s) + rem with rem = slot - cum in [0, freq), slot = x & (2^s - 1), and
-    one word shifted in if x' < L (rans_reference.Decoder._pop). Words are int64 in [0, 2^32)
-    or int32 holding u32 words (the & restores the u32 value after the sign-extending
-    widening). A read past the
-    lane's words reads words[min(ptr, W - 1)] as the reference does; finish() rejects it.
-    freq and rem are int32 in [1, 2^31) and [0, freq) on active lanes (every model's steps),
-    so they are widened as unsigned (the same integers; a 32 x 64-bit multiply instead of
-    64 x 64, no sign extension)."""
-    x_new = freq.to(tl.uint32, bitcast=True).to(tl.int64) * (x >> scale) + rem.to(tl.uint32, bitcast=True).to(tl.int64)
+    """The decoder's step of the active lanes (rans_reference.Decoder._pop): _rans_x, then
+    one word shifted in if x' < L (_rans_refill); the others keep x and wptr."""
+    return _rans_refill(tl.where(active, _rans_x(x, rem, freq, scale), x), wptr, words_ptr, num_words)
+
+
+@triton.jit
+def _rans_refill(x_new, wptr, words_ptr, num_words):
+    """The decoder's renormalisation of a state x_new after a step: one word shifted in
+    where x_new < L (rans_reference.Decoder._pop), wptr advanced past it. A read past the
+    lane's words reads words[min(ptr, W - 1)] as the reference does. An identity step (x_new
+    = x >= L: every state is) reads nothing. Words are int64 in [0, 2^32) or int32 holding
+    u32 words. The word lands in the low half and x_new's low half in the high one; a lane
+    that reads none gets x_new's low half from the load's ``other`` (no select there)."""
     need = x_new < _RANS_L
-    w = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=active & need, other=0).to(tl.int64) & _WORD_MASK
-    x = tl.where(active, tl.where(need, (x_new << _WORD_BITS) | w, x_new), x)
-    wptr = tl.where(active & need, wptr + 1, wptr)
-    return x, wptr
+    low = tl.load(words_ptr + tl.minimum(wptr, num_words - 1), mask=need, other=x_new & _WORD_MASK)
+    return tl.where(need, x_new << _WORD_BITS, x_new & ~_WORD_MASK) | (low.to(tl.int64) & _WORD_MASK), wptr + need
+
+
+@triton.jit
+def _rans_pop_bits(x, wptr, d, low, words_ptr, num_words):
+    """_rans_pop of a step of 2^w slots at scale s = w + d whose slot's offset in the step
+    is the slot's low w bits (the step starts at a multiple of 2^w: freq = 2^w, rem = x &
+    low, low = 2^w - 1): x' = 2^w (x >> s) + (x & low) is x with its bits [w, s) removed, no
+    multiply. int32 d in [0, s] and low per lane; d = 0 is the identity."""
+    low = low.to(tl.uint32, bitcast=True).to(tl.int64)  # zero-extended
+    return _rans_refill(((x >> d.to(tl.int64)) & ~low) | (x & low), wptr, words_ptr, num_words)
 
 
 @triton.jit
@@ -1347,7 +1415,7 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
     """_decode_values_kernel under the table model (rans_reference.Decoder._table_symbol):
     per symbol its parameters (params int32 [P, count], table_params: quantize_params, the
     dense test, the row and mu's cell, computed outside the step loop), the cell (a lookup
-    word with its one correction step, lookup int64 [ROWS * 2^START_BITS], _level1_lookup;
+    word with its one correction step, lookup int64 [(2 ROWS + 1) * 2^START_BITS], _level1_lookup;
     rarely a bisection of the symbol's row of cum1, int32 [ROWS * ROW], _level1_table), then
     level 2 (the offset's raw bits, or the zero cell's point: a truncation, no search) or,
     after ESC and for a symbol that is not dense, the exact model's step (_find_key, in a
@@ -1365,6 +1433,11 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
     # int32 in the loop: the launcher checks that words and reads past them stay below 2^31
     wptr = tl.load(wptr_ptr + offs_lane, mask=lane_mask, other=0).to(tl.int32)
     bad = offs_lane < 0  # [BLOCK_LANES] False
+    # bf16: every level-2 step is 2^w slots on a multiple of 2^w (_rans_pop_bits), as
+    # _decode_level2_float's impossible cells and largest finite zero cell do not arise
+    EMAX: tl.constexpr = (1 << (BITS - 1 - MAN_BITS)) - 2 - BIAS
+    POW2_STEPS: tl.constexpr = (1 - BIAS <= _POINT_LOG_MIN) & (EMAX >= _U_LOG_MAX + MAN_BITS) & (
+        _TJ + (1 << (MAN_BITS - 2)) < (1 << (MAN_BITS + 1)))
     first_step = first // lanes_per_page
     # the lane's symbol within the stage at the first step (< 0: decoded by an earlier stage;
     # -2^31 for a lane past num_lanes, which stays negative: count + lanes_per_page < 2^31),
@@ -1375,28 +1448,33 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
     for step in range(first_step, tl.cdiv(first + count, lanes_per_page)):  # noqa: B007 (the loop counts)
         active = offs_sym.to(tl.uint32, bitcast=True) < count  # 0 <= offs_sym < count
         params = tl.load(params_ptrs, mask=active, other=_PARAM_MASKED)
-        table, row, mq, e = _unpack_params(params)
-        # level 1 of a dense symbol: the cell or ESC, scale PT
+        lrow, mq, e = _unpack_params(params)
+        # level 1: the cell c (relative to mu's) or ESC, scale PT; the identity step for a
+        # symbol that is not dense and for a masked lane (both read the exact model's rows)
         slot = (x & _PT_MASK).to(tl.int32)
-        entry, c1, c_next = _level1_entry(slot, row, lookup_ptr)
-        exact = ~table | (entry == _ESC)  # where the lane is not short
+        entry, c1, c_next = _level1_entry(slot, lrow, lookup_ptr)
         # one vote for both rare cases (2-5% of 32-lane steps each on SmolLM2 KV): a dense
-        # lane short of its entry (the row's bisection), and ESC or a symbol that is not
-        # dense (the exact model's step below)
-        rare = tl.max((active & (exact | (c_next <= slot))).to(tl.int32), axis=0) > 0
+        # lane short of its entry (c_next <= slot: the row's bisection), and ESC or a symbol
+        # that is not dense (entry I_ESC, the largest: the exact model's step below); masked
+        # lanes neither (entry I_MASKED, the identity step)
+        rare = tl.max(tl.maximum(slot - c_next + _I_ESC, entry), axis=0) >= _I_ESC
         if rare:
-            if tl.max((active & table & (c_next <= slot)).to(tl.int32), axis=0) > 0:
-                row_ptr = cum1_ptr + row * _ROW
-                entry, c1 = _level1_bisect(slot, row_ptr)
-                c_next = tl.load(row_ptr + entry + 1)
-                exact = ~table | (entry == _ESC)
-        x, wptr = _rans_pop(x, wptr, slot - c1, c_next - c1, _PT, active & table, words_ptr, num_words)
+            short = c_next <= slot  # dense lanes only (the exact model's rows end at 2^PT)
+            if tl.max(short.to(tl.int32), axis=0) > 0:
+                row_ptr = cum1_ptr + ((lrow & (_PARAM_EXACT - 1)) >> _PARAM_ROW_SHIFT) * _ROW
+                entry_b, c1_b = _level1_bisect(slot, row_ptr)
+                entry = tl.where(short, tl.where(entry_b == _ESC, _I_ESC, entry_b), entry)
+                c1 = tl.where(short, c1_b, c1)
+                c_next = tl.where(short, tl.load(row_ptr + entry_b + 1), c_next)
+        x, wptr = _rans_refill(_rans_x(x, slot - c1, c_next - c1, _PT), wptr, words_ptr, num_words)
         # level 2: raw offset bits (scale PT) or a zero cell's point (P2); or the exact
         # model's step, scale PROB_BITS, after ESC and for a symbol that is not dense (its
         # one step: the reference's identity step after it reads nothing and leaves x as it is)
-        pattern, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e, active & ~exact,
-                                                       BITS, MAN_BITS, BIAS)
+        exact = entry == _I_ESC  # ESC or not dense (after the bisection); masked lanes not
+        pattern, d, rem, freq, scale, ok = _decode_level2(entry, (x & _P2_MASK).to(tl.int32), mq, e,
+                                                          active & ~exact, BITS, MAN_BITS, BIAS)
         bad = bad | (active & ~exact & ~ok)
+        low = ((1 << scale) - 1) >> d  # [0, 2^(scale - d)): the bits below level 2's step
         if rare:  # (a uniform branch: no vote on the hit path)
             if tl.max((active & exact).to(tl.int32), axis=0) > 0:
                 need = active & exact
@@ -1406,12 +1484,14 @@ def _decode_table_kernel(words_ptr, params_ptr, mu_ptr, cum1_ptr, lookup_ptr, ph
                 key_e, c_lo, c_hi, _, _ = _find_key(slot_e, mu_q, e, _param_r(params), need, phi_ptr, q_ptr,
                                                     w_wide, kappa, BITS, MAN_BITS, BIAS, FN_NAN, GALLOP_ROUNDS)
                 pattern = tl.where(exact, _pattern_of_key(key_e, BITS), pattern)
-                rem = tl.where(exact, slot_e - c_lo, rem)
-                freq = tl.where(exact, c_hi - c_lo, freq)
-                scale = tl.where(exact, _PROB_BITS, scale)
+                x, wptr = _rans_pop(x, wptr, slot_e - c_lo, c_hi - c_lo, _PROB_BITS, need, words_ptr, num_words)
         # [0, 2^B): the cast keeps its B bits
         tl.store(out_ptrs, pattern.to(out_bits_ptr.dtype.element_ty), mask=active)
-        x, wptr = _rans_pop(x, wptr, rem, freq, scale, active, words_ptr, num_words)
+        # level 2's step (the exact model's lanes and the inactive ones: the identity, d = 0)
+        if POW2_STEPS:
+            x, wptr = _rans_pop_bits(x, wptr, d, low, words_ptr, num_words)
+        else:
+            x, wptr = _rans_pop(x, wptr, rem, freq, scale, active & ~exact, words_ptr, num_words)
         offs_sym += lanes_per_page
         params_ptrs += lanes_per_page
         out_ptrs += lanes_per_page

@@ -455,9 +455,10 @@ def _level2_test_kernel(entry_ptr, x_ptr, mu_q_ptr, e_ptr, out_ptr, n, BITS: tl.
     x16 = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32)
     mq = rt._mu_cell(tl.load(mu_q_ptr + offs, mask=mask, other=0), mask)  # dense parameters only
     e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.int32)
-    outs = rt._decode_level2(entry, x16, mq, e, mask & LIVE, BITS, MAN_BITS, BIAS)  # no live lane: no general path
-    for i in tl.static_range(5):  # pattern, rem = slot - cum, freq, scale, ok
-        tl.store(out_ptr + i * n + offs, outs[i].to(tl.int64), mask=mask)
+    pattern, d, rem, freq, scale, ok = rt._decode_level2(entry, x16, mq - rt._TJ, e, mask & LIVE,  # no live lane:
+                                                         BITS, MAN_BITS, BIAS)  # no general path
+    for i, out in enumerate((pattern, rem, freq, scale, ok, d)):  # rem = slot - cum
+        tl.store(out_ptr + i * n + offs, out.to(tl.int64), mask=mask)
 
 
 def dense_parameters(dtype):
@@ -518,13 +519,16 @@ def test_table_model_maps_match_reference(dtype):
     # every lane live (fp16: an impossible cell among them, so the general path redoes them
     # all), then none (the float32 path alone: the reference's where ok, and ok itself)
     for live in (True, False):
-        got = torch.empty(5 * n, dtype=torch.int64, device=DEVICE)
+        got = torch.empty(6 * n, dtype=torch.int64, device=DEVICE)
         _level2_test_kernel[(1,)](entry.to(DEVICE), x.to(DEVICE), mu_q.to(DEVICE), e.to(DEVICE), got, n, **spec,
                                   BLOCK=n, LIVE=live)
-        for name, g, w in zip(("pattern", "rem", "freq", "scale", "ok"), got.cpu().view(5, n), want):
+        got = got.cpu().view(6, n)
+        for name, g, w in zip(("pattern", "rem", "freq", "scale", "ok"), got, want):
             assert torch.equal(g[ok], w[ok].to(torch.int64)), name
             if live or name == "ok":
                 assert torch.equal(g, w.to(torch.int64)), name
+        if dtype == "bf16":  # the decoder's step without a multiply (_rans_pop_bits): x's bits [scale - d, scale)
+            assert torch.equal(got[2], 1 << (got[3] - got[5])) and torch.equal(got[1], x & (got[2] - 1))
     assert zero.sum() > 1000 and (ok & ~zero).sum() > 1000
     # dense bf16 cells are always possible (test_table_model_impossible_cell_fails_the_page)
     assert (dtype == "bf16") == bool(ok.all())
@@ -601,9 +605,10 @@ def test_table_model_impossible_cell_fails_the_page():
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # as above
 def test_table_params_match_reference_and_the_codec_broadcasts_them(monkeypatch):
     """table_params (the table decoder's int32 parameters) unpack to quantize_params' e, the
-    row, r's low bits, the dense test and mu's cell on hostile (mu, sigma); and the codec's
-    Triton route, which computes them once per channel under page_stats and broadcasts them
-    over the tokens, decodes the C++ coder's blobs to the pages."""
+    row, r's low bits, the dense test (bit 15, set where not dense) and mu's cell on hostile
+    (mu, sigma); and the codec's Triton route, which computes them once per channel under
+    page_stats and broadcasts them over the tokens, decodes the C++ coder's blobs to the
+    pages."""
     from sglang_speckv import codec
     from sglang_speckv.kernels import format as fmt
     from sglang_speckv.predictors.base import PageMeta
@@ -614,11 +619,12 @@ def test_table_params_match_reference_and_the_codec_broadcasts_them(monkeypatch)
         got = rt.table_params(mu.to(DEVICE), sigma.to(DEVICE), dtype).cpu().long()
         mu_q, e, r = em.quantize_params(mu, sigma)
         dense = tm.dense(mu_q, e, r, dtype)
-        assert torch.equal(got & (tm.ROWS - 1), tm.row_index(mu_q, r))
-        assert torch.equal((got & tm.ROWS) != 0, dense)
-        assert torch.equal(((got >> 8) & 255) - 128, e)
-        assert torch.equal((got >> 16) & 31, r & 31)  # r's bits below the row's sigma bucket
-        assert torch.equal(got >> 21, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0))
+        assert torch.equal((got & 255) - 128, e)
+        assert torch.equal((got >> 8) & (tm.ROWS - 1), tm.row_index(mu_q, r))
+        assert torch.equal((got & (tm.ROWS << 8)) == 0, dense)  # bit 15: not dense (the exact model's lookup rows)
+        assert not (got & (1 << 16)).any()  # bit 16: the decoder's masked lanes only
+        assert torch.equal((got >> 17) & 31, r & 31)  # r's bits below the row's sigma bucket
+        assert torch.equal(got >> 22, torch.where(dense, mu_q >> tm.CELL_SHIFT, 0) - tm.TJ)  # mu's cell - TJ
     shape = (2, 1, 32, 1, 16)  # [kv, layers, tokens, heads, dim]
     gen = torch.Generator().manual_seed(14)
     pages = [(torch.randn(shape, generator=gen) * s).to(torch.bfloat16) for s in (1.0, 0.05)]
