@@ -70,6 +70,7 @@ class Page(NamedTuple):
     value: object  # bytes-like; b"" for a dropped victim
     raw_size: int  # bytes of the page before coding (stats only)
     parent: bytes | None  # store key of the previous page of its chain, if known
+    tick: int | None = None  # its recency in the tier it was read from (Tier.read), if any
 
 
 class Meta(NamedTuple):
@@ -134,7 +135,7 @@ class Tier:
                         continue
                     copy = buffer[: len(value)]
                     copy[:] = value
-                pages.append(Page(key, header, copy, meta.raw_size, meta.parent or None))
+                pages.append(Page(key, header, copy, meta.raw_size, meta.parent or None, meta.tick))
         return pages
 
     def present(self, keys: Sequence[bytes]) -> list[bool]:
@@ -202,8 +203,10 @@ class Tier:
         above: Sequence[Tier] = (),
         movable: Collection[bytes] | None = None,
         limit: int | None = None,
+        promoted: Sequence[tuple[bytes, int | None]] = (),
     ) -> Commit:
-        """One write transaction: remove ``removes``, touch ``touches`` (oldest access first),
+        """One write transaction: remove ``removes`` and each of ``promoted`` (key, tick read
+        with it) whose tick is still the one read, touch ``touches`` (oldest access first),
         insert ``inserts`` (in chain order; a key already here is touched instead), then evict
         coldest leaves until the tier holds at most ``limit`` bytes (default: its capacity).
         ``above``: the tiers above this one, whose children indexes keep a chain's pages here
@@ -218,6 +221,8 @@ class Tier:
                                         for t in above], inserts)
                 for key in removes:
                     w.remove(key)
+                for key, tick in promoted:
+                    w.remove_if_unchanged(key, tick)
                 for key in touches:
                     w.touch(key)
                 for page in reversed(inserts):  # reversed: a chain's head gets the newest tick
@@ -231,9 +236,10 @@ class Tier:
         return self.env.write(body, batch=sum(len(page.value) for page in inserts))
 
     def plan(self, touches: Sequence[bytes], removes: Sequence[bytes], inserts: Sequence[Page],
-             above: Sequence[Tier] = (), limit: int | None = None) -> list[Page]:
-        """The pages (with copies of their values) that a commit of ``removes``, ``touches``
-        and ``inserts`` would evict (inserts counted by their bytes only), found by a dry run (an aborted write
+             above: Sequence[Tier] = (), limit: int | None = None,
+             promoted: Sequence[tuple[bytes, int | None]] = ()) -> list[Page]:
+        """The pages (with copies of their values) that a commit of ``removes``, ``promoted``,
+        ``touches`` and ``inserts`` would evict (inserts counted by their bytes only), found by a dry run (an aborted write
         transaction). The store copies them into the next tier and then lets the commit
         evict only those (``movable``), so a crash leaves a page in both tiers, never in
         neither."""
@@ -248,6 +254,8 @@ class Tier:
                                         for t in above], inserts)
                 for key in removes:
                     w.remove(key)
+                for key, tick in promoted:
+                    w.remove_if_unchanged(key, tick)
                 for key in touches:
                     w.touch(key)
                 return w.evict(bound - incoming, keep=True)
@@ -452,6 +460,15 @@ class _Writer:
         self.counters[b"bytes"] -= length + HEADER_SIZE
         self.counters[b"raw_bytes"] -= meta.raw_size  # below 0 (damage): rebuilt at save
         return Page(key, meta.header, value, meta.raw_size, meta.parent or None)
+
+    def remove_if_unchanged(self, key: bytes, tick: int | None) -> None:
+        """Remove the page under ``key`` if its tick is still ``tick``: the copy a promotion
+        read here, now committed in the first tier. Any write of the page here since (a
+        demotion copying it back down touches it; so does another process's access) keeps
+        it: that writer may count on this copy."""
+        meta = self._meta(key)
+        if tick is not None and meta is not None and meta.tick == tick:
+            self.remove(key)
 
     def _in_use_above(self, key: bytes) -> bool:
         """A child of ``key`` is stored in a tier above (and is not coming down now)."""
