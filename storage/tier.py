@@ -60,6 +60,11 @@ _META = struct.Struct(f"<QQ{HEADER_SIZE}s")  # tick, raw size, header; then the 
 _TICK = struct.Struct(">Q")  # big-endian, so the leaves index sorts by tick
 _U64 = struct.Struct("<Q")
 COUNTERS = (b"tick", b"pages", b"bytes", b"raw_bytes")
+# Bounds no intact meta entry reaches (one tick per page write or access; a page's raw size
+# is MiBs): past them a tick or raw size is damage, read as a damaged entry, so that counters
+# rebuilt from the entries cannot outgrow their 64 bits (a write would then fail, every time).
+_MAX_TICK = 1 << 62
+_MAX_RAW_SIZE = 1 << 40
 
 
 class Page(NamedTuple):
@@ -76,7 +81,7 @@ class Page(NamedTuple):
 class Meta(NamedTuple):
     """A page's entry in ``meta``, parsed."""
 
-    tick: int | None  # None: the entry is damaged (too short to parse)
+    tick: int | None  # None: the entry is damaged (too short, or a tick or size past its bound)
     raw_size: int
     header: bytes
     parent: bytes
@@ -86,6 +91,8 @@ def _parse_meta(mv) -> Meta:
     if len(mv) < _META.size:
         return Meta(None, 0, b"", b"")
     tick, raw_size, header = _META.unpack_from(mv)
+    if tick >= _MAX_TICK or raw_size >= _MAX_RAW_SIZE:  # damage: a flipped high bit
+        return Meta(None, 0, header, bytes(mv[_META.size:]))
     return Meta(tick, raw_size, header, bytes(mv[_META.size:]))
 
 
