@@ -148,8 +148,8 @@ def main() -> None:
     parser.add_argument("--damage-every", type=int, default=4, help="damage the store every N rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--promote", action="store_true",
-                        help="promote_on_hit: a writer killed mid-promotion may then lose that "
-                             "page (docs/STORAGE.md), counted as lost")
+                        help="promote_on_hit: pages read below the first tier move up, copy "
+                             "first (docs/STORAGE.md); a page lost to a kill counts as lost")
     args = parser.parse_args()
     root = args.dir or tempfile.mkdtemp(prefix="speckv-soak-")
     shutil.rmtree(os.path.join(root, "t0"), ignore_errors=True)

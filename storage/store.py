@@ -15,10 +15,12 @@ Tiers (storage/tier.py), fastest first. New pages land in the first tier, in one
 transaction per ``put``. A tier over capacity evicts its coldest chain tails; they move to
 the next tier (re-coded by that tier's ``recode`` hook, if set) or, from the last tier, are
 dropped. A read finds a page in whichever tier holds it; with ``promote_on_hit`` a page
-found below the first tier moves back up. Demotions copy first and delete second (a dry
-run finds what a commit will evict, they are copied down, and the commit may evict only
-those), so a crash can leave a page in two tiers, never in none, with any number of
-processes; a promotion deletes first (see ``_promote``).
+found below the first tier moves back up. Moves copy first and delete second, so a crash
+or a full destination can leave a page in two tiers, never in none, with any number of
+processes: a demotion's dry run finds what a commit will evict, they are copied down, and
+the commit may evict only those that landed (``_move``); a promotion writes the page into
+the first tier and then removes it below only if no writer has touched it there since
+(``_promote``).
 
 Damage never escapes as an exception: LMDB errors and records that do not parse become
 misses and failed writes (logged), bookkeeping records are repaired in place (counted as
@@ -75,6 +77,7 @@ _CLEAR_BATCH = 1024  # pages removed per transaction by clear(): bounds one txn'
 # Plan-copy-commit rounds of one write: one, unless another process changed the tier between
 # a dry run and its commit, or a batch is larger than the tier.
 _ROUNDS = 4
+_NO_LIMIT = 1 << 62  # a byte limit no tier reaches: a commit that evicts nothing
 # What a store operation survives as a miss or a failed write, logged: LMDB's errors (e.g. a
 # damaged file, EIO), a full filesystem, a record that does not parse.
 _FAILURES = (lmdb.Error, NoRoom, struct.error)
@@ -368,20 +371,24 @@ class TieredStore:
         with self._lock:
             self._events[t].update(events)
 
-    def _commit(self, t: int, inserts: Sequence[Page] = (), removes: Sequence[bytes] = ()) -> list[bool]:
+    def _commit(self, t: int, inserts: Sequence[Page] = (), removes: Sequence[bytes] = (),
+                promoted: Sequence[tuple[bytes, int | None]] = (), evict: bool = True) -> list[bool]:
         """Write transactions on tier t (with the accesses remembered for it): see ``_move``.
         A full filesystem makes room by evicting twice the batch's bytes and retries once; a
         failure to write (a full or failing disk, a damaged file) is logged and reported as
-        False for every insert."""
+        False for every insert. ``evict=False``: commit without evicting (the tier may stay
+        over its capacity until its next commit) and without making room: a full file fails
+        the inserts at once."""
         with self._lock:
             touches = list(self._pending[t])
             self._pending[t].clear()
         tier = self.tiers[t]
         try:
             try:
-                return self._move(t, inserts, touches, removes)
+                return self._move(t, inserts, touches, removes, promoted=promoted,
+                                  limit=None if evict else _NO_LIMIT)
             except NoRoom:
-                if not inserts:
+                if not inserts or not evict:
                     raise
             # The file cannot grow: free twice the bytes the batch needs (a value needs a run
             # of free pages, and LMDB takes the single pages of B-tree updates out of such
@@ -399,26 +406,39 @@ class TieredStore:
         return [False] * len(inserts)
 
     def _move(self, t: int, inserts: Sequence[Page] = (), touches: Sequence[bytes] = (),
-              removes: Sequence[bytes] = (), limit: int | None = None) -> list[bool]:
-        """Commit inserts, touches and removes on tier t, evicting down to ``limit`` (default:
-        its capacity). Copies first, deletes second: a dry run (``plan``) finds the victims,
-        they are written to tier t+1 (recursively), and only then may the commit remove them
-        from tier t (``movable``). If other processes changed the tier meanwhile, the commit
-        evicts no page it was not told about and stays over the limit; another round
-        (plan, copy, commit) follows. The last tier drops its victims."""
+              removes: Sequence[bytes] = (), limit: int | None = None,
+              promoted: Sequence[tuple[bytes, int | None]] = ()) -> list[bool]:
+        """Commit inserts, touches and removes (and ``promoted``: see ``_promote``) on tier
+        t, evicting down to ``limit`` (default: its capacity). Copies first, deletes second:
+        a dry run (``plan``) finds the victims, they are written to tier t+1 (recursively),
+        and only then may the commit remove them from tier t (``movable``): those tier t+1
+        stored, and those that failed verification (not carried down). A victim tier t+1
+        refuses (its filesystem full, a failing disk) stays in tier t, which then stays over
+        the limit (within its file's bounds, storage/env.py) until tier t+1 takes it. If other
+        processes changed the tier meanwhile, the commit evicts no page it was not told
+        about and stays over the limit; another round (plan, copy, commit) follows. The last
+        tier drops its victims."""
         tier, above = self.tiers[t], self.tiers[:t]
         last = t == len(self.tiers) - 1
         stored = None
         for _ in range(_ROUNDS):
-            movable, copied = None, set()
+            movable, copied, refused = None, set(), 0
             if not last:
-                planned = tier.plan(touches, removes, inserts, above, limit)
-                movable = {page.key for page in planned}  # copied, or refused below: dropped
+                planned = tier.plan(touches, removes, inserts, above, limit, promoted)
+                movable = set()
                 if planned:
                     # Hottest first: commit() gives its first insert the newest tick.
                     down = self._recoded(t, planned[::-1])
                     copied = {p.key for p, ok in zip(down, self._commit(t + 1, inserts=down)) if ok}
-            done = tier.commit(inserts, touches, removes, above=above, movable=movable, limit=limit)
+                    corrupt = {p.key for p in planned} - {p.key for p in down}
+                    movable = copied | corrupt
+                    refused = len(planned) - len(movable)
+                    if refused:
+                        logger.warning("speckv store: tier %r took %d of %d pages demoted from "
+                                       "tier %r; the rest stay there, over its capacity",
+                                       self.tiers[t + 1].name, len(copied), len(down), tier.name)
+            done = tier.commit(inserts, touches, removes, above=above, movable=movable,
+                               limit=limit, promoted=promoted)
             if stored is None:
                 stored = done.stored
             demoted = sum(page.key in copied for page in done.victims)
@@ -427,12 +447,12 @@ class TieredStore:
             if done.damaged:
                 logger.warning("speckv store: %d damaged bookkeeping records in tier %r "
                                "repaired or dropped", done.damaged, tier.name)
-            if not done.over or last:
-                if done.over:
+            if not done.over or last or refused:  # refused: the next write tries again
+                if done.over and last:
                     logger.error("speckv store: eviction in tier %r stopped over its capacity "
                                  "(damaged index?); `speckv store --check` audits it", tier.name)
                 break
-            inserts = touches = removes = ()
+            inserts = touches = removes = promoted = ()
         return stored
 
     def _read_remote(self, todo: list[int], skeys: list[bytes], values: list, out) -> None:
@@ -462,13 +482,30 @@ class TieredStore:
             self._count(t, promotions=hits)
 
     def _promote(self, t: int, pages: list[Page]) -> None:
-        # Removed from tier t first, then written to the first tier: written first, the copies
-        # still below would crowd tier t when the first tier evicts into it. A crash in
-        # between loses these pages (a later miss); they are cached elsewhere by then (the
-        # caller has just read them).
-        self._commit(t, removes=[page.key for page in pages])
-        stored = self._commit(0, inserts=pages)
-        self._count(t, promotions=sum(stored))
+        """Move ``pages`` (read from tier t, with their ticks there) to the first tier, copy
+        first and delete second. (1) They are committed to the first tier without evicting
+        (a full file fails them at once, without making room: they stay in tier t, as
+        read). (2) Those it stored are removed from tier t, each only if its tick there is
+        still the one read: a demotion of the page out of the first tier meanwhile (any
+        process) copies it back to the next tier first, which touches it if it is still
+        there, and then counts on that copy. (3) The first tier evicts down to its capacity
+        (demoting into tiers that no longer hold the promoted copies, so they do not crowd
+        them). A crash between steps leaves a page in two tiers (reads take the first, the
+        lower copy ages out) or the first tier over capacity until its next commit, never a
+        page in no tier. This process's pending accesses to these pages in tier t are
+        dropped: they would change the tick, and the page is leaving."""
+        with self._lock:
+            for page in pages:
+                self._pending[t].pop(page.key, None)
+        stored = self._commit(0, inserts=pages, evict=False)
+        up = [(page.key, page.tick) for page, ok in zip(pages, stored) if ok]
+        if up:
+            self._commit(t, promoted=up)
+            self._commit(0)
+        for page, ok in zip(pages, stored):
+            if not ok:  # still in tier t, and just read there
+                self._note_access(t, page.key)
+        self._count(t, promotions=len(up))
 
     def _recoded(self, t: int, pages: list[Page]) -> list[Page]:
         """``pages`` leaving tier t, re-coded for tier t+1 if it has a hook."""

@@ -60,6 +60,11 @@ _META = struct.Struct(f"<QQ{HEADER_SIZE}s")  # tick, raw size, header; then the 
 _TICK = struct.Struct(">Q")  # big-endian, so the leaves index sorts by tick
 _U64 = struct.Struct("<Q")
 COUNTERS = (b"tick", b"pages", b"bytes", b"raw_bytes")
+# Bounds no intact meta entry reaches (one tick per page write or access; a page's raw size
+# is MiBs): past them a tick or raw size is damage, read as a damaged entry, so that counters
+# rebuilt from the entries cannot outgrow their 64 bits (a write would then fail, every time).
+_MAX_TICK = 1 << 62
+_MAX_RAW_SIZE = 1 << 40
 
 
 class Page(NamedTuple):
@@ -70,12 +75,13 @@ class Page(NamedTuple):
     value: object  # bytes-like; b"" for a dropped victim
     raw_size: int  # bytes of the page before coding (stats only)
     parent: bytes | None  # store key of the previous page of its chain, if known
+    tick: int | None = None  # its recency in the tier it was read from (Tier.read), if any
 
 
 class Meta(NamedTuple):
     """A page's entry in ``meta``, parsed."""
 
-    tick: int | None  # None: the entry is damaged (too short to parse)
+    tick: int | None  # None: the entry is damaged (too short, or a tick or size past its bound)
     raw_size: int
     header: bytes
     parent: bytes
@@ -85,6 +91,8 @@ def _parse_meta(mv) -> Meta:
     if len(mv) < _META.size:
         return Meta(None, 0, b"", b"")
     tick, raw_size, header = _META.unpack_from(mv)
+    if tick >= _MAX_TICK or raw_size >= _MAX_RAW_SIZE:  # damage: a flipped high bit
+        return Meta(None, 0, header, bytes(mv[_META.size:]))
     return Meta(tick, raw_size, header, bytes(mv[_META.size:]))
 
 
@@ -134,7 +142,7 @@ class Tier:
                         continue
                     copy = buffer[: len(value)]
                     copy[:] = value
-                pages.append(Page(key, header, copy, meta.raw_size, meta.parent or None))
+                pages.append(Page(key, header, copy, meta.raw_size, meta.parent or None, meta.tick))
         return pages
 
     def present(self, keys: Sequence[bytes]) -> list[bool]:
@@ -202,8 +210,10 @@ class Tier:
         above: Sequence[Tier] = (),
         movable: Collection[bytes] | None = None,
         limit: int | None = None,
+        promoted: Sequence[tuple[bytes, int | None]] = (),
     ) -> Commit:
-        """One write transaction: remove ``removes``, touch ``touches`` (oldest access first),
+        """One write transaction: remove ``removes`` and each of ``promoted`` (key, tick read
+        with it) whose tick is still the one read, touch ``touches`` (oldest access first),
         insert ``inserts`` (in chain order; a key already here is touched instead), then evict
         coldest leaves until the tier holds at most ``limit`` bytes (default: its capacity).
         ``above``: the tiers above this one, whose children indexes keep a chain's pages here
@@ -218,6 +228,8 @@ class Tier:
                                         for t in above], inserts)
                 for key in removes:
                     w.remove(key)
+                for key, tick in promoted:
+                    w.remove_if_unchanged(key, tick)
                 for key in touches:
                     w.touch(key)
                 for page in reversed(inserts):  # reversed: a chain's head gets the newest tick
@@ -231,9 +243,10 @@ class Tier:
         return self.env.write(body, batch=sum(len(page.value) for page in inserts))
 
     def plan(self, touches: Sequence[bytes], removes: Sequence[bytes], inserts: Sequence[Page],
-             above: Sequence[Tier] = (), limit: int | None = None) -> list[Page]:
-        """The pages (with copies of their values) that a commit of ``removes``, ``touches``
-        and ``inserts`` would evict (inserts counted by their bytes only), found by a dry run (an aborted write
+             above: Sequence[Tier] = (), limit: int | None = None,
+             promoted: Sequence[tuple[bytes, int | None]] = ()) -> list[Page]:
+        """The pages (with copies of their values) that a commit of ``removes``, ``promoted``,
+        ``touches`` and ``inserts`` would evict (inserts counted by their bytes only), found by a dry run (an aborted write
         transaction). The store copies them into the next tier and then lets the commit
         evict only those (``movable``), so a crash leaves a page in both tiers, never in
         neither."""
@@ -248,6 +261,8 @@ class Tier:
                                         for t in above], inserts)
                 for key in removes:
                     w.remove(key)
+                for key, tick in promoted:
+                    w.remove_if_unchanged(key, tick)
                 for key in touches:
                     w.touch(key)
                 return w.evict(bound - incoming, keep=True)
@@ -452,6 +467,15 @@ class _Writer:
         self.counters[b"bytes"] -= length + HEADER_SIZE
         self.counters[b"raw_bytes"] -= meta.raw_size  # below 0 (damage): rebuilt at save
         return Page(key, meta.header, value, meta.raw_size, meta.parent or None)
+
+    def remove_if_unchanged(self, key: bytes, tick: int | None) -> None:
+        """Remove the page under ``key`` if its tick is still ``tick``: the copy a promotion
+        read here, now committed in the first tier. Any write of the page here since (a
+        demotion copying it back down touches it; so does another process's access) keeps
+        it: that writer may count on this copy."""
+        meta = self._meta(key)
+        if tick is not None and meta is not None and meta.tick == tick:
+            self.remove(key)
 
     def _in_use_above(self, key: bytes) -> bool:
         """A child of ``key`` is stored in a tier above (and is not coming down now)."""

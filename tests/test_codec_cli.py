@@ -154,3 +154,19 @@ def test_errors_are_clear(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
         cli("compress", good, "--out", tmp_path / "x", "--lanes", 0)
+
+
+def test_output_is_byte_deterministic(tmp_path, capsys):
+    # safetensors writes metadata in hash-map order, which changes from one file to the
+    # next; compress and decompress sort it, so the same input gives the same bytes.
+    k, v = kv_pair()
+    metadata = {"kv_dtype": "bf16", "position": "64", "model": "m", "layer_types": "full", "note": "é"}
+    write_dump(tmp_path / "kv.safetensors", k.to(torch.bfloat16), v.to(torch.bfloat16), metadata,
+               token_ids=torch.arange(TOKENS))
+    for i in range(4):
+        assert cli("compress", tmp_path / "kv.safetensors", "--out", tmp_path / f"c{i}.speckv", "--page-tokens", 8) == 0
+        assert cli("decompress", tmp_path / f"c{i}.speckv", "--out", tmp_path / f"d{i}.safetensors") == 0
+    for name in ("c{}.speckv", "d{}.safetensors"):
+        files = [(tmp_path / name.format(i)).read_bytes() for i in range(4)]
+        assert all(f == files[0] for f in files), name
+    assert_same_file_contents(tmp_path / "kv.safetensors", tmp_path / "d0.safetensors")

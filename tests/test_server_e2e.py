@@ -121,13 +121,15 @@ def test_hits_after_flush_equal_uncached_run(scenario, sglang_server):
     assert pages >= 4
     first = server.generate(P1, NEW_TOKENS)
     _assert_same(first, reference)
-    _wait_written(root, at_least=2 * pages)  # the salted run's pages and these
+    written = _wait_written(root, at_least=2 * pages)  # the salted run's pages and these
     server.flush_cache()
     again = server.generate(P1, NEW_TOKENS)
     assert again["cached"].get("storage") == pages * PAGE, again["cached"]
     _assert_same(again, reference)
     time.sleep(STATS_FILE_INTERVAL_S + 0.5)  # the stats file trails the counters by up to this
     stats = _stats(root)
+    # One prefetch, one batch_exists: SGLang asks for each page once (docs/DESIGN.md).
+    assert stats["exists_queried"] - written["exists_queried"] == pages
     assert stats["pages_read"] >= pages and stats["verify_failures"] == 0
     assert stats["pages_with_tokens"] >= pages  # the token side channel reached the backend
     assert stats["compression_ratio"] > 1.0

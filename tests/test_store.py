@@ -229,6 +229,25 @@ def test_demotion_promotion_and_the_last_tier_drops(tmp_path):
         check(store)
 
 
+def test_promotion_keeps_the_copy_a_demotion_counts_on(tmp_path):
+    # A promotion writes the page to t0, then removes it from t1 only if its tick there is
+    # still the one read. A demotion out of t0 in between copies the page back to t1 first
+    # (a touch: it is there) and then deletes it from t0, counting on that copy: kept.
+    with TieredStore(make_config(tmp_path, 2, 10), NS) as store:
+        keys = keys_of(4)
+        put_chain(store, keys)
+        t1 = store.tiers[1]
+        key = next(k for k in (store_key(NS, k) for k in keys) if t1.present([k])[0])
+        page = t1.read([key])[0]
+        t1.commit(inserts=[page])  # the demotion's copy
+        t1.commit(promoted=[(key, page.tick)])
+        assert t1.present([key]) == [True]
+        page = t1.read([key])[0]  # nobody wrote it since: the promotion's removal goes ahead
+        t1.commit(promoted=[(key, page.tick)])
+        assert t1.present([key]) == [False]
+        assert t1.audit() == []
+
+
 def test_no_promotion_when_disabled(tmp_path):
     with TieredStore(make_config(tmp_path, 2, 4, promote_on_hit=False), NS) as store:
         a = keys_of(4)

@@ -57,6 +57,41 @@ elif case == "full_from_the_start":
         result["after"] = store.put(keys[:4], [value(k) for k in keys[:4]])
         result["read"] = bytes(store.get(keys[:1])[0]) == value(keys[0])
         result["audit"] = store.tiers[0].audit()
+elif case in ("promote_into_full", "demote_into_full"):
+    # Two tiers, one on the small tmpfs (then filled up), one on the ordinary disk beside it.
+    full, disk = f"{mnt}/t0", f"{mnt}/../disk"
+    first, second = (full, disk) if case == "promote_into_full" else (disk, full)
+    cap = "1MiB" if case == "promote_into_full" else "2MiB"
+    store = TieredStore(load_config(overrides={"tiers": [
+        {"name": "t0", "path": first, "capacity": cap, "sync": "none"},
+        {"name": "t1", "path": second, "capacity": "8MiB" if second == disk else "1MiB",
+         "sync": "none"}]}), NS)
+    with store:
+        n = 12 if case == "promote_into_full" else 8
+        a, b = [f"a{i}" for i in range(n)], [f"b{i}" for i in range(6)]
+        for i in range(n):  # one page a write: the first tier's file stays near its capacity
+            assert store.put(a[i:i + 1], [value(a[i])], parents=[a[i - 1] if i else None])
+        result["file"] = os.path.getsize(f"{first}/data.mdb")
+        result["below"] = store.tiers[1].counters()["pages"]
+        result["in_t0"] = store.tiers[0].present([store._key(k) for k in a])
+        fill(8)  # the tmpfs tier's file can no longer grow
+        if case == "promote_into_full":
+            # The pages found in t1 cannot be written to t0: they must stay in t1.
+            for _ in range(2):
+                result.setdefault("reads", []).append(
+                    [v is not None and bytes(v) == value(k) for k, v in zip(a, store.get(a))])
+        else:
+            # The victims of t0 cannot be written to t1: they must stay in t0.
+            result["put"] = store.put(b, [value(k) for k in b], parents=[None] + b[:-1])
+            result["reads"] = [[v is not None and bytes(v) == value(k)
+                                for k, v in zip(a + b, store.get(a + b))]]
+            result["over"] = store.tiers[0].counters()["bytes"] > store.tiers[0].capacity
+            os.unlink(f"{mnt}/junk")  # room again: the next write demotes
+            store.put(["c"], [value("c")])
+            result["over_after"] = store.tiers[0].counters()["bytes"] > store.tiers[0].capacity
+        result["stats"] = [{k: t[k] for k in ("pages", "promotions", "demotions", "evictions")}
+                           for t in store.stats()["tiers"]]
+        result["audit"] = [tier.audit() for tier in store.tiers]
 elif case == "too_small":
     try:
         TieredStore(config(capacity="1GiB"), NS)
@@ -99,6 +134,28 @@ def test_full_filesystem_makes_room_by_evicting(tmp_path):
 def test_full_filesystem_is_a_failed_put_not_an_error(tmp_path):
     result = run_case(tmp_path, "full_from_the_start")
     assert result == {"full": [False] * 24, "after": [True] * 4, "read": True, "audit": []}
+
+
+def test_promotion_into_a_full_tier_keeps_the_pages_below(tmp_path):
+    # A hit in t1 is written to t0 first and removed from t1 only once t0 holds it: when
+    # t0's file cannot grow (a real full map on a full filesystem), the pages stay in t1.
+    result = run_case(tmp_path, "promote_into_full")
+    assert result["below"] == 9, result  # 3 of the 12 pages fit t0; 9 went down
+    assert result["reads"] == [[True] * 12] * 2, result  # the second read finds them again
+    assert [t["pages"] for t in result["stats"]] == [3, 9]
+    assert result["stats"][1]["promotions"] == 0 and result["audit"] == [[], []]
+
+
+def test_demotion_into_a_full_tier_keeps_the_pages_above(tmp_path):
+    # t0's victims are copied to t1 before t0 may delete them: when t1's file cannot grow,
+    # they stay in t0 (over its capacity), and move down once t1 has room again.
+    result = run_case(tmp_path, "demote_into_full")
+    assert result["below"] == 2 and all(result["put"])
+    # Every page t0 held is still there. (The two in t1, the last tier, are dropped by its
+    # making room on its full filesystem, by design: it evicts before refusing a write.)
+    assert sum(result["in_t0"]) == 6
+    assert result["reads"] == [result["in_t0"] + [True] * 6] and result["over"] is True
+    assert result["over_after"] is False and result["audit"] == [[], []]
 
 
 def test_capacity_beyond_the_filesystem_is_a_startup_error(tmp_path):

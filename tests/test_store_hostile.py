@@ -328,6 +328,45 @@ def test_damaged_records_are_repaired_not_raised(tmp_path, damage):
         assert [t["pages"] for t in store.stats()["tiers"]] == [0, 0]
 
 
+@pytest.mark.parametrize("field", ["tick", "raw size", "parent", "header"])
+@pytest.mark.parametrize("how", ["one bit", "all ones"])
+def test_flipped_meta_fields_never_return_wrong_bytes_or_stop_writes(tmp_path, field, how):
+    """A page's meta entry: tick u64 | raw size u64 | record header (24 B, checksummed with
+    the value) | parent key. Damage in the header is a corrupt page (a miss); in the other
+    fields it can only misorder eviction, skew raw_bytes or leave an index row behind. With
+    it in three pages' entries and the counters damaged too (so they are rebuilt from the
+    meta entries), a workload that must evict and promote: every put succeeds, every read
+    is exact or a miss, nothing raises."""
+    config = config_of(tmp_path, 30 * 3024, "64MiB", recency_flush_seconds=0.0)
+    with deadline(60), TieredStore(config, NS) as store:
+        keys = _put_chains(store)
+        t0 = store.tiers[0]
+        offset = {"tick": 0, "raw size": 8, "header": 16 + 12, "parent": 40 + 9}[field]
+        with _raw(t0) as txn:
+            for key in keys[3:6]:  # the second chain: p0 (no parent), p1, p2
+                meta = bytearray(txn.get(store_key(NS, key), db=t0._meta))
+                if offset >= len(meta):
+                    continue  # no parent to damage
+                if how == "one bit":
+                    meta[offset] ^= 0x80  # the top bit of a u64 (or a byte of a key)
+                else:
+                    end = offset + 8 if field != "parent" else len(meta)
+                    meta[offset:end] = b"\xff" * (end - offset)
+                txn.put(store_key(NS, key), bytes(meta), db=t0._meta)
+            txn.put(b"bytes", b"\1\2\3", db=t0._state)  # the counters get rebuilt from meta
+        more = [f"more{i}" for i in range(80)]
+        for start in range(0, 80, 4):  # over the tier's capacity: must evict
+            part = more[start:start + 4]
+            assert all(store.put(part, [value_of(k) for k in part], parents=chain_parents(part)))
+        for _ in range(2):  # the second pass reads what the first promoted
+            got = store.get(keys + more)
+            assert all(v is None or bytes(v) == value_of(k) for k, v in zip(keys + more, got))
+        assert all(store.put(["last"], [value_of("last")]))
+        assert all(t["bytes"] <= t["capacity"] for t in store.stats()["tiers"])
+        if field == "header":
+            assert sum(t["corrupt"] for t in store.stats()["tiers"]) > 0
+
+
 def test_damaged_index_stops_eviction_instead_of_hanging(tmp_path):
     """Eviction on an index whose deletes miss (what a damaged branch key does to LMDB's
     searches; simulated, since the open-time walk quarantines real ones): the walk ends, in

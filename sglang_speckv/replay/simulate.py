@@ -116,7 +116,9 @@ class TierModel:
             else:
                 self._touch(p, t)
         for t, moved in sorted(promoted.items()):
-            for p in moved:  # removed below first, then written to the first tier, as the store does
+            # The store writes them to the first tier without evicting, removes them below,
+            # then evicts the first tier: the same as removing first, then inserting.
+            for p in moved:
                 self._remove(p, t)
             self._insert(moved, 0)
         return served

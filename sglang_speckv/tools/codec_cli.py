@@ -15,12 +15,15 @@ uint8 tensor ``speckv.page.<i>`` with metadata ``speckv.pages`` = their number, 
 tensor and all metadata of the dump verbatim, and the dtype the dump stored K and V in.
 Pages are coded and decoded one at a time. ``decompress`` restores ``k`` and ``v`` bit for
 bit with that dtype; it also reads files of one ``speckv.blob`` (the whole KV as one page),
-as written before pages.
+as written before pages. Both write the same bytes for the same input and options (the
+coder is deterministic; the safetensors metadata is written sorted by key, see ``_save``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import struct
 import sys
 import time
 import warnings
@@ -75,9 +78,24 @@ def _load(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _save(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file, the same bytes for the same tensors and metadata: safetensors
+    writes its metadata in hash-map order (a different order from one process to the next),
+    so the header is rewritten in place with the metadata sorted by key."""
     from safetensors.torch import save_file
 
     save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata=metadata or None)
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # never seen: safetensors writes the same compact JSON
+            raise OSError(f"{path}: the sorted safetensors header ({len(text)} bytes) outgrew "
+                          f"the written one ({size}); report this with the dump's metadata")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces
 
 
 def _kv_dtype(t: torch.Tensor, metadata: dict[str, str]) -> str:
