@@ -81,10 +81,10 @@ _CLEAR_BATCH = 1024  # pages removed per transaction by clear(): bounds one txn'
 # a dry run and its commit, or a batch is larger than the tier.
 _ROUNDS = 4
 _NO_LIMIT = 1 << 62  # a byte limit no tier reaches: a commit that evicts nothing
-# One read promotes at most 1/_PROMOTE_SHARE of the first tier's capacity (and at least one
+# One read promotes at most 1/PROMOTE_SHARE of the first tier's capacity (and at least one
 # page): promotions land before the first tier evicts, so they are what it holds over its
 # capacity, and a read of a long prefix would otherwise move all of it into a small tier.
-_PROMOTE_SHARE = 4
+PROMOTE_SHARE = 4
 # What a store operation survives as a miss or a failed write, logged: LMDB's errors (e.g. a
 # damaged file, EIO), a full filesystem, a record that does not parse.
 _FAILURES = (lmdb.Error, NoRoom, struct.error)
@@ -496,13 +496,13 @@ class TieredStore:
     def _promote_some(self, found: list[tuple[int, int, Page]]) -> None:
         """Promote hits below the first tier (``found``: key index in the read, tier index,
         page; the cluster's index for a mooncake tier's hits), opportunistically: the first
-        pages of the read first, while they fit in a 1/_PROMOTE_SHARE share of the first
+        pages of the read first, while they fit in a 1/PROMOTE_SHARE share of the first
         tier's capacity (the first page always, if it fits in the capacity). The first pages
         of a prefix are the ones every request extending it reads, and the first tier evicts
         chain tails first, so they are the pages it would keep; the next read of the prefix
         promotes the next share. The others stay where they were read, an access there."""
         capacity = self.tiers[0].capacity
-        budget = capacity // _PROMOTE_SHARE
+        budget = capacity // PROMOTE_SHARE
         found = sorted(found, key=lambda f: f[0])
         chosen: dict[int, list[Page]] = {}
         n = 0  # the first n are promoted
