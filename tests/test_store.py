@@ -250,6 +250,26 @@ def test_promotion_keeps_the_copy_a_demotion_counts_on(tmp_path):
         assert t1.audit() == []
 
 
+def test_a_long_read_promotes_a_share_within_the_soft_bound(tmp_path):
+    # One read of 300 pages found below an 8-page first tier promotes a quarter of its
+    # capacity (two pages here), the first of the read first; the next read the next two.
+    # Promotion is opportunistic: the first tier's file stays within its soft bound
+    # (2 x capacity + 1 MiB; promoting all 300 pages at once took it to ~3x that), and every
+    # page reads back exact, promoted or not.
+    with TieredStore(make_config(tmp_path, 8, 400), NS) as store:
+        keys = keys_of(300)
+        for start in range(0, 300, 4):
+            put_chain(store, keys[start:start + 4], keys[start - 1] if start else None)
+        soft = 2 * store.tiers[0].capacity + env_module.MIN_GROWTH
+        skeys = [store_key(NS, k) for k in keys]
+        for n in range(1, 4):
+            assert [bytes(v) for v in store.get(keys)] == [value_of(k) for k in keys]
+            assert os.path.getsize(tmp_path / "t0" / "data.mdb") <= soft
+            assert store.stats()["tiers"][1]["promotions"] == 2 * n
+            assert store.tiers[0].present(skeys[:2 * n + 2]) == [True] * 2 * n + [False] * 2
+        check(store)
+
+
 def test_no_promotion_when_disabled(tmp_path):
     with TieredStore(make_config(tmp_path, 2, 4, promote_on_hit=False), NS) as store:
         a = keys_of(4)
