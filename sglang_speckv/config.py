@@ -231,7 +231,9 @@ FIELDS: tuple[Field, ...] = (
           [{"name": "ram", "path": "/dev/shm/speckv", "capacity": "16GiB", "sync": "none"}],
           "storage tiers, fastest first; new pages land in the first"),
     Field("promote_on_hit", BOOL, True,
-          "a page read from a lower tier moves back to the first tier"),
+          "a page read from a lower tier moves back to the first tier, opportunistically: at "
+          "most a quarter of that tier's capacity per read, never growing its file past its "
+          "soft bound"),
     Field("recency_flush_seconds", FLOAT, 1.0,
           "reads record their accesses in memory; they are written to the LRU index at the "
           "next write, or by a read once this many seconds have passed"),

@@ -88,7 +88,10 @@ READER_CHECK_SECONDS = 1.0
 # FULL_WAIT_SECONDS for live readers to let go of the pages their snapshots pin (under load,
 # a reading thread descheduled inside its transaction pins every page freed meanwhile).
 # Hard: one growth step more, plus twice the write's batch; a write that needs more fails
-# (NoRoom: the store evicts and retries once, then the put returns False).
+# (NoRoom: the store evicts and retries once, then the put returns False). An opportunistic
+# write (a promotion: the page is stored below already) never grows the file past the soft
+# bound and does not wait: at it, it fails at once (NoRoom), unless freeing dead readers'
+# slots makes room.
 FULL_WAIT_SECONDS = 0.2
 # A verification of a tier at open (a child process walking every database) that takes
 # longer than this counts as failed (a damaged tree can make a walk loop).
@@ -320,10 +323,11 @@ class Env:
             self._adopt_new_size()
 
     def write(self, body: Callable[[lmdb.Transaction], T], commit: bool = True,
-              batch: int = 0) -> T:
+              batch: int = 0, opportunistic: bool = False) -> T:
         """Run ``body(txn)`` in one write transaction and commit it (or abort it: a dry run).
         ``body`` may run again (from scratch) after the map grows, so it must keep its effects
-        inside the transaction. ``batch``: bytes of values it writes (for the hard bound)."""
+        inside the transaction. ``batch``: bytes of values it writes (for the hard bound).
+        ``opportunistic``: never grow the map past the soft bound; NoRoom there instead."""
         if time.monotonic() - self._reader_checked >= READER_CHECK_SECONDS:
             self._reader_checked = time.monotonic()
             self.lmdb.reader_check()
@@ -347,6 +351,11 @@ class Env:
                     raise
             if seen is None:
                 self._adopt_new_size()
+            elif seen >= self.soft_limit and opportunistic:
+                self._reader_checked = time.monotonic()
+                if not self.lmdb.reader_check():
+                    raise NoRoom(f"{self.where}: the store in {self.path} is at its soft bound "
+                                 f"({self.soft_limit} bytes); an opportunistic write does not grow it")
             elif seen >= self.soft_limit and waited < FULL_WAIT_SECONDS:
                 self._reader_checked = time.monotonic()
                 if not self.lmdb.reader_check():

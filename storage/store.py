@@ -15,7 +15,10 @@ Tiers (storage/tier.py), fastest first. New pages land in the first tier, in one
 transaction per ``put``. A tier over capacity evicts its coldest chain tails; they move to
 the next tier (re-coded by that tier's ``recode`` hook, if set) or, from the last tier, are
 dropped. A read finds a page in whichever tier holds it; with ``promote_on_hit`` a page
-found below the first tier moves back up. Moves copy first and delete second, so a crash
+found below the first tier moves back up: opportunistically, the first pages of the read
+first, at most a quarter of the first tier's capacity per read (at least one page), and
+never growing the first tier's file past its soft bound (storage/env.py); a page that does
+not fit stays where it was read. Moves copy first and delete second, so a crash
 or a full destination can leave a page in two tiers, never in none, with any number of
 processes: a demotion's dry run finds what a commit will evict, they are copied down, and
 the commit may evict only those that landed (``_move``); a promotion writes the page into
@@ -78,6 +81,10 @@ _CLEAR_BATCH = 1024  # pages removed per transaction by clear(): bounds one txn'
 # a dry run and its commit, or a batch is larger than the tier.
 _ROUNDS = 4
 _NO_LIMIT = 1 << 62  # a byte limit no tier reaches: a commit that evicts nothing
+# One read promotes at most 1/PROMOTE_SHARE of the first tier's capacity (and at least one
+# page): promotions land before the first tier evicts, so they are what it holds over its
+# capacity, and a read of a long prefix would otherwise move all of it into a small tier.
+PROMOTE_SHARE = 4
 # What a store operation survives as a miss or a failed write, logged: LMDB's errors (e.g. a
 # damaged file, EIO), a full filesystem, a record that does not parse.
 _FAILURES = (lmdb.Error, NoRoom, struct.error)
@@ -200,10 +207,11 @@ class TieredStore:
         skeys = [self._key(k) for k in keys]
         values: list = [None] * len(keys)
         todo = list(range(len(keys)))
+        below: list[tuple[int, int, Page]] = []  # (key index, tier, page) to promote
         for t, tier in enumerate(self.tiers):
             if not todo:
                 break
-            missing, corrupt, promote = [], [], []
+            missing, corrupt = [], []
             buffers = None if out is None else [out[i] for i in todo]
             for i, found in zip(todo, self._read(tier, [skeys[i] for i in todo], buffers)):
                 if found is None:
@@ -214,7 +222,7 @@ class TieredStore:
                 else:
                     values[i] = found.value
                     if t > 0 and self.config.promote_on_hit:
-                        promote.append(found)
+                        below.append((i, t, found))
                     else:
                         self._note_access(t, skeys[i])
             self._count(t, hits=len(todo) - len(missing), misses=len(missing), corrupt=len(corrupt))
@@ -222,11 +230,11 @@ class TieredStore:
                 logger.warning("speckv store: %d corrupt pages in tier %r deleted (first key %s)",
                                len(corrupt), tier.name, corrupt[0].hex())
                 self._commit(t, removes=corrupt)
-            if promote:
-                self._promote(t, promote)
             todo = missing
         if todo and self.remote is not None:
-            self._read_remote(todo, skeys, values, out)
+            below += self._read_remote(todo, skeys, values, out)
+        if below:
+            self._promote_some(below)
         if time.monotonic() - self._last_flush >= self.config.recency_flush_seconds:
             self.flush()
         return values
@@ -372,13 +380,15 @@ class TieredStore:
             self._events[t].update(events)
 
     def _commit(self, t: int, inserts: Sequence[Page] = (), removes: Sequence[bytes] = (),
-                promoted: Sequence[tuple[bytes, int | None]] = (), evict: bool = True) -> list[bool]:
+                promoted: Sequence[tuple[bytes, int | None]] = (), evict: bool = True,
+                opportunistic: bool = False) -> list[bool]:
         """Write transactions on tier t (with the accesses remembered for it): see ``_move``.
         A full filesystem makes room by evicting twice the batch's bytes and retries once; a
         failure to write (a full or failing disk, a damaged file) is logged and reported as
         False for every insert. ``evict=False``: commit without evicting (the tier may stay
-        over its capacity until its next commit) and without making room: a full file fails
-        the inserts at once."""
+        over its capacity until its next commit). ``opportunistic`` (promotions): never grow
+        the file past its soft bound and never make room: a full file fails the inserts at
+        once (logged at debug level only: the pages are stored elsewhere)."""
         with self._lock:
             touches = list(self._pending[t])
             self._pending[t].clear()
@@ -386,9 +396,9 @@ class TieredStore:
         try:
             try:
                 return self._move(t, inserts, touches, removes, promoted=promoted,
-                                  limit=None if evict else _NO_LIMIT)
+                                  limit=None if evict else _NO_LIMIT, opportunistic=opportunistic)
             except NoRoom:
-                if not inserts or not evict:
+                if not inserts or opportunistic:
                     raise
             # The file cannot grow: free twice the bytes the batch needs (a value needs a run
             # of free pages, and LMDB takes the single pages of B-tree updates out of such
@@ -400,16 +410,19 @@ class TieredStore:
             self._move(t, limit=limit)
             return self._move(t, inserts)
         except NoRoom as e:
-            logger.warning("speckv store: no room in tier %r: %s", tier.name, e)
+            logger.log(logging.DEBUG if opportunistic else logging.WARNING,
+                       "speckv store: no room in tier %r: %s", tier.name, e)
         except _FAILURES as e:
             logger.error("speckv store: writing to tier %r failed: %s", tier.name, e)
         return [False] * len(inserts)
 
     def _move(self, t: int, inserts: Sequence[Page] = (), touches: Sequence[bytes] = (),
               removes: Sequence[bytes] = (), limit: int | None = None,
-              promoted: Sequence[tuple[bytes, int | None]] = ()) -> list[bool]:
+              promoted: Sequence[tuple[bytes, int | None]] = (),
+              opportunistic: bool = False) -> list[bool]:
         """Commit inserts, touches and removes (and ``promoted``: see ``_promote``) on tier
-        t, evicting down to ``limit`` (default: its capacity). Copies first, deletes second:
+        t, evicting down to ``limit`` (default: its capacity); ``opportunistic``: see
+        ``_commit``. Copies first, deletes second:
         a dry run (``plan``) finds the victims, they are written to tier t+1 (recursively),
         and only then may the commit remove them from tier t (``movable``): those tier t+1
         stored, and those that failed verification (not carried down). A victim tier t+1
@@ -438,7 +451,7 @@ class TieredStore:
                                        "tier %r; the rest stay there, over its capacity",
                                        self.tiers[t + 1].name, len(copied), len(down), tier.name)
             done = tier.commit(inserts, touches, removes, above=above, movable=movable,
-                               limit=limit, promoted=promoted)
+                               limit=limit, promoted=promoted, opportunistic=opportunistic)
             if stored is None:
                 stored = done.stored
             demoted = sum(page.key in copied for page in done.victims)
@@ -455,9 +468,10 @@ class TieredStore:
             inserts = touches = removes = promoted = ()
         return stored
 
-    def _read_remote(self, todo: list[int], skeys: list[bytes], values: list, out) -> None:
-        """``get`` for the keys no local tier holds: from the cluster, verified; hits are
-        copied into the first tier with ``promote_on_hit``."""
+    def _read_remote(self, todo: list[int], skeys: list[bytes], values: list,
+                     out) -> list[tuple[int, int, Page]]:
+        """``get`` for the keys no local tier holds: from the cluster, verified. Returns the
+        hits to copy into the first tier (with ``promote_on_hit``: ``_promote_some``)."""
         t = len(self.tiers)  # the remote's index in config.tiers and _events
         buffers = None if out is None else [out[i] for i in todo]
         corrupt, copy = [], []
@@ -468,24 +482,54 @@ class TieredStore:
                 corrupt.append(skeys[i])
                 continue
             values[i] = found.value
-            copy.append(found)
+            copy.append((i, t, found))
         hits = len(copy)
         self._count(t, hits=hits, misses=len(todo) - hits, corrupt=len(corrupt))
         if corrupt:
             logger.warning("speckv store: %d corrupt pages in tier %r removed (first key %s)",
                            len(corrupt), self.remote.name, corrupt[0].hex())
             self.remote.remove(corrupt)
-        if copy and self.tiers and self.config.promote_on_hit:
-            # Copied, not moved: the cluster's copy serves the other servers. The values
-            # may live in the caller's buffers: the commit copies them into LMDB first.
-            self._commit(0, inserts=copy)
-            self._count(t, promotions=hits)
+        if not (self.tiers and self.config.promote_on_hit):
+            return []
+        return copy
+
+    def _promote_some(self, found: list[tuple[int, int, Page]]) -> None:
+        """Promote hits below the first tier (``found``: key index in the read, tier index,
+        page; the cluster's index for a mooncake tier's hits), opportunistically: the first
+        pages of the read first, while they fit in a 1/PROMOTE_SHARE share of the first
+        tier's capacity (the first page always, if it fits in the capacity). The first pages
+        of a prefix are the ones every request extending it reads, and the first tier evicts
+        chain tails first, so they are the pages it would keep; the next read of the prefix
+        promotes the next share. The others stay where they were read, an access there."""
+        capacity = self.tiers[0].capacity
+        budget = capacity // PROMOTE_SHARE
+        found = sorted(found, key=lambda f: f[0])
+        chosen: dict[int, list[Page]] = {}
+        n = 0  # the first n are promoted
+        for _, t, page in found:
+            size = len(page.value) + record.HEADER_SIZE
+            if size > budget and (n or size > capacity):
+                break
+            budget -= size
+            n += 1
+            chosen.setdefault(t, []).append(page)
+        for _, t, page in found[n:]:
+            if t < len(self.tiers):
+                self._note_access(t, page.key)
+        for t, pages in sorted(chosen.items()):
+            if t < len(self.tiers):
+                self._promote(t, pages)
+            else:
+                # Copied, not moved: the cluster's copy serves the other servers. The values
+                # may live in the caller's buffers: the commit copies them into LMDB first.
+                stored = self._commit(0, inserts=pages, opportunistic=True)
+                self._count(t, promotions=sum(stored))
 
     def _promote(self, t: int, pages: list[Page]) -> None:
         """Move ``pages`` (read from tier t, with their ticks there) to the first tier, copy
         first and delete second. (1) They are committed to the first tier without evicting
-        (a full file fails them at once, without making room: they stay in tier t, as
-        read). (2) Those it stored are removed from tier t, each only if its tick there is
+        and without growing its file past the soft bound (a full file fails them at once,
+        without making room: they stay in tier t, as read). (2) Those it stored are removed from tier t, each only if its tick there is
         still the one read: a demotion of the page out of the first tier meanwhile (any
         process) copies it back to the next tier first, which touches it if it is still
         there, and then counts on that copy. (3) The first tier evicts down to its capacity
@@ -497,11 +541,11 @@ class TieredStore:
         with self._lock:
             for page in pages:
                 self._pending[t].pop(page.key, None)
-        stored = self._commit(0, inserts=pages, evict=False)
+        stored = self._commit(0, inserts=pages, evict=False, opportunistic=True)
         up = [(page.key, page.tick) for page, ok in zip(pages, stored) if ok]
         if up:
             self._commit(t, promoted=up)
-            self._commit(0)
+            self._commit(0, opportunistic=True)
         for page, ok in zip(pages, stored):
             if not ok:  # still in tier t, and just read there
                 self._note_access(t, page.key)

@@ -211,6 +211,7 @@ class Tier:
         movable: Collection[bytes] | None = None,
         limit: int | None = None,
         promoted: Sequence[tuple[bytes, int | None]] = (),
+        opportunistic: bool = False,
     ) -> Commit:
         """One write transaction: remove ``removes`` and each of ``promoted`` (key, tick read
         with it) whose tick is still the one read, touch ``touches`` (oldest access first),
@@ -220,7 +221,8 @@ class Tier:
         from being evicted. ``movable``: if given, only these keys may be evicted (copies
         first, deletes second: the store passes the pages it has already copied to the next
         tier); the tier may then stay over ``limit`` (``Commit.over``). Raises NoRoom when the
-        filesystem cannot hold the transaction."""
+        filesystem cannot hold the transaction, or (``opportunistic``: a promotion) when it
+        would grow the file past its soft bound (storage/env.py)."""
 
         def body(txn: lmdb.Transaction) -> Commit:
             with contextlib.ExitStack() as stack:
@@ -240,7 +242,8 @@ class Tier:
                 return Commit([True] * len(inserts), victims, w.counters[b"bytes"] > bound,
                               w.damaged)
 
-        return self.env.write(body, batch=sum(len(page.value) for page in inserts))
+        return self.env.write(body, batch=sum(len(page.value) for page in inserts),
+                              opportunistic=opportunistic)
 
     def plan(self, touches: Sequence[bytes], removes: Sequence[bytes], inserts: Sequence[Page],
              above: Sequence[Tier] = (), limit: int | None = None,

@@ -64,13 +64,14 @@ def test_hand_computed_without_promotion():
 
 
 def test_hand_computed_with_promotion():
-    # R3: b is promoted (ram demotes c); R4: ram demotes b, a (tail first), ssd drops c;
-    # R5: a, b promoted from ssd (removed there, then written to ram), ram demotes e, d;
-    # the write of f then evicts f itself (the only leaf of ram: a and b have children),
-    # ssd drops e; R6 hits a, b in ram.
+    # A read promotes a quarter of ram's capacity, at least its first page found below: one
+    # page here. R3: b is promoted (ram demotes c); R4: ram demotes b, a (tail first), ssd
+    # drops c; R5: hits a, b in ssd: a is promoted (removed there, written to ram; ram demotes
+    # e), b is touched there; the write of f (touching b, its parent) demotes d, and ssd drops
+    # e; R6 hits a in ram, b in ssd: b is promoted, ram demotes f (its only leaf).
     res = simulate(CHAINS, two_tiers(), promote=True, page_tokens=256, prefetch_threshold=256)
     ram, ssd = res.stats
-    assert (ram.hits, ssd.hits) == (3, 3)
+    assert (ram.hits, ssd.hits) == (2, 4)
     assert (ram.pages_in, ram.pages_out, ssd.pages_in, ssd.pages_out) == (9, 7, 7, 2)
     assert [sorted(ticks) for ticks in res.model.tick] == [[a, b], [d, f]]
 

@@ -220,11 +220,13 @@ def test_demotion_promotion_and_the_last_tier_drops(tmp_path):
         put_chain(store, c)  # b -> t1, a dropped
         assert store.exists_prefix(a) == 0 and store.exists_prefix(b) == 4
         assert store.stats()["tiers"][1]["evictions"] == 4
-        # A hit in t1 moves the page up; its place in t0 goes down.
-        assert [bytes(v) for v in store.get(b)] == [value_of(k) for k in b]
-        tiers = store.stats()["tiers"]
-        assert tiers[1]["hits"] == 4 and tiers[1]["promotions"] == 4
-        assert store.tiers[0].present([store_key(NS, k) for k in b]) == [True] * 4
+        # A hit in t1 moves the page up, its place in t0 goes down: a quarter of t0's
+        # capacity per read (one page here), the first pages of the read first.
+        for n in range(1, 5):
+            assert [bytes(v) for v in store.get(b)] == [value_of(k) for k in b]
+            assert store.stats()["tiers"][1]["promotions"] == n
+            assert store.tiers[0].present([store_key(NS, k) for k in b]) == [True] * n + [False] * (4 - n)
+        assert store.stats()["tiers"][1]["hits"] == 4 + 3 + 2 + 1
         assert store.tiers[1].present([store_key(NS, k) for k in c]) == [True] * 4
         check(store)
 
@@ -246,6 +248,26 @@ def test_promotion_keeps_the_copy_a_demotion_counts_on(tmp_path):
         t1.commit(promoted=[(key, page.tick)])
         assert t1.present([key]) == [False]
         assert t1.audit() == []
+
+
+def test_a_long_read_promotes_a_share_within_the_soft_bound(tmp_path):
+    # One read of 300 pages found below an 8-page first tier promotes a quarter of its
+    # capacity (two pages here), the first of the read first; the next read the next two.
+    # Promotion is opportunistic: the first tier's file stays within its soft bound
+    # (2 x capacity + 1 MiB; promoting all 300 pages at once took it to ~3x that), and every
+    # page reads back exact, promoted or not.
+    with TieredStore(make_config(tmp_path, 8, 400), NS) as store:
+        keys = keys_of(300)
+        for start in range(0, 300, 4):
+            put_chain(store, keys[start:start + 4], keys[start - 1] if start else None)
+        soft = 2 * store.tiers[0].capacity + env_module.MIN_GROWTH
+        skeys = [store_key(NS, k) for k in keys]
+        for n in range(1, 4):
+            assert [bytes(v) for v in store.get(keys)] == [value_of(k) for k in keys]
+            assert os.path.getsize(tmp_path / "t0" / "data.mdb") <= soft
+            assert store.stats()["tiers"][1]["promotions"] == 2 * n
+            assert store.tiers[0].present(skeys[:2 * n + 2]) == [True] * 2 * n + [False] * 2
+        check(store)
 
 
 def test_no_promotion_when_disabled(tmp_path):

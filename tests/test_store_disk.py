@@ -15,6 +15,7 @@ import pytest
 
 CASE = r"""
 import json, os, subprocess, sys
+import lmdb
 from sglang_speckv.config import load_config
 from sglang_speckv.storage import StoreError, TieredStore
 
@@ -76,6 +77,16 @@ elif case in ("promote_into_full", "demote_into_full"):
         result["in_t0"] = store.tiers[0].present([store._key(k) for k in a])
         fill(8)  # the tmpfs tier's file can no longer grow
         if case == "promote_into_full":
+            # A read promotes one page here (a quarter of t0, at least one page), which the
+            # free pages of t0's map could hold: take those with ballast records (in its
+            # state database, which the store ignores) until the map is full.
+            tier = store.tiers[0]
+            for i in range(1000):
+                try:
+                    with tier.env.lmdb.begin(write=True) as txn:
+                        txn.put(b"ballast%d" % i, bytes(1 << 16), db=tier._state)
+                except lmdb.MapFullError:
+                    break
             # The pages found in t1 cannot be written to t0: they must stay in t1.
             for _ in range(2):
                 result.setdefault("reads", []).append(

@@ -15,7 +15,11 @@ coded-size ratio per tier (measured by a replay or a benchmark, or given).
   whose chain goes on in a tier above (a child there) is touched and passed over once.
   Victims move to the next tier (newest there, order kept); the last tier drops them;
 - reads touch the pages they hit; with ``promote`` a page hit below the first tier is
-  removed there and written to the first; writes of a page already stored (in any tier)
+  removed there and written to the first, the first pages of the read first, while they fit
+  in 1/PROMOTE_SHARE of the first tier's capacity (counted at their size in the tier read;
+  the first always, if it fits in the capacity); the rest are touched where they are. Not
+  modelled: the store also skips a promotion when the first tier's file is at its soft
+  bound, which depends on LMDB's layout, not on page counts; writes of a page already stored (in any tier)
   only touch it, as does the write of a batch for the page its chain continues from.
 and SGLang drives it as HiCache does, per request, with the request's full pages:
 - an optional host cache (``--host``, raw pages, LRU) in front, like HiCache's L2:
@@ -46,6 +50,7 @@ from sglang_speckv.config import load_config, parse_size
 from sglang_speckv.replay.synth import page_keys
 from sglang_speckv.replay.traces import MOONCAKE_BLOCK_TOKENS, Request, TraceError, load_trace
 from sglang_speckv.storage.record import HEADER_SIZE
+from sglang_speckv.storage.store import PROMOTE_SHARE
 
 # Raw KV bytes per token assumed when none is given: Llama-3.1-8B in bf16 (32 layers x
 # 8 KV heads x 128 dims x K,V x 2 bytes = 128 KiB), a common serving target and the model
@@ -105,13 +110,20 @@ class TierModel:
         """Read pages known to be stored; returns the caller's tier index of each."""
         served = []
         promoted: dict[int, list[int]] = {}  # tier -> pages read there, to move to the first
+        budget = self.tiers[0].capacity // PROMOTE_SHARE  # bytes this read may promote
+        moving, moved = self.promote, 0  # moving: until the first page below that does not fit
         for p in pages:
             t = self.where[p]
             served.append(self.index[t])
             st = self._stat(t)
             st.hits += 1
-            st.bytes_read += self.tiers[t].page_bytes
-            if t > 0 and self.promote:
+            size = self.tiers[t].page_bytes
+            st.bytes_read += size
+            if t > 0 and moving:
+                moving = size <= budget or (not moved and size <= self.tiers[0].capacity)
+            if t > 0 and moving:
+                budget -= size
+                moved += 1
                 promoted.setdefault(t, []).append(p)
             else:
                 self._touch(p, t)
