@@ -819,28 +819,30 @@ def _rans_push(x, ptr, cum, freq, scale, active, scratch_ptr):
 
 
 @triton.jit
-def _rans_flush(x, ptr, offs_lane, flush, lane_mask, scratch_ptr, begin_ptr):
+def _rans_flush(x, ptr, end, offs_lane, flush, lane_mask, scratch_ptr, count_ptr):
     """Where ``flush``, the final state in front of the lane's words (low word, then high
-    word, < 2^31); begin[lane] = the index of the lane's first word, for every lane."""
+    word, < 2^31); count[lane] = its words in its scratch region (they end at ``end``), int32,
+    for every lane."""
     ptr = tl.where(flush, ptr - 2, ptr)
     tl.store(scratch_ptr + ptr, (x & _WORD_MASK).to(scratch_ptr.dtype.element_ty), mask=flush)
     tl.store(scratch_ptr + ptr + 1, (x >> _WORD_BITS).to(scratch_ptr.dtype.element_ty), mask=flush)
-    tl.store(begin_ptr + offs_lane, ptr, mask=lane_mask)
+    tl.store(count_ptr + offs_lane, (end - ptr).to(tl.int32), mask=lane_mask)
 
 
 @triton.jit
-def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
+def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, count_ptr,
                    num_lanes, lanes_per_page, num_symbols, num_steps,
                    BLOCK_LANES: tl.constexpr):
     """rANS-encode BLOCK_LANES lanes. cum, freq: int64 [P, N]; lane g's stream is written
     backwards into scratch[g * (S + 2), (g + 1) * (S + 2)) with S = num_steps = cdiv(N, NL),
-    ending at the region's end; begin[g] receives its first word's index."""
+    ending at the region's end; count[g] (int32) receives its number of words."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
     lane = offs_lane % lanes_per_page
     offs_page = page * num_symbols  # first symbol of the lane's page
-    ptr = (offs_lane + 1) * (num_steps + 2)  # one past the region's end; writes go backwards
+    end = (offs_lane + 1) * (num_steps + 2)  # one past the region's end; writes go backwards
+    ptr = end
     x = tl.full([BLOCK_LANES], _RANS_L, tl.int64)
     for s in range(0, num_steps):
         step = num_steps - 1 - s  # in reverse: rANS is a stack
@@ -849,7 +851,7 @@ def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
         cum = tl.load(cum_ptr + offs_page + offs_sym, mask=active, other=0)
         freq = tl.load(freq_ptr + offs_page + offs_sym, mask=active, other=1)
         x, ptr = _rans_push(x, ptr, cum, freq, _PROB_BITS, active, scratch_ptr)
-    _rans_flush(x, ptr, offs_lane, lane_mask, lane_mask, scratch_ptr, begin_ptr)
+    _rans_flush(x, ptr, end, offs_lane, lane_mask, lane_mask, scratch_ptr, count_ptr)
 
 
 # Sizes, offsets and mixture parameters change from batch to batch: not specialised on
@@ -857,7 +859,7 @@ def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
 # compiles one variant per dtype, and its warm-up at start-up covers its restores.
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "first", "count", "num_steps", "stride_bits",
                                "stride_mu", "w_wide", "kappa"])
-def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, x_ptr, scratch_ptr, begin_ptr,
+def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, x_ptr, scratch_ptr, count_ptr,
                           num_lanes, lanes_per_page, first, count, num_steps, stride_bits, stride_mu, w_wide, kappa,
                           BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                           BLOCK_LANES: tl.constexpr):
@@ -867,15 +869,16 @@ def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, x_ptr, scratch_p
     bits_ptr + p * stride_bits; mu, sigma float32 [P, count] at stride_mu; x int64 [lanes],
     each lane's state, read and written back (chunks run last first: rANS is a stack);
     scratch int32 [lanes, S + 2] for the S = num_steps steps the chunk touches (u32 words,
-    each lane's written backwards from its region's end), begin int64 [lanes] its first
-    word. The chunk that starts the pages (first == 0) flushes the states in front."""
+    each lane's written backwards from its region's end), count int32 [lanes] its number
+    of words. The chunk that starts the pages (first == 0) flushes the states in front."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
     lane = offs_lane % lanes_per_page
     bits_ptrs = bits_ptr + page * stride_bits
     offs_page = page * stride_mu
-    ptr = (offs_lane + 1) * (num_steps + 2)
+    end = (offs_lane + 1) * (num_steps + 2)
+    ptr = end
     x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
     first_step = first // lanes_per_page
     for s in range(0, num_steps):
@@ -892,12 +895,12 @@ def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, x_ptr, scratch_p
                                BITS, MAN_BITS, BIAS, FN_NAN)
         x, ptr = _rans_push(x, ptr, c_lo.to(tl.int64), (c_hi - c_lo).to(tl.int64), _PROB_BITS, active, scratch_ptr)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
-    _rans_flush(x, ptr, offs_lane, lane_mask & (first == 0), lane_mask, scratch_ptr, begin_ptr)
+    _rans_flush(x, ptr, end, offs_lane, lane_mask & (first == 0), lane_mask, scratch_ptr, count_ptr)
 
 
 @triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "first", "count", "num_steps", "stride_bits",
                                "stride_mu", "w_wide", "kappa"])
-def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, x_ptr, scratch_ptr, begin_ptr,
+def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, x_ptr, scratch_ptr, count_ptr,
                          num_lanes, lanes_per_page, first, count, num_steps, stride_bits, stride_mu, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                          BLOCK_LANES: tl.constexpr):
@@ -905,7 +908,7 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, x_ptr, 
     reference's encode with two steps per symbol): bits int16 [P, count] storage patterns
     at stride_bits, mu, sigma float32 [P, count] at stride_mu; cum1 int32 [ROWS * ROW]
     (table_model.level1_table: _level1_table); scratch int32 [lanes, 2 S + 2] (a lane emits
-    at most one word per step, two per symbol); x, begin, first and count as
+    at most one word per step, two per symbol); x, count_ptr, first and count as
     _encode_values_kernel's. Per symbol, walking backwards: level 2 (the offset's raw bits,
     the zero cell's points or, after ESC, the exact model's C(k), C(k + 1) at scale 28),
     then the cell; a symbol that is not dense: the exact model's step alone."""
@@ -915,7 +918,8 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, x_ptr, 
     lane = offs_lane % lanes_per_page
     bits_ptrs = bits_ptr + page * stride_bits
     offs_page = page * stride_mu
-    ptr = (offs_lane + 1) * (2 * num_steps + 2)
+    end = (offs_lane + 1) * (2 * num_steps + 2)
+    ptr = end
     x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
     first_step = first // lanes_per_page
     for s in range(0, num_steps):
@@ -945,12 +949,26 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, x_ptr, 
         f1 = tl.load(row_ptr + entry + 1, mask=active & table, other=1) - c1
         x, ptr = _rans_push(x, ptr, c1.to(tl.int64), f1.to(tl.int64), _PT, active & table, scratch_ptr)
     tl.store(x_ptr + offs_lane, x, mask=lane_mask)
-    _rans_flush(x, ptr, offs_lane, lane_mask & (first == 0), lane_mask, scratch_ptr, begin_ptr)
+    _rans_flush(x, ptr, end, offs_lane, lane_mask & (first == 0), lane_mask, scratch_ptr, count_ptr)
 
 
 @triton.jit
-def _compact_kernel(scratch_ptr, begin_ptr, count_ptr, dest_ptr, words_ptr, BLOCK: tl.constexpr):
-    """One program per lane: words[dest[g] : dest[g] + count[g]] = scratch[begin[g] : ...]."""
+def _compact_kernel(scratch_ptr, count_ptr, dest_ptr, words_ptr, region, BLOCK: tl.constexpr):
+    """One program per lane g: words[dest[g] : dest[g] + count[g]] = the last count[g]
+    words of its region of the encode kernels' scratch, scratch[g * region : (g + 1) * region]."""
+    g = tl.program_id(0).to(tl.int64)
+    count = tl.load(count_ptr + g)
+    begin = (g + 1) * region - count
+    dest = tl.load(dest_ptr + g)
+    for start in range(0, count, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < count
+        tl.store(words_ptr + dest + offs, tl.load(scratch_ptr + begin + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _gather_kernel(src_ptr, begin_ptr, count_ptr, dest_ptr, words_ptr, BLOCK: tl.constexpr):
+    """One program per lane g: words[dest[g] : dest[g] + count[g]] = src[begin[g] : ...]."""
     g = tl.program_id(0)
     begin = tl.load(begin_ptr + g)
     count = tl.load(count_ptr + g)
@@ -958,7 +976,7 @@ def _compact_kernel(scratch_ptr, begin_ptr, count_ptr, dest_ptr, words_ptr, BLOC
     for start in range(0, count, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < count
-        tl.store(words_ptr + dest + offs, tl.load(scratch_ptr + begin + offs, mask=mask), mask=mask)
+        tl.store(words_ptr + dest + offs, tl.load(src_ptr + begin + offs, mask=mask), mask=mask)
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -1021,24 +1039,22 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     lanes = num_pages * num_lanes
     # [lanes, num_steps + 2]: room for one word per step plus the 2-word flush
     scratch = torch.empty(lanes * (num_steps + 2), dtype=torch.int64, device=cum.device)
-    begin = torch.empty(lanes, dtype=torch.int64, device=cum.device)
+    counts = torch.empty(lanes, dtype=torch.int32, device=cum.device)
     _encode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
-        cum, freq, scratch, begin, lanes, num_lanes, num_symbols, num_steps, BLOCK_LANES=BLOCK_LANES,
+        cum, freq, scratch, counts, lanes, num_lanes, num_symbols, num_steps, BLOCK_LANES=BLOCK_LANES,
     )
-    return _compact(scratch, begin, num_steps + 2, num_pages, num_lanes)
+    words = _compact(scratch, counts, num_steps + 2)
+    return words, counts.to(torch.int64).view(num_pages, num_lanes)
 
 
-def _compact(scratch, begin, region, num_pages, num_lanes):
-    """The lanes' streams from their scratch regions of ``region`` words each (ending at each
-    region's end, starting at begin [lanes]), concatenated: (words [W] of scratch's dtype,
-    lane_words int64 [P, NL]). One host sync (the total size)."""
-    lanes = num_pages * num_lanes
-    end = torch.arange(1, lanes + 1, dtype=torch.int64, device=scratch.device) * region
-    counts = end - begin  # [lanes]
-    dest = torch.cumsum(counts, 0) - counts  # exclusive scan: where each lane's stream goes
-    words = torch.empty(int(counts.sum()), dtype=scratch.dtype, device=scratch.device)
-    _compact_kernel[(lanes,)](scratch, begin, counts, dest, words, BLOCK=BLOCK_ELEMS)
-    return words, counts.view(num_pages, num_lanes)
+def _compact(scratch: torch.Tensor, counts: torch.Tensor, region: int) -> torch.Tensor:
+    """The lanes' streams from their scratch regions of ``region`` words each (the last
+    counts[g] words of lane g's, int32 [lanes]), concatenated: words [W] of scratch's dtype.
+    One host sync (the total size)."""
+    dest = torch.cumsum(counts, 0, dtype=torch.int64) - counts  # exclusive scan: where each lane's stream goes
+    words = torch.empty(int(counts.sum(dtype=torch.int64)), dtype=scratch.dtype, device=scratch.device)
+    _compact_kernel[(counts.numel(),)](scratch, counts, dest, words, region, BLOCK=BLOCK_ELEMS)
+    return words
 
 
 @functools.lru_cache(maxsize=8)
@@ -1129,9 +1145,9 @@ class Encoder:
     as separate tensors (stacked: [P, n], 1-2 B per symbol; a [P, N] tensor is read in
     place), the scratch int32 [P * NL * (S + 2)] (exact model) or [P * NL * (2 S + 2)]
     (table model: two steps per symbol), i.e. 4 B resp. 8 B per symbol of the chunk, and
-    begin, counts, dest (int64 [P * NL] each), all freed when the chunk is compacted; then
+    the lanes' stream offsets (int64 [P * NL]), freed when the chunk is compacted; then
     kept until ``finish``: the chunk's words (4 B per word, ~bits per symbol / 8 B per
-    symbol) and its int32 counts per lane, and the lanes' states (int64 [P * NL]).
+    symbol), its words per lane (int32 [P * NL]), and the lanes' states (int64 [P * NL]).
     ``finish`` concatenates the chunks' words lane by lane into the output (held beside
     them for the copy, freed chunk by chunk), unless there was one chunk (its words are the
     output). One host sync per chunk (its words' count) and one in ``finish``.
@@ -1186,7 +1202,7 @@ class Encoder:
         # [lanes, region] u32 words: one word per rANS step at most plus the 2-word flush
         region = (2 if self.model == tm.MODEL_TABLE else 1) * num_steps + 2
         scratch = torch.empty(lanes * region, dtype=torch.int32, device=self.device)
-        begin = torch.empty(lanes, dtype=torch.int64, device=self.device)
+        counts = torch.empty(lanes, dtype=torch.int32, device=self.device)
         b, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
         spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK_LANES=BLOCK_LANES)
         sizes = (lanes, num_lanes, first, n, num_steps, bits.stride(0), mu.stride(0), self.w_wide, self.kappa)
@@ -1194,12 +1210,11 @@ class Encoder:
         phi = em.phi_table(self.device)
         if self.model == tm.MODEL_TABLE:
             _encode_table_kernel[grid](bits, mu, sigma, _level1_table(self.w_wide, self.kappa, self.device), phi,
-                                       self.x, scratch, begin, *sizes, **spec)
+                                       self.x, scratch, counts, *sizes, **spec)
         else:
-            _encode_values_kernel[grid](bits, mu, sigma, phi, self.x, scratch, begin, *sizes, **spec)
+            _encode_values_kernel[grid](bits, mu, sigma, phi, self.x, scratch, counts, *sizes, **spec)
         del bits
-        words, counts = _compact(scratch, begin, region, self.num_pages, num_lanes)
-        self.chunks.append((words, counts.reshape(-1).to(torch.int32)))
+        self.chunks.append((_compact(scratch, counts, region), counts))
         self.position = first
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1212,13 +1227,15 @@ class Encoder:
         if len(chunks) == 1:
             words, counts = chunks[0]
             return words, counts.to(torch.int64).view(self.num_pages, self.num_lanes)
-        counts = torch.stack([c for _, c in chunks]).sum(0, dtype=torch.int64)  # [lanes]
+        counts = torch.zeros(self.num_pages * self.num_lanes, dtype=torch.int64, device=self.device)
+        for _, chunk_counts in chunks:
+            counts += chunk_counts  # [lanes]
         dest = torch.cumsum(counts, 0) - counts  # exclusive scan: where each lane's stream goes
         words = torch.empty(int(counts.sum()), dtype=torch.int32, device=self.device)
         while chunks:
             chunk_words, chunk_counts = chunks.pop()  # freed once copied
             src = torch.cumsum(chunk_counts, 0, dtype=torch.int64) - chunk_counts
-            _compact_kernel[(len(chunk_counts),)](chunk_words, src, chunk_counts, dest, words, BLOCK=BLOCK_ELEMS)
+            _gather_kernel[(len(chunk_counts),)](chunk_words, src, chunk_counts, dest, words, BLOCK=BLOCK_ELEMS)
             dest += chunk_counts
             del chunk_words, chunk_counts, src
         return words, counts.view(self.num_pages, self.num_lanes)

@@ -789,6 +789,7 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
                (rt._decode_values_kernel, decode)]
     if dtype == "bf16":  # the encoder does not depend on the dtype; the probe counts (tests) neither
         kernels += [(rt._encode_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}), (rt._compact_kernel, {"BLOCK": rt.BLOCK_ELEMS}),
+                    (rt._gather_kernel, {"BLOCK": rt.BLOCK_ELEMS}),
                     (rt._decode_kernel, {**decode, "COUNT_PROBES": True}),
                     (rt._encode_table_kernel, {"BLOCK_LANES": rt.BLOCK_LANES}),  # the table model: 16-bit only
                     (rt._decode_table_kernel, decode), (rt._table_params_kernel, {"BLOCK": rt.BLOCK_ELEMS})]
@@ -799,7 +800,7 @@ for dtype in ("fp8_e4m3", "bf16"):  # both NaN conventions, both symbol widths
         bits = "*i16" if spec["BITS"] == 16 else "*u8"
         types = {"q_ptr": "*fp32", "probes_ptr": "*i32", "bits_ptr": bits, "out_bits_ptr": bits,
                  "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "cum1_ptr": "*i32", "lane_ok_ptr": "*u8",
-                 "params_ptr": "*i32", "lookup_ptr": "*i64",
+                 "params_ptr": "*i32", "lookup_ptr": "*i64", "count_ptr": "*i32",
                  **({"words_ptr": "*i32", "scratch_ptr": "*i32"} if values else {})}
         sig = {a: "constexpr" if a in consts else types.get(a, "*i64" if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
@@ -822,7 +823,7 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" ok") == 14, done.stdout
+    assert done.stdout.count(" ok") == 15, done.stdout
 
 
 @pytest.mark.gpu
