@@ -18,6 +18,11 @@ nothing int64 per symbol on the device):
   ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
   dtypes: table_model's aligned lattice, a cell and its offset or zero-cell point, two
   steps per symbol; _encode_table_kernel).
+* ``Encoder(bits, dtype, num_lanes, w_wide, kappa, model)`` with ``encode(mu, sigma)`` for
+  the n symbols of every page before those coded so far, LAST CHUNK FIRST, and ``finish()
+  -> (words, lane_words)``: encode_values' bytes with float32 (mu, sigma) [P, n] a chunk at
+  a time (rans_cpu.Encoder's interface; the codec encodes through it, a chunk of rows at a
+  time). encode_values is an Encoder given one chunk.
 * ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, params=None)``: the next n
   symbols of every page from float32 (mu, sigma) [P, n] into columns [position, position +
   n) of out_bits [P, N] (storage patterns); the table model through _decode_table_kernel,
@@ -49,10 +54,16 @@ How the work is laid out:
   "Lanes"). Lanes of a page that run out of symbols (N not a multiple of NL) are masked.
 * Encode walks steps in REVERSE and writes each lane's emitted words backwards into its
   own scratch region of N_steps + 2 words (one word per step at most: after one emission
-  x < 2^31 <= freq << 35), then flushes the state (low, high) in front of them. A second
-  kernel copies each lane's variable-length stream into the contiguous output at its
-  exclusive-scan offset. ``encode`` writes int64 words in [0, 2^32) like the reference,
-  ``encode_values`` int32 holding the u32 words (its scratch is int32 too).
+  x < 2^31 <= freq << 35), then flushes the state (low, high) in front of them, and writes
+  the lane's word count. A second kernel copies each lane's variable-length stream into the
+  contiguous output at its exclusive-scan offset. ``encode`` writes int64 words in
+  [0, 2^32) like the reference, ``encode_values`` int32 holding the u32 words (its scratch
+  is int32 too). ``Encoder`` runs the value kernels on a chunk of symbols [first, first +
+  n) of every page at a time (the steps it touches; the lanes' states read from and
+  written back to an int64 array, the flush only in the chunk with first == 0), compacts
+  each chunk's words as it completes (its scratch is then freed), and ``finish`` copies the
+  chunks' streams lane by lane into the output (_gather_kernel; the last chunk coded
+  first, as its words come first in the lane's stream).
 * Decode keeps each lane's state x and read pointer in device arrays between stages; a
   decode program is one warp of DECODE_LANES = 32 lanes. Per symbol it finds the key with
   C(key) <= slot < C(key + 1) by guess and check (rans_cpu.cpp decode_stage does the same
@@ -116,11 +127,15 @@ has its table:
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
 
-* ``encode_values``: the scratch, int32 [P * NL * (S + 2)] (4 B per symbol: a lane emits at
-  most one word per step, since after an emission x < 2^31 <= freq << 35, plus its 2-word
-  final state; the table model's two steps per symbol: [P * NL * (2 S + 2)], 8 B), the
-  words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per lane (begin,
-  counts, dest). The route through the reference's wrapper it replaces held
+* ``Encoder.encode`` of a chunk of n symbols per page (S' = the steps it touches): the
+  scratch, int32 [P * NL * (S' + 2)] (4 B per symbol of the chunk: a lane emits at most one
+  word per step, since after an emission x < 2^31 <= freq << 35, plus its 2-word final
+  state; the table model's two steps per symbol: [P * NL * (2 S' + 2)], 8 B), freed once
+  the chunk's words (4 B per word, ~bits per symbol / 8 B per symbol) are compacted out
+  of it, and 4 B per lane per chunk kept (its word count) plus 8 B per lane while it is
+  compacted; the lanes' states (8 B per lane); in ``finish`` the output words beside the
+  chunks' (each chunk freed after its copy). ``encode_values`` is one chunk of S steps:
+  4 B (8 B) per symbol of the batch. The route through the reference's wrapper it replaces held
   int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
   peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
   words.

@@ -17,16 +17,18 @@ Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
 (``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
 channel). The C++ coder reads them in place, encoding and decoding (and each page's
-storage patterns when encoding), and encodes a multi-stage predictor's pages a stage at a
-time, last first (the chunked encoder, ``_code_staged``); the Triton decoder gets them
-materialised a chunk of rows at a time (``PARAMS_SHARE``; its table decoder's int32
-parameters too, ``rans_triton.table_params``, computed once per distinct (mu, sigma) of
-the broadcast rows and broadcast like them), and the Triton and reference
-encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
-patterns of the batch (none on the CPU when the caller's ``out`` pages take them in place,
-whatever their strides: e.g. a page's view of SGLang's layer_first or page_first host
-buffer; a multi-stage predictor reads its values from them), the coded words, and on the
-GPU the encoder's int32 scratch (4 B per symbol). Verifying a decoded page that is not
+storage patterns when encoding); both it and the Triton coder encode a multi-stage
+predictor's pages a stage at a time, last first (the chunked encoders, ``_code_staged``);
+the Triton decoder gets them materialised a chunk of rows at a time (``PARAMS_SHARE``; its
+table decoder's int32 parameters too, ``rans_triton.table_params``, computed once per
+distinct (mu, sigma) of the broadcast rows and broadcast like them), and so does the
+Triton encoder, last chunk first (``ENCODE_SHARE``: with the chunk's patterns and its
+int32 word scratch, 4 B per symbol, 8 B under the table model); the reference encoder
+stacks them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage patterns
+of the batch (none on the CPU when the caller's ``out`` pages take them in place, whatever
+their strides: e.g. a page's view of SGLang's layer_first or page_first host buffer; a
+multi-stage predictor reads its values from them), and the coded words (on the GPU twice
+while the Triton encoder's ``finish`` concatenates its chunks' words). Verifying a decoded page that is not
 contiguous hashes a contiguous copy of that one page (kernels/page_hash.py). Nothing
 int64 per symbol is allocated, on the CPU or the GPU. Figures: docs/BENCHMARKS.md
 "Codec scratch".
