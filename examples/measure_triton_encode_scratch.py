@@ -4,6 +4,7 @@ tensors, and every tensor the call allocates is counted.
 
     TRITON_INTERPRET=1 python examples/measure_triton_encode_scratch.py [--dtype bf16|fp8_e4m3]
         [--pages 1] [--layers 4] [--tokens 16] [--lanes 128] [--predictor page_stats|static|prev_layer]
+        [--gc-after-launch]
 
 Method: torch's profiler (``profile_memory``) records each allocation and free of torch's
 CPU allocator ([memory] events, with their sizes) in order; the peak of their running sum
@@ -23,7 +24,11 @@ page (chunks are whole (kv, layer) blocks), so per-lane arrays (4-12 B per lane 
 weigh what they would there. For the interpreter's speed only (no allocation changes):
 the kernels' BLOCK_LANES is raised to cover the batch's lanes in one program, and the two
 copy kernels (_compact_kernel, _gather_kernel: a program per lane, allocating nothing) are
-run as numpy copies into the tensors they write.
+run as numpy copies into the tensors they write. ``--gc-after-launch``: the interpreter
+keeps a launch's arguments alive until the garbage collector runs (reference cycles in its
+argument handling), so a chunk's tensors would still be counted while the next chunk
+allocates its own; a compiled launch on a GPU holds no such references. This collects
+after each encode launch.
 """
 import argparse
 import sys
@@ -87,6 +92,28 @@ def numpy_copies() -> None:
             src, begin.numpy(), counts, dest, words))
 
 
+def gc_after_launch() -> None:
+    """gc.collect() after each launch of the encode kernels (see the module docstring)."""
+    for name in ("_encode_values_kernel", "_encode_table_kernel"):
+        setattr(rt, name, _GridLaunch(getattr(rt, name)))
+
+
+class _GridLaunch:
+    """kernel[grid](...), then gc.collect()."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        import gc
+
+        def run(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            gc.collect()
+
+        return run
+
+
 def calibrated(name: str, shape: tuple[int, ...], dtype: str):
     """measure_codec_scratch.calibrated for pages of ``dtype``: fitted on two random
     sequences (its memory use is a real one, its compression is not)."""
@@ -111,6 +138,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--lanes", type=int, default=128, help="lanes per page (default %(default)s)")
     parser.add_argument("--predictor", default="page_stats", choices=("page_stats", *CALIBRATED))
+    parser.add_argument("--gc-after-launch", action="store_true", help="see the module docstring")
     args = parser.parse_args()
     if not (rt.triton.knobs.runtime.interpret or torch.cuda.is_available()):
         raise SystemExit("set TRITON_INTERPRET=1 (no CUDA GPU here)")
@@ -128,6 +156,8 @@ def main() -> None:
     expect = codec.encode_pages(pages, metas, pred, num_lanes=args.lanes)  # the C++ coder's blobs
     codec._coder = lambda device: rt  # the Triton coder on CPU tensors (the interpreter)
     numpy_copies()
+    if args.gc_after_launch:
+        gc_after_launch()
     rt.BLOCK_LANES = max(rt.BLOCK_LANES, 1 << (args.pages * args.lanes - 1).bit_length())  # one program
     codec.encode_pages(pages[:1], metas[:1], pred, num_lanes=512)  # the coder's and predictor's one-time tables
     peak, blobs = peak_bytes(lambda: codec.encode_pages(pages, metas, pred, num_lanes=args.lanes))
@@ -137,7 +167,8 @@ def main() -> None:
     returned = 4 * sum(h.stream_words for h in headers)  # the coded words (int32) the blobs hold
     raws = sum(h.raw for h in headers)
     scratch = peak - returned
-    print(f"encode: {len(pages)} x {args.dtype} {list(shape)}, {args.lanes} lanes, {args.predictor}: raw "
+    gc_note = ", gc after launches" if args.gc_after_launch else ""
+    print(f"encode{gc_note}: {len(pages)} x {args.dtype} {list(shape)}, {args.lanes} lanes, {args.predictor}: raw "
           f"{raw / 1e6:.3f} MB; peak {peak / 1e6:.3f} MB = {peak / raw:.2f}x; coded words {returned / 1e6:.3f} MB "
           f"= {returned / raw:.2f}x ({raws} pages raw); scratch {scratch / 1e6:.3f} MB = {scratch / raw:.2f}x; "
           f"blobs == the C++ coder's: {blobs == expect}")
