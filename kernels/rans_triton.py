@@ -18,6 +18,11 @@ nothing int64 per symbol on the device):
   ``model``: "exact" (entropy_model's C(k), one step per symbol) or "table" (16-bit
   dtypes: table_model's aligned lattice, a cell and its offset or zero-cell point, two
   steps per symbol; _encode_table_kernel).
+* ``Encoder(bits, dtype, num_lanes, w_wide, kappa, model)`` with ``encode(mu, sigma)`` for
+  the n symbols of every page before those coded so far, LAST CHUNK FIRST, and ``finish()
+  -> (words, lane_words)``: encode_values' bytes with float32 (mu, sigma) [P, n] a chunk at
+  a time (rans_cpu.Encoder's interface; the codec encodes through it, a chunk of rows at a
+  time). encode_values is an Encoder given one chunk.
 * ``Decoder(..., model=...).decode_values(mu, sigma, out_bits, params=None)``: the next n
   symbols of every page from float32 (mu, sigma) [P, n] into columns [position, position +
   n) of out_bits [P, N] (storage patterns); the table model through _decode_table_kernel,
@@ -49,10 +54,16 @@ How the work is laid out:
   "Lanes"). Lanes of a page that run out of symbols (N not a multiple of NL) are masked.
 * Encode walks steps in REVERSE and writes each lane's emitted words backwards into its
   own scratch region of N_steps + 2 words (one word per step at most: after one emission
-  x < 2^31 <= freq << 35), then flushes the state (low, high) in front of them. A second
-  kernel copies each lane's variable-length stream into the contiguous output at its
-  exclusive-scan offset. ``encode`` writes int64 words in [0, 2^32) like the reference,
-  ``encode_values`` int32 holding the u32 words (its scratch is int32 too).
+  x < 2^31 <= freq << 35), then flushes the state (low, high) in front of them, and writes
+  the lane's word count. A second kernel copies each lane's variable-length stream into the
+  contiguous output at its exclusive-scan offset. ``encode`` writes int64 words in
+  [0, 2^32) like the reference, ``encode_values`` int32 holding the u32 words (its scratch
+  is int32 too). ``Encoder`` runs the value kernels on a chunk of symbols [first, first +
+  n) of every page at a time (the steps it touches; the lanes' states read from and
+  written back to an int64 array, the flush only in the chunk with first == 0), compacts
+  each chunk's words as it completes (its scratch is then freed), and ``finish`` copies the
+  chunks' streams lane by lane into the output (_gather_kernel; the last chunk coded
+  first, as its words come first in the lane's stream).
 * Decode keeps each lane's state x and read pointer in device arrays between stages; a
   decode program is one warp of DECODE_LANES = 32 lanes. Per symbol it finds the key with
   C(key) <= slot < C(key + 1) by guess and check (rans_cpu.cpp decode_stage does the same
@@ -119,11 +130,15 @@ has its table:
 Device memory of the value-level path, from its allocations (not measured: no GPU here),
 per symbol of a batch of P pages of N symbols and NL lanes (S = cdiv(N, NL) steps):
 
-* ``encode_values``: the scratch, int32 [P * NL * (S + 2)] (4 B per symbol: a lane emits at
-  most one word per step, since after an emission x < 2^31 <= freq << 35, plus its 2-word
-  final state; the table model's two steps per symbol: [P * NL * (2 S + 2)], 8 B), the
-  words (4 B per word, ~bits per symbol / 8 B per symbol) and 3 x 8 B per lane (begin,
-  counts, dest). The route through the reference's wrapper it replaces held
+* ``Encoder.encode`` of a chunk of n symbols per page (S' = the steps it touches): the
+  scratch, int32 [P * NL * (S' + 2)] (4 B per symbol of the chunk: a lane emits at most one
+  word per step, since after an emission x < 2^31 <= freq << 35, plus its 2-word final
+  state; the table model's two steps per symbol: [P * NL * (2 S' + 2)], 8 B), freed once
+  the chunk's words (4 B per word, ~bits per symbol / 8 B per symbol) are compacted out
+  of it, and 4 B per lane per chunk kept (its word count) plus 8 B per lane while it is
+  compacted; the lanes' states (8 B per lane); in ``finish`` the output words beside the
+  chunks' (each chunk freed after its copy). ``encode_values`` is one chunk of S steps:
+  4 B (8 B) per symbol of the batch. The route through the reference's wrapper it replaces held
   int64 keys, mu_q, e, r, cum, keys + 1, the second C and freq: 64 B per symbol at the
   peak of its second ``cdf`` (more inside quantize_params), then an int64 scratch and int64
   words.
@@ -142,6 +157,7 @@ TRITON_INTERPRET=1 on CPU, slowly) for the self-check.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -854,27 +870,30 @@ def _rans_push(x, ptr, cum, freq, scale, active, scratch_ptr):
 
 
 @triton.jit
-def _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr):
-    """The final state in front of the lane's words (low word, then high word, < 2^31)."""
-    ptr = ptr - 2
-    tl.store(scratch_ptr + ptr, (x & _WORD_MASK).to(scratch_ptr.dtype.element_ty), mask=lane_mask)
-    tl.store(scratch_ptr + ptr + 1, (x >> _WORD_BITS).to(scratch_ptr.dtype.element_ty), mask=lane_mask)
-    tl.store(begin_ptr + offs_lane, ptr, mask=lane_mask)
+def _rans_flush(x, ptr, end, offs_lane, flush, lane_mask, scratch_ptr, count_ptr):
+    """Where ``flush``, the final state in front of the lane's words (low word, then high
+    word, < 2^31); count[lane] = its words in its scratch region (they end at ``end``), int32,
+    for every lane."""
+    ptr = tl.where(flush, ptr - 2, ptr)
+    tl.store(scratch_ptr + ptr, (x & _WORD_MASK).to(scratch_ptr.dtype.element_ty), mask=flush)
+    tl.store(scratch_ptr + ptr + 1, (x >> _WORD_BITS).to(scratch_ptr.dtype.element_ty), mask=flush)
+    tl.store(count_ptr + offs_lane, (end - ptr).to(tl.int32), mask=lane_mask)
 
 
 @triton.jit
-def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
+def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, count_ptr,
                    num_lanes, lanes_per_page, num_symbols, num_steps,
                    BLOCK_LANES: tl.constexpr):
     """rANS-encode BLOCK_LANES lanes. cum, freq: int64 [P, N]; lane g's stream is written
     backwards into scratch[g * (S + 2), (g + 1) * (S + 2)) with S = num_steps = cdiv(N, NL),
-    ending at the region's end; begin[g] receives its first word's index."""
+    ending at the region's end; count[g] (int32) receives its number of words."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
     lane = offs_lane % lanes_per_page
     offs_page = page * num_symbols  # first symbol of the lane's page
-    ptr = (offs_lane + 1) * (num_steps + 2)  # one past the region's end; writes go backwards
+    end = (offs_lane + 1) * (num_steps + 2)  # one past the region's end; writes go backwards
+    ptr = end
     x = tl.full([BLOCK_LANES], _RANS_L, tl.int64)
     for s in range(0, num_steps):
         step = num_steps - 1 - s  # in reverse: rANS is a stack
@@ -883,69 +902,85 @@ def _encode_kernel(cum_ptr, freq_ptr, scratch_ptr, begin_ptr,
         cum = tl.load(cum_ptr + offs_page + offs_sym, mask=active, other=0)
         freq = tl.load(freq_ptr + offs_page + offs_sym, mask=active, other=1)
         x, ptr = _rans_push(x, ptr, cum, freq, _PROB_BITS, active, scratch_ptr)
-    _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
+    _rans_flush(x, ptr, end, offs_lane, lane_mask, lane_mask, scratch_ptr, count_ptr)
 
 
 # Sizes, offsets and mixture parameters change from batch to batch: not specialised on
 # (Triton would compile a variant per divisibility-by-16 pattern of them), so a server
 # compiles one variant per dtype, and its warm-up at start-up covers its restores.
-@triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_symbols", "num_steps", "w_wide", "kappa"])
-def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, scratch_ptr, begin_ptr,
-                          num_lanes, lanes_per_page, num_symbols, num_steps, w_wide, kappa,
+@triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "first", "count", "num_steps", "stride_bits",
+                               "stride_mu", "w_wide", "kappa"])
+def _encode_values_kernel(bits_ptr, mu_ptr, sigma_ptr, phi_ptr, x_ptr, scratch_ptr, count_ptr,
+                          num_lanes, lanes_per_page, first, count, num_steps, stride_bits, stride_mu, w_wide, kappa,
                           BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                           BLOCK_LANES: tl.constexpr):
     """_encode_kernel with quantize_params and both C values fused (rans_cpu.cpp
-    encode_values): bits int16 (16-bit dtypes) or uint8 [P, N] storage patterns, mu, sigma
-    float32 [P, N]; scratch int32 [lanes * (S + 2)] (u32 words), begin int64 [lanes]."""
+    encode_values), for symbols [first, first + count) of every page (a chunk; Encoder):
+    bits int16 (16-bit dtypes) or uint8 [P, count] storage patterns, page p's at
+    bits_ptr + p * stride_bits; mu, sigma float32 [P, count] at stride_mu; x int64 [lanes],
+    each lane's state, read and written back (chunks run last first: rANS is a stack);
+    scratch int32 [lanes, S + 2] for the S = num_steps steps the chunk touches (u32 words,
+    each lane's written backwards from its region's end), count int32 [lanes] its number
+    of words. The chunk that starts the pages (first == 0) flushes the states in front."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
     lane = offs_lane % lanes_per_page
-    offs_page = page * num_symbols
-    ptr = (offs_lane + 1) * (num_steps + 2)
-    x = tl.full([BLOCK_LANES], _RANS_L, tl.int64)
+    bits_ptrs = bits_ptr + page * stride_bits
+    offs_page = page * stride_mu
+    end = (offs_lane + 1) * (num_steps + 2)
+    ptr = end
+    x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
+    first_step = first // lanes_per_page
     for s in range(0, num_steps):
-        step = num_steps - 1 - s
-        offs_sym = offs_page + lane + step * lanes_per_page
-        active = lane_mask & (lane + step * lanes_per_page < num_symbols)
+        step = first_step + num_steps - 1 - s  # in reverse: rANS is a stack
+        offs_sym = lane + step * lanes_per_page - first  # the symbol within the chunk
+        # a lane's ragged last step, and its symbols outside the chunk, are idle
+        active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
         # int16 loads sign-extend: the mask keeps the pattern's B bits
-        pattern = tl.load(bits_ptr + offs_sym, mask=active, other=0).to(tl.int32) & ((1 << BITS) - 1)
-        mu = tl.load(mu_ptr + offs_sym, mask=active, other=0.0)
-        sigma = tl.load(sigma_ptr + offs_sym, mask=active, other=1.0)
+        pattern = tl.load(bits_ptrs + offs_sym, mask=active, other=0).to(tl.int32) & ((1 << BITS) - 1)
+        mu = tl.load(mu_ptr + offs_page + offs_sym, mask=active, other=0.0)
+        sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=active, other=1.0)
         mu_q, e, r = _quantize(mu, sigma)
         c_lo, c_hi = _cdf_pair(_key_of_pattern(pattern, BITS), 2 * mu_q, e, _inverse(r), phi_ptr, w_wide, kappa,
                                BITS, MAN_BITS, BIAS, FN_NAN)
         x, ptr = _rans_push(x, ptr, c_lo.to(tl.int64), (c_hi - c_lo).to(tl.int64), _PROB_BITS, active, scratch_ptr)
-    _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
+    tl.store(x_ptr + offs_lane, x, mask=lane_mask)
+    _rans_flush(x, ptr, end, offs_lane, lane_mask & (first == 0), lane_mask, scratch_ptr, count_ptr)
 
 
-@triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "num_symbols", "num_steps", "w_wide", "kappa"])
-def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch_ptr, begin_ptr,
-                         num_lanes, lanes_per_page, num_symbols, num_steps, w_wide, kappa,
+@triton.jit(do_not_specialize=["num_lanes", "lanes_per_page", "first", "count", "num_steps", "stride_bits",
+                               "stride_mu", "w_wide", "kappa"])
+def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, x_ptr, scratch_ptr, count_ptr,
+                         num_lanes, lanes_per_page, first, count, num_steps, stride_bits, stride_mu, w_wide, kappa,
                          BITS: tl.constexpr, MAN_BITS: tl.constexpr, BIAS: tl.constexpr, FN_NAN: tl.constexpr,
                          BLOCK_LANES: tl.constexpr):
     """_encode_values_kernel under the table model (table_model.symbol_steps, then the
-    reference's encode with two steps per symbol): bits int16 [P, N] storage patterns, mu,
-    sigma float32 [P, N]; cum1 int32 [ROWS * ROW] (table_model.level1_table: _level1_table);
-    scratch int32 [lanes * (2 S + 2)] (a lane emits at most one word per step, two per
-    symbol), begin int64 [lanes]. Per symbol, walking backwards: level 2 (the offset's raw
-    bits, the zero cell's points or, after ESC, the exact model's C(k), C(k + 1) at scale
-    28), then the cell; a symbol that is not dense: the exact model's step alone."""
+    reference's encode with two steps per symbol): bits int16 [P, count] storage patterns
+    at stride_bits, mu, sigma float32 [P, count] at stride_mu; cum1 int32 [ROWS * ROW]
+    (table_model.level1_table: _level1_table); scratch int32 [lanes, 2 S + 2] (a lane emits
+    at most one word per step, two per symbol); x, count_ptr, first and count as
+    _encode_values_kernel's. Per symbol, walking backwards: level 2 (the offset's raw bits,
+    the zero cell's points or, after ESC, the exact model's C(k), C(k + 1) at scale 28),
+    then the cell; a symbol that is not dense: the exact model's step alone."""
     offs_lane = tl.program_id(0).to(tl.int64) * BLOCK_LANES + tl.arange(0, BLOCK_LANES)
     lane_mask = offs_lane < num_lanes
     page = offs_lane // lanes_per_page
     lane = offs_lane % lanes_per_page
-    offs_page = page * num_symbols
-    ptr = (offs_lane + 1) * (2 * num_steps + 2)
-    x = tl.full([BLOCK_LANES], _RANS_L, tl.int64)
+    bits_ptrs = bits_ptr + page * stride_bits
+    offs_page = page * stride_mu
+    end = (offs_lane + 1) * (2 * num_steps + 2)
+    ptr = end
+    x = tl.load(x_ptr + offs_lane, mask=lane_mask, other=_RANS_L)
+    first_step = first // lanes_per_page
     for s in range(0, num_steps):
-        step = num_steps - 1 - s
-        offs_sym = offs_page + lane + step * lanes_per_page
-        active = lane_mask & (lane + step * lanes_per_page < num_symbols)
+        step = first_step + num_steps - 1 - s
+        offs_sym = lane + step * lanes_per_page - first
+        active = lane_mask & (offs_sym >= 0) & (offs_sym < count)
         # int16 loads sign-extend: the mask keeps the pattern's B bits
-        pattern = tl.load(bits_ptr + offs_sym, mask=active, other=0).to(tl.int32) & ((1 << BITS) - 1)
-        mu = tl.load(mu_ptr + offs_sym, mask=active, other=0.0)
-        sigma = tl.load(sigma_ptr + offs_sym, mask=active, other=1.0)
+        pattern = tl.load(bits_ptrs + offs_sym, mask=active, other=0).to(tl.int32) & ((1 << BITS) - 1)
+        mu = tl.load(mu_ptr + offs_page + offs_sym, mask=active, other=0.0)
+        sigma = tl.load(sigma_ptr + offs_page + offs_sym, mask=active, other=1.0)
         mu_q, e, r = _quantize(mu, sigma)
         table = _dense(mu_q, e, r, MAN_BITS, BIAS)
         entry, cum, freq, scale, esc = _table_steps(pattern, _mu_cell(mu_q, table), e, BITS, MAN_BITS, BIAS)
@@ -964,12 +999,27 @@ def _encode_table_kernel(bits_ptr, mu_ptr, sigma_ptr, cum1_ptr, phi_ptr, scratch
         c1 = tl.load(row_ptr + entry, mask=active & table, other=0)  # entry in [0, NCELL]
         f1 = tl.load(row_ptr + entry + 1, mask=active & table, other=1) - c1
         x, ptr = _rans_push(x, ptr, c1.to(tl.int64), f1.to(tl.int64), _PT, active & table, scratch_ptr)
-    _rans_flush(x, ptr, offs_lane, lane_mask, scratch_ptr, begin_ptr)
+    tl.store(x_ptr + offs_lane, x, mask=lane_mask)
+    _rans_flush(x, ptr, end, offs_lane, lane_mask & (first == 0), lane_mask, scratch_ptr, count_ptr)
 
 
 @triton.jit
-def _compact_kernel(scratch_ptr, begin_ptr, count_ptr, dest_ptr, words_ptr, BLOCK: tl.constexpr):
-    """One program per lane: words[dest[g] : dest[g] + count[g]] = scratch[begin[g] : ...]."""
+def _compact_kernel(scratch_ptr, count_ptr, dest_ptr, words_ptr, region, BLOCK: tl.constexpr):
+    """One program per lane g: words[dest[g] : dest[g] + count[g]] = the last count[g]
+    words of its region of the encode kernels' scratch, scratch[g * region : (g + 1) * region]."""
+    g = tl.program_id(0).to(tl.int64)
+    count = tl.load(count_ptr + g)
+    begin = (g + 1) * region - count
+    dest = tl.load(dest_ptr + g)
+    for start in range(0, count, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < count
+        tl.store(words_ptr + dest + offs, tl.load(scratch_ptr + begin + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _gather_kernel(src_ptr, begin_ptr, count_ptr, dest_ptr, words_ptr, BLOCK: tl.constexpr):
+    """One program per lane g: words[dest[g] : dest[g] + count[g]] = src[begin[g] : ...]."""
     g = tl.program_id(0)
     begin = tl.load(begin_ptr + g)
     count = tl.load(count_ptr + g)
@@ -977,7 +1027,7 @@ def _compact_kernel(scratch_ptr, begin_ptr, count_ptr, dest_ptr, words_ptr, BLOC
     for start in range(0, count, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < count
-        tl.store(words_ptr + dest + offs, tl.load(scratch_ptr + begin + offs, mask=mask), mask=mask)
+        tl.store(words_ptr + dest + offs, tl.load(src_ptr + begin + offs, mask=mask), mask=mask)
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -1040,24 +1090,22 @@ def encode(cum: torch.Tensor, freq: torch.Tensor, num_lanes: int) -> tuple[torch
     lanes = num_pages * num_lanes
     # [lanes, num_steps + 2]: room for one word per step plus the 2-word flush
     scratch = torch.empty(lanes * (num_steps + 2), dtype=torch.int64, device=cum.device)
-    begin = torch.empty(lanes, dtype=torch.int64, device=cum.device)
+    counts = torch.empty(lanes, dtype=torch.int32, device=cum.device)
     _encode_kernel[(triton.cdiv(lanes, BLOCK_LANES),)](
-        cum, freq, scratch, begin, lanes, num_lanes, num_symbols, num_steps, BLOCK_LANES=BLOCK_LANES,
+        cum, freq, scratch, counts, lanes, num_lanes, num_symbols, num_steps, BLOCK_LANES=BLOCK_LANES,
     )
-    return _compact(scratch, begin, num_steps + 2, num_pages, num_lanes)
+    words = _compact(scratch, counts, num_steps + 2)
+    return words, counts.to(torch.int64).view(num_pages, num_lanes)
 
 
-def _compact(scratch, begin, region, num_pages, num_lanes):
-    """The lanes' streams from their scratch regions of ``region`` words each (ending at each
-    region's end, starting at begin [lanes]), concatenated: (words [W] of scratch's dtype,
-    lane_words int64 [P, NL]). One host sync (the total size)."""
-    lanes = num_pages * num_lanes
-    end = torch.arange(1, lanes + 1, dtype=torch.int64, device=scratch.device) * region
-    counts = end - begin  # [lanes]
-    dest = torch.cumsum(counts, 0) - counts  # exclusive scan: where each lane's stream goes
-    words = torch.empty(int(counts.sum()), dtype=scratch.dtype, device=scratch.device)
-    _compact_kernel[(lanes,)](scratch, begin, counts, dest, words, BLOCK=BLOCK_ELEMS)
-    return words, counts.view(num_pages, num_lanes)
+def _compact(scratch: torch.Tensor, counts: torch.Tensor, region: int) -> torch.Tensor:
+    """The lanes' streams from their scratch regions of ``region`` words each (the last
+    counts[g] words of lane g's, int32 [lanes]), concatenated: words [W] of scratch's dtype.
+    One host sync (the total size)."""
+    dest = torch.cumsum(counts, 0, dtype=torch.int64) - counts  # exclusive scan: where each lane's stream goes
+    words = torch.empty(int(counts.sum(dtype=torch.int64)), dtype=scratch.dtype, device=scratch.device)
+    _compact_kernel[(counts.numel(),)](scratch, counts, dest, words, region, BLOCK=BLOCK_ELEMS)
+    return words
 
 
 @functools.lru_cache(maxsize=8)
@@ -1123,57 +1171,132 @@ def encode_values(
     model: str = tm.MODEL_EXACT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rans_reference.encode_values in one kernel pass per symbol (quantize_params, the
-    model's steps, the rANS steps; rans_cpu.encode_values on the CPU), same bytes.
+    model's steps, the rANS steps; rans_cpu.encode_values on the CPU), same bytes: an
+    Encoder given the whole pages in one chunk.
 
     bits: storage patterns (int16 for 16-bit dtypes, else uint8), mu, sigma: float32, all
     [P, N] or [N] (or one tensor per page, stacked here) on one device; ``model``: "exact"
     (C(k) and C(k + 1), one step per symbol) or "table" (16-bit dtypes:
     table_model.symbol_steps, two steps per symbol). Returns (words int32 [W] holding the
     u32 words, lane by lane, page by page; lane_words int64 [P, NL]). One host sync (the
-    total size).
-
-    Device memory it allocates, per symbol of the batch (S = cdiv(N, NL) symbols per lane):
-    the scratch, int32 [P * NL * (S + 2)] for the exact model, [P * NL * (2 S + 2)] for the
-    table model (a lane emits at most one word per step: after one emission
-    x < 2^31 <= freq << (63 - scale); plus 2 words of final state), i.e. 4 B resp. 8 B per
-    symbol plus 8 B per lane, and the words, 4 B per word (~bits per symbol / 8 B per
-    symbol), plus 3 x 8 B per lane (begin, counts, dest), where the route through the
-    reference's wrapper (quantize_params, two cdf calls, encode) held ~100 B per symbol of
-    int64 arrays at its peak.
+    total size). Device memory: Encoder's, for a chunk of all N symbols (4 B resp. 8 B of
+    scratch per symbol); the codec encodes through Encoder a chunk at a time instead.
     """
-    em.check_mixture(w_wide, kappa)
-    b = em.symbol_bits(dtype)  # a clear error for an unknown dtype name
-    tm.check_model(model, dtype)
     bits, mu, sigma = ref._params_batch(bits), ref._params_batch(mu), ref._params_batch(sigma)
-    if bits.dtype != (torch.int16 if b == 16 else torch.uint8):
-        raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, got {bits.dtype}")
     if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or not (bits.shape == mu.shape == sigma.shape):
         raise ValueError("mu and sigma must be float32 tensors shaped like bits")
-    if num_lanes < 1:
-        raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
-    _check_device(bits, mu, sigma)
-    bits, mu, sigma = bits.contiguous(), mu.contiguous(), sigma.contiguous()
-    num_pages, num_symbols = bits.shape
-    num_steps = triton.cdiv(num_symbols, num_lanes)  # symbols per lane
-    lanes = num_pages * num_lanes
-    # [lanes, region] u32 words: one word per rANS step at most plus the 2-word flush
-    region = (2 if model == tm.MODEL_TABLE else 1) * num_steps + 2
-    scratch = torch.empty(lanes * region, dtype=torch.int32, device=bits.device)
-    begin = torch.empty(lanes, dtype=torch.int64, device=bits.device)
-    _, man_bits, bias, fn_nan = em.DTYPE_SPECS[dtype]
-    spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK_LANES=BLOCK_LANES)
-    grid = (triton.cdiv(lanes, BLOCK_LANES),)
-    if model == tm.MODEL_TABLE:
-        _encode_table_kernel[grid](
-            bits, mu, sigma, _level1_table(w_wide, kappa, bits.device), em.phi_table(bits.device), scratch, begin,
-            lanes, num_lanes, num_symbols, num_steps, w_wide, kappa, **spec,
-        )
-    else:
-        _encode_values_kernel[grid](
-            bits, mu, sigma, em.phi_table(bits.device), scratch, begin, lanes, num_lanes, num_symbols, num_steps,
-            w_wide, kappa, **spec,
-        )
-    return _compact(scratch, begin, region, num_pages, num_lanes)
+    encoder = Encoder(bits, dtype, num_lanes, w_wide, kappa, model)
+    encoder.encode(mu, sigma)
+    return encoder.finish()
+
+
+class Encoder:
+    """encode_values a chunk of symbols at a time, LAST CHUNK FIRST (rans_cpu.Encoder's
+    interface and bytes; rANS encodes in reverse: rans_reference's warning 1): the pages'
+    storage patterns at construction, then ``encode(mu, sigma)`` for the n symbols of every
+    page just before those coded so far, and ``finish()`` for (words, lane_words), the
+    bytes encode_values gives for the whole pages. So the caller materialises float32
+    (mu, sigma) a chunk at a time, and the word scratch is a chunk's.
+
+    Device memory, per chunk of n symbols of P pages (NL lanes per page, S = the steps the
+    chunk touches, <= n / NL + 2): the chunk's storage patterns when the pages were given
+    as separate tensors (stacked: [P, n], 1-2 B per symbol; a [P, N] tensor is read in
+    place), the scratch int32 [P * NL * (S + 2)] (exact model) or [P * NL * (2 S + 2)]
+    (table model: two steps per symbol), i.e. 4 B resp. 8 B per symbol of the chunk, and
+    the lanes' stream offsets (int64 [P * NL]), freed when the chunk is compacted; then
+    kept until ``finish``: the chunk's words (4 B per word, ~bits per symbol / 8 B per
+    symbol), its words per lane (int32 [P * NL]), and the lanes' states (int64 [P * NL]).
+    ``finish`` concatenates the chunks' words lane by lane into the output (held beside
+    them for the copy, freed chunk by chunk), unless there was one chunk (its words are the
+    output). One host sync per chunk (its words' count) and one in ``finish``.
+    """
+
+    def __init__(self, bits: torch.Tensor | Sequence[torch.Tensor], dtype: str, num_lanes: int,
+                 w_wide: int = em.W_WIDE, kappa: int = em.KAPPA, model: str = tm.MODEL_EXACT):
+        em.check_mixture(w_wide, kappa)
+        b = em.symbol_bits(dtype)  # a clear error for an unknown dtype name
+        tm.check_model(model, dtype)
+        if num_lanes < 1:
+            raise ValueError(f"num_lanes must be >= 1, got {num_lanes}")
+        want = torch.int16 if b == 16 else torch.uint8
+        # [P, N] read in place (a chunk is a view of it), or one [N] tensor per page (a
+        # chunk's patterns stacked from them)
+        self.batch = ref._as_batch(bits) if isinstance(bits, torch.Tensor) else None
+        self.pages = list(self.batch) if self.batch is not None else [p.reshape(-1) for p in bits]
+        if not self.pages or any(p.dtype != want or p.numel() != self.pages[0].numel() for p in self.pages):
+            raise ValueError(f"{dtype} bits must be {'int16' if b == 16 else 'uint8'}, [P, N] or one [N] tensor "
+                             "per page")
+        _check_device(*self.pages)
+        if self.batch is not None and self.batch.stride(-1) != 1:
+            self.batch = self.batch.contiguous()
+        self.dtype, self.model, self.w_wide, self.kappa = dtype, model, w_wide, kappa
+        self.num_pages, self.num_lanes = len(self.pages), num_lanes
+        self.device = self.pages[0].device
+        self.position = self.pages[0].numel()  # symbols [position, N) are coded
+        lanes = self.num_pages * num_lanes
+        self.x = torch.full((lanes,), ref.RANS_L, dtype=torch.int64, device=self.device)  # [lanes] states
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (words, int32 counts [lanes]), coding order
+
+    def encode(self, mu: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Code the n symbols before ``position`` of every page from float32 (mu, sigma) of
+        those symbols, [P, n] (or [n] for one page): one kernel launch, then the chunk's
+        words compacted out of its scratch."""
+        mu, sigma = ref._as_batch(mu), ref._as_batch(sigma)
+        n = mu.shape[-1]
+        if mu.dtype != torch.float32 or sigma.dtype != torch.float32 or mu.shape != sigma.shape:
+            raise ValueError("mu and sigma must be float32 tensors of one shape")
+        if mu.shape[0] != self.num_pages or not 1 <= n <= self.position:
+            raise ValueError(f"encode of {tuple(mu.shape)} (mu, sigma) before symbol {self.position} of "
+                             f"{self.num_pages} pages: [P, n] with 1 <= n <= {self.position}")
+        _check_device(self.pages[0], mu, sigma)
+        mu, sigma = mu.contiguous(), sigma.contiguous()
+        first = self.position - n
+        if self.batch is not None:
+            bits = self.batch[:, first : self.position]  # [P, n] view
+        else:
+            bits = torch.stack([p[first : self.position] for p in self.pages])  # [P, n]
+        lanes, num_lanes = self.num_pages * self.num_lanes, self.num_lanes
+        num_steps = triton.cdiv(self.position, num_lanes) - first // num_lanes  # the steps the chunk touches
+        # [lanes, region] u32 words: one word per rANS step at most plus the 2-word flush
+        region = (2 if self.model == tm.MODEL_TABLE else 1) * num_steps + 2
+        scratch = torch.empty(lanes * region, dtype=torch.int32, device=self.device)
+        counts = torch.empty(lanes, dtype=torch.int32, device=self.device)
+        b, man_bits, bias, fn_nan = em.DTYPE_SPECS[self.dtype]
+        spec = dict(BITS=b, MAN_BITS=man_bits, BIAS=bias, FN_NAN=fn_nan, BLOCK_LANES=BLOCK_LANES)
+        sizes = (lanes, num_lanes, first, n, num_steps, bits.stride(0), mu.stride(0), self.w_wide, self.kappa)
+        grid = (triton.cdiv(lanes, BLOCK_LANES),)
+        phi = em.phi_table(self.device)
+        if self.model == tm.MODEL_TABLE:
+            _encode_table_kernel[grid](bits, mu, sigma, _level1_table(self.w_wide, self.kappa, self.device), phi,
+                                       self.x, scratch, counts, *sizes, **spec)
+        else:
+            _encode_values_kernel[grid](bits, mu, sigma, phi, self.x, scratch, counts, *sizes, **spec)
+        del bits
+        self.chunks.append((_compact(scratch, counts, region), counts))
+        self.position = first
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(words int32 [W] holding the u32 words, lane by lane, page by page; lane_words
+        int64 [P, NL]); every symbol must be coded. A lane's stream is its chunks' words in
+        symbol order (the flush first): the last chunk coded first."""
+        if self.position:
+            raise ValueError(f"finish() with symbols [0, {self.position}) not coded")
+        chunks, self.chunks = self.chunks, []
+        if len(chunks) == 1:
+            words, counts = chunks[0]
+            return words, counts.to(torch.int64).view(self.num_pages, self.num_lanes)
+        counts = torch.zeros(self.num_pages * self.num_lanes, dtype=torch.int64, device=self.device)
+        for _, chunk_counts in chunks:
+            counts += chunk_counts  # [lanes]
+        dest = torch.cumsum(counts, 0) - counts  # exclusive scan: where each lane's stream goes
+        words = torch.empty(int(counts.sum()), dtype=torch.int32, device=self.device)
+        while chunks:
+            chunk_words, chunk_counts = chunks.pop()  # freed once copied
+            src = torch.cumsum(chunk_counts, 0, dtype=torch.int64) - chunk_counts
+            _gather_kernel[(len(chunk_counts),)](chunk_words, src, chunk_counts, dest, words, BLOCK=BLOCK_ELEMS)
+            dest += chunk_counts
+            del chunk_words, chunk_counts, src
+        return words, counts.view(self.num_pages, self.num_lanes)
 
 
 # ---- Decoder ------------------------------------------------------------------------------

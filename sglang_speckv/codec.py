@@ -17,16 +17,18 @@ Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
 (``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
 channel). The C++ coder reads them in place, encoding and decoding (and each page's
-storage patterns when encoding), and encodes a multi-stage predictor's pages a stage at a
-time, last first (the chunked encoder, ``_code_staged``); the Triton decoder gets them
-materialised a chunk of rows at a time (``PARAMS_SHARE``; its table decoder's int32
-parameters too, ``rans_triton.table_params``, computed once per distinct (mu, sigma) of
-the broadcast rows and broadcast like them), and the Triton and reference
-encoders stack them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage
-patterns of the batch (none on the CPU when the caller's ``out`` pages take them in place,
-whatever their strides: e.g. a page's view of SGLang's layer_first or page_first host
-buffer; a multi-stage predictor reads its values from them), the coded words, and on the
-GPU the encoder's int32 scratch (4 B per symbol). Verifying a decoded page that is not
+storage patterns when encoding); both it and the Triton coder encode a multi-stage
+predictor's pages a stage at a time, last first (the chunked encoders, ``_code_staged``);
+the Triton decoder gets them materialised a chunk of rows at a time (``PARAMS_SHARE``; its
+table decoder's int32 parameters too, ``rans_triton.table_params``, computed once per
+distinct (mu, sigma) of the broadcast rows and broadcast like them), and so does the
+Triton encoder, last chunk first (``ENCODE_SHARE``: with the chunk's patterns and its
+int32 word scratch, 4 B per symbol, 8 B under the table model); the reference encoder
+stacks them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage patterns
+of the batch (none on the CPU when the caller's ``out`` pages take them in place, whatever
+their strides: e.g. a page's view of SGLang's layer_first or page_first host buffer; a
+multi-stage predictor reads its values from them), and the coded words (on the GPU twice
+while the Triton encoder's ``finish`` concatenates its chunks' words). Verifying a decoded page that is not
 contiguous hashes a contiguous copy of that one page (kernels/page_hash.py). Nothing
 int64 per symbol is allocated, on the CPU or the GPU. Figures: docs/BENCHMARKS.md
 "Codec scratch".
@@ -168,22 +170,23 @@ def _checked_rows(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
 # A stage is decoded in chunks whose (mu, sigma) rows take at most this share of the pages'
 # raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16 page, 8x an fp8 one).
 PARAMS_SHARE = 0.125
-# The encoder needs each page's (mu, sigma) whole (a lane's rANS steps run backwards over
-# the page); it codes a batch's pages in runs whose materialised (mu, sigma) pass this share
-# of the batch's raw bytes by at most one page's (per-symbol predictions: 4x a bf16 page).
+# A batch's pages are coded in runs whose (mu, sigma) held whole (the torch reference's
+# encoder: per-symbol predictions, 4x a bf16 page) or seen copies (a multi-stage predictor
+# under the chunked encoders: 1x) pass this share of the batch's raw bytes by at most one
+# page's.
 PARAMS_SHARE_ENCODE = 1.0
-# Bytes per symbol an encoder materialises itself, counted against the same budget: the
-# Triton encoder stacks float32 (mu, sigma) ([P, N] each) and holds an int32 scratch of up to
-# two words per step (table model); the C++ encoder reads everything in place and hands its
-# scratch back as it goes.
-ENCODER_BYTES = {"cuda": 16}
+# The Triton encoder (rans_triton.Encoder) codes a stage in chunks whose materialised
+# float32 (mu, sigma), stacked storage patterns and word scratch (one int32 per rANS step:
+# 4 B per symbol, 8 B under the table model) take at most this share of the pages' raw bytes.
+ENCODE_SHARE = 0.25
 
 
-def _chunks(preds, n: int, page_bytes: int, symbol_bytes: int = 8) -> list[tuple[int, int]]:
+def _chunks(preds, n: int, page_bytes: int, symbol_bytes: int = 8, share: float = PARAMS_SHARE) -> list[tuple[int, int]]:
     """Ranges [c0, c1) of a stage's n symbols, each ending on a row of every page's
     prediction (so _flat_range is a view plus a copy of the range), each as long as
-    PARAMS_SHARE of a page's raw bytes allows at ``symbol_bytes`` of parameters per symbol
-    (mu and sigma; the table decoder's int32 params too on the GPU), and at least one row."""
+    ``share`` of a page's raw bytes allows at ``symbol_bytes`` per symbol (mu and sigma; the
+    table decoder's int32 params too on the GPU; the encoder's patterns and scratch), and
+    at least one row."""
     row = 1
     for pred in preds:  # (mu, sigma) or (mu, sigma, params)
         for t in pred:
@@ -191,7 +194,7 @@ def _chunks(preds, n: int, page_bytes: int, symbol_bytes: int = 8) -> list[tuple
                 row = math.lcm(row, t[0].numel())
     if row > n or n % row:
         row = n
-    target = max(1, int(page_bytes * PARAMS_SHARE) // symbol_bytes)  # symbols whose parameters fit the share
+    target = max(1, int(page_bytes * share) // symbol_bytes)  # symbols whose parameters fit the share
     step = max(row, target // row * row)
     return [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
 
@@ -215,6 +218,19 @@ def _flat_range(t: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         return t[c0:c1]
     row = t[0].numel()
     return t[c0 // row : c1 // row].reshape(-1)
+
+
+def _stack_range(preds, c0: int, c1: int, device: torch.device) -> list[torch.Tensor]:
+    """Symbols [c0, c1) (a _chunks range) of every page's predictions (per page a tuple of
+    tensors [rows, ...]), as contiguous [P, c1 - c0] tensors on ``device``, one per tuple
+    element (a view of one page's when it is contiguous there)."""
+    if len(preds) == 1:
+        return [_flat_range(t, c0, c1).to(device).contiguous()[None] for t in preds[0]]
+    chunk = [torch.empty((len(preds), c1 - c0), dtype=t.dtype, device=device) for t in preds[0]]
+    for j, pred in enumerate(preds):
+        for dest, t in zip(chunk, pred):
+            dest[j] = _flat_range(t, c0, c1)
+    return chunk
 
 
 # ---- Encode -----------------------------------------------------------------------------
@@ -267,6 +283,13 @@ def _cpp(device: torch.device) -> bool:
     return _coder(device) is rans_cpu and rans_cpu.available()
 
 
+def _staged(device: torch.device) -> bool:
+    """Whether pages on ``device`` are encoded a stage at a time, last first (_code_staged):
+    by the C++ coder (reading the rows in place) or the Triton coder (rans_triton.Encoder, a
+    chunk of rows at a time); the torch reference takes (mu, sigma) whole."""
+    return _cpp(device) or _coder(device) is not rans_cpu
+
+
 def _prepare(page, meta, predictor, stages, w_wide, kappa, lanes, model) -> _Prepared:
     """Side info, bit patterns ([numel], int16 / uint8) and what the coder needs of the
     predictor: a one-stage predictor's predict_rows (possibly broadcast views, read in
@@ -287,7 +310,7 @@ def _prepare(page, meta, predictor, stages, w_wide, kappa, lanes, model) -> _Pre
         prepared.mu, prepared.sigma = _checked_rows(
             predictor.predict_rows(meta, side, _nan_page(meta, page.device, False), 0), meta.numel, predictor.name)
         return prepared
-    if _cpp(page.device):
+    if _staged(page.device):
         prepared.seen = page.clone(memory_format=torch.contiguous_format)
         return prepared
     # What the decoder will know at stage s: the values of stages < s, NaN elsewhere, in the
@@ -352,7 +375,6 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
         for n, i in enumerate(members):
             run.append((i, _prepare(pages[i], metas[i], predictor, list(stages), w_wide, kappa, lanes, m)))
             held += run[-1][1].held() + stage_bytes * (run[-1][1].seen is not None)
-            held += ENCODER_BYTES.get(device.type, 0) * numel
             if held >= params_budget or n + 1 == len(members):
                 retry += _code_run(run, predictor, device, dtype, lanes, w_wide, kappa, m, blobs)
                 held = 0
@@ -372,8 +394,8 @@ def _code_run(run: list, predictor, device, dtype, lanes, w_wide, kappa, model, 
     Returns the indices whose page the table model left raw (worth the exact model's try)."""
     index, prepared = zip(*run)
     run.clear()
-    if _cpp(device):
-        words, lane_words = _code_staged(prepared, predictor, dtype, lanes, w_wide, kappa, model)
+    if _staged(device):
+        words, lane_words = _code_staged(prepared, predictor, device, dtype, lanes, w_wide, kappa, model)
     else:
         words, lane_words = _coder(device).encode_values([p.bits for p in prepared], [p.mu for p in prepared],
                                                          [p.sigma for p in prepared], dtype, lanes, w_wide, kappa,
@@ -392,13 +414,19 @@ def _code_run(run: list, predictor, device, dtype, lanes, w_wide, kappa, model, 
     return retry
 
 
-def _code_staged(prepared, predictor, dtype, lanes, w_wide, kappa, model) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunked encoder (rans_cpu.Encoder) over pages of one stage layout: the last stage
-    first, each stage's predictions made just before it is coded from what the decoder will
-    know then (``seen``: stages < s, NaN from stage s on), so that a multi-stage predictor's
-    (mu, sigma) exist a stage at a time. One-stage pages pass their rows."""
-    encoder = rans_cpu.Encoder([p.bits for p in prepared], dtype, lanes, w_wide, kappa, model)
+def _code_staged(prepared, predictor, device, dtype, lanes, w_wide, kappa, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked encoder (rans_cpu.Encoder, rans_triton.Encoder) over pages of one stage
+    layout: the last stage first, each stage's predictions made just before it is coded from
+    what the decoder will know then (``seen``: stages < s, NaN from stage s on), so that a
+    multi-stage predictor's (mu, sigma) exist a stage at a time. One-stage pages pass their
+    rows. The C++ encoder reads a stage's rows in place; the Triton one gets them
+    materialised a chunk at a time (ENCODE_SHARE), last chunk first. What the pages held is
+    freed before the encoder's ``finish`` (which assembles the words)."""
+    encoder = _coder(device).Encoder([p.bits for p in prepared], dtype, lanes, w_wide, kappa, model)
     stages = prepared[0].stages
+    page_bytes = prepared[0].meta.numel * em.symbol_bits(dtype) // 8
+    # per symbol of a Triton chunk: float32 (mu, sigma), the stacked patterns, the scratch
+    symbol_bytes = 8 + em.symbol_bits(dtype) // 8 + (8 if model == tm.MODEL_TABLE else 4)
     for s in reversed(range(len(stages) - 1)):
         a, b = stages[s], stages[s + 1]
         mu, sigma = [], []
@@ -410,8 +438,16 @@ def _code_staged(prepared, predictor, dtype, lanes, w_wide, kappa, model) -> tup
                 rows = _checked_rows(predictor.predict_rows(p.meta, p.coded.side, p.seen, s), b - a, predictor.name)
             mu.append(rows[0])
             sigma.append(rows[1])
-        encoder.encode(mu, sigma)
+        if _cpp(device):
+            encoder.encode(mu, sigma)
+        else:
+            preds = list(zip(mu, sigma))
+            for c0, c1 in reversed(_chunks(preds, b - a, page_bytes, symbol_bytes, ENCODE_SHARE)):
+                encoder.encode(*_stack_range(preds, c0, c1, device))
+            del preds
         del mu, sigma, rows
+    for p in prepared:
+        p.mu = p.sigma = p.seen = None
     return encoder.finish()
 
 
@@ -577,13 +613,7 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
         if packed:
             preds = [(mu, sigma, _table_params_rows(coder, mu, sigma, dtype)) for mu, sigma in preds]
         for c0, c1 in _chunks(preds, b - a, numel * em.symbol_bits(dtype) // 8, 12 if packed else 8):
-            if len(members) == 1:
-                chunk = [_flat_range(t, c0, c1).to(device).contiguous()[None] for t in preds[0]]
-            else:  # [P, c1 - c0] each
-                chunk = [torch.empty((len(members), c1 - c0), dtype=t.dtype, device=device) for t in preds[0]]
-                for j, pred in enumerate(preds):
-                    for dest, t in zip(chunk, pred):
-                        dest[j] = _flat_range(t, c0, c1)
+            chunk = _stack_range(preds, c0, c1, device)  # [P, c1 - c0] each
             decoder.decode_values(*chunk[:2], bits, *([chunk[2]] if packed else []))
             del chunk
         del preds
