@@ -232,10 +232,10 @@ class _Coded:
 @dataclass
 class _Prepared:
     """One page ready for the coder: its blob so far, storage patterns ([numel], the
-    page's own memory when contiguous), stage boundaries, and either its (mu, sigma) (rows
-    for a one-stage predictor; the stages' rows concatenated when the coder needs the page
-    whole) or, for the chunked encoder, ``seen``: what the decoder will know, a storage
-    copy of the page whose stages are NaN'd from the last one back as they are coded."""
+    page's own memory when contiguous), stage boundaries, and, for the Triton and reference
+    encoders, its (mu, sigma) (rows for a one-stage predictor; the stages' rows
+    concatenated, the coder needing the page whole). The chunked encoder predicts as it
+    codes (_code_staged): nothing held."""
 
     coded: _Coded
     meta: PageMeta
@@ -243,11 +243,10 @@ class _Prepared:
     stages: list[int]
     mu: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
-    seen: torch.Tensor | None = None
 
     def held(self) -> int:
         """Bytes this page holds until it is coded beyond its own patterns."""
-        return sum(t.untyped_storage().nbytes() for t in (self.mu, self.sigma, self.seen) if t is not None)
+        return sum(t.untyped_storage().nbytes() for t in (self.mu, self.sigma) if t is not None)
 
 
 def _nan_page(meta: PageMeta, device: torch.device, materialise: bool) -> torch.Tensor:
@@ -260,19 +259,30 @@ def _nan_page(meta: PageMeta, device: torch.device, materialise: bool) -> torch.
 
 
 def _cpp(device: torch.device) -> bool:
-    """Whether the C++ coder codes pages on ``device``: it reads prediction rows in place
-    (a decoder stage in one call) and encodes with the chunked encoder (rans_cpu.Encoder: a
-    stage at a time, last first, so a multi-stage predictor's (mu, sigma) exist a stage at
-    a time); else the coder takes (mu, sigma) materialised."""
+    """Whether the C++ coder codes pages on ``device``: it reads prediction rows in place,
+    a few of a stage's parts at a time (_part_chunks), decoding and encoding (the chunked
+    encoder, rans_cpu.Encoder: last part first, so that a page's (mu, sigma) exist a chunk
+    at a time); else the coder takes (mu, sigma) materialised."""
     return _coder(device) is rans_cpu and rans_cpu.available()
+
+
+def _part_chunks(predictor: Predictor, meta: PageMeta, stage: int, symbols: int) -> list[tuple[int, int]]:
+    """Ranges [p0, p1) of the ``predictor.parts`` of a stage of ``symbols`` symbols that the
+    C++ coder asks predict_rows for at once: as many parts as float32 (mu, sigma), 8 bytes
+    per symbol, fit in PARAMS_SHARE of the page's raw bytes, and at least one. ValueError
+    for a part count that does not divide the stage."""
+    parts = predictor.parts(meta, stage)
+    if parts < 1 or symbols % parts:
+        raise ValueError(f"{predictor.name}: {parts} parts of a stage of {symbols} symbols (must divide it)")
+    step = max(1, int(_raw_bytes(meta) * PARAMS_SHARE) // (8 * (symbols // parts)))
+    return [(p0, min(parts, p0 + step)) for p0 in range(0, parts, step)]
 
 
 def _prepare(page, meta, predictor, stages, w_wide, kappa, lanes, model) -> _Prepared:
     """Side info, bit patterns ([numel], int16 / uint8) and what the coder needs of the
-    predictor: a one-stage predictor's predict_rows (possibly broadcast views, read in
-    place by the C++ coder); for a multi-stage one, for the chunked encoder the page's
-    ``seen`` copy (the stages are predicted as they are coded: _code_staged), else the
-    stages' rows predicted now and concatenated into one [numel] each."""
+    predictor: for the chunked encoder nothing (it predicts as it codes: _code_staged);
+    else a one-stage predictor's predict_rows (possibly broadcast views), or a multi-stage
+    one's stages' rows predicted now and concatenated into one [numel] each."""
     page = _storage_view(page, meta)
     bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
     side = predictor.side_info(page, meta)  # the page as stored: no float32 copy of it
@@ -283,12 +293,11 @@ def _prepare(page, meta, predictor, stages, w_wide, kappa, lanes, model) -> _Pre
         kappa=kappa, num_lanes=lanes, side_bytes=len(side), model=model,
     )  # fmt: skip
     prepared = _Prepared(_Coded(header, side, page), meta, bits, stages)
+    if _cpp(page.device):
+        return prepared
     if len(stages) == 2:  # one stage: what the decoder knows is a broadcast NaN
         prepared.mu, prepared.sigma = _checked_rows(
             predictor.predict_rows(meta, side, _nan_page(meta, page.device, False), 0), meta.numel, predictor.name)
-        return prepared
-    if _cpp(page.device):
-        prepared.seen = page.clone(memory_format=torch.contiguous_format)
         return prepared
     # What the decoder will know at stage s: the values of stages < s, NaN elsewhere, in the
     # storage dtype (_nan_page), filled in as the stages go; the stages' rows flattened into
@@ -344,14 +353,13 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
     params_budget = PARAMS_SHARE_ENCODE * sum(_raw_bytes(meta) for meta in metas)
     for (numel, lanes, device, dtype, stages), members in groups.items():
         m = model or model_for(dtype)
-        # Pages go to the coder together until what they hold (_Prepared.held: one-stage
-        # predictions, per symbol 4x a bf16 page; or the chunked encoder's seen copies and
-        # its largest stage's predictions) passes the budget, then the next run starts.
-        stage_bytes = 8 * max(b - a for a, b in zip(stages, stages[1:])) if len(stages) > 2 else 0
+        # Pages go to the coder together until what they hold (_Prepared.held: predictions,
+        # per symbol 4x a bf16 page; none for the chunked encoder, whose chunks of parts
+        # take PARAMS_SHARE of each page) passes the budget, then the next run starts.
         run, held = [], 0
         for n, i in enumerate(members):
             run.append((i, _prepare(pages[i], metas[i], predictor, list(stages), w_wide, kappa, lanes, m)))
-            held += run[-1][1].held() + stage_bytes * (run[-1][1].seen is not None)
+            held += run[-1][1].held()
             held += ENCODER_BYTES.get(device.type, 0) * numel
             if held >= params_budget or n + 1 == len(members):
                 retry += _code_run(run, predictor, device, dtype, lanes, w_wide, kappa, m, blobs)
@@ -394,24 +402,29 @@ def _code_run(run: list, predictor, device, dtype, lanes, w_wide, kappa, model, 
 
 def _code_staged(prepared, predictor, dtype, lanes, w_wide, kappa, model) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked encoder (rans_cpu.Encoder) over pages of one stage layout: the last stage
-    first, each stage's predictions made just before it is coded from what the decoder will
-    know then (``seen``: stages < s, NaN from stage s on), so that a multi-stage predictor's
-    (mu, sigma) exist a stage at a time. One-stage pages pass their rows."""
+    first and within a stage its last chunk of parts first (_part_chunks), each chunk's
+    predictions made just before it is coded, so that a page's (mu, sigma) exist a chunk at
+    a time. What the predictor sees is what the decoder will know as far as it may read
+    (stages < s): a multi-stage predictor gets the page itself (no copy; stages >= s hold
+    the page's values, not the decoder's NaN: predictors/base.py), a one-stage one the
+    decoder's broadcast NaN."""
     encoder = rans_cpu.Encoder([p.bits for p in prepared], dtype, lanes, w_wide, kappa, model)
     stages = prepared[0].stages
+    single = len(stages) == 2
     for s in reversed(range(len(stages) - 1)):
         a, b = stages[s], stages[s + 1]
-        mu, sigma = [], []
-        for p in prepared:
-            if p.seen is None:
-                rows = p.mu, p.sigma
-            else:
-                p.seen.view(-1)[a:b] = torch.full((), float("nan"), dtype=p.seen.dtype)
-                rows = _checked_rows(predictor.predict_rows(p.meta, p.coded.side, p.seen, s), b - a, predictor.name)
-            mu.append(rows[0])
-            sigma.append(rows[1])
-        encoder.encode(mu, sigma)
-        del mu, sigma, rows
+        chunks = _part_chunks(predictor, prepared[0].meta, s, b - a)
+        per_part = (b - a) // chunks[-1][1]
+        for p0, p1 in reversed(chunks):
+            mu, sigma = [], []
+            for p in prepared:
+                values = _nan_page(p.meta, p.coded.page.device, False) if single else p.coded.page
+                rows = predictor.predict_rows(p.meta, p.coded.side, values, s, (p0, p1))
+                mu_p, sigma_p = _checked_rows(rows, (p1 - p0) * per_part, predictor.name)
+                mu.append(mu_p)
+                sigma.append(sigma_p)
+            encoder.encode(mu, sigma)
+            del mu, sigma, rows, mu_p, sigma_p
     return encoder.finish()
 
 
@@ -557,20 +570,31 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
         for page_bits, (_, _, meta) in zip(bits, members):
             page_bits.view(torch_dtype).view(shape).copy_(_nan_page(meta, device, False))
     failed: dict[int, fmt.BlobError] = {}
-    for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        preds = []  # per page (mu, sigma) [rows, ...], possibly broadcast views
+
+    def predict(s: int, n: int, parts: tuple[int, int] | None) -> list:
+        """Per page (mu, sigma) [rows, ...] of n symbols of stage s, possibly broadcast views."""
+        preds = []
         for j, (_, parsed, meta) in enumerate(members):
             page_values = _nan_page(meta, device, False) if single else bits[j].view(torch_dtype).view(shape)
             try:
-                preds.append(_checked_rows(predictor.predict_rows(meta, parsed.side, page_values, s), b - a, predictor.name))
+                rows = predictor.predict_rows(meta, parsed.side, page_values, s, *([parts] if parts else []))
+                preds.append(_checked_rows(rows, n, predictor.name))
             except (ValueError, RuntimeError) as err:  # bad side info: this page only
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
-                zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(b - a) for v in (0.0, 1.0))
+                zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(n) for v in (0.0, 1.0))
                 preds.append((zero, one))
-        if _cpp(device):  # the C++ coder reads the rows in place
-            decoder.decode_values([mu for mu, _ in preds], [sigma for _, sigma in preds], bits)
-            del preds
+        return preds
+
+    for s, (a, b) in enumerate(zip(stages, stages[1:])):
+        if _cpp(device):  # the C++ coder reads the rows in place, a chunk of parts at a time
+            chunks = _part_chunks(predictor, members[0][2], s, b - a)
+            per_part = (b - a) // chunks[-1][1]
+            for p0, p1 in chunks:
+                preds = predict(s, (p1 - p0) * per_part, (p0, p1))
+                decoder.decode_values([mu for mu, _ in preds], [sigma for _, sigma in preds], bits)
+                del preds
             continue
+        preds = predict(s, b - a, None)
         # the Triton table decoder's parameters, quantised per distinct (mu, sigma) here
         # rather than per symbol in its step loop (mu and sigma feed its rare exact steps only)
         packed = hasattr(coder, "table_params") and header0.model == tm.MODEL_TABLE

@@ -176,15 +176,27 @@ class LinearGaussianPredictor(Predictor):
         mu, sigma = self.predict_rows(meta, side, values, stage)
         return mu.reshape(-1), sigma.reshape(-1)
 
-    def predict_rows(self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int):
+    def parts(self, meta: PageMeta, stage: int) -> int:
+        """static_rope: a part per (kv, layer) block of its one stage (per-symbol rows);
+        static: one (broadcast rows); with sources: one (the stage is a block)."""
+        return 2 * self._layers if self.spec.rope and not self._has_sources() else 1
+
+    def predict_rows(self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int,
+                     parts: tuple[int, int] | None = None):
         """Rows [blocks, tokens, heads * dim], float32: one block per stage with sources, all
-        2L blocks in the one stage of a static predictor. Computed a block at a time (float64,
-        rounded once into the rows); static without RoPE is the same for every token, so its
-        rows are per-channel values broadcast over the tokens (stride 0: nothing per symbol)."""
+        2L blocks in the one stage of a static predictor (``parts``: blocks p0 .. p1 - 1 of
+        them, static_rope). Computed a block at a time (float64, rounded once into the rows);
+        static without RoPE is the same for every token, so its rows are per-channel values
+        broadcast over the tokens (stride 0: nothing per symbol)."""
         self._check(meta, values)
         t, c = meta.shape[2], self._heads * self._dim
         params = self.params(values.device)
         targets = [divmod(stage, self._layers)] if self._has_sources() else [(kv, l) for kv in (K, V) for l in range(self._layers)]
+        p0, p1 = parts or (0, self.parts(meta, stage))
+        if not 0 <= p0 < p1 <= self.parts(meta, stage):
+            raise ValueError(f"{self.name}: parts [{p0}, {p1}) of a stage of {self.parts(meta, stage)}")
+        if self.parts(meta, stage) > 1:
+            targets = targets[p0:p1]
         if not self._has_sources() and not self.spec.rope:
             p = [params[key] for key in targets]
             mu = torch.stack([b["bias"] * b["unit"] for b in p])  # [blocks, C]: what mean() gives every token
