@@ -17,8 +17,9 @@ Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
 (``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
 channel). The C++ coder reads them in place, encoding and decoding (and each page's
-storage patterns when encoding), and encodes a multi-stage predictor's pages a stage at a
-time, last first (the chunked encoder, ``_code_staged``); the Triton decoder gets them
+storage patterns when encoding), a chunk of a stage's parts at a time (``Predictor.parts``,
+``_part_chunks``: within PARAMS_SHARE of the page), the encoder last stage and last chunk
+first (the chunked encoder, ``_code_staged``); the Triton decoder gets them
 materialised a chunk of rows at a time (``PARAMS_SHARE``; its table decoder's int32
 parameters too, ``rans_triton.table_params``, computed once per distinct (mu, sigma) of
 the broadcast rows and broadcast like them), and the Triton and reference
@@ -165,11 +166,12 @@ def _checked_rows(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
     return tuple(out)
 
 
-# A stage is decoded in chunks whose (mu, sigma) rows take at most this share of the pages'
-# raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16 page, 8x an fp8 one).
+# A stage is decoded (and on the CPU encoded) in chunks whose (mu, sigma) rows take at most
+# this share of the pages' raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16
+# page, 8x an fp8 one); on the CPU chunks of the predictor's parts (_part_chunks).
 PARAMS_SHARE = 0.125
-# The encoder needs each page's (mu, sigma) whole (a lane's rANS steps run backwards over
-# the page); it codes a batch's pages in runs whose materialised (mu, sigma) pass this share
+# The Triton and reference encoders need each page's (mu, sigma) whole (a lane's rANS steps
+# run backwards over the page); they code a batch's pages in runs whose materialised (mu, sigma) pass this share
 # of the batch's raw bytes by at most one page's (per-symbol predictions: 4x a bf16 page).
 PARAMS_SHARE_ENCODE = 1.0
 # Bytes per symbol an encoder materialises itself, counted against the same budget: the

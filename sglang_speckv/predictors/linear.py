@@ -109,7 +109,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+    out = torch.empty_like(x)  # filled op by op (each rounded once, as x1 * c - x2 * s): a half block of scratch
+    torch.mul(x1, c, out=out[..., :half]).sub_(x2 * s)
+    torch.mul(x2, c, out=out[..., half : 2 * half]).add_(x1 * s)
+    out[..., 2 * half :] = rest
+    return out
 
 
 def rotate_sigma(sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,13 +132,13 @@ def block_features(values: torch.Tensor, kv: int, layer: int, cos_sin, rotary: b
     ``cos_sin`` is rope_cos_sin's per-layer list)."""
     scale = 2.0**in_exp  # a Python float (exact: |in_exp| <= 60), valid on every device
     limit = float(1 << INPUT_BITS)
-    x = values[kv, layer].to(torch.float64)  # [T, H, D]
-    x = x.clamp(-2 * limit / scale, 2 * limit / scale)  # +-inf -> finite; rotation cannot overflow
-    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    x = values[kv, layer].to(torch.float64, copy=True)  # [T, H, D]; the ops below in place (one block of scratch)
+    x.clamp_(-2 * limit / scale, 2 * limit / scale)  # +-inf -> finite; rotation cannot overflow
+    x.masked_fill_(torch.isnan(x), 0.0)
     if rotary:
         cos, sin = cos_sin[layer]
         x = rotate(x, cos, -sin)  # back to before RoPE
-    x = (x * scale).clamp(-limit, limit).round()
+    x.mul_(scale).clamp_(-limit, limit).round_()
     return x.reshape(x.shape[0], -1)
 
 
@@ -278,5 +282,6 @@ class LinearGaussianPredictor(Predictor):
                 [block_features(values, skv, sl, cos_sin, self.rotary(skv), int(self.calib.in_exp[skv, sl])) for skv, sl in sources],
                 dim=1,
             )  # [T, F]
-            acc = x @ p["coef_t"] + acc  # exact integers (module docstring)
+            acc = (x @ p["coef_t"]).add_(acc)  # exact integers (module docstring)
+            return acc.mul_(p["unit"]).reshape(t, self._heads, self._dim)
         return (acc * p["unit"]).reshape(t, self._heads, self._dim)
