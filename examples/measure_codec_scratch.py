@@ -88,7 +88,7 @@ def model_pages(count: int, tokens: int):
     shape = (2, pred._layers, tokens, pred._heads, pred._dim)
     metas = [PageMeta("bf16", shape, i * tokens, tuple(ids[i * tokens:(i + 1) * tokens]), tuple(ids[:i * tokens]))
              for i in range(count)]  # fmt: skip
-    pages = [(pred.kv(m) + 0.05 * torch.randn(shape)).to(torch.bfloat16) for m in metas]
+    pages = [(pred.kv(m) + 0.05 * torch.randn(shape)).to(torch.bfloat16).contiguous() for m in metas]
     return pred, pages, metas
 
 
