@@ -17,18 +17,20 @@ Memory: a call codes its pages in batches of at most ``batch_bytes`` raw bytes (
 field ``coding_batch_bytes``; one page at least). Predictions come as rows
 (``Predictor.predict_rows``, possibly broadcast views: page_stats holds one (mu, sigma) per
 channel). The C++ coder reads them in place, encoding and decoding (and each page's
-storage patterns when encoding); both it and the Triton coder encode a multi-stage
-predictor's pages a stage at a time, last first (the chunked encoders, ``_code_staged``);
-the Triton decoder gets them materialised a chunk of rows at a time (``PARAMS_SHARE``; its
+storage patterns when encoding), a chunk of a stage's parts at a time (``Predictor.parts``,
+``_part_chunks``: within PARAMS_SHARE of the page). Both it and the Triton coder encode a
+page stage by stage, last stage and last chunk first (the chunked encoders,
+``_code_staged``), so that a page's (mu, sigma) exist a chunk at a time. The Triton coder
+gets them materialised a chunk of rows at a time: the decoder within PARAMS_SHARE (its
 table decoder's int32 parameters too, ``rans_triton.table_params``, computed once per
-distinct (mu, sigma) of the broadcast rows and broadcast like them), and so does the
-Triton encoder, last chunk first (``ENCODE_SHARE``: with the chunk's patterns and its
-int32 word scratch, 4 B per symbol, 8 B under the table model); the reference encoder
-stacks them ([P, N] float32, [P, N] patterns). Beyond that: the decoded storage patterns
-of the batch (none on the CPU when the caller's ``out`` pages take them in place, whatever
-their strides: e.g. a page's view of SGLang's layer_first or page_first host buffer; a
-multi-stage predictor reads its values from them), and the coded words (on the GPU twice
-while the Triton encoder's ``finish`` concatenates its chunks' words). Verifying a decoded page that is not
+distinct (mu, sigma) of the broadcast rows and broadcast like them), the encoder within
+ENCODE_SHARE (with the chunk's patterns and its int32 word scratch, 4 B per symbol, 8 B
+under the table model); the reference encoder stacks them ([P, N] float32, [P, N]
+patterns). Beyond that: the decoded storage patterns of the batch (none on the CPU when
+the caller's ``out`` pages take them in place, whatever their strides: e.g. a page's view
+of SGLang's layer_first or page_first host buffer; a multi-stage predictor reads its
+values from them), and the coded words (on the GPU twice while the Triton encoder's
+``finish`` concatenates its chunks' words). Verifying a decoded page that is not
 contiguous hashes a contiguous copy of that one page (kernels/page_hash.py). Nothing
 int64 per symbol is allocated, on the CPU or the GPU. Figures: docs/BENCHMARKS.md
 "Codec scratch".
@@ -167,13 +169,14 @@ def _checked_rows(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
     return tuple(out)
 
 
-# A stage is decoded in chunks whose (mu, sigma) rows take at most this share of the pages'
-# raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16 page, 8x an fp8 one).
+# A stage is decoded (and on the CPU encoded) in chunks whose (mu, sigma) rows take at most
+# this share of the pages' raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16
+# page, 8x an fp8 one); on the CPU chunks of the predictor's parts (_part_chunks).
 PARAMS_SHARE = 0.125
-# A batch's pages are coded in runs whose (mu, sigma) held whole (the torch reference's
-# encoder: per-symbol predictions, 4x a bf16 page) or seen copies (a multi-stage predictor
-# under the chunked encoders: 1x) pass this share of the batch's raw bytes by at most one
-# page's.
+# The torch reference's encoder needs each page's (mu, sigma) whole (a lane's rANS steps run
+# backwards over the page); it codes a batch's pages in runs whose materialised (mu, sigma)
+# pass this share of the batch's raw bytes by at most one page's (per-symbol predictions:
+# 4x a bf16 page).
 PARAMS_SHARE_ENCODE = 1.0
 # The Triton encoder (rans_triton.Encoder) codes a stage in chunks whose materialised
 # float32 (mu, sigma), stacked storage patterns and word scratch (one int32 per rANS step:
@@ -248,10 +251,10 @@ class _Coded:
 @dataclass
 class _Prepared:
     """One page ready for the coder: its blob so far, storage patterns ([numel], the
-    page's own memory when contiguous), stage boundaries, and either its (mu, sigma) (rows
-    for a one-stage predictor; the stages' rows concatenated when the coder needs the page
-    whole) or, for the chunked encoder, ``seen``: what the decoder will know, a storage
-    copy of the page whose stages are NaN'd from the last one back as they are coded."""
+    page's own memory when contiguous), stage boundaries, and, for the Triton and reference
+    encoders, its (mu, sigma) (rows for a one-stage predictor; the stages' rows
+    concatenated, the coder needing the page whole). The chunked encoder predicts as it
+    codes (_code_staged): nothing held."""
 
     coded: _Coded
     meta: PageMeta
@@ -259,11 +262,10 @@ class _Prepared:
     stages: list[int]
     mu: torch.Tensor | None = None
     sigma: torch.Tensor | None = None
-    seen: torch.Tensor | None = None
 
     def held(self) -> int:
         """Bytes this page holds until it is coded beyond its own patterns."""
-        return sum(t.untyped_storage().nbytes() for t in (self.mu, self.sigma, self.seen) if t is not None)
+        return sum(t.untyped_storage().nbytes() for t in (self.mu, self.sigma) if t is not None)
 
 
 def _nan_page(meta: PageMeta, device: torch.device, materialise: bool) -> torch.Tensor:
@@ -276,10 +278,10 @@ def _nan_page(meta: PageMeta, device: torch.device, materialise: bool) -> torch.
 
 
 def _cpp(device: torch.device) -> bool:
-    """Whether the C++ coder codes pages on ``device``: it reads prediction rows in place
-    (a decoder stage in one call) and encodes with the chunked encoder (rans_cpu.Encoder: a
-    stage at a time, last first, so a multi-stage predictor's (mu, sigma) exist a stage at
-    a time); else the coder takes (mu, sigma) materialised."""
+    """Whether the C++ coder codes pages on ``device``: it reads prediction rows in place,
+    a few of a stage's parts at a time (_part_chunks), decoding and encoding (the chunked
+    encoder, rans_cpu.Encoder: last part first, so that a page's (mu, sigma) exist a chunk
+    at a time); else the coder takes (mu, sigma) materialised."""
     return _coder(device) is rans_cpu and rans_cpu.available()
 
 
@@ -290,12 +292,23 @@ def _staged(device: torch.device) -> bool:
     return _cpp(device) or _coder(device) is not rans_cpu
 
 
+def _part_chunks(predictor: Predictor, meta: PageMeta, stage: int, symbols: int) -> list[tuple[int, int]]:
+    """Ranges [p0, p1) of the ``predictor.parts`` of a stage of ``symbols`` symbols that the
+    chunked encoders and the C++ decoder ask predict_rows for at once: as many parts as float32 (mu, sigma), 8 bytes
+    per symbol, fit in PARAMS_SHARE of the page's raw bytes, and at least one. ValueError
+    for a part count that does not divide the stage."""
+    parts = predictor.parts(meta, stage)
+    if parts < 1 or symbols % parts:
+        raise ValueError(f"{predictor.name}: {parts} parts of a stage of {symbols} symbols (must divide it)")
+    step = max(1, int(_raw_bytes(meta) * PARAMS_SHARE) // (8 * (symbols // parts)))
+    return [(p0, min(parts, p0 + step)) for p0 in range(0, parts, step)]
+
+
 def _prepare(page, meta, predictor, stages, w_wide, kappa, lanes, model) -> _Prepared:
     """Side info, bit patterns ([numel], int16 / uint8) and what the coder needs of the
-    predictor: a one-stage predictor's predict_rows (possibly broadcast views, read in
-    place by the C++ coder); for a multi-stage one, for the chunked encoder the page's
-    ``seen`` copy (the stages are predicted as they are coded: _code_staged), else the
-    stages' rows predicted now and concatenated into one [numel] each."""
+    predictor: for the chunked encoder nothing (it predicts as it codes: _code_staged);
+    else a one-stage predictor's predict_rows (possibly broadcast views), or a multi-stage
+    one's stages' rows predicted now and concatenated into one [numel] each."""
     page = _storage_view(page, meta)
     bits = page.contiguous().view(_bits_dtype(meta.dtype)).reshape(-1)
     side = predictor.side_info(page, meta)  # the page as stored: no float32 copy of it
@@ -306,12 +319,11 @@ def _prepare(page, meta, predictor, stages, w_wide, kappa, lanes, model) -> _Pre
         kappa=kappa, num_lanes=lanes, side_bytes=len(side), model=model,
     )  # fmt: skip
     prepared = _Prepared(_Coded(header, side, page), meta, bits, stages)
+    if _staged(page.device):
+        return prepared
     if len(stages) == 2:  # one stage: what the decoder knows is a broadcast NaN
         prepared.mu, prepared.sigma = _checked_rows(
             predictor.predict_rows(meta, side, _nan_page(meta, page.device, False), 0), meta.numel, predictor.name)
-        return prepared
-    if _staged(page.device):
-        prepared.seen = page.clone(memory_format=torch.contiguous_format)
         return prepared
     # What the decoder will know at stage s: the values of stages < s, NaN elsewhere, in the
     # storage dtype (_nan_page), filled in as the stages go; the stages' rows flattened into
@@ -367,14 +379,13 @@ def _encode_batch(pages, metas, predictor, w_wide, kappa, num_lanes, model=None)
     params_budget = PARAMS_SHARE_ENCODE * sum(_raw_bytes(meta) for meta in metas)
     for (numel, lanes, device, dtype, stages), members in groups.items():
         m = model or model_for(dtype)
-        # Pages go to the coder together until what they hold (_Prepared.held: one-stage
-        # predictions, per symbol 4x a bf16 page; or the chunked encoder's seen copies and
-        # its largest stage's predictions) passes the budget, then the next run starts.
-        stage_bytes = 8 * max(b - a for a, b in zip(stages, stages[1:])) if len(stages) > 2 else 0
+        # Pages go to the coder together until what they hold (_Prepared.held: predictions,
+        # per symbol 4x a bf16 page; none for the chunked encoder, whose chunks of parts
+        # take PARAMS_SHARE of each page) passes the budget, then the next run starts.
         run, held = [], 0
         for n, i in enumerate(members):
             run.append((i, _prepare(pages[i], metas[i], predictor, list(stages), w_wide, kappa, lanes, m)))
-            held += run[-1][1].held() + stage_bytes * (run[-1][1].seen is not None)
+            held += run[-1][1].held()
             if held >= params_budget or n + 1 == len(members):
                 retry += _code_run(run, predictor, device, dtype, lanes, w_wide, kappa, m, blobs)
                 held = 0
@@ -416,38 +427,37 @@ def _code_run(run: list, predictor, device, dtype, lanes, w_wide, kappa, model, 
 
 def _code_staged(prepared, predictor, device, dtype, lanes, w_wide, kappa, model) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked encoder (rans_cpu.Encoder, rans_triton.Encoder) over pages of one stage
-    layout: the last stage first, each stage's predictions made just before it is coded from
-    what the decoder will know then (``seen``: stages < s, NaN from stage s on), so that a
-    multi-stage predictor's (mu, sigma) exist a stage at a time. One-stage pages pass their
-    rows. The C++ encoder reads a stage's rows in place; the Triton one gets them
-    materialised a chunk at a time (ENCODE_SHARE), last chunk first. What the pages held is
-    freed before the encoder's ``finish`` (which assembles the words)."""
+    layout: the last stage first and within a stage its last chunk of parts first
+    (_part_chunks), each chunk's predictions made just before it is coded, so that a page's
+    (mu, sigma) exist a chunk at a time. What the predictor sees is what the decoder will
+    know as far as it may read (stages < s): a multi-stage predictor gets the page itself
+    (no copy; stages >= s hold the page's values, not the decoder's NaN: predictors/base.py),
+    a one-stage one the decoder's broadcast NaN. The C++ encoder reads the rows in place;
+    the Triton one gets them materialised a chunk at a time (ENCODE_SHARE), last first."""
     encoder = _coder(device).Encoder([p.bits for p in prepared], dtype, lanes, w_wide, kappa, model)
     stages = prepared[0].stages
+    single = len(stages) == 2
     page_bytes = prepared[0].meta.numel * em.symbol_bits(dtype) // 8
     # per symbol of a Triton chunk: float32 (mu, sigma), the stacked patterns, the scratch
     symbol_bytes = 8 + em.symbol_bits(dtype) // 8 + (8 if model == tm.MODEL_TABLE else 4)
     for s in reversed(range(len(stages) - 1)):
         a, b = stages[s], stages[s + 1]
-        mu, sigma = [], []
-        for p in prepared:
-            if p.seen is None:
-                rows = p.mu, p.sigma
+        chunks = _part_chunks(predictor, prepared[0].meta, s, b - a)
+        per_part = (b - a) // chunks[-1][1]
+        for p0, p1 in reversed(chunks):
+            preds = []
+            for p in prepared:
+                values = _nan_page(p.meta, p.coded.page.device, False) if single else p.coded.page
+                rows = predictor.predict_rows(p.meta, p.coded.side, values, s, (p0, p1))
+                preds.append(_checked_rows(rows, (p1 - p0) * per_part, predictor.name))
+                del rows
+            if _cpp(device):
+                encoder.encode([mu for mu, _ in preds], [sigma for _, sigma in preds])
             else:
-                p.seen.view(-1)[a:b] = torch.full((), float("nan"), dtype=p.seen.dtype)
-                rows = _checked_rows(predictor.predict_rows(p.meta, p.coded.side, p.seen, s), b - a, predictor.name)
-            mu.append(rows[0])
-            sigma.append(rows[1])
-        if _cpp(device):
-            encoder.encode(mu, sigma)
-        else:
-            preds = list(zip(mu, sigma))
-            for c0, c1 in reversed(_chunks(preds, b - a, page_bytes, symbol_bytes, ENCODE_SHARE)):
-                encoder.encode(*_stack_range(preds, c0, c1, device))
+                n = (p1 - p0) * per_part
+                for c0, c1 in reversed(_chunks(preds, n, page_bytes, symbol_bytes, ENCODE_SHARE)):
+                    encoder.encode(*_stack_range(preds, c0, c1, device))
             del preds
-        del mu, sigma, rows
-    for p in prepared:
-        p.mu = p.sigma = p.seen = None
     return encoder.finish()
 
 
@@ -593,20 +603,31 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
         for page_bits, (_, _, meta) in zip(bits, members):
             page_bits.view(torch_dtype).view(shape).copy_(_nan_page(meta, device, False))
     failed: dict[int, fmt.BlobError] = {}
-    for s, (a, b) in enumerate(zip(stages, stages[1:])):
-        preds = []  # per page (mu, sigma) [rows, ...], possibly broadcast views
+
+    def predict(s: int, n: int, parts: tuple[int, int] | None) -> list:
+        """Per page (mu, sigma) [rows, ...] of n symbols of stage s, possibly broadcast views."""
+        preds = []
         for j, (_, parsed, meta) in enumerate(members):
             page_values = _nan_page(meta, device, False) if single else bits[j].view(torch_dtype).view(shape)
             try:
-                preds.append(_checked_rows(predictor.predict_rows(meta, parsed.side, page_values, s), b - a, predictor.name))
+                rows = predictor.predict_rows(meta, parsed.side, page_values, s, *([parts] if parts else []))
+                preds.append(_checked_rows(rows, n, predictor.name))
             except (ValueError, RuntimeError) as err:  # bad side info: this page only
                 failed.setdefault(j, BadSide(f"{predictor.name} rejected the side info: {err}"))
-                zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(b - a) for v in (0.0, 1.0))
+                zero, one = (torch.full((), v, dtype=torch.float32, device=device).expand(n) for v in (0.0, 1.0))
                 preds.append((zero, one))
-        if _cpp(device):  # the C++ coder reads the rows in place
-            decoder.decode_values([mu for mu, _ in preds], [sigma for _, sigma in preds], bits)
-            del preds
+        return preds
+
+    for s, (a, b) in enumerate(zip(stages, stages[1:])):
+        if _cpp(device):  # the C++ coder reads the rows in place, a chunk of parts at a time
+            chunks = _part_chunks(predictor, members[0][2], s, b - a)
+            per_part = (b - a) // chunks[-1][1]
+            for p0, p1 in chunks:
+                preds = predict(s, (p1 - p0) * per_part, (p0, p1))
+                decoder.decode_values([mu for mu, _ in preds], [sigma for _, sigma in preds], bits)
+                del preds
             continue
+        preds = predict(s, b - a, None)
         # the Triton table decoder's parameters, quantised per distinct (mu, sigma) here
         # rather than per symbol in its step loop (mu and sigma feed its rare exact steps only)
         packed = hasattr(coder, "table_params") and header0.model == tm.MODEL_TABLE

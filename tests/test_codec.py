@@ -141,11 +141,13 @@ def test_garbage_predictor(dtype):
 
 class PreviousLayerPredictor(Predictor):
     """Staged: one stage per (kv, layer); mu = the same channel's values one layer down
-    (already decoded), sigma from the side info. Checks it is shown exactly what the decoder
-    knows: earlier stages' values, NaN from its own stage on."""
+    (already decoded), sigma from the side info. Checks it is shown the earlier stages'
+    values, and (``decoding``: set where only the decoder calls it) NaN from its own stage
+    on; the C++ encoder shows the page itself there (predictors/base.py)."""
 
     id = 251
     name = "previous_layer"
+    decoding = False
 
     def stages(self, meta):
         per_layer = meta.numel // (meta.shape[0] * meta.shape[1])
@@ -158,7 +160,8 @@ class PreviousLayerPredictor(Predictor):
         kv, layers = meta.shape[:2]
         assert values.dtype == em.TORCH_DTYPES[meta.dtype], "the codec shows the page in its storage dtype"
         flat = values.reshape(kv * layers, -1)  # [stages, per_layer] (values may be strided)
-        assert bool(torch.isnan(flat[stage:]).all()), "peeked at values not decoded yet"
+        if self.decoding:
+            assert bool(torch.isnan(flat[stage:]).all()), "shown values not decoded yet"
         assert not bool(torch.isnan(flat[:stage]).any()), "not shown decoded values"
         sigma = torch.full((flat.shape[1],), 0.5)
         if stage % layers == 0:
@@ -170,7 +173,12 @@ def test_staged_predictor_sees_decoded_values_only():
     shape = (2, 3, 10, 3, 7)  # per-layer stages of 210 symbols, 16 lanes: stages cut mid-step
     base = torch.randn(1, 1, 10, 3, 7)
     page = (base + 0.1 * torch.randn(shape)).to(torch.bfloat16)
-    blobs = round_trip([page, page * 2], [PageMeta("bf16", shape)] * 2, PreviousLayerPredictor(), num_lanes=16)
+    pred = PreviousLayerPredictor()
+    pred.decoding = not codec._cpp(torch.device("cpu"))  # the C++ encoder shows the page itself
+    blobs = codec.encode_pages([page, page * 2], [PageMeta("bf16", shape)] * 2, pred, num_lanes=16)
+    pred.decoding = True
+    out, errors = codec.decode_pages(blobs, pred)
+    assert errors == [None, None] and same_bits(out[0], page) and same_bits(out[1], page * 2)
     # the context helps: coded smaller than with the page statistics alone
     (plain,) = codec.encode_pages([page], [PageMeta("bf16", shape)], PAGE_STATS, num_lanes=16)
     assert len(blobs[0]) < len(plain)
@@ -192,11 +200,14 @@ def test_chunked_encoder_codes_a_stage_at_a_time(monkeypatch):
             return super().encode(mu, sigma)
 
     monkeypatch.setattr(codec.rans_cpu, "Encoder", Spy)
-    staged = codec.encode_pages(pages, metas, PreviousLayerPredictor(), num_lanes=16)
+    pred = PreviousLayerPredictor()
+    pred.decoding = False  # shown the page itself beyond its stage
+    staged = codec.encode_pages(pages, metas, pred, num_lanes=16)
     per_layer = metas[0].numel // 6
     assert stages == [per_layer * (6 - s) for s in range(6)]  # each stage's end, last stage first
     monkeypatch.setattr(codec, "_cpp", lambda device: False)
-    assert codec.encode_pages(pages, metas, PreviousLayerPredictor(), num_lanes=16) == staged
+    pred.decoding = True  # the whole-page path NaNs the stages not yet known
+    assert codec.encode_pages(pages, metas, pred, num_lanes=16) == staged
 
 
 def test_batch_with_a_bad_blob_and_mixed_pages():
@@ -310,9 +321,11 @@ def test_cpu_decode_into_host_buffer_pages_in_place(layout, dtype, monkeypatch):
 
 
 def test_encoder_runs_keep_per_symbol_predictions_within_the_batch(monkeypatch):
-    """A predictor with per-symbol (mu, sigma) (4x a bf16 page in float32) has its pages coded
-    a run at a time, so that only about the batch's raw bytes of them exist at once;
-    page_stats' per-channel rows (broadcast views) go to the coder in one call. Same bytes."""
+    """The whole-page encoders (Triton, reference: ``_cpp`` false): a predictor with
+    per-symbol (mu, sigma) (4x a bf16 page in float32) has its pages coded a run at a time,
+    so that only about the batch's raw bytes of them exist at once; page_stats' per-channel
+    rows (broadcast views) go to the coder in one call. Same bytes as the C++ chunked
+    encoder, which codes the batch in one call a chunk of parts at a time."""
     shape = (2, 2, 16, 2, 8)
     pages = [(torch.randn(shape) * (i + 1)).to(torch.bfloat16) for i in range(4)]
     metas = [PageMeta("bf16", shape) for _ in pages]
@@ -325,8 +338,11 @@ def test_encoder_runs_keep_per_symbol_predictions_within_the_batch(monkeypatch):
         calls.append(len(bits))
         return real(bits, *args, **kwargs)
 
+    chunked = codec.encode_pages(pages, metas, per_symbol)
+    monkeypatch.setattr(codec, "_cpp", lambda device: False)
     monkeypatch.setattr(codec.rans_cpu, "Encoder", counting)
     one_run = codec.encode_pages(pages, metas, per_symbol, batch_bytes=1 << 30)  # budget: 4 pages' raw bytes
+    assert one_run == chunked
     assert calls == [1, 1, 1, 1]  # each page's (mu, sigma) alone is 4x a page: a run each
     calls.clear()
     codec.encode_pages(pages, metas, PAGE_STATS)
@@ -334,6 +350,58 @@ def test_encoder_runs_keep_per_symbol_predictions_within_the_batch(monkeypatch):
     monkeypatch.setattr(codec, "PARAMS_SHARE_ENCODE", 1e9)  # no budget: the same bytes from one call
     calls.clear()
     assert codec.encode_pages(pages, metas, per_symbol) == one_run and calls == [4]
+
+
+class PartsPredictor(Predictor):
+    """Per-symbol (mu, sigma) given a range of parts at a time (Predictor.parts): a part per
+    (kv, layer) block; records the ranges asked for."""
+
+    id = 249
+    name = "parts"
+
+    def __init__(self, mu, sigma, parts):
+        self.mu, self.sigma, self.count, self.asked = mu, sigma, parts, []
+
+    def parts(self, meta, stage):
+        return self.count
+
+    def predict(self, meta, side, values, stage):
+        return self.mu, self.sigma
+
+    def predict_rows(self, meta, side, values, stage, parts=None):
+        p0, p1 = parts or (0, self.count)
+        self.asked.append((p0, p1))
+        rows = (self.count, -1)  # [parts, symbols per part]: fresh tensors, as a real one makes
+        return self.mu.view(rows)[p0:p1].clone(), self.sigma.view(rows)[p0:p1].clone()
+
+
+def test_chunks_of_parts_give_the_whole_stages_bytes(monkeypatch):
+    """The C++ coder asks a predictor of several parts per stage for a chunk of them at a time
+    (PARAMS_SHARE of the page's raw bytes), the encoder last chunk first, the decoder first
+    chunk first, and writes the bytes of the whole stage's rows (the same predictor as one
+    part; the whole-page path), decoding them back exactly."""
+    shape = (2, 4, 16, 2, 8)  # 8 parts of 256 symbols
+    pages = [(torch.randn(shape) * (i + 1)).to(torch.bfloat16) for i in range(3)]
+    metas = [PageMeta("bf16", shape) for _ in pages]
+    n = metas[0].numel
+    mu, sigma = torch.randn(n) * 0.1, torch.rand(n) + 0.5
+    whole = codec.encode_pages(pages, metas, PartsPredictor(mu, sigma, 1), num_lanes=16)
+    monkeypatch.setattr(codec, "PARAMS_SHARE", 0.5)  # a part's 2 KB of (mu, sigma) per chunk
+    pred = PartsPredictor(mu, sigma, 8)
+    assert codec.encode_pages(pages, metas, pred, num_lanes=16) == whole
+    assert pred.asked == [(p, p + 1) for p in reversed(range(8)) for _ in pages]
+    pred.asked.clear()
+    out, errors = codec.decode_pages(whole, pred)
+    assert errors == [None] * 3 and all(same_bits(o, p) for o, p in zip(out, pages))
+    assert pred.asked == [(p, p + 1) for p in range(8) for _ in pages]
+    monkeypatch.setattr(codec, "PARAMS_SHARE", 2.0)  # 4 parts per chunk
+    pred.asked.clear()
+    assert codec.encode_pages(pages, metas, pred, num_lanes=16) == whole
+    assert pred.asked == [(4, 8)] * 3 + [(0, 4)] * 3
+    monkeypatch.setattr(codec, "_cpp", lambda device: False)  # the whole-page path: one call per stage
+    pred.asked.clear()
+    assert codec.encode_pages(pages, metas, pred, num_lanes=16) == whole
+    assert pred.asked == [(0, 8)] * 3
 
 
 def test_bad_side_info_is_a_per_page_error():

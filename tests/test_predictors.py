@@ -119,6 +119,30 @@ def test_bit_deterministic(kv, name):
     assert alone[0] == batch[1]
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_rows_read_earlier_stages_only_and_parts_are_the_stage(kv, name):
+    """The contract the C++ encoder relies on (predictors/base.py): a stage's rows from the
+    page itself (what the encoder shows) are those from the page NaN'd from the stage on
+    (what the decoder shows), and the rows of each range of parts are the whole stage's."""
+    pred = LinearGaussianPredictor(kv["bf16"]["calib"], name)
+    (page, meta), = pages_of(kv["bf16"]["held"], 16)[1:2]
+    stages = pred.stages(meta)
+    for s in range(len(stages) - 1):
+        masked = page.clone()
+        masked.view(-1)[stages[s]:] = float("nan")
+        whole = pred.predict_rows(meta, b"", page, s)
+        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+                   for a, b in zip(whole, pred.predict_rows(meta, b"", masked, s)))
+        n = pred.parts(meta, s)
+        for p0, p1 in ((0, n), (n // 2, n), (0, 1), (n - 1, n)):
+            rows = pred.predict_rows(meta, b"", page, s, (p0, p1))
+            per_part = whole[0].numel() // n
+            for got, want in zip(rows, whole):
+                want = want.reshape(-1)[p0 * per_part:p1 * per_part]
+                assert torch.equal(got.reshape(-1).view(torch.int32), want.view(torch.int32))
+    assert pred.parts(meta, 0) == (2 * meta.shape[1] if name == "static_rope" else 1)
+
+
 def test_fixed_point_dot_product_is_exact(kv):
     """The float64 matmul of the context predictor equals the same sum in int64."""
     calib = kv["bf16"]["calib"]

@@ -7,8 +7,25 @@ device (docs/DESIGN.md, invariant 3).
 
 Decode order is staged: ``stages(meta)`` splits the page's flat symbol order (C order of the
 canonical shape) into contiguous ranges; ``predict`` for stage s may read only the values of
-stages < s (the rest of ``values`` is NaN while decoding, and is masked to NaN while encoding
-too, so a predictor that peeks ahead fails loudly in tests rather than silently at decode).
+stages < s. The rest of ``values`` is NaN while decoding; while encoding it may hold the
+page's own values (the C++ encoder passes the page itself: no copy) or NaN (the Triton and
+reference encoders), so a predictor that peeks ahead would code pages its decoder cannot
+read back (each blob's page hash would make them misses): tests/test_predictors.py checks
+every predictor's rows from a page against those from the page NaN'd from the stage on.
+
+A stage's symbols may be split further into ``parts(meta, stage)`` equal consecutive parts
+that ``predict_rows`` gives a range at a time (``parts=(p0, p1)``), bit for bit what the
+whole stage gives for them: the codec asks for a stage a few parts at a time, so that a
+predictor whose (mu, sigma) are per symbol (float32, 8 bytes per symbol: 4x a bf16 page,
+8x an fp8 one) never holds a page's whole. The contract, in full:
+
+    stages(meta)                          -> [0, ..., meta.numel], rising
+    parts(meta, stage)                    -> int >= 1 dividing the stage's symbol count
+    predict_rows(meta, side, values, stage, parts=None | (p0, p1))
+        -> (mu, sigma) float32 [rows, ...] of the stage's symbols (parts p0 .. p1 - 1 of
+           it when given), C order, possibly broadcast views (stride 0)
+    predict(meta, side, values, stage)    -> the whole stage's (mu, sigma), 1-D
+    side_info(values, meta)               -> bytes the blob carries for the page
 """
 
 from __future__ import annotations
@@ -91,7 +108,8 @@ class Predictor(ABC):
         """(mu, sigma), float32, 1-D, for the symbols of ``stage``.
 
         ``values``: a tensor of the canonical shape holding the page's values as decoded
-        so far, NaN where not yet decoded, with any strides (the codec may pass a view of
+        so far (stages < ``stage``; read nothing else: module docstring), NaN where not yet
+        decoded, with any strides (the codec may pass a view of
         the caller's buffer: index or ``reshape`` it, do not ``view`` it flat). The codec
         passes the page in its storage dtype (bfloat16, float16, float8_e4m3fn,
         float8_e5m2: the decoded patterns themselves, no float32 copy of the batch); tools
@@ -100,13 +118,31 @@ class Predictor(ABC):
         float64), and must give the same (mu, sigma) for both.
         """
 
+    def parts(self, meta: PageMeta, stage: int) -> int:
+        """Into how many equal consecutive parts ``predict_rows`` may split ``stage``'s
+        symbols (module docstring). A predictor whose rows are per symbol says more than 1,
+        so that the codec holds a few parts' (mu, sigma) at a time, not the stage's; one
+        whose rows are broadcast views (page_stats, static) costs nothing per symbol and
+        keeps the default, 1."""
+        return 1
+
     def predict_rows(
-        self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int
+        self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int, parts: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``predict``'s (mu, sigma) as float32 tensors [rows, ...] whose C-order flattening
-        is the stage's symbols, and which may be broadcast views (stride 0). The decoder
-        materialises them a few rows at a time, so a predictor whose parameters repeat
-        (page_stats: one per channel, the same for every token) costs no scratch per
-        symbol. Default: ``predict``'s 1-D tensors as one row."""
+        is the stage's symbols, and which may be broadcast views (stride 0): the C++ coder
+        reads them in place, the Triton decoder materialises them a few rows at a time, so
+        a predictor whose parameters repeat (page_stats: one per channel, the same for
+        every token) costs no scratch per symbol. ``parts=(p0, p1)``: only parts [p0, p1)
+        of the stage (``parts``), the same bits as the whole stage's for those symbols;
+        ``values`` and the other arguments as for the whole stage. Default: ``predict``'s
+        1-D tensors as one row (one part)."""
+        check_one_part(self, parts)
         mu, sigma = self.predict(meta, side, values, stage)
         return mu[None], sigma[None]
+
+
+def check_one_part(predictor: Predictor, parts: tuple[int, int] | None) -> None:
+    """ValueError unless ``parts`` asks a predictor of one part per stage for the whole stage."""
+    if parts not in (None, (0, 1)):
+        raise ValueError(f"{predictor.name}: parts {parts} of a stage of one part")

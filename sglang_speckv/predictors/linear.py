@@ -109,7 +109,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
+    out = torch.empty_like(x)  # filled op by op (each rounded once, as x1 * c - x2 * s): a half block of scratch
+    torch.mul(x1, c, out=out[..., :half]).sub_(x2 * s)
+    torch.mul(x2, c, out=out[..., half : 2 * half]).add_(x1 * s)
+    out[..., 2 * half :] = rest
+    return out
 
 
 def rotate_sigma(sigma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,13 +132,13 @@ def block_features(values: torch.Tensor, kv: int, layer: int, cos_sin, rotary: b
     ``cos_sin`` is rope_cos_sin's per-layer list)."""
     scale = 2.0**in_exp  # a Python float (exact: |in_exp| <= 60), valid on every device
     limit = float(1 << INPUT_BITS)
-    x = values[kv, layer].to(torch.float64)  # [T, H, D]
-    x = x.clamp(-2 * limit / scale, 2 * limit / scale)  # +-inf -> finite; rotation cannot overflow
-    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    x = values[kv, layer].to(torch.float64, copy=True)  # [T, H, D]; the ops below in place (one block of scratch)
+    x.clamp_(-2 * limit / scale, 2 * limit / scale)  # +-inf -> finite; rotation cannot overflow
+    x.masked_fill_(torch.isnan(x), 0.0)
     if rotary:
         cos, sin = cos_sin[layer]
         x = rotate(x, cos, -sin)  # back to before RoPE
-    x = (x * scale).clamp(-limit, limit).round()
+    x.mul_(scale).clamp_(-limit, limit).round_()
     return x.reshape(x.shape[0], -1)
 
 
@@ -176,15 +180,27 @@ class LinearGaussianPredictor(Predictor):
         mu, sigma = self.predict_rows(meta, side, values, stage)
         return mu.reshape(-1), sigma.reshape(-1)
 
-    def predict_rows(self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int):
+    def parts(self, meta: PageMeta, stage: int) -> int:
+        """static_rope: a part per (kv, layer) block of its one stage (per-symbol rows);
+        static: one (broadcast rows); with sources: one (the stage is a block)."""
+        return 2 * self._layers if self.spec.rope and not self._has_sources() else 1
+
+    def predict_rows(self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int,
+                     parts: tuple[int, int] | None = None):
         """Rows [blocks, tokens, heads * dim], float32: one block per stage with sources, all
-        2L blocks in the one stage of a static predictor. Computed a block at a time (float64,
-        rounded once into the rows); static without RoPE is the same for every token, so its
-        rows are per-channel values broadcast over the tokens (stride 0: nothing per symbol)."""
+        2L blocks in the one stage of a static predictor (``parts``: blocks p0 .. p1 - 1 of
+        them, static_rope). Computed a block at a time (float64, rounded once into the rows);
+        static without RoPE is the same for every token, so its rows are per-channel values
+        broadcast over the tokens (stride 0: nothing per symbol)."""
         self._check(meta, values)
         t, c = meta.shape[2], self._heads * self._dim
         params = self.params(values.device)
         targets = [divmod(stage, self._layers)] if self._has_sources() else [(kv, l) for kv in (K, V) for l in range(self._layers)]
+        p0, p1 = parts or (0, self.parts(meta, stage))
+        if not 0 <= p0 < p1 <= self.parts(meta, stage):
+            raise ValueError(f"{self.name}: parts [{p0}, {p1}) of a stage of {self.parts(meta, stage)}")
+        if self.parts(meta, stage) > 1:
+            targets = targets[p0:p1]
         if not self._has_sources() and not self.spec.rope:
             p = [params[key] for key in targets]
             mu = torch.stack([b["bias"] * b["unit"] for b in p])  # [blocks, C]: what mean() gives every token
@@ -266,5 +282,6 @@ class LinearGaussianPredictor(Predictor):
                 [block_features(values, skv, sl, cos_sin, self.rotary(skv), int(self.calib.in_exp[skv, sl])) for skv, sl in sources],
                 dim=1,
             )  # [T, F]
-            acc = x @ p["coef_t"] + acc  # exact integers (module docstring)
+            acc = (x @ p["coef_t"]).add_(acc)  # exact integers (module docstring)
+            return acc.mul_(p["unit"]).reshape(t, self._heads, self._dim)
         return (acc * p["unit"]).reshape(t, self._heads, self._dim)

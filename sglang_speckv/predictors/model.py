@@ -261,26 +261,49 @@ class ModelPredictor(Predictor):
     # ---- contract ---------------------------------------------------------------------
 
     def side_info(self, values: torch.Tensor, meta: PageMeta) -> bytes:
-        """u8 sigma code per (kv, layer, head): RMS of values - prediction (finite only)."""
-        mu = self.kv(meta).to(torch.float64)  # [2, L, T, H, D]
-        x = values.detach().to("cpu", torch.float64)
-        finite = torch.isfinite(x)
-        r = torch.where(finite, x - mu, torch.zeros_like(x)).square()
-        count = finite.sum(dim=(2, 4)).clamp(min=1)
-        rms = (r.sum(dim=(2, 4)) / count).sqrt()  # [2, L, H]
-        floor = mu.square().mean(dim=(2, 4)).sqrt() * REL_SIGMA_FLOOR
-        sigma = torch.maximum(rms, floor)
+        """u8 sigma code per (kv, layer, head): RMS of values - prediction (finite only).
+        Computed a (kv, layer) block at a time: float64 scratch of a block, not the page's."""
+        keys, vals = self.chunk(meta)  # [L, H, T, D] float32 each
+        kv_n, layers, _, heads, _ = meta.shape
+        sigma = torch.empty((kv_n, layers, heads), dtype=torch.float64)
+        for kv, layer in ((kv, layer) for kv in range(kv_n) for layer in range(layers)):
+            mu = (keys, vals)[kv][layer].permute(1, 0, 2).to(torch.float64)  # [T, H, D]
+            x = values[kv, layer].detach().to("cpu", torch.float64)
+            finite = torch.isfinite(x)
+            r = torch.where(finite, x - mu, torch.zeros_like(x)).square()
+            count = finite.sum(dim=(0, 2)).clamp(min=1)
+            rms = (r.sum(dim=(0, 2)) / count).sqrt()  # [H]
+            floor = mu.square().mean(dim=(0, 2)).sqrt() * REL_SIGMA_FLOOR
+            sigma[kv, layer] = torch.maximum(rms, floor)
         code = (torch.log2(sigma) - SIGMA_MIN_LOG2) * STEPS_PER_OCTAVE
         return code.nan_to_num(0.0).round().clamp(0, 255).to(torch.uint8).contiguous().numpy().tobytes()
 
+    def parts(self, meta: PageMeta, stage: int) -> int:
+        """A part per (kv, layer) block: the rows are per symbol."""
+        return meta.shape[0] * meta.shape[1]
+
     def predict(self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int):
-        kv, layers, t, heads, dim = meta.shape
-        if len(side) != kv * layers * heads:
-            raise ValueError(f"model side info of {len(side)} bytes, expected {kv * layers * heads}")
+        mu, sigma = self.predict_rows(meta, side, values, stage)
+        return mu.reshape(-1), sigma.reshape(-1)
+
+    def predict_rows(self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int,
+                     parts: tuple[int, int] | None = None):
+        """Rows [blocks, T, H, D], float32, a (kv, layer) block each (blocks p0 .. p1 - 1
+        of the page's 2L with ``parts``): mu the model's KV of the block, sigma the side
+        info's per (kv, layer, head) value broadcast over tokens and channels (stride 0)."""
+        kv_n, layers, t, heads, dim = meta.shape
+        if len(side) != kv_n * layers * heads:
+            raise ValueError(f"model side info of {len(side)} bytes, expected {kv_n * layers * heads}")
+        p0, p1 = parts or (0, kv_n * layers)
+        if not 0 <= p0 < p1 <= kv_n * layers:
+            raise ValueError(f"model: parts [{p0}, {p1}) of a stage of {kv_n * layers}")
         codes = torch.from_numpy(np.frombuffer(side, dtype=np.uint8).copy())
-        sigma = sigma_from_codes(codes).view(kv, layers, 1, heads, 1).expand(meta.shape)
-        mu = self.kv(meta)
-        return mu.reshape(-1).to(values.device), sigma.reshape(-1).to(values.device)
+        sigma = sigma_from_codes(codes).view(kv_n * layers, 1, heads, 1)[p0:p1].expand(p1 - p0, t, heads, dim)
+        keys, vals = self.chunk(meta)  # [L, H, T, D] each
+        mu = torch.empty((p1 - p0, t, heads, dim), dtype=torch.float32)
+        for i, block in enumerate(range(p0, p1)):
+            mu[i] = (keys, vals)[block // layers][block % layers].permute(1, 0, 2)
+        return mu.to(values.device), sigma.to(values.device)
 
     # ---- the model run ------------------------------------------------------------------
 
@@ -292,24 +315,44 @@ class ModelPredictor(Predictor):
     def kv(self, meta: PageMeta) -> torch.Tensor:
         """float32 [2, L, T, H, D]: the page's KV as chunk position/T of the chunked prefill
         (module docstring). ValueError if ``can_code`` says no."""
+        keys, vals = self.chunk(meta)
+        return torch.stack([keys, vals]).permute(0, 1, 3, 2, 4)
+
+    def chunk(self, meta: PageMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The page's chunk of the chunked prefill as cached: (K, V) float32 [L, H, T, D]
+        each (not copied: read only). ValueError if ``can_code`` says no."""
         why = self.can_code(meta)
         if why is not None:
             raise ValueError(f"model predictor cannot code this page: {why}")
-        return self.kv_run(meta.prefix_ids + tuple(meta.token_ids), meta.shape[2])[-1]
+        tokens, t = meta.prefix_ids + tuple(meta.token_ids), meta.shape[2]
+        last = self._keys(tokens, t)[-1]
+        with self._chunks_lock:  # cached (as when a page's parts are predicted one by one)
+            if last in self._chunks:
+                self._chunks.move_to_end(last)
+                return self._chunks[last]
+        return self.kv_run(tokens, t)[-1]
 
-    @torch.no_grad()
-    def kv_run(self, tokens: tuple[int, ...], t: int) -> list[torch.Tensor]:
-        """float32 [2, L, T, H, D] of every chunk of ``t`` tokens of ``tokens`` (a multiple
-        of t long), computing only those not in the chunk cache."""
+    @staticmethod
+    def _keys(tokens: tuple[int, ...], t: int) -> list[tuple[int, int]]:
+        """The chunk cache's key of every chunk of ``t`` tokens of ``tokens``: the xxh3-128
+        of the tokens through it."""
         if len(tokens) % t:
             raise ValueError(f"{len(tokens)} tokens are not whole chunks of {t}")
-        n = len(tokens) // t
         keys = []
         arr = np.asarray(tokens, dtype="<u4")
         h = xxhash.xxh3_128()  # 128 bits: a collision would only make a page a miss (its checksum)
-        for j in range(n):
+        for j in range(len(tokens) // t):
             h.update(arr[j * t:(j + 1) * t].tobytes())
             keys.append((t, h.intdigest()))
+        return keys
+
+    @torch.no_grad()
+    def kv_run(self, tokens: tuple[int, ...], t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(K, V) float32 [L, H, T, D] of every chunk of ``t`` tokens of ``tokens`` (a
+        multiple of t long), computing only those not in the chunk cache."""
+        keys = self._keys(tokens, t)
+        n = len(keys)
+        arr = np.asarray(tokens, dtype="<u4")
         with self._chunks_lock:
             have = 0
             while have < n and keys[have] in self._chunks:
@@ -338,4 +381,4 @@ class ModelPredictor(Predictor):
                     self._chunks[k] = c
                 while len(self._chunks) > self.spec.cache:
                     self._chunks.popitem(last=False)
-        return [torch.stack([k, v]).permute(0, 1, 3, 2, 4) for k, v in cached]  # [2, L, T, H, D]
+        return cached

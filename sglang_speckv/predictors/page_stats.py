@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sglang_speckv.predictors.base import PageMeta, Predictor
+from sglang_speckv.predictors.base import PageMeta, Predictor, check_one_part
 
 STEPS_PER_OCTAVE = 8
 SIGMA_MIN_LOG2 = -24  # code 0; code 255 is 2^(255/8 - 24) = 2^7.875
@@ -87,10 +87,11 @@ class PageStatsPredictor(Predictor):
         return mu.reshape(-1), sigma.reshape(-1)
 
     def predict_rows(
-        self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int
+        self, meta: PageMeta, side: bytes, values: torch.Tensor, stage: int, parts: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [kv * layers, tokens, heads * dim]: the channels' (mu, sigma) broadcast over
-        the tokens (stride 0), nothing per symbol."""
+        the tokens (stride 0), nothing per symbol (so one part)."""
+        check_one_part(self, parts)
         channels = _channels(meta)
         if len(side) != 3 * channels:
             raise ValueError(f"page_stats side info of {len(side)} bytes, expected {3 * channels}")
