@@ -251,8 +251,8 @@ class _Coded:
 @dataclass
 class _Prepared:
     """One page ready for the coder: its blob so far, storage patterns ([numel], the
-    page's own memory when contiguous), stage boundaries, and, for the Triton and reference
-    encoders, its (mu, sigma) (rows for a one-stage predictor; the stages' rows
+    page's own memory when contiguous), stage boundaries, and, for the reference encoder,
+    its (mu, sigma) (rows for a one-stage predictor; the stages' rows
     concatenated, the coder needing the page whole). The chunked encoder predicts as it
     codes (_code_staged): nothing held."""
 
