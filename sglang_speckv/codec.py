@@ -169,9 +169,10 @@ def _checked_rows(pred: tuple[torch.Tensor, torch.Tensor], n: int, name: str):
     return tuple(out)
 
 
-# A stage is decoded (and on the CPU encoded) in chunks whose (mu, sigma) rows take at most
-# this share of the pages' raw bytes (float32 mu and sigma are 8 bytes per symbol: 4x a bf16
-# page, 8x an fp8 one); on the CPU chunks of the predictor's parts (_part_chunks).
+# A stage's predictions are asked for in chunks of the predictor's parts (_part_chunks) whose
+# (mu, sigma) take at most this share of the pages' raw bytes (float32 mu and sigma are 8
+# bytes per symbol: 4x a bf16 page, 8x an fp8 one), by the chunked encoders and the C++
+# decoder; the Triton decoder materialises chunks of rows of this share (_chunks).
 PARAMS_SHARE = 0.125
 # The torch reference's encoder needs each page's (mu, sigma) whole (a lane's rANS steps run
 # backwards over the page); it codes a batch's pages in runs whose materialised (mu, sigma)
@@ -292,16 +293,18 @@ def _staged(device: torch.device) -> bool:
     return _cpp(device) or _coder(device) is not rans_cpu
 
 
-def _part_chunks(predictor: Predictor, meta: PageMeta, stage: int, symbols: int) -> list[tuple[int, int]]:
-    """Ranges [p0, p1) of the ``predictor.parts`` of a stage of ``symbols`` symbols that the
-    chunked encoders and the C++ decoder ask predict_rows for at once: as many parts as float32 (mu, sigma), 8 bytes
-    per symbol, fit in PARAMS_SHARE of the page's raw bytes, and at least one. ValueError
-    for a part count that does not divide the stage."""
+def _part_chunks(predictor: Predictor, meta: PageMeta, stage: int, symbols: int) -> list[tuple[int, int, int]]:
+    """(p0, p1, n): ranges [p0, p1) of the ``predictor.parts`` of a stage of ``symbols``
+    symbols that the chunked encoders and the C++ decoder ask predict_rows for at once, and
+    the n symbols of each: as many parts as float32 (mu, sigma), 8 bytes per symbol, fit in
+    PARAMS_SHARE of the page's raw bytes, and at least one. ValueError for a part count that
+    does not divide the stage."""
     parts = predictor.parts(meta, stage)
     if parts < 1 or symbols % parts:
         raise ValueError(f"{predictor.name}: {parts} parts of a stage of {symbols} symbols (must divide it)")
-    step = max(1, int(_raw_bytes(meta) * PARAMS_SHARE) // (8 * (symbols // parts)))
-    return [(p0, min(parts, p0 + step)) for p0 in range(0, parts, step)]
+    per_part = symbols // parts
+    step = max(1, int(_raw_bytes(meta) * PARAMS_SHARE) // (8 * per_part))
+    return [(p0, min(parts, p0 + step), (min(parts, p0 + step) - p0) * per_part) for p0 in range(0, parts, step)]
 
 
 def _prepare(page, meta, predictor, stages, w_wide, kappa, lanes, model) -> _Prepared:
@@ -442,19 +445,16 @@ def _code_staged(prepared, predictor, device, dtype, lanes, w_wide, kappa, model
     symbol_bytes = 8 + em.symbol_bits(dtype) // 8 + (8 if model == tm.MODEL_TABLE else 4)
     for s in reversed(range(len(stages) - 1)):
         a, b = stages[s], stages[s + 1]
-        chunks = _part_chunks(predictor, prepared[0].meta, s, b - a)
-        per_part = (b - a) // chunks[-1][1]
-        for p0, p1 in reversed(chunks):
+        for p0, p1, n in reversed(_part_chunks(predictor, prepared[0].meta, s, b - a)):
             preds = []
             for p in prepared:
                 values = _nan_page(p.meta, p.coded.page.device, False) if single else p.coded.page
                 rows = predictor.predict_rows(p.meta, p.coded.side, values, s, (p0, p1))
-                preds.append(_checked_rows(rows, (p1 - p0) * per_part, predictor.name))
+                preds.append(_checked_rows(rows, n, predictor.name))
                 del rows
             if _cpp(device):
                 encoder.encode([mu for mu, _ in preds], [sigma for _, sigma in preds])
             else:
-                n = (p1 - p0) * per_part
                 for c0, c1 in reversed(_chunks(preds, n, page_bytes, symbol_bytes, ENCODE_SHARE)):
                     encoder.encode(*_stack_range(preds, c0, c1, device))
             del preds
@@ -583,9 +583,9 @@ def _targets(members, out, device: torch.device) -> list[torch.Tensor] | None:
 
 
 def _decode_group(members, stages, predictor, device, pages, errors, out) -> None:
-    """Decode pages of one shape/dtype/lane count together, stage by stage: on the CPU each
-    stage in one call that reads the predictor's rows in place, elsewhere a chunk of rows
-    at a time (see _chunks)."""
+    """Decode pages of one shape/dtype/lane count together, stage by stage: on the CPU a
+    chunk of the predictor's parts per call, its rows read in place (_part_chunks),
+    elsewhere a chunk of rows at a time, materialised (_chunks)."""
     header0 = members[0][1].header
     numel, shape, dtype = header0.numel, header0.shape, header0.dtype
     lane_words = torch.from_numpy(np.stack([p.lane_words for _, p, _ in members]).astype(np.int64)).to(device)
@@ -620,10 +620,8 @@ def _decode_group(members, stages, predictor, device, pages, errors, out) -> Non
 
     for s, (a, b) in enumerate(zip(stages, stages[1:])):
         if _cpp(device):  # the C++ coder reads the rows in place, a chunk of parts at a time
-            chunks = _part_chunks(predictor, members[0][2], s, b - a)
-            per_part = (b - a) // chunks[-1][1]
-            for p0, p1 in chunks:
-                preds = predict(s, (p1 - p0) * per_part, (p0, p1))
+            for p0, p1, n in _part_chunks(predictor, members[0][2], s, b - a):
+                preds = predict(s, n, (p0, p1))
                 decoder.decode_values([mu for mu, _ in preds], [sigma for _, sigma in preds], bits)
                 del preds
             continue
